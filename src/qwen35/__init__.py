@@ -1,0 +1,26 @@
+"""qwen35: run the Qwen 3.5 model family locally — plan, pull, run, serve, bench."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_model", "load_tokenizer", "parse_output"]
+
+
+def load_model(path, device="cpu", **options):
+    """Load a .gguf file (or the first shard of a split one) or an HF directory."""
+    from qwen35.model.loading import load_model as _load_model
+
+    return _load_model(path, device=device, **options)
+
+
+def load_tokenizer(path):
+    """Load the tokenizer of a .gguf file or an HF directory."""
+    from qwen35.chat.tokenizer import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(path)
+
+
+def parse_output(text, tools=None, thinking=True):
+    """Split a finished model output into reasoning, content and tool calls."""
+    from qwen35.chat.parser import parse_output as _parse_output
+
+    return _parse_output(text, tools=tools, thinking=thinking)

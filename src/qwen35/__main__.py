@@ -1,0 +1,5 @@
+import sys
+
+from qwen35.cli import main
+
+sys.exit(main())
