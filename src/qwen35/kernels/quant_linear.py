@@ -1,0 +1,247 @@
+"""Linear layers whose weights stay in their GGUF blocks and are dequantized on use.
+
+`QuantLinear` (a [out, in] weight) and `QuantExperts` (a stack of MoE expert
+weights, [E, out, in]) hold the tensor's raw bytes, usually a view of the
+memory-mapped file, so no fp32 copy of a weight lives between calls.
+
+Each module has a `mode`:
+- "reference" (default): exact fp32 dequantization (`dequant.dequantize`, bit-equal
+  to gguf-py) followed by an fp32 matmul. Large weights are dequantized a slab of
+  rows at a time so the temporary stays small.
+- "fast": a registered fast kernel for the weight's type when there is one
+  (see `register_fast_kernel`), otherwise the reference path. The model never
+  needs to know which: `set_mode(model, "fast")` switches every layer in place.
+
+Both return float32, whatever the input dtype. Weights from HF checkpoints
+(F32/F16/BF16) go through `from_dense` and keep their dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+
+from qwen35.errors import FormatError, Qwen35Error
+from qwen35.kernels.dequant import as_byte_tensor, dequantize, row_nbytes, type_name
+
+MODES = ("reference", "fast")
+
+# Reference forward dequantizes at most this many weight elements at once (64 MiB of fp32).
+SLAB_ELEMENTS = 1 << 24
+
+_DENSE_TYPES = {
+    torch.float32: GGMLQuantizationType.F32,
+    torch.float16: GGMLQuantizationType.F16,
+    torch.bfloat16: GGMLQuantizationType.BF16,
+}
+
+# A fast kernel computes x @ W^T from the raw blocks:
+#   kernel(blocks [out, row_bytes] uint8, x [M, in] float32, in_features) -> [M, out] float32
+FastKernel = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+_FAST_KERNELS: dict[int, FastKernel] = {}
+
+
+def register_fast_kernel(type_id: int, kernel: FastKernel) -> None:
+    """Make `kernel` the "fast" mode matmul for weights of ggml type `type_id`."""
+    _FAST_KERNELS[int(type_id)] = kernel
+
+
+def fast_kernel_for(type_id: int) -> FastKernel | None:
+    return _FAST_KERNELS.get(int(type_id))
+
+
+def set_mode(root: torch.nn.Module, mode: str) -> None:
+    """Switch every QuantLinear/QuantExperts under `root` (itself included) to `mode`."""
+    if mode not in MODES:
+        raise Qwen35Error(f"unknown kernel mode {mode!r} (choose from {', '.join(MODES)})")
+    for module in root.modules():
+        if isinstance(module, (QuantLinear, QuantExperts)):
+            module.mode = mode
+
+
+def _dense_bytes(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    type_id = _DENSE_TYPES.get(weight.dtype)
+    if type_id is None:
+        raise Qwen35Error(f"weights of dtype {weight.dtype} are not supported (float32, float16, bfloat16 are)")
+    return weight.detach().contiguous().view(torch.uint8).reshape(-1), int(type_id)
+
+
+def _weight_bytes(raw, type_id: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """raw bytes checked against `shape` (PyTorch order) and viewed as [..., row_bytes]."""
+    data = as_byte_tensor(raw)
+    row_bytes = row_nbytes(type_id, shape[-1])
+    n_rows = int(np.prod(shape[:-1], dtype=np.int64))
+    if data.numel() != n_rows * row_bytes:
+        raise FormatError(
+            f"{type_name(type_id)} weight of shape {list(shape)} needs {n_rows * row_bytes} bytes, "
+            f"got {data.numel()}"
+        )
+    return data.reshape(*shape[:-1], row_bytes)
+
+
+def _as_float32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.to(torch.float32)
+
+
+class QuantLinear(torch.nn.Module):
+    """y = x @ W^T (no bias) with W [out_features, in_features] kept as GGUF blocks."""
+
+    def __init__(self, raw: torch.Tensor | np.ndarray, type_id: int, out_features: int, in_features: int):
+        super().__init__()
+        if out_features <= 0 or in_features <= 0:
+            raise FormatError(f"bad linear weight shape [{out_features}, {in_features}]")
+        self.type_id = int(type_id)
+        self.out_features = int(out_features)
+        self.in_features = int(in_features)
+        self.mode = "reference"
+        blocks = _weight_bytes(raw, self.type_id, (self.out_features, self.in_features))
+        # Not persistent: these are file bytes, not trainable state, and may be read-only.
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor) -> QuantLinear:
+        """Wrap an [out, in] float32/float16/bfloat16 weight, keeping its dtype (no copy if contiguous)."""
+        if weight.dim() != 2:
+            raise Qwen35Error(f"a linear weight must be 2-D, got shape {list(weight.shape)}")
+        data, type_id = _dense_bytes(weight)
+        return cls(data, type_id, weight.shape[0], weight.shape[1])
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type_id)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.type_name}, mode={self.mode}"
+
+    def dequantized(self) -> torch.Tensor:
+        """The whole weight, [out, in] float32 (a fresh tensor, except F32 weights: a read-only view)."""
+        return dequantize(self.blocks, self.type_id, (self.out_features, self.in_features))
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of the weight as float32 [*index.shape, in]: an embedding lookup."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.out_features):
+            raise Qwen35Error(f"row index out of range [0, {self.out_features})")
+        picked = self.blocks[index.reshape(-1)]
+        return dequantize(picked, self.type_id, (*index.shape, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input width {x.shape[-1]} does not match in_features {self.in_features}")
+        flat = _as_float32(x.reshape(-1, self.in_features))
+        kernel = fast_kernel_for(self.type_id) if self.mode == "fast" else None
+        if kernel is not None:
+            out = kernel(self.blocks, flat, self.in_features)
+        else:
+            out = reference_matmul(self.blocks, self.type_id, flat, self.in_features)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def reference_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [M, in] float32 @ dequantize(blocks [out, row_bytes])^T, one slab of rows at a time."""
+    out_features = blocks.shape[0]
+    slab = max(1, SLAB_ELEMENTS // in_features)
+    if out_features <= slab:
+        return x @ dequantize(blocks, type_id, (out_features, in_features)).t()
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    for start in range(0, out_features, slab):
+        stop = min(start + slab, out_features)
+        weight = dequantize(blocks[start:stop], type_id, (stop - start, in_features))
+        out[:, start:stop] = x @ weight.t()
+    return out
+
+
+class QuantExperts(torch.nn.Module):
+    """MoE expert weights [n_experts, out, in] kept as GGUF blocks; one matmul per used expert.
+
+    GGUF stores them as [in, out, n_experts] (row width first), which is this
+    PyTorch shape reversed.
+    """
+
+    def __init__(
+        self, raw: torch.Tensor | np.ndarray, type_id: int, n_experts: int, out_features: int, in_features: int
+    ):
+        super().__init__()
+        if min(n_experts, out_features, in_features) <= 0:
+            raise FormatError(f"bad expert weight shape [{n_experts}, {out_features}, {in_features}]")
+        self.type_id = int(type_id)
+        self.n_experts = int(n_experts)
+        self.out_features = int(out_features)
+        self.in_features = int(in_features)
+        self.mode = "reference"
+        blocks = _weight_bytes(raw, self.type_id, (self.n_experts, self.out_features, self.in_features))
+        self.register_buffer("blocks", blocks, persistent=False)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor) -> QuantExperts:
+        """Wrap an [E, out, in] float32/float16/bfloat16 weight (HF layout), keeping its dtype."""
+        if weight.dim() != 3:
+            raise Qwen35Error(f"an expert weight must be 3-D, got shape {list(weight.shape)}")
+        data, type_id = _dense_bytes(weight)
+        return cls(data, type_id, *weight.shape)
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type_id)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.n_experts} experts, {self.in_features} -> {self.out_features}, "
+            f"{self.type_name}, mode={self.mode}"
+        )
+
+    def dequantized_expert(self, expert: int) -> torch.Tensor:
+        """Expert `expert`'s weight as [out, in] float32."""
+        if not 0 <= expert < self.n_experts:
+            raise Qwen35Error(f"expert {expert} out of range [0, {self.n_experts})")
+        return dequantize(self.blocks[expert], self.type_id, (self.out_features, self.in_features))
+
+    def expert_matmul(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] float32 @ W_expert^T -> [M, out] float32."""
+        kernel = fast_kernel_for(self.type_id) if self.mode == "fast" else None
+        if kernel is not None:
+            return kernel(self.blocks[expert], x, self.in_features)
+        return x @ self.dequantized_expert(expert).t()
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Apply the chosen expert to each (token, slot).
+
+        expert_ids: LongTensor [N] or [N, k] (k experts per token).
+        x: [N, in] (one input per token, shared by its k slots, as for gate/up) or
+           [*expert_ids.shape, in] (one input per slot, as for down).
+        Returns [*expert_ids.shape, out] float32. Slots are grouped by expert, so
+        each used expert is dequantized once per call and unused ones never.
+        """
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input width {x.shape[-1]} does not match in_features {self.in_features}")
+        if expert_ids.dim() not in (1, 2):
+            raise ValueError(f"expert_ids must be [N] or [N, k], got shape {list(expert_ids.shape)}")
+        ids = expert_ids.reshape(-1).to(torch.long)
+        n_slots = ids.numel()
+        if x.shape[:-1] == expert_ids.shape:
+            inputs = x.reshape(n_slots, self.in_features)
+            source = torch.arange(n_slots)
+        elif x.dim() == 2 and expert_ids.dim() == 2 and x.shape[0] == expert_ids.shape[0]:
+            inputs = x
+            source = torch.arange(n_slots) // expert_ids.shape[1]
+        else:
+            raise ValueError(
+                f"input shape {list(x.shape)} does not fit expert_ids shape {list(expert_ids.shape)}"
+            )
+        out = torch.empty(n_slots, self.out_features, dtype=torch.float32)
+        if n_slots == 0:
+            return out.reshape(*expert_ids.shape, self.out_features)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.n_experts:
+            raise Qwen35Error(f"expert id out of range [0, {self.n_experts})")
+        inputs = _as_float32(inputs)
+        order = torch.argsort(ids, stable=True)
+        experts, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        start = 0
+        for expert, count in zip(experts.tolist(), counts.tolist()):
+            slots = order[start : start + count]
+            start += count
+            out[slots] = self.expert_matmul(expert, inputs[source[slots]])
+        return out.reshape(*expert_ids.shape, self.out_features)

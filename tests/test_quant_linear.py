@@ -1,0 +1,188 @@
+"""QuantLinear / QuantExperts against fp32 matmuls with gguf-py-dequantized weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from qwen35.errors import FormatError, Qwen35Error
+from qwen35.formats.gguf import GGUFModel
+from qwen35.kernels import quant_linear
+from qwen35.kernels.quant_linear import QuantExperts, QuantLinear, set_mode
+
+T = GGMLQuantizationType
+
+
+def gguf_weight(raw: np.ndarray, type_id: int, torch_shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(gguf_quants.dequantize(np.asarray(raw), T(type_id)).reshape(torch_shape).copy())
+
+
+def assert_close_fp32(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    assert ours.dtype == torch.float32
+    # Same fp32 weights and inputs; only the matmul's summation order may differ.
+    scale = float(expected.abs().max()) + 1e-30
+    assert float((ours - expected).abs().max()) <= 1e-5 * scale
+
+
+@pytest.fixture(scope="module")
+def dense_q4_k_m(fixtures):
+    with GGUFModel(fixtures / "tiny" / "dense-Q4_K_M.gguf") as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def moe_q4_k_m(fixtures):
+    with GGUFModel(fixtures / "tiny" / "moe-Q4_K_M.gguf") as model:
+        yield model
+
+
+def matrices(model: GGUFModel, types: set[int]) -> list[str]:
+    return [name for name, info in model.tensors.items() if len(info.shape) == 2 and info.type_id in types]
+
+
+def test_forward_matches_gguf_py_weights_on_fixture_tensors(fixtures):
+    rng = torch.Generator().manual_seed(0)
+    covered = set()
+    for file_name in ("dense-Q4_K_M.gguf", "dense-Q2_K.gguf", "dense-IQ4_XS.gguf", "dense-Q4_0.gguf",
+                      "dense-Q8_0.gguf", "dense-Q3_K_M.gguf"):
+        with GGUFModel(fixtures / "tiny" / file_name) as model:
+            for info in model.tensors.values():
+                if len(info.shape) != 2 or info.type_id in covered:
+                    continue
+                covered.add(info.type_id)
+                out_features, in_features = info.torch_shape
+                raw = model.tensor_data(info.name)
+                layer = QuantLinear(raw, info.type_id, out_features, in_features)
+                weight = gguf_weight(raw, info.type_id, info.torch_shape)
+                x = torch.randn(2, 3, in_features, generator=rng)
+                assert_close_fp32(layer(x), x @ weight.t())
+                assert torch.equal(layer.dequantized(), weight)
+    assert {T.F32, T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q3_K, T.Q2_K, T.IQ4_XS, T.Q4_0} <= covered
+
+
+def test_layer_shares_the_file_bytes(dense_q4_k_m):
+    name = matrices(dense_q4_k_m, {T.Q4_K})[0]
+    info = dense_q4_k_m.tensors[name]
+    raw = dense_q4_k_m.tensor_data(name)
+    layer = QuantLinear(raw, info.type_id, *info.torch_shape)
+    assert layer.blocks.data_ptr() == raw.ctypes.data
+    assert layer.blocks.numel() == info.nbytes
+    assert not any(True for _ in layer.parameters())  # nothing trainable, nothing fp32 kept
+
+
+def test_slabs_give_the_same_result(dense_q4_k_m, monkeypatch):
+    name = "token_embd.weight"
+    info = dense_q4_k_m.tensors[name]
+    layer = QuantLinear(dense_q4_k_m.tensor_data(name), info.type_id, *info.torch_shape)
+    x = torch.randn(5, info.torch_shape[1])
+    whole = layer(x)
+    monkeypatch.setattr(quant_linear, "SLAB_ELEMENTS", 1000 * info.torch_shape[1])  # 1000 rows, ragged end
+    sliced = layer(x)
+    expected = x @ gguf_weight(dense_q4_k_m.tensor_data(name), info.type_id, info.torch_shape).t()
+    assert_close_fp32(whole, expected)
+    assert_close_fp32(sliced, expected)
+
+
+def test_rows_is_an_embedding_lookup(dense_q4_k_m):
+    info = dense_q4_k_m.tensors["token_embd.weight"]
+    raw = dense_q4_k_m.tensor_data("token_embd.weight")
+    layer = QuantLinear(raw, info.type_id, *info.torch_shape)
+    ids = torch.tensor([[0, 17, 4159], [3, 3, 100]])
+    expected = gguf_weight(raw, info.type_id, info.torch_shape)[ids]
+    assert torch.equal(layer.rows(ids), expected)
+    with pytest.raises(Qwen35Error, match="out of range"):
+        layer.rows(torch.tensor([info.torch_shape[0]]))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
+def test_from_dense_keeps_dtype_and_computes_in_fp32(dtype):
+    weight = torch.randn(48, 64).to(dtype)
+    layer = QuantLinear.from_dense(weight)
+    assert layer.blocks.numel() == weight.numel() * weight.element_size()  # stored as given
+    x = torch.randn(7, 64, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.float32
+    assert_close_fp32(out, x.float() @ weight.float().t())
+    assert torch.equal(layer.dequantized(), weight.float())
+
+
+def test_experts_match_per_expert_gguf_py_weights(moe_q4_k_m):
+    rng = torch.Generator().manual_seed(1)
+    for kind in ("gate", "up", "down"):
+        name = f"blk.0.ffn_{kind}_exps.weight"
+        info = moe_q4_k_m.tensors[name]
+        n_experts, out_features, in_features = info.torch_shape
+        raw = moe_q4_k_m.tensor_data(name)
+        experts = QuantExperts(raw, info.type_id, n_experts, out_features, in_features)
+        weights = gguf_weight(raw, info.type_id, info.torch_shape)
+        assert torch.equal(experts.dequantized_expert(5), weights[5])
+
+        ids = torch.randint(0, n_experts, (6, 4), generator=rng)
+        ids[0, 0] = n_experts - 1
+        shared_x = torch.randn(6, in_features, generator=rng)
+        expected = torch.stack([torch.stack([weights[e] @ shared_x[t] for e in ids[t].tolist()])
+                                for t in range(6)])
+        assert_close_fp32(experts(shared_x, ids), expected)
+
+        slot_x = torch.randn(6, 4, in_features, generator=rng)
+        expected = torch.stack([torch.stack([weights[ids[t, s]] @ slot_x[t, s] for s in range(4)])
+                                for t in range(6)])
+        assert_close_fp32(experts(slot_x, ids), expected)
+
+        flat_ids = ids.reshape(-1)
+        assert_close_fp32(experts(slot_x.reshape(-1, in_features), flat_ids), expected.reshape(-1, out_features))
+
+
+def test_experts_dequantize_each_used_expert_once(moe_q4_k_m, monkeypatch):
+    info = moe_q4_k_m.tensors["blk.1.ffn_up_exps.weight"]
+    experts = QuantExperts(moe_q4_k_m.tensor_data(info.name), info.type_id, *info.torch_shape)
+    calls = []
+    original = experts.dequantized_expert
+    monkeypatch.setattr(experts, "dequantized_expert", lambda e: calls.append(e) or original(e))
+    ids = torch.tensor([[3, 7, 3, 1], [7, 3, 1, 9]])
+    experts(torch.randn(2, info.torch_shape[2]), ids)
+    assert sorted(calls) == [1, 3, 7, 9]
+
+
+def test_experts_from_dense_hf_layout():
+    weight = torch.randn(4, 24, 32).to(torch.bfloat16)
+    experts = QuantExperts.from_dense(weight)
+    x = torch.randn(3, 32)
+    ids = torch.tensor([[0, 3], [2, 3], [1, 1]])
+    expected = torch.stack([torch.stack([weight[e].float() @ x[t] for e in ids[t].tolist()]) for t in range(3)])
+    assert_close_fp32(experts(x, ids), expected)
+
+
+def test_fast_mode_uses_registered_kernel_and_falls_back(monkeypatch):
+    weight = torch.randn(8, 32)
+    layer = QuantLinear.from_dense(weight)
+    x = torch.randn(2, 32)
+    set_mode(torch.nn.Sequential(layer), "fast")
+    assert layer.mode == "fast"
+    assert_close_fp32(layer(x), x @ weight.t())  # no F32 kernel registered: reference path
+    monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
+    quant_linear.register_fast_kernel(T.F32, lambda blocks, x, in_features: torch.zeros(x.shape[0], 8))
+    assert torch.equal(layer(x), torch.zeros(2, 8))
+    with pytest.raises(Qwen35Error, match="unknown kernel mode"):
+        set_mode(layer, "turbo")
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(FormatError, match="needs 288 bytes, got 144"):
+        QuantLinear(np.zeros(144, np.uint8), T.Q4_K, 2, 256)
+    with pytest.raises(FormatError, match="IQ2_XXS is not supported"):
+        QuantLinear(np.zeros(66, np.uint8), T.IQ2_XXS, 1, 256)
+    with pytest.raises(FormatError, match="row width 100"):
+        QuantExperts(np.zeros(3400, np.uint8), T.Q8_0, 1, 10, 100)
+    with pytest.raises(Qwen35Error, match="dtype torch.float64"):
+        QuantLinear.from_dense(torch.zeros(2, 2, dtype=torch.float64))
+    experts = QuantExperts.from_dense(torch.zeros(2, 4, 8))
+    with pytest.raises(Qwen35Error, match="expert id out of range"):
+        experts(torch.zeros(1, 8), torch.tensor([2]))
+    with pytest.raises(ValueError, match="does not fit"):
+        experts(torch.zeros(3, 8), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="in_features"):
+        QuantLinear.from_dense(torch.zeros(2, 4))(torch.zeros(1, 5))
