@@ -1,0 +1,265 @@
+"""The generation loop: chunked prefill, then one token per step until a stop.
+
+Three layers, each built on the one below:
+
+- ``generation_steps(model, token_ids, params)`` yields a ``Generation`` per sampled token
+  (token, final text delta, running stats; the last one carries ``finish_reason``);
+- ``stream_generations`` / ``stream_generate`` take keyword options merged over the
+  model's own generation defaults and yield ``Generation``s / plain token ids;
+- ``generate`` / ``generate_result`` fold a stream into a list / a ``GenerationResult``.
+
+Stops: an end-of-sequence id of the model (unless ``ignore_eos``) or one of
+``stop_token_ids`` ends generation with finish_reason "stop", and that token is not part
+of the output; a stop string (matched on the decoded text, across token boundaries)
+ends it too: the text stops before the stop string, while the token ids keep the token
+that completed it, as vLLM and transformers report them. Reaching ``max_new_tokens``
+(default: what is left of the context) gives finish_reason "length".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from qwen35.engine.sampler import Sampler, SamplingParams, sample
+from qwen35.engine.stopping import TextStream
+from qwen35.errors import Qwen35Error
+
+__all__ = [
+    "DEFAULT_PREFILL_CHUNK",
+    "Generation",
+    "GenerationResult",
+    "generate",
+    "generate_result",
+    "generation_steps",
+    "resolve_sampling",
+    "stream_generate",
+    "stream_generations",
+]
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+@dataclass(slots=True)
+class Generation:
+    """One step of generation.
+
+    ``token_id`` is the token this step added to the output, or None when the sampled
+    token was a stop token (then ``stop_reason`` holds it). ``text`` is the newly final
+    text ("" without a tokenizer). ``finish_reason`` is None until the last step, then
+    "stop" or "length"; ``stop_reason`` is the stop token id or stop string that ended it.
+    """
+
+    token_id: int | None
+    text: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """A whole generation: output ids, text (None without a tokenizer) and stats."""
+
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    stop_reason: int | str | None
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # The first token comes out of the prefill; the decode steps make the rest.
+        steps = self.generated_tokens - 1
+        return steps / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else 0.0
+
+
+def resolve_sampling(model, max_new_tokens: int | None = None, **sampling) -> SamplingParams:
+    """The model's generation defaults overridden by the given options, validated."""
+    return SamplingParams.from_options(model.generation_defaults, max_new_tokens=max_new_tokens, **sampling)
+
+
+def generation_steps(
+    model,
+    token_ids,
+    params: SamplingParams,
+    tokenizer=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> Iterator[Generation]:
+    """Run one request: prefill ``token_ids`` in chunks, then sample until a stop."""
+    prompt = _prompt_list(token_ids, model.config.vocab_size)
+    if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+        raise Qwen35Error(f"prefill_chunk must be a whole number >= 1, got {prefill_chunk!r}")
+    if params.stop and tokenizer is None:
+        raise Qwen35Error("stop strings need a tokenizer to decode the output; pass tokenizer=")
+    max_new_tokens = _max_new_tokens(model, params, len(prompt))
+    stop_token_ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        stop_token_ids.update(_eos_token_ids(model))
+    text_stream = TextStream(tokenizer, params.stop) if tokenizer is not None else None
+    sampler = Sampler(params, prompt)
+
+    with torch.inference_mode():
+        started = time.perf_counter()
+        cache = model.make_cache(1)
+        logits = _prefill(model, cache, prompt, prefill_chunk)
+        token_id = int(sample(logits, [sampler])[0])
+        prefill_seconds = time.perf_counter() - started
+        decode_started = time.perf_counter()
+
+        generated = 0
+        while True:
+            generated += 1
+            text, finish_reason, stop_reason = "", None, None
+            if token_id in stop_token_ids:
+                finish_reason, stop_reason, output_id = "stop", token_id, None
+                if text_stream is not None:
+                    text = text_stream.flush()
+            else:
+                output_id = token_id
+                if text_stream is not None:
+                    text, stop_reason = text_stream.push(token_id)
+                if stop_reason is not None:
+                    finish_reason = "stop"
+                elif generated >= max_new_tokens:
+                    finish_reason = "length"
+                    if text_stream is not None:
+                        text += text_stream.flush()
+            yield Generation(
+                token_id=output_id,
+                text=text,
+                finish_reason=finish_reason,
+                stop_reason=stop_reason,
+                prompt_tokens=len(prompt),
+                generated_tokens=generated,
+                prefill_seconds=prefill_seconds,
+                decode_seconds=time.perf_counter() - decode_started,
+            )
+            if finish_reason is not None:
+                return
+            step_input = torch.tensor([[token_id]], dtype=torch.long, device=logits.device)
+            logits = model.forward(step_input, cache)[:, -1, :]
+            token_id = int(sample(logits, [sampler])[0])
+
+
+def stream_generations(
+    model,
+    token_ids,
+    max_new_tokens: int | None = None,
+    tokenizer=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    **sampling,
+) -> Iterator[Generation]:
+    """``generation_steps`` with options merged over ``model.generation_defaults``."""
+    params = resolve_sampling(model, max_new_tokens, **sampling)
+    return generation_steps(model, token_ids, params, tokenizer=tokenizer, prefill_chunk=prefill_chunk)
+
+
+def stream_generate(
+    model,
+    token_ids,
+    max_new_tokens: int | None = None,
+    tokenizer=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    **sampling,
+) -> Iterator[int]:
+    """Yield the output token ids one by one (stop tokens are not output)."""
+    steps = stream_generations(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, **sampling)
+    return (step.token_id for step in steps if step.token_id is not None)
+
+
+def generate(
+    model,
+    token_ids,
+    max_new_tokens: int | None = None,
+    tokenizer=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    **sampling,
+) -> list[int]:
+    """The output token ids of one generation."""
+    return list(stream_generate(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, **sampling))
+
+
+def generate_result(
+    model,
+    token_ids,
+    max_new_tokens: int | None = None,
+    tokenizer=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    **sampling,
+) -> GenerationResult:
+    """One generation folded into a GenerationResult (ids, text, finish reason, timings)."""
+    output_ids: list[int] = []
+    pieces: list[str] = []
+    for step in stream_generations(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, **sampling):
+        if step.token_id is not None:
+            output_ids.append(step.token_id)
+        pieces.append(step.text)
+        last = step
+    return GenerationResult(
+        token_ids=output_ids,
+        text="".join(pieces) if tokenizer is not None else None,
+        finish_reason=last.finish_reason,
+        stop_reason=last.stop_reason,
+        prompt_tokens=last.prompt_tokens,
+        generated_tokens=last.generated_tokens,
+        prefill_seconds=last.prefill_seconds,
+        decode_seconds=last.decode_seconds,
+    )
+
+
+def _prefill(model, cache, prompt: list[int], chunk: int) -> torch.Tensor:
+    """Feed the prompt in chunks of at most ``chunk`` tokens; logits [1, V] of its last token."""
+    logits = None
+    for start in range(0, len(prompt), chunk):
+        piece = torch.tensor([prompt[start : start + chunk]], dtype=torch.long)
+        logits = model.forward(piece, cache)[:, -1, :]
+    return logits
+
+
+def _prompt_list(token_ids, vocab_size: int) -> list[int]:
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dim() != 1:
+            raise Qwen35Error(f"the prompt must be one sequence of token ids, got shape {tuple(token_ids.shape)}")
+        token_ids = token_ids.tolist()
+    elif isinstance(token_ids, (str, bytes)):
+        raise Qwen35Error("the prompt must be token ids, not text: tokenize it first")
+    try:
+        prompt = [int(token_id) for token_id in token_ids]
+    except (TypeError, ValueError):
+        raise Qwen35Error("the prompt must be a sequence of integer token ids") from None
+    if not prompt:
+        raise Qwen35Error("the prompt is empty: generation needs at least one token")
+    bad = next((token_id for token_id in prompt if not 0 <= token_id < vocab_size), None)
+    if bad is not None:
+        raise Qwen35Error(f"token id {bad} in the prompt is outside the model's vocabulary (0..{vocab_size - 1})")
+    return prompt
+
+
+def _eos_token_ids(model) -> Sequence[int]:
+    return model.config.eos_token_ids
+
+
+def _max_new_tokens(model, params: SamplingParams, prompt_length: int) -> int:
+    context_length = model.config.context_length
+    room = context_length - prompt_length
+    if room < 1:
+        raise Qwen35Error(
+            f"the prompt has {prompt_length} tokens, which leaves no room in the model's context of {context_length}"
+        )
+    if params.max_new_tokens is None:
+        return room
+    return min(params.max_new_tokens, room)
