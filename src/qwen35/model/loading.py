@@ -1,0 +1,147 @@
+"""load_model: a GGUF file (or the first shard of a split one) or an HF directory -> Model.
+
+Every weight the network needs (`weight_specs`) is looked up through the source
+format's declared name map (formats/weights_gguf.py, formats/weights_hf.py), and
+its presence, type and shape are checked against the config before any tensor
+data is touched. GGUF weights stay in their block format, as views of the memory
+map; only small vectors (norms, conv, decay) are dequantized at load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qwen35.errors import FormatError
+from qwen35.formats import weights_gguf, weights_hf
+from qwen35.kernels.dequant import check_supported, dequantize
+from qwen35.kernels.quant_linear import QuantExperts, QuantLinear, set_mode
+from qwen35.model.api import Model
+from qwen35.model.config import QWEN35_GENERATION_DEFAULTS, config_from_gguf, config_from_hf
+from qwen35.model.qwen35 import Qwen35Network, WeightSpec, mtp_weight_specs, weight_specs
+
+PRECISIONS = ("reference", "fast")
+GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
+
+
+def load_model(path, device="cpu", precision: str = "fast") -> Model:
+    if precision not in PRECISIONS:
+        raise FormatError(f"unknown precision {precision!r} (choose reference or fast)")
+    path = Path(path)
+    if path.is_dir():
+        model = _load_hf(path, precision)
+    elif path.suffix == ".gguf" or path.is_file():
+        model = _load_gguf(path, precision)
+    else:
+        raise FormatError(f"no such model file or directory: {path}")
+    if torch.device(device).type != "cpu":
+        model.network.to(device)
+        model.device = torch.device(device)
+    return model
+
+
+# ------------------------------------------------------------------ GGUF
+
+
+def _load_gguf(path: Path, precision: str) -> Model:
+    from qwen35.formats.gguf import GGUFModel
+
+    gguf = GGUFModel(path)
+    try:
+        config = config_from_gguf(gguf.metadata, gguf.tensors, str(path))
+        names = set(gguf.tensors)
+        weights = _gguf_weights(gguf, config, weight_specs(config), names, str(path))
+        mtp_specs = mtp_weight_specs(config)
+        mtp_present = any(weights_gguf.source_for(n, s.shape, config, names).name in names for n, s in mtp_specs.items())
+        mtp = _gguf_weights(gguf, config, mtp_specs, names, str(path), shared=weights) if mtp_present else {}
+    except BaseException:
+        gguf.close()
+        raise
+    network = Qwen35Network(config, weights, mtp)
+    set_mode(network, "reference" if precision == "reference" else "fast")
+    return Model(network, config, QWEN35_GENERATION_DEFAULTS, precision, source=gguf)
+
+
+def _gguf_weights(gguf, config, specs: dict[str, WeightSpec], names, path: str, shared=None) -> dict:
+    sources = {}
+    for canonical, spec in specs.items():
+        source = weights_gguf.source_for(canonical, spec.shape, config, names)
+        info = gguf.tensors.get(source.name)
+        if info is None:
+            raise FormatError(f"{path}: tensor {source.name} is missing")
+        try:
+            check_supported(info.type_id)
+        except FormatError as error:
+            raise FormatError(f"{path}: tensor {source.name}: {error}") from None
+        if info.torch_shape != source.shape:
+            raise FormatError(
+                f"{path}: tensor {source.name} has shape {list(info.torch_shape)}, expected {list(source.shape)}"
+            )
+        sources[canonical] = (source, info, spec)
+
+    built: dict[str, object] = {}
+    by_source: dict[str, object] = {}
+    for canonical, (source, info, spec) in sources.items():
+        raw = gguf.tensor_data(source.name)
+        if spec.kind in ("linear", "embedding"):
+            # A tied output and embedding share one module (and one set of bytes).
+            if source.name not in by_source:
+                by_source[source.name] = QuantLinear(raw, info.type_id, *spec.shape)
+            built[canonical] = by_source[source.name]
+        elif spec.kind == "experts":
+            if source.rows is not None:
+                start, stop = source.rows
+                raw = _rows_of(raw, info, start, stop)
+            built[canonical] = QuantExperts(raw, info.type_id, *spec.shape)
+        else:
+            tensor = dequantize(raw, info.type_id, source.shape).clone()
+            built[canonical] = tensor.reshape(spec.shape)
+    return built
+
+
+def _rows_of(raw, info, start: int, stop: int):
+    """Rows [start, stop) of each expert of a fused [E, rows, width] block tensor (a copy of those bytes)."""
+    experts, rows, _ = info.torch_shape
+    return raw.reshape(experts, rows, -1)[:, start:stop].copy()
+
+
+# ------------------------------------------------------------------ HF
+
+
+def _load_hf(path: Path, precision: str) -> Model:
+    checkpoint = weights_hf.HFCheckpoint(path)
+    config = config_from_hf(checkpoint.config, checkpoint.generation_config)
+    weights = _hf_weights(checkpoint, config, weight_specs(config))
+    mtp_specs = mtp_weight_specs(config)
+    mtp_present = any(name.startswith("mtp.") for name in checkpoint.names())
+    mtp = _hf_weights(checkpoint, config, mtp_specs) if mtp_present and mtp_specs else {}
+    network = Qwen35Network(config, weights, mtp)
+    set_mode(network, "reference" if precision == "reference" else "fast")
+    defaults = dict(QWEN35_GENERATION_DEFAULTS)
+    defaults.update({k: v for k, v in checkpoint.generation_config.items() if k in GENERATION_KEYS})
+    return Model(network, config, defaults, precision, source=checkpoint)
+
+
+def _hf_weights(checkpoint, config, specs: dict[str, WeightSpec]) -> dict:
+    sources = {}
+    for canonical, spec in specs.items():
+        source = weights_hf.source_for(canonical, spec.shape, checkpoint.prefix, config.tie_word_embeddings)
+        checkpoint.check(source)
+        sources[canonical] = source
+
+    built: dict[str, object] = {}
+    by_source: dict[tuple, object] = {}
+    for canonical, source in sources.items():
+        spec = specs[canonical]
+        # Reference arithmetic is fp32 on the checkpoint's exact values (bf16 -> fp32 is exact).
+        tensor = checkpoint.load(source, torch.float32)
+        if spec.kind in ("linear", "embedding"):
+            if source.name not in by_source:
+                by_source[source.name] = QuantLinear.from_dense(tensor)
+            built[canonical] = by_source[source.name]
+        elif spec.kind == "experts":
+            built[canonical] = QuantExperts.from_dense(tensor)
+        else:
+            built[canonical] = tensor
+    return built

@@ -1,0 +1,346 @@
+"""The Qwen 3.5 text network: hybrid Gated DeltaNet + gated full attention, dense or MoE.
+
+This file holds the maths only. Weights arrive already in one canonical form
+(`weight_specs` lists them), whatever file they came from:
+- every norm weight is the multiplier itself (HF's zero-centred `w` becomes `1 + w`),
+  except the DeltaNet output norm, which is a plain multiplier everywhere;
+- `linear_attn.decay_rate` is -exp(A_log);
+- `linear_attn.conv1d` is [conv_dim, kernel];
+- linear weights are `QuantLinear` modules (forward in fp32, `.rows(ids)` for the
+  embedding), experts `QuantExperts`; dense checkpoints wrap their tensors in them too.
+DeltaNet value heads may come in grouped or tiled order (config.value_head_order);
+the maths honours either by choosing which key head serves each value head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
+from qwen35.kernels.delta_rule import gated_delta_rule
+from qwen35.model.config import FULL_ATTENTION, ModelConfig
+
+L2_NORM_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    shape: tuple[int, ...]  # PyTorch order ([out, in] for linear weights)
+    kind: str  # "linear", "embedding", "tensor" (small, kept dense fp32), "experts" ([E, out, in])
+
+
+def _attention_specs(c: ModelConfig, prefix: str) -> dict[str, WeightSpec]:
+    q_width = c.num_attention_heads * c.head_dim
+    kv_width = c.num_key_value_heads * c.head_dim
+    return {
+        f"{prefix}.q_proj": WeightSpec((2 * q_width, c.hidden_size), "linear"),
+        f"{prefix}.k_proj": WeightSpec((kv_width, c.hidden_size), "linear"),
+        f"{prefix}.v_proj": WeightSpec((kv_width, c.hidden_size), "linear"),
+        f"{prefix}.o_proj": WeightSpec((c.hidden_size, q_width), "linear"),
+        f"{prefix}.q_norm": WeightSpec((c.head_dim,), "tensor"),
+        f"{prefix}.k_norm": WeightSpec((c.head_dim,), "tensor"),
+    }
+
+
+def _deltanet_specs(c: ModelConfig, prefix: str) -> dict[str, WeightSpec]:
+    n_v = c.linear_num_value_heads
+    return {
+        f"{prefix}.in_proj_qkv": WeightSpec((c.linear_conv_dim, c.hidden_size), "linear"),
+        f"{prefix}.in_proj_z": WeightSpec((c.linear_value_dim, c.hidden_size), "linear"),
+        f"{prefix}.in_proj_b": WeightSpec((n_v, c.hidden_size), "linear"),
+        f"{prefix}.in_proj_a": WeightSpec((n_v, c.hidden_size), "linear"),
+        f"{prefix}.out_proj": WeightSpec((c.hidden_size, c.linear_value_dim), "linear"),
+        f"{prefix}.conv1d": WeightSpec((c.linear_conv_dim, c.linear_conv_kernel), "tensor"),
+        f"{prefix}.dt_bias": WeightSpec((n_v,), "tensor"),
+        f"{prefix}.decay_rate": WeightSpec((n_v,), "tensor"),
+        f"{prefix}.norm": WeightSpec((c.linear_value_head_dim,), "tensor"),
+    }
+
+
+def _mlp_specs(c: ModelConfig, prefix: str) -> dict[str, WeightSpec]:
+    h = c.hidden_size
+    if not c.is_moe:
+        i = c.intermediate_size
+        return {
+            f"{prefix}.gate_proj": WeightSpec((i, h), "linear"),
+            f"{prefix}.up_proj": WeightSpec((i, h), "linear"),
+            f"{prefix}.down_proj": WeightSpec((h, i), "linear"),
+        }
+    e, i, s = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
+    specs = {
+        f"{prefix}.gate": WeightSpec((e, h), "linear"),
+        f"{prefix}.experts.gate": WeightSpec((e, i, h), "experts"),
+        f"{prefix}.experts.up": WeightSpec((e, i, h), "experts"),
+        f"{prefix}.experts.down": WeightSpec((e, h, i), "experts"),
+    }
+    if s:
+        specs.update({
+            f"{prefix}.shared_expert.gate_proj": WeightSpec((s, h), "linear"),
+            f"{prefix}.shared_expert.up_proj": WeightSpec((s, h), "linear"),
+            f"{prefix}.shared_expert.down_proj": WeightSpec((h, s), "linear"),
+            f"{prefix}.shared_expert_gate": WeightSpec((1, h), "tensor"),
+        })
+    return specs
+
+
+def _layer_specs(c: ModelConfig, prefix: str, layer_type: str) -> dict[str, WeightSpec]:
+    specs = {
+        f"{prefix}.input_layernorm": WeightSpec((c.hidden_size,), "tensor"),
+        f"{prefix}.post_attention_layernorm": WeightSpec((c.hidden_size,), "tensor"),
+    }
+    if layer_type == FULL_ATTENTION:
+        specs.update(_attention_specs(c, f"{prefix}.self_attn"))
+    else:
+        specs.update(_deltanet_specs(c, f"{prefix}.linear_attn"))
+    specs.update(_mlp_specs(c, f"{prefix}.mlp"))
+    return specs
+
+
+def weight_specs(c: ModelConfig) -> dict[str, WeightSpec]:
+    """Every weight the main network needs, by canonical name."""
+    specs = {
+        "embed_tokens": WeightSpec((c.vocab_size, c.hidden_size), "embedding"),
+        "norm": WeightSpec((c.hidden_size,), "tensor"),
+        "lm_head": WeightSpec((c.vocab_size, c.hidden_size), "linear"),
+    }
+    for index, layer_type in enumerate(c.layer_types):
+        specs.update(_layer_specs(c, f"layers.{index}", layer_type))
+    return specs
+
+
+def mtp_weight_specs(c: ModelConfig) -> dict[str, WeightSpec]:
+    """The multi-token-prediction block's own weights (it shares embeddings and lm_head)."""
+    h = c.hidden_size
+    specs = {
+        "mtp.fc": WeightSpec((h, 2 * h), "linear"),
+        "mtp.pre_fc_norm_embedding": WeightSpec((h,), "tensor"),
+        "mtp.pre_fc_norm_hidden": WeightSpec((h,), "tensor"),
+        "mtp.norm": WeightSpec((h,), "tensor"),
+    }
+    for index in range(c.mtp_num_layers):
+        specs.update(_layer_specs(c, f"mtp.layers.{index}", FULL_ATTENTION))
+    return specs
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+
+
+class RotaryEmbedding:
+    """Partial, interleaved M-RoPE: frequency j takes its position from stream j % 3 (T, H, W)."""
+
+    def __init__(self, c: ModelConfig, device=None):
+        half = c.rotary_dim // 2
+        self.inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.rotary_dim, 2, dtype=torch.float32, device=device) / c.rotary_dim))
+        stream = torch.zeros(half, dtype=torch.long)
+        for axis in (1, 2):  # H and W own every third frequency, up to 3 * their section size
+            stream[axis : min(3 * c.mrope_section[axis], half) : 3] = axis
+        self.stream = stream
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [3, B, T] -> cos, sin [B, T, rotary_dim]."""
+        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)  # [3, B, T, half]
+        index = self.stream.to(positions.device).expand(*freqs.shape[1:])[None]
+        freqs = freqs.gather(0, index)[0]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, d]: rotate-half RoPE on the first rotary_dim dims, the rest unchanged."""
+    dim = cos.shape[-1]
+    rotated, passed = x[..., :dim], x[..., dim:]
+    first, second = rotated.chunk(2, dim=-1)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    rotated = rotated * cos + torch.cat([-second, first], dim=-1) * sin
+    return torch.cat([rotated, passed], dim=-1)
+
+
+class Attention:
+    """Gated full attention: per-head q/gate split, q/k norms, partial M-RoPE, GQA, sigmoid gate."""
+
+    def __init__(self, c: ModelConfig, w: dict, prefix: str):
+        self.c = c
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (w[f"{prefix}.{n}"] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.q_norm, self.k_norm = w[f"{prefix}.q_norm"], w[f"{prefix}.k_norm"]
+
+    def __call__(self, x, kv: AttentionKV, starts, rope, mask):
+        c = self.c
+        batch, length, _ = x.shape
+        q_gate = self.q_proj(x).view(batch, length, c.num_attention_heads, 2 * c.head_dim)
+        q, gate = q_gate[..., : c.head_dim], q_gate[..., c.head_dim :]
+        q = rms_norm(q, self.q_norm, c.rms_norm_eps)
+        k = rms_norm(self.k_proj(x).view(batch, length, c.num_key_value_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
+        v = self.v_proj(x).view(batch, length, c.num_key_value_heads, c.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+
+        kv.write(starts, k, v)
+        keys, values = kv.view(mask.shape[-1])
+        group = c.num_attention_heads // c.num_key_value_heads
+        keys = keys.float().repeat_interleave(group, dim=2).transpose(1, 2)  # [B, heads, S, d]
+        values = values.float().repeat_interleave(group, dim=2).transpose(1, 2)
+        scores = (q.transpose(1, 2) @ keys.transpose(-1, -2)) * c.head_dim**-0.5
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        out = (scores.softmax(dim=-1) @ values).transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out * torch.sigmoid(gate.reshape(batch, length, -1)))
+
+
+class GatedDeltaNet:
+    """Linear attention with the gated delta rule, a short causal conv and a gated output norm."""
+
+    def __init__(self, c: ModelConfig, w: dict, prefix: str):
+        self.c = c
+        names = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "conv1d", "dt_bias", "decay_rate", "norm")
+        for name in names:
+            setattr(self, name, w[f"{prefix}.{name}"])
+
+    def __call__(self, x, state: DeltaNetState):
+        c = self.c
+        batch, length, _ = x.shape
+        n_k, n_v, d_k, d_v = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
+
+        mixed = torch.cat([state.conv.float(), self.in_proj_qkv(x).transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+        state.conv = mixed[:, :, mixed.shape[-1] - (c.linear_conv_kernel - 1) :].to(state.conv.dtype).clone()
+        mixed = F.silu(F.conv1d(mixed, self.conv1d[:, None, :], groups=mixed.shape[1])).transpose(1, 2)
+        q, k, v = mixed.split([c.linear_key_dim, c.linear_key_dim, c.linear_value_dim], dim=-1)
+        q = _l2_normalize(q.reshape(batch, length, n_k, d_k)) * d_k**-0.5
+        k = _l2_normalize(k.reshape(batch, length, n_k, d_k))
+        v = v.reshape(batch, length, n_v, d_v)
+        if n_v != n_k:
+            if c.value_head_order == "grouped":  # value head j reads key head j // (n_v / n_k)
+                q, k = q.repeat_interleave(n_v // n_k, dim=2), k.repeat_interleave(n_v // n_k, dim=2)
+            else:  # tiled: value head j reads key head j % n_k
+                q, k = q.repeat(1, 1, n_v // n_k, 1), k.repeat(1, 1, n_v // n_k, 1)
+
+        beta = torch.sigmoid(self.in_proj_b(x).float())
+        g = self.decay_rate * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        heads_first = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731
+        out, state.recurrent = gated_delta_rule(
+            heads_first(q), heads_first(k), heads_first(v), heads_first(g), heads_first(beta), state.recurrent
+        )
+        out = out.transpose(1, 2)  # [B, T, n_v, d_v]
+        z = self.in_proj_z(x).view(batch, length, n_v, d_v)
+        out = rms_norm(out, self.norm, c.rms_norm_eps) * F.silu(z.float())
+        return self.out_proj(out.reshape(batch, length, -1))
+
+
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + L2_NORM_EPS)
+
+
+class MLP:
+    def __init__(self, w: dict, prefix: str):
+        self.gate_proj, self.up_proj, self.down_proj = (w[f"{prefix}.{n}"] for n in ("gate_proj", "up_proj", "down_proj"))
+
+    def __call__(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SparseMoE:
+    """Softmax router, top-k renormalised, plus a sigmoid-gated shared expert."""
+
+    def __init__(self, c: ModelConfig, w: dict, prefix: str):
+        self.top_k = c.num_experts_per_tok
+        self.router = w[f"{prefix}.gate"]
+        self.gates, self.ups, self.downs = (w[f"{prefix}.experts.{n}"] for n in ("gate", "up", "down"))
+        self.shared = MLP(w, f"{prefix}.shared_expert") if f"{prefix}.shared_expert_gate" in w else None
+        self.shared_gate = w.get(f"{prefix}.shared_expert_gate")
+
+    def __call__(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1]).float()
+        probs = self.router(x).softmax(dim=-1)
+        top_weights, top_experts = probs.topk(self.top_k, dim=-1)
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        hidden = F.silu(self.gates(x, top_experts)) * self.ups(x, top_experts)  # [N, k, I]
+        out = (self.downs(hidden, top_experts) * top_weights[..., None]).sum(dim=1)
+        if self.shared is not None:
+            out = out + self.shared(x) * torch.sigmoid(F.linear(x, self.shared_gate))
+        return out.reshape(shape)
+
+
+class DecoderLayer:
+    def __init__(self, c: ModelConfig, w: dict, prefix: str, layer_type: str):
+        self.is_attention = layer_type == FULL_ATTENTION
+        self.eps = c.rms_norm_eps
+        self.input_norm = w[f"{prefix}.input_layernorm"]
+        self.post_norm = w[f"{prefix}.post_attention_layernorm"]
+        if self.is_attention:
+            self.mixer = Attention(c, w, f"{prefix}.self_attn")
+        else:
+            self.mixer = GatedDeltaNet(c, w, f"{prefix}.linear_attn")
+        self.mlp = SparseMoE(c, w, f"{prefix}.mlp") if c.is_moe else MLP(w, f"{prefix}.mlp")
+
+    def __call__(self, x, layer_cache, starts, rope, mask):
+        h = rms_norm(x, self.input_norm, self.eps)
+        if self.is_attention:
+            x = x + self.mixer(h, layer_cache, starts, rope, mask)
+        else:
+            x = x + self.mixer(h, layer_cache)
+        return x + self.mlp(rms_norm(x, self.post_norm, self.eps))
+
+
+class Qwen35Network(nn.Module):
+    """The text model. `weights` maps the names of `weight_specs(config)` to tensors/modules."""
+
+    def __init__(self, config: ModelConfig, weights: dict, mtp_weights: dict | None = None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = weights["embed_tokens"]
+        self.final_norm = weights["norm"]
+        self.lm_head = weights["lm_head"]
+        self.layers = [DecoderLayer(config, weights, f"layers.{i}", t) for i, t in enumerate(config.layer_types)]
+        self.rotary = RotaryEmbedding(config)
+        # Held for speculative decoding later; plain decoding does not use it.
+        self.mtp_weights = mtp_weights or {}
+        # Registered so that `.modules()` (e.g. kernels' set_mode, .to(device)) reaches every weight module.
+        every = {**weights, **self.mtp_weights}
+        self.weight_modules = nn.ModuleDict(
+            {name.replace(".", "__"): w for name, w in every.items() if isinstance(w, nn.Module)}
+        )
+        self._dense = [w for w in every.values() if isinstance(w, torch.Tensor)]
+
+    def dense_tensors(self) -> list[torch.Tensor]:
+        """The small weights kept as plain fp32 tensors (norms, conv, decay, gates)."""
+        return list(self._dense)
+
+    def make_cache(self, batch_size: int = 1, dtype: torch.dtype = torch.float32, device=None) -> HybridCache:
+        c = self.config
+        layers = []
+        for layer_type in c.layer_types:
+            if layer_type == FULL_ATTENTION:
+                layers.append(AttentionKV(batch_size, c.num_key_value_heads, c.head_dim, dtype, device))
+            else:
+                layers.append(DeltaNetState(
+                    torch.zeros(batch_size, c.linear_conv_dim, c.linear_conv_kernel - 1, dtype=dtype, device=device),
+                    torch.zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
+                                dtype=torch.float32, device=device),
+                ))
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return HybridCache(layers, zeros, zeros.clone())
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None):
+        """input_ids [B, T] appended to each row of `cache`; returns the final-normed hidden states."""
+        batch, length = input_ids.shape
+        if positions is None:
+            positions = cache.default_positions(length)
+        starts = cache.lengths
+        rope = self.rotary.cos_sin(positions)
+        # Row b's query t sees keys 0 .. starts[b] + t of its own row.
+        key_index = torch.arange(int(starts.max()) + length, device=input_ids.device)
+        query_end = starts[:, None] + torch.arange(length, device=input_ids.device)  # [B, T]
+        mask = key_index[None, None, :] <= query_end[:, :, None]  # [B, T, S]
+
+        x = self.embed_tokens.rows(input_ids)
+        for layer, layer_cache in zip(self.layers, cache.layers):
+            x = layer(x, layer_cache, starts, rope, mask)
+        cache.advance(length, positions)
+        return rms_norm(x, self.final_norm, self.config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, cache, positions)).float()
