@@ -61,6 +61,7 @@ class ModelSpec:
     native_context: int = 262144
     # Explicit per-layer kinds (True = full attention) when read from a file; else from the interval.
     full_attention_flags: tuple[bool, ...] | None = None
+    label: str = ""  # shown instead of the canonical name (a file's own name)
 
     @property
     def is_moe(self) -> bool:
@@ -68,7 +69,7 @@ class ModelSpec:
 
     @property
     def display_name(self) -> str:
-        return "Qwen3.5-" + self.name.upper()
+        return self.label or "Qwen3.5-" + self.name.upper()
 
     def is_full_attention(self, layer: int) -> bool:
         if layer >= self.n_layers:

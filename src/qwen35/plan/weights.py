@@ -29,6 +29,13 @@ class WeightTensor:
     def is_expert(self) -> bool:
         return "_exps." in self.name or ".experts." in self.name
 
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
 
 class Weights:
     def __init__(self, tensors: list[WeightTensor]):
@@ -57,6 +64,18 @@ class Weights:
             if t.part == part and t.layer is not None and t.is_expert:
                 totals[t.layer] += t.nbytes
         return dict(totals)
+
+    def params(self, expert_share: float = 1.0) -> dict[str, float]:
+        """Parameters: `total` counts the text model and vision tower (as published), not the MTP
+        layer; `active` the text model with routed experts at `expert_share` (top-k / E)."""
+        counts = {TEXT: 0, MTP: 0, VISION: 0}
+        active = 0.0
+        for t in self.tensors:
+            counts[t.part] += t.n_elements
+            if t.part == TEXT:
+                active += t.n_elements * (expert_share if t.is_expert else 1.0)
+        return {"text": counts[TEXT], "mtp": counts[MTP], "vision": counts[VISION],
+                "total": counts[TEXT] + counts[VISION], "active": active}
 
     def outside_layers(self, part: str = TEXT) -> dict[str, int]:
         return {t.name: t.nbytes for t in self.tensors if t.part == part and t.layer is None}
