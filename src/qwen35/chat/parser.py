@@ -75,7 +75,10 @@ class OutputParser:
         self._schemas = tool_parameter_schemas(tools)
         self._state = REASONING if thinking else CONTENT
         self._buffer = ""
-        self._search_from = 0
+        # Text of a long tool call is collected in pieces and joined once its end is in
+        # sight, so a call written token by token costs linear, not quadratic, time.
+        self._deferred: list[str] = []
+        self._deferred_tail = ""
         self._tool_opener = ""
         self._started = {REASONING: False, CONTENT: False}
         self._pending_space = {REASONING: "", CONTENT: ""}
@@ -90,6 +93,14 @@ class OutputParser:
     def feed(self, text: str) -> ParsedDelta:
         if self._finished:
             raise ValueError("this OutputParser has finished; make a new one per reply")
+        if self._state == TOOL_CALL:
+            end_marker = self._tool_end_marker()
+            window = self._deferred_tail + text
+            if end_marker not in window:
+                self._deferred.append(text)
+                self._deferred_tail = window[-(len(end_marker) - 1) :]
+                return self._take_delta()
+        self._join_deferred()
         self._buffer += text
         self._advance(final=False)
         return self._take_delta()
@@ -97,6 +108,7 @@ class OutputParser:
     def finish(self) -> ParsedDelta:
         """Flush at the end of the reply: an unfinished tool call becomes content."""
         if not self._finished:
+            self._join_deferred()
             self._advance(final=True)
             self._finished = True
         return self._take_delta()
@@ -145,7 +157,7 @@ class OutputParser:
             self._tool_opener = marker
             if marker == FUNCTION_START:
                 self._buffer = marker + self._buffer
-            self._search_from = 0
+            self._deferred_tail = self._buffer[-(len(self._tool_end_marker()) - 1) :]
         elif marker == THINK_END and self._state == REASONING:
             self._end_reasoning()
         # <think> inside reasoning, a stray </tool_call>, a late </think>: markup, dropped
@@ -157,10 +169,10 @@ class OutputParser:
 
     def _close_tool_call(self, final: bool) -> bool:
         """Parse the tool-call block if its end is in the buffer; False to wait for more text."""
-        end_marker = TOOL_CALL_END if self._tool_opener == TOOL_CALL_START else FUNCTION_END
-        end = self._buffer.find(end_marker, self._search_from)
+        end_marker = self._tool_end_marker()
+        end = self._buffer.find(end_marker)
         if end < 0 and not final:
-            self._search_from = max(0, len(self._buffer) - len(end_marker) + 1)
+            self._deferred_tail = self._buffer[-(len(end_marker) - 1) :]
             return False
         if end < 0:  # the reply ended inside the call
             block, rest, complete = self._buffer, "", False
@@ -179,8 +191,15 @@ class OutputParser:
             self._emit_verbatim(raw_opener + block + closing)
         self._state = CONTENT
         self._buffer = rest
-        self._search_from = 0
         return True
+
+    def _tool_end_marker(self) -> str:
+        return TOOL_CALL_END if self._tool_opener == TOOL_CALL_START else FUNCTION_END
+
+    def _join_deferred(self) -> None:
+        if self._deferred:
+            self._buffer += "".join(self._deferred)
+            self._deferred = []
 
     # -- output with whitespace trimming ----------------------------------------------
 
