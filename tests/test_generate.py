@@ -131,7 +131,7 @@ class RuleModel:
     def __init__(self, rule, vocab_size=50, eos_token_ids=(), context_length=4096, defaults=None):
         self.rule = rule
         self.config = SimpleNamespace(
-            vocab_size=vocab_size, eos_token_ids=tuple(eos_token_ids), context_length=context_length
+            vocab_size=vocab_size, eos_token_ids=tuple(eos_token_ids), max_position_embeddings=context_length
         )
         self.generation_defaults = dict(defaults or {"temperature": 0.0})
         self.calls = []
@@ -269,7 +269,7 @@ class TransformersAdapter:
     def __init__(self, hf_model, eos_token_ids=()):
         self.hf_model = hf_model
         self.config = SimpleNamespace(
-            vocab_size=hf_model.config.vocab_size, eos_token_ids=tuple(eos_token_ids), context_length=256
+            vocab_size=hf_model.config.vocab_size, eos_token_ids=tuple(eos_token_ids), max_position_embeddings=256
         )
         self.generation_defaults = {}
 
@@ -323,27 +323,96 @@ def test_eos_stops_like_transformers_generate(small_llama):
 # --- the fixture checkpoints' reference continuations ---------------------------------
 
 MATCHED_TOKENS = 8
-
-
-def load_fixture_model(fixtures, name):
-    qwen35 = pytest.importorskip("qwen35")
-    try:
-        return qwen35.load_model(fixtures / "tiny" / name)
-    except ImportError as error:
-        pytest.skip(f"the model side is not available yet: {error}")
+PROMPTS = ["chat_think", "chat_nothink", "text"]
+GGUF_FILES = [f"dense-{quant}" for quant in ("Q8_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS", "Q4_0")] + ["moe-Q4_K_M"]
 
 
 @pytest.fixture(scope="module")
-def dense_reference(fixtures):
-    return json.loads((fixtures / "ref" / "dense.json").read_text())
+def fixture_model(fixtures):
+    """Loads each fixture model once per (file, precision)."""
+    loaded = {}
+
+    def load(name, precision="fast"):
+        if (name, precision) not in loaded:
+            import qwen35
+
+            try:
+                loaded[name, precision] = qwen35.load_model(fixtures / "tiny" / name, precision=precision)
+            except ImportError as error:
+                pytest.skip(f"the model side is not available yet: {error}")
+        return loaded[name, precision]
+
+    return load
 
 
-PROMPTS = ["chat_think", "chat_nothink", "text"]
+def reference(fixtures, model_name):
+    return json.loads((fixtures / "ref" / f"{model_name}.json").read_text())
+
+
+def greedy(model, prompt_ids):
+    # prefill_chunk 64 puts chunk boundaries inside every prompt (the text prompt crosses three).
+    return generate(model, prompt_ids, MATCHED_TOKENS, temperature=0, ignore_eos=True, prefill_chunk=64)
+
+
+@pytest.mark.parametrize("precision", ["reference", "fast"])
+@pytest.mark.parametrize("prompt_name", PROMPTS)
+def test_hf_checkpoint_greedy_matches_transformers(fixtures, fixture_model, prompt_name, precision):
+    sequence = reference(fixtures, "dense")["sequences"][prompt_name]
+    model = fixture_model("dense-hf", precision)
+    assert greedy(model, sequence["ids"]) == sequence["transformers_greedy"][:MATCHED_TOKENS]
 
 
 @pytest.mark.parametrize("prompt_name", PROMPTS)
-def test_greedy_continuation_matches_transformers_on_the_hf_checkpoint(fixtures, dense_reference, prompt_name):
-    model = load_fixture_model(fixtures, "dense-hf")
-    sequence = dense_reference["sequences"][prompt_name]
-    expected = sequence["transformers_greedy"][:MATCHED_TOKENS]
-    assert generate(model, sequence["ids"], MATCHED_TOKENS, temperature=0, ignore_eos=True, prefill_chunk=64) == expected
+@pytest.mark.parametrize("file_name", GGUF_FILES)
+def test_gguf_reference_precision_greedy_matches_llama_cpp_exact(fixtures, fixture_model, file_name, prompt_name):
+    """llama.cpp's F32 path on the dequantized weights is the exact arithmetic of the file."""
+    model_name, quant = file_name.split("-", 1)
+    expected = reference(fixtures, model_name)["llama_cpp"][quant][prompt_name]["exact_greedy"]
+    prompt_ids = reference(fixtures, model_name)["sequences"][prompt_name]["ids"]
+    model = fixture_model(f"{file_name}.gguf", "reference")
+    assert greedy(model, prompt_ids) == expected[:MATCHED_TOKENS]
+
+
+@pytest.mark.parametrize("prompt_name", PROMPTS)
+@pytest.mark.parametrize("file_name", GGUF_FILES)
+def test_gguf_fast_greedy_matches_llama_cpp_where_its_paths_agree(fixtures, fixture_model, file_name, prompt_name):
+    """Tokens on which llama.cpp's native and exact paths agree are not near-ties;
+    a fast path must reproduce those (up to MATCHED_TOKENS)."""
+    model_name, quant = file_name.split("-", 1)
+    figures = reference(fixtures, model_name)["llama_cpp"][quant][prompt_name]
+    native, exact = figures["greedy"], figures["exact_greedy"]
+    agreed = next((i for i, (a, b) in enumerate(zip(native, exact)) if a != b), len(native))
+    count = min(agreed, MATCHED_TOKENS)
+    if count == 0:
+        pytest.skip(f"llama.cpp's own paths disagree on the first token of {file_name}/{prompt_name}")
+    prompt_ids = reference(fixtures, model_name)["sequences"][prompt_name]["ids"]
+    model = fixture_model(f"{file_name}.gguf", "fast")
+    assert greedy(model, prompt_ids)[:count] == native[:count]
+
+
+def test_stop_string_on_the_real_model_and_tokenizer(fixtures, fixture_model):
+    """The transformers continuation, decoded by the real tokenizer, cut at a stop string
+    spanning two of its tokens."""
+    from qwen35 import load_tokenizer
+
+    tokenizer = load_tokenizer(fixtures / "tiny" / "dense-hf")
+    sequence = reference(fixtures, "dense")["sequences"]["text"]
+    continuation = sequence["transformers_greedy"][:MATCHED_TOKENS]
+    full_text = tokenizer.decode(continuation)
+    stop = tokenizer.decode(continuation[4:6])[-3:] + tokenizer.decode(continuation[6:7])[:2]
+    model = fixture_model("dense-hf", "reference")
+    result = generate_result(
+        model, sequence["ids"], MATCHED_TOKENS, tokenizer=tokenizer, temperature=0, ignore_eos=True, stop=[stop]
+    )
+    assert (result.finish_reason, result.stop_reason) == ("stop", stop)
+    assert result.text == full_text[: full_text.index(stop)]
+    assert result.token_ids == continuation[: len(result.token_ids)]
+
+
+def test_seeded_sampling_on_the_real_model_is_reproducible(fixtures, fixture_model):
+    model = fixture_model("dense-hf", "reference")
+    prompt = reference(fixtures, "dense")["sequences"]["chat_nothink"]["ids"]
+    first = model.generate(prompt, 10, seed=42, temperature=1.5, ignore_eos=True)
+    assert model.generate(prompt, 10, seed=42, temperature=1.5, ignore_eos=True) == first
+    assert list(model.stream_generate(prompt, 10, seed=42, temperature=1.5, ignore_eos=True)) == first
+    assert model.generate(prompt, 10, seed=43, temperature=1.5, ignore_eos=True) != first

@@ -254,7 +254,7 @@ def _eos_token_ids(model) -> Sequence[int]:
 
 
 def _max_new_tokens(model, params: SamplingParams, prompt_length: int) -> int:
-    context_length = model.config.context_length
+    context_length = model.config.max_position_embeddings
     room = context_length - prompt_length
     if room < 1:
         raise Qwen35Error(
