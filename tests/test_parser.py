@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qwen35
-from qwen35.chat.parser import OutputParser, convert_value
+from qwen35.chat.arguments import convert_value
+from qwen35.chat.parser import OutputParser
 
 TOOLS = [
     {

@@ -13,8 +13,8 @@ is content. Tool calls are Qwen's XML:
     </function>
     </tool_call>
 
-Values are converted by the tool's JSON schema (the template writes non-strings with
-`tojson` or Python's `str`, so `True`, `None` are read too); strings stay as written.
+Values are converted by the tool's JSON schema (`qwen35.chat.arguments`); strings stay as
+written, multi-line ones included.
 
 Robustness, by decision:
 - text before `<tool_call>` is content; several calls (in one block or several) are kept;
@@ -36,9 +36,10 @@ result. `parse_output(text)` is the one-shot form.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
+
+from qwen35.chat.arguments import convert_value, tool_parameter_schemas
 
 THINK_START, THINK_END = "<think>", "</think>"
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
@@ -49,10 +50,6 @@ REASONING, CONTENT, TOOL_CALL = "reasoning", "content", "tool_call"
 
 _FUNCTION_HEAD = re.compile(r"<function=([^>\n<]*)>")
 _PARAMETER_HEAD = re.compile(r"<parameter=([^>\n<]*)>")
-_INTEGER = re.compile(r"[-+]?\d+")
-_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
-_MAX_JSON_CHARS = 1 << 22
-_MAX_NUMBER_CHARS = 1000  # below Python's int-parsing limit, and no regex backtracking on long text
 
 
 @dataclass
@@ -305,126 +302,6 @@ def _json_call(text: str) -> dict | None:
     if not isinstance(arguments, dict):
         return None
     return {"name": data["name"].strip(), "arguments": arguments}
-
-
-# -- values by JSON schema ------------------------------------------------------------
-
-
-def tool_parameter_schemas(tools) -> dict[str, dict]:
-    """function name -> its parameters' `properties`, from OpenAI-style tool definitions."""
-    schemas = {}
-    for tool in tools or ():
-        if not isinstance(tool, dict):
-            continue
-        function = tool.get("function", tool)
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            continue
-        parameters = function.get("parameters")
-        properties = parameters.get("properties") if isinstance(parameters, dict) else None
-        schemas[function["name"]] = properties if isinstance(properties, dict) else {}
-    return schemas
-
-
-def schema_types(schema) -> set[str]:
-    """The JSON types a schema allows (from `type`, `anyOf`/`oneOf` and `enum`); empty if unknown."""
-    if not isinstance(schema, dict):
-        return set()
-    declared = schema.get("type")
-    types = {declared} if isinstance(declared, str) else {t for t in declared or () if isinstance(t, str)}
-    for key in ("anyOf", "oneOf"):
-        for option in schema.get(key) or ():
-            types |= schema_types(option)
-    if not types and isinstance(schema.get("enum"), list):
-        for value in schema["enum"]:
-            types.add(_json_type_name(value))
-    return types
-
-
-def convert_value(raw: str, schema=None):
-    """A parameter's text as the value its schema asks for; the text itself when it does not fit."""
-    types = schema_types(schema)
-    if not types:  # no schema: only unambiguous JSON containers are read
-        types = {"object", "array", "string"}
-    if types == {"string"}:
-        return raw
-    text = raw.strip()
-    for kind in ("null", "boolean", "integer", "number", "object", "array"):
-        if kind in types:
-            fits, value = _CONVERTERS[kind](text)
-            if fits:
-                return value
-    return raw
-
-
-def _as_null(text):
-    return (True, None) if text in ("null", "None") else (False, None)
-
-
-def _as_boolean(text):
-    lowered = text.lower()
-    return (True, lowered == "true") if lowered in ("true", "false") else (False, None)
-
-
-def _as_integer(text):
-    if len(text) > _MAX_NUMBER_CHARS:
-        return False, None
-    if _INTEGER.fullmatch(text):
-        return True, int(text)
-    fits, number = _as_number(text)
-    if fits and isinstance(number, float) and number.is_integer():
-        return True, int(number)
-    return False, None
-
-
-def _as_number(text):
-    if len(text) > _MAX_NUMBER_CHARS:
-        return False, None
-    if _INTEGER.fullmatch(text):
-        return True, int(text)
-    if _NUMBER.fullmatch(text):
-        number = float(text)
-        if math.isfinite(number):
-            return True, number
-    return False, None
-
-
-def _as_json(kind):
-    opener = "[" if kind == "array" else "{"
-
-    def convert(text):
-        if len(text) > _MAX_JSON_CHARS or not text.startswith(opener):
-            return False, None
-        try:
-            value = json.loads(text)
-        except (json.JSONDecodeError, RecursionError):
-            return False, None
-        return isinstance(value, dict if kind == "object" else list), value
-
-    return convert
-
-
-_CONVERTERS = {
-    "null": _as_null,
-    "boolean": _as_boolean,
-    "integer": _as_integer,
-    "number": _as_number,
-    "object": _as_json("object"),
-    "array": _as_json("array"),
-}
-
-
-def _json_type_name(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    return "array" if isinstance(value, list) else "object"
 
 
 # -- marker search ----------------------------------------------------------------------
