@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import qwen35
 from qwen35.chat.arguments import convert_value
-from qwen35.chat.parser import OutputParser
+from qwen35.chat.parser import OutputParser, prompt_ends_in_reasoning
 
 TOOLS = [
     {
@@ -50,6 +50,8 @@ TABLE = [
     ("a call, thinking off", CALL, False, "", "", [PARIS]),
     ("text before the call", "r\n</think>\n\nChecking.\n\n" + CALL, True, "r", "Checking.", [PARIS]),
     ("call ends the reasoning", "I should call.\n" + CALL + "\n</think>\n\nDone.", True, "I should call.", "Done.", [PARIS]),
+    ("whitespace around a call is one separator", "Checking.\n\n" + CALL + "\nDone.", False, "", "Checking.\n\nDone.", [PARIS]),
+    ("call glued to the text", "a" + CALL + " b", False, "", "a b", [PARIS]),
     (
         "two blocks",
         CALL + "\n" + CALL.replace("Paris", "Rome"),
@@ -269,6 +271,14 @@ def test_the_templates_own_tool_calls_parse_back():
             assert parsed["reasoning_content"] == (message.get("reasoning_content") or "").strip()
             checked += 1
     assert checked >= 3
+
+
+def test_thinking_is_read_from_the_prompt():
+    cases = json.loads((Path(__file__).parent / "data" / "template_cases.json").read_text(encoding="utf-8"))
+    for case in cases["cases"]:
+        if "expected" in case and case["add_generation_prompt"]:
+            thinking = case["template_kwargs"].get("enable_thinking", True)
+            assert prompt_ends_in_reasoning(case["expected"]) == thinking, case["name"]
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ class OutputParser:
         self._deferred_tail = ""
         self._tool_opener = ""
         self._started = {REASONING: False, CONTENT: False}
+        self._after_call = False
         self._pending_space = {REASONING: "", CONTENT: ""}
         self._reasoning: list[str] = []
         self._content: list[str] = []
@@ -182,10 +183,11 @@ class OutputParser:
             self._tool_calls.extend(calls)
             self._delta.tool_calls.extend(calls)
             if leftover.strip():
-                self._emit_verbatim(leftover)
-        else:
+                self._emit(leftover)
+            self._after_call = True
+        else:  # not a call after all: the text is content, as written
             closing = end_marker if complete and end_marker == TOOL_CALL_END else ""
-            self._emit_verbatim(raw_opener + block + closing)
+            self._emit(raw_opener + block + closing)
         self._state = CONTENT
         self._buffer = rest
         return True
@@ -207,6 +209,13 @@ class OutputParser:
             if not text:
                 return
             self._started[channel] = True
+        if channel == CONTENT and self._after_call:
+            # the whitespace around a call is one separator ("check.\n\n<call>\nDone." -> "check.\n\nDone.")
+            if self._pending_space[CONTENT]:
+                text = text.lstrip()
+                if not text:
+                    return
+            self._after_call = False
         text = self._pending_space[channel] + text
         kept = text.rstrip()
         self._pending_space[channel] = text[len(kept) :]
@@ -217,12 +226,6 @@ class OutputParser:
             else:
                 self._content.append(kept)
                 self._delta.content += kept
-
-    def _emit_verbatim(self, text: str) -> None:
-        saved = self._state
-        self._state = CONTENT
-        self._emit(text)
-        self._state = saved
 
     def _take_delta(self) -> ParsedDelta:
         delta, self._delta = self._delta, ParsedDelta()
@@ -235,6 +238,12 @@ def parse_output(text: str, tools=None, thinking: bool = True) -> dict:
     parser.feed(text)
     parser.finish()
     return parser.result()
+
+
+def prompt_ends_in_reasoning(prompt: str) -> bool:
+    """Whether a rendered prompt leaves the model inside `<think>`: the `thinking` to parse its
+    reply with. Read from the prompt itself, so no template or flag can make the two disagree."""
+    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
 
 
 # -- tool-call blocks -------------------------------------------------------------------
