@@ -295,6 +295,8 @@ def test_thinking_is_read_from_the_prompt():
         ("[1, 2]", None, [1, 2]),
         ("3", None, "3"),
         ("true", {"type": "array"}, "true"),
+        ("5", {"type": 5, "anyOf": "integer", "enum": 3}, "5"),
+        ("5", {"anyOf": [{"anyOf": [{"type": "integer"}]}]}, 5),
     ],
 )
 def test_convert_value(raw, schema, expected):

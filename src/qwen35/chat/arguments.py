@@ -22,7 +22,7 @@ _MAX_NUMBER_CHARS = 1000  # below Python's int-parsing limit, and no regex backt
 def tool_parameter_schemas(tools) -> dict[str, dict]:
     """function name -> its parameters' `properties`, from OpenAI-style tool definitions."""
     schemas = {}
-    for tool in tools or ():
+    for tool in tools if isinstance(tools, (list, tuple)) else ():
         if not isinstance(tool, dict):
             continue
         function = tool.get("function", tool)
@@ -34,18 +34,23 @@ def tool_parameter_schemas(tools) -> dict[str, dict]:
     return schemas
 
 
-def schema_types(schema) -> set[str]:
-    """The JSON types a schema allows (from `type`, `anyOf`/`oneOf` and `enum`); empty if unknown."""
-    if not isinstance(schema, dict):
+def schema_types(schema, depth: int = 0) -> set[str]:
+    """The JSON types a schema allows (from `type`, `anyOf`/`oneOf` and `enum`); empty if unknown.
+
+    Schemas come with requests, so anything malformed is read as "unknown", never an error."""
+    if not isinstance(schema, dict) or depth > 8:
         return set()
     declared = schema.get("type")
-    types = {declared} if isinstance(declared, str) else {t for t in declared or () if isinstance(t, str)}
+    if isinstance(declared, str):
+        types = {declared}
+    else:
+        types = {item for item in declared if isinstance(item, str)} if isinstance(declared, list) else set()
     for key in ("anyOf", "oneOf"):
-        for option in schema.get(key) or ():
-            types |= schema_types(option)
+        options = schema.get(key)
+        for option in options if isinstance(options, list) else ():
+            types |= schema_types(option, depth + 1)
     if not types and isinstance(schema.get("enum"), list):
-        for value in schema["enum"]:
-            types.add(_json_type_name(value))
+        types = {_json_type_name(value) for value in schema["enum"]}
     return types
 
 
