@@ -1,0 +1,386 @@
+"""The async engine a server talks to: submit a request, iterate its tokens, cancel it.
+
+One worker thread owns the model. Each step it drops cancelled sequences, admits waiting ones
+(continuous batching: they join at the next step, finished ones leave), advances every prefilling
+sequence by one chunk and every decoding sequence by one token, samples, and hands each request
+its new tokens on the event loop. Torch releases the GIL inside its kernels, so the event loop
+stays responsive while the worker computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from qwen35.engine.sampler import Sampler, SamplingParams, sample
+from qwen35.engine.scheduler import QueueFullError, Scheduler, Sequence, SequenceStatus
+
+__all__ = ["EngineService", "GenerationRequest", "QueueFullError", "RequestHandle", "ServiceClosedError",
+           "StepOutput", "TokenOutput", "Finish", "TokenConstraint"]
+
+
+class ServiceClosedError(Exception):
+    """The engine is shutting down or not started: the client should come back later."""
+
+
+class TokenConstraint(Protocol):
+    """Restricts which tokens may come next (e.g. a JSON grammar); used from the worker thread only."""
+
+    def allowed(self) -> torch.Tensor | None:  # bool [vocab] or None for "anything"
+        ...
+
+    def advance(self, token_id: int) -> None: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop_token_ids: frozenset[int] = frozenset()
+    top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
+    constraint: TokenConstraint | None = None
+    snapshot_points: tuple[int, ...] = ()  # prompt positions worth keeping a state snapshot at
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass(slots=True)
+class Finish:
+    reason: str  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class StepOutput:
+    tokens: list[TokenOutput]
+    finish: Finish | None = None
+
+
+class RequestHandle:
+    """The event-loop side of one request: async iteration over its StepOutputs, and cancel()."""
+
+    def __init__(self, service: EngineService, sequence: Sequence, loop: asyncio.AbstractEventLoop):
+        self._service = service
+        self.sequence = sequence
+        self._loop = loop
+        self._queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self.finished = False
+
+    def deliver(self, output: StepOutput) -> None:  # from the worker thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+
+    async def __aiter__(self):
+        while not self.finished:
+            output = await self._queue.get()
+            if output.finish is not None:
+                self.finished = True
+            yield output
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self._service.scheduler.cancel(self.sequence)
+
+
+@dataclass
+class EngineStats:
+    requests_by_reason: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    prefix_hits: int = 0
+    prefix_misses: int = 0
+    recent_tokens: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, count)
+
+    def tokens_per_second(self, window_s: float = 10.0) -> float:
+        now = time.monotonic()
+        counted = sum(count for stamp, count in list(self.recent_tokens) if now - stamp <= window_s)
+        return counted / window_s
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A sequence's whole cache (K/V and DeltaNet state) after `length` tokens, and their last logits."""
+
+    length: int
+    cache: Any
+    last_logits: torch.Tensor
+    nbytes: int
+
+    def restore(self):
+        return self.cache.select([0])  # a copy: the snapshot stays intact for the next request
+
+
+class PrefixStore:
+    """Cache snapshots keyed by the tokens they hold, least recently used dropped past a byte budget.
+
+    A recurrent state cannot be rolled back, so reuse needs a snapshot taken exactly where the
+    shared prefix ends: the engine stores one at each prompt's end and at the snapshot points the
+    server names (turn boundaries), and a new prompt restores the longest one it starts with.
+    """
+
+    def __init__(self, budget_bytes: int, max_entries: int = 256):
+        self.budget_bytes = budget_bytes
+        self.max_entries = max_entries
+        self.nbytes = 0
+        self._entries: OrderedDict[tuple[int, ...], Snapshot] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, token_ids: list[int]) -> Snapshot | None:
+        with self._lock:
+            best_key = None
+            for key in self._entries:
+                if len(key) <= len(token_ids) and (best_key is None or len(key) > len(best_key)) \
+                        and tuple(token_ids[:len(key)]) == key:
+                    best_key = key
+            if best_key is None:
+                return None
+            self._entries.move_to_end(best_key)
+            return self._entries[best_key]
+
+    def store(self, token_ids: list[int], cache, last_logits: torch.Tensor) -> None:
+        if self.budget_bytes <= 0 or not token_ids:
+            return
+        key = tuple(token_ids)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return
+        snapshot_cache = cache.select([0])
+        nbytes = snapshot_cache.nbytes() + last_logits.numel() * 4
+        if nbytes > self.budget_bytes:
+            return
+        with self._lock:
+            self._entries[key] = Snapshot(len(key), snapshot_cache, last_logits.clone(), nbytes)
+            self.nbytes += nbytes
+            while self.nbytes > self.budget_bytes or len(self._entries) > self.max_entries:
+                _, dropped = self._entries.popitem(last=False)
+                self.nbytes -= dropped.nbytes
+
+
+class EngineService:
+    """Continuous batching over `model.forward` with a bounded queue and a prefix store."""
+
+    def __init__(self, model, *, max_running: int = 4, max_waiting: int = 64, context_length: int = 4096,
+                 prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30):
+        self.model = model
+        self.context_length = context_length
+        self.prefill_chunk = prefill_chunk
+        self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting)
+        self.prefix_store = PrefixStore(prefix_cache_bytes)
+        self.stats = EngineStats()
+        self.eos_token_ids = frozenset(model.config.eos_token_ids)
+        self._batch: list[Sequence] = []  # the decoding sequences, in the rows of _batch_cache
+        self._batch_cache = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._work, name="qwen35-engine", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._closing = True
+        self.scheduler.close()
+        for sequence in self.scheduler.drain():
+            self._deliver_finish(sequence, "cancelled")
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- event-loop side --------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        if self._closing or self._loop is None:
+            raise ServiceClosedError("The server is shutting down; retry on another instance or later.")
+        sequence = Sequence(prompt_ids=list(request.prompt_ids), request=request)
+        handle = RequestHandle(self, sequence, self._loop)
+        sequence.sink = handle
+        self.scheduler.add(sequence)
+        return handle
+
+    @property
+    def queue_depth(self) -> int:
+        return self.scheduler.queue_depth
+
+    @property
+    def running(self) -> int:
+        return self.scheduler.running_count
+
+    # --- worker side ------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        with torch.inference_mode():
+            while True:
+                step = self.scheduler.next_step(timeout=0.5)
+                if step is None:
+                    return
+                try:
+                    self._run_step(step)
+                except Exception as error:  # a bug or out-of-memory: fail these requests, keep serving
+                    self._batch, self._batch_cache = [], None
+                    for sequence in step.running:
+                        if sequence.status is not SequenceStatus.FINISHED:
+                            self._finish(sequence, "error", error=f"{type(error).__name__}: {error}")
+
+    def _run_step(self, step) -> None:
+        for sequence in step.dropped:
+            self._deliver_finish(sequence, "cancelled")
+        for sequence in step.admitted:
+            self._admit(sequence)
+        # Taken before prefill: a sequence whose prompt completes now samples its first token from
+        # the prefill's logits and joins the decoding batch at the next step.
+        decoding = [seq for seq in step.running if seq.status is SequenceStatus.DECODING]
+        ready: list[tuple[Sequence, torch.Tensor]] = []
+        for sequence in step.running:
+            if sequence.status is SequenceStatus.PREFILLING:
+                logits = self._prefill_chunk(sequence)
+                if logits is not None:
+                    ready.append((sequence, logits))
+        if decoding:
+            ready.extend(zip(decoding, self._decode(decoding)))
+        elif self._batch:
+            self._batch, self._batch_cache = [], None
+        if ready:
+            self._sample_and_deliver(ready)
+
+    def _admit(self, sequence: Sequence) -> None:
+        request = sequence.request
+        sequence.sampler_state = Sampler(request.sampling, sequence.prompt_ids)
+        hit = self.prefix_store.lookup(sequence.prompt_ids)
+        if hit is None:
+            self.stats.prefix_misses += 1
+            sequence.cache = self.model.make_cache(1)
+        else:
+            self.stats.prefix_hits += 1
+            sequence.cache = hit.restore()
+            sequence.prefilled = sequence.cached_tokens = hit.length
+            sequence.ready_logits = hit.last_logits
+
+    def _prefill_chunk(self, sequence: Sequence) -> torch.Tensor | None:
+        """Advance one chunk (ending at a snapshot point when one is near); logits when the prompt is in."""
+        prompt = sequence.prompt_ids
+        if sequence.prefilled == len(prompt):  # the whole prompt came from the prefix store
+            sequence.status = SequenceStatus.DECODING
+            return sequence.ready_logits
+        end = min(len(prompt), sequence.prefilled + self.prefill_chunk)
+        points = [p for p in sequence.request.snapshot_points if sequence.prefilled < p < end]
+        if points:
+            end = points[0]
+        ids = torch.tensor([prompt[sequence.prefilled:end]], dtype=torch.long)
+        last_logits = self.model.forward(ids, sequence.cache)[0, -1].float()
+        sequence.prefilled = end
+        if end in sequence.request.snapshot_points or end == len(prompt):
+            self.prefix_store.store(prompt[:end], sequence.cache, last_logits)
+        if end < len(prompt):
+            return None
+        sequence.status = SequenceStatus.DECODING
+        return last_logits
+
+    def _decode(self, sequences: list[Sequence]) -> list[torch.Tensor]:
+        """One token for every decoding sequence, in one forward over the running batch's cache."""
+        self._regroup(sequences)
+        ids = torch.tensor([[sequence.output_ids[-1]] for sequence in self._batch], dtype=torch.long)
+        logits = self.model.forward(ids, self._batch_cache)[:, -1].float()
+        row_of = {id(sequence): row for row, sequence in enumerate(self._batch)}
+        return [logits[row_of[id(sequence)]] for sequence in sequences]
+
+    def _regroup(self, sequences: list[Sequence]) -> None:
+        """Make the batch cache hold exactly `sequences`: drop rows that left, append newcomers' caches."""
+        wanted = {id(sequence) for sequence in sequences}
+        current = {id(sequence) for sequence in self._batch}
+        if wanted == current:
+            return
+        kept_rows = [row for row, sequence in enumerate(self._batch) if id(sequence) in wanted]
+        newcomers = [sequence for sequence in sequences if id(sequence) not in current]
+        parts = []
+        if kept_rows:
+            parts.append(self._batch_cache if len(kept_rows) == len(self._batch)
+                         else self._batch_cache.select(kept_rows))
+        parts.extend(sequence.cache for sequence in newcomers)
+        self._batch_cache = parts[0] if len(parts) == 1 else type(parts[0]).merge(parts)
+        self._batch = [self._batch[row] for row in kept_rows] + newcomers
+        for sequence in newcomers:
+            sequence.cache = None  # its row lives in the batch cache now
+
+    def _sample_and_deliver(self, ready: list[tuple[Sequence, torch.Tensor]]) -> None:
+        raw = torch.stack([logits for _, logits in ready])
+        masked = raw.clone()
+        for row, (sequence, _) in enumerate(ready):
+            constraint = sequence.request.constraint
+            allowed = constraint.allowed() if constraint is not None else None
+            if allowed is not None:
+                width = min(allowed.numel(), masked.shape[1])
+                masked[row, :width].masked_fill_(~allowed[:width], float("-inf"))
+                masked[row, width:] = float("-inf")
+        tokens = sample(masked, [sequence.sampler_state for sequence, _ in ready]).tolist()
+        want_logprobs = any(sequence.request.top_logprobs is not None for sequence, _ in ready)
+        logprobs = torch.log_softmax(raw, dim=-1) if want_logprobs else None
+        self.stats.recent_tokens.append((time.monotonic(), len(ready)))
+        for row, ((sequence, _), token_id) in enumerate(zip(ready, tokens)):
+            self._accept(sequence, token_id, logprobs[row] if logprobs is not None else None)
+
+    def _accept(self, sequence: Sequence, token_id: int, logprobs: torch.Tensor | None) -> None:
+        request = sequence.request
+        sequence.output_ids.append(token_id)
+        self.stats.generated_tokens += 1
+        if request.constraint is not None:
+            request.constraint.advance(token_id)
+        if token_id in self.eos_token_ids or token_id in request.stop_token_ids:
+            self._finish(sequence, "stop")
+            return
+        output = TokenOutput(token_id)
+        if logprobs is not None and request.top_logprobs is not None:
+            output.logprob = float(logprobs[token_id])
+            if request.top_logprobs > 0:
+                values, ids = logprobs.topk(request.top_logprobs)
+                output.top_logprobs = list(zip(ids.tolist(), values.tolist()))
+        reason = None
+        if request.constraint is not None and request.constraint.complete:
+            reason = "stop"
+        elif len(sequence.output_ids) >= request.max_new_tokens or sequence.total_tokens >= self.context_length:
+            reason = "length"
+        if reason is None:
+            sequence.sink.deliver(StepOutput([output]))
+        else:
+            self._finish(sequence, reason, last=[output])
+
+    def _finish(self, sequence: Sequence, reason: str, last: list[TokenOutput] | None = None,
+                error: str | None = None) -> None:
+        self.scheduler.finish(sequence)
+        self._deliver_finish(sequence, reason, last or [], error)
+
+    def _deliver_finish(self, sequence: Sequence, reason: str, last: list[TokenOutput] | None = None,
+                        error: str | None = None) -> None:
+        sequence.status = SequenceStatus.FINISHED
+        sequence.cache = None  # frees the slot's memory now, not when the client goes away
+        stats = self.stats
+        stats.requests_by_reason[reason] = stats.requests_by_reason.get(reason, 0) + 1
+        stats.prompt_tokens += len(sequence.prompt_ids)
+        stats.cached_tokens += sequence.cached_tokens
+        finish = Finish(reason, len(sequence.prompt_ids), sequence.cached_tokens, len(sequence.output_ids), error)
+        sequence.sink.deliver(StepOutput(last or [], finish))

@@ -1,0 +1,148 @@
+"""The FastAPI application: shared state, API key and body-size checks, health, metrics, routes."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from qwen35 import __version__
+from qwen35.engine.service import EngineService
+from qwen35.server.errors import APIError, error_body, install_error_handlers
+from qwen35.server.metrics import HTTPCounters, render_metrics
+
+MAX_BODY_BYTES = 32 << 20  # images arrive base64-encoded inside the JSON
+
+
+@dataclass
+class ServerState:
+    model: Any
+    tokenizer: Any
+    service: EngineService
+    model_name: str
+    model_path: str = ""
+    api_key: str | None = None
+    started_at: float = field(default_factory=time.time)
+    http: HTTPCounters = field(default_factory=HTTPCounters)
+    ready: bool = False
+
+    @property
+    def context_length(self) -> int:
+        return self.service.context_length
+
+    @property
+    def generation_defaults(self) -> dict:
+        return dict(self.model.generation_defaults or {})
+
+    @property
+    def vocab_size(self) -> int:
+        return min(self.model.config.vocab_size, self.tokenizer.vocab_size)
+
+    @property
+    def model_names(self) -> set[str]:
+        # Ollama clients add ":latest" to a bare name.
+        return {self.model_name, f"{self.model_name}:latest"}
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.qwen35
+
+
+def check_api_key(request: Request) -> None:
+    expected = get_state(request).api_key
+    if not expected:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
+                       code="invalid_api_key")
+
+
+class BodyLimit:
+    """Answers 413 to a body over `limit` bytes, whether it declares its length or streams it."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted_receive, send)
+        except _BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        response = JSONResponse(error_body(413, f"The request body is over {self.limit >> 20} MiB."), 413)
+        await response({"type": "http"}, None, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.service.start(asyncio.get_running_loop())
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False
+            await asyncio.to_thread(state.service.close)
+
+    app = FastAPI(title="qwen35", version=__version__, lifespan=lifespan,
+                  description="OpenAI- and Ollama-compatible server for the Qwen 3.5 family.")
+    app.state.qwen35 = state
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        state.http.record(route.path if route is not None else "unmatched", response.status_code)
+        return response
+
+    app.add_middleware(BodyLimit)
+
+    @app.get("/health", summary="Liveness and readiness")
+    async def health():
+        if not state.ready:
+            raise APIError(503, "The model is still loading.", code="loading", headers={"Retry-After": "2"})
+        return {"status": "ok", "model": state.model_name, "running": state.service.running,
+                "waiting": state.service.queue_depth}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+             dependencies=[Depends(check_api_key)])
+    async def metrics():
+        return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
+
+    from qwen35.server.ollama_routes import router as ollama_router
+    from qwen35.server.openai_routes import router as openai_router
+
+    app.include_router(openai_router, dependencies=[Depends(check_api_key)])
+    app.include_router(ollama_router, dependencies=[Depends(check_api_key)])
+    return app

@@ -1,0 +1,87 @@
+"""Serve a model over HTTP with OpenAI- and Ollama-compatible APIs.
+
+  qwen35 serve MODEL [--host 127.0.0.1] [--port 8080] [--api-key KEY] [-c CTX] [-np N]
+
+MODEL is a .gguf file (or the first shard of a split one) or an HF directory. -c is the context
+of each request (prompt and reply together); -np how many requests decode together; further
+requests wait in a bounded queue (--queue) and past it get 429 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from qwen35.errors import Qwen35Error
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    parser.add_argument("--api-key", default=os.environ.get("QWEN35_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $QWEN35_API_KEY, else none)")
+    parser.add_argument("-c", "--ctx-size", type=int, default=8192, dest="context",
+                        help="context per request in tokens, prompt and reply together (default 8192)")
+    parser.add_argument("-np", "--parallel", type=int, default=4,
+                        help="requests decoded together (default 4)")
+    parser.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=2048,
+                        help="memory for prompt-state snapshots reused by later requests (default 2048, 0 = off)")
+    parser.add_argument("--name", default=None, help="the model name clients use (default: the file's name)")
+
+
+def _model_name(path: Path) -> str:
+    name = path.name
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def _check(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise Qwen35Error(f"--port must be between 0 and 65535, got {args.port}")
+    if args.context < 16:
+        raise Qwen35Error(f"-c must be at least 16 tokens, got {args.context}")
+    if args.parallel < 1:
+        raise Qwen35Error(f"-np must be at least 1, got {args.parallel}")
+    if args.queue < 0 or args.prefix_cache_mb < 0:
+        raise Qwen35Error("--queue and --prefix-cache-mb must not be negative")
+    if not Path(args.model).exists():
+        raise Qwen35Error(f"{args.model}: no such file or directory")
+
+
+def run(args) -> int:
+    _check(args)
+    import uvicorn
+
+    from qwen35 import load_model, load_tokenizer
+    from qwen35.engine.service import EngineService
+    from qwen35.server.app import ServerState, create_app
+
+    path = Path(args.model)
+    print(f"loading {path} ...", file=sys.stderr, flush=True)
+    model = load_model(str(path))
+    tokenizer = load_tokenizer(str(path))
+    service = EngineService(model, max_running=args.parallel, max_waiting=args.queue,
+                            context_length=args.context, prefix_cache_bytes=args.prefix_cache_mb << 20)
+    state = ServerState(model=model, tokenizer=tokenizer, service=service, model_name=args.name or _model_name(path),
+                        model_path=str(path), api_key=args.api_key)
+    try:
+        sock = socket.create_server((args.host, args.port))
+    except OSError as error:
+        raise Qwen35Error(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                print(f"qwen35 serve: {state.model_name} at {url}/v1 (OpenAI) and {url}/api (Ollama); "
+                      f"context {args.context}, {args.parallel} parallel. Ctrl+C stops.", flush=True)
+
+    config = uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5)
+    AnnouncingServer(config).run(sockets=[sock])  # uvicorn handles SIGINT/SIGTERM: stop accepting, finish, exit
+    print("qwen35 serve: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,107 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with a fitting status.
+
+Every failure a client can cause ends here, so a bad request never takes the server down and the
+client always gets one readable sentence saying what to change.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwen35.engine.service import QueueFullError, ServiceClosedError
+from qwen35.errors import Qwen35Error
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    """An error answered to the client as it is: status, one sentence, and OpenAI's fields."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPE_BY_STATUS.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(error: APIError, request: Request | None = None) -> JSONResponse:
+    """OpenAI's error body; Ollama's own (`{"error": "..."}`) on its /api routes, which its clients read."""
+    if request is not None and request.url.path.startswith("/api/"):
+        body = {"error": error.message}
+    else:
+        body = error_body(error.status, error.message, error.param, error.code)
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _describe_validation(errors: list[dict]) -> tuple[int, str, str | None, str]:
+    """The first problem of a pydantic report as (status, sentence, param, code)."""
+    first = errors[0] if errors else {"type": "value_error", "loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        return 400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}.", \
+            None, "invalid_json"
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    if first.get("type") == "missing" and not location:
+        return 400, "The request needs a JSON body.", None, "missing_body"
+    where = f"'{param}'" if param else "the request body"
+    message = f"Invalid value for {where}: {first.get('msg', 'invalid value')}."
+    if len(errors) > 1:
+        message += f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in this request.)"
+    return 422, message, param, first.get("type")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError):
+        return error_response(error, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError):
+        status, message, param, code = _describe_validation(list(error.errors()))
+        return error_response(APIError(status, message, param=param, code=code), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException):
+        message = {404: f"Unknown route {request.method} {request.url.path}.",
+                   405: f"Method {request.method} is not allowed on {request.url.path}."}.get(
+            error.status_code, str(error.detail))
+        return error_response(APIError(error.status_code, message, headers=error.headers), request)
+
+    @app.exception_handler(QueueFullError)
+    async def _queue_full(request: Request, error: QueueFullError):
+        return error_response(APIError(429, str(error), code="queue_full",
+                                       headers={"Retry-After": str(error.retry_after_s)}), request)
+
+    @app.exception_handler(ServiceClosedError)
+    async def _closed(request: Request, error: ServiceClosedError):
+        return error_response(APIError(503, str(error), code="unavailable", headers={"Retry-After": "5"}), request)
+
+    @app.exception_handler(Qwen35Error)
+    async def _input_error(request: Request, error: Qwen35Error):
+        return error_response(APIError(400, str(error)), request)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception):
+        # A bug, not the client's fault; the server keeps serving and says so plainly.
+        return error_response(APIError(500, f"Internal error: {type(error).__name__}: {error}"), request)

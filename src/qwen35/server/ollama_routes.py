@@ -1,0 +1,208 @@
+"""Ollama's native API: /api/chat and /api/generate (NDJSON streams), /api/tags, /api/show, /api/ps,
+/api/version. Requests become the same engine jobs as OpenAI's; only the wire format differs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from qwen35 import __version__
+from qwen35.server.app import ServerState, get_state
+from qwen35.server.constraints import constraint_for_ollama
+from qwen35.server.errors import APIError
+from qwen35.server.prompting import (check_model_name, make_job, prompt_ends_in_thinking, render_chat,
+                                     sampling_params, template_messages)
+from qwen35.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
+from qwen35.server.stream import ChatText, End, PlainText, generate
+
+router = APIRouter()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _sampling(state, options: OllamaOptions | None):
+    options = options or OllamaOptions()
+    max_tokens = options.num_predict if options.num_predict is not None and options.num_predict > 0 else None
+    sampling = sampling_params(state, {
+        "temperature": options.temperature, "top_p": options.top_p, "top_k": options.top_k,
+        "min_p": options.min_p, "presence_penalty": options.presence_penalty,
+        "frequency_penalty": options.frequency_penalty, "repetition_penalty": options.repeat_penalty,
+        "seed": options.seed})
+    return sampling, max_tokens, options.stop
+
+
+def _template_kwargs(think) -> dict:
+    return {} if think is None else {"enable_thinking": bool(think)}
+
+
+def _details(state: ServerState) -> dict:
+    config = state.model.config
+    return {"parent_model": "", "format": "gguf" if state.model_path.endswith(".gguf") else "safetensors",
+            "family": config.architecture, "families": [config.architecture],
+            "parameter_size": "", "quantization_level": ""}
+
+
+async def _ndjson(state, stream, started: float, shape) -> AsyncIterator[str]:
+    """One JSON object per line; `shape(text, thinking, tool_calls)` builds each line's payload."""
+    first_token_at = None
+    async for item in stream:
+        now = time.perf_counter()
+        if isinstance(item, End):
+            if item.error is not None:
+                yield json.dumps({"error": f"Generation failed: {item.error}"}) + "\n"
+                return
+            prompt_done = first_token_at or now
+            final = {**shape("", "", []), "done": True,
+                     "done_reason": "length" if item.finish_reason == "length" else "stop",
+                     "total_duration": int((now - started) * 1e9), "load_duration": 0,
+                     "prompt_eval_count": item.prompt_tokens,
+                     "prompt_eval_duration": int((prompt_done - started) * 1e9),
+                     "eval_count": item.completion_tokens, "eval_duration": int((now - prompt_done) * 1e9)}
+            yield json.dumps(final, ensure_ascii=False) + "\n"
+            return
+        first_token_at = first_token_at or now
+        calls = [{"function": {"name": call.name, "arguments": json.loads(call.arguments)}}
+                 for call in item.tool_calls]
+        if item.content or item.reasoning or calls:
+            yield json.dumps({**shape(item.content, item.reasoning, calls), "done": False}, ensure_ascii=False) + "\n"
+
+
+async def _folded(lines: AsyncIterator[str], text_key: str) -> dict:
+    """The non-streamed Ollama reply: every line merged into the last one."""
+    text, thinking, calls, last = [], [], [], {}
+    async for line in lines:
+        last = json.loads(line)
+        if "error" in last:
+            raise APIError(500, last["error"])
+        part = last.get("message", last)
+        text.append(part.get(text_key, "") or "")
+        thinking.append(part.get("thinking", "") or "")
+        calls.extend(part.get("tool_calls") or [])
+    target = last.get("message", last)
+    target[text_key] = "".join(text)
+    if any(thinking):
+        target["thinking"] = "".join(thinking)
+    if calls:
+        target["tool_calls"] = calls
+    return last
+
+
+def _respond(body, lines: AsyncIterator[str], text_key: str):
+    if body.stream:
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+    return _folded(lines, text_key)
+
+
+@router.post("/api/chat", summary="Ollama chat (NDJSON stream unless stream is false)")
+async def ollama_chat(body: OllamaChatRequest, request: Request):
+    state = get_state(request)
+    check_model_name(state, body.model)
+    started = time.perf_counter()
+    messages = []
+    for message in body.messages:
+        if message.images:
+            raise APIError(400, "This server does not accept images yet.", param="images")
+        converted = {"role": message.role, "content": message.content or ""}
+        if message.thinking:
+            converted["reasoning_content"] = message.thinking
+        if message.tool_calls:
+            converted["tool_calls"] = [{"function": call.function.model_dump()} for call in message.tool_calls]
+        messages.append(converted)
+    if not messages:  # Ollama answers an empty chat by loading the model
+        return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
+                "done": True, "done_reason": "load"}
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
+    prompt_text = render_chat(state, template_messages(messages), tools, _template_kwargs(body.think))
+    thinking = prompt_ends_in_thinking(prompt_text)
+    sampling, max_tokens, stop = _sampling(state, body.options)
+    job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                   parser=ChatText(tools=tools, thinking=thinking),
+                   constraint=constraint_for_ollama(state.tokenizer, state.vocab_size, body.format, thinking))
+    stream = generate(state.service, state.tokenizer, job.request, job.parser, job.stop_strings, request)
+
+    def shape(text, reasoning, calls):
+        message = {"role": "assistant", "content": text}
+        if reasoning:
+            message["thinking"] = reasoning
+        if calls:
+            message["tool_calls"] = calls
+        return {"model": body.model, "created_at": _now(), "message": message}
+
+    result = _respond(body, _ndjson(state, stream, started, shape), "content")
+    return result if body.stream else await result
+
+
+@router.post("/api/generate", summary="Ollama text generation (NDJSON stream unless stream is false)")
+async def ollama_generate(body: OllamaGenerateRequest, request: Request):
+    state = get_state(request)
+    check_model_name(state, body.model)
+    started = time.perf_counter()
+    if body.images:
+        raise APIError(400, "This server does not accept images yet.", param="images")
+    if not body.prompt:
+        return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
+    if body.raw:
+        prompt_text, parser, thinking = body.prompt, PlainText(), False
+    else:
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+                   [{"role": "user", "content": body.prompt}]
+        prompt_text = render_chat(state, messages, None, _template_kwargs(body.think))
+        thinking = prompt_ends_in_thinking(prompt_text)
+        parser = ChatText(thinking=thinking)
+    sampling, max_tokens, stop = _sampling(state, body.options)
+    job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop, parser=parser,
+                   constraint=constraint_for_ollama(state.tokenizer, state.vocab_size, body.format, thinking))
+    stream = generate(state.service, state.tokenizer, job.request, job.parser, job.stop_strings, request)
+
+    def shape(text, reasoning, calls):
+        payload = {"model": body.model, "created_at": _now(), "response": text}
+        if reasoning:
+            payload["thinking"] = reasoning
+        return payload
+
+    result = _respond(body, _ndjson(state, stream, started, shape), "response")
+    return result if body.stream else await result
+
+
+@router.get("/api/tags", summary="Ollama: models available")
+async def ollama_tags(request: Request):
+    state = get_state(request)
+    modified = datetime.fromtimestamp(state.started_at, timezone.utc).isoformat()
+    return {"models": [{"name": state.model_name, "model": state.model_name, "modified_at": modified,
+                        "size": state.model.nbytes(), "digest": "", "details": _details(state)}]}
+
+
+@router.get("/api/ps", summary="Ollama: models loaded")
+async def ollama_ps(request: Request):
+    state = get_state(request)
+    return {"models": [{"name": state.model_name, "model": state.model_name, "size": state.model.nbytes(),
+                        "digest": "", "details": _details(state), "expires_at": "9999-12-31T23:59:59Z",
+                        "size_vram": 0, "context_length": state.context_length}]}
+
+
+@router.post("/api/show", summary="Ollama: model details")
+async def ollama_show(body: OllamaShowRequest, request: Request):
+    state = get_state(request)
+    check_model_name(state, body.model or body.name or "")
+    config = state.model.config
+    info = {"general.architecture": config.architecture,
+            f"{config.architecture}.context_length": config.max_position_embeddings,
+            f"{config.architecture}.embedding_length": config.hidden_size,
+            f"{config.architecture}.block_count": config.num_layers}
+    parameters = "\n".join(f"{key} {value}" for key, value in state.generation_defaults.items())
+    return {"modelfile": f"FROM {state.model_path}\n", "parameters": parameters, "template": "",
+            "details": _details(state), "model_info": info,
+            "capabilities": ["completion", "tools", "thinking"],
+            "modified_at": datetime.fromtimestamp(state.started_at, timezone.utc).isoformat()}
+
+
+@router.get("/api/version", summary="Ollama: server version")
+async def ollama_version():
+    return {"version": __version__}

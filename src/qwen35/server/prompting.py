@@ -1,0 +1,132 @@
+"""From an API request to an engine job: the prompt's tokens, sampling, limits, the output parser.
+
+Both APIs (OpenAI and Ollama) end here, so context checks, sampling defaults and the thinking
+toggle behave the same whichever a client speaks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from qwen35.engine.sampler import SamplingParams
+from qwen35.engine.service import GenerationRequest
+from qwen35.server.errors import APIError
+from qwen35.server.stream import OutputParser, PlainText
+
+# A prompt-length check happens before any work; a prompt longer than this many characters is
+# refused before tokenizing, so a huge body cannot keep the tokenizer busy.
+_CHARS_PER_TOKEN_BOUND = 16
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    parser: OutputParser
+    stop_strings: list[str]
+    prompt_text: str
+
+
+def check_model_name(state, name: str) -> None:
+    if name not in state.model_names:
+        raise APIError(404, f"The model '{name}' does not exist; this server serves '{state.model_name}'.",
+                       param="model", code="model_not_found")
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI-shaped messages as the chat template reads them (tool-call arguments as dicts)."""
+    rendered = []
+    for index, message in enumerate(messages):
+        message = dict(message)
+        if message.get("role") == "developer":
+            message["role"] = "system"
+        calls = []
+        for call in message.get("tool_calls") or []:
+            function = dict(call.get("function") or {})
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):
+                try:
+                    arguments = json.loads(arguments) if arguments.strip() else {}
+                except json.JSONDecodeError:
+                    raise APIError(400, f"messages[{index}]: tool call arguments are not valid JSON.",
+                                   param=f"messages.{index}.tool_calls") from None
+            if not isinstance(arguments, dict):
+                raise APIError(400, f"messages[{index}]: tool call arguments must be a JSON object.",
+                               param=f"messages.{index}.tool_calls")
+            function["arguments"] = arguments
+            calls.append({**call, "function": function})
+        if calls:
+            message["tool_calls"] = calls
+        rendered.append({key: value for key, value in message.items() if value is not None})
+    return rendered
+
+
+def render_chat(state, messages, tools=None, template_kwargs=None) -> str:
+    try:
+        return state.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                                   **(template_kwargs or {}))
+    except APIError:
+        raise
+    except Exception as error:  # the template's raise_exception() and bad message shapes
+        raise APIError(400, f"The conversation cannot be rendered with the chat template: {error}",
+                       param="messages") from None
+
+
+def sampling_params(state, options: dict[str, Any]) -> SamplingParams:
+    return SamplingParams.from_options(state.generation_defaults, **{k: v for k, v in options.items()
+                                                                    if v is not None})
+
+
+def make_job(state, prompt_text: str, *, max_tokens: int | None, sampling: SamplingParams, stop,
+             parser: OutputParser | None = None, top_logprobs: int | None = None, constraint=None,
+             prompt_ids: list[int] | None = None) -> Job:
+    limit = state.context_length
+    if prompt_ids is None:
+        if len(prompt_text) > limit * _CHARS_PER_TOKEN_BOUND:
+            raise APIError(400, f"The prompt is {len(prompt_text)} characters long, far more than this server's "
+                                f"context of {limit} tokens holds.", param="messages", code="context_length_exceeded")
+        prompt_ids = state.tokenizer.encode(prompt_text)
+    if not prompt_ids:
+        raise APIError(400, "The prompt is empty.", param="prompt")
+    vocab = state.vocab_size
+    if any(not 0 <= token_id < vocab for token_id in prompt_ids):
+        raise APIError(400, f"The prompt holds token ids outside the vocabulary (0..{vocab - 1}).", param="prompt")
+    prompt_tokens = len(prompt_ids)
+    if prompt_tokens >= limit:
+        raise APIError(400, f"This server's context is {limit} tokens, but the prompt has {prompt_tokens} tokens. "
+                            f"Shorten the prompt or restart the server with a larger -c.",
+                       param="messages", code="context_length_exceeded")
+    if max_tokens is not None and prompt_tokens + max_tokens > limit:
+        raise APIError(400, f"This server's context is {limit} tokens, but {prompt_tokens + max_tokens} were "
+                            f"requested ({prompt_tokens} in the prompt, {max_tokens} for the completion). "
+                            f"Lower max_tokens to at most {limit - prompt_tokens}.",
+                       param="max_tokens", code="context_length_exceeded")
+    stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not text for text in stop_strings):
+        raise APIError(400, "Stop strings must not be empty.", param="stop")
+    request = GenerationRequest(
+        prompt_ids=prompt_ids,
+        sampling=sampling,
+        max_new_tokens=max_tokens if max_tokens is not None else limit - prompt_tokens,
+        stop_token_ids=frozenset(sampling.stop_token_ids),
+        top_logprobs=top_logprobs,
+        constraint=constraint,
+        snapshot_points=turn_boundaries(state.tokenizer, prompt_ids),
+    )
+    return Job(request, parser or PlainText(), stop_strings, prompt_text)
+
+
+def turn_boundaries(tokenizer, prompt_ids: list[int], keep: int = 2) -> tuple[int, ...]:
+    """Positions just after the last `keep` rendered turns (`<|im_end|>` and its newline).
+
+    A later request that repeats this conversation and adds to it starts with exactly these tokens,
+    whatever the template appends for the new turn, so they are where state snapshots pay off.
+    """
+    end_id = tokenizer.im_end_id
+    points = [index + 2 for index in range(len(prompt_ids) - 1) if prompt_ids[index] == end_id]
+    return tuple(point for point in points[-keep:] if point < len(prompt_ids))
+
+
+def prompt_ends_in_thinking(prompt_text: str) -> bool:
+    return prompt_text.rstrip().endswith("<think>")
