@@ -179,3 +179,5 @@ def test_bad_inputs(tiny, tmp_path):
         tiny["gguf"].encode(b"bytes")
     with pytest.raises(Qwen35Error, match="out of range"):
         tiny["gguf"].decode([-1])
+    with pytest.raises(Qwen35Error, match="must be integers"):
+        tiny["gguf"].stream_decoder().feed([1.5])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import operator
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,22 +48,6 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 
 # Tokens that end a chat turn in every Qwen release (llama.cpp counts them end-of-generation too).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
-
-# Names for the markup tokens the chat layer needs: attribute `<name>_id` on Tokenizer.
-NAMED_TOKENS = {
-    "im_start": "<|im_start|>",
-    "im_end": "<|im_end|>",
-    "end_of_text": "<|endoftext|>",
-    "think_start": "<think>",
-    "think_end": "</think>",
-    "tool_call_start": "<tool_call>",
-    "tool_call_end": "</tool_call>",
-    "vision_start": "<|vision_start|>",
-    "vision_end": "<|vision_end|>",
-    "image_pad": "<|image_pad|>",
-    "video_pad": "<|video_pad|>",
-}
-
 
 @lru_cache(maxsize=1)
 def _byte_level_decoder() -> dict[str, int]:
@@ -105,8 +90,18 @@ class Tokenizer:
         self._token_bytes: dict[int, bytes] = {}
         self._template = None
         self._template_source = chat_template
-        for name, text in NAMED_TOKENS.items():
-            setattr(self, f"{name}_id", self.token_to_id(text))
+        # The markup the chat layer looks for (None where the vocabulary lacks it).
+        self.im_start_id = self.token_to_id("<|im_start|>")
+        self.im_end_id = self.token_to_id("<|im_end|>")
+        self.end_of_text_id = self.token_to_id("<|endoftext|>")
+        self.think_start_id = self.token_to_id("<think>")
+        self.think_end_id = self.token_to_id("</think>")
+        self.tool_call_start_id = self.token_to_id("<tool_call>")
+        self.tool_call_end_id = self.token_to_id("</tool_call>")
+        self.vision_start_id = self.token_to_id("<|vision_start|>")
+        self.vision_end_id = self.token_to_id("<|vision_end|>")
+        self.image_pad_id = self.token_to_id("<|image_pad|>")
+        self.video_pad_id = self.token_to_id("<|video_pad|>")
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size})"
@@ -125,7 +120,7 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD. Ids past the
         vocabulary (an embedding padded beyond it) decode to nothing."""
-        return self.hf.decode(self._checked_ids(ids), skip_special_tokens=skip_special_tokens)
+        return self.hf.decode(_token_ids(ids), skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
@@ -189,14 +184,6 @@ class Tokenizer:
             self._plain_hf = plain
         return self._plain_hf
 
-    def _checked_ids(self, ids) -> list[int]:
-        checked = []
-        for token_id in ids:
-            value = int(token_id)
-            if not 0 <= value < 2**32:
-                raise Qwen35Error(f"token id {value} is out of range")
-            checked.append(value)
-        return checked
 
 
 class StreamDecoder:
@@ -217,7 +204,7 @@ class StreamDecoder:
         if isinstance(token_ids, (int, np.integer)):
             token_ids = [token_ids]
         pieces = []
-        for token_id in self.tokenizer._checked_ids(token_ids):
+        for token_id in _token_ids(token_ids):
             if self.skip_special_tokens and self.tokenizer.is_special(token_id):
                 continue
             pieces.append(self._utf8.decode(self.tokenizer.token_bytes(token_id)))
@@ -226,6 +213,20 @@ class StreamDecoder:
     def flush(self) -> str:
         """Whatever is held back at the end of generation (an incomplete character becomes U+FFFD)."""
         return self._utf8.decode(b"", final=True)
+
+
+def _token_ids(ids) -> list[int]:
+    """Plain ints from any sequence of integer ids (numpy, torch), range-checked."""
+    checked = []
+    for token_id in ids:
+        try:
+            value = operator.index(token_id)
+        except TypeError:
+            raise Qwen35Error(f"token ids must be integers, not {type(token_id).__name__}") from None
+        if not 0 <= value < 2**32:
+            raise Qwen35Error(f"token id {value} is out of range")
+        checked.append(value)
+    return checked
 
 
 # -- loading ---------------------------------------------------------------------------
