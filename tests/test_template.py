@@ -117,3 +117,27 @@ def test_rich_objects_reach_the_template_as_placeholders():
 
     template = ChatTemplate("{{ messages[0].content[0].image }}{{ messages[0].content[0].image.save }}")
     assert template.render([{"role": "user", "content": [{"type": "image", "image": Picture()}]}]) == "<Picture>"
+
+
+def test_where_templates_are_found(fixtures, tmp_path):
+    (tmp_path / "tokenizer.json").write_bytes((fixtures / "tiny" / "dense-hf" / "tokenizer.json").read_bytes())
+    named = [{"name": "default", "template": "D"}, {"name": "tool_use", "template": "T"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": named}))
+    messages = [{"role": "user", "content": "hi"}]
+    tokenizer = qwen35.load_tokenizer(tmp_path)
+    assert tokenizer.apply_chat_template(messages) == "D"
+    assert tokenizer.apply_chat_template(messages, tools=[]) == "T"
+    (tmp_path / "chat_template.jinja").write_text("J{{ messages | length }}")
+    assert qwen35.load_tokenizer(tmp_path).apply_chat_template(messages) == "J1"
+
+    from qwen35.chat.tokenizer import tokenizer_from_gguf_metadata
+
+    metadata = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": ["a", "b"],
+        "tokenizer.chat_template": "G",
+        "tokenizer.chat_template.tool_use": "GT",
+    }
+    gguf = tokenizer_from_gguf_metadata(metadata)
+    assert gguf.apply_chat_template(messages) == "G"
+    assert gguf.apply_chat_template(messages, tools=[{"name": "f"}]) == "GT"
