@@ -10,6 +10,7 @@ the vision tower as an mmproj file. Everything the planner counts starts here.
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -212,6 +213,11 @@ def _ffn_block(spec: ModelSpec, i: int, part: str) -> list[TensorSpec]:
 
 
 def text_tensors(spec: ModelSpec) -> list[TensorSpec]:
+    return list(_text_tensors(spec))
+
+
+@functools.lru_cache(maxsize=64)
+def _text_tensors(spec: ModelSpec) -> tuple[TensorSpec, ...]:
     h = spec.hidden
     tensors = [TensorSpec("token_embd.weight", (h, spec.vocab), TEXT), TensorSpec("output_norm.weight", (h,), TEXT)]
     if not spec.tied_embeddings:
@@ -221,10 +227,15 @@ def text_tensors(spec: ModelSpec) -> list[TensorSpec]:
         tensors.append(TensorSpec(f"blk.{i}.post_attention_norm.weight", (h,), TEXT, i))
         tensors += _attention_block(spec, i, TEXT) if spec.is_full_attention(i) else _deltanet_block(spec, i)
         tensors += _ffn_block(spec, i, TEXT)
-    return tensors
+    return tuple(tensors)
 
 
 def mtp_tensors(spec: ModelSpec) -> list[TensorSpec]:
+    return list(_mtp_tensors(spec))
+
+
+@functools.lru_cache(maxsize=64)
+def _mtp_tensors(spec: ModelSpec) -> tuple[TensorSpec, ...]:
     """The MTP layer(s) as llama.cpp writes them: blocks L.. with a full-attention block, FFN and nextn.*."""
     h = spec.hidden
     tensors = []
@@ -236,10 +247,15 @@ def mtp_tensors(spec: ModelSpec) -> list[TensorSpec]:
         tensors.append(TensorSpec(f"blk.{i}.nextn.eh_proj.weight", (2 * h, h), MTP, i))
         for norm in ("enorm", "hnorm", "shared_head_norm"):
             tensors.append(TensorSpec(f"blk.{i}.nextn.{norm}.weight", (h,), MTP, i))
-    return tensors
+    return tuple(tensors)
 
 
 def vision_tensors(spec: ModelSpec) -> list[TensorSpec]:
+    return list(_vision_tensors(spec))
+
+
+@functools.lru_cache(maxsize=64)
+def _vision_tensors(spec: ModelSpec) -> tuple[TensorSpec, ...]:
     """The vision tower and merger as an mmproj GGUF holds them."""
     v = spec.vision
     if v is None:
@@ -266,13 +282,14 @@ def vision_tensors(spec: ModelSpec) -> list[TensorSpec]:
         TensorSpec("mm.0.weight", (merged, merged), VISION), TensorSpec("mm.0.bias", (merged,), VISION),
         TensorSpec("mm.2.weight", (merged, spec.hidden), VISION), TensorSpec("mm.2.bias", (spec.hidden,), VISION),
     ]
-    return tensors
+    return tuple(tensors)
 
 
 def all_tensors(spec: ModelSpec) -> list[TensorSpec]:
     return text_tensors(spec) + mtp_tensors(spec) + vision_tensors(spec)
 
 
+@functools.lru_cache(maxsize=64)
 def parameter_counts(spec: ModelSpec) -> dict[str, float]:
     """Parameters by part, and the active count per token (routed experts at top-k / E)."""
     counts = {TEXT: 0, MTP: 0, VISION: 0}

@@ -68,6 +68,7 @@ CPU_MEMORY = {
 }
 CPU_TFLOPS = 1.0  # a desktop CPU's vector FP throughput, roughly
 DEFAULT_CPU_MEMORY = "ddr4-3200"
+EXTRA_GPU_BYTES = 768 * 1024**2  # CUDA context and compute buffer of each GPU after the first
 
 
 @dataclass(frozen=True)
@@ -216,9 +217,12 @@ def build_hardware(
         per_gpu = vram_gb if vram_gb is not None else device.memory_gib
         device = replace(device, memory_gib=per_gpu)
         label = f"{n}x {device.name}" if n > 1 else device.name
+        # llama.cpp splits layers across GPUs and runs them one after another: bandwidth and
+        # FLOPS per token stay those of one card, and every extra card needs its own context and buffers.
+        fast = int(per_gpu * GiB * n - (n - 1) * EXTRA_GPU_BYTES)
         return Hardware(
-            description=label, kind="gpu", gpu=device, n_gpus=n, fast_bytes=int(per_gpu * GiB * n),
-            bandwidth_gbs=device.bandwidth_gbs, tflops=device.tflops * n, speed_class=device.speed_class,
+            description=label, kind="gpu", gpu=device, n_gpus=n, fast_bytes=fast,
+            bandwidth_gbs=device.bandwidth_gbs, tflops=device.tflops, speed_class=device.speed_class,
             source=source, notes=tuple(notes), **base,
         )
     if not ram_bytes:

@@ -128,8 +128,10 @@ def _category(name: str) -> str:
 
 
 def _layer_of(name: str) -> int:
-    match = re.match(r"blk\.(\d+)\.", name)
-    return int(match.group(1)) if match else -1
+    if not name.startswith("blk."):
+        return -1
+    index = name[4:name.find(".", 4)]
+    return int(index) if index.isdigit() else -1
 
 
 def quantizer_order(names) -> list[str]:
