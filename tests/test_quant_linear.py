@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from qwen35.errors import FormatError, Qwen35Error
@@ -164,7 +164,7 @@ def test_fast_mode_uses_registered_kernel_and_falls_back(monkeypatch):
     assert layer.mode == "fast"
     assert_close_fp32(layer(x), x @ weight.t())  # no F32 kernel registered: reference path
     monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
-    quant_linear.register_fast_kernel(T.F32, lambda blocks, x, in_features: torch.zeros(x.shape[0], 8))
+    quant_linear.register_fast_kernel(T.F32, lambda blocks, type_id, x, in_features: torch.zeros(x.shape[0], 8))
     assert torch.equal(layer(x), torch.zeros(2, 8))
     with pytest.raises(Qwen35Error, match="unknown kernel mode"):
         set_mode(layer, "turbo")
@@ -186,3 +186,105 @@ def test_bad_inputs_raise_clear_errors():
         experts(torch.zeros(3, 8), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="in_features"):
         QuantLinear.from_dense(torch.zeros(2, 4))(torch.zeros(1, 5))
+
+
+# ---------------------------------------------------------------- fast CPU kernels vs the reference
+
+FAST_TYPE_FILES = {T.Q4_K: "dense-Q4_K_M.gguf", T.Q6_K: "dense-Q4_K_M.gguf", T.Q8_0: "dense-Q8_0.gguf"}
+
+
+@pytest.fixture(scope="module")
+def fast_cpu():
+    from qwen35.kernels import fast_cpu
+
+    if not fast_cpu.available():
+        pytest.skip("fast CPU kernels need AVX-512 VNNI + BF16 and a C++ compiler")
+    return fast_cpu
+
+
+def fast_type_weights(fixtures):
+    """(type, blocks [out, row_bytes], gguf-py fp32 weight) for the largest fixture matrix of each fast type."""
+    for type_id, file_name in FAST_TYPE_FILES.items():
+        with GGUFModel(fixtures / "tiny" / file_name) as model:
+            name = max(matrices(model, {type_id}), key=lambda n: model.tensors[n].nbytes)
+            info = model.tensors[name]
+            raw = model.tensor_data(name)
+            layer = QuantLinear(raw, type_id, *info.torch_shape)
+            yield type_id, layer.blocks, gguf_weight(raw, type_id, info.torch_shape)
+
+
+def int8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x rounded the way the gemv kernel quantizes it (llama.cpp's Q8_K/Q8_0 scheme), back in fp32."""
+    blocks = x.reshape(x.shape[0], -1, block)
+    scale = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inverse) * scale).reshape(x.shape)
+
+
+def relative_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((ours - expected).norm() / expected.norm())
+
+
+def test_fast_dequantize_matches_gguf_py(fixtures, fast_cpu):
+    for type_id, blocks, weight in fast_type_weights(fixtures):
+        in_features = weight.shape[1]
+        assert torch.equal(fast_cpu.dequantize_f32(blocks, type_id, in_features), weight), T(type_id).name
+        assert torch.equal(fast_cpu.dequantize_bf16(blocks, type_id, in_features), weight.bfloat16()), T(type_id).name
+
+
+def test_fast_dequantize_random_blocks_match_gguf_py(fast_cpu):
+    from test_dequant import random_blocks
+
+    rng = np.random.default_rng(11)
+    for type_id in (T.Q4_K, T.Q6_K, T.Q8_0):
+        raw = random_blocks(type_id, 8 * 1024 // GGML_QUANT_SIZES[type_id][0], rng)
+        blocks = torch.from_numpy(raw).reshape(8, -1)
+        weight = gguf_weight(raw, type_id, (8, 1024))
+        assert torch.equal(fast_cpu.dequantize_f32(blocks, type_id, 1024), weight), T(type_id).name
+
+
+def test_gemv_is_the_reference_with_int8_activations(fixtures, fast_cpu):
+    # Tolerance: the kernel is exact integer arithmetic on 8-bit activations, so against
+    # the same activations rounded in fp32 only summation order differs (1e-5); against
+    # the exact fp32 reference it carries the 8-bit activation error (about 1%).
+    rng = torch.Generator().manual_seed(2)
+    for type_id, blocks, weight in fast_type_weights(fixtures):
+        x = torch.randn(3, weight.shape[1], generator=rng)
+        ours = fast_cpu.gemv(blocks, type_id, x)
+        block = 32 if type_id == T.Q8_0 else 256
+        assert relative_error(ours, int8_activations(x, block) @ weight.t()) < 1e-5, T(type_id).name
+        assert relative_error(ours, x @ weight.t()) < 1.5e-2, T(type_id).name
+
+
+def test_tiled_bf16_matmul_agrees_with_reference(fixtures, fast_cpu, monkeypatch):
+    # bf16 rounding of x, the weights and the output: about 0.3% relative; allow 1%.
+    monkeypatch.setattr(fast_cpu, "TILE_BYTES", 64 * 1024)  # several tiles, a ragged last one
+    rng = torch.Generator().manual_seed(3)
+    for type_id, blocks, weight in fast_type_weights(fixtures):
+        x = torch.randn(9, weight.shape[1], generator=rng)
+        ours = fast_cpu.tiled_bf16_matmul(blocks, type_id, x, weight.shape[1])
+        assert ours.dtype == torch.float32
+        assert relative_error(ours, x @ weight.t()) < 1e-2, T(type_id).name
+
+
+def test_fast_mode_layers_agree_with_reference(moe_q4_k_m, fast_cpu, monkeypatch):
+    monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
+    assert fast_cpu.install()
+    rng = torch.Generator().manual_seed(4)
+    info = moe_q4_k_m.tensors["blk.0.ffn_down_exps.weight"]
+    experts = QuantExperts(moe_q4_k_m.tensor_data(info.name), info.type_id, *info.torch_shape)
+    # Few rows per expert (gemv), then 16 rows for one expert (bf16 tiles).
+    for ids in (torch.tensor([[1, 4], [4, 9], [0, 1]]), torch.tensor([[2, 5]] * 16)):
+        x = torch.randn(*ids.shape, info.torch_shape[2], generator=rng)
+        set_mode(experts, "reference")
+        expected = experts(x, ids)
+        set_mode(experts, "fast")
+        assert relative_error(experts(x, ids), expected) < 1.5e-2
+    info = moe_q4_k_m.tensors["output.weight"]
+    layer = QuantLinear(moe_q4_k_m.tensor_data(info.name), info.type_id, *info.torch_shape)
+    for rows in (1, 16):
+        x = torch.randn(rows, info.torch_shape[1], generator=rng)
+        set_mode(layer, "reference")
+        expected = layer(x)
+        set_mode(layer, "fast")
+        assert relative_error(layer(x), expected) < 1.5e-2

@@ -39,8 +39,8 @@ _DENSE_TYPES = {
 }
 
 # A fast kernel computes x @ W^T from the raw blocks:
-#   kernel(blocks [out, row_bytes] uint8, x [M, in] float32, in_features) -> [M, out] float32
-FastKernel = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+#   kernel(blocks [out, row_bytes] uint8, type_id, x [M, in] float32, in_features) -> [M, out] float32
+FastKernel = Callable[[torch.Tensor, int, torch.Tensor, int], torch.Tensor]
 _FAST_KERNELS: dict[int, FastKernel] = {}
 
 
@@ -134,7 +134,7 @@ class QuantLinear(torch.nn.Module):
         flat = _as_float32(x.reshape(-1, self.in_features))
         kernel = fast_kernel_for(self.type_id) if self.mode == "fast" else None
         if kernel is not None:
-            out = kernel(self.blocks, flat, self.in_features)
+            out = kernel(self.blocks, self.type_id, flat, self.in_features)
         else:
             out = reference_matmul(self.blocks, self.type_id, flat, self.in_features)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -203,7 +203,7 @@ class QuantExperts(torch.nn.Module):
         """x [M, in] float32 @ W_expert^T -> [M, out] float32."""
         kernel = fast_kernel_for(self.type_id) if self.mode == "fast" else None
         if kernel is not None:
-            return kernel(self.blocks[expert], x, self.in_features)
+            return kernel(self.blocks[expert], self.type_id, x, self.in_features)
         return x @ self.dequantized_expert(expert).t()
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""Throughput of the quantized matmul paths on this CPU.
+
+Decode (M=1): weight bytes streamed per second (GB/s) for the reference path
+(dequantize + fp32 matmul), the fast gemv, and a dense fp32 / bf16 torch matmul
+for scale. Prefill (M rows): GFLOP/s of reference vs bf16 tiles. Weights are
+spread over enough matrices (> L3) that decode numbers are memory-bound, as in a
+real model.
+
+    .venv/bin/python benchmarks/kernels_fast_cpu.py [--threads 2] [--total-mib 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from qwen35.kernels import fast_cpu
+from qwen35.kernels.quant_linear import reference_matmul
+
+T = GGMLQuantizationType
+F16_FIELDS = {T.Q4_K: (0, 2), T.Q6_K: (208,), T.Q8_0: (0,)}
+
+
+def random_weight(type_id: T, out_features: int, in_features: int, rng: np.random.Generator) -> torch.Tensor:
+    block_size, type_size = GGML_QUANT_SIZES[type_id]
+    n_blocks = out_features * in_features // block_size
+    blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
+    for offset in F16_FIELDS[type_id]:
+        scale = (rng.random(n_blocks) * 1e-3).astype(np.float16)
+        blocks[:, offset : offset + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return torch.from_numpy(blocks.reshape(out_features, -1))
+
+
+def timed(fn, weights, repeats: int) -> float:
+    """Seconds per call, cycling through `weights` so each call streams a cold matrix."""
+    for w in weights[:2]:
+        fn(w)
+    start = time.perf_counter()
+    for i in range(repeats):
+        fn(weights[i % len(weights)])
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=int, default=4096)
+    parser.add_argument("--in", dest="in_features", type=int, default=2048)
+    parser.add_argument("--total-mib", type=int, default=256, help="weight bytes to cycle through (beat the caches)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not fast_cpu.available():
+        raise SystemExit("fast CPU kernels are not available here")
+    rng = np.random.default_rng(0)
+    n, k = args.out, args.in_features
+    print(f"W [{n}, {k}], {args.threads} threads, {torch.__version__}")
+
+    dense = [torch.randn(n, k) for _ in range(max(2, args.total_mib * 2**20 // (n * k * 4)))]
+    seconds = timed(lambda w: torch.randn(1, k) @ w.t(), dense, 20)
+    print(f"dense fp32 torch   M=1: {n * k * 4 / seconds / 1e9:6.1f} GB/s")
+    dense_bf16 = [w.bfloat16() for w in dense[: max(2, len(dense) // 2)]]
+    seconds = timed(lambda w: torch.randn(1, k).bfloat16() @ w.t(), dense_bf16, 20)
+    print(f"dense bf16 torch   M=1: {n * k * 2 / seconds / 1e9:6.1f} GB/s")
+    del dense, dense_bf16
+
+    for type_id in (T.Q4_K, T.Q6_K, T.Q8_0):
+        one = random_weight(type_id, n, k, rng)
+        count = max(2, args.total_mib * 2**20 // one.numel())
+        weights = [one] + [random_weight(type_id, n, k, rng) for _ in range(count - 1)]
+        nbytes = one.numel()
+        x1 = torch.randn(1, k)
+        ref = timed(lambda w: reference_matmul(w, type_id, x1, k), weights, 4)
+        fast = timed(lambda w: fast_cpu.gemv(w, type_id, x1), weights, 40)
+        deq = timed(lambda w: fast_cpu.dequantize_bf16(w, type_id, k), weights, 10)
+        print(
+            f"{type_id.name:5s} M=1: reference {nbytes / ref / 1e9:5.2f} GB/s, gemv {nbytes / fast / 1e9:5.1f} GB/s "
+            f"({ref / fast:4.0f}x); dequantize_bf16 {n * k / deq / 1e9:4.2f} Gvalues/s"
+        )
+        for m in (2, 4, 8, 32, 128, 512):
+            x = torch.randn(m, k)
+            flops = 2 * m * n * k
+            reps = 2 if m >= 128 else 6
+            fast_gemv = timed(lambda w: fast_cpu.gemv(w, type_id, x), weights, reps)
+            tiled = timed(lambda w: fast_cpu.tiled_bf16_matmul(w, type_id, x, k), weights, reps)
+            line = f"      M={m:<3d}: gemv {flops / fast_gemv / 1e9:6.1f} GFLOP/s, bf16 tiles {flops / tiled / 1e9:6.1f}"
+            if m in (32, 512):
+                ref = timed(lambda w: reference_matmul(w, type_id, x, k), weights, 2)
+                line += f", reference {flops / ref / 1e9:6.1f}"
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

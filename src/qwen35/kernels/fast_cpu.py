@@ -1,0 +1,147 @@
+"""Fast CPU matmuls straight from GGUF blocks (AVX-512 VNNI / BF16), for Q4_K, Q6_K and Q8_0.
+
+Two regimes, picked by the number of input rows M:
+- decode (M <= GEMV_MAX_ROWS): `gemv` reads the blocks directly. x is quantized to
+  int8 per row (per 256 values for K-quants, per 32 for Q8_0) as llama.cpp does,
+  and the dot products run as uint8 x int8 -> int32 (vpdpbusd). Error: that of
+  8-bit activations, like llama.cpp's own CPU path.
+- prefill (more rows): a tile of weight rows at a time is dequantized to bf16
+  and multiplied with torch's bf16 matmul (fp32 accumulation, bf16 result).
+
+The kernels live in csrc/ggml_cpu.cpp, compiled by torch.utils.cpp_extension at
+first use and cached (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+On a CPU without AVX-512 VNNI+BF16, or if the build fails, `available()` is
+False and `install()` registers nothing, so QuantLinear keeps its reference path.
+
+The plain reference for every kernel here is `dequant.dequantize` followed by an
+fp32 matmul; tests/test_fast_cpu.py pins them together.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+from gguf import GGMLQuantizationType
+
+from qwen35.kernels import quant_linear
+
+log = logging.getLogger(__name__)
+
+FAST_TYPES = frozenset(int(t) for t in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q8_0))
+GEMV_MAX_ROWS = 4
+# Weight bytes (as bf16) dequantized per prefill tile: about a core's L2.
+TILE_BYTES = 1 << 20
+
+_SOURCE = Path(__file__).parent / "csrc" / "ggml_cpu.cpp"
+_REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+_COMPILE_FLAGS = [
+    "-O3",
+    "-mavx2",
+    "-mfma",
+    "-mf16c",
+    "-mavx512f",
+    "-mavx512bw",
+    "-mavx512vl",
+    "-mavx512dq",
+    "-mavx512vnni",
+    "-mavx512bf16",
+    "-ffp-contract=off",  # keeps dequantize_f32 bit-equal to the reference
+]
+
+
+def cpu_supported() -> bool:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return all(flag in flags for flag in _REQUIRED_CPU_FLAGS)
+
+
+@functools.cache
+def _ops():
+    """Build (or load the cached build of) the extension; None when it cannot be used here."""
+    if os.environ.get("QWEN35_NO_FAST_KERNELS") or not cpu_supported():
+        return None
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.load(
+            name="qwen35_ggml_cpu",
+            sources=[str(_SOURCE)],
+            extra_cflags=_COMPILE_FLAGS,
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # a missing compiler must not stop the engine
+        log.warning("fast CPU kernels unavailable, using the reference path: %s", error)
+        return None
+    return torch.ops.qwen35_ggml
+
+
+def available() -> bool:
+    return _ops() is not None
+
+
+def _require():
+    ops = _ops()
+    if ops is None:
+        raise RuntimeError("fast CPU kernels are not available on this machine")
+    return ops
+
+
+def gemv(blocks: torch.Tensor, type_id: int, x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W^T with W given as blocks [N, row_bytes]; int8 activations. -> [M, N] float32."""
+    return _require().gemv(blocks, int(type_id), x)
+
+
+def dequantize_bf16(blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor:
+    """Blocks [N, row_bytes] -> bf16 [N, in_features] (each value rounded once from the exact fp32)."""
+    return _require().dequantize_bf16(blocks, int(type_id), int(in_features))
+
+
+def dequantize_f32(blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor:
+    """Blocks [N, row_bytes] -> fp32 [N, in_features], bit-equal to dequant.dequantize."""
+    return _require().dequantize_f32(blocks, int(type_id), int(in_features))
+
+
+def tiled_bf16_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [M, K] @ W^T, dequantizing W to bf16 one tile of rows at a time. -> [M, N] float32."""
+    out_features = blocks.shape[0]
+    x_bf16 = x.to(torch.bfloat16)
+    tile = max(16, TILE_BYTES // (2 * in_features))
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    for start in range(0, out_features, tile):
+        stop = min(start + tile, out_features)
+        weight = dequantize_bf16(blocks[start:stop], type_id, in_features)
+        out[:, start:stop] = x_bf16 @ weight.t()
+    return out
+
+
+def matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The "fast" QuantLinear kernel: gemv for a few rows, bf16 tiles for many."""
+    if not blocks.is_contiguous():
+        blocks = blocks.contiguous()
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return gemv(blocks, type_id, x)
+    return tiled_bf16_matmul(blocks, type_id, x, in_features)
+
+
+def install() -> bool:
+    """Register `matmul` as the "fast" mode kernel of QuantLinear/QuantExperts for FAST_TYPES.
+
+    Returns False (and registers nothing) where the kernels cannot run.
+    """
+    if not available():
+        return False
+    for type_id in FAST_TYPES:
+        quant_linear.register_fast_kernel(type_id, matmul)
+    return True
