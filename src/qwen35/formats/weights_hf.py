@@ -5,6 +5,11 @@ under `model.language_model.` (and the vision tower under `model.visual.`, which
 we skip); `*ForCausalLM` keeps it under `model.`. `lm_head` and the MTP block
 (`mtp.*`) sit at the top level in both.
 
+MoE experts come in two declared layouts: fused 3-D tensors (`experts.gate_up_proj`
+[E, 2I, H], gate rows first, and `experts.down_proj` [E, H, I], as transformers
+holds them in memory) or one tensor per expert (`experts.{e}.gate_proj.weight`
+..., as released checkpoints and transformers' save_pretrained write them).
+
 HF stores norms zero-centred (the network multiplies by 1 + w), `A_log` instead of
 the decay rate -exp(A_log), the conv weight as [C, 1, K], and MoE experts fused
 (`gate_up_proj` [E, 2I, H], gate rows first). Each rule below says which source
@@ -71,17 +76,31 @@ RULES = [
 ]
 
 
+PER_EXPERT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
 @dataclass(frozen=True)
 class Source:
     name: str
     shape: tuple[int, ...]
     transform: Callable | None
+    stacked: tuple[str, ...] = ()  # per-expert tensors (each of `shape`) stacked into one [E, ...]
 
 
-def source_for(canonical: str, shape: tuple[int, ...], prefix: str, tied: bool) -> Source:
-    """Where a canonical weight lives in an HF checkpoint with the given layout prefix."""
+def source_for(canonical: str, shape: tuple[int, ...], prefix: str, tied: bool, has=lambda name: True) -> Source:
+    """Where a canonical weight lives in an HF checkpoint with the given layout prefix.
+
+    `has(name)` tells the fused expert layout from the per-expert one.
+    """
     if canonical == "lm_head":
         return Source(prefix + "embed_tokens.weight" if tied else "lm_head.weight", shape, None)
+    expert = re.fullmatch(r"(.*)\.experts\.(gate|up|down)", canonical)
+    if expert is not None:
+        base = expert[1] if expert[1].startswith("mtp.") else prefix + expert[1]
+        first = f"{base}.experts.0.{PER_EXPERT_NAMES[expert[2]]}.weight"
+        if has(first):
+            names = tuple(f"{base}.experts.{e}.{PER_EXPERT_NAMES[expert[2]]}.weight" for e in range(shape[0]))
+            return Source(names[0], tuple(shape[1:]), None, stacked=names)
     for rule in RULES:
         if re.match(rule.pattern, canonical):
             name = re.sub(rule.pattern, rule.source, canonical)
@@ -137,26 +156,32 @@ class HFCheckpoint:
         return list(self._files)
 
     def check(self, source: Source) -> None:
-        """Presence, dtype and shape, from the header alone (nothing is read or allocated)."""
-        if source.name not in self._files:
-            raise FormatError(f"{self.path}: tensor {source.name} is missing")
-        tensor_slice = self._open(self._files[source.name]).get_slice(source.name)
-        dtype = tensor_slice.get_dtype()
-        if dtype not in SUPPORTED_DTYPES:
-            raise FormatError(f"{self.path}: tensor {source.name} has dtype {dtype} (bf16, f16 and f32 are supported)")
-        shape = tuple(tensor_slice.get_shape())
-        if shape != source.shape:
-            raise FormatError(f"{self.path}: tensor {source.name} has shape {list(shape)}, expected {list(source.shape)}")
+        """Presence, dtype and shape, from the headers alone (nothing is read or allocated)."""
+        for name in source.stacked or (source.name,):
+            if name not in self._files:
+                raise FormatError(f"{self.path}: tensor {name} is missing")
+            tensor_slice = self._open(self._files[name]).get_slice(name)
+            dtype = tensor_slice.get_dtype()
+            if dtype not in SUPPORTED_DTYPES:
+                raise FormatError(f"{self.path}: tensor {name} has dtype {dtype} (bf16, f16 and f32 are supported)")
+            shape = tuple(tensor_slice.get_shape())
+            if shape != source.shape:
+                raise FormatError(f"{self.path}: tensor {name} has shape {list(shape)}, expected {list(source.shape)}")
 
     def load(self, source: Source, dtype: torch.dtype) -> torch.Tensor:
         self.check(source)
-        try:
-            tensor = self._open(self._files[source.name]).get_tensor(source.name)
-        except Exception as error:
-            raise FormatError(f"{self.path}: cannot read tensor {source.name} ({error})") from None
+        if source.stacked:
+            return torch.stack([self._read(name).to(dtype) for name in source.stacked])
+        tensor = self._read(source.name)
         if source.transform is not None:
             tensor = source.transform(tensor)
         return tensor.to(dtype).contiguous()
+
+    def _read(self, name: str) -> torch.Tensor:
+        try:
+            return self._open(self._files[name]).get_tensor(name)
+        except Exception as error:
+            raise FormatError(f"{self.path}: cannot read tensor {name} ({error})") from None
 
 
 def _layout_prefix(config: dict, path: Path) -> str:

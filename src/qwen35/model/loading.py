@@ -126,7 +126,9 @@ def _load_hf(path: Path, precision: str) -> Model:
 def _hf_weights(checkpoint, config, specs: dict[str, WeightSpec]) -> dict:
     sources = {}
     for canonical, spec in specs.items():
-        source = weights_hf.source_for(canonical, spec.shape, checkpoint.prefix, config.tie_word_embeddings)
+        source = weights_hf.source_for(
+            canonical, spec.shape, checkpoint.prefix, config.tie_word_embeddings, has=checkpoint.has
+        )
         checkpoint.check(source)
         sources[canonical] = source
 

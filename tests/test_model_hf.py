@@ -1,0 +1,100 @@
+"""HF checkpoints in reference precision vs transformers (the reference implementation) itself."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import qwen35
+
+transformers = pytest.importorskip("transformers")
+
+TOLERANCE = 2e-3
+ROPE = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1], "mrope_interleaved": True}
+TEXT = dict(
+    vocab_size=320, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+    linear_value_head_dim=24, rope_parameters=ROPE, tie_word_embeddings=False,
+)
+MOE = dict(moe_intermediate_size=48, shared_expert_intermediate_size=40, num_experts=8, num_experts_per_tok=3)
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+              num_position_embeddings=16, patch_size=16, spatial_merge_size=2, temporal_patch_size=2)
+
+
+def randomize(model, seed=0):
+    """Every weight random (norms too, so a missing +1 or sign shows), the router sharpened."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            scale = 0.5 if name.endswith("mlp.gate.weight") else 0.1 if parameter.dim() == 1 else 0.08
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
+def save_and_compare(model, tmp_path, dtype, token_ids, tied=False):
+    model = randomize(model).to(dtype)
+    if tied:
+        model.tie_weights()
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    # transformers on the saved checkpoint in fp32 (a fresh load: `.to(dtype)` also rounds RoPE buffers).
+    reference = type(model).from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = reference(torch.tensor([token_ids])).logits[0].numpy()
+    ours = qwen35.load_model(tmp_path, precision="reference")
+    logits = ours.logits(token_ids)
+    assert logits.shape == expected.shape
+    assert np.abs(logits - expected).max() <= TOLERANCE
+    return ours
+
+
+def test_fixture_checkpoint_matches_transformers_logits(fixtures):
+    model = qwen35.load_model(fixtures / "tiny" / "dense-hf", precision="reference")
+    sequences = json.loads((fixtures / "ref" / "dense.json").read_text())["sequences"]
+    for prompt in ("text", "chat_think"):
+        expected = np.load(fixtures / "ref" / f"dense.{prompt}.transformers.logits.npy")
+        logits = model.logits(sequences[prompt]["ids"])
+        assert logits.shape == expected.shape
+        assert np.abs(logits - expected).max() <= TOLERANCE, prompt
+    assert model.network.mtp_weights, "the checkpoint's mtp.* weights are loaded"
+    assert model.config.eos_token_ids == (4098,)
+
+
+def test_moe_conditional_generation_layout_bf16(tmp_path):
+    config = transformers.Qwen3_5MoeConfig(text_config={**TEXT, **MOE}, vision_config=VISION)
+    model = transformers.Qwen3_5MoeForConditionalGeneration(config)
+    ours = save_and_compare(model, tmp_path, torch.bfloat16, list(range(3, 140)))
+    assert ours.config.is_moe and ours.config.num_experts == 8
+
+
+def test_moe_causal_lm_layout_f32(tmp_path):
+    model = transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(**TEXT, **MOE))
+    save_and_compare(model, tmp_path, torch.float32, [5, 9, 300, 2, 77, 1, 64, 65] * 9)
+
+
+def test_dense_causal_lm_tied_embeddings_f16(tmp_path):
+    config = transformers.Qwen3_5TextConfig(**{**TEXT, "tie_word_embeddings": True}, intermediate_size=96)
+    model = transformers.Qwen3_5ForCausalLM(config)
+    ours = save_and_compare(model, tmp_path, torch.float16, list(range(100, 170)), tied=True)
+    assert ours.config.tie_word_embeddings
+    assert ours.network.lm_head is ours.network.embed_tokens
+
+
+def test_moe_fused_expert_tensors(tmp_path):
+    """Checkpoints holding transformers' in-memory layout: fused experts.gate_up_proj / down_proj."""
+    from safetensors.torch import save_file
+
+    model = randomize(transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(**TEXT, **MOE)))
+    model.save_pretrained(tmp_path)
+    for shard in tmp_path.glob("*.safetensors"):
+        shard.unlink()
+    (tmp_path / "model.safetensors.index.json").unlink(missing_ok=True)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    save_file(state, str(tmp_path / "model.safetensors"))
+    token_ids = list(range(7, 90))
+    with torch.no_grad():
+        expected = model.eval()(torch.tensor([token_ids])).logits[0].numpy()
+    logits = qwen35.load_model(tmp_path, precision="reference").logits(token_ids)
+    assert np.abs(logits - expected).max() <= TOLERANCE
