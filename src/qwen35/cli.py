@@ -16,6 +16,7 @@ from qwen35.errors import Qwen35Error
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "plan": ("qwen35.plan.command", "which model, quant and context fit this machine, and how fast"),
+    "bench": ("qwen35.bench", "prefill and decode speed, comparable with llama-bench"),
     "serve": ("qwen35.server.command", "serve a model over HTTP: OpenAI- and Ollama-compatible APIs"),
 }
 
