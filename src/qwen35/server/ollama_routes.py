@@ -12,10 +12,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from qwen35 import __version__
+from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_ollama
 from qwen35.server.errors import APIError
-from qwen35.server.prompting import (check_model_name, make_job, prompt_ends_in_thinking, render_chat,
+from qwen35.server.prompting import (check_model_name, make_job, render_chat,
                                      sampling_params, template_messages)
 from qwen35.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from qwen35.server.stream import ChatText, End, PlainText, generate
@@ -120,7 +121,7 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
                 "done": True, "done_reason": "load"}
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
     prompt_text = render_chat(state, template_messages(messages), tools, _template_kwargs(body.think))
-    thinking = prompt_ends_in_thinking(prompt_text)
+    thinking = prompt_ends_in_reasoning(prompt_text)
     sampling, max_tokens, stop = _sampling(state, body.options)
     job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop,
                    parser=ChatText(tools=tools, thinking=thinking),
@@ -154,7 +155,7 @@ async def ollama_generate(body: OllamaGenerateRequest, request: Request):
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
                    [{"role": "user", "content": body.prompt}]
         prompt_text = render_chat(state, messages, None, _template_kwargs(body.think))
-        thinking = prompt_ends_in_thinking(prompt_text)
+        thinking = prompt_ends_in_reasoning(prompt_text)
         parser = ChatText(thinking=thinking)
     sampling, max_tokens, stop = _sampling(state, body.options)
     job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop, parser=parser,

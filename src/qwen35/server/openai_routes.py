@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_chat
 from qwen35.server.errors import APIError, error_body
-from qwen35.server.prompting import (check_model_name, make_job, prompt_ends_in_thinking, render_chat,
+from qwen35.server.prompting import (check_model_name, make_job, render_chat,
                                      sampling_params, template_messages)
 from qwen35.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwen35.server.stream import ChatText, Delta, End, Folded, fold, generate
@@ -103,7 +104,7 @@ def start_chat(state: ServerState, body: ChatCompletionRequest, request: Request
                        param="messages", code="images_unsupported")
     tools, forced_function = _chat_tools(body)
     prompt_text = render_chat(state, messages, tools, body.chat_template_kwargs)
-    thinking = prompt_ends_in_thinking(prompt_text)
+    thinking = prompt_ends_in_reasoning(prompt_text)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     constraint = constraint_for_chat(state.tokenizer, state.vocab_size, body.response_format, forced_function,
                                      thinking)

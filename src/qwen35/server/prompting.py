@@ -126,7 +126,3 @@ def turn_boundaries(tokenizer, prompt_ids: list[int], keep: int = 2) -> tuple[in
     end_id = tokenizer.im_end_id
     points = [index + 2 for index in range(len(prompt_ids) - 1) if prompt_ids[index] == end_id]
     return tuple(point for point in points[-keep:] if point < len(prompt_ids))
-
-
-def prompt_ends_in_thinking(prompt_text: str) -> bool:
-    return prompt_text.rstrip().endswith("<think>")

@@ -1,0 +1,126 @@
+"""`qwen35 serve` over the real tiny fixture model (dense-hf): every reply must equal what the
+generation loop (`qwen35.engine.generate`, the one-request path) produces for the same prompt,
+parsed by the chat parser; batching, streaming and the prefix cache must not change a token."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ollama
+import openai
+import pytest
+from test_server_fakes import live_server
+
+from qwen35.chat.parser import parse_output
+
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def real(fixtures):
+    from qwen35 import load_model, load_tokenizer
+
+    path = fixtures / "tiny" / "dense-hf"
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    with live_server(model, tokenizer, name="dense", max_running=16, max_waiting=16,
+                     context_length=512) as (url, state):
+        yield url, state, model, tokenizer
+
+
+@pytest.fixture
+def client(real):
+    return openai.OpenAI(base_url=real[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def _reference(model, tokenizer, messages, max_tokens, **template_kwargs):
+    """The reply of the one-request generation loop, parsed: (reasoning, content, prompt_tokens)."""
+    prompt = tokenizer.apply_chat_template(messages, **template_kwargs)
+    prompt_ids = tokenizer.encode(prompt)
+    text = tokenizer.decode(model.generate(prompt_ids, max_new_tokens=max_tokens, **GREEDY))
+    parsed = parse_output(text, thinking=prompt.rstrip().endswith("<think>"))
+    return parsed["reasoning_content"], parsed["content"], len(prompt_ids)
+
+
+def _stream_text(chunks):
+    content, reasoning = [], []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            content.append(choice.delta.content or "")
+            reasoning.append((choice.delta.model_extra or {}).get("reasoning_content") or "")
+    return "".join(reasoning), "".join(content)
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_greedy_chat_streamed_and_not_equal_the_generation_loop(real, client, thinking):
+    _, _, model, tokenizer = real
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    kwargs = {"chat_template_kwargs": {"enable_thinking": thinking}}
+    reasoning, content, prompt_tokens = _reference(model, tokenizer, messages, 16, enable_thinking=thinking)
+    reply = client.chat.completions.create(model="dense", messages=messages, max_tokens=16, extra_body=kwargs,
+                                           **GREEDY)
+    message = reply.choices[0].message
+    assert (message.model_extra.get("reasoning_content") or "", message.content or "") == (reasoning, content)
+    assert reply.usage.prompt_tokens == prompt_tokens
+    streamed = _stream_text(client.chat.completions.create(model="dense", messages=messages, max_tokens=16,
+                                                           extra_body=kwargs, stream=True, **GREEDY))
+    assert streamed == (reasoning, content)
+    assert bool(reasoning) == thinking  # thinking on: the reply opens inside <think>
+
+
+def test_raw_completion_equals_the_generation_loop(real, client):
+    _, _, model, tokenizer = real
+    prompt = "The quick brown fox"
+    expected = tokenizer.decode(model.generate(tokenizer.encode(prompt), max_new_tokens=12, **GREEDY))
+    reply = client.completions.create(model="dense", prompt=prompt, max_tokens=12, **GREEDY)
+    assert reply.choices[0].text == expected
+
+
+def test_sixteen_concurrent_streams_equal_their_solo_runs(real):
+    url, _, model, tokenizer = real
+    questions = [f"Question {index}: what is {index} plus {index}?" for index in range(16)]
+    expected = [_reference(model, tokenizer, [{"role": "user", "content": q}], 8) for q in questions]
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        async def one(question):
+            stream = await client.chat.completions.create(
+                model="dense", messages=[{"role": "user", "content": question}], max_tokens=8, stream=True,
+                **GREEDY)
+            return _stream_text([chunk async for chunk in stream])
+
+        results = await asyncio.gather(*(one(q) for q in questions))
+        await client.close()
+        return results
+
+    results = asyncio.run(run())
+    assert results == [(reasoning, content) for reasoning, content, _ in expected]
+
+
+def test_second_turn_restores_the_first_from_the_prefix_cache(real, client):
+    _, _, model, tokenizer = real
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}]
+    first = client.chat.completions.create(model="dense", messages=messages, max_tokens=6, **GREEDY)
+    messages += [{"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another one."}]
+    reasoning, content, prompt_tokens = _reference(model, tokenizer, messages, 10)
+    second = client.chat.completions.create(model="dense", messages=messages, max_tokens=10, **GREEDY)
+    generation_prompt = len(tokenizer.encode("<|im_start|>assistant\n<think>\n"))
+    assert second.usage.prompt_tokens == prompt_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - generation_prompt
+    # Restored state gives the very tokens a fresh prefill gives.
+    message = second.choices[0].message
+    assert (message.model_extra.get("reasoning_content") or "", message.content or "") == (reasoning, content)
+    again = client.chat.completions.create(model="dense", messages=messages, max_tokens=10, **GREEDY)
+    assert again.usage.prompt_tokens_details.cached_tokens == prompt_tokens
+    assert again.choices[0].message.content == message.content
+
+
+def test_ollama_thinking_on_and_off(real):
+    url, _, model, tokenizer = real
+    client = ollama.Client(host=url)
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    for think in (True, False):
+        reasoning, content, _ = _reference(model, tokenizer, messages, 12, enable_thinking=think)
+        reply = client.chat(model="dense", messages=messages, think=think,
+                            options={"temperature": 0, "num_predict": 12})
+        assert (reply.message.thinking or "", reply.message.content) == (reasoning, content)
