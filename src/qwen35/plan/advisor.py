@@ -170,7 +170,7 @@ def _reasons(pick: Candidate, ranked: list[Candidate], hardware: Hardware, reque
     reasons = []
     if pick.fits:
         reasons.append(
-            f"largest model that fits whole: {pick.memory.total_bytes / GiB:.1f} GiB of {usable / GiB:.1f} GiB "
+            f"largest model that fits whole: {pick.placement.fast_bytes_used / GiB:.1f} GiB of {usable / GiB:.1f} GiB "
             f"usable {where} (keeping {headroom_bytes(hardware.fast_bytes) / GiB:.1f} GiB free) "
             f"at {request.ctx:,} tokens of context"
         )

@@ -1,17 +1,4 @@
-"""Which Qwen 3.5 model, quant and context fit this machine, and how fast they run.
-
-With no flags: the best pick for this machine (detected: NVIDIA GPUs, Apple chips,
-RAM), its alternatives and why. `--model/--quant` size one model tensor by tensor;
-`--gguf FILE...` and `--hf DIR` read a real model's headers (never its weights);
-`--table vram|context|picks` computes the usual guide tables. `--json` for tools.
-
-examples:
-  qwen35 plan
-  qwen35 plan --gpu 3090 --ctx 64k
-  qwen35 plan --model 35b-a3b --quant Q4_K_M --ctx 4096 --json
-  qwen35 plan --gguf Qwen3.5-27B-Q4_K_M.gguf mmproj-F16.gguf --vision
-  qwen35 plan --table picks
-"""
+"""Which Qwen 3.5 model, quant and context fit this machine, and how fast they run."""
 
 from __future__ import annotations
 
@@ -23,6 +10,20 @@ from dataclasses import replace
 from qwen35.errors import Qwen35Error
 
 TABLES = ("vram", "context", "picks")
+
+EXAMPLES = """\
+With no flags: the best pick for this machine (detected: NVIDIA GPUs, Apple chips,
+RAM), its alternatives and why. --model/--quant size one model tensor by tensor;
+--gguf FILE... and --hf DIR read a real model's headers (never its weights);
+--table vram|context|picks computes the usual guide tables. --json for tools.
+
+examples:
+  qwen35 plan
+  qwen35 plan --gpu 3090 --ctx 64k
+  qwen35 plan --model 35b-a3b --quant Q4_K_M --ctx 4096 --json
+  qwen35 plan --gguf Qwen3.5-27B-Q4_K_M.gguf mmproj-F16.gguf --vision
+  qwen35 plan --table picks
+"""
 
 
 def parse_tokens(text: str) -> int:
@@ -37,6 +38,7 @@ def parse_tokens(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EXAMPLES
     what = parser.add_argument_group("what to plan (default: the best pick for this machine)")
     what.add_argument("--model", help="a size: 0.8b 2b 4b 9b 27b 35b-a3b 122b-a10b 397b-a17b (qwen3.5:35b-a3b works too)")
     what.add_argument("--quant", help="a llama.cpp mix: BF16 F16 Q8_0 Q6_K Q5_K_M Q5_K_S Q4_K_M Q4_K_S "

@@ -171,6 +171,8 @@ def build_hardware(
     _check_size(ram_gb, "--ram", 65536)
     if gpus is not None and not 1 <= gpus <= 64:
         raise Qwen35Error(f"--gpus must be between 1 and 64, not {gpus}")
+    if gpus is not None and gpu is None and vram_gb is None and not detect:
+        raise Qwen35Error("--gpus needs --gpu NAME or --vram GB to say which GPUs")
     cpu_memory = (ram_type or DEFAULT_CPU_MEMORY).lower()
     if cpu_memory not in CPU_MEMORY:
         close = difflib.get_close_matches(cpu_memory, list(CPU_MEMORY), n=2, cutoff=0.4)
@@ -225,6 +227,8 @@ def build_hardware(
             bandwidth_gbs=device.bandwidth_gbs, tflops=device.tflops, speed_class=device.speed_class,
             source=source, notes=tuple(notes), **base,
         )
+    if gpus is not None:
+        raise Qwen35Error("--gpus given but no GPU found: add --gpu NAME or --vram GB")
     if not ram_bytes:
         raise Qwen35Error("no hardware given and none detected: pass --gpu NAME, --vram GB or --ram GB")
     notes.append("no GPU found: the plan is for the CPU and system RAM")

@@ -85,16 +85,17 @@ def _layer_state_bytes(spec: ModelSpec, memory: MemoryEstimate, layer: int) -> i
 def place(spec: ModelSpec, weights: Weights, memory: MemoryEstimate, hardware: Hardware) -> Placement:
     """The split that fits: everything in fast memory if it can, else llama.cpp's offload flags."""
     budget = hardware.fast_bytes - headroom_bytes(hardware.fast_bytes)
+    outside = weights.outside_layers(TEXT)
+    # llama.cpp keeps the token embedding in system RAM on GPUs (it is only looked up).
+    embedding = outside.get("token_embd.weight", 0) if hardware.kind == "gpu" else 0
     total = memory.total_bytes
-    if total <= budget:
-        return Placement("full", spec.n_layers, 0, True, total, 0)
+    if total - embedding <= budget:
+        return Placement("full", spec.n_layers, 0, True, total - embedding, embedding)
     if hardware.kind != "gpu" or not hardware.ram_bytes:
         return Placement("none", 0, 0, False, total, 0)
     ram_budget = usable_ram(hardware.ram_bytes)
     layer_bytes = weights.layer_bytes(TEXT)
     expert_bytes = weights.expert_layer_bytes(TEXT)
-    outside = weights.outside_layers(TEXT)
-    embedding = outside.get("token_embd.weight", 0)
     # With experts or layers moved out, the GPU keeps: overhead, buffers, MTP/vision if loaded.
     fixed_gpu = memory.compute_bytes + memory.logits_bytes + memory.overhead_bytes
     fixed_gpu += memory.mtp_bytes if memory.mtp_loaded else 0
