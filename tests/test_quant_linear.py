@@ -190,7 +190,16 @@ def test_bad_inputs_raise_clear_errors():
 
 # ---------------------------------------------------------------- fast CPU kernels vs the reference
 
-FAST_TYPE_FILES = {T.Q4_K: "dense-Q4_K_M.gguf", T.Q6_K: "dense-Q4_K_M.gguf", T.Q8_0: "dense-Q8_0.gguf"}
+FAST_TYPE_FILES = {
+    T.Q4_K: "dense-Q4_K_M.gguf",
+    T.Q6_K: "dense-Q4_K_M.gguf",
+    T.Q8_0: "dense-Q8_0.gguf",
+    T.Q5_K: "dense-Q3_K_M.gguf",
+    T.Q4_0: "dense-Q4_0.gguf",
+    T.IQ4_XS: "dense-IQ4_XS.gguf",
+}
+FLOAT_TYPES = {T.F16: torch.float16, T.BF16: torch.bfloat16}
+ACTIVATION_BLOCK = {T.Q4_0: 32, T.Q8_0: 32}  # others: 256 (one scale per super-block)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +212,8 @@ def fast_cpu():
 
 
 def fast_type_weights(fixtures):
-    """(type, blocks [out, row_bytes], gguf-py fp32 weight) for the largest fixture matrix of each fast type."""
+    """(type, blocks [out, row_bytes], gguf-py fp32 weight): the largest fixture matrix of each
+    fast block type, and random F16/BF16 matrices (as HF checkpoints hold) of a ragged width."""
     for type_id, file_name in FAST_TYPE_FILES.items():
         with GGUFModel(fixtures / "tiny" / file_name) as model:
             name = max(matrices(model, {type_id}), key=lambda n: model.tensors[n].nbytes)
@@ -211,6 +221,9 @@ def fast_type_weights(fixtures):
             raw = model.tensor_data(name)
             layer = QuantLinear(raw, type_id, *info.torch_shape)
             yield type_id, layer.blocks, gguf_weight(raw, type_id, info.torch_shape)
+    for type_id, dtype in FLOAT_TYPES.items():
+        layer = QuantLinear.from_dense(torch.randn(40, 300, generator=torch.Generator().manual_seed(5)).to(dtype))
+        yield type_id, layer.blocks, gguf_weight(layer.blocks.numpy(), type_id, (40, 300))
 
 
 def int8_activations(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -236,7 +249,7 @@ def test_fast_dequantize_random_blocks_match_gguf_py(fast_cpu):
     from test_dequant import random_blocks
 
     rng = np.random.default_rng(11)
-    for type_id in (T.Q4_K, T.Q6_K, T.Q8_0):
+    for type_id in FAST_TYPE_FILES:
         raw = random_blocks(type_id, 8 * 1024 // GGML_QUANT_SIZES[type_id][0], rng)
         blocks = torch.from_numpy(raw).reshape(8, -1)
         weight = gguf_weight(raw, type_id, (8, 1024))
@@ -247,12 +260,16 @@ def test_gemv_is_the_reference_with_int8_activations(fixtures, fast_cpu):
     # Tolerance: the kernel is exact integer arithmetic on 8-bit activations, so against
     # the same activations rounded in fp32 only summation order differs (1e-5); against
     # the exact fp32 reference it carries the 8-bit activation error (about 1%).
+    # F16/BF16 weights keep x in fp32: only summation order differs.
     rng = torch.Generator().manual_seed(2)
     for type_id, blocks, weight in fast_type_weights(fixtures):
         x = torch.randn(3, weight.shape[1], generator=rng)
         ours = fast_cpu.gemv(blocks, type_id, x)
-        block = 32 if type_id == T.Q8_0 else 256
-        assert relative_error(ours, int8_activations(x, block) @ weight.t()) < 1e-5, T(type_id).name
+        if type_id in FLOAT_TYPES:
+            assert relative_error(ours, x @ weight.t()) < 1e-5, T(type_id).name
+            continue
+        rounded_x = int8_activations(x, ACTIVATION_BLOCK.get(type_id, 256))
+        assert relative_error(ours, rounded_x @ weight.t()) < 1e-5, T(type_id).name
         assert relative_error(ours, x @ weight.t()) < 1.5e-2, T(type_id).name
 
 

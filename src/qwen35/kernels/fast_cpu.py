@@ -1,10 +1,14 @@
-"""Fast CPU matmuls straight from GGUF blocks (AVX-512 VNNI / BF16), for Q4_K, Q6_K and Q8_0.
+"""Fast CPU matmuls straight from GGUF blocks (AVX-512 VNNI / BF16).
+
+Types: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_XS, and F16/BF16 weights (HF checkpoints).
+Others (and F32, which needs no dequantization) keep QuantLinear's reference path.
 
 Two regimes, picked by the number of input rows M:
 - decode (M <= GEMV_MAX_ROWS): `gemv` reads the blocks directly. x is quantized to
   int8 per row (per 256 values for K-quants, per 32 for Q8_0) as llama.cpp does,
   and the dot products run as uint8 x int8 -> int32 (vpdpbusd). Error: that of
-  8-bit activations, like llama.cpp's own CPU path.
+  8-bit activations, like llama.cpp's own CPU path. F16/BF16 weights are widened
+  to fp32 and multiplied with x in fp32 (reference precision, other summation order).
 - prefill (more rows): a tile of weight rows at a time is dequantized to bf16
   and multiplied with torch's bf16 matmul (fp32 accumulation, bf16 result).
 
@@ -31,7 +35,8 @@ from qwen35.kernels import quant_linear
 
 log = logging.getLogger(__name__)
 
-FAST_TYPES = frozenset(int(t) for t in (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K, GGMLQuantizationType.Q8_0))
+T = GGMLQuantizationType
+FAST_TYPES = frozenset(int(t) for t in (T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.F16, T.BF16))
 GEMV_MAX_ROWS = 4
 # Weight bytes (as bf16) dequantized per prefill tile: about a core's L2.
 TILE_BYTES = 1 << 20
@@ -117,6 +122,8 @@ def tiled_bf16_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_fe
     """x [M, K] @ W^T, dequantizing W to bf16 one tile of rows at a time. -> [M, N] float32."""
     out_features = blocks.shape[0]
     x_bf16 = x.to(torch.bfloat16)
+    if type_id == T.BF16 and blocks.data_ptr() % 2 == 0:
+        return (x_bf16 @ blocks.view(torch.bfloat16).t()).float()  # already bf16: no tiles needed
     tile = max(16, TILE_BYTES // (2 * in_features))
     out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
     for start in range(0, out_features, tile):
