@@ -102,7 +102,8 @@ def _apple_lookup(text: str) -> Device | None:
     words = text.lower()
     for name, tflops, options in _APPLE:
         if _key(name) in _key(words):
-            sizes = [int(n) for n in re.findall(r"(\d+)\s*(?:gb)?", words.replace(name.lower(), ""))]
+            rest = re.sub(r"m\d+\s*(max|ultra)", " ", words)
+            sizes = [int(n) for n in re.findall(r"\d+", rest)]
             memory = sizes[0] if sizes else max(options)
             known = sorted(options)
             pick = min(known, key=lambda m: (m < memory, abs(m - memory)))
@@ -128,7 +129,7 @@ def find_device(text: str) -> Device:
         keys = [_key(device.name)] + [_key(a) for a in device.aliases]
         if key in keys:
             return device
-        if any(k.startswith(key) or key.startswith(k) for k in keys):
+        if len(key) >= 3 and any(k.startswith(key) or key.startswith(k) for k in keys):
             candidates.append(device)
     # '3090' names the plain 3090 over the 3090 Ti; 'a100' the SXM part: the first listed wins.
     exact_alias = [d for d in candidates if key in [_key(a) for a in d.aliases]]

@@ -121,8 +121,7 @@ def place(spec: ModelSpec, weights: Weights, memory: MemoryEstimate, hardware: H
             used = fixed_gpu + sum(gpu_layers) + (output if with_output else 0)
             in_ram = all_weights_and_state - sum(gpu_layers) - (output if with_output else 0)
             if used <= budget and in_ram <= ram_budget:
-                mode = "ngl" if n_gpu < spec.n_layers or not with_output else "ngl"
-                return Placement(mode, n_gpu, 0, with_output, used, in_ram)
+                return Placement("ngl", n_gpu, 0, with_output, used, in_ram)
     return Placement("none", 0, 0, False, total, 0)
 
 
