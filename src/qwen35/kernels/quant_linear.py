@@ -29,8 +29,9 @@ from qwen35.kernels.dequant import as_byte_tensor, dequantize, row_nbytes, type_
 
 MODES = ("reference", "fast")
 
-# Reference forward dequantizes at most this many weight elements at once (64 MiB of fp32).
-SLAB_ELEMENTS = 1 << 24
+# Reference forward dequantizes at most this many weight elements at once (4 MiB of fp32):
+# small temporaries stay in cache and are reused by the allocator.
+SLAB_ELEMENTS = 1 << 20
 
 _DENSE_TYPES = {
     torch.float32: GGMLQuantizationType.F32,
