@@ -189,3 +189,31 @@ def test_a_non_qwen_config_is_refused(capsys, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4096}))
     code, err = plan_error(capsys, "--hf", str(tmp_path), "--no-detect")
     assert code == 1 and _one_line(err) and "not Qwen 3.5" in err
+
+
+def test_hf_moe_checkpoint_made_by_transformers(capsys, tmp_path):
+    # The fused-expert MoE layout, written by transformers itself; its own parameter counts are the reference.
+    transformers = pytest.importorskip("transformers")
+    text = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                vocab_size=512)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision)
+    model = transformers.Qwen3_5MoeForConditionalGeneration(config)
+    model.save_pretrained(tmp_path)
+    state = model.state_dict()
+    visual = sum(v.numel() for k, v in state.items() if ".visual." in k)
+    language = sum(v.numel() for k, v in state.items() if ".visual." not in k)
+    experts = sum(v.numel() for k, v in state.items() if ".experts." in k)
+    result = plan_json(capsys, "--hf", str(tmp_path), "--no-detect")
+    assert result["weights_bytes"] == 4 * language  # saved in float32
+    assert result["vision_bytes"] == 4 * visual
+    assert result["params_total"] == language + visual
+    assert result["params_active"] == language - experts + experts * 2 // 8
+    # The same config through the catalog's tensor enumeration gives transformers' counts too.
+    from qwen35.plan.catalog import parameter_counts
+    from qwen35.plan.sources import spec_from_hf_config
+
+    counts = parameter_counts(spec_from_hf_config(json.loads((tmp_path / "config.json").read_text())))
+    assert (counts["text"], counts["vision"]) == (language, visual)
