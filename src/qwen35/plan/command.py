@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from qwen35.plan import advisor, report, tables
+    from qwen35.plan import advisor, report
     from qwen35.plan.catalog import find_model
     from qwen35.plan.estimator import Request
     from qwen35.plan.mixes import find_mix

@@ -15,7 +15,6 @@ expert gate/up low, expert down one step up) and say it is an approximation.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qwen35.plan.catalog import MTP, TEXT, ModelSpec
+from qwen35.plan.catalog import TEXT, ModelSpec
 from qwen35.plan.estimator import GiB, MemoryEstimate, cache_row_bytes, padded_context
 from qwen35.plan.hardware import Hardware, usable_ram
 from qwen35.plan.weights import Weights

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from qwen35.plan.advisor import PICK_MIXES, best_for_model, evaluate_catalog, recommend
+from qwen35.plan.advisor import best_for_model, evaluate_catalog, recommend
 from qwen35.plan.catalog import ModelSpec, find_model
 from qwen35.plan.estimator import GiB, Request
 from qwen35.plan.hardware import build_hardware
@@ -79,4 +79,4 @@ def picks_table(request: Request, min_speed: float, ram_gb: float | None = None)
     return rows
 
 
-__all__ = ["vram_table", "context_table", "picks_table", "PICK_MIXES", "GUIDE_HARDWARE"]
+__all__ = ["vram_table", "context_table", "picks_table", "GUIDE_HARDWARE"]
