@@ -38,10 +38,10 @@ def recurrent_gated_delta_rule(
     outputs = []
     for t in range(q.shape[2]):
         state = state * g[:, :, t, None, None].exp()
-        predicted = torch.einsum("bhkv,bhk->bhv", state, k[:, :, t])
+        predicted = (k[:, :, t, None, :] @ state)[:, :, 0]  # S^T k, [B, H, d_v]
         delta = beta[:, :, t, None] * (v[:, :, t] - predicted)
         state = state + k[:, :, t, :, None] * delta[:, :, None, :]
-        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, :, t]))
+        outputs.append((q[:, :, t, None, :] @ state)[:, :, 0])
     return torch.stack(outputs, dim=2), state
 
 

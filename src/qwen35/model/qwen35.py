@@ -206,7 +206,10 @@ class GatedDeltaNet:
 
         mixed = torch.cat([state.conv.float(), self.in_proj_qkv(x).transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
         state.conv = mixed[:, :, mixed.shape[-1] - (c.linear_conv_kernel - 1) :].to(state.conv.dtype).clone()
-        mixed = F.silu(F.conv1d(mixed, self.conv1d[:, None, :], groups=mixed.shape[1])).transpose(1, 2)
+        if length == 1:  # decode: one window per channel, no need for a conv call
+            mixed = F.silu((mixed * self.conv1d).sum(dim=-1, keepdim=True)).transpose(1, 2)
+        else:
+            mixed = F.silu(F.conv1d(mixed, self.conv1d[:, None, :], groups=mixed.shape[1])).transpose(1, 2)
         q, k, v = mixed.split([c.linear_key_dim, c.linear_key_dim, c.linear_value_dim], dim=-1)
         q = _l2_normalize(q.reshape(batch, length, n_k, d_k)) * d_k**-0.5
         k = _l2_normalize(k.reshape(batch, length, n_k, d_k))
