@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -46,14 +47,16 @@ SCALE_FIELDS: dict[T, tuple[int, int | None]] = {
     T.IQ4_NL: (0, None), T.IQ4_XS: (0, None),
 }
 
-# Qwen 3.5's added tokens after <|endoftext|> (ids follow the regular vocabulary), with
+# Qwen's added tokens from <|endoftext|> on, in Qwen3's order (ids follow the regular vocabulary), with
 # llama.cpp's token types: 3 control, 4 user-defined. Padding rows are 5 (unused).
 SPECIAL_TOKENS = (
     ("<|endoftext|>", 3), ("<|im_start|>", 3), ("<|im_end|>", 3), ("<|object_ref_start|>", 3),
     ("<|object_ref_end|>", 3), ("<|box_start|>", 3), ("<|box_end|>", 3), ("<|quad_start|>", 3),
     ("<|quad_end|>", 3), ("<|vision_start|>", 3), ("<|vision_end|>", 3), ("<|vision_pad|>", 3),
     ("<|image_pad|>", 3), ("<|video_pad|>", 3), ("<tool_call>", 4), ("</tool_call>", 4),
-    ("<tool_response>", 4), ("</tool_response>", 4), ("<think>", 4), ("</think>", 4),
+    ("<|fim_prefix|>", 4), ("<|fim_middle|>", 4), ("<|fim_suffix|>", 4), ("<|fim_pad|>", 4),
+    ("<|repo_name|>", 4), ("<|file_sep|>", 4), ("<tool_response>", 4), ("</tool_response>", 4),
+    ("<think>", 4), ("</think>", 4),
 )
 NORMAL, UNUSED = 1, 5
 
@@ -176,17 +179,22 @@ def tensor_payload(tensor: TensorSpec, ggml_type: T, rng: np.random.Generator) -
 # ------------------------------------------------------------------ vocabulary
 
 
+@functools.lru_cache(maxsize=2)
+def _read_vocabulary(path: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+    source = GGUFModel(path)
+    try:
+        metadata = source.metadata
+        return (tuple(metadata["tokenizer.ggml.tokens"]), tuple(int(t) for t in metadata["tokenizer.ggml.token_type"]),
+                tuple(metadata["tokenizer.ggml.merges"]))
+    finally:
+        source.close()
+
+
 def vocabulary(vocab_file: Path, n_rows: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens, token types, merges): the real Qwen BPE vocabulary, cut or padded to `n_rows`."""
     if not vocab_file.is_file():
         raise Qwen35Error(f"vocabulary file not found: {vocab_file} (pass --vocab-file)")
-    source = GGUFModel(vocab_file)
-    try:
-        tokens = list(source.metadata["tokenizer.ggml.tokens"])
-        types = [int(t) for t in source.metadata["tokenizer.ggml.token_type"]]
-        merges = list(source.metadata["tokenizer.ggml.merges"])
-    finally:
-        source.close()
+    tokens, types, merges = (list(part) for part in _read_vocabulary(str(vocab_file.resolve())))
     n_regular = sum(1 for t in types if t == NORMAL)
     keep = min(n_regular, n_rows - len(SPECIAL_TOKENS))
     regular = tokens[:keep]
