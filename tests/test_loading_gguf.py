@@ -1,0 +1,169 @@
+"""Loading GGUF files: weights stay in block format (memory ~ file size); broken files give FormatError."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+import qwen35
+from qwen35.errors import FormatError
+from qwen35.kernels.quant_linear import QuantExperts, QuantLinear
+
+SOURCE = "dense-Q4_K_M.gguf"
+
+
+def rewrite_gguf(source, target, architecture=None, drop_keys=(), drop_tensors=(), replace_tensors=None):
+    """Copy a GGUF file through gguf-py's reader and writer, changing what the test needs broken."""
+    reader = GGUFReader(str(source))
+    arch = architecture or reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(str(target), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop_keys:
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[1] if value_type == GGUFValueType.ARRAY else None
+        new_key = key.replace(reader.fields["general.architecture"].contents() + ".", arch + ".", 1)
+        writer.add_key_value(new_key, field.contents(), value_type, sub_type=sub_type)
+    for tensor in reader.tensors:
+        if tensor.name in drop_tensors:
+            continue
+        data, type_id = np.array(tensor.data), tensor.tensor_type
+        if replace_tensors and tensor.name in replace_tensors:
+            data, type_id = replace_tensors[tensor.name]
+        writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=type_id)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+@pytest.fixture
+def source(fixtures):
+    return fixtures / "tiny" / SOURCE
+
+
+def test_rewritten_copy_still_loads(source, tmp_path):
+    # The helper itself must not break anything: its plain copy gives the original logits.
+    copy = rewrite_gguf(source, tmp_path / "copy.gguf")
+    ids = [1, 2, 3, 400, 5]
+    assert np.array_equal(qwen35.load_model(copy).logits(ids), qwen35.load_model(source).logits(ids))
+
+
+def broken_by_rewrite(source, tmp_path, **changes):
+    return rewrite_gguf(source, tmp_path / "broken.gguf", **changes)
+
+
+def iq2_xxs_bytes(rows, width):
+    block_size, type_size = 256, 66  # ggml's IQ2_XXS block
+    return np.zeros((rows, width // block_size * type_size), dtype=np.uint8), GGMLQuantizationType.IQ2_XXS
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(architecture="llama"), "architecture 'llama'"),
+        (dict(drop_tensors=("blk.1.ssm_a",)), "blk.1.ssm_a is missing"),
+        (dict(drop_tensors=("output_norm.weight",)), "output_norm.weight is missing"),
+        (dict(drop_keys=("qwen35.ssm.group_count",)), "ssm.group_count"),
+        (dict(replace_tensors={"blk.3.attn_q_norm.weight": (np.ones(32, dtype=np.float32), GGMLQuantizationType.F32)}),
+         "blk.3.attn_q_norm.weight has shape [32]"),
+        (dict(replace_tensors={"blk.0.ssm_out.weight": iq2_xxs_bytes(256, 256)}), "IQ2_XXS"),
+    ],
+    ids=["unknown-architecture", "missing-tensor", "missing-output-norm", "missing-metadata", "wrong-shape",
+         "unsupported-type"],
+)
+def test_broken_model_gives_format_error(source, tmp_path, changes, message):
+    broken = broken_by_rewrite(source, tmp_path, **changes)
+    with pytest.raises(FormatError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        qwen35.load_model(broken)
+
+
+def patched_copy(source, tmp_path, edit):
+    target = tmp_path / "patched.gguf"
+    shutil.copyfile(source, target)
+    with open(target, "r+b") as handle:
+        edit(handle)
+    return target
+
+
+def test_truncated_file(source, tmp_path):
+    target = tmp_path / "truncated.gguf"
+    target.write_bytes(source.read_bytes()[:-5000])
+    with pytest.raises(FormatError, match="outside the file"):
+        qwen35.load_model(target)
+
+
+def test_wrong_magic(source, tmp_path):
+    target = patched_copy(source, tmp_path, lambda f: f.write(b"GGUX"))
+    with pytest.raises(FormatError, match="not a GGUF file"):
+        qwen35.load_model(target)
+
+
+def test_forged_tensor_count(source, tmp_path):
+    def forge(handle):
+        handle.seek(8)
+        handle.write((2**40).to_bytes(8, "little"))
+
+    with pytest.raises(FormatError, match="cannot fit"):
+        qwen35.load_model(patched_copy(source, tmp_path, forge))
+
+
+def test_forged_tensor_offset(source, tmp_path):
+    target = tmp_path / "forged.gguf"
+    shutil.copyfile(source, target)
+    reader = GGUFReader(str(target), "r+")
+    reader.tensors[5].field.parts[-1][0] = 2**50  # the tensor's data offset, in place
+    del reader
+    with pytest.raises(FormatError, match="outside the file"):
+        qwen35.load_model(target)
+
+
+def test_weights_stay_in_block_format(source):
+    model = qwen35.load_model(source)
+    file_size = os.path.getsize(source)
+    # Every weight's bytes together are at most the file (the rest is metadata), none expanded.
+    assert 0.9 * file_size <= model.nbytes() <= file_size
+    quantized = [m for m in model.network.modules() if isinstance(m, (QuantLinear, QuantExperts))]
+    assert quantized and all(m.type_name != "F32" for m in quantized if m.in_features == 256 and m.out_features > 16)
+
+
+RSS_SCRIPT = textwrap.dedent(
+    """
+    import gc, os, sys
+    import psutil
+    import qwen35
+    from qwen35.model import loading  # noqa: F401  (imports settle before measuring)
+
+    def load_and_touch(path):
+        model = qwen35.load_model(path)
+        for buffer in model.network.buffers():  # bring every weight page into memory
+            if buffer.numel():
+                int(buffer.reshape(-1)[::4096].sum())
+        return model
+
+    path = sys.argv[1]
+    process = psutil.Process()
+    warm_up = load_and_touch(path)
+    del warm_up
+    gc.collect()
+    before = process.memory_info().rss
+    model = load_and_touch(path)
+    print((process.memory_info().rss - before) / os.path.getsize(path))
+    """
+)
+
+
+@pytest.mark.parametrize("name", ["dense-Q4_K_M", "moe-Q4_K_M"])
+def test_loading_grows_rss_by_about_the_file_size(fixtures, name):
+    result = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(fixtures / "tiny" / f"{name}.gguf")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) <= 1.15
