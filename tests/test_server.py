@@ -282,3 +282,24 @@ def test_ollama_chat_generate_and_model_endpoints(server):
     with pytest.raises(ollama.ResponseError) as error:
         client.chat(model="missing", messages=[{"role": "user", "content": "x"}])
     assert error.value.status_code == 404 and "missing" in error.value.error
+
+
+def test_json_mode_ends_the_reply_with_the_object(client):
+    no_thinking = {"chat_template_kwargs": {"enable_thinking": False}}
+    free = _chat(client, 'json {"a": [1, 2.5], "b": "x"} and then some words', extra_body=no_thinking)
+    assert free.choices[0].message.content == '{"a": [1, 2.5], "b": "x"} and then some words'
+    for response_format in ({"type": "json_object"},
+                            {"type": "json_schema", "json_schema": {"name": "r", "schema": {
+                                "type": "object", "properties": {"a": {"type": "array", "items": {"type": "number"}},
+                                                                 "b": {"type": "string"}}}}}):
+        reply = _chat(client, 'json {"a": [1, 2.5], "b": "x"} and then some words', extra_body=no_thinking,
+                      response_format=response_format)
+        assert reply.choices[0].message.content == '{"a": [1, 2.5], "b": "x"}'
+        assert reply.choices[0].finish_reason == "stop"
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in _chat(
+        client, 'json {"a": [1, 2.5], "b": "x"} and then some words', stream=True, extra_body=no_thinking,
+        response_format={"type": "json_object"}) if chunk.choices)
+    assert streamed == '{"a": [1, 2.5], "b": "x"}'
+    with pytest.raises(openai.BadRequestError, match="schema"):
+        _chat(client, "json {}", response_format={"type": "json_schema",
+                                                  "json_schema": {"name": "r", "schema": {"type": "wat"}}})

@@ -3,7 +3,8 @@
 The scripted model answers with text fixed by the conversation, so a test can state the exact reply
 it expects without running a network: with thinking on it writes
 "<think>\\nThinking about MSG\\n</think>\\n\\nAnswer: MSG", with thinking off "Answer: MSG"; a user
-message "call CITY" makes it call the tool get_weather(city=CITY); after a tool result it answers
+message "call CITY" makes it call the tool get_weather(city=CITY), "json TEXT" answers TEXT as it is;
+after a tool result it answers
 "The weather is RESULT". Raw text (no chat markers) continues with "~ lorem ipsum lorem ipsum ...".
 It uses the real Qwen 3.5 tokenizer of the fixtures, and its cache has the real cache's interface
 (select, merge, nbytes), so the engine batches it as it batches the real model.
@@ -66,6 +67,8 @@ def scripted_reply(prompt_text: str) -> str:
     message = turn[last_user + len("<|im_start|>user\n"):].split("<|im_end|>")[0].strip()
     if message.startswith("<tool_response>"):
         answer = "The weather is " + message.removeprefix("<tool_response>").removesuffix("</tool_response>").strip()
+    elif message.startswith("json "):
+        answer = message.removeprefix("json ")
     elif message.startswith("call "):
         city = message.removeprefix("call ")
         answer = (f"<tool_call>\n<function=get_weather>\n<parameter=city>\n{city}\n</parameter>\n"

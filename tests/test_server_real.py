@@ -5,10 +5,13 @@ parsed by the chat parser; batching, streaming and the prefix cache must not cha
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Literal
 
 import ollama
 import openai
 import pytest
+from pydantic import BaseModel
 from test_server_fakes import live_server
 
 from qwen35.chat.parser import parse_output
@@ -23,7 +26,7 @@ def real(fixtures):
     path = fixtures / "tiny" / "dense-hf"
     model, tokenizer = load_model(path), load_tokenizer(path)
     with live_server(model, tokenizer, name="dense", max_running=16, max_waiting=16,
-                     context_length=512) as (url, state):
+                     context_length=1024) as (url, state):
         yield url, state, model, tokenizer
 
 
@@ -124,3 +127,44 @@ def test_ollama_thinking_on_and_off(real):
         reply = client.chat(model="dense", messages=messages, think=think,
                             options={"temperature": 0, "num_predict": 12})
         assert (reply.message.thinking or "", reply.message.content) == (reasoning, content)
+
+
+class Pet(BaseModel):
+    kind: Literal["cat", "dog", "fish"]
+    legs: int
+    friendly: bool
+    weights: list[float]
+
+
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
+
+
+def test_json_schema_reply_validates(client):
+    reply = client.chat.completions.create(
+        model="dense", messages=[{"role": "user", "content": "Describe a pet as JSON."}], max_tokens=200,
+        response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": Pet.model_json_schema()}},
+        extra_body=NO_THINKING, **GREEDY)
+    assert reply.choices[0].finish_reason == "stop"
+    Pet.model_validate_json(reply.choices[0].message.content, strict=True)
+
+
+def test_forced_tool_call_round_trip(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer"}},
+        "required": ["city", "days"]}}}]
+    messages = [{"role": "user", "content": "Weather in Paris for 2 days?"}]
+    first = client.chat.completions.create(
+        model="dense", messages=messages, tools=tools, max_tokens=200, extra_body=NO_THINKING,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, **GREEDY)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and arguments["city"] in ("Paris", "Rome")
+    assert isinstance(arguments["days"], int)
+    messages += [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "sunny, 25 C"}]
+    second = client.chat.completions.create(model="dense", messages=messages, tools=tools, max_tokens=8,
+                                            extra_body=NO_THINKING, **GREEDY)
+    assert second.choices[0].finish_reason in ("stop", "length")
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 8

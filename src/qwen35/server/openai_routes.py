@@ -106,8 +106,8 @@ def start_chat(state: ServerState, body: ChatCompletionRequest, request: Request
     prompt_text = render_chat(state, messages, tools, body.chat_template_kwargs)
     thinking = prompt_ends_in_reasoning(prompt_text)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    constraint = constraint_for_chat(state.tokenizer, state.vocab_size, body.response_format, forced_function,
-                                     thinking)
+    constraint = constraint_for_chat(state.tokenizer, state.vocab_size, body.response_format, tools,
+                                     forced_function, thinking)
     job = make_job(state, prompt_text, max_tokens=max_tokens,
                    sampling=sampling_params(state, _sampling_options(body)), stop=body.stop,
                    parser=ChatText(tools=tools, thinking=thinking),
