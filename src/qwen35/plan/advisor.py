@@ -44,7 +44,7 @@ class Candidate:
 
     @property
     def fits(self) -> bool:
-        return self.placement is not None and self.placement.mode == "full"
+        return self.placement is not None and self.placement.whole
 
     @property
     def quant_class(self) -> int:
@@ -55,15 +55,16 @@ class Candidate:
         return self.speed.decode_tok_s if self.speed else 0.0
 
     def command(self) -> str:
-        """A llama.cpp command line that runs this candidate."""
+        """The qwen35 command line that serves this candidate (llama.cpp's flag spellings)."""
         size = self.spec.name.upper()
         if self.model_path:
-            source = f"-m {self.model_path}"
+            source = str(self.model_path)
         elif self.mix and self.spec.name in TIER:
-            source = f"-hf {HF_REPOS.format(size=size)}:{self.mix}"
+            # Where to get it: the file name as the usual GGUF repos publish it.
+            source = f"{HF_REPOS.format(size=size)}/Qwen3.5-{size}-{self.mix}.gguf"
         else:
-            source = "-m MODEL.gguf"
-        parts = ["llama-server", source, f"-c {self.memory.context * self.memory.parallel}"]
+            source = "MODEL.gguf"
+        parts = ["qwen35 serve", source, f"-c {self.memory.context * self.memory.parallel}"]
         if self.memory.parallel > 1:
             parts.append(f"-np {self.memory.parallel}")
         if self.placement is not None and self.placement.flag:

@@ -92,7 +92,7 @@ def _hardware_line(hardware: Hardware, request: Request) -> str:
 def _placement_text(c: Candidate) -> str:
     if c.placement is None:
         return "-"
-    if c.placement.mode == "full":
+    if c.placement.whole:
         return "fits"
     if c.placement.mode == "none":
         return "too large"

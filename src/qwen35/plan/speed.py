@@ -55,12 +55,17 @@ def headroom_bytes(fast_bytes: int) -> int:
 class Placement:
     """Which weights live in fast memory. Layers not listed are read from system RAM."""
 
-    mode: str  # "full", "ngl" (dense layers split), "n-cpu-moe" (experts of the first N layers on CPU), "none"
+    mode: str  # "full" (all on the GPU), "unified" (CPU/Apple: one memory), "ngl" (dense layers split), "n-cpu-moe" (experts of the first N layers on CPU), "none"
     gpu_layers: int  # text layers whose non-expert weights are in fast memory
     cpu_moe_layers: int  # first N layers whose routed experts stay in RAM
     output_on_gpu: bool
     fast_bytes_used: int
     ram_bytes_used: int
+
+    @property
+    def whole(self) -> bool:
+        """Everything in the fast memory (the GPU's, or the one memory of a CPU/Apple machine)."""
+        return self.mode in ("full", "unified")
 
     @property
     def flag(self) -> str:
@@ -90,7 +95,9 @@ def place(spec: ModelSpec, weights: Weights, memory: MemoryEstimate, hardware: H
     embedding = outside.get("token_embd.weight", 0) if hardware.kind == "gpu" else 0
     total = memory.total_bytes
     if total - embedding <= budget:
-        return Placement("full", spec.n_layers, 0, True, total - embedding, embedding)
+        # On a CPU or Apple machine there is nothing to offload: no flag to give.
+        mode = "full" if hardware.kind == "gpu" else "unified"
+        return Placement(mode, spec.n_layers, 0, True, total - embedding, embedding)
     if hardware.kind != "gpu" or not hardware.ram_bytes:
         return Placement("none", 0, 0, False, total, 0)
     ram_budget = usable_ram(hardware.ram_bytes)
@@ -191,7 +198,7 @@ def estimate_speed(
     flops_per_token = 2 * active_params + attention + deltanet
     utilisation = klass.prefill_utilisation * (0.5 if spec.is_moe else 1.0)
     prefill = hardware.tflops * 1e12 * utilisation / flops_per_token
-    if placement.mode != "full":
+    if not placement.whole:
         # Weights in RAM cross PCIe (about 25 GB/s) once per 512-token micro-batch.
         ram_weight_bytes = placement.ram_bytes_used
         prefill = 1 / (1 / prefill + ram_weight_bytes / 25e9 / 512)
