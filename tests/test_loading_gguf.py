@@ -17,11 +17,12 @@ from qwen35.kernels.quant_linear import QuantExperts, QuantLinear
 SOURCE = "dense-Q4_K_M.gguf"
 
 
-def rewrite_gguf(source, target, architecture=None, drop_keys=(), drop_tensors=(), replace_tensors=None):
-    """Copy a GGUF file through gguf-py's reader and writer, changing what the test needs broken."""
+def rewrite_gguf(source, target, architecture=None, drop_keys=(), drop_tensors=(), replace_tensors=None,
+                 add_tensors=None, split_max_tensors=0):
+    """Copy a GGUF file through gguf-py's reader and writer, changing what the test needs changed."""
     reader = GGUFReader(str(source))
     arch = architecture or reader.fields["general.architecture"].contents()
-    writer = GGUFWriter(str(target), arch)
+    writer = GGUFWriter(str(target), arch, split_max_tensors=split_max_tensors)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in drop_keys:
             continue
@@ -36,6 +37,8 @@ def rewrite_gguf(source, target, architecture=None, drop_keys=(), drop_tensors=(
         if replace_tensors and tensor.name in replace_tensors:
             data, type_id = replace_tensors[tensor.name]
         writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=type_id)
+    for name, (data, type_id) in (add_tensors or {}).items():
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=type_id)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -53,6 +56,32 @@ def test_rewritten_copy_still_loads(source, tmp_path):
     copy = rewrite_gguf(source, tmp_path / "copy.gguf")
     ids = [1, 2, 3, 400, 5]
     assert np.array_equal(qwen35.load_model(copy).logits(ids), qwen35.load_model(source).logits(ids))
+
+
+def test_split_file_loads_like_the_single_file(fixtures, tmp_path):
+    source = fixtures / "tiny" / "moe-Q4_K_M.gguf"
+    rewrite_gguf(source, tmp_path / "moe.gguf", split_max_tensors=40)
+    shards = sorted(tmp_path.glob("moe-*-of-*.gguf"))
+    assert len(shards) > 1
+    ids = [1, 2, 3, 400, 5, 6]
+    assert np.array_equal(qwen35.load_model(shards[0]).logits(ids), qwen35.load_model(source).logits(ids))
+
+
+def test_fused_gate_up_experts_equal_separate_ones(fixtures, tmp_path):
+    """llama.cpp may write ffn_gate_up_exps ([E, 2I, H], gate rows first) instead of two tensors."""
+    source = fixtures / "tiny" / "moe-Q4_K_M.gguf"
+    reader = GGUFReader(str(source))
+    tensors = {t.name: t for t in reader.tensors}
+    fused, drop = {}, []
+    for block in range(4):
+        gate, up = tensors[f"blk.{block}.ffn_gate_exps.weight"], tensors[f"blk.{block}.ffn_up_exps.weight"]
+        assert gate.tensor_type == up.tensor_type
+        fused[f"blk.{block}.ffn_gate_up_exps.weight"] = (
+            np.concatenate([np.array(gate.data), np.array(up.data)], axis=1), gate.tensor_type)
+        drop += [gate.name, up.name]
+    rewritten = rewrite_gguf(source, tmp_path / "fused.gguf", drop_tensors=drop, add_tensors=fused)
+    ids = [1, 2, 3, 400, 5, 6, 7, 8]
+    assert np.array_equal(qwen35.load_model(rewritten).logits(ids), qwen35.load_model(source).logits(ids))
 
 
 def broken_by_rewrite(source, tmp_path, **changes):
