@@ -98,3 +98,23 @@ def test_moe_fused_expert_tensors(tmp_path):
         expected = model.eval()(torch.tensor([token_ids])).logits[0].numpy()
     logits = qwen35.load_model(tmp_path, precision="reference").logits(token_ids)
     assert np.abs(logits - expected).max() <= TOLERANCE
+
+
+def test_mrope_positions_match_transformers(tmp_path):
+    """Explicit [3, B, T] positions (as images will give) rotate exactly as transformers' interleaved M-RoPE."""
+    rope = {**ROPE, "mrope_section": [1, 2, 1]}  # 4 frequencies from streams T, H, W, T
+    config = transformers.Qwen3_5TextConfig(**{**TEXT, "rope_parameters": rope}, intermediate_size=96)
+    model = randomize(transformers.Qwen3_5ForCausalLM(config)).eval()
+    model.save_pretrained(tmp_path)
+    token_ids = list(range(20, 60))
+    steps = torch.arange(len(token_ids))
+    positions = torch.stack([steps, steps // 5 * 3, steps % 7 * 2])[:, None, :]  # three different streams
+    with torch.no_grad():
+        expected = model(torch.tensor([token_ids]), position_ids=positions).logits[0].numpy()
+        plain = model(torch.tensor([token_ids])).logits[0].numpy()
+    ours = qwen35.load_model(tmp_path, precision="reference")
+    cache = ours.make_cache(1)
+    logits = ours.forward(torch.tensor([token_ids]), cache, positions=positions)[0].numpy()
+    assert np.abs(expected - plain).max() > 1e-2, "the streams must matter for this test to mean anything"
+    assert np.abs(logits - expected).max() <= TOLERANCE
+    assert int(cache.next_positions[0]) == int(positions.max()) + 1
