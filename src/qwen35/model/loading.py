@@ -29,22 +29,28 @@ def load_model(path, device="cpu", precision: str = "fast") -> Model:
     if precision not in PRECISIONS:
         raise FormatError(f"unknown precision {precision!r} (choose reference or fast)")
     path = Path(path)
+    device = torch.device(device)
     if path.is_dir():
-        model = _load_hf(path, precision)
-    elif path.suffix == ".gguf" or path.is_file():
-        model = _load_gguf(path, precision)
-    else:
-        raise FormatError(f"no such model file or directory: {path}")
-    if torch.device(device).type != "cpu":
-        model.network.to(device)
-        model.device = torch.device(device)
+        return _load_hf(path, precision, device)
+    if path.suffix == ".gguf" or path.is_file():
+        return _load_gguf(path, precision, device)
+    raise FormatError(f"no such model file or directory: {path}")
+
+
+def _build(config, weights: dict, mtp: dict, precision: str, device: torch.device, generation_defaults, source):
+    if device.type != "cpu":
+        weights, mtp = ({k: w.to(device) for k, w in d.items()} for d in (weights, mtp))
+    network = Qwen35Network(config, weights, mtp)
+    set_mode(network, "reference" if precision == "reference" else "fast")
+    model = Model(network, config, generation_defaults, precision, source=source)
+    model.device = device
     return model
 
 
 # ------------------------------------------------------------------ GGUF
 
 
-def _load_gguf(path: Path, precision: str) -> Model:
+def _load_gguf(path: Path, precision: str, device: torch.device) -> Model:
     from qwen35.formats.gguf import GGUFModel
 
     gguf = GGUFModel(path)
@@ -58,9 +64,7 @@ def _load_gguf(path: Path, precision: str) -> Model:
     except BaseException:
         gguf.close()
         raise
-    network = Qwen35Network(config, weights, mtp)
-    set_mode(network, "reference" if precision == "reference" else "fast")
-    return Model(network, config, QWEN35_GENERATION_DEFAULTS, precision, source=gguf)
+    return _build(config, weights, mtp, precision, device, QWEN35_GENERATION_DEFAULTS, gguf)
 
 
 def _gguf_weights(gguf, config, specs: dict[str, WeightSpec], names, path: str, shared=None) -> dict:
@@ -109,18 +113,16 @@ def _rows_of(raw, info, start: int, stop: int):
 # ------------------------------------------------------------------ HF
 
 
-def _load_hf(path: Path, precision: str) -> Model:
+def _load_hf(path: Path, precision: str, device: torch.device) -> Model:
     checkpoint = weights_hf.HFCheckpoint(path)
     config = config_from_hf(checkpoint.config, checkpoint.generation_config)
     weights = _hf_weights(checkpoint, config, weight_specs(config))
     mtp_specs = mtp_weight_specs(config)
     mtp_present = any(name.startswith("mtp.") for name in checkpoint.names())
     mtp = _hf_weights(checkpoint, config, mtp_specs) if mtp_present and mtp_specs else {}
-    network = Qwen35Network(config, weights, mtp)
-    set_mode(network, "reference" if precision == "reference" else "fast")
     defaults = dict(QWEN35_GENERATION_DEFAULTS)
     defaults.update({k: v for k, v in checkpoint.generation_config.items() if k in GENERATION_KEYS})
-    return Model(network, config, defaults, precision, source=checkpoint)
+    return _build(config, weights, mtp, precision, device, defaults, checkpoint)
 
 
 def _hf_weights(checkpoint, config, specs: dict[str, WeightSpec]) -> dict:

@@ -181,12 +181,12 @@ class Attention:
 
         kv.write(starts, k, v)
         keys, values = kv.view(mask.shape[-1])
-        group = c.num_attention_heads // c.num_key_value_heads
-        keys = keys.float().repeat_interleave(group, dim=2).transpose(1, 2)  # [B, heads, S, d]
-        values = values.float().repeat_interleave(group, dim=2).transpose(1, 2)
-        scores = (q.transpose(1, 2) @ keys.transpose(-1, -2)) * c.head_dim**-0.5
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
-        out = (scores.softmax(dim=-1) @ values).transpose(1, 2).reshape(batch, length, -1)
+        # SDPA's fused CPU/GPU kernels never hold the whole [T, S] score matrix per head.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.float().transpose(1, 2), values.float().transpose(1, 2),
+            attn_mask=mask[:, None], scale=c.head_dim**-0.5, enable_gqa=True,
+        )
+        out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out * torch.sigmoid(gate.reshape(batch, length, -1)))
 
 
