@@ -17,6 +17,7 @@ from qwen35.errors import Qwen35Error
 SUBCOMMANDS = {
     "plan": ("qwen35.plan.command", "which model, quant and context fit this machine, and how fast"),
     "bench": ("qwen35.bench", "prefill and decode speed, comparable with llama-bench"),
+    "run": ("qwen35.chat.command", "chat with a model: one-shot or interactive"),
     "serve": ("qwen35.server.command", "serve a model over HTTP: OpenAI- and Ollama-compatible APIs"),
 }
 

@@ -1,0 +1,294 @@
+"""Chat with a model in the terminal: one answer to PROMPT, or an interactive session.
+
+  qwen35 run MODEL [PROMPT...] [-c CTX] [-n N] [--temp T] [--think | --no-think] [--hide-thinking]
+
+MODEL is a .gguf file (or the first shard of a split one) or an HF model directory. With a
+PROMPT (or text piped into stdin) it prints the answer and exits; otherwise it opens a chat
+at the ">>> " prompt: /? lists the commands, \"\"\" begins and ends a multi-line message,
+Ctrl+C stops an answer, /bye or Ctrl+D exits. The reasoning is shown dimmed (with NO_COLOR
+set, or when the output is not a terminal, between "Thinking..." and "...done thinking.").
+Sampling follows the model's own generation settings unless flags override them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from qwen35.errors import Qwen35Error
+
+DEFAULT_CONTEXT = 8192
+PROMPT = ">>> "
+CONTINUATION_PROMPT = "... "
+EXIT_HINT = "Use Ctrl + d or /bye to exit."
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
+    parser.add_argument("prompt", metavar="PROMPT", nargs="*",
+                        help="answer this and exit (default: an interactive chat)")
+    parser.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_CONTEXT, dest="context",
+                        help=f"context in tokens, prompt and answers together (default {DEFAULT_CONTEXT}; "
+                             "0 = the model's own)")
+    parser.add_argument("-n", "--n-predict", type=int, default=-1, dest="n_predict",
+                        help="most tokens per answer (default -1: until the model stops or the context is full)")
+    parser.add_argument("--temp", type=float, default=None, dest="temperature",
+                        help="temperature (0 = greedy; default: the model's own)")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k (0 = off; default: the model's own)")
+    parser.add_argument("--top-p", type=float, default=None, help="top-p (1 = off; default: the model's own)")
+    parser.add_argument("--min-p", type=float, default=None, help="min-p (0 = off; default: the model's own)")
+    parser.add_argument("--repeat-penalty", type=float, default=None, help="repetition penalty (1 = off)")
+    parser.add_argument("--presence-penalty", type=float, default=None, help="presence penalty (0 = off)")
+    parser.add_argument("--frequency-penalty", type=float, default=None, help="frequency penalty (0 = off)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default -1: a fresh one)")
+    parser.add_argument("-sys", "--system-prompt", default=None, dest="system", help="the system message")
+    thinking = parser.add_mutually_exclusive_group()
+    thinking.add_argument("--think", action="store_true", default=None, dest="think",
+                          help="let the model reason before answering (the Qwen 3.5 default)")
+    thinking.add_argument("--no-think", action="store_false", dest="think", help="answer without reasoning")
+    parser.add_argument("--hide-thinking", action="store_true", help="do not show the reasoning")
+    parser.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                        help="a JSON object of extra chat-template variables, e.g. '{\"enable_thinking\": false}'")
+    parser.add_argument("--chat-template-file", default=None, metavar="FILE",
+                        help="a Jinja chat template to use instead of the model's")
+    parser.add_argument("--verbose", action="store_true",
+                        help="after a one-shot answer, print its speed line on stderr")
+
+
+def run(args) -> int:
+    settings = _settings(args)
+    path = Path(args.model)
+    if not path.exists():
+        raise Qwen35Error(f"no model at {args.model}: give the path of a .gguf file or of an HF model directory")
+    template_source = _read_template(args.chat_template_file)
+    prompt = _one_shot_prompt(args.prompt)
+
+    from qwen35 import load_model, load_tokenizer
+    from qwen35.chat.session import ChatSession
+    from qwen35.chat.template import ChatTemplate
+
+    if sys.stderr.isatty():
+        print(f"loading {path} ...", file=sys.stderr, flush=True)
+    tokenizer = load_tokenizer(str(path))
+    model = load_model(str(path))
+    template = None
+    if template_source is not None:
+        template = ChatTemplate(template_source, special_tokens=tokenizer.template_tokens)
+    session = ChatSession(model, tokenizer, settings, template=template)
+    session.render([{"role": "user", "content": "Hello"}])  # a broken template fails now, not mid-chat
+
+    if prompt is not None:
+        return _one_shot(session, prompt, args.verbose)
+    return _interactive(session, path)
+
+
+# -- flags ---------------------------------------------------------------------------------
+
+
+def _settings(args):
+    from qwen35.chat.session import MIN_CONTEXT, ChatSettings
+    from qwen35.engine.sampler import SamplingParams
+
+    if args.context != 0 and args.context < MIN_CONTEXT:
+        raise Qwen35Error(f"-c must be at least {MIN_CONTEXT} tokens (or 0 for the model's own), got {args.context}")
+    if args.n_predict == 0 or args.n_predict < -2:
+        raise Qwen35Error(f"-n must be a number of tokens >= 1, or -1 for no limit, got {args.n_predict}")
+    sampling = {
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+        "repetition_penalty": args.repeat_penalty, "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty, "seed": None if args.seed == -1 else args.seed,
+    }
+    sampling = {key: value for key, value in sampling.items() if value is not None}
+    SamplingParams.from_options({}, **sampling)  # a bad value fails before the model loads
+    template_kwargs = {}
+    if args.chat_template_kwargs is not None:
+        try:
+            template_kwargs = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as error:
+            raise Qwen35Error(f"--chat-template-kwargs is not valid JSON: {error.msg}") from None
+        if not isinstance(template_kwargs, dict):
+            raise Qwen35Error("--chat-template-kwargs must be a JSON object, like '{\"enable_thinking\": false}'")
+    return ChatSettings(
+        context_size=args.context,
+        system=args.system or None,
+        think=args.think,
+        hide_thinking=args.hide_thinking,
+        max_new_tokens=args.n_predict if args.n_predict > 0 else None,
+        sampling=sampling,
+        template_kwargs=template_kwargs,
+    )
+
+
+def _read_template(file_name):
+    if file_name is None:
+        return None
+    try:
+        return Path(file_name).read_text(encoding="utf-8")
+    except OSError as error:
+        raise Qwen35Error(f"cannot read the chat template {file_name}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise Qwen35Error(f"the chat template {file_name} is not UTF-8 text") from None
+
+
+def _one_shot_prompt(words: list[str]) -> str | None:
+    """The one-shot message: PROMPT, then whatever is piped into stdin; None for a chat."""
+    parts = [" ".join(words)] if words else []
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        if piped.strip():
+            parts.append(piped.strip("\n"))
+        elif not parts:
+            raise Qwen35Error("stdin is not a terminal and holds no text: give a PROMPT, or run in a terminal to chat")
+    return "\n\n".join(parts) if parts else None
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def colour_enabled(stream, environ=os.environ) -> bool:
+    """Colour only on a terminal, and never with NO_COLOR set (no-color.org) or TERM=dumb."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty()) and not environ.get("NO_COLOR") and environ.get("TERM") != "dumb"
+
+
+class AnswerPrinter:
+    """Writes one streamed answer: reasoning dimmed between "Thinking..." and "...done thinking."
+    (or not at all), content as it is, tool calls one per line, notices dimmed."""
+
+    def __init__(self, out, colour: bool, hide_thinking: bool):
+        self.out = out
+        self.colour = colour
+        self.hide_thinking = hide_thinking
+        self._in_reasoning = False
+        self._at_line_start = True
+
+    def show(self, event) -> None:
+        from qwen35.chat.session import Notice
+
+        if isinstance(event, Notice):
+            self._line(event.text, dim=True)
+            return
+        if event.reasoning_content and not self.hide_thinking:
+            if not self._in_reasoning:
+                self._line("", dim=False)
+                self._write("Thinking...\n", dim=True)
+                self._in_reasoning = True
+            self._write(event.reasoning_content, dim=True)
+        if event.content:
+            self._end_reasoning()
+            self._write(event.content)
+        for call in event.tool_calls:
+            arguments = json.dumps(call["arguments"], ensure_ascii=False)
+            self._line(f"[tool call] {call['name']} {arguments}", dim=False)
+
+    def finish(self) -> None:
+        """End the answer on a fresh line."""
+        self._end_reasoning()
+        if not self._at_line_start:
+            self._write("\n")
+
+    def interrupted(self) -> None:
+        if self.colour:
+            self.out.write(RESET)  # in case the stop came in the middle of dimmed text
+        self._in_reasoning = False
+        self.finish()
+
+    def speed_line(self, text: str) -> None:
+        if text:
+            self._line(text, dim=True)
+
+    def _end_reasoning(self) -> None:
+        if self._in_reasoning:
+            self._in_reasoning = False
+            self._write("\n...done thinking.\n\n", dim=True)
+
+    def _line(self, text: str, dim: bool) -> None:
+        """`text` on a line of its own (nothing but a line break when empty)."""
+        self._end_reasoning()
+        if not self._at_line_start:
+            self._write("\n")
+        if text:
+            self._write(text + "\n", dim=dim)
+
+    def _write(self, text: str, dim: bool = False) -> None:
+        if not text:
+            return
+        self.out.write(f"{DIM}{text}{RESET}" if dim and self.colour else text)
+        self.out.flush()
+        self._at_line_start = text.endswith("\n")
+
+
+# -- the two modes --------------------------------------------------------------------------
+
+
+def _one_shot(session, text: str, verbose: bool) -> int:
+    printer = AnswerPrinter(sys.stdout, colour_enabled(sys.stdout), session.settings.hide_thinking)
+    for event in session.answer(text):
+        printer.show(event)
+    printer.finish()
+    if verbose:
+        print(session.last_turn.speed_line(), file=sys.stderr)
+    return 0
+
+
+def _interactive(session, path: Path) -> int:
+    from qwen35.chat.session import LineAssembler
+
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for input())
+
+    out = sys.stdout
+    colour = colour_enabled(out)
+    name = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+    hint = f"{name}: context {session.settings.context_size} tokens. Type /? for help, /bye or Ctrl + d to exit."
+    out.write(f"{DIM}{hint}{RESET}\n" if colour else f"{hint}\n")
+    assembler = LineAssembler()
+    while True:
+        try:
+            line = input(CONTINUATION_PROMPT if assembler.pending else PROMPT)
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\n")
+            if assembler.pending:
+                assembler.reset()  # Ctrl+C drops the unfinished multi-line message
+            else:
+                out.write(EXIT_HINT + "\n\n")
+            continue
+        if not assembler.pending and line.lstrip().startswith("/"):
+            result = session.command(line)
+            if result.exit:
+                return 0
+            if result.text:
+                out.write(result.text + "\n\n")
+            continue
+        message = assembler.feed(line)
+        if message is None or not message.strip():
+            continue
+        try:
+            _chat_turn(session, message, out, colour)
+        except KeyboardInterrupt:  # a second Ctrl+C while the first was being handled
+            out.write((RESET if colour else "") + "\n")
+
+
+def _chat_turn(session, message: str, out, colour: bool) -> None:
+    printer = AnswerPrinter(out, colour, session.settings.hide_thinking)
+    events = session.answer(message)
+    try:
+        with contextlib.closing(events):
+            for event in events:
+                printer.show(event)
+        printer.finish()
+    except KeyboardInterrupt:
+        printer.interrupted()
+    except Qwen35Error as error:
+        printer.finish()
+        out.write(f"error: {error}\n\n")
+        return
+    printer.speed_line(session.last_turn.speed_line())
+    out.write("\n")

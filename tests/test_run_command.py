@@ -1,0 +1,357 @@
+"""`qwen35 run`: one-shot answers against transformers' greedy tokens, and the interactive
+chat driven through a pseudo-terminal as a person would, reading what the screen shows."""
+
+import fcntl
+import json
+import os
+import re
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+
+import pytest
+
+from qwen35.chat.parser import THINK_END, THINK_START, TOOL_CALL_START
+from qwen35.chat.session import ChatSession, ChatSettings, ContextFullError, LineAssembler, Notice
+
+SPEED_LINE = re.compile(r"prompt (\d+) tok, [\d.]+ tok/s · answer (\d+) tok, [\d.]+ tok/s")
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\x1b[=>]")
+DIM = "\x1b[2m"
+
+
+def qwen35(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "qwen35", *args], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def dense_hf(fixtures):
+    return fixtures / "tiny" / "dense-hf"
+
+
+@pytest.fixture(scope="module")
+def reference(fixtures):
+    return json.loads((fixtures / "ref" / "dense.json").read_text())["sequences"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(dense_hf):
+    from qwen35 import load_tokenizer
+
+    return load_tokenizer(dense_hf)
+
+
+# -- one-shot ---------------------------------------------------------------------------------
+
+
+def _reference_text(tokenizer, ids):
+    """Transformers' greedy tokens as text, checked to hold no markup the output parser would
+    split on and no end of turn (the reference is then one reasoning or one content block)."""
+    assert not set(ids) & set(tokenizer.eos_token_ids)
+    text = tokenizer.decode(ids)
+    assert not any(marker in text for marker in (THINK_START, THINK_END, TOOL_CALL_START, "<function="))
+    return text.strip()
+
+
+def test_one_shot_thinking_prints_transformers_greedy_reasoning(dense_hf, reference, tokenizer):
+    sequence = reference["chat_think"]
+    question = "Which Qwen 3.5 model fits a 24GB GPU?"
+    assert tokenizer.apply_chat_template([{"role": "user", "content": question}]) == sequence["text"]
+    expected = _reference_text(tokenizer, sequence["transformers_greedy"])
+
+    result = qwen35("run", str(dense_hf), question, "--temp", "0", "-n", "24", "--think")
+    assert result.returncode == 0, result.stderr
+    assert "\x1b[" not in result.stdout  # not a terminal: no colour codes
+    # A pipe gets the reasoning between Ollama's markers, and nothing else: all 24 tokens are reasoning.
+    assert result.stdout == f"Thinking...\n{expected}\n...done thinking.\n\n"
+
+
+def test_one_shot_without_thinking_prints_transformers_greedy_answer(dense_hf, reference, tokenizer):
+    sequence = reference["chat_nothink"]
+    question = "Which Qwen 3.5 model fits a 24GB GPU?"
+    expected = _reference_text(tokenizer, sequence["transformers_greedy"])
+
+    result = qwen35("run", str(dense_hf), question, "--temp", "0", "-n", "24", "--no-think", "--hide-thinking",
+                    "--verbose")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    speed = SPEED_LINE.search(result.stderr)
+    assert speed and int(speed[1]) == len(sequence["ids"]) and int(speed[2]) == 24
+
+
+def test_missing_model_is_one_line_and_exit_1(tmp_path):
+    result = qwen35("run", str(tmp_path / "nope.gguf"), "hi")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "no model at" in result.stderr and "nope.gguf" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("flags, complaint", [
+    (["--chat-template-kwargs", "{enable_thinking: false}"], "not valid JSON"),
+    (["--chat-template-kwargs", "[1]"], "must be a JSON object"),
+    (["--temp", "-1"], "temperature"),
+    (["-c", "5"], "-c must be at least"),
+    (["-n", "0"], "-n must be"),
+])
+def test_bad_flags_are_one_line_before_loading(dense_hf, flags, complaint):
+    result = qwen35("run", str(dense_hf), "hi", *flags)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and complaint in result.stderr
+
+
+# -- the interactive chat through a pseudo-terminal ---------------------------------------------
+
+
+class Terminal:
+    """A program on a pseudo-terminal: what it writes (escapes kept in `raw`, dropped in `screen`)
+    and keys typed into it. Ctrl+C typed here reaches it as SIGINT through the terminal, as for a person."""
+
+    def __init__(self, argv, env):
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 250, 0, 0))
+        self.process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                        start_new_session=True, preexec_fn=_take_controlling_terminal)
+        os.close(slave)
+        self.master = master
+        self.raw = ""
+        self.position = 0  # how far `expect` has read into `screen`
+
+    @property
+    def screen(self) -> str:
+        return ANSI_ESCAPE.sub("", self.raw).replace("\r", "")
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode())
+
+    def expect(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        """Wait for `pattern` (a regex) in the screen after what earlier expects consumed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.compile(pattern).search(self.screen, self.position)
+            if match:
+                self.position = match.end()
+                return match
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._read(left):
+                raise AssertionError(f"{pattern!r} never appeared; the screen ends:\n{self.screen[-2000:]}")
+
+    def wait_for_output(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0 and self._read(left):
+            pass
+
+    def _read(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the program closed the terminal
+            return False
+        self.raw += data.decode("utf-8", errors="replace")
+        return bool(data)
+
+    def close(self) -> int:
+        try:
+            return self.process.wait(timeout=30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+            os.close(self.master)
+
+
+def _take_controlling_terminal():
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _terminal_env(**extra):
+    env = {key: value for key, value in os.environ.items() if key != "NO_COLOR"}
+    env.update(TERM="xterm", INPUTRC="/dev/null", **extra)
+    return env
+
+
+def test_interactive_chat_as_a_person_uses_it(dense_hf, tokenizer):
+    terminal = Terminal([sys.executable, "-m", "qwen35", "run", str(dense_hf), "-n", "6", "--seed", "7"],
+                        _terminal_env())
+    try:
+        terminal.expect(r">>> ", timeout=120)
+        terminal.type("/?\r")
+        terminal.expect(r"/set think on\|off")
+        terminal.expect(r">>> ")
+        terminal.type("/frobnicate\r")
+        terminal.expect(r"Unknown command '/frobnicate'. Type /\? for help")
+        terminal.expect(r">>> ")
+        terminal.type("\x03")  # Ctrl+C at an empty prompt: a hint, not an exit
+        terminal.expect(r"Use Ctrl \+ d or /bye to exit\.")
+        terminal.expect(r">>> ")
+
+        # A first answer: reasoning (on by default) shown dimmed, then a dimmed speed line.
+        start = len(terminal.raw)
+        terminal.type("hello\r")
+        terminal.expect(r"Thinking\.\.\.")
+        first = terminal.expect(SPEED_LINE.pattern)
+        terminal.expect(r">>> ")
+        answer_raw = terminal.raw[start:]
+        assert DIM + "Thinking..." in answer_raw and DIM + first[0] in answer_raw
+
+        terminal.type("/set think off\r")
+        terminal.expect(r"Set thinking off\.")
+        terminal.type("/set temperature 0\r")
+        terminal.expect(r"Set parameter 'temperature' to '0'")
+        terminal.type("/set system You are terse.\r")
+        terminal.expect(r"Set system message\.")
+        terminal.type("/clear\r")
+        terminal.expect(r"Cleared session context\.")
+        terminal.expect(r">>> ")
+
+        # A multi-line message after /clear: the model sees exactly the system message and it.
+        terminal.type('"""first line\r')
+        terminal.expect(r"\.\.\. ")
+        terminal.type('second line"""\r')
+        turn = terminal.expect(SPEED_LINE.pattern)
+        terminal.expect(r">>> ")
+        expected_prompt = tokenizer.apply_chat_template(
+            [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "first line\nsecond line"}],
+            enable_thinking=False,
+        )
+        assert int(turn[1]) == len(tokenizer.encode(expected_prompt))
+        assert "Thinking..." not in terminal.screen[terminal.screen.rfind("second line"):]
+
+        # The next turn carries the history: its prompt holds the previous one and the answer.
+        terminal.type("and more\r")
+        follow_up = terminal.expect(SPEED_LINE.pattern)
+        terminal.expect(r">>> ")
+        assert int(follow_up[1]) > int(turn[1]) + len(tokenizer.encode("and more"))
+
+        # Ctrl+C in the middle of a long answer stops it; the chat goes on.
+        terminal.type("/set num_predict 2000\r")
+        terminal.expect(r"Set parameter 'num_predict' to '2000'")
+        terminal.expect(r">>> ")
+        terminal.type("tell me a long story\r")
+        terminal.expect(r"tell me a long story\n\S")  # the answer has begun
+        terminal.wait_for_output(1.0)
+        interrupted_at = time.monotonic()
+        terminal.type("\x03")
+        terminal.expect(r"stopped")
+        terminal.expect(r">>> ", timeout=10)
+        assert time.monotonic() - interrupted_at < 10
+
+        terminal.type("/set num_predict 3\r")
+        terminal.expect(r">>> ")
+        terminal.type("go on\r")
+        after = terminal.expect(SPEED_LINE.pattern)
+        assert int(after[2]) <= 3
+        terminal.expect(r">>> ")
+
+        terminal.type("/bye\r")
+        assert terminal.close() == 0
+    finally:
+        if terminal.process.poll() is None:
+            terminal.process.kill()
+
+
+def test_no_color_hidden_thinking_and_ctrl_d(dense_hf):
+    terminal = Terminal([sys.executable, "-m", "qwen35", "run", str(dense_hf), "-n", "4", "--hide-thinking",
+                         "-sys", "Be brief."], _terminal_env(NO_COLOR="1"))
+    try:
+        terminal.expect(r">>> ", timeout=120)
+        terminal.type("hi\r")
+        terminal.expect(SPEED_LINE.pattern)
+        terminal.expect(r">>> ")
+        terminal.type("/show system\r")
+        terminal.expect(r"Be brief\.")
+        terminal.expect(r">>> ")
+        terminal.type("\x04")  # Ctrl+D
+        assert terminal.close() == 0
+        assert DIM not in terminal.raw and "Thinking..." not in terminal.screen
+    finally:
+        if terminal.process.poll() is None:
+            terminal.process.kill()
+
+
+# -- the session without a terminal -----------------------------------------------------------------
+
+
+def test_multiline_messages_join_like_ollama():
+    assembler = LineAssembler()
+    assert assembler.feed("plain") == "plain"
+    assert assembler.feed('"""one line"""') == "one line"
+    assert assembler.feed('"""') is None and assembler.pending
+    assert assembler.feed("a") is None
+    assert assembler.feed("b") is None
+    assert assembler.feed('"""') == "a\nb"
+    assert not assembler.pending
+    assert assembler.feed('"""x') is None
+    assert assembler.feed('y"""') == "x\ny"
+
+
+@pytest.fixture(scope="module")
+def model(dense_hf):
+    from qwen35 import load_model
+
+    return load_model(dense_hf)
+
+
+def _answer(session, text):
+    events = list(session.answer(text))
+    return events, session.last_turn
+
+
+def test_outgrown_context_drops_the_oldest_turns(model, tokenizer):
+    session = ChatSession(model, tokenizer, ChatSettings(context_size=64, max_new_tokens=4,
+                                                         sampling={"temperature": 0.0}, think=False))
+    notices = []
+    for number in range(8):
+        events, turn = _answer(session, f"question number {number}")
+        notices += [event.text for event in events if isinstance(event, Notice)]
+        assert turn.prompt_tokens + turn.generated_tokens <= 64
+    users = [message["content"] for message in session.messages if message["role"] == "user"]
+    assert users[-1] == "question number 7" and "question number 0" not in users
+    assert any("outgrew the context of 64 tokens" in notice for notice in notices)
+
+
+def test_a_message_too_long_for_the_context_is_refused_and_not_kept(model, tokenizer):
+    session = ChatSession(model, tokenizer, ChatSettings(context_size=32, max_new_tokens=2,
+                                                         sampling={"temperature": 0.0}))
+    _answer(session, "hi")
+    history = list(session.messages)
+    with pytest.raises(ContextFullError, match="context holds 32"):
+        _answer(session, "word " * 40)
+    assert session.messages == history
+
+
+def test_commands_change_settings_and_refuse_bad_values(model, tokenizer):
+    session = ChatSession(model, tokenizer, ChatSettings(context_size=256))
+    assert session.command("/set temperature 0.2").text == "Set parameter 'temperature' to '0.2'"
+    assert session.sampling_params().temperature == 0.2
+    assert "Couldn't set 'temperature'" in session.command("/set temperature -3").text
+    assert session.sampling_params().temperature == 0.2
+    assert "Couldn't set 'top_p'" in session.command("/set top_p lots").text
+    session.command("/set parameter top_k 5")
+    assert session.sampling_params().top_k == 5
+    session.command("/set nothink")
+    assert session.template_kwargs()["enable_thinking"] is False
+    session.command("/set think on")
+    assert session.template_kwargs()["enable_thinking"] is True
+    assert session.command("/set think maybe").text == "Usage: /set think on|off"
+    assert session.command("/set wibble 3").text.startswith("Unknown parameter 'wibble'")
+    assert session.command("/bye").exit and session.command("/exit").exit
+    assert session.command("/nonsense").text == "Unknown command '/nonsense'. Type /? for help"
+
+
+def test_an_interrupted_answer_keeps_what_was_produced(model, tokenizer):
+    session = ChatSession(model, tokenizer, ChatSettings(context_size=256, max_new_tokens=50,
+                                                         sampling={"temperature": 0.0}, think=False))
+    events = session.answer("tell me")
+    shown = ""
+    for event in events:
+        shown += getattr(event, "content", "")
+        if len(shown) > 3:
+            break
+    events.close()  # what the terminal does on Ctrl+C
+    assert session.last_turn.finish_reason == "interrupted"
+    assert session.messages[0] == {"role": "user", "content": "tell me"}
+    assert session.messages[1]["role"] == "assistant" and session.messages[1]["content"].startswith(shown.strip())
