@@ -195,21 +195,29 @@ class GatedDeltaNet:
 
     def __init__(self, c: ModelConfig, w: dict, prefix: str):
         self.c = c
-        names = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "conv1d", "dt_bias", "decay_rate", "norm")
-        for name in names:
-            setattr(self, name, w[f"{prefix}.{name}"])
+        self.in_proj_qkv, self.in_proj_z = w[f"{prefix}.in_proj_qkv"], w[f"{prefix}.in_proj_z"]
+        self.in_proj_b, self.in_proj_a = w[f"{prefix}.in_proj_b"], w[f"{prefix}.in_proj_a"]
+        self.out_proj = w[f"{prefix}.out_proj"]
+        self.conv_weight = w[f"{prefix}.conv1d"]  # [conv_dim, kernel]
+        self.dt_bias, self.decay_rate = w[f"{prefix}.dt_bias"], w[f"{prefix}.decay_rate"]
+        self.norm = w[f"{prefix}.norm"]
+
+    def causal_conv(self, projected: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
+        """Depthwise causal conv + SiLU over [B, T, C], continuing from the row's last kernel-1 inputs."""
+        window = torch.cat([state.conv.float(), projected.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
+        state.conv = window[:, :, window.shape[-1] - (self.c.linear_conv_kernel - 1) :].to(state.conv.dtype).clone()
+        if projected.shape[1] == 1:  # decode: a single window per channel
+            mixed = (window * self.conv_weight).sum(dim=-1, keepdim=True)
+        else:
+            mixed = F.conv1d(window, self.conv_weight[:, None, :], groups=window.shape[1])
+        return F.silu(mixed).transpose(1, 2)
 
     def __call__(self, x, state: DeltaNetState):
         c = self.c
         batch, length, _ = x.shape
         n_k, n_v, d_k, d_v = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
 
-        mixed = torch.cat([state.conv.float(), self.in_proj_qkv(x).transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
-        state.conv = mixed[:, :, mixed.shape[-1] - (c.linear_conv_kernel - 1) :].to(state.conv.dtype).clone()
-        if length == 1:  # decode: one window per channel, no need for a conv call
-            mixed = F.silu((mixed * self.conv1d).sum(dim=-1, keepdim=True)).transpose(1, 2)
-        else:
-            mixed = F.silu(F.conv1d(mixed, self.conv1d[:, None, :], groups=mixed.shape[1])).transpose(1, 2)
+        mixed = self.causal_conv(self.in_proj_qkv(x), state)
         q, k, v = mixed.split([c.linear_key_dim, c.linear_key_dim, c.linear_value_dim], dim=-1)
         q = _l2_normalize(q.reshape(batch, length, n_k, d_k)) * d_k**-0.5
         k = _l2_normalize(k.reshape(batch, length, n_k, d_k))
@@ -222,14 +230,18 @@ class GatedDeltaNet:
 
         beta = torch.sigmoid(self.in_proj_b(x).float())
         g = self.decay_rate * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
-        heads_first = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731
         out, state.recurrent = gated_delta_rule(
-            heads_first(q), heads_first(k), heads_first(v), heads_first(g), heads_first(beta), state.recurrent
+            _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(g), _heads_first(beta), state.recurrent
         )
         out = out.transpose(1, 2)  # [B, T, n_v, d_v]
         z = self.in_proj_z(x).view(batch, length, n_v, d_v)
         out = rms_norm(out, self.norm, c.rms_norm_eps) * F.silu(z.float())
         return self.out_proj(out.reshape(batch, length, -1))
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, ...] -> contiguous [B, H, T, ...], the delta rule's layout."""
+    return x.transpose(1, 2).contiguous()
 
 
 def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
