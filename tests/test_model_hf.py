@@ -118,3 +118,12 @@ def test_mrope_positions_match_transformers(tmp_path):
     assert np.abs(expected - plain).max() > 1e-2, "the streams must matter for this test to mean anything"
     assert np.abs(logits - expected).max() <= TOLERANCE
     assert int(cache.next_positions[0]) == int(positions.max()) + 1
+
+
+def test_greedy_generation_matches_transformers(fixtures):
+    """Model.generate (over the engine's loop and our decode path) vs transformers' greedy continuation."""
+    model = qwen35.load_model(fixtures / "tiny" / "dense-hf", precision="reference")
+    sequence = json.loads((fixtures / "ref" / "dense.json").read_text())["sequences"]["chat_think"]
+    expected = sequence["transformers_greedy"]
+    assert model.generate(sequence["ids"], len(expected), temperature=0) == expected
+    assert list(model.stream_generate(sequence["ids"], 5, temperature=0)) == expected[:5]
