@@ -10,6 +10,7 @@ requests wait in a bounded queue (--queue) and past it get 429 with Retry-After.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -82,6 +83,10 @@ def run(args) -> int:
                       f"context {args.context}, {args.parallel} parallel. Ctrl+C stops.", flush=True)
 
     config = uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5)
-    AnnouncingServer(config).run(sockets=[sock])  # uvicorn handles SIGINT/SIGTERM: stop accepting, finish, exit
+    # uvicorn turns SIGINT/SIGTERM into a graceful shutdown, then re-sends the signal to the handlers it
+    # found; with these in place that re-sent signal is a no-op and the command ends normally.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda *_: None)
+    AnnouncingServer(config).run(sockets=[sock])
     print("qwen35 serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -16,7 +16,7 @@ from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_ollama
 from qwen35.server.errors import APIError
-from qwen35.server.prompting import (check_model_name, make_job, render_chat,
+from qwen35.server.prompting import (check_model_name, check_request, make_job, render_chat,
                                      sampling_params, template_messages)
 from qwen35.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from qwen35.server.stream import ChatText, End, PlainText, generate
@@ -104,7 +104,7 @@ def _respond(body, lines: AsyncIterator[str], text_key: str):
 @router.post("/api/chat", summary="Ollama chat (NDJSON stream unless stream is false)")
 async def ollama_chat(body: OllamaChatRequest, request: Request):
     state = get_state(request)
-    check_model_name(state, body.model)
+    check_request(state, body)
     started = time.perf_counter()
     messages = []
     for message in body.messages:
@@ -143,7 +143,7 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
 @router.post("/api/generate", summary="Ollama text generation (NDJSON stream unless stream is false)")
 async def ollama_generate(body: OllamaGenerateRequest, request: Request):
     state = get_state(request)
-    check_model_name(state, body.model)
+    check_request(state, body)
     started = time.perf_counter()
     if body.images:
         raise APIError(400, "This server does not accept images yet.", param="images")

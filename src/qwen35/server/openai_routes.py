@@ -14,7 +14,7 @@ from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_chat
 from qwen35.server.errors import APIError, error_body
-from qwen35.server.prompting import (check_model_name, make_job, render_chat,
+from qwen35.server.prompting import (check_model_name, check_request, make_job, render_chat,
                                      sampling_params, template_messages)
 from qwen35.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwen35.server.stream import ChatText, Delta, End, Folded, fold, generate
@@ -96,7 +96,7 @@ def _chat_tools(body: ChatCompletionRequest) -> tuple[list[dict] | None, str | N
 
 
 def start_chat(state: ServerState, body: ChatCompletionRequest, request: Request | None):
-    check_model_name(state, body.model)
+    check_request(state, body)
     messages = template_messages([message.model_dump(exclude_none=True) for message in body.messages])
     if any(part.get("type") == "image_url" for message in messages
            if isinstance(message.get("content"), list) for part in message["content"]):
@@ -191,7 +191,7 @@ async def _chat_events(state, stream: AsyncIterator[Delta | End], reply_id: str,
 @router.post("/v1/completions", summary="Text completion (streamed as SSE when stream is true)")
 async def completions(body: CompletionRequest, request: Request):
     state = get_state(request)
-    check_model_name(state, body.model)
+    check_request(state, body)
     prompt = body.prompt
     prompt_ids = None
     if isinstance(prompt, list) and prompt and all(isinstance(item, int) for item in prompt):

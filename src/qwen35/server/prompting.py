@@ -28,6 +28,29 @@ class Job:
     prompt_text: str
 
 
+def check_text(value, where: str = "") -> None:
+    """Refuse strings that are not valid Unicode (JSON can carry lone surrogates; no tokenizer takes them)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"'{where or 'body'}' holds text that is not valid Unicode (a lone surrogate).",
+                           param=where or None) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(key, where)
+            check_text(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_text(item, f"{where}.{index}")
+
+
+def check_request(state, body) -> None:
+    """Checks every generating route makes first: valid text, a model this server serves."""
+    check_text(body.model_dump())
+    check_model_name(state, body.model)
+
+
 def check_model_name(state, name: str) -> None:
     if name not in state.model_names:
         raise APIError(404, f"The model '{name}' does not exist; this server serves '{state.model_name}'.",
