@@ -245,6 +245,21 @@ def test_disconnect_frees_the_slot_and_a_full_queue_answers_429(tokenizer):
             quick = http.post(url + "/v1/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=5)
         assert quick.status_code == 200, quick.text
         assert state.service.stats.requests_by_reason.get("cancelled") == 1
+        # A client that gives up on a non-streamed reply frees its slot too.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        started = time.monotonic()
+        while httpx.get(url + "/health").json()["running"] and time.monotonic() - started < 2:
+            time.sleep(0.01)
+        assert time.monotonic() - started < 1
+        assert state.service.stats.requests_by_reason.get("cancelled") == 2
+
+
+def test_oversized_body_gets_413(server):
+    response = httpx.post(server[0] + "/v1/completions", content=b"{" + b" " * (33 << 20) + b"}",
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["message"]
+    assert httpx.get(server[0] + "/health").status_code == 200
 
 
 def test_metrics(server, client):

@@ -48,6 +48,7 @@ class GenerationRequest:
     sampling: SamplingParams
     max_new_tokens: int
     stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False  # the model's end tokens do not stop it (stop_token_ids still do)
     top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
     constraint: TokenConstraint | None = None
     snapshot_points: tuple[int, ...] = ()  # prompt positions worth keeping a state snapshot at
@@ -350,7 +351,7 @@ class EngineService:
         self.stats.generated_tokens += 1
         if request.constraint is not None:
             request.constraint.advance(token_id)
-        if token_id in self.eos_token_ids or token_id in request.stop_token_ids:
+        if (token_id in self.eos_token_ids and not request.ignore_eos) or token_id in request.stop_token_ids:
             self._finish(sequence, "stop")
             return
         output = TokenOutput(token_id)

@@ -52,22 +52,31 @@ def _check(args) -> None:
         raise Qwen35Error(f"{args.model}: no such file or directory")
 
 
+def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int = 8192, prefix_cache_mb: int = 2048,
+                name: str | None = None, api_key: str | None = None):
+    """Load the model and tokenizer and start nothing yet: the server's state (also used by benchmarks)."""
+    from qwen35 import load_model, load_tokenizer
+    from qwen35.engine.service import EngineService
+    from qwen35.server.app import ServerState
+
+    model = load_model(str(path))
+    tokenizer = load_tokenizer(str(path))
+    service = EngineService(model, max_running=parallel, max_waiting=queue, context_length=context,
+                            prefix_cache_bytes=prefix_cache_mb << 20)
+    return ServerState(model=model, tokenizer=tokenizer, service=service, model_name=name or _model_name(path),
+                       model_path=str(path), api_key=api_key)
+
+
 def run(args) -> int:
     _check(args)
     import uvicorn
 
-    from qwen35 import load_model, load_tokenizer
-    from qwen35.engine.service import EngineService
-    from qwen35.server.app import ServerState, create_app
+    from qwen35.server.app import create_app
 
     path = Path(args.model)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
-    model = load_model(str(path))
-    tokenizer = load_tokenizer(str(path))
-    service = EngineService(model, max_running=args.parallel, max_waiting=args.queue,
-                            context_length=args.context, prefix_cache_bytes=args.prefix_cache_mb << 20)
-    state = ServerState(model=model, tokenizer=tokenizer, service=service, model_name=args.name or _model_name(path),
-                        model_path=str(path), api_key=args.api_key)
+    state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context,
+                        prefix_cache_mb=args.prefix_cache_mb, name=args.name, api_key=args.api_key)
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as error:

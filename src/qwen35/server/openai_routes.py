@@ -38,7 +38,7 @@ def _usage(end: End) -> dict:
 def _sampling_options(body) -> dict:
     return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "min_p": body.min_p,
             "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-            "repetition_penalty": body.repetition_penalty, "seed": body.seed}
+            "repetition_penalty": body.repetition_penalty, "seed": body.seed, "ignore_eos": body.ignore_eos}
 
 
 def _token_logprob(tokenizer, token) -> dict:

@@ -133,6 +133,7 @@ def make_job(state, prompt_text: str, *, max_tokens: int | None, sampling: Sampl
         sampling=sampling,
         max_new_tokens=max_tokens if max_tokens is not None else limit - prompt_tokens,
         stop_token_ids=frozenset(sampling.stop_token_ids),
+        ignore_eos=sampling.ignore_eos,
         top_logprobs=top_logprobs,
         constraint=constraint,
         snapshot_points=turn_boundaries(state.tokenizer, prompt_ids),
