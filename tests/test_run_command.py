@@ -2,6 +2,7 @@
 chat driven through a pseudo-terminal as a person would, reading what the screen shows."""
 
 import fcntl
+import io
 import json
 import os
 import re
@@ -14,7 +15,8 @@ import time
 
 import pytest
 
-from qwen35.chat.parser import THINK_END, THINK_START, TOOL_CALL_START
+from qwen35.chat.command import AnswerPrinter, colour_enabled
+from qwen35.chat.parser import THINK_END, THINK_START, TOOL_CALL_START, ParsedDelta
 from qwen35.chat.session import ChatSession, ChatSettings, ContextFullError, LineAssembler, Notice
 
 SPEED_LINE = re.compile(r"prompt (\d+) tok, [\d.]+ tok/s · answer (\d+) tok, [\d.]+ tok/s")
@@ -69,17 +71,21 @@ def test_one_shot_thinking_prints_transformers_greedy_reasoning(dense_hf, refere
     assert result.stdout == f"Thinking...\n{expected}\n...done thinking.\n\n"
 
 
-def test_one_shot_without_thinking_prints_transformers_greedy_answer(dense_hf, reference, tokenizer):
+def test_one_shot_with_template_file_and_kwargs_prints_transformers_greedy_answer(fixtures, dense_hf, reference,
+                                                                                    tokenizer):
+    """The real Qwen 3.5 template from a file, thinking turned off through --chat-template-kwargs:
+    the prompt is the reference's (its length shows in the speed line) and the answer its greedy tokens."""
     sequence = reference["chat_nothink"]
     question = "Which Qwen 3.5 model fits a 24GB GPU?"
-    expected = _reference_text(tokenizer, sequence["transformers_greedy"])
+    expected = _reference_text(tokenizer, sequence["transformers_greedy"][:12])
 
-    result = qwen35("run", str(dense_hf), question, "--temp", "0", "-n", "24", "--no-think", "--hide-thinking",
-                    "--verbose")
+    result = qwen35("run", str(dense_hf), question, "--temp", "0", "-n", "12", "--hide-thinking", "--verbose",
+                    "--chat-template-file", str(fixtures / "tokenizer" / "Qwen3.5-4B.jinja"),
+                    "--chat-template-kwargs", '{"enable_thinking": false}')
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
     speed = SPEED_LINE.search(result.stderr)
-    assert speed and int(speed[1]) == len(sequence["ids"]) and int(speed[2]) == 24
+    assert speed and int(speed[1]) == len(sequence["ids"]) and int(speed[2]) == 12
 
 
 def test_missing_model_is_one_line_and_exit_1(tmp_path):
@@ -92,14 +98,21 @@ def test_missing_model_is_one_line_and_exit_1(tmp_path):
 @pytest.mark.parametrize("flags, complaint", [
     (["--chat-template-kwargs", "{enable_thinking: false}"], "not valid JSON"),
     (["--chat-template-kwargs", "[1]"], "must be a JSON object"),
+    (["--chat-template-file", "/nonexistent/template.jinja"], "cannot read the chat template"),
     (["--temp", "-1"], "temperature"),
+    (["--top-p", "0"], "top_p"),
     (["-c", "5"], "-c must be at least"),
     (["-n", "0"], "-n must be"),
 ])
-def test_bad_flags_are_one_line_before_loading(dense_hf, flags, complaint):
-    result = qwen35("run", str(dense_hf), "hi", *flags)
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and complaint in result.stderr
+def test_bad_flags_are_one_line_errors_before_loading(tmp_path, flags, complaint):
+    from qwen35.cli import build_parser
+    from qwen35.errors import Qwen35Error
+
+    # The model path does not exist either: the flags are checked first, before any loading.
+    args = build_parser().parse_args(["run", str(tmp_path / "missing.gguf"), "hi", *flags])
+    with pytest.raises(Qwen35Error, match=re.escape(complaint)) as error:
+        args._module.run(args)
+    assert "\n" not in str(error.value)
 
 
 # -- the interactive chat through a pseudo-terminal ---------------------------------------------
@@ -253,20 +266,18 @@ def test_interactive_chat_as_a_person_uses_it(dense_hf, tokenizer):
             terminal.process.kill()
 
 
-def test_no_color_hidden_thinking_and_ctrl_d(dense_hf):
-    terminal = Terminal([sys.executable, "-m", "qwen35", "run", str(dense_hf), "-n", "4", "--hide-thinking",
-                         "-sys", "Be brief."], _terminal_env(NO_COLOR="1"))
+def test_no_color_system_prompt_and_ctrl_d(dense_hf):
+    terminal = Terminal([sys.executable, "-m", "qwen35", "run", str(dense_hf), "-sys", "Be brief."],
+                        _terminal_env(NO_COLOR="1"))
     try:
-        terminal.expect(r">>> ", timeout=120)
-        terminal.type("hi\r")
-        terminal.expect(SPEED_LINE.pattern)
+        terminal.expect(r"Type /\? for help", timeout=120)
         terminal.expect(r">>> ")
         terminal.type("/show system\r")
         terminal.expect(r"Be brief\.")
         terminal.expect(r">>> ")
         terminal.type("\x04")  # Ctrl+D
         assert terminal.close() == 0
-        assert DIM not in terminal.raw and "Thinking..." not in terminal.screen
+        assert "\x1b[2m" not in terminal.raw and "\x1b[0m" not in terminal.raw
     finally:
         if terminal.process.poll() is None:
             terminal.process.kill()
@@ -301,16 +312,19 @@ def _answer(session, text):
 
 
 def test_outgrown_context_drops_the_oldest_turns(model, tokenizer):
-    session = ChatSession(model, tokenizer, ChatSettings(context_size=64, max_new_tokens=4,
+    session = ChatSession(model, tokenizer, ChatSettings(context_size=40, max_new_tokens=2,
                                                          sampling={"temperature": 0.0}, think=False))
     notices = []
-    for number in range(8):
+    for number in range(4):
         events, turn = _answer(session, f"question number {number}")
         notices += [event.text for event in events if isinstance(event, Notice)]
-        assert turn.prompt_tokens + turn.generated_tokens <= 64
+        assert turn.prompt_tokens + turn.generated_tokens <= 40
     users = [message["content"] for message in session.messages if message["role"] == "user"]
-    assert users[-1] == "question number 7" and "question number 0" not in users
-    assert any("outgrew the context of 64 tokens" in notice for notice in notices)
+    assert users[-1] == "question number 3" and "question number 0" not in users
+    assert any("outgrew the context of 40 tokens" in notice for notice in notices)
+    # What is left is the latest turns, whole: each user message with its answer.
+    roles = [message["role"] for message in session.messages]
+    assert roles == ["user", "assistant"] * (len(roles) // 2)
 
 
 def test_a_message_too_long_for_the_context_is_refused_and_not_kept(model, tokenizer):
@@ -355,3 +369,38 @@ def test_an_interrupted_answer_keeps_what_was_produced(model, tokenizer):
     assert session.last_turn.finish_reason == "interrupted"
     assert session.messages[0] == {"role": "user", "content": "tell me"}
     assert session.messages[1]["role"] == "assistant" and session.messages[1]["content"].startswith(shown.strip())
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_colour_only_on_a_terminal_without_no_color():
+    assert colour_enabled(FakeTerminal(), {"TERM": "xterm"})
+    assert not colour_enabled(FakeTerminal(), {"TERM": "xterm", "NO_COLOR": "1"})
+    assert not colour_enabled(FakeTerminal(), {"TERM": "dumb"})
+    assert not colour_enabled(io.StringIO(), {"TERM": "xterm"})
+
+
+def _printed(events, colour, hide_thinking):
+    out = FakeTerminal()
+    printer = AnswerPrinter(out, colour=colour, hide_thinking=hide_thinking)
+    for event in events:
+        printer.show(event)
+    printer.finish()
+    return out.getvalue()
+
+
+def test_printer_dims_or_hides_reasoning_and_shows_tool_calls_plainly():
+    events = [ParsedDelta(reasoning_content="let me see"), ParsedDelta(reasoning_content=" more"),
+              ParsedDelta(content="It is 4."),
+              ParsedDelta(tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}])]
+    assert _printed(events, colour=False, hide_thinking=False) == (
+        'Thinking...\nlet me see more\n...done thinking.\n\nIt is 4.\n[tool call] get_weather {"city": "Paris"}\n'
+    )
+    assert _printed(events, colour=False, hide_thinking=True) == (
+        'It is 4.\n[tool call] get_weather {"city": "Paris"}\n'
+    )
+    coloured = _printed(events, colour=True, hide_thinking=False)
+    assert "\x1b[2mlet me see\x1b[0m" in coloured and "\x1b[2m" not in coloured[coloured.index("It is"):]

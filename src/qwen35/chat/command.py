@@ -31,12 +31,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
     parser.add_argument("prompt", metavar="PROMPT", nargs="*",
                         help="answer this and exit (default: an interactive chat)")
-    parser.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_CONTEXT, dest="context",
+    parser.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_CONTEXT, dest="context", metavar="N",
                         help=f"context in tokens, prompt and answers together (default {DEFAULT_CONTEXT}; "
                              "0 = the model's own)")
-    parser.add_argument("-n", "--n-predict", type=int, default=-1, dest="n_predict",
+    parser.add_argument("-n", "--n-predict", type=int, default=-1, dest="n_predict", metavar="N",
                         help="most tokens per answer (default -1: until the model stops or the context is full)")
-    parser.add_argument("--temp", type=float, default=None, dest="temperature",
+    parser.add_argument("--temp", type=float, default=None, dest="temperature", metavar="T",
                         help="temperature (0 = greedy; default: the model's own)")
     parser.add_argument("--top-k", type=int, default=None, help="top-k (0 = off; default: the model's own)")
     parser.add_argument("--top-p", type=float, default=None, help="top-p (1 = off; default: the model's own)")
@@ -45,7 +45,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--presence-penalty", type=float, default=None, help="presence penalty (0 = off)")
     parser.add_argument("--frequency-penalty", type=float, default=None, help="frequency penalty (0 = off)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default -1: a fresh one)")
-    parser.add_argument("-sys", "--system-prompt", default=None, dest="system", help="the system message")
+    parser.add_argument("-sys", "--system-prompt", default=None, dest="system", metavar="TEXT", help="the system message")
     thinking = parser.add_mutually_exclusive_group()
     thinking.add_argument("--think", action="store_true", default=None, dest="think",
                           help="let the model reason before answering (the Qwen 3.5 default)")
@@ -61,10 +61,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     settings = _settings(args)
+    template_source = _read_template(args.chat_template_file)
     path = Path(args.model)
     if not path.exists():
         raise Qwen35Error(f"no model at {args.model}: give the path of a .gguf file or of an HF model directory")
-    template_source = _read_template(args.chat_template_file)
     prompt = _one_shot_prompt(args.prompt)
 
     from qwen35 import load_model, load_tokenizer
@@ -217,7 +217,10 @@ class AnswerPrinter:
     def _write(self, text: str, dim: bool = False) -> None:
         if not text:
             return
-        self.out.write(f"{DIM}{text}{RESET}" if dim and self.colour else text)
+        if dim and self.colour:
+            body = text.rstrip("\n")  # line breaks outside the codes: a reset never waits on the next line
+            text = f"{DIM}{body}{RESET}{text[len(body):]}" if body else text
+        self.out.write(text)
         self.out.flush()
         self._at_line_start = text.endswith("\n")
 
@@ -260,19 +263,18 @@ def _interactive(session, path: Path) -> int:
             else:
                 out.write(EXIT_HINT + "\n\n")
             continue
-        if not assembler.pending and line.lstrip().startswith("/"):
-            result = session.command(line)
-            if result.exit:
-                return 0
-            if result.text:
-                out.write(result.text + "\n\n")
-            continue
-        message = assembler.feed(line)
-        if message is None or not message.strip():
-            continue
         try:
-            _chat_turn(session, message, out, colour)
-        except KeyboardInterrupt:  # a second Ctrl+C while the first was being handled
+            if not assembler.pending and line.lstrip().startswith("/"):
+                result = session.command(line)
+                if result.exit:
+                    return 0
+                if result.text:
+                    out.write(result.text + "\n\n")
+                continue
+            message = assembler.feed(line)
+            if message is not None and message.strip():
+                _chat_turn(session, message, out, colour)
+        except KeyboardInterrupt:  # a Ctrl+C outside an answer (or a second one while it stops)
             out.write((RESET if colour else "") + "\n")
 
 

@@ -279,7 +279,8 @@ class ChatSession:
         if self.settings.template_kwargs:
             lines.append(f"template options {json.dumps(self.settings.template_kwargs)}")
         lines.append(f"system message: {system!r}" if system else "no system message")
-        lines.append(f"{sum(m['role'] == 'user' for m in self.messages)} turns in the history")
+        turns = sum(message["role"] == "user" for message in self.messages)
+        lines.append(f"{turns} turn{'' if turns == 1 else 's'} in the history")
         return "\n".join(lines)
 
     # -- answering --------------------------------------------------------------------
