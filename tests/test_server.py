@@ -318,3 +318,14 @@ def test_json_mode_ends_the_reply_with_the_object(client):
     with pytest.raises(openai.BadRequestError, match="schema"):
         _chat(client, "json {}", response_format={"type": "json_schema",
                                                   "json_schema": {"name": "r", "schema": {"type": "wat"}}})
+
+
+def test_an_engine_failure_fails_that_request_only(server, client):
+    with pytest.raises(openai.InternalServerError, match="told to fail"):
+        _chat(client, "EXPLODE now")
+    response = httpx.post(server[0] + "/v1/chat/completions", json={
+        "model": "tiny", "stream": True, "messages": [{"role": "user", "content": "EXPLODE again"}]})
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[-2])["error"]["message"].endswith("told to fail")
+    assert events[-1] == "[DONE]"
+    assert _chat(client, "fine after that").choices[0].message.content == "Answer: fine after that"

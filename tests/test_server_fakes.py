@@ -4,7 +4,8 @@ The scripted model answers with text fixed by the conversation, so a test can st
 it expects without running a network: with thinking on it writes
 "<think>\\nThinking about MSG\\n</think>\\n\\nAnswer: MSG", with thinking off "Answer: MSG"; a user
 message "call CITY" makes it call the tool get_weather(city=CITY), "json TEXT" answers TEXT as it is;
-after a tool result it answers
+a prompt holding "EXPLODE" makes its prefill raise (a stand-in for an engine failure); after a
+tool result it answers
 "The weather is RESULT". Raw text (no chat markers) continues with "~ lorem ipsum lorem ipsum ...".
 It uses the real Qwen 3.5 tokenizer of the fixtures, and its cache has the real cache's interface
 (select, merge, nbytes), so the engine batches it as it batches the real model.
@@ -119,6 +120,8 @@ class ScriptedModel:
         if self.delay_s:
             time.sleep(self.delay_s)
         batch, length = input_ids.shape
+        if length > 1 and "EXPLODE" in self.tokenizer.decode(input_ids[0].tolist()):
+            raise RuntimeError("the scripted model was told to fail")
         self.prefilled_tokens += batch * length if length > 1 else 0
         logits = torch.zeros(batch, length, self.config.vocab_size)
         for row in range(batch):

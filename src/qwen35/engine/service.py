@@ -257,11 +257,22 @@ class EngineService:
         # the prefill's logits and joins the decoding batch at the next step.
         decoding = [seq for seq in step.running if seq.status is SequenceStatus.DECODING]
         ready: list[tuple[Sequence, torch.Tensor]] = []
+        # Prompt tokens per step are bounded, so a burst of long prompts delays the running streams by
+        # one chunk's worth of compute per token at most.
+        budget = self.prefill_chunk
         for sequence in step.running:
-            if sequence.status is SequenceStatus.PREFILLING:
-                logits = self._prefill_chunk(sequence)
-                if logits is not None:
-                    ready.append((sequence, logits))
+            if sequence.status is not SequenceStatus.PREFILLING:
+                continue
+            if budget <= 0 and sequence.prefilled < len(sequence.prompt_ids):
+                continue
+            try:
+                logits, used = self._prefill_chunk(sequence, budget)
+            except Exception as error:  # this prompt only (an out-of-memory, a bug): the others go on
+                self._finish(sequence, "error", error=f"{type(error).__name__}: {error}")
+                continue
+            budget -= used
+            if logits is not None:
+                ready.append((sequence, logits))
         if decoding:
             ready.extend(zip(decoding, self._decode(decoding)))
         elif self._batch:
@@ -282,13 +293,17 @@ class EngineService:
             sequence.prefilled = sequence.cached_tokens = hit.length
             sequence.ready_logits = hit.last_logits
 
-    def _prefill_chunk(self, sequence: Sequence) -> torch.Tensor | None:
-        """Advance one chunk (ending at a snapshot point when one is near); logits when the prompt is in."""
+    def _prefill_chunk(self, sequence: Sequence, budget: int) -> tuple[torch.Tensor | None, int]:
+        """Advance one chunk of at most `budget` tokens, ending at a snapshot point when one is near.
+
+        Returns the logits after the prompt's last token once it is all in (else None), and the
+        number of tokens fed."""
         prompt = sequence.prompt_ids
         if sequence.prefilled == len(prompt):  # the whole prompt came from the prefix store
             sequence.status = SequenceStatus.DECODING
-            return sequence.ready_logits
-        end = min(len(prompt), sequence.prefilled + self.prefill_chunk)
+            return sequence.ready_logits, 0
+        start = sequence.prefilled
+        end = min(len(prompt), start + budget)
         points = [p for p in sequence.request.snapshot_points if sequence.prefilled < p < end]
         if points:
             end = points[0]
@@ -298,9 +313,9 @@ class EngineService:
         if end in sequence.request.snapshot_points or end == len(prompt):
             self.prefix_store.store(prompt[:end], sequence.cache, last_logits)
         if end < len(prompt):
-            return None
+            return None, end - start
         sequence.status = SequenceStatus.DECODING
-        return last_logits
+        return last_logits, end - start
 
     def _decode(self, sequences: list[Sequence]) -> list[torch.Tensor]:
         """One token for every decoding sequence, in one forward over the running batch's cache."""

@@ -50,7 +50,7 @@ def _details(state: ServerState) -> dict:
             "parameter_size": "", "quantization_level": ""}
 
 
-async def _ndjson(state, stream, started: float, shape) -> AsyncIterator[str]:
+async def _ndjson(stream, started: float, shape) -> AsyncIterator[str]:
     """One JSON object per line; `shape(text, thinking, tool_calls)` builds each line's payload."""
     first_token_at = None
     async for item in stream:
@@ -136,7 +136,7 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
             message["tool_calls"] = calls
         return {"model": body.model, "created_at": _now(), "message": message}
 
-    result = _respond(body, _ndjson(state, stream, started, shape), "content")
+    result = _respond(body, _ndjson(stream, started, shape), "content")
     return result if body.stream else await result
 
 
@@ -168,7 +168,7 @@ async def ollama_generate(body: OllamaGenerateRequest, request: Request):
             payload["thinking"] = reasoning
         return payload
 
-    result = _respond(body, _ndjson(state, stream, started, shape), "response")
+    result = _respond(body, _ndjson(stream, started, shape), "response")
     return result if body.stream else await result
 
 
