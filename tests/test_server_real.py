@@ -168,3 +168,26 @@ def test_forced_tool_call_round_trip(client):
                                             extra_body=NO_THINKING, **GREEDY)
     assert second.choices[0].finish_reason in ("stop", "length")
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 8
+
+
+def test_sampling_options_and_seeds_match_the_generation_loop(real):
+    url, _, model, tokenizer = real
+    messages = [{"role": "user", "content": "Pick some words."}]
+    prompt_ids = tokenizer.encode(tokenizer.apply_chat_template(messages, enable_thinking=False))
+    options = {"temperature": 0.9, "top_p": 0.9, "top_k": 40, "min_p": 0.01, "repetition_penalty": 1.2,
+               "presence_penalty": 0.5, "frequency_penalty": 0.3, "seed": 1234}
+    expected = tokenizer.decode(model.generate(prompt_ids, max_new_tokens=10, **options))
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        extra = {key: options[key] for key in ("top_k", "min_p", "repetition_penalty")}
+        standard = {key: options[key] for key in ("temperature", "top_p", "presence_penalty",
+                                                  "frequency_penalty", "seed")}
+        replies = await asyncio.gather(*(client.chat.completions.create(
+            model="dense", messages=messages, max_tokens=10, extra_body={**NO_THINKING, **extra}, **standard)
+            for _ in range(3)))
+        await client.close()
+        return [reply.choices[0].message.content for reply in replies]
+
+    replies = asyncio.run(run())
+    assert replies == [parse_output(expected, thinking=False)["content"]] * 3
