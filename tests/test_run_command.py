@@ -95,6 +95,24 @@ def test_missing_model_is_one_line_and_exit_1(tmp_path):
     assert result.stdout == ""
 
 
+def test_llama_cpp_spellings_reach_the_session(dense_hf):
+    from qwen35.chat.command import _settings
+    from qwen35.cli import build_parser
+
+    args = build_parser().parse_args([
+        "run", str(dense_hf), "-c", "2048", "-n", "64", "--temp", "0.3", "--top-k", "7", "--top-p", "0.8",
+        "--min-p", "0.05", "--seed", "11", "-sys", "Be brief.", "--no-think",
+        "--chat-template-kwargs", '{"custom": 1}',
+    ])
+    settings = _settings(args)
+    assert (settings.context_size, settings.max_new_tokens, settings.system, settings.think) == (2048, 64, "Be brief.", False)
+    assert settings.sampling == {"temperature": 0.3, "top_k": 7, "top_p": 0.8, "min_p": 0.05, "seed": 11}
+    assert settings.template_kwargs == {"custom": 1}
+    assert args.prompt == []
+    long_form = build_parser().parse_args(["run", "m", "--ctx-size", "512", "--n-predict", "-1", "--system-prompt", "S"])
+    assert (long_form.context, long_form.n_predict, long_form.system) == (512, -1, "S")
+
+
 @pytest.mark.parametrize("flags, complaint", [
     (["--chat-template-kwargs", "{enable_thinking: false}"], "not valid JSON"),
     (["--chat-template-kwargs", "[1]"], "must be a JSON object"),
@@ -266,14 +284,19 @@ def test_interactive_chat_as_a_person_uses_it(dense_hf, tokenizer):
             terminal.process.kill()
 
 
-def test_no_color_system_prompt_and_ctrl_d(dense_hf):
-    terminal = Terminal([sys.executable, "-m", "qwen35", "run", str(dense_hf), "-sys", "Be brief."],
+def test_gguf_chat_without_colour_ends_with_ctrl_d(fixtures, reference):
+    """On the GGUF fixture, with NO_COLOR: the file's own template and tokenizer give the model
+    the reference prompt (its length shows in the speed line), no colour codes reach the screen,
+    and Ctrl+D at the prompt ends the chat."""
+    model_path = fixtures / "tiny" / "dense-Q4_K_M.gguf"
+    terminal = Terminal([sys.executable, "-m", "qwen35", "run", str(model_path), "-n", "1", "--temp", "0"],
                         _terminal_env(NO_COLOR="1"))
     try:
         terminal.expect(r"Type /\? for help", timeout=120)
         terminal.expect(r">>> ")
-        terminal.type("/show system\r")
-        terminal.expect(r"Be brief\.")
+        terminal.type("Which Qwen 3.5 model fits a 24GB GPU?\r")
+        speed = terminal.expect(SPEED_LINE.pattern, timeout=60)
+        assert int(speed[1]) == len(reference["chat_think"]["ids"]) and int(speed[2]) == 1
         terminal.expect(r">>> ")
         terminal.type("\x04")  # Ctrl+D
         assert terminal.close() == 0
