@@ -105,11 +105,13 @@ def test_llama_cpp_spellings_reach_the_session(dense_hf):
         "--chat-template-kwargs", '{"custom": 1}',
     ])
     settings = _settings(args)
-    assert (settings.context_size, settings.max_new_tokens, settings.system, settings.think) == (2048, 64, "Be brief.", False)
+    assert settings.context_size == 2048 and settings.max_new_tokens == 64
+    assert settings.system == "Be brief." and settings.think is False
     assert settings.sampling == {"temperature": 0.3, "top_k": 7, "top_p": 0.8, "min_p": 0.05, "seed": 11}
     assert settings.template_kwargs == {"custom": 1}
     assert args.prompt == []
-    long_form = build_parser().parse_args(["run", "m", "--ctx-size", "512", "--n-predict", "-1", "--system-prompt", "S"])
+    long_form = build_parser().parse_args(["run", "m", "--ctx-size", "512", "--n-predict", "-1",
+                                           "--system-prompt", "S"])
     assert (long_form.context, long_form.n_predict, long_form.system) == (512, -1, "S")
 
 
@@ -155,7 +157,7 @@ class Terminal:
         return ANSI_ESCAPE.sub("", self.raw).replace("\r", "")
 
     def type(self, keys: str) -> None:
-        os.write(self.master, keys.encode())
+        os.write(self.master, keys.encode("utf-8", "surrogateescape"))  # "\udcff" types the byte 0xff
 
     def expect(self, pattern: str, timeout: float = 30.0) -> re.Match:
         """Wait for `pattern` (a regex) in the screen after what earlier expects consumed."""
@@ -218,10 +220,16 @@ def test_interactive_chat_as_a_person_uses_it(dense_hf, tokenizer):
         terminal.type("\x03")  # Ctrl+C at an empty prompt: a hint, not an exit
         terminal.expect(r"Use Ctrl \+ d or /bye to exit\.")
         terminal.expect(r">>> ")
+        terminal.type("never mind")
+        terminal.expect(r"never mind")
+        terminal.type("\x03")  # Ctrl+C on a typed line clears it, without the hint
+        cleared = terminal.expect(r"\n>>> ")
+        assert "Use Ctrl" not in terminal.screen[cleared.start() - 40:]
 
         # A first answer: reasoning (on by default) shown dimmed, then a dimmed speed line.
+        # The message holds a byte that is not UTF-8: it must not upset anything.
         start = len(terminal.raw)
-        terminal.type("hello\r")
+        terminal.type("hello \udcff\r")
         terminal.expect(r"Thinking\.\.\.")
         first = terminal.expect(SPEED_LINE.pattern)
         terminal.expect(r">>> ")
@@ -366,7 +374,8 @@ def test_commands_change_settings_and_refuse_bad_values(model, tokenizer):
     assert session.sampling_params().temperature == 0.2
     assert "Couldn't set 'temperature'" in session.command("/set temperature -3").text
     assert session.sampling_params().temperature == 0.2
-    assert "Couldn't set 'top_p'" in session.command("/set top_p lots").text
+    assert session.command("/set top_p lots").text == "Couldn't set 'top_p': 'lots' is not a number"
+    assert session.command("/set num_predict 0").text.startswith("Couldn't set 'num_predict'")
     session.command("/set parameter top_k 5")
     assert session.sampling_params().top_k == 5
     session.command("/set nothink")

@@ -52,7 +52,8 @@ def add_arguments(parser) -> None:
     thinking.add_argument("--no-think", action="store_false", dest="think", help="answer without reasoning")
     parser.add_argument("--hide-thinking", action="store_true", help="do not show the reasoning")
     parser.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
-                        help="a JSON object of extra chat-template variables, e.g. '{\"enable_thinking\": false}'")
+                        help="a JSON object of extra chat-template variables, "
+                             "e.g. '{\"enable_thinking\": false}'")
     parser.add_argument("--chat-template-file", default=None, metavar="FILE",
                         help="a Jinja chat template to use instead of the model's")
     parser.add_argument("--verbose", action="store_true",
@@ -241,8 +242,10 @@ def _one_shot(session, text: str, verbose: bool) -> int:
 def _interactive(session, path: Path) -> int:
     from qwen35.chat.session import LineAssembler
 
-    with contextlib.suppress(ImportError):
-        import readline  # noqa: F401  (line editing and history for input())
+    try:
+        import readline  # line editing and history for input()
+    except ImportError:
+        readline = None
 
     out = sys.stdout
     colour = colour_enabled(out)
@@ -258,11 +261,14 @@ def _interactive(session, path: Path) -> int:
             return 0
         except KeyboardInterrupt:
             out.write("\n")
+            typed = readline.get_line_buffer() if readline is not None else ""
             if assembler.pending:
                 assembler.reset()  # Ctrl+C drops the unfinished multi-line message
-            else:
+            elif not typed:  # Ctrl+C on a typed line just clears it, as in Ollama
                 out.write(EXIT_HINT + "\n\n")
             continue
+        # Bytes that are not UTF-8 reach input() as lone surrogates; they become U+FFFD.
+        line = line.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
         try:
             if not assembler.pending and line.lstrip().startswith("/"):
                 result = session.command(line)

@@ -158,6 +158,13 @@ class LineAssembler:
         return "\n".join(lines).strip("\n")
 
 
+def _number(text: str, integer: bool) -> int | float:
+    try:
+        return int(text) if integer else float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not {'a whole number' if integer else 'a number'}") from None
+
+
 class ChatSession:
     """One conversation with a loaded model; see the module docstring for its rules."""
 
@@ -182,7 +189,9 @@ class ChatSession:
         if size == 0:
             return self.max_context
         if size < MIN_CONTEXT:
-            raise Qwen35Error(f"the context must be at least {MIN_CONTEXT} tokens (or 0 for the model's own), got {size}")
+            raise Qwen35Error(
+                f"the context must be at least {MIN_CONTEXT} tokens (or 0 for the model's own), got {size}"
+            )
         return min(size, self.max_context)
 
     def template_kwargs(self) -> dict:
@@ -241,15 +250,15 @@ class ChatSession:
 
     def _set_number(self, key: str, value: str) -> str:
         if key in _MAX_TOKENS_NAMES:
-            count = int(value)
+            count = _number(value, integer=True)
             if count == 0 or count < -1:
                 raise ValueError("use a number of tokens >= 1, or -1 for no limit")
             self.settings.max_new_tokens = None if count == -1 else count
         elif key in _CONTEXT_NAMES:
-            self.settings.context_size = self._checked_context(int(value))
+            self.settings.context_size = self._checked_context(_number(value, integer=True))
         elif key in _SAMPLING_NAMES:
             option = _SAMPLING_NAMES[key]
-            number = int(value) if option in _INTEGER_OPTIONS else float(value)
+            number = _number(value, integer=option in _INTEGER_OPTIONS)
             if option == "seed" and number == -1:
                 number = None  # llama.cpp's -1: a fresh random seed each answer
             trial = {**self.settings.sampling, option: number}
