@@ -39,13 +39,18 @@ def random_weight(type_id: T, out_features: int, in_features: int, rng: np.rando
 
 
 def timed(fn, weights, repeats: int) -> float:
-    """Seconds per call, cycling through `weights` so each call streams a cold matrix."""
+    """Median seconds per call, cycling through `weights` so each call streams a cold matrix.
+
+    The median, not the mean: on a shared machine other processes steal whole time slices.
+    """
     for w in weights[:2]:
         fn(w)
-    start = time.perf_counter()
+    seconds = []
     for i in range(repeats):
+        start = time.perf_counter()
         fn(weights[i % len(weights)])
-    return (time.perf_counter() - start) / repeats
+        seconds.append(time.perf_counter() - start)
+    return float(np.median(seconds))
 
 
 def main() -> None:

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 T = GGMLQuantizationType
 FAST_TYPES = frozenset(int(t) for t in (T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.F16, T.BF16))
 GEMV_MAX_ROWS = 4
-# Weight bytes (as bf16) dequantized per prefill tile: about a core's L2.
-TILE_BYTES = 1 << 20
+# Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.
+TILE_BYTES = 1 << 19
 
 _SOURCE = Path(__file__).parent / "csrc" / "ggml_cpu.cpp"
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
@@ -119,18 +119,16 @@ def dequantize_f32(blocks: torch.Tensor, type_id: int, in_features: int) -> torc
 
 
 def tiled_bf16_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x [M, K] @ W^T, dequantizing W to bf16 one tile of rows at a time. -> [M, N] float32."""
-    out_features = blocks.shape[0]
-    x_bf16 = x.to(torch.bfloat16)
+    """x [M, K] @ W^T, dequantizing W to bf16 one tile of rows at a time. -> [M, N] float32.
+
+    Each thread takes whole tiles (dequantize into its own buffer, then a single-threaded
+    bf16 matmul), so a call synchronizes its threads once, not once per tile.
+    """
     if type_id == T.BF16 and blocks.data_ptr() % 2 == 0:
-        return (x_bf16 @ blocks.view(torch.bfloat16).t()).float()  # already bf16: no tiles needed
-    tile = max(16, TILE_BYTES // (2 * in_features))
-    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
-    for start in range(0, out_features, tile):
-        stop = min(start + tile, out_features)
-        weight = dequantize_bf16(blocks[start:stop], type_id, in_features)
-        out[:, start:stop] = x_bf16 @ weight.t()
-    return out
+        # Already bf16: one matmul, no tiles.
+        return (x.to(torch.bfloat16) @ blocks.view(torch.bfloat16).t()).float()
+    tile_rows = max(16, TILE_BYTES // (2 * in_features))
+    return _require().tiled_matmul_bf16(blocks, int(type_id), x, tile_rows)
 
 
 def matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:

@@ -6,7 +6,9 @@
 //                  super-block types (with sums per 16 for the min/offset terms), per 32 for
 //                  Q4_0/Q8_0; the dot products then run in int8 x uint8 -> int32 (vpdpbusd).
 //                  F16/BF16 weights are widened to fp32 and multiplied with x in fp32.
-// dequantize_bf16: W rows -> bf16, for prefill tiles fed to a bf16 matmul.
+// tiled_matmul_bf16: prefill (many rows): W dequantized to bf16 a tile at a time, each tile
+//                  multiplied with x in bf16 (fp32 accumulation), result in fp32.
+// dequantize_bf16: W rows -> bf16.
 // dequantize_f32:  W rows -> fp32, bit-equal to the reference (same operations, no FMA
 //                  contraction: compiled with -ffp-contract=off).
 //
@@ -18,6 +20,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -520,6 +523,40 @@ at::Tensor dequantize_rows(const at::Tensor& blocks, int64_t type_id, int64_t k,
   return out;
 }
 
+// x [M, K] @ W^T for many rows: each thread takes whole tiles of `tile_rows` weight rows,
+// dequantizes one into its own bf16 buffer and multiplies it single-threaded (nested
+// parallelism is off inside parallel_for), so a call synchronizes its threads once.
+at::Tensor tiled_matmul_bf16(const at::Tensor& blocks, int64_t type_id, const at::Tensor& x, int64_t tile_rows) {
+  const TypeInfo info = type_info(type_id);
+  TORCH_CHECK(x.dim() == 2 && tile_rows > 0, "x must be [M, K] and tile_rows positive");
+  const int64_t m = x.size(0), k = x.size(1), n = blocks.size(0);
+  check_blocks(blocks, info, k);
+  const at::Tensor xb = x.to(at::kBFloat16).contiguous();
+  at::Tensor out = at::empty({m, n}, at::kFloat);
+  const auto block_fn = block_dequantizer<at::BFloat16>(type_id);
+  const auto row_fn = row_converter<at::BFloat16>(type_id);
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  const int64_t row_bytes = blocks.size(1), n_blocks = k / info.block_size;
+  const int64_t n_tiles = (n + tile_rows - 1) / tile_rows;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor tile = at::empty({tile_rows, k}, at::kBFloat16);
+    at::BFloat16* dst = tile.data_ptr<at::BFloat16>();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t first = t * tile_rows, rows = std::min(tile_rows, n - first);
+      for (int64_t i = 0; i < rows; ++i) {
+        const uint8_t* row = src + (first + i) * row_bytes;
+        if (row_fn != nullptr) {
+          row_fn(row, dst + i * k, k);
+          continue;
+        }
+        for (int64_t b = 0; b < n_blocks; ++b) block_fn(row + b * info.type_size, dst + i * k + b * info.block_size);
+      }
+      out.narrow(1, first, rows).copy_(at::mm(xb, tile.narrow(0, 0, rows).t()));
+    }
+  });
+  return out;
+}
+
 at::Tensor dequantize_bf16(const at::Tensor& blocks, int64_t type_id, int64_t k) {
   return dequantize_rows<at::BFloat16>(blocks, type_id, k, at::kBFloat16);
 }
@@ -532,6 +569,7 @@ at::Tensor dequantize_f32(const at::Tensor& blocks, int64_t type_id, int64_t k) 
 
 TORCH_LIBRARY(qwen35_ggml, m) {
   m.def("gemv(Tensor blocks, int type_id, Tensor x) -> Tensor", &gemv);
+  m.def("tiled_matmul_bf16(Tensor blocks, int type_id, Tensor x, int tile_rows) -> Tensor", &tiled_matmul_bf16);
   m.def("dequantize_bf16(Tensor blocks, int type_id, int k) -> Tensor", &dequantize_bf16);
   m.def("dequantize_f32(Tensor blocks, int type_id, int k) -> Tensor", &dequantize_f32);
 }
