@@ -16,7 +16,7 @@ import pytest
 
 def _start(fixtures, *extra):
     command = [sys.executable, "-m", "qwen35", "serve", str(fixtures / "tiny" / "dense-hf"), "--port", "0",
-               "-c", "256", "-np", "2", *extra]
+               "-c", "256", "-np", "2", "-t", "1", *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     line = ""

@@ -1,6 +1,6 @@
 """Serve a model over HTTP with OpenAI- and Ollama-compatible APIs.
 
-  qwen35 serve MODEL [--host 127.0.0.1] [--port 8080] [--api-key KEY] [-c CTX] [-np N]
+  qwen35 serve MODEL [--host 127.0.0.1] [--port 8080] [--api-key KEY] [-c CTX] [-np N] [-t THREADS]
 
 MODEL is a .gguf file (or the first shard of a split one) or an HF directory. -c is the context
 of each request (prompt and reply together); -np how many requests decode together; further
@@ -32,6 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefix-cache-mb", type=int, default=2048,
                         help="memory for prompt-state snapshots reused by later requests (default 2048, 0 = off)")
     parser.add_argument("--name", default=None, help="the model name clients use (default: the file's name)")
+    parser.add_argument("-t", "--threads", type=int, default=None,
+                        help="CPU threads for the model (default: torch's choice, one per core)")
 
 
 def _model_name(path: Path) -> str:
@@ -46,6 +48,8 @@ def _check(args) -> None:
         raise Qwen35Error(f"-c must be at least 16 tokens, got {args.context}")
     if args.parallel < 1:
         raise Qwen35Error(f"-np must be at least 1, got {args.parallel}")
+    if args.threads is not None and args.threads < 1:
+        raise Qwen35Error(f"-t must be at least 1, got {args.threads}")
     if args.queue < 0 or args.prefix_cache_mb < 0:
         raise Qwen35Error("--queue and --prefix-cache-mb must not be negative")
     if not Path(args.model).exists():
@@ -73,6 +77,10 @@ def run(args) -> int:
 
     from qwen35.server.app import create_app
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     path = Path(args.model)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context,
