@@ -125,6 +125,15 @@ def test_readonly_memmap_view_is_used_without_warning_or_copy(tmp_path):
     del ours, mapped
 
 
+@pytest.mark.parametrize("qtype", sorted(SUPPORTED_TYPES), ids=lambda t: T(t).name)
+def test_output_stays_on_the_input_device(qtype):
+    # "meta" tensors refuse to mix with CPU ones, like CUDA tensors do.
+    block_size, type_size = GGML_QUANT_SIZES[T(qtype)]
+    raw = torch.empty(4 * type_size, dtype=torch.uint8, device="meta")
+    out = dequantize(raw, qtype, (2, 2 * block_size))
+    assert out.device.type == "meta" and out.shape == (2, 2 * block_size) and out.dtype == torch.float32
+
+
 def test_supported_types_are_the_ones_promised():
     promised = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
                 "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"}

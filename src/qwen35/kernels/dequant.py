@@ -77,13 +77,13 @@ def _split_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 def _bits(q: torch.Tensor, width: int) -> torch.Tensor:
     """[..., k] bytes -> [..., 8 // width, k]: field i holds bits [i*width, (i+1)*width)."""
-    shifts = torch.arange(0, 8, width, dtype=torch.uint8).reshape(-1, 1)
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=q.device).reshape(-1, 1)
     return (q.unsqueeze(-2) >> shifts) & ((1 << width) - 1)
 
 
 def _bit_per_element(q: torch.Tensor) -> torch.Tensor:
     """[n, k] bytes -> [n, 8k]: bit j of the little-endian bitfield (byte j // 8, bit j % 8)."""
-    shifts = torch.arange(8, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=q.device)
     return ((q.unsqueeze(-1) >> shifts) & 1).reshape(q.shape[0], -1)
 
 
@@ -125,7 +125,7 @@ def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _iq4_lookup(indices: torch.Tensor) -> torch.Tensor:
-    table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32)
+    table = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=indices.device)
     return table[indices.to(torch.int64)]
 
 
@@ -293,7 +293,7 @@ def dequantize(raw: torch.Tensor | np.ndarray, type_id: int, shape: tuple[int, .
             f"{type_name(type_id)} tensor of shape {list(shape)} needs {expected} bytes, got {data.numel()}"
         )
     if n_elements == 0:
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=torch.float32, device=data.device)
 
     float_dtype = _FLOAT_DTYPES.get(type_id)
     if float_dtype is not None:

@@ -133,6 +133,8 @@ def tiled_bf16_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_fe
 
 def matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
     """The "fast" QuantLinear kernel: gemv for a few rows, bf16 tiles for many."""
+    if blocks.device.type != "cpu" or x.device.type != "cpu":
+        return quant_linear.reference_matmul(blocks, type_id, x, in_features)
     if not blocks.is_contiguous():
         blocks = blocks.contiguous()
     if x.shape[0] <= GEMV_MAX_ROWS:

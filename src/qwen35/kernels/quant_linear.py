@@ -126,7 +126,7 @@ class QuantLinear(torch.nn.Module):
         index = torch.as_tensor(index, dtype=torch.long)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.out_features):
             raise Qwen35Error(f"row index out of range [0, {self.out_features})")
-        picked = self.blocks[index.reshape(-1)]
+        picked = self.blocks[index.reshape(-1).to(self.blocks.device)]
         return dequantize(picked, self.type_id, (*index.shape, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +147,7 @@ def reference_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_fea
     slab = max(1, SLAB_ELEMENTS // in_features)
     if out_features <= slab:
         return x @ dequantize(blocks, type_id, (out_features, in_features)).t()
-    out = torch.empty(x.shape[0], out_features, dtype=torch.float32)
+    out = torch.empty(x.shape[0], out_features, dtype=torch.float32, device=x.device)
     for start in range(0, out_features, slab):
         stop = min(start + slab, out_features)
         weight = dequantize(blocks[start:stop], type_id, (stop - start, in_features))
@@ -224,15 +224,15 @@ class QuantExperts(torch.nn.Module):
         n_slots = ids.numel()
         if x.shape[:-1] == expert_ids.shape:
             inputs = x.reshape(n_slots, self.in_features)
-            source = torch.arange(n_slots)
+            source = torch.arange(n_slots, device=x.device)
         elif x.dim() == 2 and expert_ids.dim() == 2 and x.shape[0] == expert_ids.shape[0]:
             inputs = x
-            source = torch.arange(n_slots) // expert_ids.shape[1]
+            source = torch.arange(n_slots, device=x.device) // expert_ids.shape[1]
         else:
             raise ValueError(
                 f"input shape {list(x.shape)} does not fit expert_ids shape {list(expert_ids.shape)}"
             )
-        out = torch.empty(n_slots, self.out_features, dtype=torch.float32)
+        out = torch.empty(n_slots, self.out_features, dtype=torch.float32, device=x.device)
         if n_slots == 0:
             return out.reshape(*expert_ids.shape, self.out_features)
         if int(ids.min()) < 0 or int(ids.max()) >= self.n_experts:
