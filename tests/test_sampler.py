@@ -225,3 +225,33 @@ def test_options_merge_over_model_defaults():
     assert SamplingParams.from_options(None, temperature=0).greedy
     with pytest.raises(InvalidSamplingError, match="unknown sampling option 'top_a'"):
         SamplingParams.from_options(defaults, top_a=3)
+
+
+@pytest.mark.parametrize("options", [dict(top_k=3), dict(top_k=2, min_p=0.3)])
+def test_ties_at_the_kth_logit_are_kept_like_transformers(options):
+    """Logits on a coarse grid tie often; every token tied with the k-th stays in.
+    (Not with top_p: which of several tied tokens a nucleus cut keeps is arbitrary.)"""
+    params = SamplingParams(**options)
+    logits = torch.round(random_logits(32, 40, seed=21)).clamp(-2, 2)
+    ours = warp_logits(logits, [params] * len(logits))
+    theirs = transformers_warpers(params)(torch.zeros(len(logits), 1, dtype=torch.long), logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    assert (~torch.isinf(theirs)).sum(-1).max() > params.top_k  # the case under test happened
+
+
+def test_mixed_batch_of_filters_samples_only_allowed_tokens():
+    """Rows with top-k, with top-p only, and unfiltered share one call; each row draws
+    only tokens that transformers' warpers leave in."""
+    params = [SamplingParams(top_k=5, seed=1), SamplingParams(top_p=0.5, seed=2), SamplingParams(min_p=0.2, seed=3),
+              SamplingParams(seed=4), SamplingParams(temperature=0, top_k=2)]
+    logits = random_logits(len(params), 64, seed=13)
+    samplers = [Sampler(p) for p in params]
+    allowed = [
+        torch.isfinite(transformers_warpers(p)(torch.zeros(1, 1, dtype=torch.long), logits[row : row + 1].clone())[0])
+        for row, p in enumerate(params[:-1])
+    ]
+    for _ in range(50):
+        tokens = sample(logits, samplers)
+        assert tokens[-1] == logits[-1].argmax()
+        for row, p in enumerate(params[:-1]):
+            assert allowed[row][tokens[row]], (p, int(tokens[row]))

@@ -19,7 +19,7 @@ that completed it, as vLLM and transformers report them. Reaching ``max_new_toke
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +99,11 @@ def generation_steps(
     tokenizer=None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
 ) -> Iterator[Generation]:
-    """Run one request: prefill ``token_ids`` in chunks, then sample until a stop."""
+    """Run one request: prefill ``token_ids`` in chunks, then sample until a stop.
+
+    The request is checked here, before the first step, so that a bad one fails at the
+    call (a server can still answer it with an error status rather than a broken stream).
+    """
     prompt = _prompt_list(token_ids, model.config.vocab_size)
     if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
         raise Qwen35Error(f"prefill_chunk must be a whole number >= 1, got {prefill_chunk!r}")
@@ -108,51 +112,67 @@ def generation_steps(
     max_new_tokens = _max_new_tokens(model, params, len(prompt))
     stop_token_ids = set(params.stop_token_ids)
     if not params.ignore_eos:
-        stop_token_ids.update(_eos_token_ids(model))
+        stop_token_ids.update(model.config.eos_token_ids)
     text_stream = TextStream(tokenizer, params.stop) if tokenizer is not None else None
-    sampler = Sampler(params, prompt)
+    return _steps(model, prompt, Sampler(params, prompt), prefill_chunk, max_new_tokens, stop_token_ids, text_stream)
 
-    with torch.inference_mode():
-        started = time.perf_counter()
-        cache = model.make_cache(1)
-        logits = _prefill(model, cache, prompt, prefill_chunk)
-        token_id = int(sample(logits, [sampler])[0])
-        prefill_seconds = time.perf_counter() - started
-        decode_started = time.perf_counter()
 
-        generated = 0
-        while True:
-            generated += 1
-            text, finish_reason, stop_reason = "", None, None
-            if token_id in stop_token_ids:
-                finish_reason, stop_reason, output_id = "stop", token_id, None
+def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream):
+    started = time.perf_counter()
+    cache = model.make_cache(1)
+    token_id = _prefill_and_sample(model, cache, prompt, prefill_chunk, sampler)
+    prefill_seconds = time.perf_counter() - started
+    decode_started = time.perf_counter()
+
+    generated = 0
+    while True:
+        generated += 1
+        text, finish_reason, stop_reason = "", None, None
+        if token_id in stop_token_ids:
+            finish_reason, stop_reason, output_id = "stop", token_id, None
+            if text_stream is not None:
+                text = text_stream.flush()
+        else:
+            output_id = token_id
+            if text_stream is not None:
+                text, stop_reason = text_stream.push(token_id)
+            if stop_reason is not None:
+                finish_reason = "stop"
+            elif generated >= max_new_tokens:
+                finish_reason = "length"
                 if text_stream is not None:
-                    text = text_stream.flush()
-            else:
-                output_id = token_id
-                if text_stream is not None:
-                    text, stop_reason = text_stream.push(token_id)
-                if stop_reason is not None:
-                    finish_reason = "stop"
-                elif generated >= max_new_tokens:
-                    finish_reason = "length"
-                    if text_stream is not None:
-                        text += text_stream.flush()
-            yield Generation(
-                token_id=output_id,
-                text=text,
-                finish_reason=finish_reason,
-                stop_reason=stop_reason,
-                prompt_tokens=len(prompt),
-                generated_tokens=generated,
-                prefill_seconds=prefill_seconds,
-                decode_seconds=time.perf_counter() - decode_started,
-            )
-            if finish_reason is not None:
-                return
-            step_input = torch.tensor([[token_id]], dtype=torch.long, device=logits.device)
-            logits = model.forward(step_input, cache)[:, -1, :]
-            token_id = int(sample(logits, [sampler])[0])
+                    text += text_stream.flush()
+        yield Generation(
+            token_id=output_id,
+            text=text,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+            prompt_tokens=len(prompt),
+            generated_tokens=generated,
+            prefill_seconds=prefill_seconds,
+            decode_seconds=time.perf_counter() - decode_started,
+        )
+        if finish_reason is not None:
+            return
+        token_id = _decode_and_sample(model, cache, token_id, sampler)
+
+
+# Inference mode is entered per model call, never across a yield: a suspended generator
+# must not leave the consumer's thread in inference mode.
+@torch.inference_mode()
+def _prefill_and_sample(model, cache, prompt: list[int], chunk: int, sampler: Sampler) -> int:
+    """Feed the prompt in chunks of at most ``chunk`` tokens; sample after its last token."""
+    for start in range(0, len(prompt), chunk):
+        piece = torch.tensor([prompt[start : start + chunk]], dtype=torch.long)
+        # Copy the last row out so the chunk's [1, T, vocab] logits can be freed.
+        logits = model.forward(piece, cache)[:, -1, :].clone()
+    return int(sample(logits, [sampler])[0])
+
+
+@torch.inference_mode()
+def _decode_and_sample(model, cache, token_id: int, sampler: Sampler) -> int:
+    logits = model.forward(torch.tensor([[token_id]], dtype=torch.long), cache)[:, -1, :]
+    return int(sample(logits, [sampler])[0])
 
 
 def stream_generations(
@@ -221,15 +241,6 @@ def generate_result(
     )
 
 
-def _prefill(model, cache, prompt: list[int], chunk: int) -> torch.Tensor:
-    """Feed the prompt in chunks of at most ``chunk`` tokens; logits [1, V] of its last token."""
-    logits = None
-    for start in range(0, len(prompt), chunk):
-        piece = torch.tensor([prompt[start : start + chunk]], dtype=torch.long)
-        logits = model.forward(piece, cache)[:, -1, :]
-    return logits
-
-
 def _prompt_list(token_ids, vocab_size: int) -> list[int]:
     if isinstance(token_ids, torch.Tensor):
         if token_ids.dim() != 1:
@@ -247,10 +258,6 @@ def _prompt_list(token_ids, vocab_size: int) -> list[int]:
     if bad is not None:
         raise Qwen35Error(f"token id {bad} in the prompt is outside the model's vocabulary (0..{vocab_size - 1})")
     return prompt
-
-
-def _eos_token_ids(model) -> Sequence[int]:
-    return model.config.eos_token_ids
 
 
 def _max_new_tokens(model, params: SamplingParams, prompt_length: int) -> int:

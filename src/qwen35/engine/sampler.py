@@ -14,6 +14,9 @@ The order of operations, per row, is the one transformers and vLLM use:
    logit -inf;
 4. one draw from the softmax of what is left, with the request's own ``torch.Generator``,
    so that a seed gives the same tokens whatever else shares the batch.
+
+Top-k does not depend on the temperature, so it is applied first here, to the penalised
+logits; the draw then only looks at the tokens top-k kept.
 """
 
 from __future__ import annotations
@@ -130,6 +133,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @classmethod
     def from_options(cls, defaults: Mapping | None = None, **options) -> SamplingParams:
@@ -253,6 +260,8 @@ class Sampler:
 def apply_penalties(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
     """Penalised copy of ``logits`` [B, V] (float32), row i by ``samplers[i]``."""
     _check_batch(logits, samplers)
+    if not any(sampler.params.has_penalties for sampler in samplers):
+        return logits.to(torch.float32)
     penalised = logits.to(torch.float32, copy=True)
     for row, sampler in enumerate(samplers):
         sampler.penalize_(penalised[row])
@@ -264,33 +273,68 @@ def warp_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch
 
     Rows with temperature 0 are left at temperature 1 here (they are drawn greedily).
     """
+    values, indices = _warped_candidates(logits, params)
+    if indices is None:
+        return values
+    return torch.full_like(logits, -math.inf, dtype=torch.float32).scatter_(1, indices, values)
+
+
+def _warped_candidates(logits: torch.Tensor, params: Sequence[SamplingParams]):
+    """The warped logits of the tokens that can still be drawn, as (values [B, C], indices [B, C]).
+
+    Sampling only needs the tokens that survive top-k: with Qwen's top_k 20 that is twenty
+    logits, not a 150k vocabulary to sort and draw from. ``indices`` None means the
+    values cover the whole vocabulary in order (no row needed sorting).
+    """
     batch, vocab = logits.shape
     device = logits.device
-    temperatures = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
-    logits = logits.to(torch.float32) / temperatures.unsqueeze(1)
-
+    logits = logits.to(torch.float32)
     top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    # top_p 1 must keep everything, even where rounding pushes the running mass past 1.
-    top_ps = [p.top_p if p.top_p < 1.0 else math.inf for p in params]
-    if any(k < vocab for k in top_ks) or any(p < 1.0 for p in top_ps):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        kth_index = torch.tensor(top_ks, device=device).sub_(1).unsqueeze(1)
+    top_k_index = torch.tensor(top_ks, device=device).sub_(1).unsqueeze(1)
+    needs_top_p = any(p.top_p < 1.0 for p in params)
+
+    if all(k < vocab for k in top_ks):
+        # One extra candidate per row shows whether the k-th logit has ties past it.
+        values, indices = logits.topk(min(max(top_ks) + 1, vocab), dim=-1)
+        kth_values = values.gather(1, top_k_index)
+        after_kth = values.gather(1, top_k_index + 1)
         # Ties with the k-th logit stay in, as transformers' TopKLogitsWarper keeps them.
-        remove_sorted = sorted_logits < sorted_logits.gather(1, kth_index)
-        probs = sorted_logits.masked_fill(remove_sorted, -math.inf).softmax(dim=-1)
+        if bool((after_kth == kth_values).any()):
+            kept = int((logits >= kth_values).sum(dim=-1).max())
+            values, indices = logits.topk(kept, dim=-1)
+    elif needs_top_p:
+        values, indices = logits.sort(dim=-1, descending=True)
+        kth_values = values.gather(1, top_k_index)
+    else:
+        values, indices = logits, None
+        kth_values = torch.full((batch, 1), -math.inf, device=device)
+        if any(k < vocab for k in top_ks):
+            top_values = logits.topk(max(k for k in top_ks if k < vocab), dim=-1).values
+            limited = torch.tensor([k < vocab for k in top_ks], device=device).unsqueeze(1)
+            clamped_index = top_k_index.clamp(max=top_values.shape[1] - 1)
+            kth_values = torch.where(limited, top_values.gather(1, clamped_index), kth_values)
+    values = values.masked_fill(values < kth_values, -math.inf)
+
+    temperatures = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+    values = values / temperatures.unsqueeze(1)
+
+    if needs_top_p:
+        # Here values are sorted, highest first. Keep the smallest prefix whose mass
+        # reaches top_p; the first token always stays. top_p 1 must keep everything,
+        # even where rounding pushes the running mass past 1.
+        top_ps = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params], device=device)
+        probs = values.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        # Keep the smallest prefix whose mass reaches top_p; the first token always stays.
-        remove_sorted |= mass_before >= torch.tensor(top_ps, device=device).unsqueeze(1)
-        remove_sorted[:, 0] = False
-        remove = torch.empty_like(remove_sorted).scatter_(1, order, remove_sorted)
-        logits = logits.masked_fill(remove, -math.inf)
+        remove = mass_before >= top_ps.unsqueeze(1)
+        remove[:, 0] = False
+        values = values.masked_fill(remove, -math.inf)
 
     min_ps = [p.min_p for p in params]
     if any(p > 0 for p in min_ps):
-        probs = logits.softmax(dim=-1)
+        probs = values.softmax(dim=-1)
         threshold = torch.tensor(min_ps, device=device).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
-        logits = logits.masked_fill(probs < threshold, -math.inf)
-    return logits
+        values = values.masked_fill(probs < threshold, -math.inf)
+    return values, indices
 
 
 def sample(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
@@ -302,11 +346,15 @@ def sample(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
     tokens = penalised.argmax(dim=-1)
     random_rows = [row for row, sampler in enumerate(samplers) if not sampler.params.greedy]
     if random_rows:
-        warped = warp_logits(penalised[random_rows], [samplers[row].params for row in random_rows])
-        probs = warped.softmax(dim=-1)
+        candidates = penalised if len(random_rows) == len(samplers) else penalised[random_rows]
+        values, indices = _warped_candidates(candidates, [samplers[row].params for row in random_rows])
+        probs = values.softmax(dim=-1)
         for index, row in enumerate(random_rows):
-            generator = samplers[row].generator(probs.device)
-            tokens[row] = torch.multinomial(probs[index], 1, generator=generator)[0]
+            # The exponential race: argmax of p_i / E_i with E_i ~ Exp(1) picks i with
+            # probability p_i, without the cumulative sums of torch.multinomial.
+            race = torch.empty_like(probs[index]).exponential_(generator=samplers[row].generator(probs.device))
+            choice = (probs[index] / race).argmax()
+            tokens[row] = choice if indices is None else indices[index, choice]
     for sampler, token_id in zip(samplers, tokens.tolist()):
         sampler.record(token_id)
     return tokens
