@@ -46,6 +46,13 @@ def tokenizer(dense_hf):
     return load_tokenizer(dense_hf)
 
 
+@pytest.fixture(scope="module")
+def model(dense_hf):
+    from qwen35 import load_model
+
+    return load_model(dense_hf)
+
+
 # -- one-shot ---------------------------------------------------------------------------------
 
 
@@ -71,20 +78,27 @@ def test_one_shot_thinking_prints_transformers_greedy_reasoning(dense_hf, refere
     assert result.stdout == f"Thinking...\n{expected}\n...done thinking.\n\n"
 
 
-def test_one_shot_with_template_file_and_kwargs_prints_transformers_greedy_answer(fixtures, dense_hf, reference,
-                                                                                    tokenizer):
+def test_one_shot_with_template_file_and_kwargs_prints_transformers_greedy_answer(
+    fixtures, dense_hf, reference, tokenizer, model, monkeypatch, capsys
+):
     """The real Qwen 3.5 template from a file, thinking turned off through --chat-template-kwargs:
-    the prompt is the reference's (its length shows in the speed line) and the answer its greedy tokens."""
+    the prompt is the reference's (its length shows in the speed line) and the answer its greedy tokens.
+    In-process, with the module's copy of the model, to spare a second load."""
+    from qwen35.cli import main
+
     sequence = reference["chat_nothink"]
     question = "Which Qwen 3.5 model fits a 24GB GPU?"
     expected = _reference_text(tokenizer, sequence["transformers_greedy"][:12])
+    monkeypatch.setattr("qwen35.load_model", lambda path, **options: model)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
 
-    result = qwen35("run", str(dense_hf), question, "--temp", "0", "-n", "12", "--hide-thinking", "--verbose",
-                    "--chat-template-file", str(fixtures / "tokenizer" / "Qwen3.5-4B.jinja"),
-                    "--chat-template-kwargs", '{"enable_thinking": false}')
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == expected + "\n"
-    speed = SPEED_LINE.search(result.stderr)
+    status = main(["run", str(dense_hf), question, "--temp", "0", "-n", "12", "--hide-thinking", "--verbose",
+                   "--chat-template-file", str(fixtures / "tokenizer" / "Qwen3.5-4B.jinja"),
+                   "--chat-template-kwargs", '{"enable_thinking": false}'])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert printed.out == expected + "\n"
+    speed = SPEED_LINE.search(printed.err)
     assert speed and int(speed[1]) == len(sequence["ids"]) and int(speed[2]) == 12
 
 
@@ -330,13 +344,6 @@ def test_multiline_messages_join_like_ollama():
     assert assembler.feed('y"""') == "x\ny"
 
 
-@pytest.fixture(scope="module")
-def model(dense_hf):
-    from qwen35 import load_model
-
-    return load_model(dense_hf)
-
-
 def _answer(session, text):
     events = list(session.answer(text))
     return events, session.last_turn
@@ -436,3 +443,28 @@ def test_printer_dims_or_hides_reasoning_and_shows_tool_calls_plainly():
     )
     coloured = _printed(events, colour=True, hide_thinking=False)
     assert "\x1b[2mlet me see\x1b[0m" in coloured and "\x1b[2m" not in coloured[coloured.index("It is"):]
+
+
+def test_sampling_follows_the_models_generation_defaults_unless_overridden(model, tokenizer):
+    defaults = model.generation_defaults  # generation_config.json, or Qwen 3.5's published defaults
+    session = ChatSession(model, tokenizer, ChatSettings(context_size=256))
+    params = session.sampling_params()
+    assert (params.temperature, params.top_k, params.top_p) == (
+        defaults["temperature"], defaults["top_k"], defaults["top_p"])
+    session = ChatSession(model, tokenizer, ChatSettings(context_size=256, sampling={"top_k": 3}))
+    params = session.sampling_params()
+    assert (params.temperature, params.top_k, params.top_p) == (defaults["temperature"], 3, defaults["top_p"])
+
+
+def test_piped_stdin_is_the_one_shot_message(monkeypatch):
+    from qwen35.chat.command import _one_shot_prompt
+    from qwen35.errors import Qwen35Error
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("line one\nline two\n"))
+    assert _one_shot_prompt([]) == "line one\nline two"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the text"))
+    assert _one_shot_prompt(["Summarize:"]) == "Summarize:\n\nthe text"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert _one_shot_prompt(["just", "words"]) == "just words"
+    with pytest.raises(Qwen35Error, match="holds no text"):
+        _one_shot_prompt([])
