@@ -256,6 +256,22 @@ def test_bad_requests_give_clear_errors(prompt, options, message):
     assert model.calls == []
 
 
+def test_a_bad_request_fails_at_the_call_not_at_the_first_token():
+    """A server must be able to answer with an error status before it starts a stream."""
+    model = RuleModel(history_rule)
+    with pytest.raises(Qwen35Error, match="prompt is empty"):
+        stream_generate(model, [], 4)
+    with pytest.raises(Qwen35Error, match="need a tokenizer"):
+        stream_generations(model, [1], 4, stop=["x"])
+
+
+def test_the_consumer_does_not_run_in_inference_mode():
+    stream = stream_generate(RuleModel(history_rule), [1, 2], 3)
+    next(stream)
+    assert not torch.is_inference_mode_enabled()
+    assert len(list(stream)) == 2
+
+
 def test_bad_sampling_options_are_rejected_before_any_work():
     model = RuleModel(history_rule)
     with pytest.raises(InvalidSamplingError, match="top_p"):
