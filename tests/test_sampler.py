@@ -255,3 +255,19 @@ def test_mixed_batch_of_filters_samples_only_allowed_tokens():
         assert tokens[-1] == logits[-1].argmax()
         for row, p in enumerate(params[:-1]):
             assert allowed[row][tokens[row]], (p, int(tokens[row]))
+
+
+def test_masked_logits_only_yield_allowed_tokens():
+    """A grammar constraint leaves -inf on forbidden tokens, sometimes fewer than top_k."""
+    logits = random_logits(3, 1000, seed=14)
+    allowed = torch.zeros(3, 1000, dtype=torch.bool)
+    allowed[0, [5, 17, 999]] = True
+    allowed[1, 100:400] = True
+    allowed[2, [42]] = True
+    masked = logits.masked_fill(~allowed, -math.inf)
+    params = [SamplingParams(top_k=20, top_p=0.9, seed=1), SamplingParams(top_k=50, min_p=0.01, seed=2),
+              SamplingParams(top_k=20, repetition_penalty=1.2, presence_penalty=0.5, seed=3)]
+    samplers = [Sampler(p, prompt_ids=[5, 42]) for p in params]
+    for _ in range(30):
+        tokens = sample(masked, samplers)
+        assert allowed[torch.arange(3), tokens].all()

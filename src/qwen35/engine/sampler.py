@@ -298,8 +298,9 @@ def _warped_candidates(logits: torch.Tensor, params: Sequence[SamplingParams]):
         values, indices = logits.topk(min(max(top_ks) + 1, vocab), dim=-1)
         kth_values = values.gather(1, top_k_index)
         after_kth = values.gather(1, top_k_index + 1)
-        # Ties with the k-th logit stay in, as transformers' TopKLogitsWarper keeps them.
-        if bool((after_kth == kth_values).any()):
+        # Ties with the k-th logit stay in, as transformers' TopKLogitsWarper keeps them
+        # (a -inf k-th logit, where a constraint allows fewer than k tokens, is no tie).
+        if bool(((after_kth == kth_values) & torch.isfinite(kth_values)).any()):
             kept = int((logits >= kth_values).sum(dim=-1).max())
             values, indices = logits.topk(kept, dim=-1)
     elif needs_top_p:
