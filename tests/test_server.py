@@ -133,8 +133,11 @@ def test_tool_call_round_trip_and_prefix_reuse(client):
                  {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
     second = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL])
     assert second.choices[0].message.content == "The weather is sunny"
-    # The second turn starts with the whole first prompt: its state comes from the prefix cache.
+    # The second turn starts with the whole first prompt and the first reply as the template writes it
+    # back (all of it but the end token, which the engine never feeds): their state is restored.
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens + \
+        first.usage.completion_tokens - 1
 
 
 def test_second_turn_of_a_plain_chat_reuses_the_history(client, tokenizer):

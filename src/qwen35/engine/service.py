@@ -358,15 +358,17 @@ class EngineService:
         logprobs = torch.log_softmax(raw, dim=-1) if want_logprobs else None
         self.stats.recent_tokens.append((time.monotonic(), len(ready)))
         for row, ((sequence, _), token_id) in enumerate(zip(ready, tokens)):
-            self._accept(sequence, token_id, logprobs[row] if logprobs is not None else None)
+            self._accept(sequence, token_id, logprobs[row] if logprobs is not None else None, raw[row])
 
-    def _accept(self, sequence: Sequence, token_id: int, logprobs: torch.Tensor | None) -> None:
+    def _accept(self, sequence: Sequence, token_id: int, logprobs: torch.Tensor | None,
+                logits: torch.Tensor) -> None:
         request = sequence.request
         sequence.output_ids.append(token_id)
         self.stats.generated_tokens += 1
         if request.constraint is not None:
             request.constraint.advance(token_id)
         if (token_id in self.eos_token_ids and not request.ignore_eos) or token_id in request.stop_token_ids:
+            self._remember_turn(sequence, logits)
             self._finish(sequence, "stop")
             return
         output = TokenOutput(token_id)
@@ -378,12 +380,22 @@ class EngineService:
         reason = None
         if request.constraint is not None and request.constraint.complete:
             reason = "stop"
+            self._remember_turn(sequence, logits)
         elif len(sequence.output_ids) >= request.max_new_tokens or sequence.total_tokens >= self.context_length:
             reason = "length"
         if reason is None:
             sequence.sink.deliver(StepOutput([output]))
         else:
             self._finish(sequence, reason, last=[output])
+
+    def _remember_turn(self, sequence: Sequence, logits: torch.Tensor) -> None:
+        """Keep the state after a reply that ended by itself: the next request of an agent loop repeats
+        this reply (a tool call re-rendered as it was written) and can start after it."""
+        rows = [row for row, member in enumerate(self._batch) if member is sequence]
+        if not rows or self.prefix_store.budget_bytes <= 0:
+            return  # still outside the batch: it ended on its first token, the prompt's snapshot covers it
+        fed = sequence.prompt_ids + sequence.output_ids[:-1]
+        self.prefix_store.store(fed, self._batch_cache.select(rows), logits)
 
     def _finish(self, sequence: Sequence, reason: str, last: list[TokenOutput] | None = None,
                 error: str | None = None) -> None:
