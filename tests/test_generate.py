@@ -244,6 +244,7 @@ def test_context_length_caps_the_output():
         ([1, -1], {}, "token id -1"),
         ("hello", {}, "not text"),
         ([[1, 2]], {}, "integer token ids"),
+        ([1, 2.5], {}, "integer token ids"),
         ([1], {"stop": ["x"]}, "need a tokenizer"),
         ([1], {"prefill_chunk": 0}, "prefill_chunk"),
         ([1] * 4096, {}, "no room"),

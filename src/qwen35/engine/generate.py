@@ -18,6 +18,7 @@ that completed it, as vLLM and transformers report them. Reaching ``max_new_toke
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -249,7 +250,7 @@ def _prompt_list(token_ids, vocab_size: int) -> list[int]:
     elif isinstance(token_ids, (str, bytes)):
         raise Qwen35Error("the prompt must be token ids, not text: tokenize it first")
     try:
-        prompt = [int(token_id) for token_id in token_ids]
+        prompt = [operator.index(token_id) for token_id in token_ids]
     except (TypeError, ValueError):
         raise Qwen35Error("the prompt must be a sequence of integer token ids") from None
     if not prompt:

@@ -218,9 +218,9 @@ class Sampler:
     def record(self, token_id: int) -> None:
         token_id = int(token_id)
         self.output_ids.append(token_id)
-        if self._seen is not None and token_id < self._seen.numel():
+        if self._seen is not None and 0 <= token_id < self._seen.numel():
             self._seen[token_id] = True
-        if self._counts is not None and token_id < self._counts.numel():
+        if self._counts is not None and 0 <= token_id < self._counts.numel():
             self._counts[token_id] += 1
 
     def penalize_(self, logits: torch.Tensor) -> None:
@@ -243,7 +243,7 @@ class Sampler:
 
     def _output_counts(self, logits: torch.Tensor) -> torch.Tensor:
         if self._counts is None or self._counts.numel() != logits.numel() or self._counts.device != logits.device:
-            ids = torch.tensor([t for t in self.output_ids if t < logits.numel()], dtype=torch.long)
+            ids = torch.tensor([t for t in self.output_ids if 0 <= t < logits.numel()], dtype=torch.long)
             counts = torch.bincount(ids, minlength=logits.numel()).to(torch.float32)
             self._counts = counts.to(logits.device)
         return self._counts
@@ -252,7 +252,7 @@ class Sampler:
     def _id_mask(ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         # Ids past the logits' width (a tokenizer larger than the head) cannot be sampled anyway.
         mask = torch.zeros(logits.numel(), dtype=torch.bool)
-        in_range = torch.tensor([t for t in ids if t < logits.numel()], dtype=torch.long)
+        in_range = torch.tensor([t for t in ids if 0 <= t < logits.numel()], dtype=torch.long)
         mask[in_range] = True
         return mask.to(logits.device)
 
