@@ -332,3 +332,13 @@ def test_an_engine_failure_fails_that_request_only(server, client):
     assert json.loads(events[-2])["error"]["message"].endswith("told to fail")
     assert events[-1] == "[DONE]"
     assert _chat(client, "fine after that").choices[0].message.content == "Answer: fine after that"
+
+
+def test_openapi_documents_every_route_and_the_error_body(server):
+    document = httpx.get(server[0] + "/openapi.json").json()
+    for path in ("/v1/models", "/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate",
+                 "/api/tags", "/api/show", "/api/ps", "/api/version", "/health", "/metrics"):
+        assert path in document["paths"]
+    responses = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    for status in ("400", "401", "404", "413", "422", "429", "503"):
+        assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen35.engine.service import QueueFullError, ServiceClosedError
@@ -25,6 +26,36 @@ _TYPE_BY_STATUS = {
     500: "server_error",
     503: "server_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error body."""
+
+    error: ErrorDetail
+
+
+class OllamaErrorBody(BaseModel):
+    """Ollama's error body (its /api routes)."""
+
+    error: str
+
+
+_MEANINGS = {400: "Bad request (malformed JSON, a prompt over the context, ...)", 401: "Missing or wrong API key",
+             404: "Unknown model or route", 413: "Request body too large", 422: "A field of the wrong type or range",
+             429: "Queue full: retry after Retry-After seconds", 500: "Generation failed",
+             503: "Shutting down or still loading"}
+
+
+def documented_errors(body_model) -> dict:
+    """The `responses=` of a router: each error status with its body, for /openapi.json."""
+    return {status: {"model": body_model, "description": meaning} for status, meaning in _MEANINGS.items()}
 
 
 class APIError(Exception):

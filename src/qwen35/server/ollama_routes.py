@@ -15,13 +15,13 @@ from qwen35 import __version__
 from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_ollama
-from qwen35.server.errors import APIError
+from qwen35.server.errors import APIError, OllamaErrorBody, documented_errors
 from qwen35.server.prompting import (check_model_name, check_request, make_job, render_chat,
                                      sampling_params, template_messages)
 from qwen35.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from qwen35.server.stream import ChatText, End, PlainText, generate
 
-router = APIRouter()
+router = APIRouter(responses=documented_errors(OllamaErrorBody))
 
 
 def _now() -> str:

@@ -13,13 +13,13 @@ from fastapi.responses import StreamingResponse
 from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_chat
-from qwen35.server.errors import APIError, error_body
+from qwen35.server.errors import APIError, ErrorBody, documented_errors, error_body
 from qwen35.server.prompting import (check_model_name, check_request, make_job, render_chat,
                                      sampling_params, template_messages)
 from qwen35.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwen35.server.stream import ChatText, Delta, End, Folded, fold, generate
 
-router = APIRouter()
+router = APIRouter(responses=documented_errors(ErrorBody))
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
