@@ -69,6 +69,20 @@ def test_warp_matches_transformers_warpers(options):
     torch.testing.assert_close(ours[kept], theirs[kept])
 
 
+@pytest.mark.parametrize("scale", [0.05, 0.5, 1.0, 3.0])
+@pytest.mark.parametrize("top_p", [0.5, 0.95])
+def test_nucleus_of_any_size_matches_transformers(scale, top_p):
+    """From flat logits (a nucleus of most of the vocabulary) to peaked ones (a few tokens)."""
+    params = [SamplingParams(top_p=top_p, temperature=0.8), SamplingParams(top_p=top_p, min_p=0.01),
+              SamplingParams(top_k=300, top_p=top_p)]
+    logits = random_logits(len(params), 3000, seed=int(scale * 100)) * scale
+    ours = warp_logits(logits, params)
+    for row, p in enumerate(params):
+        theirs = transformers_warpers(p)(torch.zeros(1, 1, dtype=torch.long), logits[row : row + 1].clone())[0]
+        assert torch.equal(torch.isinf(ours[row]), torch.isinf(theirs)), p
+        torch.testing.assert_close(ours[row][~torch.isinf(theirs)], theirs[~torch.isinf(theirs)])
+
+
 def test_warp_applies_each_rows_own_params():
     cases = [SamplingParams(**options) for options in WARPER_CASES]
     logits = random_logits(len(cases), 257, seed=5)

@@ -282,51 +282,49 @@ def warp_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch
 def _warped_candidates(logits: torch.Tensor, params: Sequence[SamplingParams]):
     """The warped logits of the tokens that can still be drawn, as (values [B, C], indices [B, C]).
 
-    Sampling only needs the tokens that survive top-k: with Qwen's top_k 20 that is twenty
-    logits, not a 150k vocabulary to sort and draw from. ``indices`` None means the
-    values cover the whole vocabulary in order (no row needed sorting).
+    Sampling only needs the tokens that can survive the filters: with Qwen's top_k 20
+    that is twenty logits, not a 150k vocabulary to sort and draw from. ``indices`` None
+    means the values cover the whole vocabulary in order (no row needed sorting).
     """
     batch, vocab = logits.shape
     device = logits.device
     logits = logits.to(torch.float32)
     top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_k_index = torch.tensor(top_ks, device=device).sub_(1).unsqueeze(1)
-    needs_top_p = any(p.top_p < 1.0 for p in params)
+    top_ps = [p.top_p for p in params]
+    temperatures = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+    temperatures = temperatures.unsqueeze(1)
+    has_top_k = torch.tensor([k < vocab for k in top_ks], device=device).unsqueeze(1)
+    kth_index = (torch.tensor(top_ks, device=device) - 1).unsqueeze(1)
+    needs_top_p = any(p < 1.0 for p in top_ps)
+    nucleus_normalizer = None  # log of the softmax denominator over the whole vocabulary
 
-    if all(k < vocab for k in top_ks):
-        # One extra candidate per row shows whether the k-th logit has ties past it.
-        values, indices = logits.topk(min(max(top_ks) + 1, vocab), dim=-1)
-        kth_values = values.gather(1, top_k_index)
-        after_kth = values.gather(1, top_k_index + 1)
-        # Ties with the k-th logit stay in, as transformers' TopKLogitsWarper keeps them
-        # (a -inf k-th logit, where a constraint allows fewer than k tokens, is no tie).
-        if bool(((after_kth == kth_values) & torch.isfinite(kth_values)).any()):
-            kept = int((logits >= kth_values).sum(dim=-1).max())
-            values, indices = logits.topk(kept, dim=-1)
+    window = _candidate_window(logits, top_ks, top_ps, temperatures)
+    if window is not None:
+        values, indices, nucleus_normalizer = window
     elif needs_top_p:
         values, indices = logits.sort(dim=-1, descending=True)
-        kth_values = values.gather(1, top_k_index)
     else:
         values, indices = logits, None
-        kth_values = torch.full((batch, 1), -math.inf, device=device)
-        if any(k < vocab for k in top_ks):
-            top_values = logits.topk(max(k for k in top_ks if k < vocab), dim=-1).values
-            limited = torch.tensor([k < vocab for k in top_ks], device=device).unsqueeze(1)
-            clamped_index = top_k_index.clamp(max=top_values.shape[1] - 1)
-            kth_values = torch.where(limited, top_values.gather(1, clamped_index), kth_values)
-    values = values.masked_fill(values < kth_values, -math.inf)
-
-    temperatures = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
-    values = values / temperatures.unsqueeze(1)
+    if any(k < vocab for k in top_ks):
+        ranked = values if indices is not None else logits.topk(max(k for k in top_ks if k < vocab), dim=-1).values
+        kth_values = ranked.gather(1, kth_index.clamp(max=ranked.shape[1] - 1))
+        kth_values = torch.where(has_top_k, kth_values, -math.inf)
+        # Ties with the k-th logit stay in, as transformers' TopKLogitsWarper keeps them.
+        values = values.masked_fill(values < kth_values, -math.inf)
+    values = values / temperatures
 
     if needs_top_p:
         # Here values are sorted, highest first. Keep the smallest prefix whose mass
         # reaches top_p; the first token always stays. top_p 1 must keep everything,
         # even where rounding pushes the running mass past 1.
-        top_ps = torch.tensor([p.top_p if p.top_p < 1.0 else math.inf for p in params], device=device)
-        probs = values.softmax(dim=-1)
+        normalizer = values.logsumexp(dim=-1, keepdim=True)
+        if nucleus_normalizer is not None:
+            # Rows bounded by their nucleus alone hold only part of their vocabulary here.
+            normalizer = torch.where(has_top_k, normalizer, nucleus_normalizer)
+        probs = (values - normalizer).exp()
         mass_before = probs.cumsum(dim=-1) - probs
-        remove = mass_before >= top_ps.unsqueeze(1)
+        top_p_limits = torch.tensor([p if p < 1.0 else math.inf for p in top_ps], device=device).unsqueeze(1)
+        remove = mass_before >= top_p_limits
         remove[:, 0] = False
         values = values.masked_fill(remove, -math.inf)
 
@@ -336,6 +334,45 @@ def _warped_candidates(logits: torch.Tensor, params: Sequence[SamplingParams]):
         threshold = torch.tensor(min_ps, device=device).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
         values = values.masked_fill(probs < threshold, -math.inf)
     return values, indices
+
+
+_FIRST_NUCLEUS_WINDOW = 64
+
+
+def _candidate_window(logits, top_ks, top_ps, temperatures):
+    """The highest logits of each row, sorted, as many as hold every row's top-k (ties
+    included) and nucleus; None when some row is unbounded or needs the whole vocabulary.
+
+    Returns (values, indices, log softmax denominator over the vocabulary at each row's
+    temperature, or None when no row relies on its nucleus alone).
+    """
+    batch, vocab = logits.shape
+    device = logits.device
+    nucleus_only = [k == vocab and p < 1.0 for k, p in zip(top_ks, top_ps)]
+    if any(k == vocab and p >= 1.0 for k, p in zip(top_ks, top_ps)):
+        return None
+    size = max((k + 1 for k in top_ks if k < vocab), default=0)
+    normalizer = None
+    if any(nucleus_only):
+        size = max(size, _FIRST_NUCLEUS_WINDOW)
+        normalizer = (logits / temperatures).logsumexp(dim=-1, keepdim=True)
+        nucleus_rows = torch.tensor(nucleus_only, device=device)
+        top_p_limits = torch.tensor(top_ps, device=device)
+    has_top_k = torch.tensor([k < vocab for k in top_ks], device=device)
+    kth_index = (torch.tensor(top_ks, device=device) - 1).clamp(max=vocab - 1).unsqueeze(1)
+    while size < vocab:
+        values, indices = logits.topk(size, dim=-1)
+        kth_values = values.gather(1, kth_index.clamp(max=size - 1)).squeeze(1)
+        # Every token tied with the k-th must be inside (a -inf k-th, where a constraint
+        # allows fewer than k tokens, needs nothing more).
+        enough = ~has_top_k | (values[:, -1] < kth_values) | torch.isneginf(kth_values)
+        if normalizer is not None:
+            mass = (values / temperatures - normalizer).exp().sum(dim=-1)
+            enough &= ~nucleus_rows | (mass >= top_p_limits)
+        if bool(enough.all()):
+            return values, indices, normalizer
+        size *= 4
+    return None
 
 
 def sample(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
