@@ -7,6 +7,7 @@ import json
 from typing import Literal
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field, ValidationError
@@ -115,3 +116,26 @@ def test_tool_call_grammar_matches_the_template_layout():
 def test_unusable_schemas_are_refused_with_a_reason(schema):
     with pytest.raises(grammar.SchemaError):
         grammar.compile_schema(schema)
+
+
+def test_free_text_shortcut_gives_the_trie_walks_mask(fixtures):
+    from qwen35 import load_tokenizer
+    from qwen35.server.constraints import CompiledGrammar
+
+    tokenizer = load_tokenizer(fixtures / "tiny" / "dense-hf")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}]
+    cases = [(grammar.compile_schema({"type": "object", "properties": {"a": {"type": "string"}}}), '{"a": "ab'),
+             (grammar.ANY, '["x\\u00e'), (grammar.tool_call_grammar(tools, "f"),
+                                          "<tool_call>\n<function=f>\n<parameter=text>\nhello")]
+    for node, prefix in cases:
+        compiled = CompiledGrammar(node, tokenizer, tokenizer.vocab_size, tool_tokens=True)
+        positions = feed(node, prefix)
+        if prefix.endswith("e"):  # inside a \u escape: not free text, the trie walk decides
+            assert grammar.invariant_unsafe_bytes(positions) is None
+            continue
+        unsafe = grammar.invariant_unsafe_bytes(positions)
+        assert unsafe is not None
+        fast = compiled.mask_in_free_text(positions, unsafe)
+        assert torch.equal(fast, compiled.mask_by_trie(positions))
+        assert 0 < int(fast.sum()) < tokenizer.vocab_size

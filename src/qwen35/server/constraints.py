@@ -26,16 +26,33 @@ class TokenTrie:
     def __init__(self, tokenizer, vocab_size: int, excluded: set[int]):
         self.vocab_size = vocab_size
         self.root: tuple[dict, list] = ({}, [])
+        self.tokens: list[tuple[int, bytes]] = []
+        self._splits: dict[frozenset, tuple[torch.Tensor, list[tuple[int, bytes]]]] = {}
         for token_id in range(vocab_size):
             if token_id in excluded or tokenizer.is_special(token_id):
                 continue
             data = tokenizer.token_bytes(token_id)
             if not data:
                 continue
+            self.tokens.append((token_id, data))
             node = self.root
             for byte in data:
                 node = node[0].setdefault(byte, ({}, []))
             node[1].append(token_id)
+
+    def split(self, unsafe: frozenset) -> tuple[torch.Tensor, list[tuple[int, bytes]]]:
+        """Tokens free of `unsafe` bytes (a mask) and the others (to check one by one)."""
+        if unsafe not in self._splits:
+            pattern = bytes(sorted(unsafe))
+            plain = torch.zeros(self.vocab_size, dtype=torch.bool)
+            others = []
+            for token_id, data in self.tokens:
+                if data.translate(None, pattern) == data:
+                    plain[token_id] = True
+                else:
+                    others.append((token_id, data))
+            self._splits[unsafe] = (plain, others)
+        return self._splits[unsafe]
 
 
 _tries: dict[tuple[int, bool], TokenTrie] = {}
@@ -71,8 +88,17 @@ class CompiledGrammar:
         if cached is not None:
             self._masks.move_to_end(key)
             return cached
+        unsafe = grammar.invariant_unsafe_bytes(stacks)
+        allowed = self.mask_by_trie(stacks) if unsafe is None else self.mask_in_free_text(stacks, unsafe)
+        self._masks[key] = allowed
+        if len(self._masks) > self._max_masks:
+            self._masks.popitem(last=False)
+        return allowed
+
+
+    def mask_by_trie(self, stacks: list[tuple]) -> torch.Tensor:
+        """Walk the vocabulary's trie, pruning every branch whose bytes no position accepts."""
         trie = token_trie(self._tokenizer, self._vocab_size, self._tool_tokens)
-        allowed = torch.zeros(self._vocab_size, dtype=torch.bool)
         ids: list[int] = []
 
         def walk(node, positions):
@@ -84,10 +110,24 @@ class CompiledGrammar:
                         walk(child, following)
 
         walk(trie.root, stacks)
+        allowed = torch.zeros(self._vocab_size, dtype=torch.bool)
         allowed[ids] = True
-        self._masks[key] = allowed
-        if len(self._masks) > self._max_masks:
-            self._masks.popitem(last=False)
+        return allowed
+
+    def mask_in_free_text(self, stacks: list[tuple], unsafe: frozenset) -> torch.Tensor:
+        """Inside a string or raw value nearly every token fits, and those without an `unsafe` byte fit
+        without checking: only the rest are run through the grammar (a trie walk would visit them all)."""
+        trie = token_trie(self._tokenizer, self._vocab_size, self._tool_tokens)
+        plain, others = trie.split(unsafe)
+        allowed = plain.clone()
+        for token_id, data in others:
+            positions = stacks
+            for byte in data:
+                positions = grammar.advance(positions, byte)
+                if not positions:
+                    break
+            else:
+                allowed[token_id] = True
         return allowed
 
 
@@ -100,6 +140,10 @@ class GrammarConstraint:
         self._eos_ids = [i for i in eos_ids if i < compiled._vocab_size]
         self._think_end_id = tokenizer.think_end_id if wait_for_think_end else None
         self._stacks = grammar.start(compiled.node)
+
+    def prepare(self) -> None:
+        """Build what the first mask needs (the vocabulary trie) ahead of decoding."""
+        token_trie(self._tokenizer, self._compiled._vocab_size, self._compiled._tool_tokens)
 
     def allowed(self) -> torch.Tensor | None:
         if self._think_end_id is not None:

@@ -158,6 +158,27 @@ def _xml_value(schema, root) -> tuple:
 #         | ("array", node, state, count, ws) | ("seq", node, index) | ("raw", forbidden)
 
 
+STRING_UNSAFE = frozenset(b'"\\') | frozenset(range(0x20))
+
+
+def invariant_unsafe_bytes(stacks) -> frozenset | None:
+    """The bytes that matter when every position sits inside free text (a string's content, a raw
+    value): any other byte leaves the positions as they are. None when some position is elsewhere."""
+    unsafe = None
+    for stack in stacks:
+        top = stack[-1]
+        if top[0] == "string" and top[1] == 0:
+            kind = STRING_UNSAFE
+        elif top[0] == "raw":
+            kind = frozenset(top[1])
+        else:
+            return None
+        if unsafe is not None and kind != unsafe:
+            return None
+        unsafe = kind
+    return unsafe
+
+
 def start(node) -> list[tuple]:
     return [(("root",), ("value", node, 0))]
 

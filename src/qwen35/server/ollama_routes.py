@@ -16,10 +16,10 @@ from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_ollama
 from qwen35.server.errors import APIError, OllamaErrorBody, documented_errors
-from qwen35.server.prompting import (check_model_name, check_request, make_job, render_chat,
+from qwen35.server.prompting import (check_model_name, check_request, make_job, render_chat, start_job,
                                      sampling_params, template_messages)
 from qwen35.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
-from qwen35.server.stream import ChatText, End, PlainText, generate
+from qwen35.server.stream import ChatText, End, PlainText
 
 router = APIRouter(responses=documented_errors(OllamaErrorBody))
 
@@ -126,7 +126,7 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
     job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop,
                    parser=ChatText(tools=tools, thinking=thinking),
                    constraint=constraint_for_ollama(state.tokenizer, state.vocab_size, body.format, thinking))
-    stream = generate(state.service, state.tokenizer, job.request, job.parser, job.stop_strings, request)
+    stream = await start_job(state, job, request)
 
     def shape(text, reasoning, calls):
         message = {"role": "assistant", "content": text}
@@ -160,7 +160,7 @@ async def ollama_generate(body: OllamaGenerateRequest, request: Request):
     sampling, max_tokens, stop = _sampling(state, body.options)
     job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop, parser=parser,
                    constraint=constraint_for_ollama(state.tokenizer, state.vocab_size, body.format, thinking))
-    stream = generate(state.service, state.tokenizer, job.request, job.parser, job.stop_strings, request)
+    stream = await start_job(state, job, request)
 
     def shape(text, reasoning, calls):
         payload = {"model": body.model, "created_at": _now(), "response": text}

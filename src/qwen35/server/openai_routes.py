@@ -14,10 +14,10 @@ from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_chat
 from qwen35.server.errors import APIError, ErrorBody, documented_errors, error_body
-from qwen35.server.prompting import (check_model_name, check_request, make_job, render_chat,
+from qwen35.server.prompting import (check_model_name, check_request, make_job, render_chat, start_job,
                                      sampling_params, template_messages)
 from qwen35.server.schemas import ChatCompletionRequest, CompletionRequest
-from qwen35.server.stream import ChatText, Delta, End, Folded, fold, generate
+from qwen35.server.stream import ChatText, Delta, End, Folded, fold
 
 router = APIRouter(responses=documented_errors(ErrorBody))
 
@@ -95,7 +95,7 @@ def _chat_tools(body: ChatCompletionRequest) -> tuple[list[dict] | None, str | N
     return tools, choice.function.name
 
 
-def start_chat(state: ServerState, body: ChatCompletionRequest, request: Request | None):
+def chat_job(state: ServerState, body: ChatCompletionRequest):
     check_request(state, body)
     messages = template_messages([message.model_dump(exclude_none=True) for message in body.messages])
     if any(part.get("type") == "image_url" for message in messages
@@ -112,13 +112,13 @@ def start_chat(state: ServerState, body: ChatCompletionRequest, request: Request
                    sampling=sampling_params(state, _sampling_options(body)), stop=body.stop,
                    parser=ChatText(tools=tools, thinking=thinking),
                    top_logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
-    return generate(state.service, state.tokenizer, job.request, job.parser, job.stop_strings, request)
+    return job
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (streamed as SSE when stream is true)")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
-    stream = start_chat(state, body, request)
+    stream = await start_job(state, chat_job(state, body), request)
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -206,7 +206,7 @@ async def completions(body: CompletionRequest, request: Request):
     job = make_job(state, prompt_text, max_tokens=body.max_tokens if body.max_tokens is not None else 16,
                    sampling=sampling_params(state, _sampling_options(body)), stop=body.stop,
                    top_logprobs=body.logprobs, prompt_ids=prompt_ids)
-    stream = generate(state.service, state.tokenizer, job.request, job.parser, job.stop_strings, request)
+    stream = await start_job(state, job, request)
     reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = prompt_text if body.echo else ""
 

@@ -6,6 +6,7 @@ toggle behave the same whichever a client speaks.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 from qwen35.engine.sampler import SamplingParams
 from qwen35.engine.service import GenerationRequest
 from qwen35.server.errors import APIError
-from qwen35.server.stream import OutputParser, PlainText
+from qwen35.server.stream import OutputParser, PlainText, generate
 
 # A prompt-length check happens before any work; a prompt longer than this many characters is
 # refused before tokenizing, so a huge body cannot keep the tokenizer busy.
@@ -26,6 +27,14 @@ class Job:
     parser: OutputParser
     stop_strings: list[str]
     prompt_text: str
+
+
+async def start_job(state, job: Job, request=None):
+    """Submit a job to the engine; its stream. A grammar's vocabulary trie (seconds for a real
+    vocabulary, once) is built off the event loop and off the engine's thread, so nobody waits for it."""
+    if job.request.constraint is not None:
+        await asyncio.to_thread(job.request.constraint.prepare)
+    return generate(state.service, state.tokenizer, job.request, job.parser, job.stop_strings, request)
 
 
 def check_text(value, where: str = "") -> None:
