@@ -100,11 +100,13 @@ def iq2_xxs_bytes(rows, width):
         (dict(drop_tensors=("blk.1.ssm_a",)), "blk.1.ssm_a is missing"),
         (dict(drop_tensors=("output_norm.weight",)), "output_norm.weight is missing"),
         (dict(drop_keys=("qwen35.ssm.group_count",)), "ssm.group_count"),
+        (dict(drop_keys=("qwen35.block_count",)), "block_count"),
         (dict(replace_tensors={"blk.3.attn_q_norm.weight": (np.ones(32, dtype=np.float32), GGMLQuantizationType.F32)}),
          "blk.3.attn_q_norm.weight has shape [32]"),
         (dict(replace_tensors={"blk.0.ssm_out.weight": iq2_xxs_bytes(256, 256)}), "IQ2_XXS"),
     ],
-    ids=["unknown-architecture", "missing-tensor", "missing-output-norm", "missing-metadata", "wrong-shape",
+    ids=["unknown-architecture", "missing-tensor", "missing-output-norm", "missing-metadata", "missing-block-count",
+         "wrong-shape",
          "unsupported-type"],
 )
 def test_broken_model_gives_format_error(source, tmp_path, changes, message):
@@ -141,6 +143,16 @@ def test_forged_tensor_count(source, tmp_path):
 
     with pytest.raises(FormatError, match="cannot fit"):
         qwen35.load_model(patched_copy(source, tmp_path, forge))
+
+
+def test_forged_layer_count_fails_before_building_anything(source, tmp_path):
+    target = tmp_path / "forged.gguf"
+    shutil.copyfile(source, target)
+    reader = GGUFReader(str(target), "r+")
+    reader.fields["qwen35.block_count"].parts[-1][0] = 2**31  # in place
+    del reader
+    with pytest.raises(FormatError, match="cannot fit"):
+        qwen35.load_model(target)
 
 
 def test_forged_tensor_offset(source, tmp_path):

@@ -123,3 +123,9 @@ def test_unreadable_files_give_format_error(fixtures, tmp_path):
         qwen35.load_model(tmp_path / "empty")
     with pytest.raises(FormatError, match="no such model"):
         qwen35.load_model(tmp_path / "nothing-here")
+
+
+def test_forged_layer_count_fails_fast(checkpoint):
+    edit_config(checkpoint, lambda c: c["text_config"].update(num_hidden_layers=10**9, layer_types=None))
+    with pytest.raises(FormatError, match="cannot fit"):
+        qwen35.load_model(checkpoint)

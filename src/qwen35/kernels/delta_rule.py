@@ -38,10 +38,12 @@ def recurrent_gated_delta_rule(
     outputs = []
     for t in range(q.shape[2]):
         state = state * g[:, :, t, None, None].exp()
-        predicted = (k[:, :, t, None, :] @ state)[:, :, 0]  # S^T k, [B, H, d_v]
+        # Broadcast-and-sum rather than batched matmuls: one token's products are tiny,
+        # and tiny matmuls pay a thread start-up each.
+        predicted = (state * k[:, :, t, :, None]).sum(dim=-2)  # S^T k, [B, H, d_v]
         delta = beta[:, :, t, None] * (v[:, :, t] - predicted)
         state = state + k[:, :, t, :, None] * delta[:, :, None, :]
-        outputs.append((q[:, :, t, None, :] @ state)[:, :, 0])
+        outputs.append((state * q[:, :, t, :, None]).sum(dim=-2))
     return torch.stack(outputs, dim=2), state
 
 

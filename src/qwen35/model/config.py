@@ -11,6 +11,14 @@ FULL_ATTENTION = "full_attention"
 DEFAULT_MROPE_SECTION = (11, 11, 10)
 # Qwen's own generation_config for the released checkpoints (GGUF files carry none).
 QWEN35_GENERATION_DEFAULTS = {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
+# Every decoder layer has at least this many tensors: a layer count the file could not
+# hold is forged, and is refused before any per-layer table is built.
+MIN_TENSORS_PER_LAYER = 8
+
+
+def check_layer_count(num_layers: int, tensor_count: int, where: str) -> None:
+    if num_layers <= 0 or num_layers * MIN_TENSORS_PER_LAYER > tensor_count:
+        raise FormatError(f"{where}: {num_layers} layers cannot fit in {tensor_count} tensors")
 
 
 @dataclass(frozen=True)
@@ -97,15 +105,26 @@ def _required(source: dict, key: str, where: str):
     return source[key]
 
 
-def config_from_hf(raw: dict, generation_config: dict | None = None) -> ModelConfig:
+def config_from_hf(raw: dict, generation_config: dict | None = None, tensor_count: int | None = None,
+                   where: str = "config.json") -> ModelConfig:
     """From config.json (either the multimodal wrapper with `text_config` or a text-only config)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("text_config", {}), dict):
+        raise FormatError(f"{where}: not a model configuration")
+    try:
+        return _config_from_hf(raw, generation_config, tensor_count, where)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, AttributeError) as error:
+        raise FormatError(f"{where}: bad or missing value ({error})") from None
+
+
+def _config_from_hf(raw: dict, generation_config, tensor_count, where: str) -> ModelConfig:
     text = raw.get("text_config") or raw
-    where = "config.json"
     model_type = text.get("model_type", raw.get("model_type", ""))
     if not isinstance(model_type, str) or not model_type.startswith("qwen3_5"):
         raise FormatError(f"{where}: model_type {model_type!r} is not a Qwen 3.5 model")
     is_moe = "moe" in model_type
     num_layers = int(_required(text, "num_hidden_layers", where))
+    if tensor_count is not None:
+        check_layer_count(num_layers, tensor_count, where)
     rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
     rope_theta = float(rope.get("rope_theta", text.get("rope_theta", 10000000.0)))
     partial = float(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25)))
@@ -116,38 +135,35 @@ def config_from_hf(raw: dict, generation_config: dict | None = None) -> ModelCon
         layer_types = [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(num_layers)]
     eos = (generation_config or {}).get("eos_token_id", text.get("eos_token_id", raw.get("eos_token_id")))
     tie = raw.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    try:
-        return ModelConfig(
-            architecture="qwen35moe" if is_moe else "qwen35",
-            hidden_size=int(_required(text, "hidden_size", where)),
-            num_layers=num_layers,
-            vocab_size=int(_required(text, "vocab_size", where)),
-            layer_types=tuple(layer_types),
-            rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-            num_attention_heads=int(_required(text, "num_attention_heads", where)),
-            num_key_value_heads=int(_required(text, "num_key_value_heads", where)),
-            head_dim=head_dim,
-            linear_num_key_heads=int(_required(text, "linear_num_key_heads", where)),
-            linear_num_value_heads=int(_required(text, "linear_num_value_heads", where)),
-            linear_key_head_dim=int(_required(text, "linear_key_head_dim", where)),
-            linear_value_head_dim=int(_required(text, "linear_value_head_dim", where)),
-            linear_conv_kernel=int(text.get("linear_conv_kernel_dim", 4)),
-            rope_theta=rope_theta,
-            rotary_dim=int(head_dim * partial),
-            mrope_section=tuple(rope.get("mrope_section") or DEFAULT_MROPE_SECTION)[:3],
-            intermediate_size=0 if is_moe else int(_required(text, "intermediate_size", where)),
-            num_experts=int(_required(text, "num_experts", where)) if is_moe else 0,
-            num_experts_per_tok=int(_required(text, "num_experts_per_tok", where)) if is_moe else 0,
-            moe_intermediate_size=int(_required(text, "moe_intermediate_size", where)) if is_moe else 0,
-            shared_expert_intermediate_size=int(text.get("shared_expert_intermediate_size", 0)) if is_moe else 0,
-            tie_word_embeddings=bool(tie),
-            mtp_num_layers=int(text.get("mtp_num_hidden_layers", 0) or 0),
-            max_position_embeddings=int(text.get("max_position_embeddings", 262144)),
-            eos_token_ids=_id_tuple(eos),
-            value_head_order="grouped",
-        )
-    except (TypeError, ValueError, KeyError) as error:
-        raise FormatError(f"{where}: bad value ({error})") from None
+    return ModelConfig(
+        architecture="qwen35moe" if is_moe else "qwen35",
+        hidden_size=int(_required(text, "hidden_size", where)),
+        num_layers=num_layers,
+        vocab_size=int(_required(text, "vocab_size", where)),
+        layer_types=tuple(layer_types),
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        num_attention_heads=int(_required(text, "num_attention_heads", where)),
+        num_key_value_heads=int(_required(text, "num_key_value_heads", where)),
+        head_dim=head_dim,
+        linear_num_key_heads=int(_required(text, "linear_num_key_heads", where)),
+        linear_num_value_heads=int(_required(text, "linear_num_value_heads", where)),
+        linear_key_head_dim=int(_required(text, "linear_key_head_dim", where)),
+        linear_value_head_dim=int(_required(text, "linear_value_head_dim", where)),
+        linear_conv_kernel=int(text.get("linear_conv_kernel_dim", 4)),
+        rope_theta=rope_theta,
+        rotary_dim=int(head_dim * partial),
+        mrope_section=tuple(rope.get("mrope_section") or DEFAULT_MROPE_SECTION)[:3],
+        intermediate_size=0 if is_moe else int(_required(text, "intermediate_size", where)),
+        num_experts=int(_required(text, "num_experts", where)) if is_moe else 0,
+        num_experts_per_tok=int(_required(text, "num_experts_per_tok", where)) if is_moe else 0,
+        moe_intermediate_size=int(_required(text, "moe_intermediate_size", where)) if is_moe else 0,
+        shared_expert_intermediate_size=int(text.get("shared_expert_intermediate_size", 0)) if is_moe else 0,
+        tie_word_embeddings=bool(tie),
+        mtp_num_layers=int(text.get("mtp_num_hidden_layers", 0) or 0),
+        max_position_embeddings=int(text.get("max_position_embeddings", 262144)),
+        eos_token_ids=_id_tuple(eos),
+        value_head_order="grouped",
+    )
 
 
 def _id_tuple(value) -> tuple[int, ...]:
@@ -160,6 +176,13 @@ def _id_tuple(value) -> tuple[int, ...]:
 
 def config_from_gguf(metadata: dict, tensors: dict, path: str = "GGUF") -> ModelConfig:
     """From GGUF metadata as llama.cpp's converter writes it; `tensors` gives the vocab and tying."""
+    try:
+        return _config_from_gguf(metadata, tensors, path)
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, AttributeError) as error:
+        raise FormatError(f"{path}: bad metadata value ({error})") from None
+
+
+def _config_from_gguf(metadata: dict, tensors: dict, path: str) -> ModelConfig:
     arch = metadata.get("general.architecture")
     if arch not in ("qwen35", "qwen35moe"):
         raise FormatError(f"{path}: architecture {arch!r} is not supported (qwen35 and qwen35moe are)")
@@ -175,6 +198,7 @@ def config_from_gguf(metadata: dict, tensors: dict, path: str = "GGUF") -> Model
     num_layers = block_count - mtp_layers
     if num_layers <= 0:
         raise FormatError(f"{path}: block_count {block_count} leaves no layers besides {mtp_layers} MTP layers")
+    check_layer_count(num_layers, len(tensors), path)
     recurrent = metadata.get(f"{arch}.attention.recurrent_layers")
     if recurrent is not None and len(recurrent) >= num_layers:
         layer_types = tuple(LINEAR_ATTENTION if bool(r) else FULL_ATTENTION for r in list(recurrent)[:num_layers])
@@ -189,36 +213,35 @@ def config_from_gguf(metadata: dict, tensors: dict, path: str = "GGUF") -> Model
     state_size = int(value("ssm.state_size"))
     is_moe = arch == "qwen35moe"
     sections = [int(s) for s in value("rope.dimension_sections", list(DEFAULT_MROPE_SECTION))][:3]
-    eos = metadata.get("tokenizer.ggml.eos_token_id")
-    try:
-        return ModelConfig(
-            architecture=arch,
-            hidden_size=int(value("embedding_length")),
-            num_layers=num_layers,
-            vocab_size=int(embedding.shape[1]) if len(embedding.shape) == 2 else 0,
-            layer_types=layer_types,
-            rms_norm_eps=float(value("attention.layer_norm_rms_epsilon", 1e-6)),
-            num_attention_heads=int(value("attention.head_count")),
-            num_key_value_heads=int(value("attention.head_count_kv")),
-            head_dim=int(value("attention.key_length")),
-            linear_num_key_heads=n_k,
-            linear_num_value_heads=n_v,
-            linear_key_head_dim=state_size,
-            linear_value_head_dim=int(value("ssm.inner_size")) // n_v if n_v else 0,
-            linear_conv_kernel=int(value("ssm.conv_kernel")),
-            rope_theta=float(value("rope.freq_base")),
-            rotary_dim=int(value("rope.dimension_count")),
-            mrope_section=tuple(sections + [0] * (3 - len(sections))),
-            intermediate_size=0 if is_moe else int(value("feed_forward_length")),
-            num_experts=int(value("expert_count")) if is_moe else 0,
-            num_experts_per_tok=int(value("expert_used_count")) if is_moe else 0,
-            moe_intermediate_size=int(value("expert_feed_forward_length")) if is_moe else 0,
-            shared_expert_intermediate_size=int(value("expert_shared_feed_forward_length", 0)) if is_moe else 0,
-            tie_word_embeddings="output.weight" not in tensors,
-            mtp_num_layers=mtp_layers,
-            max_position_embeddings=int(value("context_length", 262144)),
-            eos_token_ids=_id_tuple(eos),
-            value_head_order="tiled",
-        )
-    except (TypeError, ValueError) as error:
-        raise FormatError(f"{path}: bad metadata value ({error})") from None
+    # Chat models end a turn with the end-of-turn token; some files name it apart from eos.
+    eos = [metadata[key] for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if key in metadata]
+    eos = list(dict.fromkeys(int(token) for token in eos))
+    return ModelConfig(
+        architecture=arch,
+        hidden_size=int(value("embedding_length")),
+        num_layers=num_layers,
+        vocab_size=int(embedding.shape[1]) if len(embedding.shape) == 2 else 0,
+        layer_types=layer_types,
+        rms_norm_eps=float(value("attention.layer_norm_rms_epsilon", 1e-6)),
+        num_attention_heads=int(value("attention.head_count")),
+        num_key_value_heads=int(value("attention.head_count_kv")),
+        head_dim=int(value("attention.key_length")),
+        linear_num_key_heads=n_k,
+        linear_num_value_heads=n_v,
+        linear_key_head_dim=state_size,
+        linear_value_head_dim=int(value("ssm.inner_size")) // n_v if n_v else 0,
+        linear_conv_kernel=int(value("ssm.conv_kernel")),
+        rope_theta=float(value("rope.freq_base")),
+        rotary_dim=int(value("rope.dimension_count")),
+        mrope_section=tuple(sections + [0] * (3 - len(sections))),
+        intermediate_size=0 if is_moe else int(value("feed_forward_length")),
+        num_experts=int(value("expert_count")) if is_moe else 0,
+        num_experts_per_tok=int(value("expert_used_count")) if is_moe else 0,
+        moe_intermediate_size=int(value("expert_feed_forward_length")) if is_moe else 0,
+        shared_expert_intermediate_size=int(value("expert_shared_feed_forward_length", 0)) if is_moe else 0,
+        tie_word_embeddings="output.weight" not in tensors,
+        mtp_num_layers=mtp_layers,
+        max_position_embeddings=int(value("context_length", 262144)),
+        eos_token_ids=_id_tuple(eos),
+        value_head_order="tiled",
+    )

@@ -37,6 +37,15 @@ def load_model(path, device="cpu", precision: str = "fast") -> Model:
     raise FormatError(f"no such model file or directory: {path}")
 
 
+MAX_EXPERTS = 1 << 16
+
+
+def _check_expert_count(config, path) -> None:
+    # Per-expert name tables are built from this number before any tensor is checked.
+    if config.num_experts > MAX_EXPERTS:
+        raise FormatError(f"{path}: {config.num_experts} experts is more than this loader accepts ({MAX_EXPERTS})")
+
+
 def _build(config, weights: dict, mtp: dict, precision: str, device: torch.device, generation_defaults, source):
     if device.type != "cpu":
         weights, mtp = ({k: w.to(device) for k, w in d.items()} for d in (weights, mtp))
@@ -56,6 +65,7 @@ def _load_gguf(path: Path, precision: str, device: torch.device) -> Model:
     gguf = GGUFModel(path)
     try:
         config = config_from_gguf(gguf.metadata, gguf.tensors, str(path))
+        _check_expert_count(config, path)
         names = set(gguf.tensors)
         weights = _gguf_weights(gguf, config, weight_specs(config), names, str(path))
         mtp_specs = mtp_weight_specs(config)
@@ -115,7 +125,10 @@ def _rows_of(raw, info, start: int, stop: int):
 
 def _load_hf(path: Path, precision: str, device: torch.device) -> Model:
     checkpoint = weights_hf.HFCheckpoint(path)
-    config = config_from_hf(checkpoint.config, checkpoint.generation_config)
+    config = config_from_hf(
+        checkpoint.config, checkpoint.generation_config, len(checkpoint.names()), f"{path}/config.json"
+    )
+    _check_expert_count(config, path)
     weights = _hf_weights(checkpoint, config, weight_specs(config))
     mtp_specs = mtp_weight_specs(config)
     mtp_present = any(name.startswith("mtp.") for name in checkpoint.names())
