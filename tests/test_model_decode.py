@@ -99,3 +99,13 @@ def test_forward_rejects_bad_input(dense):
         dense.forward(torch.tensor([[1, 2]]), cache)  # one row for a cache of two
     with pytest.raises(qwen35.errors.Qwen35Error):
         dense.forward(torch.tensor([[1], [dense.config.vocab_size]]), cache)
+
+
+def test_given_embeddings_replace_the_token_lookup(dense, prompt):
+    ids = torch.tensor([prompt[:40]])
+    embeddings = dense.network.embed_tokens.rows(ids)
+    expected = dense.logits(prompt[:40])
+    logits = dense.forward(ids, dense.make_cache(1), embeddings=embeddings)[0].numpy()
+    assert np.array_equal(logits, expected)
+    shuffled = dense.forward(ids, dense.make_cache(1), embeddings=embeddings.flip(1))[0].numpy()
+    assert np.abs(shuffled - expected).max() > 1e-2

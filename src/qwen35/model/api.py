@@ -33,11 +33,13 @@ class Model:
         return self.network.make_cache(batch_size, device=self.device)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """Append input_ids [B, T] to the B rows of `cache`; logits [B, T, vocab] float32.
 
         `positions` [3, B, T] gives M-RoPE positions (time, height, width) for
         images; by default each row continues its own text positions.
+        `embeddings` [B, T, hidden] replaces the token embeddings (image features).
         """
         input_ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         if input_ids.dim() != 2:
@@ -50,7 +52,8 @@ class Model:
         for start in range(0, input_ids.shape[1], PREFILL_CHUNK):
             stop = start + PREFILL_CHUNK
             piece_positions = None if positions is None else positions[:, :, start:stop]
-            pieces.append(self.network(input_ids[:, start:stop], cache, piece_positions))
+            piece_embeddings = None if embeddings is None else embeddings[:, start:stop]
+            pieces.append(self.network(input_ids[:, start:stop], cache, piece_positions, piece_embeddings))
         if not pieces:
             return torch.zeros(cache.batch_size, 0, self.config.vocab_size)
         return torch.cat(pieces, dim=1)

@@ -339,8 +339,13 @@ class Qwen35Network(nn.Module):
         zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
         return HybridCache(layers, zeros, zeros.clone())
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None):
-        """input_ids [B, T] appended to each row of `cache`; returns the final-normed hidden states."""
+    def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,
+                      embeddings: torch.Tensor | None = None):
+        """input_ids [B, T] appended to each row of `cache`; returns the final-normed hidden states.
+
+        `embeddings` [B, T, hidden], when given, replaces the token lookup (images put
+        their vision features in place of their placeholder tokens this way).
+        """
         batch, length = input_ids.shape
         if positions is None:
             positions = cache.default_positions(length)
@@ -351,11 +356,12 @@ class Qwen35Network(nn.Module):
         query_end = starts[:, None] + torch.arange(length, device=input_ids.device)  # [B, T]
         mask = key_index[None, None, :] <= query_end[:, :, None]  # [B, T, S]
 
-        x = self.embed_tokens.rows(input_ids)
+        x = self.embed_tokens.rows(input_ids) if embeddings is None else embeddings.float()
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer(x, layer_cache, starts, rope, mask)
         cache.advance(length, positions)
         return rms_norm(x, self.final_norm, self.config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, cache, positions)).float()
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,
+                embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, cache, positions, embeddings)).float()
