@@ -192,7 +192,7 @@ class EngineService:
         self.prefix_store = PrefixStore(prefix_cache_bytes)
         self.stats = EngineStats()
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
-        self._batch: list[Sequence] = []  # the decoding sequences, in the rows of _batch_cache
+        self._batch: list[Sequence | None] = []  # the rows of _batch_cache (None: left, row idle)
         self._batch_cache = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -320,19 +320,27 @@ class EngineService:
     def _decode(self, sequences: list[Sequence]) -> list[torch.Tensor]:
         """One token for every decoding sequence, in one forward over the running batch's cache."""
         self._regroup(sequences)
-        ids = torch.tensor([[sequence.output_ids[-1]] for sequence in self._batch], dtype=torch.long)
+        # A row whose sequence has left is fed any token until the next compaction drops it.
+        ids = torch.tensor([[member.output_ids[-1] if member is not None else 0] for member in self._batch],
+                           dtype=torch.long)
         logits = self.model.forward(ids, self._batch_cache)[:, -1].float()
-        row_of = {id(sequence): row for row, sequence in enumerate(self._batch)}
+        row_of = {id(member): row for row, member in enumerate(self._batch) if member is not None}
         return [logits[row_of[id(sequence)]] for sequence in sequences]
 
     def _regroup(self, sequences: list[Sequence]) -> None:
-        """Make the batch cache hold exactly `sequences`: drop rows that left, append newcomers' caches."""
+        """Make the batch cache hold `sequences`: newcomers' caches appended, rows that left dropped.
+
+        Dropping or adding rows copies the whole batch's K/V, while an extra row costs a decode step
+        little (the weights are read once for all rows), so rows that left stay as idle rows until
+        newcomers force a copy anyway or they outnumber the live rows."""
         wanted = {id(sequence) for sequence in sequences}
-        current = {id(sequence) for sequence in self._batch}
-        if wanted == current:
+        present = {id(member) for member in self._batch if member is not None}
+        newcomers = [sequence for sequence in sequences if id(sequence) not in present]
+        self._batch = [member if member is not None and id(member) in wanted else None for member in self._batch]
+        idle = self._batch.count(None)
+        if not newcomers and idle <= len(self._batch) - idle:
             return
-        kept_rows = [row for row, sequence in enumerate(self._batch) if id(sequence) in wanted]
-        newcomers = [sequence for sequence in sequences if id(sequence) not in current]
+        kept_rows = [row for row, member in enumerate(self._batch) if member is not None]
         parts = []
         if kept_rows:
             parts.append(self._batch_cache if len(kept_rows) == len(self._batch)
