@@ -59,6 +59,7 @@ def _folded_stream(chunks):
 
 def test_models_and_health(server, client):
     assert [model.id for model in client.models.list().data] == ["tiny"]
+    assert httpx.get(server[0] + "/").status_code == 200
     health = httpx.get(server[0] + "/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"
 

@@ -128,6 +128,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(BodyLimit)
 
+    @app.api_route("/", methods=["GET", "HEAD"], summary="Liveness probe (Ollama clients call it)",
+                   response_class=PlainTextResponse)
+    async def root():
+        return PlainTextResponse("qwen35 is running")
+
     @app.get("/health", summary="Liveness and readiness")
     async def health():
         if not state.ready:
