@@ -127,3 +127,13 @@ def test_greedy_generation_matches_transformers(fixtures):
     expected = sequence["transformers_greedy"]
     assert model.generate(sequence["ids"], len(expected), temperature=0) == expected
     assert list(model.stream_generate(sequence["ids"], 5, temperature=0)) == expected[:5]
+
+
+def test_fast_precision_keeps_checkpoint_dtype_with_the_same_logits(fixtures):
+    from qwen35.kernels.quant_linear import QuantLinear
+
+    fast = qwen35.load_model(fixtures / "tiny" / "dense-hf")  # precision="fast" is the default
+    assert {m.type_name for m in fast.network.modules() if isinstance(m, QuantLinear)} == {"BF16"}
+    ids = json.loads((fixtures / "ref" / "dense.json").read_text())["sequences"]["chat_think"]["ids"]
+    expected = np.load(fixtures / "ref" / "dense.chat_think.transformers.logits.npy")
+    assert np.abs(fast.logits(ids) - expected).max() <= TOLERANCE

@@ -168,7 +168,8 @@ class HFCheckpoint:
             if shape != source.shape:
                 raise FormatError(f"{self.path}: tensor {name} has shape {list(shape)}, expected {list(source.shape)}")
 
-    def load(self, source: Source, dtype: torch.dtype) -> torch.Tensor:
+    def load(self, source: Source, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, transformed, in `dtype` (None: as stored)."""
         self.check(source)
         if source.stacked:
             return torch.stack([self._read(name).to(dtype) for name in source.stacked])

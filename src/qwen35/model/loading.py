@@ -129,16 +129,19 @@ def _load_hf(path: Path, precision: str, device: torch.device) -> Model:
         checkpoint.config, checkpoint.generation_config, len(checkpoint.names()), f"{path}/config.json"
     )
     _check_expert_count(config, path)
-    weights = _hf_weights(checkpoint, config, weight_specs(config))
+    # Reference precision holds fp32 copies (bf16/f16 -> fp32 is exact); fast keeps the
+    # checkpoint's dtype, half the memory, with the same values reaching the fp32 arithmetic.
+    matrix_dtype = torch.float32 if precision == "reference" else None
+    weights = _hf_weights(checkpoint, config, weight_specs(config), matrix_dtype)
     mtp_specs = mtp_weight_specs(config)
     mtp_present = any(name.startswith("mtp.") for name in checkpoint.names())
-    mtp = _hf_weights(checkpoint, config, mtp_specs) if mtp_present and mtp_specs else {}
+    mtp = _hf_weights(checkpoint, config, mtp_specs, matrix_dtype) if mtp_present and mtp_specs else {}
     defaults = dict(QWEN35_GENERATION_DEFAULTS)
     defaults.update({k: v for k, v in checkpoint.generation_config.items() if k in GENERATION_KEYS})
     return _build(config, weights, mtp, precision, device, defaults, checkpoint)
 
 
-def _hf_weights(checkpoint, config, specs: dict[str, WeightSpec]) -> dict:
+def _hf_weights(checkpoint, config, specs: dict[str, WeightSpec], matrix_dtype: torch.dtype | None) -> dict:
     sources = {}
     for canonical, spec in specs.items():
         source = weights_hf.source_for(
@@ -151,8 +154,7 @@ def _hf_weights(checkpoint, config, specs: dict[str, WeightSpec]) -> dict:
     by_source: dict[tuple, object] = {}
     for canonical, source in sources.items():
         spec = specs[canonical]
-        # Reference arithmetic is fp32 on the checkpoint's exact values (bf16 -> fp32 is exact).
-        tensor = checkpoint.load(source, torch.float32)
+        tensor = checkpoint.load(source, torch.float32 if spec.kind == "tensor" else matrix_dtype)
         if spec.kind in ("linear", "embedding"):
             if source.name not in by_source:
                 by_source[source.name] = QuantLinear.from_dense(tensor)
