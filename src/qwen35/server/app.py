@@ -128,7 +128,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     app.add_middleware(BodyLimit)
 
-    @app.api_route("/", methods=["GET", "HEAD"], summary="Liveness probe (Ollama clients call it)",
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False,
                    response_class=PlainTextResponse)
     async def root():
         return PlainTextResponse("qwen35 is running")
