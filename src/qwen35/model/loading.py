@@ -23,6 +23,7 @@ from qwen35.model.qwen35 import Qwen35Network, WeightSpec, mtp_weight_specs, wei
 
 PRECISIONS = ("reference", "fast")
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
+MAX_EXPERTS = 1 << 16
 
 
 def load_model(path, device="cpu", precision: str = "fast") -> Model:
@@ -35,9 +36,6 @@ def load_model(path, device="cpu", precision: str = "fast") -> Model:
     if path.suffix == ".gguf" or path.is_file():
         return _load_gguf(path, precision, device)
     raise FormatError(f"no such model file or directory: {path}")
-
-
-MAX_EXPERTS = 1 << 16
 
 
 def _check_expert_count(config, path) -> None:
@@ -69,15 +67,17 @@ def _load_gguf(path: Path, precision: str, device: torch.device) -> Model:
         names = set(gguf.tensors)
         weights = _gguf_weights(gguf, config, weight_specs(config), names, str(path))
         mtp_specs = mtp_weight_specs(config)
-        mtp_present = any(weights_gguf.source_for(n, s.shape, config, names).name in names for n, s in mtp_specs.items())
-        mtp = _gguf_weights(gguf, config, mtp_specs, names, str(path), shared=weights) if mtp_present else {}
+        mtp_present = any(
+            weights_gguf.source_for(name, spec.shape, config, names).name in names for name, spec in mtp_specs.items()
+        )
+        mtp = _gguf_weights(gguf, config, mtp_specs, names, str(path)) if mtp_present else {}
     except BaseException:
         gguf.close()
         raise
     return _build(config, weights, mtp, precision, device, QWEN35_GENERATION_DEFAULTS, gguf)
 
 
-def _gguf_weights(gguf, config, specs: dict[str, WeightSpec], names, path: str, shared=None) -> dict:
+def _gguf_weights(gguf, config, specs: dict[str, WeightSpec], names, path: str) -> dict:
     sources = {}
     for canonical, spec in specs.items():
         source = weights_gguf.source_for(canonical, spec.shape, config, names)
