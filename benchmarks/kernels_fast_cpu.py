@@ -22,7 +22,9 @@ from qwen35.kernels import fast_cpu
 from qwen35.kernels.quant_linear import reference_matmul
 
 T = GGMLQuantizationType
-F16_FIELDS = {T.Q4_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,)}
+F16_FIELDS = {
+    T.Q4_0: (0,), T.Q8_0: (0,), T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,)
+}
 
 
 def random_weight(type_id: T, out_features: int, in_features: int, rng: np.random.Generator) -> torch.Tensor:
@@ -75,7 +77,7 @@ def main() -> None:
     print(f"dense bf16 torch   M=1: {n * k * 2 / seconds / 1e9:6.1f} GB/s")
     del dense, dense_bf16
 
-    for type_id in (T.Q4_K, T.Q6_K, T.Q8_0, T.Q5_K, T.Q4_0, T.IQ4_XS, T.BF16):
+    for type_id in (T.Q4_K, T.Q6_K, T.Q8_0, T.Q5_K, T.Q4_0, T.IQ4_XS, T.Q3_K, T.Q2_K, T.BF16):
         one = random_weight(type_id, n, k, rng)
         count = max(2, args.total_mib * 2**20 // one.numel())
         weights = [one] + [random_weight(type_id, n, k, rng) for _ in range(count - 1)]

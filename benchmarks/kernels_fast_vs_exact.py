@@ -25,7 +25,9 @@ from qwen35.kernels import fast_cpu
 from qwen35.model.loading import load_model
 
 FIXTURES = Path(os.environ.get("QWEN35_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-MODELS = (("dense", "Q4_K_M"), ("dense", "Q8_0"), ("dense", "IQ4_XS"), ("dense", "Q4_0"), ("moe", "Q4_K_M"))
+MODELS = tuple(
+    [("dense", q) for q in ("Q4_K_M", "Q8_0", "Q3_K_M", "Q2_K", "IQ4_XS", "Q4_0")] + [("moe", "Q4_K_M")]
+)
 
 
 def compare(ours: np.ndarray, exact: np.ndarray) -> str:

@@ -197,6 +197,8 @@ FAST_TYPE_FILES = {
     T.Q5_K: "dense-Q3_K_M.gguf",
     T.Q4_0: "dense-Q4_0.gguf",
     T.IQ4_XS: "dense-IQ4_XS.gguf",
+    T.Q3_K: "dense-Q3_K_M.gguf",
+    T.Q2_K: "dense-Q2_K.gguf",
 }
 FLOAT_TYPES = {T.F16: torch.float16, T.BF16: torch.bfloat16}
 ACTIVATION_BLOCK = {T.Q4_0: 32, T.Q8_0: 32}  # others: 256 (one scale per super-block)

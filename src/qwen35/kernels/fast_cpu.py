@@ -1,6 +1,6 @@
 """Fast CPU matmuls straight from GGUF blocks (AVX-512 VNNI / BF16).
 
-Types: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_XS, and F16/BF16 weights (HF checkpoints).
+Types: Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, and F16/BF16 weights (HF checkpoints).
 Others (and F32, which needs no dequantization) keep QuantLinear's reference path.
 
 Two regimes, picked by the number of input rows M:
@@ -36,7 +36,9 @@ from qwen35.kernels import quant_linear
 log = logging.getLogger(__name__)
 
 T = GGMLQuantizationType
-FAST_TYPES = frozenset(int(t) for t in (T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.F16, T.BF16))
+FAST_TYPES = frozenset(
+    int(t) for t in (T.Q4_0, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.F16, T.BF16)
+)
 GEMV_MAX_ROWS = 4
 # Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.
 TILE_BYTES = 1 << 19

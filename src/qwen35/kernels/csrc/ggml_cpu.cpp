@@ -1,5 +1,5 @@
 // Fast CPU kernels over ggml blocks (AVX-512 VNNI + BF16), registered as torch.ops.qwen35_ggml.*.
-// Types: Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_XS, and F16/BF16 weights.
+// Types: Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, and F16/BF16 weights.
 //
 // gemv:            y[M, N] = x[M, K] @ W^T straight from the blocks (decode, small M).
 //                  x is quantized to int8 per row first, like llama.cpp: per 256 values for
@@ -31,6 +31,8 @@ constexpr int64_t QK_K = 256;
 constexpr int64_t TYPE_F16 = 1;
 constexpr int64_t TYPE_Q4_0 = 2;
 constexpr int64_t TYPE_Q8_0 = 8;
+constexpr int64_t TYPE_Q2_K = 10;
+constexpr int64_t TYPE_Q3_K = 11;
 constexpr int64_t TYPE_Q4_K = 12;
 constexpr int64_t TYPE_Q5_K = 13;
 constexpr int64_t TYPE_Q6_K = 14;
@@ -143,6 +145,100 @@ float dot_q4_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
   return hsum(acc) - min_total;
 }
 
+// ---------------------------------------------------------------- super-blocks of 16 groups of 16
+// (Q2_K, Q3_K, Q6_K): one scale per 16 values; a 32-value chunk spans groups k and k + 1.
+
+// dpbusd lanes 0-3 cover group k, lanes 4-7 group k + 1.
+inline __m256i group_pair_scales(const int8_t* scales, int k) {
+  return _mm256_setr_epi32(scales[k], scales[k], scales[k], scales[k], scales[k + 1], scales[k + 1], scales[k + 1],
+                           scales[k + 1]);
+}
+
+// sum_k scales[k] * sums[k] over the 16 groups, spread over 8 int32 lanes.
+inline __m256i scaled_group_sums(__m128i scales, const int16_t* sums) {
+  return _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums)));
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// 2-bit fields: chunk (h, s) of a Q2_K/Q3_K block is bits 2s..2s+1 of the 32 bytes at 32h.
+inline __m256i two_bits(__m256i v, int s) {
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * s)), _mm256_set1_epi8(0x03));
+}
+
+// Q3_K's 16 signed 6-bit scales: low 4 bits in bytes 0-7, high 2 bits in bytes 8-11.
+inline void q3_k_scales(const uint8_t* s, int8_t* out) {
+  for (int i = 0; i < 16; ++i) {
+    const int low = i < 8 ? (s[i] & 0x0F) : (s[i - 8] >> 4);
+    const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    out[i] = static_cast<int8_t>((low | (high << 4)) - 32);
+  }
+}
+
+// Q3_K quant of chunk (h, s) plus 4, in 0..7: a set hmask bit means no -4 offset.
+inline __m256i q3_k_quants(const uint8_t* blk, int h, int s) {
+  const __m256i low = two_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 + 32 * h)), s);
+  const __m256i hmask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk));
+  const __m256i high = _mm256_and_si256(_mm256_srl_epi16(hmask, _mm_cvtsi32_si128(4 * h + s)), _mm256_set1_epi8(1));
+  return _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
+}
+
+float dot_q2_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
+  __m256 acc = _mm256_setzero_ps();
+  float min_total = 0.0f;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* blk = row + b * 84;
+    const float dx = x.scale[b];
+    alignas(16) int8_t scales[16], mins[16];
+    for (int i = 0; i < 16; ++i) {
+      scales[i] = static_cast<int8_t>(blk[i] & 0x0F);
+      mins[i] = static_cast<int8_t>(blk[i] >> 4);
+    }
+    const __m128i mins_v = _mm_load_si128(reinterpret_cast<const __m128i*>(mins));
+    min_total += f16_at(blk + 82) * dx * static_cast<float>(hsum_i32(scaled_group_sums(mins_v, x.sums + b * 16)));
+    const int8_t* xq = x.q + b * QK_K;
+    __m256i iacc = _mm256_setzero_si256();
+    for (int h = 0; h < 2; ++h) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * h));
+      for (int s = 0; s < 4; ++s) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 128 * h + 32 * s));
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), two_bits(v, s), xv);
+        iacc = _mm256_add_epi32(iacc, _mm256_mullo_epi32(p, group_pair_scales(scales, 8 * h + 2 * s)));
+      }
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), _mm256_set1_ps(f16_at(blk + 80) * dx), acc);
+  }
+  return hsum(acc) - min_total;
+}
+
+float dot_q3_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* blk = row + b * 110;
+    alignas(16) int8_t scales[16];
+    q3_k_scales(blk + 96, scales);
+    // Quants are stored plus 4: subtract 4 * sum_k scale_k * (sum of group k's x).
+    const __m128i scales_v = _mm_load_si128(reinterpret_cast<const __m128i*>(scales));
+    __m256i iacc = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                    _mm256_slli_epi32(scaled_group_sums(scales_v, x.sums + b * 16), 2));
+    const int8_t* xq = x.q + b * QK_K;
+    for (int h = 0; h < 2; ++h) {
+      for (int s = 0; s < 4; ++s) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 128 * h + 32 * s));
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q3_k_quants(blk, h, s), xv);
+        iacc = _mm256_add_epi32(iacc, _mm256_mullo_epi32(p, group_pair_scales(scales, 8 * h + 2 * s)));
+      }
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), _mm256_set1_ps(f16_at(blk + 108) * x.scale[b]), acc);
+  }
+  return hsum(acc);
+}
+
 // Q6_K: values 0..63 stored as 4 low bits (ql) + 2 high bits (qh), offset -32, int8 scale per 16.
 inline __m256i q6_k_quants(const uint8_t* ql, __m256i qh, int c) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -157,11 +253,10 @@ float dot_q6_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < n_blocks; ++b) {
     const uint8_t* blk = row + b * 210;
-    const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));
+    const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));  // int8 [16]
     // The -32 offset: subtract 32 * sum_k scale_k * (sum of the 16 x values of group k).
-    const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums + b * 16));
     __m256i iacc = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                    _mm256_slli_epi32(_mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), sums), 5));
+                                    _mm256_slli_epi32(scaled_group_sums(scales, x.sums + b * 16), 5));
     const int8_t* xq = x.q + b * QK_K;
     for (int h = 0; h < 2; ++h) {
       const uint8_t* ql = blk + 64 * h;
@@ -170,16 +265,7 @@ float dot_q6_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
         const __m256i q = q6_k_quants(ql, qh, c);
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 128 * h + 32 * c));
         const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
-        // Lanes 0-3 cover group k, lanes 4-7 group k + 1.
-        const int k = 8 * h + 2 * c;
-        const __m256i sc = _mm256_setr_epi32(reinterpret_cast<const int8_t*>(blk + 192)[k],
-                                             reinterpret_cast<const int8_t*>(blk + 192)[k],
-                                             reinterpret_cast<const int8_t*>(blk + 192)[k],
-                                             reinterpret_cast<const int8_t*>(blk + 192)[k],
-                                             reinterpret_cast<const int8_t*>(blk + 192)[k + 1],
-                                             reinterpret_cast<const int8_t*>(blk + 192)[k + 1],
-                                             reinterpret_cast<const int8_t*>(blk + 192)[k + 1],
-                                             reinterpret_cast<const int8_t*>(blk + 192)[k + 1]);
+        const __m256i sc = group_pair_scales(reinterpret_cast<const int8_t*>(blk + 192), 8 * h + 2 * c);
         iacc = _mm256_add_epi32(iacc, _mm256_mullo_epi32(p, sc));
       }
     }
@@ -314,6 +400,8 @@ TypeInfo type_info(int64_t type_id) {
   switch (type_id) {
     case TYPE_Q4_0: return {32, 18, 32, dot_q4_0};
     case TYPE_Q8_0: return {32, 34, 32, dot_q8_0};
+    case TYPE_Q2_K: return {QK_K, 84, QK_K, dot_q2_k};
+    case TYPE_Q3_K: return {QK_K, 110, QK_K, dot_q3_k};
     case TYPE_Q4_K: return {QK_K, 144, QK_K, dot_q4_k};
     case TYPE_Q5_K: return {QK_K, 176, QK_K, dot_q5_k};
     case TYPE_Q6_K: return {QK_K, 210, QK_K, dot_q6_k};
@@ -373,6 +461,42 @@ inline void store16(at::BFloat16* out, __m512 v) {
 // 16 unsigned bytes -> 16 floats
 inline __m512 u8_to_f32(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
 inline __m512 i8_to_f32(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+
+template <typename Out>
+void dequant_q2_k(const uint8_t* blk, Out* out) {
+  const float d = f16_at(blk + 80), dmin = f16_at(blk + 82);
+  for (int h = 0; h < 2; ++h) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * h));
+    for (int s = 0; s < 4; ++s) {
+      const __m256i q = two_bits(v, s);
+      for (int half = 0; half < 2; ++half) {
+        const int k = 8 * h + 2 * s + half;
+        const __m512 dl = _mm512_set1_ps(d * static_cast<float>(blk[k] & 0x0F));
+        const __m512 ml = _mm512_set1_ps(dmin * static_cast<float>(blk[k] >> 4));
+        const __m128i qv = half ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+        store16(out + 16 * k, _mm512_sub_ps(_mm512_mul_ps(dl, u8_to_f32(qv)), ml));
+      }
+    }
+  }
+}
+
+template <typename Out>
+void dequant_q3_k(const uint8_t* blk, Out* out) {
+  const float d = f16_at(blk + 108);
+  int8_t scales[16];
+  q3_k_scales(blk + 96, scales);
+  for (int h = 0; h < 2; ++h) {
+    for (int s = 0; s < 4; ++s) {
+      const __m256i q = _mm256_sub_epi8(q3_k_quants(blk, h, s), _mm256_set1_epi8(4));
+      for (int half = 0; half < 2; ++half) {
+        const int k = 8 * h + 2 * s + half;
+        const __m512 dl = _mm512_set1_ps(d * static_cast<float>(scales[k]));
+        const __m128i qv = half ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+        store16(out + 16 * k, _mm512_mul_ps(dl, i8_to_f32(qv)));
+      }
+    }
+  }
+}
 
 template <typename Out>
 void dequant_q4_k(const uint8_t* blk, Out* out) {
@@ -482,6 +606,8 @@ void (*block_dequantizer(int64_t type_id))(const uint8_t*, Out*) {
   switch (type_id) {
     case TYPE_Q4_0: return dequant_q4_0<Out>;
     case TYPE_Q8_0: return dequant_q8_0<Out>;
+    case TYPE_Q2_K: return dequant_q2_k<Out>;
+    case TYPE_Q3_K: return dequant_q3_k<Out>;
     case TYPE_Q4_K: return dequant_q4_k<Out>;
     case TYPE_Q5_K: return dequant_q5_k<Out>;
     case TYPE_Q6_K: return dequant_q6_k<Out>;
