@@ -22,8 +22,16 @@ from qwen35.kernels import fast_cpu
 from qwen35.kernels.quant_linear import reference_matmul
 
 T = GGMLQuantizationType
+# Byte offsets of each block's fp16 fields (ggml-common.h), set to sane scales in random weights.
 F16_FIELDS = {
-    T.Q4_0: (0,), T.Q8_0: (0,), T.Q2_K: (80, 82), T.Q3_K: (108,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,), T.IQ4_XS: (0,)
+    T.Q4_0: (0,),
+    T.Q8_0: (0,),
+    T.Q2_K: (80, 82),
+    T.Q3_K: (108,),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (208,),
+    T.IQ4_XS: (0,),
 }
 
 
