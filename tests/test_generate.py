@@ -346,9 +346,10 @@ def test_eos_stops_like_transformers_generate(small_llama):
 
 MATCHED_TOKENS = 8
 PROMPTS = ["chat_think", "chat_nothink", "text"]
-# Each GGUF file with one of the prompts (every prompt and every file covered, the suite
-# kept short); none where llama.cpp's native and exact paths disagree from the first token.
-GGUF_CASES = [
+# Each GGUF file with one prompt, to keep the suite short. The fast path gets the long
+# text prompt on two files, and no case where llama.cpp's native and exact paths disagree
+# from the first token; the (slower) reference path gets the short chat prompts.
+GGUF_FAST_CASES = [
     ("dense-Q8_0", "chat_think"),
     ("dense-Q4_K_M", "text"),
     ("dense-Q3_K_M", "chat_nothink"),
@@ -356,6 +357,15 @@ GGUF_CASES = [
     ("dense-IQ4_XS", "chat_nothink"),
     ("dense-Q4_0", "text"),
     ("moe-Q4_K_M", "chat_nothink"),
+]
+GGUF_REFERENCE_CASES = [
+    ("dense-Q8_0", "chat_nothink"),
+    ("dense-Q4_K_M", "chat_think"),
+    ("dense-Q3_K_M", "chat_nothink"),
+    ("dense-Q2_K", "chat_think"),
+    ("dense-IQ4_XS", "chat_nothink"),
+    ("dense-Q4_0", "chat_think"),
+    ("moe-Q4_K_M", "chat_think"),
 ]
 
 
@@ -394,7 +404,7 @@ def test_hf_checkpoint_greedy_matches_transformers(fixtures, fixture_model, prom
     assert greedy(model, sequence["ids"]) == sequence["transformers_greedy"][:MATCHED_TOKENS]
 
 
-@pytest.mark.parametrize("file_name, prompt_name", GGUF_CASES)
+@pytest.mark.parametrize("file_name, prompt_name", GGUF_REFERENCE_CASES)
 def test_gguf_reference_precision_greedy_matches_llama_cpp_exact(fixtures, fixture_model, file_name, prompt_name):
     """llama.cpp's F32 path on the dequantized weights is the exact arithmetic of the file."""
     model_name, quant = file_name.split("-", 1)
@@ -404,7 +414,7 @@ def test_gguf_reference_precision_greedy_matches_llama_cpp_exact(fixtures, fixtu
     assert greedy(model, prompt_ids) == expected[:MATCHED_TOKENS]
 
 
-@pytest.mark.parametrize("file_name, prompt_name", GGUF_CASES)
+@pytest.mark.parametrize("file_name, prompt_name", GGUF_FAST_CASES)
 def test_gguf_fast_greedy_matches_llama_cpp_where_its_paths_agree(fixtures, fixture_model, file_name, prompt_name):
     """Tokens on which llama.cpp's native and exact paths agree are not near-ties;
     a fast path must reproduce those (up to MATCHED_TOKENS)."""
