@@ -286,7 +286,7 @@ def _warped_candidates(logits: torch.Tensor, params: Sequence[SamplingParams]):
     that is twenty logits, not a 150k vocabulary to sort and draw from. ``indices`` None
     means the values cover the whole vocabulary in order (no row needed sorting).
     """
-    batch, vocab = logits.shape
+    vocab = logits.shape[1]
     device = logits.device
     logits = logits.to(torch.float32)
     top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -346,7 +346,7 @@ def _candidate_window(logits, top_ks, top_ps, temperatures):
     Returns (values, indices, log softmax denominator over the vocabulary at each row's
     temperature, or None when no row relies on its nucleus alone).
     """
-    batch, vocab = logits.shape
+    vocab = logits.shape[1]
     device = logits.device
     nucleus_only = [k == vocab and p < 1.0 for k, p in zip(top_ks, top_ps)]
     if any(k == vocab and p >= 1.0 for k, p in zip(top_ks, top_ps)):
