@@ -298,6 +298,10 @@ def test_ollama_chat_generate_and_model_endpoints(server):
     assert client.show("tiny").capabilities
     assert [model.model for model in client.ps().models] == ["tiny"]
     assert httpx.get(server[0] + "/api/version").json()["version"]
+    # `curl -d '{...}'` as Ollama's docs write it: no JSON content type, still JSON.
+    form = httpx.post(server[0] + "/api/generate", content=b'{"model": "tiny", "prompt": "hi", "stream": false}',
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 200 and form.json()["response"] == "Answer: hi"
     with pytest.raises(ollama.ResponseError) as error:
         client.chat(model="missing", messages=[{"role": "user", "content": "x"}])
     assert error.value.status_code == 404 and "missing" in error.value.error

@@ -103,6 +103,20 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class AssumeJSON:
+    """Reads every POST body as JSON whatever its content type: `curl -d '{...}'` (as Ollama's own docs
+    write it) sends application/x-www-form-urlencoded, and llama.cpp and Ollama accept that."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
+            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -126,6 +140,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.http.record(route.path if route is not None else "unmatched", response.status_code)
         return response
 
+    app.add_middleware(AssumeJSON)
     app.add_middleware(BodyLimit)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False,

@@ -87,11 +87,14 @@ def error_response(error: APIError, request: Request | None = None) -> JSONRespo
 
 def _describe_validation(errors: list[dict]) -> tuple[int, str, str | None, str]:
     """The first problem of a pydantic report as (status, sentence, param, code)."""
+    # A value that fits no branch of a union gets one error per branch; the one about a limit
+    # ("at most 64 items") says more than "should be a valid string".
+    errors = sorted(errors, key=lambda error: str(error.get("type", "")).endswith("_type"))
     first = errors[0] if errors else {"type": "value_error", "loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         return 400, f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}.", \
             None, "invalid_json"
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    location = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_branch_tag(part)]
     param = ".".join(location) or None
     if first.get("type") == "missing" and not location:
         return 400, "The request needs a JSON body.", None, "missing_body"
@@ -100,6 +103,12 @@ def _describe_validation(errors: list[dict]) -> tuple[int, str, str | None, str]
     if len(errors) > 1:
         message += f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''} in this request.)"
     return 422, message, param, first.get("type")
+
+
+def _is_branch_tag(part) -> bool:
+    """pydantic names union branches in error locations ('str', 'list[str]', 'function-after[...]')."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "none", "dict", "list"}
+                                      or "[" in part or part.startswith(("function-", "literal")))
 
 
 def install_error_handlers(app: FastAPI) -> None:

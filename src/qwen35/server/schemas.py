@@ -122,7 +122,7 @@ class SamplingFields(BaseModel):
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
@@ -164,7 +164,7 @@ class OllamaOptions(BaseModel):
     frequency_penalty: Penalty | None = None
     repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
     num_ctx: Annotated[int, Field(ge=1)] | None = None
 
 
