@@ -81,6 +81,8 @@ def test_chat_thinking_off(client):
     assert not (message.model_extra or {}).get("reasoning_content")
     content, reasoning, _, _, _ = _folded_stream(_chat(client, "bonjour", stream=True, **options))
     assert (content, reasoning) == ("Answer: bonjour", "")
+    message = _chat(client, "bonjour", reasoning_effort="none").choices[0].message
+    assert message.content == "Answer: bonjour" and not (message.model_extra or {}).get("reasoning_content")
 
 
 def test_usage_and_include_usage(client, tokenizer):

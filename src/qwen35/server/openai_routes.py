@@ -103,7 +103,10 @@ def chat_job(state: ServerState, body: ChatCompletionRequest):
         raise APIError(400, "This server does not accept images yet: send text parts only.",
                        param="messages", code="images_unsupported")
     tools, forced_function = _chat_tools(body)
-    prompt_text = render_chat(state, messages, tools, body.chat_template_kwargs)
+    template_kwargs = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort == "none":  # OpenAI's spelling of "no reasoning"
+        template_kwargs.setdefault("enable_thinking", False)
+    prompt_text = render_chat(state, messages, tools, template_kwargs)
     thinking = prompt_ends_in_reasoning(prompt_text)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     constraint = constraint_for_chat(state.tokenizer, state.vocab_size, body.response_format, tools,
