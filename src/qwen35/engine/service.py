@@ -160,7 +160,8 @@ class PrefixStore:
             self._entries.move_to_end(best_key)
             return self._entries[best_key]
 
-    def store(self, token_ids: list[int], cache, last_logits: torch.Tensor) -> None:
+    def store(self, token_ids: list[int], cache, last_logits: torch.Tensor, select_row: int | None = 0) -> None:
+        """Keep a copy of row `select_row` of `cache` (None: take `cache` itself, a one-row copy already)."""
         if self.budget_bytes <= 0 or not token_ids:
             return
         key = tuple(token_ids)
@@ -168,7 +169,7 @@ class PrefixStore:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return
-        snapshot_cache = cache.select([0])
+        snapshot_cache = cache if select_row is None else cache.select([select_row])
         nbytes = snapshot_cache.nbytes() + last_logits.numel() * 4
         if nbytes > self.budget_bytes:
             return
@@ -400,10 +401,9 @@ class EngineService:
         """Keep the state after a reply that ended by itself: the next request of an agent loop repeats
         this reply (a tool call re-rendered as it was written) and can start after it."""
         rows = [row for row, member in enumerate(self._batch) if member is sequence]
-        if not rows or self.prefix_store.budget_bytes <= 0:
-            return  # still outside the batch: it ended on its first token, the prompt's snapshot covers it
-        fed = sequence.prompt_ids + sequence.output_ids[:-1]
-        self.prefix_store.store(fed, self._batch_cache.select(rows), logits)
+        if rows:  # else it ended on its first token, before joining the batch: the prompt's snapshot covers it
+            fed = sequence.prompt_ids + sequence.output_ids[:-1]
+            self.prefix_store.store(fed, self._batch_cache, logits, select_row=rows[0])
 
     def _finish(self, sequence: Sequence, reason: str, last: list[TokenOutput] | None = None,
                 error: str | None = None) -> None:
