@@ -147,6 +147,8 @@ async def ollama_generate(body: OllamaGenerateRequest, request: Request):
     started = time.perf_counter()
     if body.images:
         raise APIError(400, "This server does not accept images yet.", param="images")
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported by Qwen 3.5.", param="suffix")
     if not body.prompt:
         return {"model": body.model, "created_at": _now(), "response": "", "done": True, "done_reason": "load"}
     if body.raw:

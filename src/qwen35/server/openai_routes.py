@@ -195,6 +195,8 @@ async def _chat_events(state, stream: AsyncIterator[Delta | End], reply_id: str,
 async def completions(body: CompletionRequest, request: Request):
     state = get_state(request)
     check_request(state, body)
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported by Qwen 3.5.", param="suffix")
     prompt = body.prompt
     prompt_ids = None
     if isinstance(prompt, list) and prompt and all(isinstance(item, int) for item in prompt):
