@@ -143,6 +143,15 @@ def test_tool_call_round_trip_and_prefix_reuse(client):
         first.usage.completion_tokens - 1
 
 
+def test_tool_choice_none_keeps_a_written_call_as_text(client):
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "call Oslo"}],
+                                           tools=[WEATHER_TOOL], tool_choice="none")
+    message = reply.choices[0].message
+    assert not message.tool_calls and reply.choices[0].finish_reason == "stop"
+    assert message.content == ("<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n"
+                               "</function>\n</tool_call>")
+
+
 def test_second_turn_of_a_plain_chat_reuses_the_history(client, tokenizer):
     messages = [{"role": "user", "content": "first question"}]
     first = client.chat.completions.create(model="tiny", messages=messages)

@@ -113,7 +113,7 @@ def chat_job(state: ServerState, body: ChatCompletionRequest):
                                      forced_function, thinking)
     job = make_job(state, prompt_text, max_tokens=max_tokens,
                    sampling=sampling_params(state, _sampling_options(body)), stop=body.stop,
-                   parser=ChatText(tools=tools, thinking=thinking),
+                   parser=ChatText(tools=tools, thinking=thinking, calls_allowed=body.tool_choice != "none"),
                    top_logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
     return job
 

@@ -67,10 +67,14 @@ class PlainText:
 
 
 class ChatText:
-    """Chat replies: reasoning, content and tool calls split by the chat parser."""
+    """Chat replies: reasoning, content and tool calls split by the chat parser.
 
-    def __init__(self, tools=None, thinking: bool = True):
+    With `calls_allowed` False (tool_choice "none") a call the model writes anyway stays text, in the
+    template's XML, instead of becoming a tool call the client did not ask for."""
+
+    def __init__(self, tools=None, thinking: bool = True, calls_allowed: bool = True):
         self._parser = ChatOutputParser(tools=tools, thinking=thinking)
+        self._calls_allowed = calls_allowed
 
     def feed(self, text: str) -> list[Delta]:
         return self._convert(self._parser.feed(text)) if text else []
@@ -78,12 +82,24 @@ class ChatText:
     def finish(self) -> list[Delta]:
         return self._convert(self._parser.finish())
 
-    @staticmethod
-    def _convert(parsed) -> list[Delta]:
-        calls = [ParsedToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"],
-                                json.dumps(call["arguments"], ensure_ascii=False)) for call in parsed.tool_calls]
-        delta = Delta(content=parsed.content, reasoning=parsed.reasoning_content, tool_calls=calls)
+    def _convert(self, parsed) -> list[Delta]:
+        content = parsed.content
+        calls = []
+        for call in parsed.tool_calls:
+            if self._calls_allowed:
+                calls.append(ParsedToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"],
+                                            json.dumps(call["arguments"], ensure_ascii=False)))
+            else:
+                content += _call_as_text(call)
+        delta = Delta(content=content, reasoning=parsed.reasoning_content, tool_calls=calls)
         return [delta] if delta else []
+
+
+def _call_as_text(call: dict) -> str:
+    parameters = "".join(
+        f"<parameter={name}>\n{value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)}"
+        f"\n</parameter>\n" for name, value in call["arguments"].items())
+    return f"<tool_call>\n<function={call['name']}>\n{parameters}</function>\n</tool_call>"
 
 
 async def _cancel_on_disconnect(request: Request, cancel) -> None:
