@@ -359,6 +359,7 @@ class EngineService:
             constraint = sequence.request.constraint
             allowed = constraint.allowed() if constraint is not None else None
             if allowed is not None:
+                allowed = allowed.to(masked.device)
                 width = min(allowed.numel(), masked.shape[1])
                 masked[row, :width].masked_fill_(~allowed[:width], float("-inf"))
                 masked[row, width:] = float("-inf")
