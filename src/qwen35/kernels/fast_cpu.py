@@ -12,8 +12,9 @@ Two regimes, picked by the number of input rows M:
 - prefill (more rows): a tile of weight rows at a time is dequantized to bf16
   and multiplied with torch's bf16 matmul (fp32 accumulation, bf16 result).
 
-The kernels live in csrc/ggml_cpu.cpp, compiled by torch.utils.cpp_extension at
-first use and cached (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
+The kernels live in csrc/ (ggml_gemv.cpp, ggml_dequant.cpp, shared ggml_blocks.h),
+compiled by torch.utils.cpp_extension at first use (about 20 s) and cached
+(TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
 On a CPU without AVX-512 VNNI+BF16, or if the build fails, `available()` is
 False and `install()` registers nothing, so QuantLinear keeps its reference path.
 
@@ -24,6 +25,7 @@ fp32 matmul; tests/test_fast_cpu.py pins them together.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -43,7 +45,9 @@ GEMV_MAX_ROWS = 4
 # Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.
 TILE_BYTES = 1 << 19
 
-_SOURCE = Path(__file__).parent / "csrc" / "ggml_cpu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "ggml_gemv.cpp", _CSRC / "ggml_dequant.cpp"]
+_HEADERS = [_CSRC / "ggml_blocks.h"]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
 _COMPILE_FLAGS = [
     "-O3",
@@ -80,11 +84,13 @@ def _ops():
         return None
     from torch.utils import cpp_extension
 
+    # torch rebuilds when a source or a flag changes, not a header: put the header's hash in a flag.
+    header_hash = hashlib.sha256(b"".join(path.read_bytes() for path in _HEADERS)).hexdigest()[:16]
     try:
         cpp_extension.load(
             name="qwen35_ggml_cpu",
-            sources=[str(_SOURCE)],
-            extra_cflags=_COMPILE_FLAGS,
+            sources=[str(path) for path in _SOURCES],
+            extra_cflags=[*_COMPILE_FLAGS, f"-DQWEN35_GGML_HEADERS={header_hash}"],
             is_python_module=False,
             verbose=False,
         )

@@ -1,0 +1,171 @@
+// Shared pieces of the fast CPU kernels: ggml type ids, block geometry, and the small
+// SIMD helpers that decode ggml's packed fields. Block layouts follow ggml-common.h;
+// dequant.py holds the plain reference.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace qwen35_ggml {
+
+constexpr int64_t QK_K = 256;
+// ggml type ids
+constexpr int64_t TYPE_F16 = 1;
+constexpr int64_t TYPE_Q4_0 = 2;
+constexpr int64_t TYPE_Q8_0 = 8;
+constexpr int64_t TYPE_Q2_K = 10;
+constexpr int64_t TYPE_Q3_K = 11;
+constexpr int64_t TYPE_Q4_K = 12;
+constexpr int64_t TYPE_Q5_K = 13;
+constexpr int64_t TYPE_Q6_K = 14;
+constexpr int64_t TYPE_IQ4_XS = 23;
+constexpr int64_t TYPE_BF16 = 30;
+
+// ggml's kvalues_iq4nl: the non-uniform 4-bit grid of IQ4_NL / IQ4_XS
+alignas(16) inline constexpr int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                                      1,    13,   25,  38,  53,  69,  89,  113};
+
+struct Geometry {
+  int64_t block_size;  // values per block
+  int64_t type_size;   // bytes per block
+};
+
+inline Geometry geometry(int64_t type_id) {
+  switch (type_id) {
+    case TYPE_Q4_0: return {32, 18};
+    case TYPE_Q8_0: return {32, 34};
+    case TYPE_Q2_K: return {QK_K, 84};
+    case TYPE_Q3_K: return {QK_K, 110};
+    case TYPE_Q4_K: return {QK_K, 144};
+    case TYPE_Q5_K: return {QK_K, 176};
+    case TYPE_Q6_K: return {QK_K, 210};
+    case TYPE_IQ4_XS: return {QK_K, 136};
+    case TYPE_F16:
+    case TYPE_BF16: return {1, 2};
+    default: TORCH_CHECK(false, "qwen35_ggml: no fast kernel for ggml type ", type_id);
+  }
+}
+
+inline void check_blocks(const at::Tensor& blocks, Geometry geo, int64_t k) {
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == at::kByte && blocks.dim() == 2 &&
+                  blocks.is_contiguous(),
+              "blocks must be a contiguous CPU uint8 [rows, row_bytes] tensor");
+  TORCH_CHECK(k > 0 && k % geo.block_size == 0 && blocks.size(1) == k / geo.block_size * geo.type_size,
+              "blocks do not hold rows of ", k, " values");
+}
+
+inline float f16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// int8 x int8 -> int32 lanes with the unsigned x signed instruction: |a| times b with a's sign.
+inline __m256i dot_s8(__m256i a, __m256i b) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+}
+
+// 16 bytes -> 32 nibbles in element order: all low nibbles, then all high nibbles.
+inline __m256i nibbles_16(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
+}
+
+inline void q4_k_scale_min(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+
+// ---------------------------------------------------------------- super-blocks of 16 groups of 16
+// (Q2_K, Q3_K, Q6_K): one scale per 16 values; a 32-value chunk spans groups k and k + 1.
+
+// dpbusd lanes 0-3 cover group k, lanes 4-7 group k + 1.
+inline __m256i group_pair_scales(const int8_t* scales, int k) {
+  return _mm256_setr_epi32(scales[k], scales[k], scales[k], scales[k], scales[k + 1], scales[k + 1], scales[k + 1],
+                           scales[k + 1]);
+}
+
+// sum_k scales[k] * sums[k] over the 16 groups, spread over 8 int32 lanes.
+inline __m256i scaled_group_sums(__m128i scales, const int16_t* sums) {
+  return _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums)));
+}
+
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// 2-bit fields: chunk (h, s) of a Q2_K/Q3_K block is bits 2s..2s+1 of the 32 bytes at 32h.
+inline __m256i two_bits(__m256i v, int s) {
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * s)), _mm256_set1_epi8(0x03));
+}
+
+// Q3_K's 16 signed 6-bit scales: low 4 bits in bytes 0-7, high 2 bits in bytes 8-11.
+inline void q3_k_scales(const uint8_t* s, int8_t* out) {
+  for (int i = 0; i < 16; ++i) {
+    const int low = i < 8 ? (s[i] & 0x0F) : (s[i - 8] >> 4);
+    const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    out[i] = static_cast<int8_t>((low | (high << 4)) - 32);
+  }
+}
+
+// Q3_K quant of chunk (h, s) plus 4, in 0..7: a set hmask bit means no -4 offset.
+inline __m256i q3_k_quants(const uint8_t* blk, int h, int s) {
+  const __m256i low = two_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 + 32 * h)), s);
+  const __m256i hmask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk));
+  const __m256i high = _mm256_and_si256(_mm256_srl_epi16(hmask, _mm_cvtsi32_si128(4 * h + s)), _mm256_set1_epi8(1));
+  return _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
+}
+
+// Q6_K: values 0..63 stored as 4 low bits (ql) + 2 high bits (qh), offset -32, int8 scale per 16.
+inline __m256i q6_k_quants(const uint8_t* ql, __m256i qh, int c) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i low2 = _mm256_set1_epi8(0x03);
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32 * (c & 1)));
+  const __m256i lo = c < 2 ? _mm256_and_si256(bytes, low4) : _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+  const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * c)), low2);
+  return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+}
+
+// IQ4_XS: eight sub-blocks of 32, each with a 6-bit scale (offset 32) and 4-bit grid indices.
+inline int iq4_xs_scale(const uint8_t* blk, int j) {
+  uint16_t high;
+  std::memcpy(&high, blk + 2, 2);
+  return (((blk[4 + j / 2] >> (4 * (j % 2))) & 0x0F) | (((high >> (2 * j)) & 3) << 4)) - 32;
+}
+
+// Float weights: 16 values widened to fp32.
+inline __m512 load_bf16x16(const uint8_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 load_f16x16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline float bf16_at(const uint8_t* p) {
+  uint32_t bits = 0;
+  std::memcpy(reinterpret_cast<uint8_t*>(&bits) + 2, p, 2);
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+}  // namespace qwen35_ggml
