@@ -277,9 +277,18 @@ def test_oversized_body_gets_413(server):
     assert httpx.get(server[0] + "/health").status_code == 200
 
 
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
 def test_metrics(server, client):
     _chat(client, "metrics please")
+    before = httpx.get(server[0] + "/metrics").text
+    _chat(client, "metrics please")  # the same prompt again: restored from the prefix cache
     text = httpx.get(server[0] + "/metrics").text
+    assert _metric(text, "qwen35_prefix_cache_hits_total") == _metric(before, "qwen35_prefix_cache_hits_total") + 1
+    assert _metric(text, "qwen35_generated_tokens_total") > _metric(before, "qwen35_generated_tokens_total")
+    assert _metric(text, "qwen35_cached_prompt_tokens_total") > _metric(before, "qwen35_cached_prompt_tokens_total")
     for name in ("qwen35_http_requests_total", "qwen35_requests_total", "qwen35_generated_tokens_total",
                  "qwen35_generation_tokens_per_second", "qwen35_queue_depth", "qwen35_prefix_cache_hits_total"):
         assert f"\n{name}" in "\n" + text
