@@ -2,7 +2,7 @@
 
     python benchmarks/serve_load.py ../shared/fixtures/tiny/dense-hf            # starts a server in-process
     python benchmarks/serve_load.py --url http://127.0.0.1:8080 --name MODEL    # a server already running
-    python benchmarks/serve_load.py MODEL -C 1 -C 4 -C 16 --max-tokens 32 --requests 32 --json
+    python benchmarks/serve_load.py MODEL -C 1 -C 4 -C 16 --max-tokens 32 --requests 32 -t 1 --json
 
 At each concurrency C, `--requests` chat requests (distinct prompts, greedy, exactly --max-tokens
 tokens each via ignore_eos) are kept C at a time in flight as SSE streams. Reported per level:
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("-np", "--parallel", type=int, default=16, help="slots of the in-process server")
     parser.add_argument("-c", "--ctx-size", type=int, default=2048, dest="context")
+    parser.add_argument("-t", "--threads", type=int, help="torch threads of the in-process server")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     if (args.model is None) == (args.url is None):
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     levels = args.concurrency or [1, 4, 16]
     server = thread = None
     if args.model is not None:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         url, name, server, thread = _start_server(args.model, args.parallel, args.context)
     else:
         url = args.url.rstrip("/")
