@@ -200,8 +200,8 @@ FAST_TYPE_FILES = {
     T.Q3_K: "dense-Q3_K_M.gguf",
     T.Q2_K: "dense-Q2_K.gguf",
 }
+GGUF_QUANTIZED_TYPES = (T.Q4_1, T.Q5_0, T.Q5_1)  # not in the fixtures: gguf-py quantizes them
 FLOAT_TYPES = {T.F16: torch.float16, T.BF16: torch.bfloat16}
-ACTIVATION_BLOCK = {T.Q4_0: 32, T.Q8_0: 32}  # others: 256 (one scale per super-block)
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,8 @@ def fast_cpu():
 
 def fast_type_weights(fixtures):
     """(type, blocks [out, row_bytes], gguf-py fp32 weight): the largest fixture matrix of each
-    fast block type, and random F16/BF16 matrices (as HF checkpoints hold) of a ragged width."""
+    fast block type; random matrices quantized by gguf-py for the legacy types, random IQ4_NL
+    blocks; random F16/BF16 matrices (as HF checkpoints hold) of a ragged width."""
     for type_id, file_name in FAST_TYPE_FILES.items():
         with GGUFModel(fixtures / "tiny" / file_name) as model:
             name = max(matrices(model, {type_id}), key=lambda n: model.tensors[n].nbytes)
@@ -223,6 +224,14 @@ def fast_type_weights(fixtures):
             raw = model.tensor_data(name)
             layer = QuantLinear(raw, type_id, *info.torch_shape)
             yield type_id, layer.blocks, gguf_weight(raw, type_id, info.torch_shape)
+    values = np.random.default_rng(6).standard_normal((48, 512)).astype(np.float32)
+    for type_id in GGUF_QUANTIZED_TYPES:
+        raw = gguf_quants.quantize(values, type_id).reshape(-1)
+        yield type_id, torch.from_numpy(raw).reshape(48, -1), gguf_weight(raw, type_id, (48, 512))
+    from test_dequant import random_blocks
+
+    raw = random_blocks(T.IQ4_NL, 48 * 512 // 32, np.random.default_rng(7))
+    yield T.IQ4_NL, torch.from_numpy(raw).reshape(48, -1), gguf_weight(raw, T.IQ4_NL, (48, 512))
     for type_id, dtype in FLOAT_TYPES.items():
         layer = QuantLinear.from_dense(torch.randn(40, 300, generator=torch.Generator().manual_seed(5)).to(dtype))
         yield type_id, layer.blocks, gguf_weight(layer.blocks.numpy(), type_id, (40, 300))
@@ -241,17 +250,20 @@ def relative_error(ours: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_fast_dequantize_matches_gguf_py(fixtures, fast_cpu):
+    covered = set()
     for type_id, blocks, weight in fast_type_weights(fixtures):
+        covered.add(int(type_id))
         in_features = weight.shape[1]
         assert torch.equal(fast_cpu.dequantize_f32(blocks, type_id, in_features), weight), T(type_id).name
         assert torch.equal(fast_cpu.dequantize_bf16(blocks, type_id, in_features), weight.bfloat16()), T(type_id).name
+    assert covered == fast_cpu.FAST_TYPES  # every fast kernel is pinned to the reference here
 
 
 def test_fast_dequantize_random_blocks_match_gguf_py(fast_cpu):
     from test_dequant import random_blocks
 
     rng = np.random.default_rng(11)
-    for type_id in FAST_TYPE_FILES:
+    for type_id in (*FAST_TYPE_FILES, *GGUF_QUANTIZED_TYPES, T.IQ4_NL):
         raw = random_blocks(type_id, 8 * 1024 // GGML_QUANT_SIZES[type_id][0], rng)
         blocks = torch.from_numpy(raw).reshape(8, -1)
         weight = gguf_weight(raw, type_id, (8, 1024))
@@ -270,7 +282,8 @@ def test_gemv_is_the_reference_with_int8_activations(fixtures, fast_cpu):
         if type_id in FLOAT_TYPES:
             assert relative_error(ours, x @ weight.t()) < 1e-5, T(type_id).name
             continue
-        rounded_x = int8_activations(x, ACTIVATION_BLOCK.get(type_id, 256))
+        block_size = GGML_QUANT_SIZES[T(type_id)][0]  # activations share one scale per weight block
+        rounded_x = int8_activations(x, block_size)
         assert relative_error(ours, rounded_x @ weight.t()) < 1e-5, T(type_id).name
         assert relative_error(ours, x @ weight.t()) < 1.5e-2, T(type_id).name
 

@@ -1,7 +1,8 @@
 """Fast CPU matmuls straight from GGUF blocks (AVX-512 VNNI / BF16).
 
-Types: Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, and F16/BF16 weights (HF checkpoints).
-Others (and F32, which needs no dequantization) keep QuantLinear's reference path.
+Types: every quantized type of dequant.SUPPORTED_TYPES (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+Q2_K..Q6_K, IQ4_NL, IQ4_XS) and F16/BF16 weights (HF checkpoints). F32 weights need no
+dequantization and keep QuantLinear's reference path (a plain fp32 matmul).
 
 Two regimes, picked by the number of input rows M:
 - decode (M <= GEMV_MAX_ROWS): `gemv` reads the blocks directly. x is quantized to
@@ -39,7 +40,9 @@ log = logging.getLogger(__name__)
 
 T = GGMLQuantizationType
 FAST_TYPES = frozenset(
-    int(t) for t in (T.Q4_0, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_XS, T.F16, T.BF16)
+    int(t)
+    for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
+              T.F16, T.BF16)
 )
 GEMV_MAX_ROWS = 4
 # Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.

@@ -16,12 +16,16 @@ constexpr int64_t QK_K = 256;
 // ggml type ids
 constexpr int64_t TYPE_F16 = 1;
 constexpr int64_t TYPE_Q4_0 = 2;
+constexpr int64_t TYPE_Q4_1 = 3;
+constexpr int64_t TYPE_Q5_0 = 6;
+constexpr int64_t TYPE_Q5_1 = 7;
 constexpr int64_t TYPE_Q8_0 = 8;
 constexpr int64_t TYPE_Q2_K = 10;
 constexpr int64_t TYPE_Q3_K = 11;
 constexpr int64_t TYPE_Q4_K = 12;
 constexpr int64_t TYPE_Q5_K = 13;
 constexpr int64_t TYPE_Q6_K = 14;
+constexpr int64_t TYPE_IQ4_NL = 20;
 constexpr int64_t TYPE_IQ4_XS = 23;
 constexpr int64_t TYPE_BF16 = 30;
 
@@ -37,7 +41,11 @@ struct Geometry {
 inline Geometry geometry(int64_t type_id) {
   switch (type_id) {
     case TYPE_Q4_0: return {32, 18};
+    case TYPE_Q4_1: return {32, 20};
+    case TYPE_Q5_0: return {32, 22};
+    case TYPE_Q5_1: return {32, 24};
     case TYPE_Q8_0: return {32, 34};
+    case TYPE_IQ4_NL: return {32, 18};
     case TYPE_Q2_K: return {QK_K, 84};
     case TYPE_Q3_K: return {QK_K, 110};
     case TYPE_Q4_K: return {QK_K, 144};
@@ -150,6 +158,19 @@ inline int iq4_xs_scale(const uint8_t* blk, int j) {
   uint16_t high;
   std::memcpy(&high, blk + 2, 2);
   return (((blk[4 + j / 2] >> (4 * (j % 2))) & 0x0F) | (((high >> (2 * j)) & 3) << 4)) - 32;
+}
+
+// Q5_0/Q5_1: 32 five-bit quants (0..31) from 16 nibble bytes and a 32-bit mask of fifth bits.
+inline __m256i five_bits(const uint8_t* qh, const uint8_t* qs) {
+  uint32_t high;
+  std::memcpy(&high, qh, 4);
+  return _mm256_or_si256(nibbles_16(qs), _mm256_and_si256(_mm256_movm_epi8(high), _mm256_set1_epi8(0x10)));
+}
+
+// IQ4_NL/IQ4_XS: 16 nibble bytes -> 32 signed values of the non-uniform grid.
+inline __m256i iq4_values(const uint8_t* qs) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(IQ4_VALUES)));
+  return _mm256_shuffle_epi8(table, nibbles_16(qs));
 }
 
 // Float weights: 16 values widened to fp32.

@@ -118,6 +118,40 @@ void dequant_q4_0(const uint8_t* blk, Out* out) {
   store16(out + 16, _mm512_mul_ps(d, i8_to_f32(_mm256_extracti128_si256(q, 1))));
 }
 
+// 32 values d * v (+ m): v given as 32 signed or unsigned bytes.
+template <typename Out, bool Signed>
+void scale_32(__m256i v, float d, const float* m, Out* out) {
+  const __m512 dv = _mm512_set1_ps(d);
+  for (int half = 0; half < 2; ++half) {
+    const __m128i q = half ? _mm256_extracti128_si256(v, 1) : _mm256_castsi256_si128(v);
+    __m512 y = _mm512_mul_ps(dv, Signed ? i8_to_f32(q) : u8_to_f32(q));
+    if (m != nullptr) y = _mm512_add_ps(y, _mm512_set1_ps(*m));
+    store16(out + 16 * half, y);
+  }
+}
+
+template <typename Out>
+void dequant_q4_1(const uint8_t* blk, Out* out) {
+  const float m = f16_at(blk + 2);
+  scale_32<Out, false>(nibbles_16(blk + 4), f16_at(blk), &m, out);
+}
+
+template <typename Out>
+void dequant_q5_0(const uint8_t* blk, Out* out) {
+  scale_32<Out, true>(_mm256_sub_epi8(five_bits(blk + 2, blk + 6), _mm256_set1_epi8(16)), f16_at(blk), nullptr, out);
+}
+
+template <typename Out>
+void dequant_q5_1(const uint8_t* blk, Out* out) {
+  const float m = f16_at(blk + 2);
+  scale_32<Out, false>(five_bits(blk + 4, blk + 8), f16_at(blk), &m, out);
+}
+
+template <typename Out>
+void dequant_iq4_nl(const uint8_t* blk, Out* out) {
+  scale_32<Out, true>(iq4_values(blk + 2), f16_at(blk), nullptr, out);
+}
+
 template <typename Out>
 void dequant_q5_k(const uint8_t* blk, Out* out) {
   const float d = f16_at(blk), dmin = f16_at(blk + 2);
@@ -144,10 +178,9 @@ void dequant_q5_k(const uint8_t* blk, Out* out) {
 template <typename Out>
 void dequant_iq4_xs(const uint8_t* blk, Out* out) {
   const float d = f16_at(blk);
-  const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(IQ4_VALUES)));
   for (int j = 0; j < 8; ++j) {
     const __m512 dl = _mm512_set1_ps(d * static_cast<float>(iq4_xs_scale(blk, j)));
-    const __m256i v = _mm256_shuffle_epi8(table, nibbles_16(blk + 8 + 16 * j));
+    const __m256i v = iq4_values(blk + 8 + 16 * j);
     store16(out + 32 * j, _mm512_mul_ps(dl, i8_to_f32(_mm256_castsi256_si128(v))));
     store16(out + 32 * j + 16, _mm512_mul_ps(dl, i8_to_f32(_mm256_extracti128_si256(v, 1))));
   }
@@ -168,7 +201,11 @@ template <typename Out>
 void (*block_dequantizer(int64_t type_id))(const uint8_t*, Out*) {
   switch (type_id) {
     case TYPE_Q4_0: return dequant_q4_0<Out>;
+    case TYPE_Q4_1: return dequant_q4_1<Out>;
+    case TYPE_Q5_0: return dequant_q5_0<Out>;
+    case TYPE_Q5_1: return dequant_q5_1<Out>;
     case TYPE_Q8_0: return dequant_q8_0<Out>;
+    case TYPE_IQ4_NL: return dequant_iq4_nl<Out>;
     case TYPE_Q2_K: return dequant_q2_k<Out>;
     case TYPE_Q3_K: return dequant_q3_k<Out>;
     case TYPE_Q4_K: return dequant_q4_k<Out>;

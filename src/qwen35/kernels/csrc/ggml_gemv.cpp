@@ -1,7 +1,7 @@
 // gemv: y[M, N] = x[M, K] @ W^T straight from ggml blocks, for decode (small M).
 //
 // x is quantized to int8 per row first, like llama.cpp: per 256 values for super-block
-// types (with sums per 16 for the min/offset terms), per 32 for Q4_0/Q8_0; the dot
+// types (with sums per 16 for the min/offset terms), per 32 for 32-value blocks; the dot
 // products then run as uint8 x int8 -> int32 (vpdpbusd), scaled once per block.
 // F16/BF16 weights are widened to fp32 and multiplied with x in fp32.
 
@@ -178,6 +178,39 @@ float dot_q4_0(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
   return hsum(acc);
 }
 
+// Q4_1/Q5_1: w = d * q + m, so sum w x = d dx sum q xq + m dx sum xq.
+template <int64_t TypeSize, __m256i (*Quants)(const uint8_t*)>
+float dot_with_min(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
+  __m256 acc = _mm256_setzero_ps();
+  float min_total = 0.0f;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* blk = row + b * TypeSize;
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
+    const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), Quants(blk), xv);
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(f16_at(blk) * x.scale[b]), acc);
+    min_total += f16_at(blk + 2) * x.scale[b] * static_cast<float>(x.sums[2 * b] + x.sums[2 * b + 1]);
+  }
+  return hsum(acc) + min_total;
+}
+
+inline __m256i q4_1_quants(const uint8_t* blk) { return nibbles_16(blk + 4); }
+inline __m256i q5_1_quants(const uint8_t* blk) { return five_bits(blk + 4, blk + 8); }
+
+// Q5_0/IQ4_NL: signed values times one fp16 scale per 32.
+template <int64_t TypeSize, __m256i (*Values)(const uint8_t*)>
+float dot_signed_32(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* blk = row + b * TypeSize;
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8(Values(blk), xv)), _mm256_set1_ps(f16_at(blk) * x.scale[b]), acc);
+  }
+  return hsum(acc);
+}
+
+inline __m256i q5_0_values(const uint8_t* blk) { return _mm256_sub_epi8(five_bits(blk + 2, blk + 6), _mm256_set1_epi8(16)); }
+inline __m256i iq4_nl_values(const uint8_t* blk) { return iq4_values(blk + 2); }
+
 float dot_q5_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i bit0 = _mm256_set1_epi8(0x01);
@@ -216,14 +249,13 @@ float dot_q5_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
 }
 
 float dot_iq4_xs(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
-  const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(IQ4_VALUES)));
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < n_blocks; ++b) {
     const uint8_t* blk = row + b * 136;
     const int8_t* xq = x.q + b * QK_K;
     __m256i iacc = _mm256_setzero_si256();
     for (int j = 0; j < 8; ++j) {
-      const __m256i w = _mm256_shuffle_epi8(table, nibbles_16(blk + 8 + 16 * j));
+      const __m256i w = iq4_values(blk + 8 + 16 * j);
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * j));
       iacc = _mm256_add_epi32(iacc, _mm256_mullo_epi32(dot_s8(w, xv), _mm256_set1_epi32(iq4_xs_scale(blk, j))));
     }
@@ -254,7 +286,11 @@ struct DotKernel {
 DotKernel dot_kernel(int64_t type_id) {
   switch (type_id) {
     case TYPE_Q4_0: return {32, dot_q4_0};
+    case TYPE_Q4_1: return {32, dot_with_min<20, q4_1_quants>};
+    case TYPE_Q5_0: return {32, dot_signed_32<22, q5_0_values>};
+    case TYPE_Q5_1: return {32, dot_with_min<24, q5_1_quants>};
     case TYPE_Q8_0: return {32, dot_q8_0};
+    case TYPE_IQ4_NL: return {32, dot_signed_32<18, iq4_nl_values>};
     case TYPE_Q2_K: return {QK_K, dot_q2_k};
     case TYPE_Q3_K: return {QK_K, dot_q3_k};
     case TYPE_Q4_K: return {QK_K, dot_q4_k};
