@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, help="requests per level (default: 2 x concurrency, at least 8)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("-np", "--parallel", type=int, default=16, help="slots of the in-process server")
-    parser.add_argument("-c", "--ctx-size", type=int, default=2048, dest="context")
+    parser.add_argument("-c", "--ctx-size", type=int, default=2048, dest="context", help="context per request")
     parser.add_argument("-t", "--threads", type=int, help="torch threads of the in-process server")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)

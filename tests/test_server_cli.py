@@ -15,8 +15,9 @@ import pytest
 
 
 def _start(fixtures, *extra):
+    """Run the command; the URL it prints once ready."""
     command = [sys.executable, "-m", "qwen35", "serve", str(fixtures / "tiny" / "dense-hf"), "--port", "0",
-               "-c", "256", "-np", "2", "-t", "1", *extra]
+               "-c", "512", "-np", "2", "-t", "1", *extra]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     line = ""
@@ -33,7 +34,7 @@ def _start(fixtures, *extra):
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_serve_prints_its_url_answers_and_stops_cleanly(fixtures, stop_signal):
-    process, url = _start(fixtures, "--api-key", "k", "--name", "tiny")
+    process, url = _start(fixtures, "--api-key", "k", "--name", "tiny", "-ngl", "99")
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=30)
         assert [model.id for model in client.models.list().data] == ["tiny"]
@@ -41,6 +42,10 @@ def test_serve_prints_its_url_answers_and_stops_cleanly(fixtures, stop_signal):
                                                max_tokens=3)
         assert reply.usage.completion_tokens <= 3
         assert httpx.get(url + "/v1/models").status_code == 401
+        # -c is shared by the -np slots, as in llama.cpp: 512 / 2 = 256 tokens per request.
+        with pytest.raises(openai.BadRequestError, match="context is 256 tokens"):
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=250)
     finally:
         process.send_signal(stop_signal)
         code = process.wait(timeout=20)
@@ -52,6 +57,7 @@ def test_serve_refuses_bad_flags_with_one_line(fixtures, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "no such file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    result = subprocess.run([sys.executable, "-m", "qwen35", "serve", str(fixtures / "tiny" / "dense-hf"),
-                             "-np", "0"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1 and "-np" in result.stderr
+    for flags, word in ((["-np", "0"], "-np"), (["-c", "64", "-np", "8"], "slots"), (["-ctk", "q4_0"], "-ctk")):
+        result = subprocess.run([sys.executable, "-m", "qwen35", "serve", str(fixtures / "tiny" / "dense-hf"),
+                                 *flags], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and word in result.stderr, result.stderr

@@ -2,13 +2,15 @@
 
   qwen35 serve MODEL [--host 127.0.0.1] [--port 8080] [--api-key KEY] [-c CTX] [-np N] [-t THREADS]
 
-MODEL is a .gguf file (or the first shard of a split one) or an HF directory. -c is the context
-of each request (prompt and reply together); -np how many requests decode together; further
-requests wait in a bounded queue (--queue) and past it get 429 with Retry-After.
+MODEL is a .gguf file (or the first shard of a split one) or an HF directory. -np requests decode
+together and share -c tokens of context evenly, as in llama.cpp (-c 32768 -np 4: 8192 tokens per
+request, prompt and reply together); further requests wait in a bounded queue (--queue) and past it
+get 429 with Retry-After.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -24,8 +26,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     parser.add_argument("--api-key", default=os.environ.get("QWEN35_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $QWEN35_API_KEY, else none)")
-    parser.add_argument("-c", "--ctx-size", type=int, default=8192, dest="context",
-                        help="context per request in tokens, prompt and reply together (default 8192)")
+    parser.add_argument("-c", "--ctx-size", type=int, default=32768, dest="context",
+                        help="context in tokens shared evenly by the -np slots (default 32768)")
     parser.add_argument("-np", "--parallel", type=int, default=4,
                         help="requests decoded together (default 4)")
     parser.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
@@ -34,6 +36,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--name", default=None, help="the model name clients use (default: the file's name)")
     parser.add_argument("-t", "--threads", type=int, default=None,
                         help="CPU threads for the model (default: torch's choice, one per core)")
+    # Spellings `qwen35 plan` and llama.cpp users write; this build runs on the CPU with a 16-bit cache.
+    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--n-cpu-moe", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("-ctk", "--cache-type-k", default="f16", help=argparse.SUPPRESS)
+    parser.add_argument("-ctv", "--cache-type-v", default="f16", help=argparse.SUPPRESS)
 
 
 def _model_name(path: Path) -> str:
@@ -44,10 +51,14 @@ def _model_name(path: Path) -> str:
 def _check(args) -> None:
     if not 0 <= args.port <= 65535:
         raise Qwen35Error(f"--port must be between 0 and 65535, got {args.port}")
-    if args.context < 16:
-        raise Qwen35Error(f"-c must be at least 16 tokens, got {args.context}")
     if args.parallel < 1:
         raise Qwen35Error(f"-np must be at least 1, got {args.parallel}")
+    if args.context // args.parallel < 16:
+        raise Qwen35Error(f"-c {args.context} leaves {args.context // args.parallel} tokens to each of the "
+                          f"{args.parallel} slots; give at least 16 per slot")
+    for flag, value in (("-ctk", args.cache_type_k), ("-ctv", args.cache_type_v)):
+        if value not in ("f16", "bf16"):
+            raise Qwen35Error(f"{flag} {value}: a quantized K/V cache is not supported yet (f16 only)")
     if args.threads is not None and args.threads < 1:
         raise Qwen35Error(f"-t must be at least 1, got {args.threads}")
     if args.queue < 0 or args.prefix_cache_mb < 0:
@@ -58,7 +69,8 @@ def _check(args) -> None:
 
 def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int = 8192, prefix_cache_mb: int = 2048,
                 name: str | None = None, api_key: str | None = None):
-    """Load the model and tokenizer and start nothing yet: the server's state (also used by benchmarks)."""
+    """Load the model and tokenizer and start nothing yet: the server's state (also used by benchmarks).
+    `context` is per request."""
     from qwen35 import load_model, load_tokenizer
     from qwen35.engine.service import EngineService
     from qwen35.server.app import ServerState
@@ -77,13 +89,16 @@ def run(args) -> int:
 
     from qwen35.server.app import create_app
 
+    if args.n_gpu_layers is not None or args.n_cpu_moe is not None:
+        print("qwen35 serve: -ngl/--n-cpu-moe ignored: this build runs the whole model on the CPU",
+              file=sys.stderr, flush=True)
     if args.threads is not None:
         import torch
 
         torch.set_num_threads(args.threads)
     path = Path(args.model)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
-    state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context,
+    state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context // args.parallel,
                         prefix_cache_mb=args.prefix_cache_mb, name=args.name, api_key=args.api_key)
     try:
         sock = socket.create_server((args.host, args.port))
@@ -97,7 +112,7 @@ def run(args) -> int:
             await super().startup(sockets)
             if self.started:
                 print(f"qwen35 serve: {state.model_name} at {url}/v1 (OpenAI) and {url}/api (Ollama); "
-                      f"context {args.context}, {args.parallel} parallel. Ctrl+C stops.", flush=True)
+                      f"{args.parallel} slots of {state.context_length} tokens. Ctrl+C stops.", flush=True)
 
     config = uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5)
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown, then re-sends the signal to the handlers it
