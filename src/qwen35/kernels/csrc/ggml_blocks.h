@@ -79,6 +79,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+inline int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
 // int8 x int8 -> int32 lanes with the unsigned x signed instruction: |a| times b with a's sign.
 inline __m256i dot_s8(__m256i a, __m256i b) {
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
@@ -91,22 +98,33 @@ inline __m256i nibbles_16(const uint8_t* p) {
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
 }
 
-inline void q4_k_scale_min(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = s[j] & 63;
-    mn[j] = s[j + 4] & 63;
-    sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-  }
+// Q4_K/Q5_K: 12 bytes -> eight 6-bit scales (bytes 0-7) and eight 6-bit mins (bytes 8-15).
+// Sub-blocks 0-3 keep theirs in the low 6 bits of bytes 0-3 (scales) and 4-7 (mins);
+// sub-blocks 4-7 take 4 bits from bytes 8-11 and 2 from the top of bytes 0-7.
+inline __m128i q4_k_scales_mins(const uint8_t* s) {
+  uint32_t w0, w1, w2;
+  std::memcpy(&w0, s, 4);
+  std::memcpy(&w1, s + 4, 4);
+  std::memcpy(&w2, s + 8, 4);
+  const uint32_t six = 0x3F3F3F3F, nib = 0x0F0F0F0F, two = 0x03030303;
+  return _mm_setr_epi32(static_cast<int>(w0 & six), static_cast<int>((w2 & nib) | (((w0 >> 6) & two) << 4)),
+                        static_cast<int>(w1 & six), static_cast<int>(((w2 >> 4) & nib) | (((w1 >> 6) & two) << 4)));
+}
+
+// sum_j min_j * (sum of sub-block j's 32 quantized x), from the 16 sums of 16.
+inline int32_t q4_k_min_dot(__m128i scales_mins, const int16_t* sums) {
+  const __m128i pick = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+  const __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scales_mins, pick));
+  return hsum_i32(_mm256_madd_epi16(mins, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums))));
 }
 
 // ---------------------------------------------------------------- super-blocks of 16 groups of 16
 // (Q2_K, Q3_K, Q6_K): one scale per 16 values; a 32-value chunk spans groups k and k + 1.
 
-// dpbusd lanes 0-3 cover group k, lanes 4-7 group k + 1.
-inline __m256i group_pair_scales(const int8_t* scales, int k) {
-  return _mm256_setr_epi32(scales[k], scales[k], scales[k], scales[k], scales[k + 1], scales[k + 1], scales[k + 1],
-                           scales[k + 1]);
+// Scales of groups k and k + 1 (of 16 int8 scales) for the dpbusd lanes 0-3 and 4-7.
+inline __m256i group_pair_scales(__m128i scales, int k) {
+  const __m128i pick = _mm_setr_epi8(k, k, k, k, k + 1, k + 1, k + 1, k + 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm256_cvtepi8_epi32(_mm_shuffle_epi8(scales, pick));
 }
 
 // sum_k scales[k] * sums[k] over the 16 groups, spread over 8 int32 lanes.
@@ -114,31 +132,30 @@ inline __m256i scaled_group_sums(__m128i scales, const int16_t* sums) {
   return _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums)));
 }
 
-inline int32_t hsum_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 // 2-bit fields: chunk (h, s) of a Q2_K/Q3_K block is bits 2s..2s+1 of the 32 bytes at 32h.
 inline __m256i two_bits(__m256i v, int s) {
   return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(2 * s)), _mm256_set1_epi8(0x03));
 }
 
-// Q3_K's 16 signed 6-bit scales: low 4 bits in bytes 0-7, high 2 bits in bytes 8-11.
-inline void q3_k_scales(const uint8_t* s, int8_t* out) {
-  for (int i = 0; i < 16; ++i) {
-    const int low = i < 8 ? (s[i] & 0x0F) : (s[i - 8] >> 4);
-    const int high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
-    out[i] = static_cast<int8_t>((low | (high << 4)) - 32);
-  }
+// Q3_K's 16 signed 6-bit scales (stored plus 32): low 4 bits are the nibbles of bytes 0-7
+// (low nibbles first), the high 2 bits of scale i are bits 2 (i / 4) of byte 8 + i % 4.
+inline __m128i q3_k_scales(const uint8_t* s) {
+  uint32_t low0, low1, high;
+  std::memcpy(&low0, s, 4);
+  std::memcpy(&low1, s + 4, 4);
+  std::memcpy(&high, s + 8, 4);
+  const uint32_t nib = 0x0F0F0F0F, two = 0x03030303;
+  const __m128i packed = _mm_setr_epi32(static_cast<int>((low0 & nib) | ((high & two) << 4)),
+                                        static_cast<int>((low1 & nib) | (((high >> 2) & two) << 4)),
+                                        static_cast<int>(((low0 >> 4) & nib) | (((high >> 4) & two) << 4)),
+                                        static_cast<int>(((low1 >> 4) & nib) | (((high >> 6) & two) << 4)));
+  return _mm_sub_epi8(packed, _mm_set1_epi8(32));
 }
 
 // Q3_K quant of chunk (h, s) plus 4, in 0..7: a set hmask bit means no -4 offset.
-inline __m256i q3_k_quants(const uint8_t* blk, int h, int s) {
+inline __m256i q3_k_quants(const uint8_t* blk, __m256i hmask, int h, int s) {
   const __m256i low = two_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32 + 32 * h)), s);
-  const __m256i hmask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk));
   const __m256i high = _mm256_and_si256(_mm256_srl_epi16(hmask, _mm_cvtsi32_si128(4 * h + s)), _mm256_set1_epi8(1));
   return _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
 }

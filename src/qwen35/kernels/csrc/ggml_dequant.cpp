@@ -46,11 +46,12 @@ void dequant_q2_k(const uint8_t* blk, Out* out) {
 template <typename Out>
 void dequant_q3_k(const uint8_t* blk, Out* out) {
   const float d = f16_at(blk + 108);
-  int8_t scales[16];
-  q3_k_scales(blk + 96, scales);
+  alignas(16) int8_t scales[16];
+  _mm_store_si128(reinterpret_cast<__m128i*>(scales), q3_k_scales(blk + 96));
+  const __m256i hmask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk));
   for (int h = 0; h < 2; ++h) {
     for (int s = 0; s < 4; ++s) {
-      const __m256i q = _mm256_sub_epi8(q3_k_quants(blk, h, s), _mm256_set1_epi8(4));
+      const __m256i q = _mm256_sub_epi8(q3_k_quants(blk, hmask, h, s), _mm256_set1_epi8(4));
       for (int half = 0; half < 2; ++half) {
         const int k = 8 * h + 2 * s + half;
         const __m512 dl = _mm512_set1_ps(d * static_cast<float>(scales[k]));
@@ -64,8 +65,9 @@ void dequant_q3_k(const uint8_t* blk, Out* out) {
 template <typename Out>
 void dequant_q4_k(const uint8_t* blk, Out* out) {
   const float d = f16_at(blk), dmin = f16_at(blk + 2);
-  uint8_t sc[8], mn[8];
-  q4_k_scale_min(blk + 4, sc, mn);
+  alignas(16) uint8_t sc[16];  // eight scales, then eight mins
+  _mm_store_si128(reinterpret_cast<__m128i*>(sc), q4_k_scales_mins(blk + 4));
+  const uint8_t* mn = sc + 8;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   for (int g = 0; g < 4; ++g) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * g));
@@ -155,8 +157,9 @@ void dequant_iq4_nl(const uint8_t* blk, Out* out) {
 template <typename Out>
 void dequant_q5_k(const uint8_t* blk, Out* out) {
   const float d = f16_at(blk), dmin = f16_at(blk + 2);
-  uint8_t sc[8], mn[8];
-  q4_k_scale_min(blk + 4, sc, mn);
+  alignas(16) uint8_t sc[16];  // eight scales, then eight mins
+  _mm_store_si128(reinterpret_cast<__m128i*>(sc), q4_k_scales_mins(blk + 4));
+  const uint8_t* mn = sc + 8;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   const __m256i bit0 = _mm256_set1_epi8(0x01);
   const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));

@@ -51,12 +51,10 @@ float dot_q4_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
   for (int64_t b = 0; b < n_blocks; ++b) {
     const uint8_t* blk = row + b * 144;
     const float dx = x.scale[b];
-    uint8_t sc[8], mn[8];
-    q4_k_scale_min(blk + 4, sc, mn);
-    const int16_t* sums = x.sums + b * 16;
-    int32_t min_dot = 0;
-    for (int j = 0; j < 8; ++j) min_dot += mn[j] * (sums[2 * j] + sums[2 * j + 1]);
-    min_total += f16_at(blk + 2) * dx * static_cast<float>(min_dot);
+    const __m128i scales_mins = q4_k_scales_mins(blk + 4);
+    alignas(16) uint8_t sc[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(sc), scales_mins);
+    min_total += f16_at(blk + 2) * dx * static_cast<float>(q4_k_min_dot(scales_mins, x.sums + b * 16));
 
     const uint8_t* qs = blk + 16;
     const int8_t* xq = x.q + b * QK_K;
@@ -83,13 +81,11 @@ float dot_q2_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
   for (int64_t b = 0; b < n_blocks; ++b) {
     const uint8_t* blk = row + b * 84;
     const float dx = x.scale[b];
-    alignas(16) int8_t scales[16], mins[16];
-    for (int i = 0; i < 16; ++i) {
-      scales[i] = static_cast<int8_t>(blk[i] & 0x0F);
-      mins[i] = static_cast<int8_t>(blk[i] >> 4);
-    }
-    const __m128i mins_v = _mm_load_si128(reinterpret_cast<const __m128i*>(mins));
-    min_total += f16_at(blk + 82) * dx * static_cast<float>(hsum_i32(scaled_group_sums(mins_v, x.sums + b * 16)));
+    // Byte k: scale of group k in the low nibble, its min in the high nibble.
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+    const __m128i scales = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
+    const __m128i mins = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+    min_total += f16_at(blk + 82) * dx * static_cast<float>(hsum_i32(scaled_group_sums(mins, x.sums + b * 16)));
     const int8_t* xq = x.q + b * QK_K;
     __m256i iacc = _mm256_setzero_si256();
     for (int h = 0; h < 2; ++h) {
@@ -109,17 +105,16 @@ float dot_q3_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
   __m256 acc = _mm256_setzero_ps();
   for (int64_t b = 0; b < n_blocks; ++b) {
     const uint8_t* blk = row + b * 110;
-    alignas(16) int8_t scales[16];
-    q3_k_scales(blk + 96, scales);
+    const __m128i scales = q3_k_scales(blk + 96);
     // Quants are stored plus 4: subtract 4 * sum_k scale_k * (sum of group k's x).
-    const __m128i scales_v = _mm_load_si128(reinterpret_cast<const __m128i*>(scales));
     __m256i iacc = _mm256_sub_epi32(_mm256_setzero_si256(),
-                                    _mm256_slli_epi32(scaled_group_sums(scales_v, x.sums + b * 16), 2));
+                                    _mm256_slli_epi32(scaled_group_sums(scales, x.sums + b * 16), 2));
+    const __m256i hmask = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk));
     const int8_t* xq = x.q + b * QK_K;
     for (int h = 0; h < 2; ++h) {
       for (int s = 0; s < 4; ++s) {
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 128 * h + 32 * s));
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q3_k_quants(blk, h, s), xv);
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q3_k_quants(blk, hmask, h, s), xv);
         iacc = _mm256_add_epi32(iacc, _mm256_mullo_epi32(p, group_pair_scales(scales, 8 * h + 2 * s)));
       }
     }
@@ -144,8 +139,7 @@ float dot_q6_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
         const __m256i q = q6_k_quants(ql, qh, c);
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 128 * h + 32 * c));
         const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
-        const __m256i sc = group_pair_scales(reinterpret_cast<const int8_t*>(blk + 192), 8 * h + 2 * c);
-        iacc = _mm256_add_epi32(iacc, _mm256_mullo_epi32(p, sc));
+        iacc = _mm256_add_epi32(iacc, _mm256_mullo_epi32(p, group_pair_scales(scales, 8 * h + 2 * c)));
       }
     }
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), _mm256_set1_ps(f16_at(blk + 208) * x.scale[b]), acc);
@@ -219,12 +213,10 @@ float dot_q5_k(const uint8_t* row, const QuantizedRow& x, int64_t n_blocks) {
   for (int64_t b = 0; b < n_blocks; ++b) {
     const uint8_t* blk = row + b * 176;
     const float dx = x.scale[b];
-    uint8_t sc[8], mn[8];
-    q4_k_scale_min(blk + 4, sc, mn);
-    const int16_t* sums = x.sums + b * 16;
-    int32_t min_dot = 0;
-    for (int j = 0; j < 8; ++j) min_dot += mn[j] * (sums[2 * j] + sums[2 * j + 1]);
-    min_total += f16_at(blk + 2) * dx * static_cast<float>(min_dot);
+    const __m128i scales_mins = q4_k_scales_mins(blk + 4);
+    alignas(16) uint8_t sc[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(sc), scales_mins);
+    min_total += f16_at(blk + 2) * dx * static_cast<float>(q4_k_min_dot(scales_mins, x.sums + b * 16));
 
     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
     const int8_t* xq = x.q + b * QK_K;
