@@ -6,7 +6,8 @@ dequantization and keep QuantLinear's reference path (a plain fp32 matmul).
 
 Two regimes, picked by the number of input rows M:
 - decode (M <= GEMV_MAX_ROWS): `gemv` reads the blocks directly. x is quantized to
-  int8 per row (per 256 values for K-quants, per 32 for Q8_0) as llama.cpp does,
+  int8 per row (one scale per weight block: 256 values for K-quants and IQ4_XS, 32
+  for the 32-value types) as llama.cpp does,
   and the dot products run as uint8 x int8 -> int32 (vpdpbusd). Error: that of
   8-bit activations, like llama.cpp's own CPU path. F16/BF16 weights are widened
   to fp32 and multiplied with x in fp32 (reference precision, other summation order).
@@ -20,7 +21,7 @@ On a CPU without AVX-512 VNNI+BF16, or if the build fails, `available()` is
 False and `install()` registers nothing, so QuantLinear keeps its reference path.
 
 The plain reference for every kernel here is `dequant.dequantize` followed by an
-fp32 matmul; tests/test_fast_cpu.py pins them together.
+fp32 matmul; tests/test_quant_linear.py pins them together.
 """
 
 from __future__ import annotations
@@ -39,12 +40,9 @@ from qwen35.kernels import quant_linear
 log = logging.getLogger(__name__)
 
 T = GGMLQuantizationType
-FAST_TYPES = frozenset(
-    int(t)
-    for t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS,
-              T.F16, T.BF16)
-)
-GEMV_MAX_ROWS = 4
+_FAST = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
+FAST_TYPES = frozenset(int(t) for t in (*_FAST, T.F16, T.BF16))
+GEMV_MAX_ROWS = 4  # measured crossover with the bf16 tiles on this 2-core AMD EPYC: 4-8 rows
 # Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.
 TILE_BYTES = 1 << 19
 
@@ -148,7 +146,9 @@ def matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int
         return quant_linear.reference_matmul(blocks, type_id, x, in_features)
     if not blocks.is_contiguous():
         blocks = blocks.contiguous()
-    if x.shape[0] <= GEMV_MAX_ROWS:
+    # BF16 weights are already in the matmul's format: torch wins from two rows on.
+    gemv_rows = 1 if type_id == T.BF16 else GEMV_MAX_ROWS
+    if x.shape[0] <= gemv_rows:
         return gemv(blocks, type_id, x)
     return tiled_bf16_matmul(blocks, type_id, x, in_features)
 
