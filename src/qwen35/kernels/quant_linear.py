@@ -9,8 +9,10 @@ Each module has a `mode`:
   to gguf-py) followed by an fp32 matmul. Large weights are dequantized a slab of
   rows at a time so the temporary stays small.
 - "fast": a registered fast kernel for the weight's type when there is one
-  (see `register_fast_kernel`), otherwise the reference path. The model never
-  needs to know which: `set_mode(model, "fast")` switches every layer in place.
+  (see `register_fast_kernel`; `qwen35.kernels.fast_cpu.install()` registers the
+  AVX-512 CPU kernels for every quantized type and F16/BF16), otherwise the
+  reference path. The model never needs to know which: `set_mode(model, "fast")`
+  switches every layer in place.
 
 Both return float32, whatever the input dtype. Weights from HF checkpoints
 (F32/F16/BF16) go through `from_dense` and keep their dtype.
