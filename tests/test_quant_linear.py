@@ -12,6 +12,7 @@ from qwen35.errors import FormatError, Qwen35Error
 from qwen35.formats.gguf import GGUFModel
 from qwen35.kernels import quant_linear
 from qwen35.kernels.quant_linear import QuantExperts, QuantLinear, set_mode
+from test_dequant import random_blocks  # random blocks with finite fp16 scales
 
 T = GGMLQuantizationType
 
@@ -228,8 +229,6 @@ def fast_type_weights(fixtures):
     for type_id in GGUF_QUANTIZED_TYPES:
         raw = gguf_quants.quantize(values, type_id).reshape(-1)
         yield type_id, torch.from_numpy(raw).reshape(48, -1), gguf_weight(raw, type_id, (48, 512))
-    from test_dequant import random_blocks
-
     raw = random_blocks(T.IQ4_NL, 48 * 512 // 32, np.random.default_rng(7))
     yield T.IQ4_NL, torch.from_numpy(raw).reshape(48, -1), gguf_weight(raw, T.IQ4_NL, (48, 512))
     for type_id, dtype in FLOAT_TYPES.items():
@@ -260,8 +259,6 @@ def test_fast_dequantize_matches_gguf_py(fixtures, fast_cpu):
 
 
 def test_fast_dequantize_random_blocks_match_gguf_py(fast_cpu):
-    from test_dequant import random_blocks
-
     rng = np.random.default_rng(11)
     for type_id in (*FAST_TYPE_FILES, *GGUF_QUANTIZED_TYPES, T.IQ4_NL):
         raw = random_blocks(type_id, 8 * 1024 // GGML_QUANT_SIZES[type_id][0], rng)
