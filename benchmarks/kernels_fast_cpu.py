@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from qwen35.kernels import fast_cpu
-from qwen35.kernels.quant_linear import reference_matmul
+from qwen35.kernels import fast_cpu, quant_linear
+from qwen35.kernels.quant_linear import QuantExperts, reference_matmul, set_mode
 
 T = GGMLQuantizationType
 # Byte offsets of each block's fp16 fields (ggml-common.h), set to sane scales in random weights.
@@ -71,11 +71,12 @@ def main() -> None:
     parser.add_argument("--total-mib", type=int, default=256, help="weight bytes to cycle through (beat the caches)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not fast_cpu.available():
+    if not fast_cpu.install():
         raise SystemExit("fast CPU kernels are not available here")
     rng = np.random.default_rng(0)
     n, k = args.out, args.in_features
     print(f"W [{n}, {k}], {args.threads} threads, {torch.__version__}")
+    moe_decode(rng)
 
     dense = [torch.randn(n, k) for _ in range(max(2, args.total_mib * 2**20 // (n * k * 4)))]
     seconds = timed(lambda w: torch.randn(1, k) @ w.t(), dense, 20)
@@ -109,6 +110,25 @@ def main() -> None:
                 ref = timed(lambda w: reference_matmul(w, type_id, x, k), weights, 2)
                 line += f", reference {flops / ref / 1e9:6.1f}"
             print(line)
+
+
+def moe_decode(rng: np.random.Generator) -> None:
+    """One token through a 35B-A3B-sized expert matrix (top-8 of 256, [512, 2048], Q4_K)."""
+    n_experts, out_features, in_features = 256, 512, 2048
+    experts = QuantExperts(random_weight(T.Q4_K, n_experts * out_features, in_features, rng), T.Q4_K,
+                           n_experts, out_features, in_features)
+    set_mode(experts, "fast")
+    x = torch.randn(1, in_features)
+    calls = [torch.from_numpy(rng.choice(n_experts, 8, replace=False)).reshape(1, 8) for _ in range(50)]
+    active_bytes = 8 * experts.blocks[0].numel()
+    fused = timed(lambda ids: experts(x, ids), calls, 50)
+    whole_call = quant_linear._FAST_EXPERT_KERNELS.pop(int(T.Q4_K))
+    grouped = timed(lambda ids: experts(x, ids), calls, 50)
+    quant_linear.register_fast_expert_kernel(T.Q4_K, whole_call)
+    print(
+        f"MoE decode, top-8 of 256 [512, 2048] Q4_K: one expert_gemv {fused * 1e6:.0f} us "
+        f"({active_bytes / fused / 1e9:.1f} GB/s), grouped per expert {grouped * 1e6:.0f} us"
+    )
 
 
 if __name__ == "__main__":

@@ -296,14 +296,25 @@ def test_tiled_bf16_matmul_agrees_with_reference(fixtures, fast_cpu, monkeypatch
         assert relative_error(ours, x @ weight.t()) < 1e-2, T(type_id).name
 
 
+def test_expert_gemv_is_gemv_per_slot(moe_q4_k_m, fast_cpu):
+    info = moe_q4_k_m.tensors["blk.1.ffn_gate_exps.weight"]
+    experts = QuantExperts(moe_q4_k_m.tensor_data(info.name), info.type_id, *info.torch_shape)
+    x = torch.randn(5, info.torch_shape[2])
+    ids = torch.tensor([3, 15, 3, 0, 7])
+    fused = fast_cpu.expert_matmul(experts.blocks, info.type_id, x, ids, info.torch_shape[2])
+    for slot, expert in enumerate(ids.tolist()):
+        assert torch.equal(fused[slot], fast_cpu.gemv(experts.blocks[expert], info.type_id, x[slot : slot + 1])[0])
+
+
 def test_fast_mode_layers_agree_with_reference(moe_q4_k_m, fast_cpu, monkeypatch):
     monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
+    monkeypatch.setattr(quant_linear, "_FAST_EXPERT_KERNELS", {})
     assert fast_cpu.install()
     rng = torch.Generator().manual_seed(4)
     info = moe_q4_k_m.tensors["blk.0.ffn_down_exps.weight"]
     experts = QuantExperts(moe_q4_k_m.tensor_data(info.name), info.type_id, *info.torch_shape)
-    # Few rows per expert (gemv), then 16 rows for one expert (bf16 tiles).
-    for ids in (torch.tensor([[1, 4], [4, 9], [0, 1]]), torch.tensor([[2, 5]] * 16)):
+    # A decode-sized call (one expert_gemv), then too many slots: grouped, 20 rows per expert (bf16 tiles).
+    for ids in (torch.tensor([[1, 4], [4, 9], [0, 1]]), torch.tensor([[2, 5]] * 20)):
         x = torch.randn(*ids.shape, info.torch_shape[2], generator=rng)
         set_mode(experts, "reference")
         expected = experts(x, ids)

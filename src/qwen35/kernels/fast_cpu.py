@@ -43,6 +43,8 @@ T = GGMLQuantizationType
 _FAST = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 FAST_TYPES = frozenset(int(t) for t in (*_FAST, T.F16, T.BF16))
 GEMV_MAX_ROWS = 4  # measured crossover with the bf16 tiles on this 2-core AMD EPYC: 4-8 rows
+# MoE calls with at most this many (token, expert) slots run as one expert_gemv call.
+EXPERT_GEMV_MAX_SLOTS = 32
 # Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.
 TILE_BYTES = 1 << 19
 
@@ -153,8 +155,22 @@ def matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int
     return tiled_bf16_matmul(blocks, type_id, x, in_features)
 
 
+def expert_matmul(
+    blocks: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int
+) -> torch.Tensor | None:
+    """The "fast" QuantExperts kernel for decode-sized calls: every (slot, expert) pair in one
+    gemv call, x [S, in] one row per slot. Larger calls return None: QuantExperts then groups
+    slots by expert and runs `matmul` per expert (bf16 tiles when an expert gets many rows)."""
+    if x.shape[0] > EXPERT_GEMV_MAX_SLOTS or blocks.device.type != "cpu" or x.device.type != "cpu":
+        return None
+    if not blocks.is_contiguous():
+        blocks = blocks.contiguous()
+    return _require().expert_gemv(blocks, int(type_id), x, expert_ids)
+
+
 def install() -> bool:
-    """Register `matmul` as the "fast" mode kernel of QuantLinear/QuantExperts for FAST_TYPES.
+    """Register `matmul` and `expert_matmul` as the "fast" mode kernels of QuantLinear and
+    QuantExperts for FAST_TYPES.
 
     Returns False (and registers nothing) where the kernels cannot run.
     """
@@ -162,4 +178,5 @@ def install() -> bool:
         return False
     for type_id in FAST_TYPES:
         quant_linear.register_fast_kernel(type_id, matmul)
+        quant_linear.register_fast_expert_kernel(type_id, expert_matmul)
     return True

@@ -9,9 +9,9 @@ Each module has a `mode`:
   to gguf-py) followed by an fp32 matmul. Large weights are dequantized a slab of
   rows at a time so the temporary stays small.
 - "fast": a registered fast kernel for the weight's type when there is one
-  (see `register_fast_kernel`; `qwen35.kernels.fast_cpu.install()` registers the
-  AVX-512 CPU kernels for every quantized type and F16/BF16), otherwise the
-  reference path. The model never needs to know which: `set_mode(model, "fast")`
+  (see `register_fast_kernel`, and `register_fast_expert_kernel` for whole MoE calls;
+  `qwen35.kernels.fast_cpu.install()` registers the AVX-512 CPU kernels for every
+  quantized type and F16/BF16), otherwise the reference path. The model never needs to know which: `set_mode(model, "fast")`
   switches every layer in place.
 
 Both return float32, whatever the input dtype. Weights from HF checkpoints
@@ -46,6 +46,12 @@ _DENSE_TYPES = {
 FastKernel = Callable[[torch.Tensor, int, torch.Tensor, int], torch.Tensor]
 _FAST_KERNELS: dict[int, FastKernel] = {}
 
+# A fast expert kernel takes a whole QuantExperts call, or declines it by returning None:
+#   kernel(blocks [E, out, row_bytes], type_id, x [S, in] float32 (one row per slot),
+#          expert_ids [S], in_features) -> [S, out] float32 | None
+FastExpertKernel = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor, int], torch.Tensor | None]
+_FAST_EXPERT_KERNELS: dict[int, FastExpertKernel] = {}
+
 
 def register_fast_kernel(type_id: int, kernel: FastKernel) -> None:
     """Make `kernel` the "fast" mode matmul for weights of ggml type `type_id`."""
@@ -54,6 +60,11 @@ def register_fast_kernel(type_id: int, kernel: FastKernel) -> None:
 
 def fast_kernel_for(type_id: int) -> FastKernel | None:
     return _FAST_KERNELS.get(int(type_id))
+
+
+def register_fast_expert_kernel(type_id: int, kernel: FastExpertKernel) -> None:
+    """Let `kernel` take whole "fast" mode QuantExperts calls for weights of ggml type `type_id`."""
+    _FAST_EXPERT_KERNELS[int(type_id)] = kernel
 
 
 def set_mode(root: torch.nn.Module, mode: str) -> None:
@@ -240,6 +251,11 @@ class QuantExperts(torch.nn.Module):
         if int(ids.min()) < 0 or int(ids.max()) >= self.n_experts:
             raise Qwen35Error(f"expert id out of range [0, {self.n_experts})")
         inputs = _as_float32(inputs)
+        whole_call = _FAST_EXPERT_KERNELS.get(self.type_id) if self.mode == "fast" else None
+        if whole_call is not None:
+            fused = whole_call(self.blocks, self.type_id, inputs[source], ids, self.in_features)
+            if fused is not None:
+                return fused.reshape(*expert_ids.shape, self.out_features)
         order = torch.argsort(ids, stable=True)
         experts, counts = torch.unique_consecutive(ids[order], return_counts=True)
         start = 0

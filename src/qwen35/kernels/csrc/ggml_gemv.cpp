@@ -1,4 +1,5 @@
-// gemv: y[M, N] = x[M, K] @ W^T straight from ggml blocks, for decode (small M).
+// gemv: y[M, N] = x[M, K] @ W^T straight from ggml blocks, for decode (small M);
+// expert_gemv: the same for MoE slots, each with its own expert, in one call.
 //
 // x is quantized to int8 per row first, like llama.cpp: per 256 values for super-block
 // types (with sums per 16 for the min/offset terms), per 32 for 32-value blocks; the dot
@@ -295,34 +296,82 @@ DotKernel dot_kernel(int64_t type_id) {
   }
 }
 
-at::Tensor gemv(const at::Tensor& blocks, int64_t type_id, const at::Tensor& x_in) {
+// x [M, K] prepared for a kernel: quantized rows (or the fp32 rows for float weights).
+class Activations {
+ public:
+  Activations(const at::Tensor& x_in, const DotKernel& kernel)
+      : x_(x_in.to(at::kFloat).contiguous()),
+        m_(x_.size(0)),
+        k_(x_.size(1)),
+        quantize_(kernel.act_block > 0),
+        act_block_(quantize_ ? kernel.act_block : k_) {
+    TORCH_CHECK(k_ % act_block_ == 0, "x rows do not split into blocks of ", act_block_);
+    q_ = at::empty({quantize_ ? m_ : 0, k_}, at::kChar);
+    scale_ = at::empty({m_, k_ / act_block_}, at::kFloat);
+    sums_ = at::empty({m_, k_ / 16}, at::kShort);
+    for (int64_t r = 0; quantize_ && r < m_; ++r) {
+      quantize_row(x_.data_ptr<float>() + r * k_, k_, act_block_, q_.data_ptr<int8_t>() + r * k_,
+                   scale_.data_ptr<float>() + r * (k_ / act_block_), sums_.data_ptr<int16_t>() + r * (k_ / 16));
+    }
+  }
+
+  int64_t rows() const { return m_; }
+  int64_t width() const { return k_; }
+
+  QuantizedRow row(int64_t r) const {
+    return {q_.data_ptr<int8_t>() + (quantize_ ? r * k_ : 0), scale_.data_ptr<float>() + r * (k_ / act_block_),
+            sums_.data_ptr<int16_t>() + r * (k_ / 16), x_.data_ptr<float>() + r * k_};
+  }
+
+ private:
+  at::Tensor x_, q_, scale_, sums_;
+  int64_t m_, k_;
+  bool quantize_;
+  int64_t act_block_;
+};
+
+at::Tensor gemv(const at::Tensor& blocks, int64_t type_id, const at::Tensor& x) {
   const Geometry geo = geometry(type_id);
   const DotKernel kernel = dot_kernel(type_id);
-  TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t m = x.size(0), k = x.size(1), n = blocks.size(0);
-  check_blocks(blocks, geo, k);
-  const bool quantize = kernel.act_block > 0;
-  const int64_t act_block = quantize ? kernel.act_block : k;
-  at::Tensor xq = at::empty({quantize ? m : 0, k}, at::kChar);
-  at::Tensor xd = at::empty({m, k / act_block}, at::kFloat);
-  at::Tensor xs = at::empty({m, k / 16}, at::kShort);
-  for (int64_t r = 0; quantize && r < m; ++r) {
-    quantize_row(x.data_ptr<float>() + r * k, k, act_block, xq.data_ptr<int8_t>() + r * k,
-                 xd.data_ptr<float>() + r * (k / act_block), xs.data_ptr<int16_t>() + r * (k / 16));
-  }
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  check_blocks(blocks, geo, x.size(1));
+  const Activations act(x, kernel);
+  const int64_t m = act.rows(), n = blocks.size(0);
   at::Tensor y = at::empty({m, n}, at::kFloat);
   const uint8_t* w = blocks.data_ptr<uint8_t>();
-  const int64_t row_bytes = blocks.size(1), n_blocks = k / geo.block_size;
+  const int64_t row_bytes = blocks.size(1), n_blocks = act.width() / geo.block_size;
   float* out = y.data_ptr<float>();
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      for (int64_t r = 0; r < m; ++r) {
-        const QuantizedRow row{xq.data_ptr<int8_t>() + (quantize ? r * k : 0),
-                               xd.data_ptr<float>() + r * (k / act_block), xs.data_ptr<int16_t>() + r * (k / 16),
-                               x.data_ptr<float>() + r * k};
-        out[r * n + i] = kernel.dot(w + i * row_bytes, row, n_blocks);
-      }
+      for (int64_t r = 0; r < m; ++r) out[r * n + i] = kernel.dot(w + i * row_bytes, act.row(r), n_blocks);
+    }
+  });
+  return y;
+}
+
+// MoE decode in one call: slot s multiplies x[s] with expert ids[s]'s weight.
+// blocks [E, N, row_bytes], x [S, K], ids [S] -> [S, N]; threads split the S * N dot products.
+at::Tensor expert_gemv(const at::Tensor& blocks, int64_t type_id, const at::Tensor& x, const at::Tensor& ids_in) {
+  const Geometry geo = geometry(type_id);
+  const DotKernel kernel = dot_kernel(type_id);
+  TORCH_CHECK(blocks.dim() == 3, "expert blocks must be [E, N, row_bytes]");
+  TORCH_CHECK(x.dim() == 2 && ids_in.dim() == 1 && ids_in.size(0) == x.size(0), "x must be [S, K] and ids [S]");
+  const int64_t n_experts = blocks.size(0), n = blocks.size(1), row_bytes = blocks.size(2);
+  check_blocks(blocks.view({n_experts * n, row_bytes}), geo, x.size(1));
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for (int64_t s = 0; s < ids.size(0); ++s) {
+    TORCH_CHECK(id[s] >= 0 && id[s] < n_experts, "expert id ", id[s], " out of range [0, ", n_experts, ")");
+  }
+  const Activations act(x, kernel);
+  const int64_t slots = act.rows(), n_blocks = act.width() / geo.block_size;
+  at::Tensor y = at::empty({slots, n}, at::kFloat);
+  const uint8_t* w = blocks.data_ptr<uint8_t>();
+  float* out = y.data_ptr<float>();
+  at::parallel_for(0, slots * n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t s = j / n, i = j % n;
+      out[j] = kernel.dot(w + (id[s] * n + i) * row_bytes, act.row(s), n_blocks);
     }
   });
   return y;
@@ -333,4 +382,5 @@ at::Tensor gemv(const at::Tensor& blocks, int64_t type_id, const at::Tensor& x_i
 
 TORCH_LIBRARY_FRAGMENT(qwen35_ggml, m) {
   m.def("gemv(Tensor blocks, int type_id, Tensor x) -> Tensor", &qwen35_ggml::gemv);
+  m.def("expert_gemv(Tensor blocks, int type_id, Tensor x, Tensor ids) -> Tensor", &qwen35_ggml::expert_gemv);
 }
