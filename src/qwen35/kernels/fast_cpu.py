@@ -17,8 +17,9 @@ Two regimes, picked by the number of input rows M:
 The kernels live in csrc/ (ggml_gemv.cpp, ggml_dequant.cpp, shared ggml_blocks.h),
 compiled by torch.utils.cpp_extension at first use (about 20 s) and cached
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
-On a CPU without AVX-512 VNNI+BF16, or if the build fails, `available()` is
-False and `install()` registers nothing, so QuantLinear keeps its reference path.
+On a CPU without AVX-512 VNNI+BF16, if the build fails, or with the environment
+variable QWEN35_NO_FAST_KERNELS set, `available()` is False and `install()`
+registers nothing, so QuantLinear keeps its reference path.
 
 The plain reference for every kernel here is `dequant.dequantize` followed by an
 fp32 matmul; tests/test_quant_linear.py pins them together.
