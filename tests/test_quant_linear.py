@@ -210,7 +210,7 @@ def fast_cpu():
     from qwen35.kernels import fast_cpu
 
     if not fast_cpu.available():
-        pytest.skip("fast CPU kernels need AVX-512 VNNI + BF16 and a C++ compiler")
+        pytest.skip("fast CPU kernels unavailable: they need AVX-512 VNNI + BF16, a C++ compiler, no QWEN35_NO_FAST_KERNELS")
     return fast_cpu
 
 
