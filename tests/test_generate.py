@@ -4,6 +4,7 @@ generate() on a small random model, and the fixture checkpoints' reference conti
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -414,18 +415,28 @@ def test_gguf_reference_precision_greedy_matches_llama_cpp_exact(fixtures, fixtu
     assert greedy(model, prompt_ids) == expected[:MATCHED_TOKENS]
 
 
+# A fast path rounds activations (as llama.cpp's CPU kernels do), which moves logits by
+# ~0.09 on average on these files (llama.cpp's own native_vs_exact mean_abs): a greedy
+# choice closer than this to its runner-up is a coin toss for any fast path, llama.cpp's
+# included, so the comparison stops at the first such near-tie.
+NEAR_TIE = 0.25
+
+
 @pytest.mark.parametrize("file_name, prompt_name", GGUF_FAST_CASES)
-def test_gguf_fast_greedy_matches_llama_cpp_where_its_paths_agree(fixtures, fixture_model, file_name, prompt_name):
-    """Tokens on which llama.cpp's native and exact paths agree are not near-ties;
-    a fast path must reproduce those (up to MATCHED_TOKENS)."""
+def test_gguf_fast_greedy_matches_llama_cpp_exact_until_a_near_tie(fixtures, fixture_model, file_name, prompt_name):
+    """The fast path follows llama.cpp's exact-arithmetic greedy continuation for as long as
+    each choice is clear. Margins come from our reference precision, which the parity tests
+    pin to llama.cpp's exact logits within 1e-2."""
     model_name, quant = file_name.split("-", 1)
-    figures = reference(fixtures, model_name)["llama_cpp"][quant][prompt_name]
-    native, exact = figures["greedy"], figures["exact_greedy"]
-    agreed = next((i for i, (a, b) in enumerate(zip(native, exact)) if a != b), len(native))
-    count = min(agreed, MATCHED_TOKENS)
+    exact = reference(fixtures, model_name)["llama_cpp"][quant][prompt_name]["exact_greedy"][:MATCHED_TOKENS]
     prompt_ids = reference(fixtures, model_name)["sequences"][prompt_name]["ids"]
-    model = fixture_model(f"{file_name}.gguf", "fast")
-    assert greedy(model, prompt_ids)[:count] == native[:count]
+    reference_model = fixture_model(f"{file_name}.gguf", "reference")
+    path_logits = reference_model.logits(prompt_ids + exact)[len(prompt_ids) - 1 :]
+    top2 = np.sort(path_logits, axis=-1)[:, -2:]
+    assert list(path_logits.argmax(-1)[: len(exact)]) == exact
+    clear = next((i for i, (second, first) in enumerate(top2) if first - second < NEAR_TIE), len(exact))
+    fast = greedy(fixture_model(f"{file_name}.gguf", "fast"), prompt_ids)
+    assert fast[:clear] == exact[:clear]
 
 
 def test_stop_string_on_the_real_model_and_tokenizer(fixtures, fixture_model):

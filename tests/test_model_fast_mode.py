@@ -61,3 +61,22 @@ def test_fast_mode_is_as_close_to_llamacpp_as_llamacpp_is_to_exact(fixtures, fas
     kl = mean_kl(native, fast_logits[name, quant])
     # Two independent roundings of the same exact values differ by about twice either one.
     assert kl <= 2 * llama_kl + 1e-5, f"{name}-{quant}: ours vs llama.cpp {kl:.5f}, llama.cpp vs exact {llama_kl:.5f}"
+
+
+@pytest.mark.parametrize("name, quant", [("dense", "Q8_0"), ("dense", "Q4_K_M"), ("moe", "Q4_K_M")])
+def test_fast_decode_path_is_as_close_to_exact_as_llamacpp(fixtures, name, quant):
+    """Decoding one token at a time takes the other fast kernels (int8 activations, as
+    llama.cpp's). Teacher-forced over the last 64 prompt tokens, its distance to exact must
+    match llama.cpp's own distance on the same positions (llama.cpp's logits file)."""
+    import torch
+
+    ids = json.loads((fixtures / "ref" / f"{name}.json").read_text())["sequences"]["text"]["ids"]
+    exact = np.load(fixtures / "ref" / f"{name}.text.exact-{quant}.logits.npy").astype(np.float32)
+    native = np.load(fixtures / "ref" / f"{name}.text.llamacpp-{quant}.logits.npy").astype(np.float32)
+    model = qwen35.load_model(fixtures / "tiny" / f"{name}-{quant}.gguf")
+    split = len(ids) - 64
+    cache = model.make_cache(1)
+    model.forward(torch.tensor([ids[:split]]), cache)
+    decoded = np.stack([model.forward(torch.tensor([[token]]), cache)[0, -1].numpy() for token in ids[split:]])
+    ours, llama = mean_kl(exact[split:], decoded), mean_kl(exact[split:], native[split:])
+    assert ours <= 1.15 * llama, f"{name}-{quant} decode: ours {ours:.5f} vs exact, llama.cpp {llama:.5f}"

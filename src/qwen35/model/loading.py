@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from qwen35.errors import FormatError
-from qwen35.formats import weights_gguf, weights_hf
+from qwen35.formats import weights_gguf, weights_hf, weights_mmproj
 from qwen35.kernels.dequant import check_supported, dequantize
 from qwen35.kernels.quant_linear import QuantExperts, QuantLinear, set_mode
 from qwen35.model.api import Model
@@ -24,18 +24,34 @@ from qwen35.model.qwen35 import Qwen35Network, WeightSpec, mtp_weight_specs, wei
 PRECISIONS = ("reference", "fast")
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
 MAX_EXPERTS = 1 << 16
+IMAGE_PAD = "<|image_pad|>"
 
 
-def load_model(path, device="cpu", precision: str = "fast") -> Model:
+def load_model(path, device="cpu", precision: str = "fast", mmproj=None) -> Model:
+    """`mmproj`: a vision projector GGUF that gives the model image input (an HF
+    checkpoint with a vision tower has it already)."""
     if precision not in PRECISIONS:
         raise FormatError(f"unknown precision {precision!r} (choose reference or fast)")
     path = Path(path)
     device = torch.device(device)
     if path.is_dir():
-        return _load_hf(path, precision, device)
-    if path.suffix == ".gguf" or path.is_file():
-        return _load_gguf(path, precision, device)
-    raise FormatError(f"no such model file or directory: {path}")
+        model = _load_hf(path, precision, device, vision=mmproj is None)
+    elif path.suffix == ".gguf" or path.is_file():
+        model = _load_gguf(path, precision, device)
+    else:
+        raise FormatError(f"no such model file or directory: {path}")
+    if mmproj is not None:
+        tower, settings, source = weights_mmproj.load_vision_gguf(mmproj, device)
+        _attach_vision(model, tower, settings, precision, source)
+    return model
+
+
+def _attach_vision(model: Model, tower, settings, precision: str, source=None) -> None:
+    if tower.config.out_hidden_size != model.config.hidden_size:
+        raise FormatError(f"the vision tower outputs width {tower.config.out_hidden_size}, "
+                          f"the text model's hidden size is {model.config.hidden_size}: they do not belong together")
+    set_mode(tower, "reference" if precision == "reference" else "fast")
+    model.vision, model.image_settings, model._vision_source = tower, settings, source
 
 
 def _check_expert_count(config, path) -> None:
@@ -48,6 +64,12 @@ def _build(config, weights: dict, mtp: dict, precision: str, device: torch.devic
     if device.type != "cpu":
         weights, mtp = ({k: w.to(device) for k, w in d.items()} for d in (weights, mtp))
     network = Qwen35Network(config, weights, mtp)
+    if precision == "fast" and device.type == "cpu":
+        # Registers the C++ kernels (built once, then cached); without them "fast" keeps
+        # the reference path, which is exact but slow.
+        from qwen35.kernels import fast_cpu
+
+        fast_cpu.install()
     set_mode(network, "reference" if precision == "reference" else "fast")
     model = Model(network, config, generation_defaults, precision, source=source)
     model.device = device
@@ -74,7 +96,11 @@ def _load_gguf(path: Path, precision: str, device: torch.device) -> Model:
     except BaseException:
         gguf.close()
         raise
-    return _build(config, weights, mtp, precision, device, QWEN35_GENERATION_DEFAULTS, gguf)
+    model = _build(config, weights, mtp, precision, device, QWEN35_GENERATION_DEFAULTS, gguf)
+    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list) and IMAGE_PAD in tokens:
+        model.image_token_id = tokens.index(IMAGE_PAD)
+    return model
 
 
 def _gguf_weights(gguf, config, specs: dict[str, WeightSpec], names, path: str) -> dict:
@@ -123,7 +149,7 @@ def _rows_of(raw, info, start: int, stop: int):
 # ------------------------------------------------------------------ HF
 
 
-def _load_hf(path: Path, precision: str, device: torch.device) -> Model:
+def _load_hf(path: Path, precision: str, device: torch.device, vision: bool = True) -> Model:
     checkpoint = weights_hf.HFCheckpoint(path)
     config = config_from_hf(
         checkpoint.config, checkpoint.generation_config, len(checkpoint.names()), f"{path}/config.json"
@@ -138,7 +164,14 @@ def _load_hf(path: Path, precision: str, device: torch.device) -> Model:
     mtp = _hf_weights(checkpoint, config, mtp_specs, matrix_dtype) if mtp_present and mtp_specs else {}
     defaults = dict(QWEN35_GENERATION_DEFAULTS)
     defaults.update({k: v for k, v in checkpoint.generation_config.items() if k in GENERATION_KEYS})
-    return _build(config, weights, mtp, precision, device, defaults, checkpoint)
+    model = _build(config, weights, mtp, precision, device, defaults, checkpoint)
+    image_token_id = checkpoint.config.get("image_token_id")
+    if isinstance(image_token_id, int) and 0 <= image_token_id < config.vocab_size:
+        model.image_token_id = image_token_id
+    loaded = weights_mmproj.load_vision_hf(checkpoint, matrix_dtype, device) if vision else None
+    if loaded is not None:
+        _attach_vision(model, *loaded, precision)
+    return model
 
 
 def _hf_weights(checkpoint, config, specs: dict[str, WeightSpec], matrix_dtype: torch.dtype | None) -> dict:
