@@ -146,7 +146,9 @@ def test_bad_arguments_are_clear_errors():
     assert make_model.main(["--size", "0.8b", "--type", "Q9_X", "-o", "/nonexistent/x.gguf"]) == 1
 
 
-LLAMA_PYTHON = os.environ.get("QWEN35_LLAMA_PYTHON")
+# llama.cpp through llama-cpp-python (the `bench` extra): here, or in the Python QWEN35_LLAMA_PYTHON names.
+LLAMA_PYTHON = os.environ.get("QWEN35_LLAMA_PYTHON") or (
+    sys.executable if importlib.util.find_spec("llama_cpp") is not None else None)
 LLAMA_CHECK = """
 import json, sys, llama_cpp
 model = llama_cpp.Llama(sys.argv[1], n_ctx=64, n_threads=2, verbose=False, logits_all=True)
@@ -157,7 +159,7 @@ print(json.dumps({"n_vocab": model.n_vocab(), "ids": ids, "finite": bool(__impor
 """
 
 
-@pytest.mark.skipif(not LLAMA_PYTHON, reason="QWEN35_LLAMA_PYTHON names no Python with llama_cpp installed")
+@pytest.mark.skipif(not LLAMA_PYTHON, reason="llama_cpp is not installed here and QWEN35_LLAMA_PYTHON names no Python that has it")
 def test_llama_cpp_loads_and_runs_the_file(fixtures, tmp_path):
     spec = make_model.benchmark_spec("0.8b", layers=4)
     out = tmp_path / "full-vocab.gguf"
