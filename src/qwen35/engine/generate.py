@@ -99,13 +99,20 @@ def generation_steps(
     params: SamplingParams,
     tokenizer=None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    images=None,
 ) -> Iterator[Generation]:
     """Run one request: prefill ``token_ids`` in chunks, then sample until a stop.
 
+    With ``images``, each ``<|image_pad|>`` placeholder in ``token_ids`` stands for the
+    next image (``model.prepare_prompt``): the prompt is expanded, its image tokens take
+    the vision features and M-RoPE positions, and decoding continues after them.
     The request is checked here, before the first step, so that a bad one fails at the
     call (a server can still answer it with an error status rather than a broken stream).
     """
     prompt = _prompt_list(token_ids, model.config.vocab_size)
+    prepared = model.prepare_prompt(prompt, images) if images else None
+    if prepared is not None:
+        prompt = prepared.token_ids
     if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
         raise Qwen35Error(f"prefill_chunk must be a whole number >= 1, got {prefill_chunk!r}")
     if params.stop and tokenizer is None:
@@ -115,13 +122,14 @@ def generation_steps(
     if not params.ignore_eos:
         stop_token_ids.update(model.config.eos_token_ids)
     text_stream = TextStream(tokenizer, params.stop) if tokenizer is not None else None
-    return _steps(model, prompt, Sampler(params, prompt), prefill_chunk, max_new_tokens, stop_token_ids, text_stream)
+    sampler = Sampler(params, prompt)
+    return _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared)
 
 
-def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream):
+def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared):
     started = time.perf_counter()
     cache = model.make_cache(1)
-    token_id = _prefill_and_sample(model, cache, prompt, prefill_chunk, sampler)
+    token_id = _prefill_and_sample(model, cache, prompt, prefill_chunk, sampler, prepared)
     prefill_seconds = time.perf_counter() - started
     decode_started = time.perf_counter()
 
@@ -161,12 +169,19 @@ def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids
 # Inference mode is entered per model call, never across a yield: a suspended generator
 # must not leave the consumer's thread in inference mode.
 @torch.inference_mode()
-def _prefill_and_sample(model, cache, prompt: list[int], chunk: int, sampler: Sampler) -> int:
-    """Feed the prompt in chunks of at most ``chunk`` tokens; sample after its last token."""
+def _prefill_and_sample(model, cache, prompt: list[int], chunk: int, sampler: Sampler, prepared=None) -> int:
+    """Feed the prompt in chunks of at most ``chunk`` tokens; sample after its last token.
+
+    A prepared (image) prompt brings its own embeddings and positions; the cache then
+    continues from its last position, which is what decoding needs after an image.
+    """
     for start in range(0, len(prompt), chunk):
-        piece = torch.tensor([prompt[start : start + chunk]], dtype=torch.long)
+        if prepared is not None:
+            logits = model.forward_prompt(prepared, cache, start, min(start + chunk, len(prompt)))
+        else:
+            logits = model.forward(torch.tensor([prompt[start : start + chunk]], dtype=torch.long), cache)
         # Copy the last row out so the chunk's [1, T, vocab] logits can be freed.
-        logits = model.forward(piece, cache)[:, -1, :].clone()
+        logits = logits[:, -1, :].clone()
     return int(sample(logits, [sampler])[0])
 
 
@@ -182,11 +197,12 @@ def stream_generations(
     max_new_tokens: int | None = None,
     tokenizer=None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    images=None,
     **sampling,
 ) -> Iterator[Generation]:
     """``generation_steps`` with options merged over ``model.generation_defaults``."""
     params = resolve_sampling(model, max_new_tokens, **sampling)
-    return generation_steps(model, token_ids, params, tokenizer=tokenizer, prefill_chunk=prefill_chunk)
+    return generation_steps(model, token_ids, params, tokenizer=tokenizer, prefill_chunk=prefill_chunk, images=images)
 
 
 def stream_generate(
@@ -195,10 +211,11 @@ def stream_generate(
     max_new_tokens: int | None = None,
     tokenizer=None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    images=None,
     **sampling,
 ) -> Iterator[int]:
     """Yield the output token ids one by one (stop tokens are not output)."""
-    steps = stream_generations(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, **sampling)
+    steps = stream_generations(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, images, **sampling)
     return (step.token_id for step in steps if step.token_id is not None)
 
 
@@ -208,10 +225,11 @@ def generate(
     max_new_tokens: int | None = None,
     tokenizer=None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    images=None,
     **sampling,
 ) -> list[int]:
     """The output token ids of one generation."""
-    return list(stream_generate(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, **sampling))
+    return list(stream_generate(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, images, **sampling))
 
 
 def generate_result(
@@ -220,12 +238,14 @@ def generate_result(
     max_new_tokens: int | None = None,
     tokenizer=None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    images=None,
     **sampling,
 ) -> GenerationResult:
     """One generation folded into a GenerationResult (ids, text, finish reason, timings)."""
     output_ids: list[int] = []
     pieces: list[str] = []
-    for step in stream_generations(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, **sampling):
+    steps = stream_generations(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, images, **sampling)
+    for step in steps:
         if step.token_id is not None:
             output_ids.append(step.token_id)
         pieces.append(step.text)

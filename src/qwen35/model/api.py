@@ -18,6 +18,12 @@ PREFILL_CHUNK = 512
 
 
 class Model:
+    # Set by load_model when the model reads images (an HF checkpoint with a vision
+    # tower, or a GGUF text model with an mmproj file).
+    vision = None  # model.vision.VisionTower
+    image_settings = None  # chat.images.ImageSettings
+    image_token_id: int | None = None  # <|image_pad|>
+
     def __init__(self, network: Qwen35Network, config: ModelConfig, generation_defaults: dict,
                  precision: str, source=None):
         self.network = network
@@ -58,25 +64,64 @@ class Model:
             return torch.zeros(cache.batch_size, 0, self.config.vocab_size)
         return torch.cat(pieces, dim=1)
 
+    def encode_images(self, images) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
+        """Features [tokens, hidden] and patch grids (t, h, w) of each image.
+
+        An image is anything `chat.images.preprocess_image` takes (encoded bytes, a path,
+        a PIL image, an HWC uint8 array) or an already `ProcessedImage`.
+        """
+        from qwen35.chat.images import ProcessedImage, preprocess_image
+
+        if self.vision is None:
+            raise Qwen35Error("this model has no vision tower: load an HF checkpoint with one, or pass an mmproj file")
+        processed = [i if isinstance(i, ProcessedImage) else preprocess_image(i, self.image_settings) for i in images]
+        features = []
+        for image in processed:
+            pixels = image.pixel_values.to(self.device)
+            features.append(self.vision(pixels, [image.grid_thw]))
+        return features, [image.grid_thw for image in processed]
+
+    def prepare_prompt(self, token_ids, images=(), start_position: int = 0):
+        """`multimodal.PreparedPrompt` of token ids whose `<|image_pad|>` placeholders stand for `images` in order."""
+        from qwen35.model.multimodal import prepare_prompt
+
+        images = list(images)
+        features, grids = self.encode_images(images) if images else ([], [])
+        if images and self.image_token_id is None:
+            raise Qwen35Error("the model's vocabulary has no <|image_pad|> token")
+        merge = self.vision.config.merge_size if self.vision is not None else 1
+        image_token_id = self.image_token_id if self.image_token_id is not None else -1
+        return prepare_prompt(token_ids, features, grids, image_token_id, merge, start_position)
+
+    def forward_prompt(self, prompt, cache: HybridCache, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Tokens [start, stop) of a PreparedPrompt appended to a one-row cache: logits [1, n, vocab]."""
+        if cache.batch_size != 1:
+            raise Qwen35Error(f"a prepared prompt fills one sequence, not a cache of {cache.batch_size}")
+        input_ids, positions, embeddings = prompt.chunk(self.network.embed_tokens, start, stop)
+        return self.forward(input_ids, cache, positions, embeddings)
+
     def logits(self, token_ids) -> np.ndarray:
         """One prefill of `token_ids` on a fresh cache: float32 [len, vocab_size]."""
         ids = torch.as_tensor(list(token_ids), dtype=torch.long).reshape(1, -1)
         return self.forward(ids, self.make_cache(1))[0].cpu().numpy()
 
-    def generate(self, token_ids, max_new_tokens: int | None = None, **sampling) -> list[int]:
+    def generate(self, token_ids, max_new_tokens: int | None = None, images=None, **sampling) -> list[int]:
         from qwen35.engine.generate import generate
 
-        return generate(self, token_ids, max_new_tokens=max_new_tokens, **sampling)
+        return generate(self, token_ids, max_new_tokens=max_new_tokens, images=images, **sampling)
 
-    def stream_generate(self, token_ids, max_new_tokens: int | None = None, **sampling) -> Iterator[int]:
+    def stream_generate(self, token_ids, max_new_tokens: int | None = None, images=None,
+                        **sampling) -> Iterator[int]:
         from qwen35.engine.generate import stream_generate
 
-        return stream_generate(self, token_ids, max_new_tokens=max_new_tokens, **sampling)
+        return stream_generate(self, token_ids, max_new_tokens=max_new_tokens, images=images, **sampling)
 
     def nbytes(self) -> int:
         """Bytes held by the weights (block-format weights count their blocks)."""
         seen, total = set(), 0
-        for tensor in [*self.network.buffers(), *self.network.parameters(), *self.network.dense_tensors()]:
+        modules = [self.network] if self.vision is None else [self.network, self.vision]
+        tensors = [t for m in modules for t in (*m.buffers(), *m.parameters(), *m.dense_tensors())]
+        for tensor in tensors:
             key = (tensor.data_ptr(), tensor.nbytes)
             if key not in seen:
                 seen.add(key)
