@@ -3,9 +3,12 @@
     python benchmarks/serve_load.py ../shared/fixtures/tiny/dense-hf            # starts a server in-process
     python benchmarks/serve_load.py --url http://127.0.0.1:8080 --name MODEL    # a server already running
     python benchmarks/serve_load.py MODEL -C 1 -C 4 -C 16 --max-tokens 32 --requests 32 -t 1 --json
+    python benchmarks/serve_load.py MODEL -C 8 --prompt-words 1000      # long prompts: big K/V per request
 
 At each concurrency C, `--requests` chat requests (distinct prompts, greedy, exactly --max-tokens
-tokens each via ignore_eos) are kept C at a time in flight as SSE streams. Reported per level:
+tokens each via ignore_eos) are kept C at a time in flight as SSE streams; `--prompt-words` pads each
+prompt with that many filler words after its distinct opening (so no request reuses another's
+prefix and every request that joins or leaves the running batch carries a long K/V). Reported per level:
 output tokens/s over the whole run, requests/s, time to first token and end-to-end latency
 (median and 95th percentile), and the mean gap between tokens within a stream.
 """
@@ -30,8 +33,17 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-async def _one(client: httpx.AsyncClient, url: str, name: str, index: int, max_tokens: int, api_key: str | None):
-    body = {"model": name, "messages": [{"role": "user", "content": f"Request {index}: write about the number {index}."}],
+_FILLER = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def _prompt(index: int, words: int) -> str:
+    filler = " ".join(_FILLER[i % len(_FILLER)] for i in range(words))
+    return f"Request {index}: write about the number {index}. {filler}".strip()
+
+
+async def _one(client: httpx.AsyncClient, url: str, name: str, index: int, max_tokens: int, api_key: str | None,
+               words: int = 0):
+    body = {"model": name, "messages": [{"role": "user", "content": _prompt(index, words)}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True},
             "chat_template_kwargs": {"enable_thinking": False}}
@@ -57,12 +69,13 @@ async def _one(client: httpx.AsyncClient, url: str, name: str, index: int, max_t
             "gap": statistics.mean(gaps) if gaps else 0.0}
 
 
-async def _level(url: str, name: str, concurrency: int, requests: int, max_tokens: int, api_key: str | None) -> dict:
+async def _level(url: str, name: str, concurrency: int, requests: int, max_tokens: int, api_key: str | None,
+                 words: int = 0) -> dict:
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         async def bounded(index):
             async with limit:
-                return await _one(client, url, name, index, max_tokens, api_key)
+                return await _one(client, url, name, index, max_tokens, api_key, words)
 
         await _one(client, url, name, 10_000 + concurrency, 4, api_key)  # warm-up, not counted
         started = time.perf_counter()
@@ -71,7 +84,8 @@ async def _level(url: str, name: str, concurrency: int, requests: int, max_token
     tokens = sum(result["tokens"] for result in results)
     ttft = [result["ttft"] for result in results]
     latency = [result["latency"] for result in results]
-    return {"concurrency": concurrency, "requests": requests, "max_tokens": max_tokens, "wall_s": wall,
+    return {"concurrency": concurrency, "requests": requests, "max_tokens": max_tokens, "prompt_words": words,
+            "wall_s": wall,
             "output_tokens": tokens, "output_tok_s": tokens / wall, "requests_s": requests / wall,
             "ttft_p50_s": statistics.median(ttft), "ttft_p95_s": _percentile(ttft, 0.95),
             "latency_p50_s": statistics.median(latency), "latency_p95_s": _percentile(latency, 0.95),
@@ -105,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-C", "--concurrency", type=int, action="append", help="level (repeatable; default 1 4 16)")
     parser.add_argument("--requests", type=int, help="requests per level (default: 2 x concurrency, at least 8)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--prompt-words", type=int, default=0, help="filler words added to each prompt (default 0)")
     parser.add_argument("-np", "--parallel", type=int, default=16, help="slots of the in-process server")
     parser.add_argument("-c", "--ctx-size", type=int, default=2048, dest="context", help="context per request")
     parser.add_argument("-t", "--threads", type=int, help="torch threads of the in-process server")
@@ -126,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or httpx.get(url + "/v1/models", headers=headers).json()["data"][0]["id"]
     try:
         rows = [asyncio.run(_level(url, name, level, args.requests or max(8, 2 * level), args.max_tokens,
-                                   args.api_key)) for level in levels]
+                                   args.api_key, args.prompt_words)) for level in levels]
     finally:
         if server is not None:
             server.should_exit = True
@@ -134,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"model": name, "levels": rows}, indent=2))
         return 0
-    print(f"{name}: {args.max_tokens} tokens per request, greedy, streamed")
+    padding = f", prompts padded with {args.prompt_words} words" if args.prompt_words else ""
+    print(f"{name}: {args.max_tokens} tokens per request, greedy, streamed{padding}")
     print("| concurrency | requests | output tok/s | req/s | TTFT p50 / p95 (s) | latency p50 / p95 (s) | "
           "inter-token (ms) |")
     print("|---|---|---|---|---|---|---|")
