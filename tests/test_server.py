@@ -12,7 +12,7 @@ import httpx
 import ollama
 import openai
 import pytest
-from test_server_fakes import RAW_CONTINUATION, ScriptedModel, live_server
+from test_server_fakes import RAW_CONTINUATION, ScriptedModel, live_server, wait_for_prefix_jobs
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -121,7 +121,7 @@ def test_logprobs(client):
         assert entry.top_logprobs[1].logprob == pytest.approx(expected - 20.0, abs=1e-4)
 
 
-def test_tool_call_round_trip_and_prefix_reuse(client):
+def test_tool_call_round_trip_and_prefix_reuse(server, client):
     messages = [{"role": "user", "content": "call Paris"}]
     first = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL])
     choice = first.choices[0]
@@ -134,13 +134,13 @@ def test_tool_call_round_trip_and_prefix_reuse(client):
     assert finish == "tool_calls" and calls[0].function.name == "get_weather"
     messages += [choice.message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    wait_for_prefix_jobs(server[1])
     second = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL])
     assert second.choices[0].message.content == "The weather is sunny"
-    # The second turn starts with the whole first prompt and the first reply as the template writes it
-    # back (all of it but the end token, which the engine never feeds): their state is restored.
-    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    # The second turn starts with the first prompt, the first reply as the template writes it back (here
+    # as the model wrote it) and the newline after its end token: all of it was prefilled after the reply.
     assert second.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens + \
-        first.usage.completion_tokens - 1
+        first.usage.completion_tokens + 1
 
 
 def test_tool_choice_none_keeps_a_written_call_as_text(client):
@@ -152,16 +152,51 @@ def test_tool_choice_none_keeps_a_written_call_as_text(client):
                                "</function>\n</tool_call>")
 
 
-def test_second_turn_of_a_plain_chat_reuses_the_history(client, tokenizer):
-    messages = [{"role": "user", "content": "first question"}]
-    first = client.chat.completions.create(model="tiny", messages=messages)
-    messages += [{"role": "assistant", "content": first.choices[0].message.content},
-                 {"role": "user", "content": "second question"}]
-    second = client.chat.completions.create(model="tiny", messages=messages)
+@pytest.mark.parametrize("thinking", [True, False])
+@pytest.mark.parametrize("stream", [False, True])
+def test_second_turn_of_a_plain_chat_finds_its_whole_history_cached(server, client, tokenizer, thinking, stream):
+    options = {"extra_body": {"chat_template_kwargs": {"enable_thinking": thinking}}}
+    question = f"question with thinking {thinking} and stream {stream}"
+    messages = [{"role": "user", "content": question}]
+    if stream:
+        content, _, _, first_usage, _ = _folded_stream(client.chat.completions.create(
+            model="tiny", messages=messages, stream=True, stream_options={"include_usage": True}, **options))
+    else:
+        first = client.chat.completions.create(model="tiny", messages=messages, **options)
+        content, first_usage = first.choices[0].message.content, first.usage
+    assert content == f"Answer: {question}"
+    messages += [{"role": "assistant", "content": content}, {"role": "user", "content": "second question"}]
+    wait_for_prefix_jobs(server[1])
+    second = client.chat.completions.create(model="tiny", messages=messages, **options)
     assert second.choices[0].message.content == "Answer: second question"
-    # Everything up to the generation prompt ("<|im_start|>assistant\n<think>\n") is shared.
-    generation_prompt = len(tokenizer.encode("<|im_start|>assistant\n<think>\n"))
-    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - generation_prompt
+    # The template writes the first reply back without its reasoning; that history, up to the newline
+    # after its end token, was prefilled after the first reply and is all restored.
+    history = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\nAnswer: {question}<|im_end|>\n"
+    assert second.usage.prompt_tokens_details.cached_tokens == len(tokenizer.encode(history))
+    assert second.usage.prompt_tokens_details.cached_tokens >= first_usage.prompt_tokens
+
+
+def test_a_next_turn_sent_at_once_counts_only_what_was_cached(tokenizer):
+    # Each forward takes 20 ms and a prefix job advances 2 tokens a step: the next turn arrives long before
+    # the history (a reply of ~60 tokens) is prefilled, takes over what was done and prefills the rest.
+    model = ScriptedModel(tokenizer, delay_s=0.02)
+    question = "a question " + " ".join(f"w{index}" for index in range(20))
+    with live_server(model, tokenizer, prefill_chunk=2) as (url, state):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        messages = [{"role": "user", "content": question}]
+        first = client.chat.completions.create(model="tiny", messages=messages)
+        messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                     {"role": "user", "content": "and another"}]
+        second = client.chat.completions.create(model="tiny", messages=messages)
+        assert second.choices[0].message.content == "Answer: and another"
+        user_turn = f"<|im_start|>user\n{question}<|im_end|>\n"
+        history = f"{user_turn}<|im_start|>assistant\nAnswer: {question}<|im_end|>\n"
+        cached = second.usage.prompt_tokens_details.cached_tokens
+        # At least the user turn (snapshotted while the first prompt was prefilled), more only as far as
+        # the job had got, and less than the whole history, which it had not finished.
+        assert len(tokenizer.encode(user_turn)) <= cached
+        assert cached < len(tokenizer.encode(history))
+        assert state.service.stats.prefix_jobs.get("adopted") == 1
 
 
 def test_completions_endpoint(client):
@@ -293,6 +328,12 @@ def test_metrics(server, client):
                  "qwen35_generation_tokens_per_second", "qwen35_queue_depth", "qwen35_prefix_cache_hits_total"):
         assert f"\n{name}" in "\n" + text
     assert 'qwen35_requests_total{reason="stop"}' in text
+    # Each reply's history was prefilled in the background once; the repeat found it done already.
+    wait_for_prefix_jobs(server[1])
+    text = httpx.get(server[0] + "/metrics").text
+    assert _metric(text, "qwen35_prefix_cache_warmups_pending") == 0
+    assert _metric(text, 'qwen35_prefix_cache_warmups_total{outcome="cached"}') >= 1
+    assert _metric(text, 'qwen35_prefix_cache_warmups_total{outcome="stored"}') >= 1
 
 
 def test_ollama_chat_generate_and_model_endpoints(server):

@@ -130,12 +130,21 @@ class ScriptedModel:
         return logits
 
 
+def wait_for_prefix_jobs(state, timeout_s: float = 30.0) -> None:
+    """Wait until the engine has no background prefill left (the next turn's history is cached by then)."""
+    deadline = time.monotonic() + timeout_s
+    while state.service.prefix_jobs_pending:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the engine's prefix jobs did not finish")
+        time.sleep(0.005)
+
+
 @contextlib.contextmanager
 def live_server(model, tokenizer, *, name="tiny", api_key=None, max_running=4, max_waiting=16,
-                context_length=1024, prefix_cache_bytes=64 << 20):
+                context_length=1024, prefix_cache_bytes=64 << 20, prefill_chunk=512):
     """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields (base_url, state)."""
-    service = EngineService(model, max_running=max_running, max_waiting=max_waiting,
-                            context_length=context_length, prefix_cache_bytes=prefix_cache_bytes)
+    service = EngineService(model, max_running=max_running, max_waiting=max_waiting, context_length=context_length,
+                            prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk)
     state = ServerState(model=model, tokenizer=tokenizer, service=service, model_name=name,
                         model_path="tiny.gguf", api_key=api_key)
     sock = socket.create_server(("127.0.0.1", 0))

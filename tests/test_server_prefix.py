@@ -14,7 +14,7 @@ from qwen35.engine.service import PrefixStore
 def model(fixtures):
     from qwen35 import load_model
 
-    return load_model(fixtures / "tiny" / "dense-hf")
+    return load_model(fixtures / "tiny" / "dense-hf", precision="reference")
 
 
 def _prefilled(model, ids):

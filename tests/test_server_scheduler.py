@@ -71,3 +71,32 @@ def test_limits_are_checked():
         Scheduler(max_running=0, max_waiting=1)
     with pytest.raises(ValueError):
         Scheduler(max_running=1, max_waiting=-1)
+
+
+def test_background_jobs_wait_for_a_free_slot_and_an_empty_queue():
+    scheduler = Scheduler(max_running=1, max_waiting=2, max_background=2)
+    scheduler.add_background("job a")
+    assert scheduler.next_step(timeout=0).background == "job a"  # idle: offered
+    running, waiting = _sequence(0), _sequence(1)
+    scheduler.add(running)
+    assert scheduler.next_step(timeout=0).background is None  # every slot busy
+    scheduler.add(waiting)
+    assert scheduler.next_step(timeout=0).background is None  # and a request waits
+    scheduler.finish(running)
+    step = scheduler.next_step(timeout=0)
+    assert step.admitted == [waiting] and step.background is None  # the slot went to the request
+    scheduler.finish(waiting)
+    assert scheduler.next_step(timeout=0).background == "job a"
+
+
+def test_background_queue_drops_the_oldest_and_jobs_can_be_taken():
+    scheduler = Scheduler(max_running=1, max_waiting=0, max_background=2)
+    for job in ("a", "b", "c"):
+        scheduler.add_background(job)
+    assert scheduler.background_dropped == 1 and scheduler.background_depth == 2
+    assert scheduler.take_background(lambda job: job == "c") == ["c"]
+    assert scheduler.next_step(timeout=0).background == "b"
+    assert scheduler.take_background(lambda job: True) == ["b"]
+    step = scheduler.next_step(timeout=0)
+    assert (step.admitted, step.running, step.background) == ([], [], None)
+    assert scheduler.background_depth == 0

@@ -3,6 +3,10 @@
 The event loop adds and cancels sequences; the engine's worker thread asks for the next step. A
 bounded waiting queue turns overload into an immediate "come back later" instead of a growing
 backlog, and a cancelled sequence leaves at the next step whichever queue it is in.
+
+Background jobs (work that only pays off for a later request, such as prefilling the history the
+next turn of a chat will send) come last: a step offers one only while a slot is free and no request
+waits, and past `max_background` queued jobs the oldest is dropped.
 """
 
 from __future__ import annotations
@@ -57,21 +61,26 @@ class Sequence:
 
 @dataclass
 class Step:
-    """What the worker does next: drop the cancelled, start the admitted, advance the running."""
+    """What the worker does next: drop the cancelled, start the admitted, advance the running, and
+    work on `background` (None while requests wait) with what is left."""
 
     dropped: list[Sequence]
     admitted: list[Sequence]
     running: list[Sequence]
+    background: Any = None
 
 
 class Scheduler:
-    def __init__(self, max_running: int, max_waiting: int):
+    def __init__(self, max_running: int, max_waiting: int, max_background: int = 8):
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
-        if max_waiting < 0:
-            raise ValueError("max_waiting must not be negative")
+        if max_waiting < 0 or max_background < 0:
+            raise ValueError("max_waiting and max_background must not be negative")
         self.max_running = max_running
         self.max_waiting = max_waiting
+        self.max_background = max_background
+        self.background_dropped = 0
+        self._background: deque[Any] = deque()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._cancelled: list[Sequence] = []
@@ -102,6 +111,18 @@ class Scheduler:
             self._cancelled.append(sequence)
             self._changed.notify_all()
 
+    def add_background(self, job) -> None:
+        """Queue a job for idle time; the oldest queued job makes room when the queue is full."""
+        with self._changed:
+            if self._closed or self.max_background == 0:
+                self.background_dropped += 1
+                return
+            self._background.append(job)
+            while len(self._background) > self.max_background:
+                self._background.popleft()
+                self.background_dropped += 1
+            self._changed.notify_all()
+
     def close(self) -> None:
         with self._changed:
             self._closed = True
@@ -112,7 +133,7 @@ class Scheduler:
     def next_step(self, timeout: float | None = None) -> Step | None:
         """The next step's work, waiting up to `timeout` for some; None when closed and idle."""
         with self._changed:
-            while not (self._waiting or self._running or self._cancelled):
+            while not (self._waiting or self._running or self._cancelled or self._background):
                 if self._closed:
                     return None
                 if not self._changed.wait(timeout):
@@ -131,7 +152,9 @@ class Scheduler:
                 admitted.append(sequence)
             for sequence in dropped:
                 sequence.status = SequenceStatus.FINISHED
-            return Step(dropped=dropped, admitted=admitted, running=list(self._running))
+            idle_capacity = not self._waiting and len(self._running) < self.max_running
+            background = self._background[0] if self._background and idle_capacity else None
+            return Step(dropped=dropped, admitted=admitted, running=list(self._running), background=background)
 
     def finish(self, sequence: Sequence) -> None:
         with self._changed:
@@ -139,10 +162,20 @@ class Scheduler:
             if sequence in self._running:
                 self._running.remove(sequence)
 
+    def take_background(self, wanted) -> list[Any]:
+        """Remove and return the queued jobs for which `wanted(job)` is true (done, dropped or adopted)."""
+        with self._changed:
+            taken = [job for job in self._background if wanted(job)]
+            if taken:
+                gone = set(map(id, taken))
+                self._background = deque(job for job in self._background if id(job) not in gone)
+            return taken
+
     def drain(self) -> list[Sequence]:
         """Everything not yet finished, removed at once (shutdown)."""
         with self._changed:
             left = list(self._waiting) + self._running
+            self._background.clear()
             self._waiting.clear()
             self._running.clear()
             self._cancelled.clear()
@@ -153,6 +186,10 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
+
+    @property
+    def background_depth(self) -> int:
+        return len(self._background)
 
     @property
     def running_count(self) -> int:

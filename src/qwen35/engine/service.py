@@ -5,6 +5,10 @@ One worker thread owns the model. Each step it drops cancelled sequences, admits
 sequence by one chunk and every decoding sequence by one token, samples, and hands each request
 its new tokens on the event loop. Torch releases the GIL inside its kernels, so the event loop
 stays responsive while the worker computes.
+
+With what a step leaves over, and only while no request waits for a slot, the worker runs prefix
+jobs: prefilling tokens a later request is expected to start with (the server asks for the history
+the next turn of a chat will send, as the template will render it) into a prefix-store snapshot.
 """
 
 from __future__ import annotations
@@ -109,6 +113,7 @@ class EngineStats:
     generated_tokens: int = 0
     prefix_hits: int = 0
     prefix_misses: int = 0
+    prefix_jobs: dict[str, int] = field(default_factory=dict)  # by outcome: stored, cached, adopted, failed
     recent_tokens: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, count)
 
     def tokens_per_second(self, window_s: float = 10.0) -> float:
@@ -181,6 +186,18 @@ class PrefixStore:
                 self.nbytes -= dropped.nbytes
 
 
+@dataclass(eq=False)
+class PrefixJob:
+    """Tokens to prefill into a prefix-store snapshot in idle time; `cache` holds the first `done`."""
+
+    token_ids: list[int]
+    cache: Any = None
+    done: int = 0
+
+    def is_prefix_of(self, token_ids: list[int]) -> bool:
+        return len(self.token_ids) <= len(token_ids) and token_ids[:len(self.token_ids)] == self.token_ids
+
+
 class EngineService:
     """Continuous batching over `model.forward` with a bounded queue and a prefix store."""
 
@@ -224,6 +241,18 @@ class EngineService:
         sequence.sink = handle
         self.scheduler.add(sequence)
         return handle
+
+    def prepare_prefix(self, token_ids: list[int]) -> None:
+        """Have the worker prefill `token_ids` into a prefix-store snapshot when it has time to spare, so
+        that a later request starting with them finds them cached (thread-safe; never blocks)."""
+        if self._closing or self.prefix_store.budget_bytes <= 0 or not token_ids \
+                or len(token_ids) > self.context_length:
+            return
+        self.scheduler.add_background(PrefixJob(list(token_ids)))
+
+    @property
+    def prefix_jobs_pending(self) -> int:
+        return self.scheduler.background_depth
 
     @property
     def queue_depth(self) -> int:
@@ -280,12 +309,27 @@ class EngineService:
             self._batch, self._batch_cache = [], None
         if ready:
             self._sample_and_deliver(ready)
+        if step.background is not None and budget > 0:
+            # After the tokens went out; while others decode, a small piece only, so their next token
+            # is not held up by a prefill nobody is waiting for.
+            self._advance_job(step.background, budget if not decoding else max(1, budget // 4))
 
     def _admit(self, sequence: Sequence) -> None:
         request = sequence.request
         sequence.sampler_state = Sampler(request.sampling, sequence.prompt_ids)
         hit = self.prefix_store.lookup(sequence.prompt_ids)
-        if hit is None:
+        # A prefix job this prompt starts with is work the request would do anyway: it takes the
+        # job's state over when the job got further than the store; the tokens it had prefilled
+        # before this request came count as cached, the rest the request prefills itself.
+        jobs = self.scheduler.take_background(lambda job: job.is_prefix_of(sequence.prompt_ids))
+        for job in jobs:
+            self._count_job("adopted")
+        job = max(jobs, key=lambda job: job.done, default=None)
+        if job is not None and job.cache is not None and job.done > (hit.length if hit is not None else 0):
+            self.stats.prefix_hits += 1
+            sequence.cache = job.cache
+            sequence.prefilled = sequence.cached_tokens = job.done
+        elif hit is None:
             self.stats.prefix_misses += 1
             sequence.cache = self.model.make_cache(1)
         else:
@@ -317,6 +361,33 @@ class EngineService:
             return None, end - start
         sequence.status = SequenceStatus.DECODING
         return last_logits, end - start
+
+    def _advance_job(self, job: PrefixJob, budget: int) -> None:
+        """One piece of a prefix job, from the longest snapshot its tokens start with."""
+        ids = job.token_ids
+        try:
+            if job.cache is None:
+                hit = self.prefix_store.lookup(ids)
+                if hit is not None and hit.length == len(ids):
+                    return self._end_job(job, "cached")
+                job.cache = hit.restore() if hit is not None else self.model.make_cache(1)
+                job.done = hit.length if hit is not None else 0
+            end = min(len(ids), job.done + budget)
+            logits = self.model.forward(torch.tensor([ids[job.done:end]], dtype=torch.long), job.cache)[0, -1]
+            job.done = end
+            if end == len(ids):
+                self.prefix_store.store(ids, job.cache, logits.float(), select_row=None)
+                self._end_job(job, "stored")
+        except Exception:  # an out-of-memory or a bug: the job was only ever a bonus
+            self._end_job(job, "failed")
+
+    def _end_job(self, job: PrefixJob, outcome: str) -> None:
+        self.scheduler.take_background(lambda queued: queued is job)
+        job.cache = None
+        self._count_job(outcome)
+
+    def _count_job(self, outcome: str) -> None:
+        self.stats.prefix_jobs[outcome] = self.stats.prefix_jobs.get(outcome, 0) + 1
 
     def _decode(self, sequences: list[Sequence]) -> list[torch.Tensor]:
         """One token for every decoding sequence, in one forward over the running batch's cache."""

@@ -56,4 +56,11 @@ def render_metrics(state) -> str:
     metric("prefix_cache_bytes", "gauge", "Memory held by prefix-cache snapshots.",
            [("", service.prefix_store.nbytes)])
     metric("prefix_cache_entries", "gauge", "Prefix-cache snapshots held.", [("", len(service.prefix_store))])
+    outcomes = {**stats.prefix_jobs, "dropped": service.scheduler.background_dropped}
+    metric("prefix_cache_warmups_total", "counter",
+           "Background prefills of a conversation's next-turn history, by outcome (stored; cached: nothing to do; "
+           "adopted: taken over by the next turn's request; dropped: too many queued; failed).",
+           [(f'{{outcome="{outcome}"}}', count) for outcome, count in sorted(outcomes.items())])
+    metric("prefix_cache_warmups_pending", "gauge", "Background prefills queued or in progress.",
+           [("", service.prefix_jobs_pending)])
     return "\n".join(lines) + "\n"

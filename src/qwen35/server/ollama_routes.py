@@ -16,8 +16,8 @@ from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_ollama
 from qwen35.server.errors import APIError, OllamaErrorBody, documented_errors
-from qwen35.server.prompting import (check_model_name, check_request, make_job, render_chat, start_job,
-                                     sampling_params, template_messages)
+from qwen35.server.prompting import (Conversation, check_model_name, check_request, make_job,
+                                     prepare_next_turn, render_chat, sampling_params, start_job, template_messages)
 from qwen35.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from qwen35.server.stream import ChatText, End, PlainText
 
@@ -50,15 +50,20 @@ def _details(state: ServerState) -> dict:
             "parameter_size": "", "quantization_level": ""}
 
 
-async def _ndjson(stream, started: float, shape) -> AsyncIterator[str]:
-    """One JSON object per line; `shape(text, thinking, tool_calls)` builds each line's payload."""
+async def _ndjson(stream, started: float, shape, on_end=None) -> AsyncIterator[str]:
+    """One JSON object per line; `shape(text, thinking, tool_calls)` builds each line's payload.
+    `on_end(text, thinking, tool_calls)`, awaited before the last line, sees the whole reply."""
     first_token_at = None
+    text, thinking, tool_calls = [], [], []
     async for item in stream:
         now = time.perf_counter()
         if isinstance(item, End):
             if item.error is not None:
                 yield json.dumps({"error": f"Generation failed: {item.error}"}) + "\n"
                 return
+            if on_end is not None:
+                await on_end("".join(text), "".join(thinking), tool_calls)
+            now = time.perf_counter()
             prompt_done = first_token_at or now
             final = {**shape("", "", []), "done": True,
                      "done_reason": "length" if item.finish_reason == "length" else "stop",
@@ -71,6 +76,9 @@ async def _ndjson(stream, started: float, shape) -> AsyncIterator[str]:
         first_token_at = first_token_at or now
         calls = [{"function": {"name": call.name, "arguments": json.loads(call.arguments)}}
                  for call in item.tool_calls]
+        text.append(item.content)
+        thinking.append(item.reasoning)
+        tool_calls.extend((call["function"]["name"], call["function"]["arguments"]) for call in calls)
         if item.content or item.reasoning or calls:
             yield json.dumps({**shape(item.content, item.reasoning, calls), "done": False}, ensure_ascii=False) + "\n"
 
@@ -120,7 +128,8 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
         return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
-    prompt_text = render_chat(state, template_messages(messages), tools, _template_kwargs(body.think))
+    conversation = Conversation(template_messages(messages), tools, _template_kwargs(body.think))
+    prompt_text = render_chat(state, conversation.messages, tools, conversation.template_kwargs)
     thinking = prompt_ends_in_reasoning(prompt_text)
     sampling, max_tokens, stop = _sampling(state, body.options)
     job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop,
@@ -136,7 +145,10 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
             message["tool_calls"] = calls
         return {"model": body.model, "created_at": _now(), "message": message}
 
-    result = _respond(body, _ndjson(stream, started, shape), "content")
+    async def next_turn(text, thinking, calls):
+        await prepare_next_turn(state, conversation, text, thinking, calls)
+
+    result = _respond(body, _ndjson(stream, started, shape, next_turn), "content")
     return result if body.stream else await result
 
 

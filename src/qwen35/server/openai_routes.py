@@ -14,8 +14,8 @@ from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_chat
 from qwen35.server.errors import APIError, ErrorBody, documented_errors, error_body
-from qwen35.server.prompting import (check_model_name, check_request, make_job, render_chat, start_job,
-                                     sampling_params, template_messages)
+from qwen35.server.prompting import (Conversation, check_model_name, check_request, make_job,
+                                     prepare_next_turn, render_chat, sampling_params, start_job, template_messages)
 from qwen35.server.schemas import ChatCompletionRequest, CompletionRequest
 from qwen35.server.stream import ChatText, Delta, End, Folded, fold
 
@@ -115,19 +115,29 @@ def chat_job(state: ServerState, body: ChatCompletionRequest):
                    sampling=sampling_params(state, _sampling_options(body)), stop=body.stop,
                    parser=ChatText(tools=tools, thinking=thinking, calls_allowed=body.tool_choice != "none"),
                    top_logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
+    job.conversation = Conversation(messages, tools, template_kwargs)
     return job
+
+
+def _calls_for_template(calls) -> list[tuple[str, dict]]:
+    return [(call.name, json.loads(call.arguments)) for call in calls]
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (streamed as SSE when stream is true)")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
-    stream = await start_job(state, chat_job(state, body), request)
+    job = chat_job(state, body)
+    stream = await start_job(state, job, request)
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chat_events(state, stream, reply_id, created, body.model, include_usage),
+        return StreamingResponse(_chat_events(state, stream, reply_id, created, body.model, include_usage,
+                                              job.conversation),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     folded = await fold(stream)
+    if folded.end.error is None:
+        await prepare_next_turn(state, job.conversation, folded.content, folded.reasoning,
+                                _calls_for_template(folded.tool_calls))
     return _chat_reply(state, folded, reply_id, created, body.model)
 
 
@@ -152,13 +162,14 @@ def _chat_reply(state, folded: Folded, reply_id: str, created: int, model: str) 
 
 
 async def _chat_events(state, stream: AsyncIterator[Delta | End], reply_id: str, created: int, model: str,
-                       include_usage: bool) -> AsyncIterator[str]:
+                       include_usage: bool, conversation: Conversation | None = None) -> AsyncIterator[str]:
     def chunk(delta: dict, finish_reason=None, logprobs=None) -> dict:
         return {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
     yield _sse(chunk({"role": "assistant", "content": ""}))
     tool_index = 0
+    content, reasoning, calls = [], [], []  # the reply as the client assembles it, for the next turn
     async for item in stream:
         if isinstance(item, End):
             if item.error is not None:
@@ -168,8 +179,14 @@ async def _chat_events(state, stream: AsyncIterator[Delta | End], reply_id: str,
             if include_usage:
                 yield _sse({"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
                             "choices": [], "usage": _usage(item)})
+            if item.error is None:  # before [DONE], so that a client's next turn comes after it
+                await prepare_next_turn(state, conversation, "".join(content), "".join(reasoning),
+                                        _calls_for_template(calls))
             yield _sse("[DONE]")
             return
+        content.append(item.content)
+        reasoning.append(item.reasoning)
+        calls.extend(item.tool_calls)
         delta: dict = {}
         if item.reasoning:
             delta["reasoning_content"] = item.reasoning

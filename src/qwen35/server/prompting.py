@@ -22,11 +22,21 @@ _CHARS_PER_TOKEN_BOUND = 16
 
 
 @dataclass
+class Conversation:
+    """A chat request as it was rendered: kept to render the next turn's history once the reply is known."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict] | None = None
+    template_kwargs: dict[str, Any] | None = None
+
+
+@dataclass
 class Job:
     request: GenerationRequest
     parser: OutputParser
     stop_strings: list[str]
     prompt_text: str
+    conversation: Conversation | None = None
 
 
 async def start_job(state, job: Job, request=None):
@@ -103,6 +113,49 @@ def render_chat(state, messages, tools=None, template_kwargs=None) -> str:
     except Exception as error:  # the template's raise_exception() and bad message shapes
         raise APIError(400, f"The conversation cannot be rendered with the chat template: {error}",
                        param="messages") from None
+
+
+# Stands for the message a client sends after a reply; its text never reaches the model.
+_NEXT_MESSAGE = "\u2063qwen35: the next message\u2063"
+
+
+def next_turn_ids(tokenizer, conversation: Conversation, reply: dict[str, Any]) -> list[int] | None:
+    """The tokens the next request of this conversation starts with: its messages and `reply`, rendered
+    as the template renders them once another message follows (a plain reply loses its reasoning
+    then; a tool call keeps it), up to the end of the reply's turn. None if that cannot be found."""
+    if tokenizer.im_end_id is None:
+        return None
+    follow = {"role": "tool" if reply.get("tool_calls") else "user", "content": _NEXT_MESSAGE}
+    text = tokenizer.apply_chat_template([*conversation.messages, reply, follow], tools=conversation.tools or None,
+                                         add_generation_prompt=False, **(conversation.template_kwargs or {}))
+    turn_end = tokenizer.id_to_token(tokenizer.im_end_id)
+    end = text.rfind(turn_end, 0, max(text.find(_NEXT_MESSAGE), 0))
+    if end < 0:
+        return None
+    end += len(turn_end)
+    if text[end:end + 1] == "\n":  # the newline between turns is part of the history the next prompt repeats
+        end += 1
+    return tokenizer.encode(text[:end])
+
+
+async def prepare_next_turn(state, conversation: Conversation | None, content: str, reasoning: str,
+                            tool_calls: list[tuple[str, dict]]) -> None:
+    """Ask the engine to prefill this conversation's history with its reply, as the next turn will send
+    it, while it has time to spare: the next turn then finds its whole history cached. Best effort."""
+    if conversation is None or state.service.prefix_store.budget_bytes <= 0:
+        return
+    reply: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning:
+        reply["reasoning_content"] = reasoning
+    if tool_calls:
+        reply["tool_calls"] = [{"type": "function", "function": {"name": name, "arguments": arguments}}
+                               for name, arguments in tool_calls]
+    try:
+        ids = await asyncio.to_thread(next_turn_ids, state.tokenizer, conversation, reply)
+    except Exception:  # a template that cannot render this history: nothing to prepare
+        return
+    if ids:
+        state.service.prepare_prefix(ids)
 
 
 def sampling_params(state, options: dict[str, Any]) -> SamplingParams:
