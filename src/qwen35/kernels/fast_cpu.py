@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 T = GGMLQuantizationType
 _FAST = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 FAST_TYPES = frozenset(int(t) for t in (*_FAST, T.F16, T.BF16))
-GEMV_MAX_ROWS = 4  # measured crossover with the bf16 tiles on this 2-core AMD EPYC: 4-8 rows
+GEMV_MAX_ROWS = 64  # up to here one kernel for every row count: batch-invariant decode (the bf16 tiles win from ~8 rows)
 # MoE calls with at most this many (token, expert) slots run as one expert_gemv call.
 EXPERT_GEMV_MAX_SLOTS = 32
 # Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.
