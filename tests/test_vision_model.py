@@ -108,3 +108,15 @@ def test_images_without_a_vision_tower_or_placeholder_are_refused(fixtures, hf_m
         hf_model.generate(template_ids(reference["ids"], 4108), max_new_tokens=2, images=[b"not a picture"])
     with pytest.raises(Qwen35Error, match="placeholder"):
         hf_model.prepare_prompt(reference["ids"], [])
+
+
+def test_cache_keys_tell_images_apart(fixtures, hf_model):
+    reference, _, image = load_case(fixtures, "dense")
+    ids = template_ids(reference["ids"], 4108)
+    other = np.random.default_rng(3).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    first, again, different = (hf_model.prepare_prompt(ids, [i]) for i in (image, image.read_bytes(), other))
+    assert first.cache_key == again.cache_key
+    assert first.cache_key != different.cache_key
+    is_image = [t == 4108 for t in first.token_ids]
+    for key, token, image_token in zip(first.cache_key, first.token_ids, is_image):
+        assert (key < 0) if image_token else (key == token)

@@ -129,6 +129,7 @@ def test_positions_equal_get_rope_index_with_several_images():
     assert torch.equal(positions, expected)
     # transformers decodes token n at position n + delta: the next position after the prompt.
     prompt = prepare_prompt(template_ids, [torch.zeros(c, 8) for c in counts], grids, IMAGE_PAD, 2)
+    assert prompt.cache_key[:3] == ids[:3] and len(set(k for k in prompt.cache_key if k < 0)) == 3
     assert prompt.token_ids == ids and torch.equal(prompt.positions, expected)
     assert prompt.next_position == len(ids) + delta
 

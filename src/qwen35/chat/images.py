@@ -18,6 +18,7 @@ an unbounded buffer.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -80,6 +81,11 @@ class ProcessedImage:
     pixel_values: torch.Tensor  # [h * w, 3 * temporal * patch * patch] float32, merge-block order
     grid_thw: tuple[int, int, int]  # (1, h, w) in patches
     merge_size: int
+
+    def digest(self) -> int:
+        """A 56-bit fingerprint of the pixels: equal images give equal prompt cache keys."""
+        data = self.pixel_values.detach().cpu().contiguous().numpy().tobytes()
+        return int.from_bytes(hashlib.blake2b(data, digest_size=7).digest(), "big")
 
     @property
     def num_tokens(self) -> int:

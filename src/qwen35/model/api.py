@@ -70,34 +70,35 @@ class Model:
         An image is anything `chat.images.preprocess_image` takes (encoded bytes, a path,
         a PIL image, an HWC uint8 array) or an already `ProcessedImage`.
         """
+        features, grids, _ = self._encode_images(images)
+        return features, grids
+
+    def _encode_images(self, images):
         from qwen35.chat.images import ProcessedImage, preprocess_image
 
         if self.vision is None:
             raise Qwen35Error("this model has no vision tower: load an HF checkpoint with one, or pass an mmproj file")
         processed = [i if isinstance(i, ProcessedImage) else preprocess_image(i, self.image_settings) for i in images]
-        features = []
-        for image in processed:
-            pixels = image.pixel_values.to(self.device)
-            features.append(self.vision(pixels, [image.grid_thw]))
-        return features, [image.grid_thw for image in processed]
+        features = [self.vision(image.pixel_values.to(self.device), [image.grid_thw]) for image in processed]
+        return features, [image.grid_thw for image in processed], [image.digest() for image in processed]
 
     def prepare_prompt(self, token_ids, images=(), start_position: int = 0):
         """`multimodal.PreparedPrompt` of token ids whose `<|image_pad|>` placeholders stand for `images` in order."""
         from qwen35.model.multimodal import prepare_prompt
 
         images = list(images)
-        features, grids = self.encode_images(images) if images else ([], [])
+        features, grids, digests = self._encode_images(images) if images else ([], [], [])
         if images and self.image_token_id is None:
             raise Qwen35Error("the model's vocabulary has no <|image_pad|> token")
         merge = self.vision.config.merge_size if self.vision is not None else 1
         image_token_id = self.image_token_id if self.image_token_id is not None else -1
-        return prepare_prompt(token_ids, features, grids, image_token_id, merge, start_position)
+        return prepare_prompt(token_ids, features, grids, image_token_id, merge, start_position, digests)
 
     def forward_prompt(self, prompt, cache: HybridCache, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Tokens [start, stop) of a PreparedPrompt appended to a one-row cache: logits [1, n, vocab]."""
         if cache.batch_size != 1:
             raise Qwen35Error(f"a prepared prompt fills one sequence, not a cache of {cache.batch_size}")
-        input_ids, positions, embeddings = prompt.chunk(self.network.embed_tokens, start, stop)
+        input_ids, positions, embeddings = prompt.chunk(self.network.embed_tokens, start, stop, self.device)
         return self.forward(input_ids, cache, positions, embeddings)
 
     def logits(self, token_ids) -> np.ndarray:

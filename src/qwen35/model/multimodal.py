@@ -33,6 +33,10 @@ class PreparedPrompt:
     image_features: torch.Tensor  # [n_image_tokens, hidden] float32, in placeholder order
     feature_index: torch.Tensor  # [T] long
     image_grids: list[tuple[int, int, int]]  # (t, h, w) in patches, per image
+    # The token ids with each image's placeholders replaced by -1 - a fingerprint of its
+    # pixels: placeholder ids are the same for every image, so a prefix cache keyed on
+    # token ids alone would hand one image's state to another. Never a real token id.
+    cache_key: list[int]
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -42,15 +46,15 @@ class PreparedPrompt:
         """The position the first token after the prompt takes."""
         return int(self.positions.max()) + 1 if len(self) else 0
 
-    def chunk(self, embed_tokens, start: int = 0, stop: int | None = None):
+    def chunk(self, embed_tokens, start: int = 0, stop: int | None = None, device=None):
         """(input_ids [1, n], positions [3, 1, n], embeddings [1, n, hidden]) of tokens [start, stop).
 
-        `embed_tokens` is the network's embedding (a QuantLinear: `.rows(ids)`).
+        `embed_tokens` is the network's embedding (a QuantLinear: `.rows(ids)`); `device` the model's.
         """
         stop = len(self) if stop is None else stop
         if not 0 <= start <= stop <= len(self):
             raise Qwen35Error(f"slice [{start}, {stop}) is outside a prompt of {len(self)} tokens")
-        device = self.image_features.device
+        device = self.image_features.device if device is None else torch.device(device)
         ids = torch.tensor([self.token_ids[start:stop]], dtype=torch.long, device=device)
         embeddings = embed_tokens.rows(ids).float()
         index = self.feature_index[start:stop].to(device)
@@ -117,8 +121,12 @@ def mrope_positions(token_ids: list[int], image_token_id: int, merged_grids: lis
 
 
 def prepare_prompt(token_ids, image_features: list[torch.Tensor], image_grids: list[tuple[int, int, int]],
-                   image_token_id: int, merge_size: int, start_position: int = 0) -> PreparedPrompt:
-    """Expand the placeholders, compute positions and map placeholder tokens to feature rows."""
+                   image_token_id: int, merge_size: int, start_position: int = 0,
+                   image_digests: list[int] | None = None) -> PreparedPrompt:
+    """Expand the placeholders, compute positions and map placeholder tokens to feature rows.
+
+    `image_digests`: a non-negative fingerprint per image for the cache key (default: its index).
+    """
     if len(image_features) != len(image_grids):
         raise Qwen35Error(f"{len(image_features)} feature sets for {len(image_grids)} image grids")
     merged = [(t, h // merge_size, w // merge_size) for t, h, w in image_grids]
@@ -132,10 +140,17 @@ def prepare_prompt(token_ids, image_features: list[torch.Tensor], image_grids: l
     feature_index = torch.full_like(ids, -1)
     feature_index[is_image] = torch.arange(int(is_image.sum()))
     features = torch.cat(image_features) if image_features else torch.zeros(0, 0)
+    digests = list(range(len(counts))) if image_digests is None else list(image_digests)
+    if len(digests) != len(counts) or any(d < 0 for d in digests):
+        raise Qwen35Error("one non-negative digest per image is needed")
+    cache_key = list(expanded)
+    for (start, stop), digest in zip(_runs(expanded, image_token_id), digests):
+        cache_key[start:stop] = [-1 - digest] * (stop - start)
     return PreparedPrompt(
         token_ids=expanded,
         positions=mrope_positions(expanded, image_token_id, merged, start_position),
         image_features=features,
         feature_index=feature_index,
         image_grids=[tuple(g) for g in image_grids],
+        cache_key=cache_key,
     )
