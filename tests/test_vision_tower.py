@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from qwen35.errors import FormatError, Qwen35Error
 from qwen35.formats import weights_hf, weights_mmproj
 from qwen35.formats.gguf import GGUFModel
+from qwen35.model import vision
 from qwen35.model.multimodal import expand_placeholders, mrope_positions, prepare_prompt
 
 transformers = pytest.importorskip("transformers")
@@ -67,8 +68,11 @@ def test_tower_matches_transformers_on_the_fixture_image(fixtures, hf_visual, so
     assert (features - expected).abs().max() <= 1e-5
 
 
-def test_several_images_of_different_sizes_attend_apart(fixtures, hf_visual):
-    """Grids other than the fixture's (pos-embedding resize both ways, 1-block sides) and per-image attention."""
+@pytest.mark.parametrize("slab_rows", [4096, 50])
+def test_several_images_of_different_sizes_attend_apart(fixtures, hf_visual, monkeypatch, slab_rows):
+    """Grids other than the fixture's (pos-embedding resize both ways, 1-block sides), per-image
+    attention, and the MLP run in slabs of rows that cut across images."""
+    monkeypatch.setattr(vision, "MLP_SLAB_ROWS", slab_rows)
     tower, _ = weights_mmproj.load_vision_hf(weights_hf.HFCheckpoint(fixtures / "tiny" / "dense-hf"), torch.float32)
     grids = [(1, 4, 6), (1, 2, 2), (1, 10, 2), (1, 16, 12)]
     pixel_values = torch.randn(sum(t * h * w for t, h, w in grids), 1536, generator=torch.Generator().manual_seed(0))

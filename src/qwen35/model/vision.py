@@ -33,6 +33,7 @@ from qwen35.errors import FormatError, Qwen35Error
 from qwen35.model.qwen35 import WeightSpec
 
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
+MLP_SLAB_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -151,10 +152,19 @@ class VisionBlock:
             outputs.append(out.transpose(0, 1).reshape(-1, c.hidden_size))
         return self.proj(torch.cat(outputs)) + self.proj_bias
 
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        # In slabs of rows: a 4096 x 4096 image has 65536 patches, and the MLP's
+        # intermediate for all of them at once would take over a gigabyte.
+        out = torch.empty_like(x)
+        for start in range(0, x.shape[0], MLP_SLAB_ROWS):
+            piece = self._norm(x[start : start + MLP_SLAB_ROWS], self.norm2)
+            hidden = F.gelu(self.fc1(piece) + self.fc1_bias, approximate=ACTIVATIONS[self.c.hidden_act])
+            out[start : start + MLP_SLAB_ROWS] = self.fc2(hidden) + self.fc2_bias
+        return out
+
     def __call__(self, x, cos, sin, lengths):
         x = x + self.attention(self._norm(x, self.norm1), cos, sin, lengths)
-        hidden = F.gelu(self.fc1(self._norm(x, self.norm2)) + self.fc1_bias, approximate=ACTIVATIONS[self.c.hidden_act])
-        return x + self.fc2(hidden) + self.fc2_bias
+        return x + self.mlp(x)
 
 
 class VisionTower(nn.Module):
