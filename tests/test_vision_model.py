@@ -120,3 +120,14 @@ def test_cache_keys_tell_images_apart(fixtures, hf_model):
     is_image = [t == 4108 for t in first.token_ids]
     for key, token, image_token in zip(first.cache_key, first.token_ids, is_image):
         assert (key < 0) if image_token else (key == token)
+
+
+def test_chat_template_prompt_expands_to_the_processor_ids(fixtures, hf_model):
+    from qwen35.chat.tokenizer import load_tokenizer
+
+    reference, _, image = load_case(fixtures, "dense")
+    tokenizer = load_tokenizer(fixtures / "tiny" / "dense-hf")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in this picture?"}]}]
+    text = tokenizer.apply_chat_template(messages, enable_thinking=False)
+    assert tokenizer.image_pad_id == hf_model.image_token_id
+    assert hf_model.prepare_prompt(tokenizer.encode(text), [image]).token_ids == reference["ids"]
