@@ -126,3 +126,13 @@ def test_huge_images_are_refused_before_decoding():
 def test_extreme_aspect_ratio_is_refused():
     with pytest.raises(ImageError, match="aspect ratio"):
         preprocess_image(np.zeros((2, 500, 3), np.uint8))
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale():
+    array = np.random.default_rng(4).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG")
+    image = load_image(buffer.getvalue(), max_input_pixels=40_000)
+    assert image.size[0] * image.size[1] <= 40_000 and image.size[0] / image.size[1] == 400 / 300
+    with pytest.raises(ImageError, match="more than"):
+        load_image(_png_bytes(array), max_input_pixels=40_000)  # PNG has no reduced decode

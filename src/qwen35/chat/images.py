@@ -179,9 +179,11 @@ def _from_array(array: np.ndarray):
 def _bounded(image, max_input_pixels: int):
     width, height = image.size
     if width * height > max_input_pixels and getattr(image, "format", None) == "JPEG":
-        # JPEG can decode at 1/2, 1/4 or 1/8 scale: no full-size buffer is ever made.
-        scale = math.sqrt(width * height / max_input_pixels)
-        image.draft("RGB", (math.ceil(width / scale), math.ceil(height / scale)))
+        # JPEG can decode at 1/2, 1/4 or 1/8 scale: no full-size buffer is ever made. Draft
+        # picks the strongest reduction that stays at least the requested size, so ask for
+        # half the side that fits: the result is then at most that side.
+        side_scale = 2 * math.sqrt(width * height / max_input_pixels)
+        image.draft("RGB", (math.ceil(width / side_scale), math.ceil(height / side_scale)))
         width, height = image.size
     if width * height > max_input_pixels:
         raise ImageError(
