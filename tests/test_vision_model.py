@@ -131,3 +131,15 @@ def test_chat_template_prompt_expands_to_the_processor_ids(fixtures, hf_model):
     text = tokenizer.apply_chat_template(messages, enable_thinking=False)
     assert tokenizer.image_pad_id == hf_model.image_token_id
     assert hf_model.prepare_prompt(tokenizer.encode(text), [image]).token_ids == reference["ids"]
+
+
+def test_image_prompt_continuing_a_cached_prefix(fixtures, hf_model):
+    """A later turn's image: the prefix is in the cache, the rest is prepared from its next position."""
+    reference, expected, image = load_case(fixtures, "dense")
+    ids = reference["ids"]
+    split = ids.index(4105)  # <|vision_start|>
+    cache = hf_model.make_cache(1)
+    hf_model.forward(torch.tensor([ids[:split]]), cache)
+    rest = hf_model.prepare_prompt(ids[split:], [image], start_position=int(cache.next_positions[0]))
+    logits = hf_model.forward_prompt(rest, cache)[0].numpy()
+    assert np.abs(logits - expected[split:]).max() <= HF_TOLERANCE
