@@ -145,3 +145,11 @@ def test_placeholders_that_do_not_fit_are_refused():
         expand_placeholders([1, IMAGE_PAD, IMAGE_PAD, 2], IMAGE_PAD, [4])
     assert expand_placeholders([1, IMAGE_PAD, 2], IMAGE_PAD, [3]) == [1, IMAGE_PAD, IMAGE_PAD, IMAGE_PAD, 2]
     assert expand_placeholders([IMAGE_PAD] * 3, IMAGE_PAD, [3]) == [IMAGE_PAD] * 3
+
+
+def test_bad_mmproj_metadata_is_a_format_error(fixtures):
+    with GGUFModel(fixtures / "tiny" / "dense-mmproj-F32.gguf") as gguf:
+        for key, value in [("clip.vision.block_count", "two"), ("clip.vision.embedding_length", None),
+                           ("clip.vision.attention.head_count", 3)]:
+            with pytest.raises(FormatError):
+                weights_mmproj.vision_config_from_gguf({**gguf.metadata, key: value}, gguf.tensors, "test")

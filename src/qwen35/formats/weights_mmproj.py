@@ -30,6 +30,7 @@ from qwen35.model.vision import VisionConfig, VisionTower, vision_weight_specs
 PROJECTOR_TYPE = "qwen3vl_merger"
 HF_PREFIX = "model.visual."
 MAX_VISION_LAYERS = 1024
+TENSORS_PER_LAYER = 12
 
 # canonical name pattern -> (mmproj name, HF name after the prefix)
 _BLOCK_NAMES = {
@@ -91,10 +92,10 @@ def vision_config_from_gguf(metadata: dict, tensors: dict, where: str) -> Vision
     position = tensors.get("v.position_embd.weight")
     if position is None:
         raise FormatError(f"{where}: tensor v.position_embd.weight is missing")
-    layers = int(value("block_count"))
-    if not 0 < layers <= MAX_VISION_LAYERS or layers * 12 > len(tensors):
-        raise FormatError(f"{where}: {layers} vision layers cannot fit in {len(tensors)} tensors")
     try:
+        layers = int(value("block_count"))
+        if not 0 < layers <= MAX_VISION_LAYERS or layers * TENSORS_PER_LAYER > len(tensors):
+            raise FormatError(f"{where}: {layers} vision layers cannot fit in {len(tensors)} tensors")
         return VisionConfig(
             hidden_size=int(value("embedding_length")),
             num_layers=layers,
