@@ -40,6 +40,8 @@ class FakeConfig:
 
 
 class FakeCache:
+    """The tokens each row was fed; the row operations of the real cache."""
+
     def __init__(self, rows: list[list[int]]):
         self.rows = rows
 
@@ -47,12 +49,33 @@ class FakeCache:
     def batch_size(self) -> int:
         return len(self.rows)
 
-    def select(self, rows: list[int]) -> FakeCache:
+    def select(self, rows: list[int], capacity: int = 0) -> FakeCache:
         return FakeCache([list(self.rows[row]) for row in rows])
 
     @staticmethod
     def merge(caches: list[FakeCache]) -> FakeCache:
         return FakeCache([list(row) for cache in caches for row in cache.rows])
+
+    @staticmethod
+    def empty_like(cache: FakeCache, reserve_rows: int = 1) -> FakeCache:
+        return FakeCache([])
+
+    def reserve(self, rows: int = 0, tokens: int = 0) -> None:
+        pass
+
+    def append(self, other: FakeCache, row: int = 0) -> int:
+        self.rows.append(list(other.rows[row]))
+        return len(self.rows) - 1
+
+    def remove(self, row: int) -> int | None:
+        last = self.rows.pop()
+        if row < len(self.rows):
+            self.rows[row] = last
+            return len(self.rows)
+        return None
+
+    def shared(self) -> FakeCache:
+        return FakeCache([list(row) for row in self.rows])
 
     def nbytes(self) -> int:
         return 8 * sum(len(row) for row in self.rows)

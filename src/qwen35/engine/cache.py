@@ -6,6 +6,11 @@ whatever the length; full-attention layers keep K/V for every token. Rows can be
 prefilled on their own and merged into one batch (`HybridCache.merge`), then
 decoded together: each row attends only to its own tokens.
 
+A long-lived batch (a server's running requests) changes one row at a time instead:
+`append` copies one sequence's row in (K/V go into storage reserved for more rows, so
+the others' K/V stay where they are) and `remove` frees a row by moving the last row
+into it. `shared` gives a read-only snapshot of a one-row cache without copying it.
+
 Positions are kept as three M-RoPE streams (time, height, width). For text all
 three equal the token index; an image advances them differently, so the cache
 remembers the next text position per row apart from the token count.
@@ -13,6 +18,8 @@ remembers the next text position per row apart from the token count.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -20,57 +27,115 @@ import torch
 from qwen35.errors import Qwen35Error
 
 
+def _storage_bytes(*tensors: torch.Tensor) -> int:
+    """Bytes of the storages behind `tensors`, each counted once (a view holds its whole storage)."""
+    seen = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
 @dataclass
 class DeltaNetState:
     conv: torch.Tensor  # [B, conv_dim, kernel - 1]: the last inputs of the causal conv
     recurrent: torch.Tensor  # [B, n_v, d_k, d_v], always fp32
+    # The network replaces both tensors at every step instead of writing into them, so a snapshot
+    # may hold the tensors of a cache that goes on being fed.
 
     def select(self, rows: list[int]) -> DeltaNetState:
-        return DeltaNetState(self.conv[rows].clone(), self.recurrent[rows].clone())
+        return DeltaNetState(self.conv[rows], self.recurrent[rows])  # indexing with a list copies
 
     @staticmethod
     def merge(states: list[DeltaNetState]) -> DeltaNetState:
         return DeltaNetState(torch.cat([s.conv for s in states]), torch.cat([s.recurrent for s in states]))
 
+    def append(self, other: DeltaNetState, row: int) -> None:
+        self.conv = torch.cat([self.conv, other.conv[row:row + 1]])
+        self.recurrent = torch.cat([self.recurrent, other.recurrent[row:row + 1]])
+
+    def remove(self, row: int) -> None:
+        """Row `row` gets the last row's state; the last row goes. The tensors belong to this cache alone
+        (made by `append` or the network), so they are written in place."""
+        last = self.conv.shape[0] - 1
+        if row != last:
+            self.conv[row] = self.conv[last]
+            self.recurrent[row] = self.recurrent[last]
+        self.conv, self.recurrent = self.conv[:last], self.recurrent[:last]
+
+    def shared(self) -> DeltaNetState:
+        return DeltaNetState(self.conv, self.recurrent)
+
     def nbytes(self) -> int:
-        return self.conv.nbytes + self.recurrent.nbytes
+        return _storage_bytes(self.conv, self.recurrent)
 
 
 class AttentionKV:
-    """K (after norm and RoPE) and V of one full-attention layer, [B, capacity, n_kv, head_dim]."""
+    """K (after norm and RoPE) and V of one full-attention layer for `rows` sequences.
+
+    Storage is [reserved rows, capacity, n_kv, head_dim]; the first `rows` rows are the batch's.
+    Slots past a row's own length hold whatever was there (finite values, masked out)."""
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 0):
         shape = (batch_size, capacity, num_kv_heads, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self._keys = torch.zeros(shape, dtype=dtype, device=device)
+        self._values = torch.zeros(shape, dtype=dtype, device=device)
+        self.rows = batch_size
+
+    @classmethod
+    def _wrap(cls, keys: torch.Tensor, values: torch.Tensor, rows: int | None = None) -> AttentionKV:
+        kv = cls.__new__(cls)
+        kv._keys, kv._values = keys, values
+        kv.rows = keys.shape[0] if rows is None else rows
+        return kv
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:self.rows]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values[:self.rows]
+
+    @property
+    def capacity(self) -> int:
+        return self._keys.shape[1]
 
     def write(self, starts: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put T new tokens of each row at that row's own offset: keys/values [B, T, n_kv, d]."""
         batch, length = keys.shape[:2]
         needed = int(starts.max()) + length
-        if needed > self.keys.shape[1]:
-            self._grow(max(needed, 2 * self.keys.shape[1], 16))
+        if needed > self.capacity:
+            self.reserve(tokens=max(needed, 2 * self.capacity, 16))
         rows = torch.arange(batch, device=keys.device)[:, None]
         slots = starts[:, None] + torch.arange(length, device=keys.device)
-        self.keys[rows, slots] = keys.to(self.keys.dtype)
-        self.values[rows, slots] = values.to(self.values.dtype)
+        self._keys[rows, slots] = keys.to(self._keys.dtype)
+        self._values[rows, slots] = values.to(self._values.dtype)
 
-    def _grow(self, capacity: int) -> None:
+    def reserve(self, rows: int = 0, tokens: int = 0) -> None:
+        """Storage for at least `rows` rows of `tokens` slots; a bigger one copies the live rows over."""
+        rows, tokens = max(rows, self._keys.shape[0]), max(tokens, self.capacity)
+        if (rows, tokens) == tuple(self._keys.shape[:2]):
+            return
+
         def grown(buffer):
-            bigger = buffer.new_zeros((buffer.shape[0], capacity, *buffer.shape[2:]))
-            bigger[:, : buffer.shape[1]] = buffer
+            bigger = buffer.new_zeros((rows, tokens, *buffer.shape[2:]))
+            bigger[:self.rows, :buffer.shape[1]] = buffer[:self.rows]
             return bigger
 
-        self.keys, self.values = grown(self.keys), grown(self.values)
+        self._keys, self._values = grown(self._keys), grown(self._values)
 
     def view(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `length` slots of every row (rows past their own length hold padding)."""
-        return self.keys[:, :length], self.values[:, :length]
+        return self._keys[:self.rows, :length], self._values[:self.rows, :length]
 
-    def select(self, rows: list[int], length: int) -> AttentionKV:
-        picked = AttentionKV.__new__(AttentionKV)
-        picked.keys = self.keys[rows, :length].clone()
-        picked.values = self.values[rows, :length].clone()
+    def select(self, rows: list[int], length: int, capacity: int = 0) -> AttentionKV:
+        """Copies of `rows`, with room for `capacity` tokens (at least `length`)."""
+        shape = (len(rows), max(length, capacity), *self._keys.shape[2:])
+        picked = AttentionKV._wrap(self._keys.new_zeros(shape), self._values.new_zeros(shape))
+        for index, row in enumerate(rows):
+            picked._keys[index, :length] = self._keys[row, :length]
+            picked._values[index, :length] = self._values[row, :length]
         return picked
 
     @staticmethod
@@ -81,17 +146,48 @@ class AttentionKV:
             out[:, :count] = buffer[:, :count]
             return out
 
-        merged = AttentionKV.__new__(AttentionKV)
-        merged.keys = torch.cat([padded(p.keys) for p in parts])
-        merged.values = torch.cat([padded(p.values) for p in parts])
-        return merged
+        return AttentionKV._wrap(torch.cat([padded(p.keys) for p in parts]),
+                                 torch.cat([padded(p.values) for p in parts]))
+
+    def append(self, other: AttentionKV, row: int, length: int) -> None:
+        """Row `row` of `other` (its first `length` slots) becomes this batch's last row. Storage grows
+        by doubling, so over many appends each row's K/V moves a bounded number of times."""
+        full = self.rows == self._keys.shape[0]
+        self.reserve(rows=max(2 * self._keys.shape[0], self.rows + 1) if full else 0,
+                     tokens=max(length, 2 * self.capacity, 16) if length > self.capacity else 0)
+        self._keys[self.rows, :length] = other._keys[row, :length]
+        self._values[self.rows, :length] = other._values[row, :length]
+        self.rows += 1
+
+    def remove(self, row: int, last_length: int, longest: int) -> None:
+        """Row `row` gets the last row's first `last_length` slots; the last row is free again. Storage far
+        over what the remaining rows need (`longest` tokens at most) shrinks to twice that."""
+        last = self.rows - 1
+        if row != last:
+            self._keys[row, :last_length] = self._keys[last, :last_length]
+            self._values[row, :last_length] = self._values[last, :last_length]
+        self.rows = last
+        rows, tokens = max(self.rows, 1), max(longest, 16)
+        if self._keys.shape[0] >= 4 * rows or self.capacity >= 8 * tokens:
+            shape = (2 * rows, 2 * tokens, *self._keys.shape[2:])
+            keys, values = self._keys.new_zeros(shape), self._values.new_zeros(shape)
+            keys[:self.rows, :longest] = self._keys[:self.rows, :longest]
+            values[:self.rows, :longest] = self._values[:self.rows, :longest]
+            self._keys, self._values = keys, values
+
+    def shared(self, length: int) -> AttentionKV:
+        """The first row's first `length` slots, not copied: valid while its owner only appends."""
+        return AttentionKV._wrap(self._keys[:1, :length], self._values[:1, :length])
 
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return _storage_bytes(self._keys, self._values)
 
 
 class HybridCache:
-    """Per-layer states (DeltaNetState or AttentionKV) plus per-row token counts and positions."""
+    """Per-layer states (DeltaNetState or AttentionKV) plus per-row token counts and positions.
+
+    Its tensors are made and written in inference mode (the model's forward runs in it, and an
+    inference tensor can only be written in place there), so are the row operations."""
 
     def __init__(self, layers: list, lengths: torch.Tensor, next_positions: torch.Tensor):
         self.layers = layers
@@ -111,19 +207,24 @@ class HybridCache:
         self.lengths = self.lengths + length
         self.next_positions = positions.amax(dim=(0, 2)) + 1
 
-    def select(self, rows: list[int]) -> HybridCache:
-        """A new cache holding copies of the given rows."""
+    def _check_rows(self, rows: list[int]) -> None:
         for row in rows:
             if not 0 <= row < self.batch_size:
                 raise Qwen35Error(f"row {row} is outside a cache of {self.batch_size} sequences")
+
+    @torch.inference_mode()
+    def select(self, rows: list[int], capacity: int = 0) -> HybridCache:
+        """A new cache holding copies of the given rows (K/V room for `capacity` tokens each)."""
+        self._check_rows(rows)
         length = int(self.lengths[rows].max()) if rows else 0
         layers = [
-            layer.select(rows) if isinstance(layer, DeltaNetState) else layer.select(rows, length)
+            layer.select(rows) if isinstance(layer, DeltaNetState) else layer.select(rows, length, capacity)
             for layer in self.layers
         ]
         return HybridCache(layers, self.lengths[rows].clone(), self.next_positions[rows].clone())
 
     @staticmethod
+    @torch.inference_mode()
     def merge(caches: list[HybridCache]) -> HybridCache:
         """One batch from several caches of the same model (rows in the order given)."""
         if not caches:
@@ -142,5 +243,147 @@ class HybridCache:
             layers, torch.cat([c.lengths for c in caches]), torch.cat([c.next_positions for c in caches])
         )
 
+    # --- a long-lived batch, one row at a time ------------------------------------------------
+
+    @staticmethod
+    @torch.inference_mode()
+    def empty_like(cache: HybridCache, reserve_rows: int = 1) -> HybridCache:
+        """A batch of no rows for caches shaped like `cache`, with K/V storage for `reserve_rows` rows."""
+        layers = []
+        for layer in cache.layers:
+            if isinstance(layer, DeltaNetState):
+                layers.append(DeltaNetState(layer.conv[:0].clone(), layer.recurrent[:0].clone()))
+            else:
+                shape = (max(reserve_rows, 1), 0, *layer._keys.shape[2:])
+                kv = AttentionKV._wrap(layer._keys.new_zeros(shape), layer._values.new_zeros(shape), rows=0)
+                layers.append(kv)
+        return HybridCache(layers, cache.lengths[:0].clone(), cache.next_positions[:0].clone())
+
+    @torch.inference_mode()
+    def reserve(self, rows: int = 0, tokens: int = 0) -> None:
+        """K/V storage for `rows` rows of `tokens` slots, so that appends and prefills up to that size
+        do not move the K/V already held."""
+        for layer in self.layers:
+            if isinstance(layer, AttentionKV):
+                layer.reserve(rows, tokens)
+
+    @torch.inference_mode()
+    def append(self, other: HybridCache, row: int = 0) -> int:
+        """Copy row `row` of `other` in as this batch's last row; its index. Only that row's K/V move."""
+        other._check_rows([row])
+        if len(other.layers) != len(self.layers):
+            raise Qwen35Error("cannot add a row of another model's cache")
+        length = int(other.lengths[row])
+        for mine, theirs in zip(self.layers, other.layers):
+            if isinstance(mine, DeltaNetState):
+                mine.append(theirs, row)
+            else:
+                mine.append(theirs, row, length)
+        self.lengths = torch.cat([self.lengths, other.lengths[row:row + 1]])
+        self.next_positions = torch.cat([self.next_positions, other.next_positions[row:row + 1]])
+        return self.batch_size - 1
+
+    @torch.inference_mode()
+    def remove(self, row: int) -> int | None:
+        """Free row `row` by moving the last row into it (one row's K/V copied); the moved row's old
+        index, or None when `row` was the last."""
+        self._check_rows([row])
+        last = self.batch_size - 1
+        last_length = int(self.lengths[last])
+        order = list(range(last))
+        if row != last:
+            order[row] = last
+        self.lengths, self.next_positions = self.lengths[order], self.next_positions[order]
+        longest = int(self.lengths.max()) if last else 0
+        for layer in self.layers:
+            if isinstance(layer, DeltaNetState):
+                layer.remove(row)
+            else:
+                layer.remove(row, last_length, longest)
+        return last if row != last else None
+
+    @torch.inference_mode()
+    def shared(self) -> HybridCache:
+        """A read-only snapshot of a one-row cache that copies nothing: it stays valid while this cache
+        is only fed further (new tokens go past the snapshot's slots, new DeltaNet states replace the
+        old tensors). Restore it with `select`, which copies."""
+        if self.batch_size != 1:
+            raise Qwen35Error(f"only a one-row cache can be shared, not one of {self.batch_size}")
+        length = int(self.lengths[0])
+        layers = [layer.shared() if isinstance(layer, DeltaNetState) else layer.shared(length)
+                  for layer in self.layers]
+        return HybridCache(layers, self.lengths.clone(), self.next_positions.clone())
+
     def nbytes(self) -> int:
+        """Memory this cache keeps alive: whole storages, reserved rows and slots included."""
         return sum(layer.nbytes() for layer in self.layers)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A sequence's whole cache (K/V and DeltaNet state) after `length` tokens, and their last logits.
+    Read-only: requests restore copies of it."""
+
+    length: int
+    cache: HybridCache
+    last_logits: torch.Tensor
+    nbytes: int
+
+    def restore(self, capacity: int = 0) -> HybridCache:
+        """A copy to feed further, with K/V room for `capacity` tokens."""
+        return self.cache.select([0], capacity=capacity)
+
+
+class PrefixStore:
+    """Cache snapshots keyed by the tokens they hold, least recently used dropped past a byte budget.
+
+    A recurrent state cannot be rolled back, so reuse needs a snapshot taken exactly where the
+    shared prefix ends: the engine stores one at each prompt's end and at the snapshot points the
+    server names (turn boundaries), and a new prompt restores the longest one it starts with.
+    """
+
+    def __init__(self, budget_bytes: int, max_entries: int = 256):
+        self.budget_bytes = budget_bytes
+        self.max_entries = max_entries
+        self.nbytes = 0
+        self._entries: OrderedDict[tuple[int, ...], Snapshot] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, token_ids: list[int]) -> Snapshot | None:
+        with self._lock:
+            best_key = None
+            for key in self._entries:
+                if len(key) <= len(token_ids) and (best_key is None or len(key) > len(best_key)) \
+                        and tuple(token_ids[:len(key)]) == key:
+                    best_key = key
+            if best_key is None:
+                return None
+            self._entries.move_to_end(best_key)
+            return self._entries[best_key]
+
+    def store(self, token_ids: list[int], cache, last_logits: torch.Tensor, select_row: int | None = 0) -> None:
+        """Keep a copy of row `select_row` of `cache`, or with None `cache` itself: a one-row cache
+        nobody writes into any more, or a `shared` view of one that is only fed further."""
+        if self.budget_bytes <= 0 or not token_ids:
+            return
+        key = tuple(token_ids)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return
+        snapshot_cache = cache if select_row is None else cache.select([select_row])
+        nbytes = snapshot_cache.nbytes() + last_logits.numel() * 4
+        if nbytes > self.budget_bytes:
+            return
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return
+            self._entries[key] = Snapshot(len(key), snapshot_cache, last_logits.clone(), nbytes)
+            self.nbytes += nbytes
+            while self.nbytes > self.budget_bytes or len(self._entries) > self.max_entries:
+                _, dropped = self._entries.popitem(last=False)
+                self.nbytes -= dropped.nbytes

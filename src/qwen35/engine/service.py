@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,11 +22,12 @@ from typing import Any, Protocol
 
 import torch
 
+from qwen35.engine.cache import PrefixStore
 from qwen35.engine.sampler import Sampler, SamplingParams, sample
 from qwen35.engine.scheduler import QueueFullError, Scheduler, Sequence, SequenceStatus
 
-__all__ = ["EngineService", "GenerationRequest", "QueueFullError", "RequestHandle", "ServiceClosedError",
-           "StepOutput", "TokenOutput", "Finish", "TokenConstraint"]
+__all__ = ["EngineService", "GenerationRequest", "PrefixStore", "QueueFullError", "RequestHandle",
+           "ServiceClosedError", "StepOutput", "TokenOutput", "Finish", "TokenConstraint"]
 
 
 class ServiceClosedError(Exception):
@@ -122,70 +122,6 @@ class EngineStats:
         return counted / window_s
 
 
-@dataclass(slots=True)
-class Snapshot:
-    """A sequence's whole cache (K/V and DeltaNet state) after `length` tokens, and their last logits."""
-
-    length: int
-    cache: Any
-    last_logits: torch.Tensor
-    nbytes: int
-
-    def restore(self):
-        return self.cache.select([0])  # a copy: the snapshot stays intact for the next request
-
-
-class PrefixStore:
-    """Cache snapshots keyed by the tokens they hold, least recently used dropped past a byte budget.
-
-    A recurrent state cannot be rolled back, so reuse needs a snapshot taken exactly where the
-    shared prefix ends: the engine stores one at each prompt's end and at the snapshot points the
-    server names (turn boundaries), and a new prompt restores the longest one it starts with.
-    """
-
-    def __init__(self, budget_bytes: int, max_entries: int = 256):
-        self.budget_bytes = budget_bytes
-        self.max_entries = max_entries
-        self.nbytes = 0
-        self._entries: OrderedDict[tuple[int, ...], Snapshot] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def lookup(self, token_ids: list[int]) -> Snapshot | None:
-        with self._lock:
-            best_key = None
-            for key in self._entries:
-                if len(key) <= len(token_ids) and (best_key is None or len(key) > len(best_key)) \
-                        and tuple(token_ids[:len(key)]) == key:
-                    best_key = key
-            if best_key is None:
-                return None
-            self._entries.move_to_end(best_key)
-            return self._entries[best_key]
-
-    def store(self, token_ids: list[int], cache, last_logits: torch.Tensor, select_row: int | None = 0) -> None:
-        """Keep a copy of row `select_row` of `cache` (None: take `cache` itself, a one-row copy already)."""
-        if self.budget_bytes <= 0 or not token_ids:
-            return
-        key = tuple(token_ids)
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return
-        snapshot_cache = cache if select_row is None else cache.select([select_row])
-        nbytes = snapshot_cache.nbytes() + last_logits.numel() * 4
-        if nbytes > self.budget_bytes:
-            return
-        with self._lock:
-            self._entries[key] = Snapshot(len(key), snapshot_cache, last_logits.clone(), nbytes)
-            self.nbytes += nbytes
-            while self.nbytes > self.budget_bytes or len(self._entries) > self.max_entries:
-                _, dropped = self._entries.popitem(last=False)
-                self.nbytes -= dropped.nbytes
-
-
 @dataclass(eq=False)
 class PrefixJob:
     """Tokens to prefill into a prefix-store snapshot in idle time; `cache` holds the first `done`."""
@@ -210,7 +146,7 @@ class EngineService:
         self.prefix_store = PrefixStore(prefix_cache_bytes)
         self.stats = EngineStats()
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
-        self._batch: list[Sequence | None] = []  # the rows of _batch_cache (None: left, row idle)
+        self._batch: list[Sequence] = []  # row i of _batch_cache belongs to _batch[i]
         self._batch_cache = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -325,16 +261,20 @@ class EngineService:
         for job in jobs:
             self._count_job("adopted")
         job = max(jobs, key=lambda job: job.done, default=None)
+        prompt_length = len(sequence.prompt_ids)
         if job is not None and job.cache is not None and job.done > (hit.length if hit is not None else 0):
             self.stats.prefix_hits += 1
             sequence.cache = job.cache
+            sequence.cache.reserve(tokens=prompt_length)
             sequence.prefilled = sequence.cached_tokens = job.done
         elif hit is None:
             self.stats.prefix_misses += 1
             sequence.cache = self.model.make_cache(1)
+            sequence.cache.reserve(tokens=prompt_length)  # the prompt's chunks never move its K/V
         else:
             self.stats.prefix_hits += 1
-            sequence.cache = hit.restore()
+            # The whole prompt: the snapshot itself goes into the decoding batch, which copies its row.
+            sequence.cache = hit.cache if hit.length == prompt_length else hit.restore(capacity=prompt_length)
             sequence.prefilled = sequence.cached_tokens = hit.length
             sequence.ready_logits = hit.last_logits
 
@@ -356,7 +296,8 @@ class EngineService:
         last_logits = self.model.forward(ids, sequence.cache)[0, -1].float()
         sequence.prefilled = end
         if end in sequence.request.snapshot_points or end == len(prompt):
-            self.prefix_store.store(prompt[:end], sequence.cache, last_logits)
+            # Shared, not copied: this cache is only fed further, then copied into the batch.
+            self.prefix_store.store(prompt[:end], sequence.cache.shared(), last_logits, select_row=None)
         if end < len(prompt):
             return None, end - start
         sequence.status = SequenceStatus.DECODING
@@ -370,7 +311,11 @@ class EngineService:
                 hit = self.prefix_store.lookup(ids)
                 if hit is not None and hit.length == len(ids):
                     return self._end_job(job, "cached")
-                job.cache = hit.restore() if hit is not None else self.model.make_cache(1)
+                if hit is not None:
+                    job.cache = hit.restore(capacity=len(ids))
+                else:
+                    job.cache = self.model.make_cache(1)
+                    job.cache.reserve(tokens=len(ids))
                 job.done = hit.length if hit is not None else 0
             end = min(len(ids), job.done + budget)
             logits = self.model.forward(torch.tensor([ids[job.done:end]], dtype=torch.long), job.cache)[0, -1]
@@ -392,35 +337,30 @@ class EngineService:
     def _decode(self, sequences: list[Sequence]) -> list[torch.Tensor]:
         """One token for every decoding sequence, in one forward over the running batch's cache."""
         self._regroup(sequences)
-        # A row whose sequence has left is fed any token until the next compaction drops it.
-        ids = torch.tensor([[member.output_ids[-1] if member is not None else 0] for member in self._batch],
-                           dtype=torch.long)
+        ids = torch.tensor([[member.output_ids[-1]] for member in self._batch], dtype=torch.long)
         logits = self.model.forward(ids, self._batch_cache)[:, -1].float()
-        row_of = {id(member): row for row, member in enumerate(self._batch) if member is not None}
+        row_of = {id(member): row for row, member in enumerate(self._batch)}
         return [logits[row_of[id(sequence)]] for sequence in sequences]
 
     def _regroup(self, sequences: list[Sequence]) -> None:
-        """Make the batch cache hold `sequences`: newcomers' caches appended, rows that left dropped.
-
-        Dropping or adding rows copies the whole batch's K/V, while an extra row costs a decode step
-        little (the weights are read once for all rows), so rows that left stay as idle rows until
-        newcomers force a copy anyway or they outnumber the live rows."""
+        """Make the batch cache hold `sequences`, one row at a time: a row that left gets the last row
+        moved into it, a newcomer's row is copied in after the others (into reserved storage), so
+        nobody else's K/V is copied."""
         wanted = {id(sequence) for sequence in sequences}
-        present = {id(member) for member in self._batch if member is not None}
-        newcomers = [sequence for sequence in sequences if id(sequence) not in present]
-        self._batch = [member if member is not None and id(member) in wanted else None for member in self._batch]
-        idle = self._batch.count(None)
-        if not newcomers and idle <= len(self._batch) - idle:
-            return
-        kept_rows = [row for row, member in enumerate(self._batch) if member is not None]
-        parts = []
-        if kept_rows:
-            parts.append(self._batch_cache if len(kept_rows) == len(self._batch)
-                         else self._batch_cache.select(kept_rows))
-        parts.extend(sequence.cache for sequence in newcomers)
-        self._batch_cache = parts[0] if len(parts) == 1 else type(parts[0]).merge(parts)
-        self._batch = [self._batch[row] for row in kept_rows] + newcomers
-        for sequence in newcomers:
+        for row in reversed(range(len(self._batch))):
+            if id(self._batch[row]) not in wanted:
+                self._batch_cache.remove(row)
+                moved = self._batch.pop()
+                if row < len(self._batch):
+                    self._batch[row] = moved
+        present = {id(member) for member in self._batch}
+        for sequence in sequences:
+            if id(sequence) in present:
+                continue
+            if self._batch_cache is None:
+                self._batch_cache = type(sequence.cache).empty_like(sequence.cache)
+            self._batch_cache.append(sequence.cache)
+            self._batch.append(sequence)
             sequence.cache = None  # its row lives in the batch cache now
 
     def _sample_and_deliver(self, ready: list[tuple[Sequence, torch.Tensor]]) -> None:
