@@ -88,7 +88,7 @@ class ByteTokenizer:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.text(alphabet=st.characters(exclude_characters="\ufffd"), max_size=30))
+@given(st.text(alphabet=st.characters(exclude_characters="\ufffd", exclude_categories=["Cs"]), max_size=30))
 def test_incremental_decoding_never_emits_half_characters(text):
     decoder = IncrementalDecoder(ByteTokenizer())
     deltas = [decoder.push(byte) for byte in text.encode("utf-8")]
@@ -100,14 +100,12 @@ def test_incremental_decoding_never_emits_half_characters(text):
 def real_tokenizers(fixtures):
     from tokenizers import Tokenizer
 
-    found = [("tokenizers", Tokenizer.from_file(str(fixtures / "tiny" / "dense-hf" / "tokenizer.json")))]
-    try:
-        from qwen35 import load_tokenizer
+    from qwen35 import load_tokenizer
 
-        found.append(("qwen35", load_tokenizer(fixtures / "tiny" / "dense-hf")))
-    except ImportError:
-        pass  # the project's tokenizer is not written yet; the HF one still tests the decoder
-    return found
+    return [
+        ("tokenizers", Tokenizer.from_file(str(fixtures / "tiny" / "dense-hf" / "tokenizer.json"))),
+        ("qwen35", load_tokenizer(fixtures / "tiny" / "dense-hf")),
+    ]
 
 
 def test_streaming_real_byte_level_bpe_text(fixtures):
