@@ -2,7 +2,7 @@
 
 Two layouts are declared: `Qwen3_5*ForConditionalGeneration` keeps the text model
 under `model.language_model.` (and the vision tower under `model.visual.`, which
-we skip); `*ForCausalLM` keeps it under `model.`. `lm_head` and the MTP block
+formats/weights_mmproj.py maps); `*ForCausalLM` keeps it under `model.`. `lm_head` and the MTP block
 (`mtp.*`) sit at the top level in both.
 
 MoE experts come in two declared layouts: fused 3-D tensors (`experts.gate_up_proj`
