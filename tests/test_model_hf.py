@@ -130,8 +130,9 @@ def test_greedy_generation_matches_transformers(fixtures):
 
 
 def test_fast_precision_keeps_checkpoint_dtype_close_to_transformers(fixtures):
-    """Fast precision keeps bf16 weights and rounds activations to bf16 as llama.cpp's BF16
-    path does: judged by llama.cpp's own distance from transformers on the same prompt."""
+    """Fast precision keeps bf16 weights in memory and multiplies them with fp32 activations
+    into fp32 outputs: judged by llama.cpp's own BF16 distance from transformers on the
+    same prompt, which it must not exceed."""
     from qwen35.kernels.quant_linear import QuantLinear
 
     fast = qwen35.load_model(fixtures / "tiny" / "dense-hf")  # precision="fast" is the default
@@ -144,6 +145,5 @@ def test_fast_precision_keeps_checkpoint_dtype_close_to_transformers(fixtures):
     q_log = ours - np.logaddexp.reduce(ours, axis=-1, keepdims=True)
     kl = float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
     llama = reference["llama_cpp"]["BF16"]["chat_think"]["vs_transformers"]
-    # TODO(kernels): fp32 outputs for bf16 matmuls should bring this to llama.cpp's figure (1x).
-    assert kl <= 2.5 * llama["mean_kl"], f"mean KL {kl:.6f}, llama.cpp BF16 {llama['mean_kl']:.6f}"
+    assert kl <= llama["mean_kl"], f"mean KL {kl:.6f}, llama.cpp BF16 {llama['mean_kl']:.6f}"
     assert (ours.argmax(-1) == expected.argmax(-1)).mean() >= llama["top1"] - 1e-9

@@ -296,14 +296,30 @@ def test_tiled_bf16_matmul_agrees_with_reference(fixtures, fast_cpu, monkeypatch
         assert relative_error(ours, x @ weight.t()) < 1e-2, T(type_id).name
 
 
+def test_gemv_rows_are_batch_invariant(fixtures, fast_cpu):
+    # A row's result must not depend on which rows share its call (server batching, prefill
+    # chunk sizes, prefix-cache restores): M rows at once equal each row alone, bit for bit.
+    rng = torch.Generator().manual_seed(8)
+    for type_id, blocks, weight in fast_type_weights(fixtures):
+        x = torch.randn(100, weight.shape[1], generator=rng)
+        alone = torch.cat([fast_cpu.gemv(blocks, type_id, x[i : i + 1]) for i in range(100)])
+        for rows in (1, 3, 17, 100):
+            assert torch.equal(fast_cpu.matmul(blocks, type_id, x[:rows], weight.shape[1]), alone[:rows]), (
+                T(type_id).name,
+                rows,
+            )
+
+
 def test_expert_gemv_is_gemv_per_slot(moe_q4_k_m, fast_cpu):
     info = moe_q4_k_m.tensors["blk.1.ffn_gate_exps.weight"]
     experts = QuantExperts(moe_q4_k_m.tensor_data(info.name), info.type_id, *info.torch_shape)
-    x = torch.randn(5, info.torch_shape[2])
-    ids = torch.tensor([3, 15, 3, 0, 7])
-    fused = fast_cpu.expert_matmul(experts.blocks, info.type_id, x, ids, info.torch_shape[2])
-    for slot, expert in enumerate(ids.tolist()):
-        assert torch.equal(fused[slot], fast_cpu.gemv(experts.blocks[expert], info.type_id, x[slot : slot + 1])[0])
+    # Decode-sized (5 slots) and prefill-sized (70 slots, many per expert) calls.
+    for ids in (torch.tensor([3, 15, 3, 0, 7]), torch.randint(0, info.torch_shape[0], (70,))):
+        x = torch.randn(ids.numel(), info.torch_shape[2])
+        fused = fast_cpu.expert_matmul(experts.blocks, info.type_id, x, ids, info.torch_shape[2])
+        for slot, expert in enumerate(ids.tolist()):
+            alone = fast_cpu.gemv(experts.blocks[expert], info.type_id, x[slot : slot + 1])[0]
+            assert torch.equal(fused[slot], alone)
 
 
 def test_fast_mode_layers_agree_with_reference(moe_q4_k_m, fast_cpu, monkeypatch):
@@ -313,7 +329,7 @@ def test_fast_mode_layers_agree_with_reference(moe_q4_k_m, fast_cpu, monkeypatch
     rng = torch.Generator().manual_seed(4)
     info = moe_q4_k_m.tensors["blk.0.ffn_down_exps.weight"]
     experts = QuantExperts(moe_q4_k_m.tensor_data(info.name), info.type_id, *info.torch_shape)
-    # A decode-sized call (one expert_gemv), then too many slots: grouped, 20 rows per expert (bf16 tiles).
+    # A decode-sized call, then many slots: 20 rows per expert.
     for ids in (torch.tensor([[1, 4], [4, 9], [0, 1]]), torch.tensor([[2, 5]] * 20)):
         x = torch.randn(*ids.shape, info.torch_shape[2], generator=rng)
         set_mode(experts, "reference")
@@ -328,3 +344,20 @@ def test_fast_mode_layers_agree_with_reference(moe_q4_k_m, fast_cpu, monkeypatch
         expected = layer(x)
         set_mode(layer, "fast")
         assert relative_error(layer(x), expected) < 1.5e-2
+
+
+def test_fast_experts_prefill_rows_equal_their_decode(moe_q4_k_m, fast_cpu, monkeypatch):
+    # A prefill call (many tokens, several per expert) gives each token exactly what a
+    # decode call with that token alone gives.
+    monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
+    monkeypatch.setattr(quant_linear, "_FAST_EXPERT_KERNELS", {})
+    assert fast_cpu.install()
+    info = moe_q4_k_m.tensors["blk.0.ffn_up_exps.weight"]
+    experts = QuantExperts(moe_q4_k_m.tensor_data(info.name), info.type_id, *info.torch_shape)
+    set_mode(experts, "fast")
+    rng = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, info.torch_shape[0], (40, 2), generator=rng)
+    x = torch.randn(40, info.torch_shape[2], generator=rng)
+    together = experts(x, ids)
+    for token in range(40):
+        assert torch.equal(together[token], experts(x[token : token + 1], ids[token : token + 1])[0])

@@ -4,15 +4,20 @@ Types: every quantized type of dequant.SUPPORTED_TYPES (Q4_0, Q4_1, Q5_0, Q5_1, 
 Q2_K..Q6_K, IQ4_NL, IQ4_XS) and F16/BF16 weights (HF checkpoints). F32 weights need no
 dequantization and keep QuantLinear's reference path (a plain fp32 matmul).
 
-Two regimes, picked by the number of input rows M:
-- decode (M <= GEMV_MAX_ROWS): `gemv` reads the blocks directly. x is quantized to
-  int8 per row (one scale per weight block: 256 values for K-quants and IQ4_XS, 32
-  for the 32-value types) as llama.cpp does,
-  and the dot products run as uint8 x int8 -> int32 (vpdpbusd). Error: that of
-  8-bit activations, like llama.cpp's own CPU path. F16/BF16 weights are widened
-  to fp32 and multiplied with x in fp32 (reference precision, other summation order).
-- prefill (more rows): a tile of weight rows at a time is dequantized to bf16
-  and multiplied with torch's bf16 matmul (fp32 accumulation, bf16 result).
+One kernel for every row count: `gemv` reads the blocks directly. x is quantized to
+int8 per row (one scale per weight block: 256 values for K-quants and IQ4_XS, 32 for the
+32-value types) as llama.cpp does, and the dot products run as uint8 x int8 -> int32
+(vpdpbusd). Error: that of 8-bit activations, like llama.cpp's own CPU path. F16/BF16
+weights are widened to fp32 and multiplied with x in fp32 (reference precision, other
+summation order). Many-row calls (prefill) unpack each weight block once for up to four
+rows of x and keep a tile of weight rows in L2 while all rows pass over it; every row's
+arithmetic is still exactly that of a call with that row alone, so results are
+batch-invariant: a row gets the same bits whatever else shares its call (other
+requests, other chunk sizes). MoE calls (`expert_gemv`) group slots by expert in C++,
+again with each slot's result equal to a single-row gemv.
+
+`tiled_bf16_matmul` (weights dequantized to bf16 tiles, bf16 matmul) is no longer used
+by `matmul`; it stays as a measured alternative for the benchmarks.
 
 The kernels live in csrc/ (ggml_gemv.cpp, ggml_dequant.cpp, shared ggml_blocks.h),
 compiled by torch.utils.cpp_extension at first use (about 20 s) and cached
@@ -43,9 +48,6 @@ log = logging.getLogger(__name__)
 T = GGMLQuantizationType
 _FAST = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 FAST_TYPES = frozenset(int(t) for t in (*_FAST, T.F16, T.BF16))
-GEMV_MAX_ROWS = 64  # up to here one kernel for every row count: batch-invariant decode (the bf16 tiles win from ~8 rows)
-# MoE calls with at most this many (token, expert) slots run as one expert_gemv call.
-EXPERT_GEMV_MAX_SLOTS = 32
 # Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.
 TILE_BYTES = 1 << 19
 
@@ -144,25 +146,20 @@ def tiled_bf16_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_fe
 
 
 def matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The "fast" QuantLinear kernel: gemv for a few rows, bf16 tiles for many."""
+    """The "fast" QuantLinear kernel: gemv for any number of rows (batch-invariant)."""
     if blocks.device.type != "cpu" or x.device.type != "cpu":
         return quant_linear.reference_matmul(blocks, type_id, x, in_features)
     if not blocks.is_contiguous():
         blocks = blocks.contiguous()
-    # BF16 weights are already in the matmul's format: torch wins from two rows on.
-    gemv_rows = 1 if type_id == T.BF16 else GEMV_MAX_ROWS
-    if x.shape[0] <= gemv_rows:
-        return gemv(blocks, type_id, x)
-    return tiled_bf16_matmul(blocks, type_id, x, in_features)
+    return gemv(blocks, type_id, x)
 
 
 def expert_matmul(
     blocks: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int
 ) -> torch.Tensor | None:
-    """The "fast" QuantExperts kernel for decode-sized calls: every (slot, expert) pair in one
-    gemv call, x [S, in] one row per slot. Larger calls return None: QuantExperts then groups
-    slots by expert and runs `matmul` per expert (bf16 tiles when an expert gets many rows)."""
-    if x.shape[0] > EXPERT_GEMV_MAX_SLOTS or blocks.device.type != "cpu" or x.device.type != "cpu":
+    """The "fast" QuantExperts kernel: every (slot, expert) pair in one expert_gemv call,
+    x [S, in] one row per slot; each slot's row equals gemv of that row alone."""
+    if blocks.device.type != "cpu" or x.device.type != "cpu":
         return None
     if not blocks.is_contiguous():
         blocks = blocks.contiguous()
