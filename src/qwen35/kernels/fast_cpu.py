@@ -32,10 +32,12 @@ fp32 matmul; tests/test_quant_linear.py pins them together.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -51,6 +53,7 @@ FAST_TYPES = frozenset(int(t) for t in (*_FAST, T.F16, T.BF16))
 # Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.
 TILE_BYTES = 1 << 19
 
+_EXTENSION = "qwen35_ggml_cpu"
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "ggml_gemv.cpp", _CSRC / "ggml_dequant.cpp"]
 _HEADERS = [_CSRC / "ggml_blocks.h"]
@@ -92,18 +95,35 @@ def _ops():
 
     # torch rebuilds when a source or a flag changes, not a header: put the header's hash in a flag.
     header_hash = hashlib.sha256(b"".join(path.read_bytes() for path in _HEADERS)).hexdigest()[:16]
+    build_dir = _build_directory()
     try:
-        cpp_extension.load(
-            name="qwen35_ggml_cpu",
-            sources=[str(path) for path in _SOURCES],
-            extra_cflags=[*_COMPILE_FLAGS, f"-DQWEN35_GGML_HEADERS={header_hash}"],
-            is_python_module=False,
-            verbose=False,
-        )
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with open(build_dir / "qwen35.flock", "w") as guard:
+            # torch's own lock file outlives a build that was killed (Ctrl-C during the first
+            # run) and then makes every later start wait forever. An flock dies with its
+            # process: whoever holds it is the only builder, so a torch lock seen then is stale.
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            (build_dir / "lock").unlink(missing_ok=True)
+            if not (build_dir / f"{_EXTENSION}.so").exists():
+                print("qwen35: building the fast CPU kernels (once, about 20 s)...", file=sys.stderr, flush=True)
+            cpp_extension.load(
+                name=_EXTENSION,
+                sources=[str(path) for path in _SOURCES],
+                extra_cflags=[*_COMPILE_FLAGS, f"-DQWEN35_GGML_HEADERS={header_hash}"],
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
     except Exception as error:  # a missing compiler must not stop the engine
         log.warning("fast CPU kernels unavailable, using the reference path: %s", error)
         return None
     return torch.ops.qwen35_ggml
+
+
+def _build_directory() -> Path:
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    version = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    return Path(root) / version / _EXTENSION
 
 
 def available() -> bool:
