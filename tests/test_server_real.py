@@ -9,6 +9,7 @@ near-ties can flip a greedy token whatever the server does."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from typing import Literal
 
@@ -249,3 +250,43 @@ def test_sampling_options_and_seeds_match_the_generation_loop(real):
 
     replies = asyncio.run(run())
     assert replies == [parse_output(expected, thinking=False)["content"]] * 3
+
+
+def _vision_case(fixtures):
+    reference = json.loads((fixtures / "ref" / "dense.vision.json").read_text())
+    image = (fixtures / "ref" / reference["image"]).read_bytes()
+    return reference, image
+
+
+def test_an_image_chat_answers_as_transformers_and_its_repeat_is_cached(real, client, fixtures):
+    url, _, _, tokenizer = real
+    reference, image = _vision_case(fixtures)
+    expected = tokenizer.decode(reference["transformers_greedy"][:12])
+    data_url = "data:image/png;base64," + base64.b64encode(image).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                             {"type": "text", "text": "What is in this picture?"}]}]
+    replies = [client.chat.completions.create(model="dense", messages=messages, max_tokens=12, extra_body={
+        **NO_THINKING, "ignore_eos": True}, **GREEDY) for _ in range(2)]
+    for reply in replies:
+        # The prompt is the processor's: one placeholder per merged patch block.
+        assert reply.usage.prompt_tokens == len(reference["ids"])
+        assert reply.choices[0].message.content == expected
+    assert replies[1].usage.prompt_tokens_details.cached_tokens == len(reference["ids"])
+    # Ollama's spelling: base64 images beside the text.
+    answer = ollama.Client(host=url).chat(
+        model="dense", think=False, options={"temperature": 0, "num_predict": 12},
+        messages=[{"role": "user", "content": "What is in this picture?", "images": [image]}])
+    assert answer.message.content == expected and answer.prompt_eval_count == len(reference["ids"])
+
+
+def test_bad_images_get_clear_errors(real, client, fixtures):
+    _, image = _vision_case(fixtures)
+
+    def ask(url):
+        return client.chat.completions.create(model="dense", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what?"}]}])
+
+    for url, words in (("https://example.com/cat.png", "inline"), ("data:image/png;base64,%%%", "base64"),
+                       ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "image")):
+        with pytest.raises(openai.BadRequestError, match=words):
+            ask(url)

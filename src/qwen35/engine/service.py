@@ -56,6 +56,13 @@ class GenerationRequest:
     top_logprobs: int | None = None  # None: no logprobs; 0: the chosen token's only
     constraint: TokenConstraint | None = None
     snapshot_points: tuple[int, ...] = ()  # prompt positions worth keeping a state snapshot at
+    # A prompt with images (`model.multimodal.PreparedPrompt`): prompt_ids are its token_ids, its
+    # cache_key (images' tokens replaced by their pixels' fingerprint) keys the prefix store.
+    prepared: Any = None
+
+    @property
+    def prefix_key(self) -> list[int]:
+        return self.prepared.cache_key if self.prepared is not None else self.prompt_ids
 
 
 @dataclass(slots=True)
@@ -253,11 +260,12 @@ class EngineService:
     def _admit(self, sequence: Sequence) -> None:
         request = sequence.request
         sequence.sampler_state = Sampler(request.sampling, sequence.prompt_ids)
-        hit = self.prefix_store.lookup(sequence.prompt_ids)
+        key = request.prefix_key
+        hit = self.prefix_store.lookup(key)
         # A prefix job this prompt starts with is work the request would do anyway: it takes the
         # job's state over when the job got further than the store; the tokens it had prefilled
         # before this request came count as cached, the rest the request prefills itself.
-        jobs = self.scheduler.take_background(lambda job: job.is_prefix_of(sequence.prompt_ids))
+        jobs = self.scheduler.take_background(lambda job: job.is_prefix_of(key))
         for job in jobs:
             self._count_job("adopted")
         job = max(jobs, key=lambda job: job.done, default=None)
@@ -283,7 +291,7 @@ class EngineService:
 
         Returns the logits after the prompt's last token once it is all in (else None), and the
         number of tokens fed."""
-        prompt = sequence.prompt_ids
+        prompt, key, prepared = sequence.prompt_ids, sequence.request.prefix_key, sequence.request.prepared
         if sequence.prefilled == len(prompt):  # the whole prompt came from the prefix store
             sequence.status = SequenceStatus.DECODING
             return sequence.ready_logits, 0
@@ -292,12 +300,15 @@ class EngineService:
         points = [p for p in sequence.request.snapshot_points if sequence.prefilled < p < end]
         if points:
             end = points[0]
-        ids = torch.tensor([prompt[sequence.prefilled:end]], dtype=torch.long)
-        last_logits = self.model.forward(ids, sequence.cache)[0, -1].float()
+        if prepared is not None:  # image features and M-RoPE positions for this slice
+            last_logits = self.model.forward_prompt(prepared, sequence.cache, start, end)[0, -1].float()
+        else:
+            ids = torch.tensor([prompt[start:end]], dtype=torch.long)
+            last_logits = self.model.forward(ids, sequence.cache)[0, -1].float()
         sequence.prefilled = end
         if end in sequence.request.snapshot_points or end == len(prompt):
             # Shared, not copied: this cache is only fed further, then copied into the batch.
-            self.prefix_store.store(prompt[:end], sequence.cache.shared(), last_logits, select_row=None)
+            self.prefix_store.store(key[:end], sequence.cache.shared(), last_logits, select_row=None)
         if end < len(prompt):
             return None, end - start
         sequence.status = SequenceStatus.DECODING
@@ -414,7 +425,7 @@ class EngineService:
         this reply (a tool call re-rendered as it was written) and can start after it."""
         rows = [row for row, member in enumerate(self._batch) if member is sequence]
         if rows:  # else it ended on its first token, before joining the batch: the prompt's snapshot covers it
-            fed = sequence.prompt_ids + sequence.output_ids[:-1]
+            fed = sequence.request.prefix_key + sequence.output_ids[:-1]
             self.prefix_store.store(fed, self._batch_cache, logits, select_row=rows[0])
 
     def _finish(self, sequence: Sequence, reason: str, last: list[TokenOutput] | None = None,

@@ -1,8 +1,9 @@
 """Serve a model over HTTP with OpenAI- and Ollama-compatible APIs.
 
-  qwen35 serve MODEL [--host 127.0.0.1] [--port 8080] [--api-key KEY] [-c CTX] [-np N] [-t THREADS]
+  qwen35 serve MODEL [--mmproj FILE] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [-c CTX] [-np N] [-t THREADS]
 
-MODEL is a .gguf file (or the first shard of a split one) or an HF directory. -np requests decode
+MODEL is a .gguf file (or the first shard of a split one) or an HF directory; --mmproj adds a GGUF
+vision projector so that requests may carry images (an HF directory with a vision tower has it). -np requests decode
 together and share -c tokens of context evenly, as in llama.cpp (-c 32768 -np 4: 8192 tokens per
 request, prompt and reply together); further requests wait in a bounded queue (--queue) and past it
 get 429 with Retry-After.
@@ -22,6 +23,8 @@ from qwen35.errors import Qwen35Error
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
+    parser.add_argument("--mmproj", default=None, metavar="FILE",
+                        help="the model's vision projector GGUF: requests may then carry images")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     parser.add_argument("--api-key", default=os.environ.get("QWEN35_API_KEY"),
@@ -65,17 +68,19 @@ def _check(args) -> None:
         raise Qwen35Error("--queue and --prefix-cache-mb must not be negative")
     if not Path(args.model).exists():
         raise Qwen35Error(f"{args.model}: no such file or directory")
+    if args.mmproj is not None and not Path(args.mmproj).is_file():
+        raise Qwen35Error(f"--mmproj {args.mmproj}: no such file")
 
 
 def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int = 8192, prefix_cache_mb: int = 2048,
-                name: str | None = None, api_key: str | None = None):
+                name: str | None = None, api_key: str | None = None, mmproj: str | None = None):
     """Load the model and tokenizer and start nothing yet: the server's state (also used by benchmarks).
     `context` is per request."""
     from qwen35 import load_model, load_tokenizer
     from qwen35.engine.service import EngineService
     from qwen35.server.app import ServerState
 
-    model = load_model(str(path))
+    model = load_model(str(path), mmproj=mmproj)
     tokenizer = load_tokenizer(str(path))
     service = EngineService(model, max_running=parallel, max_waiting=queue, context_length=context,
                             prefix_cache_bytes=prefix_cache_mb << 20)
@@ -99,7 +104,8 @@ def run(args) -> int:
     path = Path(args.model)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context // args.parallel,
-                        prefix_cache_mb=args.prefix_cache_mb, name=args.name, api_key=args.api_key)
+                        prefix_cache_mb=args.prefix_cache_mb, name=args.name, api_key=args.api_key,
+                        mmproj=args.mmproj)
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as error:

@@ -16,6 +16,7 @@ from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_ollama
 from qwen35.server.errors import APIError, OllamaErrorBody, documented_errors
+from qwen35.server.images import check_vision, decode_base64_image
 from qwen35.server.prompting import (Conversation, check_model_name, check_request, make_job,
                                      prepare_next_turn, render_chat, sampling_params, start_job, template_messages)
 from qwen35.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
@@ -114,11 +115,14 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
     state = get_state(request)
     check_request(state, body)
     started = time.perf_counter()
-    messages = []
-    for message in body.messages:
-        if message.images:
-            raise APIError(400, "This server does not accept images yet.", param="images")
+    messages, images = [], []
+    for index, message in enumerate(body.messages):
         converted = {"role": message.role, "content": message.content or ""}
+        if message.images:  # the images first, then the text, as one message of parts
+            images.extend(decode_base64_image(image, f"messages.{index}.images.{number}")
+                          for number, image in enumerate(message.images))
+            converted["content"] = [{"type": "image"} for _ in message.images] + \
+                [{"type": "text", "text": message.content or ""}]
         if message.thinking:
             converted["reasoning_content"] = message.thinking
         if message.tool_calls:
@@ -127,14 +131,17 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
     if not messages:  # Ollama answers an empty chat by loading the model
         return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
+    check_vision(state, len(images), "messages")
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
-    conversation = Conversation(template_messages(messages), tools, _template_kwargs(body.think))
+    conversation = Conversation(template_messages(messages), tools, _template_kwargs(body.think),
+                                has_images=bool(images))
     prompt_text = render_chat(state, conversation.messages, tools, conversation.template_kwargs)
     thinking = prompt_ends_in_reasoning(prompt_text)
     sampling, max_tokens, stop = _sampling(state, body.options)
     job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop,
                    parser=ChatText(tools=tools, thinking=thinking),
                    constraint=constraint_for_ollama(state.tokenizer, state.vocab_size, body.format, thinking))
+    job.images = images or None
     stream = await start_job(state, job, request)
 
     def shape(text, reasoning, calls):
@@ -157,8 +164,10 @@ async def ollama_generate(body: OllamaGenerateRequest, request: Request):
     state = get_state(request)
     check_request(state, body)
     started = time.perf_counter()
-    if body.images:
-        raise APIError(400, "This server does not accept images yet.", param="images")
+    images = [decode_base64_image(image, f"images.{number}") for number, image in enumerate(body.images or [])]
+    check_vision(state, len(images), "images")
+    if images and body.raw:
+        raise APIError(400, "raw prompts cannot carry images: the chat template places them.", param="images")
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported by Qwen 3.5.", param="suffix")
     if not body.prompt:
@@ -166,14 +175,17 @@ async def ollama_generate(body: OllamaGenerateRequest, request: Request):
     if body.raw:
         prompt_text, parser, thinking = body.prompt, PlainText(), False
     else:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": body.prompt}] \
+            if images else body.prompt
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-                   [{"role": "user", "content": body.prompt}]
+                   [{"role": "user", "content": content}]
         prompt_text = render_chat(state, messages, None, _template_kwargs(body.think))
         thinking = prompt_ends_in_reasoning(prompt_text)
         parser = ChatText(thinking=thinking)
     sampling, max_tokens, stop = _sampling(state, body.options)
     job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop, parser=parser,
                    constraint=constraint_for_ollama(state.tokenizer, state.vocab_size, body.format, thinking))
+    job.images = images or None
     stream = await start_job(state, job, request)
 
     def shape(text, reasoning, calls):
@@ -214,8 +226,23 @@ async def ollama_show(body: OllamaShowRequest, request: Request):
     parameters = "\n".join(f"{key} {value}" for key, value in state.generation_defaults.items())
     return {"modelfile": f"FROM {state.model_path}\n", "parameters": parameters, "template": "",
             "details": _details(state), "model_info": info,
-            "capabilities": ["completion", "tools", "thinking"],
+            "capabilities": ["completion", "tools", "thinking"] + (["vision"] if getattr(state.model, "vision", None) else []),
             "modified_at": datetime.fromtimestamp(state.started_at, timezone.utc).isoformat()}
+
+
+@router.post("/api/embed", summary="Ollama: not supported (a chat model makes no embeddings)")
+@router.post("/api/embeddings", include_in_schema=False)
+async def ollama_embed():
+    raise APIError(400, "Embeddings are not supported: this server runs a Qwen 3.5 chat model, not an "
+                        "embedding model.")
+
+
+@router.api_route("/api/{action}", methods=["POST", "DELETE"], include_in_schema=False)
+async def ollama_model_management(action: str):
+    if action in ("pull", "push", "create", "copy", "delete", "blobs"):
+        raise APIError(501, f"/api/{action} is not supported: this server serves the one model it was "
+                            f"started with (qwen35 serve MODEL).")
+    raise APIError(404, f"Unknown route /api/{action}.")
 
 
 @router.get("/api/version", summary="Ollama: server version")

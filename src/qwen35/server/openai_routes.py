@@ -14,6 +14,7 @@ from qwen35.chat.parser import prompt_ends_in_reasoning
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_chat
 from qwen35.server.errors import APIError, ErrorBody, documented_errors, error_body
+from qwen35.server.images import check_vision, openai_images
 from qwen35.server.prompting import (Conversation, check_model_name, check_request, make_job,
                                      prepare_next_turn, render_chat, sampling_params, start_job, template_messages)
 from qwen35.server.schemas import ChatCompletionRequest, CompletionRequest
@@ -59,6 +60,13 @@ def _finish_reason(end: End, saw_tool_calls: bool) -> str:
     return "length" if end.finish_reason == "length" else "stop"
 
 
+@router.post("/v1/embeddings", summary="Not supported: Qwen 3.5 chat models make no embeddings")
+async def embeddings():
+    # 400, not 501: the model cannot, and OpenAI's clients retry a 5xx twice before giving up.
+    raise APIError(400, "Embeddings are not supported: this server runs a Qwen 3.5 chat model, not an "
+                        "embedding model.", code="embeddings_unsupported")
+
+
 @router.get("/v1/models", summary="The served model")
 async def list_models(request: Request):
     state = get_state(request)
@@ -98,10 +106,8 @@ def _chat_tools(body: ChatCompletionRequest) -> tuple[list[dict] | None, str | N
 def chat_job(state: ServerState, body: ChatCompletionRequest):
     check_request(state, body)
     messages = template_messages([message.model_dump(exclude_none=True) for message in body.messages])
-    if any(part.get("type") == "image_url" for message in messages
-           if isinstance(message.get("content"), list) for part in message["content"]):
-        raise APIError(400, "This server does not accept images yet: send text parts only.",
-                       param="messages", code="images_unsupported")
+    images = openai_images(messages)
+    check_vision(state, len(images), "messages")
     tools, forced_function = _chat_tools(body)
     template_kwargs = dict(body.chat_template_kwargs or {})
     if body.reasoning_effort == "none":  # OpenAI's spelling of "no reasoning"
@@ -113,9 +119,11 @@ def chat_job(state: ServerState, body: ChatCompletionRequest):
                                      forced_function, thinking)
     job = make_job(state, prompt_text, max_tokens=max_tokens,
                    sampling=sampling_params(state, _sampling_options(body)), stop=body.stop,
-                   parser=ChatText(tools=tools, thinking=thinking, calls_allowed=body.tool_choice != "none"),
+                   parser=ChatText(tools=tools, thinking=thinking, calls_allowed=body.tool_choice != "none",
+                                   max_calls=1 if body.parallel_tool_calls is False else None),
                    top_logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
-    job.conversation = Conversation(messages, tools, template_kwargs)
+    job.conversation = Conversation(messages, tools, template_kwargs, has_images=bool(images))
+    job.images = images or None
     return job
 
 

@@ -28,6 +28,7 @@ class Conversation:
     messages: list[dict[str, Any]]
     tools: list[dict] | None = None
     template_kwargs: dict[str, Any] | None = None
+    has_images: bool = False
 
 
 @dataclass
@@ -37,13 +38,20 @@ class Job:
     stop_strings: list[str]
     prompt_text: str
     conversation: Conversation | None = None
+    images: list[bytes] | None = None  # encoded images, one per <|image_pad|> placeholder in order
+    max_tokens: int | None = None  # as requested (None: up to the context)
 
 
 async def start_job(state, job: Job, request=None):
     """Submit a job to the engine; its stream. A grammar's vocabulary trie (seconds for a real
-    vocabulary, once) is built off the event loop and off the engine's thread, so nobody waits for it."""
+    vocabulary, once) and the images' features are computed off the event loop and off the engine's
+    thread, so nobody waits for them."""
     if job.request.constraint is not None:
         await asyncio.to_thread(job.request.constraint.prepare)
+    if job.images:
+        from qwen35.server.images import attach_images
+
+        await attach_images(state, job)
     return generate(state.service, state.tokenizer, job.request, job.parser, job.stop_strings, request)
 
 
@@ -68,6 +76,9 @@ def check_request(state, body) -> None:
     """Checks every generating route makes first: valid text, a model this server serves."""
     check_text(body.model_dump())
     check_model_name(state, body.model)
+    if getattr(body, "n", 1) != 1:
+        raise APIError(400, f"n={body.n}: this server returns one choice per request; send {body.n} requests "
+                            f"instead (they run in parallel).", param="n", code="unsupported_parameter")
 
 
 def check_model_name(state, name: str) -> None:
@@ -142,8 +153,8 @@ async def prepare_next_turn(state, conversation: Conversation | None, content: s
                             tool_calls: list[tuple[str, dict]]) -> None:
     """Ask the engine to prefill this conversation's history with its reply, as the next turn will send
     it, while it has time to spare: the next turn then finds its whole history cached. Best effort."""
-    if conversation is None or state.service.prefix_store.budget_bytes <= 0:
-        return
+    if conversation is None or conversation.has_images or state.service.prefix_store.budget_bytes <= 0:
+        return  # (an image's tokens are keyed by its pixels, which a history of token ids cannot say)
     reply: dict[str, Any] = {"role": "assistant", "content": content}
     if reasoning:
         reply["reasoning_content"] = reasoning
@@ -178,15 +189,7 @@ def make_job(state, prompt_text: str, *, max_tokens: int | None, sampling: Sampl
     if any(not 0 <= token_id < vocab for token_id in prompt_ids):
         raise APIError(400, f"The prompt holds token ids outside the vocabulary (0..{vocab - 1}).", param="prompt")
     prompt_tokens = len(prompt_ids)
-    if prompt_tokens >= limit:
-        raise APIError(400, f"This server's context is {limit} tokens, but the prompt has {prompt_tokens} tokens. "
-                            f"Shorten the prompt or restart the server with a larger -c.",
-                       param="messages", code="context_length_exceeded")
-    if max_tokens is not None and prompt_tokens + max_tokens > limit:
-        raise APIError(400, f"This server's context is {limit} tokens, but {prompt_tokens + max_tokens} were "
-                            f"requested ({prompt_tokens} in the prompt, {max_tokens} for the completion). "
-                            f"Lower max_tokens to at most {limit - prompt_tokens}.",
-                       param="max_tokens", code="context_length_exceeded")
+    check_context(limit, prompt_tokens, max_tokens)
     stop_strings = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not text for text in stop_strings):
         raise APIError(400, "Stop strings must not be empty.", param="stop")
@@ -200,7 +203,19 @@ def make_job(state, prompt_text: str, *, max_tokens: int | None, sampling: Sampl
         constraint=constraint,
         snapshot_points=turn_boundaries(state.tokenizer, prompt_ids),
     )
-    return Job(request, parser or PlainText(), stop_strings, prompt_text)
+    return Job(request, parser or PlainText(), stop_strings, prompt_text, max_tokens=max_tokens)
+
+
+def check_context(limit: int, prompt_tokens: int, max_tokens: int | None) -> None:
+    if prompt_tokens >= limit:
+        raise APIError(400, f"This server's context is {limit} tokens, but the prompt has {prompt_tokens} tokens. "
+                            f"Shorten the prompt or restart the server with a larger -c.",
+                       param="messages", code="context_length_exceeded")
+    if max_tokens is not None and prompt_tokens + max_tokens > limit:
+        raise APIError(400, f"This server's context is {limit} tokens, but {prompt_tokens + max_tokens} were "
+                            f"requested ({prompt_tokens} in the prompt, {max_tokens} for the completion). "
+                            f"Lower max_tokens to at most {limit - prompt_tokens}.",
+                       param="max_tokens", code="context_length_exceeded")
 
 
 def turn_boundaries(tokenizer, prompt_ids: list[int], keep: int = 2) -> tuple[int, ...]:
