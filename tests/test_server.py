@@ -143,6 +143,42 @@ def test_tool_call_round_trip_and_prefix_reuse(server, client):
         first.usage.completion_tokens + 1
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call(client):
+    messages = [{"role": "user", "content": "call Oslo and Rome"}]
+    both = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL])
+    assert [json.loads(call.function.arguments)["city"] for call in both.choices[0].message.tool_calls] == \
+        ["Oslo", "Rome"]
+    one = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL],
+                                         parallel_tool_calls=False)
+    assert [json.loads(call.function.arguments)["city"] for call in one.choices[0].message.tool_calls] == ["Oslo"]
+
+
+def test_what_an_openai_or_ollama_client_may_send_or_ask(server, client):
+    # Fields this server does not act on, and ones newer than it, are accepted.
+    reply = _chat(client, "hello", user="someone", store=False, metadata={"k": "v"},
+                  extra_body={"a_field_from_the_future": {"x": 1}, "chat_template_kwargs": {"enable_thinking": False}})
+    assert reply.choices[0].message.content == "Answer: hello"
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    with pytest.raises(openai.BadRequestError, match="one choice per request") as refused:
+        _chat(client, "hello", n=2)
+    assert refused.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        client.embeddings.create(model="tiny", input="hello")
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError, match="--mmproj"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [image]}])
+    ollama_client = ollama.Client(host=server[0])
+    for call, status in ((lambda: ollama_client.embed(model="tiny", input="hello"), 400),
+                         (lambda: ollama_client.pull("tiny"), 501), (lambda: ollama_client.delete("tiny"), 501)):
+        with pytest.raises(ollama.ResponseError) as refused:
+            call()
+        assert refused.value.status_code == status and "not supported" in refused.value.error
+    with pytest.raises(ollama.ResponseError, match="mmproj"):
+        ollama_client.chat(model="tiny", messages=[{"role": "user", "content": "hi", "images": [b"\x89PNG"]}])
+
+
 def test_tool_choice_none_keeps_a_written_call_as_text(client):
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "call Oslo"}],
                                            tools=[WEATHER_TOOL], tool_choice="none")

@@ -3,7 +3,8 @@
 The scripted model answers with text fixed by the conversation, so a test can state the exact reply
 it expects without running a network: with thinking on it writes
 "<think>\\nThinking about MSG\\n</think>\\n\\nAnswer: MSG", with thinking off "Answer: MSG"; a user
-message "call CITY" makes it call the tool get_weather(city=CITY), "json TEXT" answers TEXT as it is;
+message "call CITY" makes it call the tool get_weather(city=CITY) ("call A and B": two calls), "json TEXT"
+answers TEXT as it is;
 a prompt holding "EXPLODE" makes its prefill raise (a stand-in for an engine failure); after a
 tool result it answers
 "The weather is RESULT". Raw text (no chat markers) continues with "~ lorem ipsum lorem ipsum ...".
@@ -94,9 +95,8 @@ def scripted_reply(prompt_text: str) -> str:
     elif message.startswith("json "):
         answer = message.removeprefix("json ")
     elif message.startswith("call "):
-        city = message.removeprefix("call ")
-        answer = (f"<tool_call>\n<function=get_weather>\n<parameter=city>\n{city}\n</parameter>\n"
-                  f"</function>\n</tool_call>")
+        answer = "\n".join(f"<tool_call>\n<function=get_weather>\n<parameter=city>\n{city}\n</parameter>\n"
+                           f"</function>\n</tool_call>" for city in message.removeprefix("call ").split(" and "))
     else:
         answer = f"Answer: {message}"
     generated = prompt_text[marker + len(ASSISTANT):]

@@ -24,6 +24,7 @@ _TYPE_BY_STATUS = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
+    501: "invalid_request_error",
     503: "server_error",
 }
 
@@ -50,6 +51,7 @@ class OllamaErrorBody(BaseModel):
 _MEANINGS = {400: "Bad request (malformed JSON, a prompt over the context, ...)", 401: "Missing or wrong API key",
              404: "Unknown model or route", 413: "Request body too large", 422: "A field of the wrong type or range",
              429: "Queue full: retry after Retry-After seconds", 500: "Generation failed",
+             501: "Not supported by this server (model management)",
              503: "Shutting down or still loading"}
 
 

@@ -2,8 +2,8 @@
 
 Validation here gives wrong types and out-of-range values a 422 naming the field before any
 work starts. Fields we accept but do not act on (`user`, `keep_alive`, ...) are declared so that
-clients which send them keep working; unknown extra fields are ignored, as OpenAI's clients
-send new ones before servers learn them.
+clients which send them keep working (`parallel_tool_calls` false keeps the first call only);
+unknown extra fields are ignored, as OpenAI's clients send new ones before servers learn them.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class SamplingFields(BaseModel):
     stop: str | Annotated[list[str], Field(max_length=64)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    n: Annotated[int, Field(ge=1, le=128)] = 1  # more than one: refused with a clear 400
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
 

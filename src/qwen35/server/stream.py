@@ -70,11 +70,13 @@ class ChatText:
     """Chat replies: reasoning, content and tool calls split by the chat parser.
 
     With `calls_allowed` False (tool_choice "none") a call the model writes anyway stays text, in the
-    template's XML, instead of becoming a tool call the client did not ask for."""
+    template's XML, instead of becoming a tool call the client did not ask for; past `max_calls`
+    (parallel_tool_calls false: one) further calls are dropped."""
 
-    def __init__(self, tools=None, thinking: bool = True, calls_allowed: bool = True):
+    def __init__(self, tools=None, thinking: bool = True, calls_allowed: bool = True, max_calls: int | None = None):
         self._parser = ChatOutputParser(tools=tools, thinking=thinking)
         self._calls_allowed = calls_allowed
+        self._calls_left = max_calls
 
     def feed(self, text: str) -> list[Delta]:
         return self._convert(self._parser.feed(text)) if text else []
@@ -86,7 +88,11 @@ class ChatText:
         content = parsed.content
         calls = []
         for call in parsed.tool_calls:
+            if self._calls_allowed and self._calls_left is not None and self._calls_left <= 0:
+                continue
             if self._calls_allowed:
+                if self._calls_left is not None:
+                    self._calls_left -= 1
                 calls.append(ParsedToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"],
                                             json.dumps(call["arguments"], ensure_ascii=False)))
             else:
