@@ -73,19 +73,21 @@ def test_limits_are_checked():
         Scheduler(max_running=1, max_waiting=-1)
 
 
-def test_background_jobs_wait_for_a_free_slot_and_an_empty_queue():
-    scheduler = Scheduler(max_running=1, max_waiting=2, max_background=2)
+def test_background_jobs_wait_until_no_request_runs_or_waits():
+    scheduler = Scheduler(max_running=2, max_waiting=2, max_background=2)
     scheduler.add_background("job a")
     assert scheduler.next_step(timeout=0).background == "job a"  # idle: offered
-    running, waiting = _sequence(0), _sequence(1)
+    running, waiting, third = _sequence(0), _sequence(1), _sequence(2)
     scheduler.add(running)
-    assert scheduler.next_step(timeout=0).background is None  # every slot busy
+    assert scheduler.next_step(timeout=0).background is None  # a request runs (a slot is still free)
     scheduler.add(waiting)
+    scheduler.add(third)
     assert scheduler.next_step(timeout=0).background is None  # and a request waits
     scheduler.finish(running)
     step = scheduler.next_step(timeout=0)
-    assert step.admitted == [waiting] and step.background is None  # the slot went to the request
+    assert step.admitted == [third] and step.background is None  # the slot went to the request
     scheduler.finish(waiting)
+    scheduler.finish(third)
     assert scheduler.next_step(timeout=0).background == "job a"
 
 

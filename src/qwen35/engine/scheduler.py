@@ -5,8 +5,8 @@ bounded waiting queue turns overload into an immediate "come back later" instead
 backlog, and a cancelled sequence leaves at the next step whichever queue it is in.
 
 Background jobs (work that only pays off for a later request, such as prefilling the history the
-next turn of a chat will send) come last: a step offers one only while a slot is free and no request
-waits, and past `max_background` queued jobs the oldest is dropped.
+next turn of a chat will send) come last: a step offers one only while no request runs or waits, and
+past `max_background` queued jobs the oldest is dropped.
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ class Scheduler:
                 admitted.append(sequence)
             for sequence in dropped:
                 sequence.status = SequenceStatus.FINISHED
-            idle_capacity = not self._waiting and len(self._running) < self.max_running
-            background = self._background[0] if self._background and idle_capacity else None
+            idle = not self._waiting and not self._running
+            background = self._background[0] if self._background and idle else None
             return Step(dropped=dropped, admitted=admitted, running=list(self._running), background=background)
 
     def finish(self, sequence: Sequence) -> None:

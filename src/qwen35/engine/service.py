@@ -141,6 +141,9 @@ class PrefixJob:
         return len(self.token_ids) <= len(token_ids) and token_ids[:len(self.token_ids)] == self.token_ids
 
 
+JOB_PIECE_S = 0.05  # a prefix job's piece of prefill takes about this long
+
+
 class EngineService:
     """Continuous batching over `model.forward` with a bounded queue and a prefix store."""
 
@@ -154,6 +157,7 @@ class EngineService:
         self.stats = EngineStats()
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
         self._batch: list[Sequence] = []  # row i of _batch_cache belongs to _batch[i]
+        self._job_piece = min(16, prefill_chunk)  # tokens per prefix-job piece, adapted to the prefill speed
         self._batch_cache = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -252,10 +256,8 @@ class EngineService:
             self._batch, self._batch_cache = [], None
         if ready:
             self._sample_and_deliver(ready)
-        if step.background is not None and budget > 0:
-            # After the tokens went out; while others decode, a small piece only, so their next token
-            # is not held up by a prefill nobody is waiting for.
-            self._advance_job(step.background, budget if not decoding else max(1, budget // 4))
+        if step.background is not None:  # offered only when no request runs or waits
+            self._advance_job(step.background)
 
     def _admit(self, sequence: Sequence) -> None:
         request = sequence.request
@@ -314,8 +316,9 @@ class EngineService:
         sequence.status = SequenceStatus.DECODING
         return last_logits, end - start
 
-    def _advance_job(self, job: PrefixJob, budget: int) -> None:
-        """One piece of a prefix job, from the longest snapshot its tokens start with."""
+    def _advance_job(self, job: PrefixJob) -> None:
+        """One piece of a prefix job, from the longest snapshot its tokens start with. Pieces are sized
+        to take about JOB_PIECE_S, so a request arriving meanwhile waits about that long at most."""
         ids = job.token_ids
         try:
             if job.cache is None:
@@ -328,14 +331,27 @@ class EngineService:
                     job.cache = self.model.make_cache(1)
                     job.cache.reserve(tokens=len(ids))
                 job.done = hit.length if hit is not None else 0
-            end = min(len(ids), job.done + budget)
-            logits = self.model.forward(torch.tensor([ids[job.done:end]], dtype=torch.long), job.cache)[0, -1]
+            end = min(len(ids), job.done + self._job_piece)
+            started = time.perf_counter()
+            logits = self._last_logits(torch.tensor([ids[job.done:end]], dtype=torch.long), job.cache)
+            elapsed = time.perf_counter() - started
+            rate = (end - job.done) / max(elapsed, 1e-6)
+            self._job_piece = min(self.prefill_chunk, max(4, int(rate * JOB_PIECE_S)))
             job.done = end
             if end == len(ids):
                 self.prefix_store.store(ids, job.cache, logits.float(), select_row=None)
                 self._end_job(job, "stored")
         except Exception:  # an out-of-memory or a bug: the job was only ever a bonus
             self._end_job(job, "failed")
+
+    def _last_logits(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """Logits after the last of `ids` (one row): the output head runs on that position only when the
+        model lets us reach its network (the head costs as much as a small model's layers per token)."""
+        network = getattr(self.model, "network", None)
+        if network is None or ids.shape[1] > self.prefill_chunk:
+            return self.model.forward(ids, cache)[0, -1].float()
+        hidden = network.hidden_states(ids.to(self.model.device), cache)
+        return network.lm_head(hidden[:, -1:]).float()[0, -1]
 
     def _end_job(self, job: PrefixJob, outcome: str) -> None:
         self.scheduler.take_background(lambda queued: queued is job)
