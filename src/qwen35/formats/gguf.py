@@ -8,6 +8,7 @@ into the memory map (no copy).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -95,10 +96,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
     @property
     def torch_shape(self) -> tuple[int, ...]:

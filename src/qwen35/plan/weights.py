@@ -7,6 +7,7 @@ is a routed-expert tensor, and its exact bytes.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -31,10 +32,7 @@ class WeightTensor:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for dim in self.shape:
-            n *= dim
-        return n
+        return math.prod(self.shape)
 
 
 class Weights:
