@@ -65,3 +65,21 @@ def test_splitting_a_sequence_carries_the_state():
     second, end_state = gated_delta_rule(q[:, :, 100:], k[:, :, 100:], v[:, :, 100:], g[:, :, 100:], beta[:, :, 100:], mid_state)
     torch.testing.assert_close(torch.cat([first, second], dim=2), whole, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(end_state, whole_state, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("length", [1, 2, 9])
+def test_fused_recurrent_kernel_matches_transformers_recurrent(length):
+    from qwen35.kernels import fast_cpu
+
+    if not fast_cpu.available():
+        pytest.skip("fast CPU kernels unavailable here")
+    inputs = random_inputs(2, 3, length, d_k=32, d_v=48, seed=4)
+    state_before = inputs[-1].clone()
+    ours, our_state = fast_cpu.recurrent_delta_rule(*inputs)
+    theirs, their_state = transformers_form(transformers_qwen.torch_recurrent_gated_delta_rule, *inputs)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(our_state, their_state, atol=1e-5, rtol=1e-4)
+    assert torch.equal(inputs[-1], state_before)  # the caller's state (a cache snapshot) is not written
+    reference, reference_state = recurrent_gated_delta_rule(*inputs)
+    torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(our_state, reference_state, atol=1e-6, rtol=1e-5)

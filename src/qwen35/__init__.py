@@ -1,6 +1,14 @@
 """qwen35: run the Qwen 3.5 model family locally — plan, pull, run, serve, bench."""
 
+import os
+
 __version__ = "0.1.0"
+
+# libgomp's worker threads spin between parallel regions by default; on a machine with other
+# work they take the core from the main thread, and every small parallel op then waits a
+# scheduler time slice (measured: 15 ms for a tiny softmax on 2 busy cores, 35 us passive).
+# libgomp reads this once, when torch loads it: so here, before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __all__ = ["__version__", "load_model", "load_tokenizer", "parse_output"]
 

@@ -16,9 +16,15 @@ prefill costs a few matmuls per chunk instead of a loop per token.
 All tensors are head-major and fp32: q, k [B, H, T, d_k]; v [B, H, T, d_v];
 g, beta [B, H, T]; state [B, H, d_k, d_v]. Queries and keys come already
 normalised and scaled, with key heads already matched to value heads.
+
+`gated_delta_rule` runs the recurrent form as one fused C++ call per layer
+(fast_cpu.recurrent_delta_rule) where the fast CPU kernels are available; the
+Python form here stays its reference (tests/test_delta_rule.py pins them together).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +108,18 @@ def chunked_gated_delta_rule(
     return output[:, :, :length], state
 
 
+@functools.cache
+def _fused_recurrent():
+    from qwen35.kernels import fast_cpu
+
+    return fast_cpu.recurrent_delta_rule if fast_cpu.available() else None
+
+
 def gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE):
     """The form that suits the length: recurrent for a token or two, chunked otherwise."""
     if q.shape[2] <= 2:
+        fused = _fused_recurrent() if q.device.type == "cpu" else None
+        if fused is not None:
+            return fused(q, k, v, g, beta, state)
         return recurrent_gated_delta_rule(q, k, v, g, beta, state)
     return chunked_gated_delta_rule(q, k, v, g, beta, state, chunk_size)

@@ -55,7 +55,7 @@ TILE_BYTES = 1 << 19
 
 _EXTENSION = "qwen35_ggml_cpu"
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "ggml_gemv.cpp", _CSRC / "ggml_dequant.cpp"]
+_SOURCES = [_CSRC / "ggml_gemv.cpp", _CSRC / "ggml_dequant.cpp", _CSRC / "delta_rule_cpu.cpp"]
 _HEADERS = [_CSRC / "ggml_blocks.h"]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
 _COMPILE_FLAGS = [
@@ -184,6 +184,11 @@ def expert_matmul(
     if not blocks.is_contiguous():
         blocks = blocks.contiguous()
     return _require().expert_gemv(blocks, int(type_id), x, expert_ids)
+
+
+def recurrent_delta_rule(q, k, v, g, beta, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta_rule.recurrent_gated_delta_rule fused in C++ (one pass per head and token)."""
+    return _require().recurrent_delta_rule(q, k, v, g, beta, state)
 
 
 def install() -> bool:

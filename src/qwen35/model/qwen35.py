@@ -181,13 +181,31 @@ class Attention:
 
         kv.write(starts, k, v)
         keys, values = kv.view(mask.shape[-1])
-        # SDPA's fused CPU/GPU kernels never hold the whole [T, S] score matrix per head.
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.float().transpose(1, 2), values.float().transpose(1, 2),
-            attn_mask=mask[:, None], scale=c.head_dim**-0.5, enable_gqa=True,
-        )
-        out = out.transpose(1, 2).reshape(batch, length, -1)
+        if length == 1:
+            out = _single_query_attention(q, keys, values, mask, c.head_dim**-0.5)
+        else:
+            # SDPA's fused CPU/GPU kernels never hold the whole [T, S] score matrix per head.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), keys.float().transpose(1, 2), values.float().transpose(1, 2),
+                attn_mask=mask[:, None], scale=c.head_dim**-0.5, enable_gqa=True,
+            )
+            out = out.transpose(1, 2).reshape(batch, length, -1)
         return self.o_proj(out * torch.sigmoid(gate.reshape(batch, length, -1)))
+
+
+def _single_query_attention(q, keys, values, mask, scale):
+    """Decode attention, q [B, 1, n_q, d] over keys/values [B, S, n_kv, d]: a few small matmuls.
+
+    SDPA's fused kernel wakes every thread for this little work; plain ops stay on one.
+    Query heads come in groups of n_q / n_kv consecutive heads per key/value head.
+    """
+    batch, _, n_q, d = q.shape
+    n_kv = keys.shape[2]
+    grouped = q.reshape(batch, n_kv, n_q // n_kv, d)
+    scores = grouped @ keys.float().permute(0, 2, 3, 1) * scale  # [B, n_kv, group, S]
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    out = scores.softmax(dim=-1) @ values.float().transpose(1, 2)  # [B, n_kv, group, d]
+    return out.reshape(batch, 1, n_q * d)
 
 
 class GatedDeltaNet:
