@@ -83,3 +83,17 @@ def test_fast_decode_path_is_as_close_to_exact_as_llamacpp(fixtures, name, quant
     decoded = np.stack([model.forward(torch.tensor([[token]]), cache)[0, -1].numpy() for token in ids[split:]])
     ours, llama = mean_kl(exact[split:], decoded), mean_kl(exact[split:], native[split:])
     assert ours <= 1.15 * llama, f"{name}-{quant} decode: ours {ours:.5f} vs exact, llama.cpp {llama:.5f}"
+
+
+def test_last_only_logits_equal_the_last_row_of_all(fixtures):
+    """A prompt's prefill may ask for the last position's logits alone; the lm_head is
+    batch-invariant, so they are bit-equal to the last row of the full logits."""
+    import torch
+
+    ids = json.loads((fixtures / "ref" / "dense.json").read_text())["sequences"]["text"]["ids"][:40]
+    model = qwen35.load_model(fixtures / "tiny" / "dense-Q4_K_M.gguf")
+    with torch.inference_mode():
+        full = model.network(torch.tensor([ids]), model.make_cache(1))
+        last = model.network(torch.tensor([ids]), model.make_cache(1), last_only=True)
+    assert last.shape == (1, 1, full.shape[-1])
+    assert torch.equal(last, full[:, -1:])

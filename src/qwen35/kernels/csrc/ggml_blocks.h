@@ -111,11 +111,15 @@ inline __m128i q4_k_scales_mins(const uint8_t* s) {
                         static_cast<int>(w1 & six), static_cast<int>(((w2 >> 4) & nib) | (((w1 >> 6) & two) << 4)));
 }
 
-// sum_j min_j * (sum of sub-block j's 32 quantized x), from the 16 sums of 16.
-inline int32_t q4_k_min_dot(__m128i scales_mins, const int16_t* sums) {
+// The eight mins, each twice, as int16: one per sum of 16 values (q4_k_min_dot's operand).
+inline __m256i q4_k_mins16(__m128i scales_mins) {
   const __m128i pick = _mm_setr_epi8(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-  const __m256i mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scales_mins, pick));
-  return hsum_i32(_mm256_madd_epi16(mins, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums))));
+  return _mm256_cvtepu8_epi16(_mm_shuffle_epi8(scales_mins, pick));
+}
+
+// sum_j min_j * (sum of sub-block j's 32 quantized x), from the 16 sums of 16.
+inline int32_t q4_k_min_dot(__m256i mins16, const int16_t* sums) {
+  return hsum_i32(_mm256_madd_epi16(mins16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums))));
 }
 
 // ---------------------------------------------------------------- super-blocks of 16 groups of 16

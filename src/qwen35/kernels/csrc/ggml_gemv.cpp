@@ -90,19 +90,24 @@ inline __m256i fold(__m512i v) { return _mm256_add_epi32(_mm512_castsi512_si256(
 inline __m512i load64(const int8_t* p) { return _mm512_loadu_si512(p); }
 
 struct Q4K {
+  // Per row: a 512-bit float accumulator of scaled sub-block pairs and a 256-bit one of the
+  // min terms, reduced once at the end (no horizontal sums per block).
   template <int NR>
   static void dot(const uint8_t* row, const QuantizedRow* x, int64_t n_blocks, float* out) {
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    Accumulators<NR> a;
+    __m512 acc[NR];
+    __m256 acc_min[NR];
+    for (int r = 0; r < NR; ++r) {
+      acc[r] = _mm512_setzero_ps();
+      acc_min[r] = _mm256_setzero_ps();
+    }
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* blk = row + b * 144;
       const __m128i scales_mins = q4_k_scales_mins(blk + 4);
       alignas(16) uint8_t sc[16];
       _mm_store_si128(reinterpret_cast<__m128i*>(sc), scales_mins);
       const float d = f16_at(blk), dmin = f16_at(blk + 2);
-      for (int r = 0; r < NR; ++r) {
-        a.scalar[r] += dmin * x[r].scale[b] * static_cast<float>(q4_k_min_dot(scales_mins, x[r].sums + b * 16));
-      }
+      const __m256i mins16 = q4_k_mins16(scales_mins);
       __m512i iacc[NR];
       for (int r = 0; r < NR; ++r) iacc[r] = _mm512_setzero_si512();
       const uint8_t* qs = blk + 16;
@@ -117,10 +122,16 @@ struct Q4K {
         }
       }
       for (int r = 0; r < NR; ++r) {
-        a.acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold(iacc[r])), _mm256_set1_ps(d * x[r].scale[b]), a.acc[r]);
+        const float dx = x[r].scale[b];
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_set1_ps(d * dx), acc[r]);
+        const __m256i mins = _mm256_madd_epi16(mins16, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x[r].sums + b * 16)));
+        acc_min[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(dmin * dx), acc_min[r]);
       }
     }
-    for (int r = 0; r < NR; ++r) out[r] = hsum(a.acc[r]) - a.scalar[r];
+    for (int r = 0; r < NR; ++r) {
+      const __m256 folded = _mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm512_extractf32x8_ps(acc[r], 1));
+      out[r] = hsum(folded) - hsum(acc_min[r]);
+    }
   }
 };
 
@@ -136,8 +147,9 @@ struct Q5K {
       alignas(16) uint8_t sc[16];
       _mm_store_si128(reinterpret_cast<__m128i*>(sc), scales_mins);
       const float d = f16_at(blk), dmin = f16_at(blk + 2);
+      const __m256i mins16 = q4_k_mins16(scales_mins);
       for (int r = 0; r < NR; ++r) {
-        a.scalar[r] += dmin * x[r].scale[b] * static_cast<float>(q4_k_min_dot(scales_mins, x[r].sums + b * 16));
+        a.scalar[r] += dmin * x[r].scale[b] * static_cast<float>(q4_k_min_dot(mins16, x[r].sums + b * 16));
       }
       const __m256i qh = load32(blk + 16);
       __m256i iacc[NR];
