@@ -2,7 +2,7 @@
 
 Decode (M=1): weight bytes streamed per second (GB/s) for the reference path
 (dequantize + fp32 matmul), the fast gemv, and a dense fp32 / bf16 torch matmul
-for scale. Prefill (M rows): GFLOP/s of reference vs bf16 tiles. Weights are
+for scale. Prefill (M rows): GFLOP/s of gemv (what every call uses) vs bf16 tiles. Weights are
 spread over enough matrices (> L3) that decode numbers are memory-bound, as in a
 real model.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import qwen35  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
