@@ -305,8 +305,7 @@ class EngineService:
         if prepared is not None:  # image features and M-RoPE positions for this slice
             last_logits = self.model.forward_prompt(prepared, sequence.cache, start, end)[0, -1].float()
         else:
-            ids = torch.tensor([prompt[start:end]], dtype=torch.long)
-            last_logits = self.model.forward(ids, sequence.cache)[0, -1].float()
+            last_logits = self._last_logits(torch.tensor([prompt[start:end]], dtype=torch.long), sequence.cache)
         sequence.prefilled = end
         if end in sequence.request.snapshot_points or end == len(prompt):
             # Shared, not copied: this cache is only fed further, then copied into the batch.
@@ -350,8 +349,7 @@ class EngineService:
         network = getattr(self.model, "network", None)
         if network is None or ids.shape[1] > self.prefill_chunk:
             return self.model.forward(ids, cache)[0, -1].float()
-        hidden = network.hidden_states(ids.to(self.model.device), cache)
-        return network.lm_head(hidden[:, -1:]).float()[0, -1]
+        return network.forward(ids.to(self.model.device), cache, last_only=True)[0, -1]
 
     def _end_job(self, job: PrefixJob, outcome: str) -> None:
         self.scheduler.take_background(lambda queued: queued is job)
