@@ -57,12 +57,16 @@ async def _one(client: httpx.AsyncClient, url: str, name: str, index: int, max_t
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:  # a failed generation must not pass for a fast empty one
+                raise RuntimeError(f"request {index} failed: {chunk['error'].get('message')}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if any(choice["delta"].get("content") or choice["delta"].get("reasoning_content")
                    for choice in chunk.get("choices", [])):
                 stamps.append(time.perf_counter())
     finished = time.perf_counter()
+    if tokens != max_tokens:
+        raise RuntimeError(f"request {index} gave {tokens} tokens, not the {max_tokens} asked for")
     first = stamps[0] if stamps else finished
     gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
     return {"ttft": first - started, "latency": finished - started, "tokens": tokens,
