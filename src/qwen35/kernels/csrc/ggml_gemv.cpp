@@ -247,35 +247,41 @@ struct Q3K {
 };
 
 struct Q6K {
+  // Two 32-value chunks per 512-bit step (x side by side), one 512-bit float accumulator per row.
   template <int NR>
   static void dot(const uint8_t* row, const QuantizedRow* x, int64_t n_blocks, float* out) {
-    Accumulators<NR> a;
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* blk = row + b * 210;
       const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));  // int8 [16]
       // The -32 offset: subtract 32 * sum_k scale_k * (sum of the 16 x values of group k).
-      __m256i iacc[NR];
+      __m512i iacc[NR];
       for (int r = 0; r < NR; ++r) {
-        iacc[r] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(scaled_group_sums(scales, x[r].sums + b * 16), 5));
+        iacc[r] = _mm512_zextsi256_si512(_mm256_sub_epi32(
+            _mm256_setzero_si256(), _mm256_slli_epi32(scaled_group_sums(scales, x[r].sums + b * 16), 5)));
       }
       for (int h = 0; h < 2; ++h) {
         const uint8_t* ql = blk + 64 * h;
         const __m256i qh = load32(blk + 128 + 32 * h);
-        for (int c = 0; c < 4; ++c) {
-          const __m256i q = q6_k_quants(ql, qh, c);
-          const __m256i scale = low_half(group_pair_scales(scales, 8 * h + 2 * c));
+        for (int c = 0; c < 4; c += 2) {
+          const __m512i q = join(q6_k_quants(ql, qh, c), q6_k_quants(ql, qh, c + 1));
+          const __m512i scale = join(low_half(group_pair_scales(scales, 8 * h + 2 * c)),
+                                     low_half(group_pair_scales(scales, 8 * h + 2 * c + 2)));
           for (int r = 0; r < NR; ++r) {
-            const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, load32(x[r].q + b * QK_K + 128 * h + 32 * c));
-            iacc[r] = add_scaled(iacc[r], p, scale);
+            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, load64(x[r].q + b * QK_K + 128 * h + 32 * c));
+            iacc[r] = _mm512_dpwssd_epi32(iacc[r], p, scale);
           }
         }
       }
       const float d = f16_at(blk + 208);
       for (int r = 0; r < NR; ++r) {
-        a.acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), _mm256_set1_ps(d * x[r].scale[b]), a.acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_set1_ps(d * x[r].scale[b]), acc[r]);
       }
     }
-    for (int r = 0; r < NR; ++r) out[r] = hsum(a.acc[r]);
+    for (int r = 0; r < NR; ++r) {
+      out[r] = hsum(_mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm512_extractf32x8_ps(acc[r], 1)));
+    }
   }
 };
 
