@@ -225,10 +225,11 @@ def fast_type_weights(fixtures):
             raw = model.tensor_data(name)
             layer = QuantLinear(raw, type_id, *info.torch_shape)
             yield type_id, layer.blocks, gguf_weight(raw, type_id, info.torch_shape)
-    values = np.random.default_rng(6).standard_normal((48, 512)).astype(np.float32)
+    # 480 wide: an odd number of 32-value blocks (the kernels pair blocks up).
+    values = np.random.default_rng(6).standard_normal((48, 480)).astype(np.float32)
     for type_id in GGUF_QUANTIZED_TYPES:
         raw = gguf_quants.quantize(values, type_id).reshape(-1)
-        yield type_id, torch.from_numpy(raw).reshape(48, -1), gguf_weight(raw, type_id, (48, 512))
+        yield type_id, torch.from_numpy(raw).reshape(48, -1), gguf_weight(raw, type_id, (48, 480))
     raw = random_blocks(T.IQ4_NL, 48 * 512 // 32, np.random.default_rng(7))
     yield T.IQ4_NL, torch.from_numpy(raw).reshape(48, -1), gguf_weight(raw, T.IQ4_NL, (48, 512))
     for type_id, dtype in FLOAT_TYPES.items():

@@ -315,23 +315,45 @@ struct IQ4XS {
 
 // ------------------------------------------------------------------------ 32-value blocks
 
-// Signed values times one fp16 scale per 32 (Q4_0, Q5_0, Q8_0, IQ4_NL).
+// Signed values times one fp16 scale per 32 (Q4_0, Q5_0, Q8_0, IQ4_NL). Two blocks per
+// 512-bit step: lanes 0-7 hold block b's products, 8-15 block b + 1's, each half scaled by
+// its own d * dx into one float accumulator per row; an odd last block uses the low half.
 template <int64_t TypeSize, __m256i (*Values)(const uint8_t*)>
 struct Signed32 {
   template <int NR>
   static void dot(const uint8_t* row, const QuantizedRow* x, int64_t n_blocks, float* out) {
-    Accumulators<NR> a;
-    for (int64_t b = 0; b < n_blocks; ++b) {
+    __m512 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 2 <= n_blocks; b += 2) {
+      const uint8_t* blk = row + b * TypeSize;
+      const __m512i w = join(Values(blk), Values(blk + TypeSize));
+      // dpbusd multiplies unsigned by signed: |w| times x with w's sign moved onto x.
+      const __m512i w_abs = _mm512_abs_epi8(w);
+      const __mmask64 negative = _mm512_movepi8_mask(w);
+      const float d0 = f16_at(blk), d1 = f16_at(blk + TypeSize);
+      for (int r = 0; r < NR; ++r) {
+        const __m512i xv = load64(x[r].q + 32 * b);
+        const __m512i signed_x = _mm512_mask_sub_epi8(xv, negative, _mm512_setzero_si512(), xv);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_abs, signed_x);
+        const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(d0 * x[r].scale[b]), _mm256_set1_ps(d1 * x[r].scale[b + 1]), 1);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[r]);
+      }
+    }
+    if (b < n_blocks) {
       const uint8_t* blk = row + b * TypeSize;
       const __m256i w = Values(blk);
       const __m256i w_abs = _mm256_sign_epi8(w, w);
       const float d = f16_at(blk);
       for (int r = 0; r < NR; ++r) {
         const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_abs, _mm256_sign_epi8(load32(x[r].q + 32 * b), w));
-        a.acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[r].scale[b]), a.acc[r]);
+        const __m256 low = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * x[r].scale[b]), _mm512_castps512_ps256(acc[r]));
+        acc[r] = _mm512_insertf32x8(acc[r], low, 0);
       }
     }
-    for (int r = 0; r < NR; ++r) out[r] = hsum(a.acc[r]);
+    for (int r = 0; r < NR; ++r) {
+      out[r] = hsum(_mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm512_extractf32x8_ps(acc[r], 1)));
+    }
   }
 };
 
