@@ -1,7 +1,8 @@
 """Prefill and decode speed of a model, measured as llama-bench measures them.
 
-pp (prompt processing): a prompt of -p random tokens goes through the model in one
-forward call on a fresh cache; tokens per second of that call.
+pp (prompt processing): a prompt of -p random tokens goes into a fresh cache (in the
+model's prefill chunks, output head on the last position only, as llama-bench and the
+server do; --all-logits for every position); tokens per second.
 tg (text generation): -n single-token forward calls on a fresh cache, each fed a
 random token (llama-bench's tg: from an empty context, no sampling); tokens per second.
 Each figure is the median over -r repetitions, after one warm-up repetition.
@@ -39,6 +40,8 @@ def add_arguments(parser) -> None:
                         help=f"timed repetitions, median reported (default {DEFAULT_REPETITIONS})")
     parser.add_argument("--precision", choices=("fast", "reference"), default="fast",
                         help="the engine's arithmetic (default fast)")
+    parser.add_argument("--all-logits", action="store_true",
+                        help="pp computes logits for every prompt position (Model.forward), not just the last")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up repetition")
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth probe")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
@@ -79,7 +82,7 @@ def run(args) -> int:
         label = "warm-up" if warm_up else f"rep {rep + (1 if args.no_warmup else 0)}/{args.repetitions}"
         if args.n_prompt:
             progress.show(f"pp{args.n_prompt} {label}")
-            seconds = time_prefill(model, prompt)
+            seconds = time_prefill(model, prompt, args.all_logits)
             if not warm_up:
                 pp_samples.append(args.n_prompt / seconds)
         if args.n_gen:
@@ -104,11 +107,25 @@ def run(args) -> int:
 # ------------------------------------------------------------------ timing
 
 
-def time_prefill(model, prompt) -> float:
-    """Seconds of one forward call over the whole prompt on a fresh cache."""
+def time_prefill(model, prompt, all_logits: bool = False) -> float:
+    """Seconds to take the whole prompt into a fresh cache.
+
+    As llama-bench (and the server's prefill) does, the output head runs on the last
+    position only, in the model's prefill chunks; `all_logits` times Model.forward,
+    which returns logits for every position.
+    """
+    import torch
+
+    from qwen35.model.api import PREFILL_CHUNK
+
     cache = model.make_cache(1)
     started = time.perf_counter()
-    model.forward(prompt, cache)
+    if all_logits:
+        model.forward(prompt, cache)
+    else:
+        with torch.inference_mode():
+            for start in range(0, prompt.shape[1], PREFILL_CHUNK):
+                model.network.forward(prompt[:, start:start + PREFILL_CHUNK], cache, last_only=True)
     return time.perf_counter() - started
 
 
@@ -201,6 +218,7 @@ def _result(args, path, model, threads, pp_samples, tg_samples, bandwidth) -> di
         "n_gen": args.n_gen,
         "threads": threads,
         "repetitions": args.repetitions,
+        "pp_logits": "all" if args.all_logits else "last",
         "pp_tok_s": _median(pp_samples),
         "tg_tok_s": tg,
         "pp_samples": pp_samples,
