@@ -141,7 +141,7 @@ class PrefixJob:
         return len(self.token_ids) <= len(token_ids) and token_ids[:len(self.token_ids)] == self.token_ids
 
 
-JOB_PIECE_S = 0.05  # a prefix job's piece of prefill takes about this long
+JOB_PIECE_S = 0.025  # a prefix job's piece of prefill takes about this long (at least one forward)
 
 
 class EngineService:
@@ -335,7 +335,7 @@ class EngineService:
             logits = self._last_logits(torch.tensor([ids[job.done:end]], dtype=torch.long), job.cache)
             elapsed = time.perf_counter() - started
             rate = (end - job.done) / max(elapsed, 1e-6)
-            self._job_piece = min(self.prefill_chunk, max(4, int(rate * JOB_PIECE_S)))
+            self._job_piece = min(self.prefill_chunk, max(2, int(rate * JOB_PIECE_S)))
             job.done = end
             if end == len(ids):
                 self.prefix_store.store(ids, job.cache, logits.float(), select_row=None)
