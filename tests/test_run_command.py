@@ -231,6 +231,9 @@ def test_interactive_chat_as_a_person_uses_it(dense_hf, tokenizer):
         terminal.type("/frobnicate\r")
         terminal.expect(r"Unknown command '/frobnicate'. Type /\? for help")
         terminal.expect(r">>> ")
+        # readline reads the new line only after it has drawn the prompt: a person's key comes
+        # well after that, a test's could come before (it would then see the previous line).
+        terminal.wait_for_output(0.3)
         terminal.type("\x03")  # Ctrl+C at an empty prompt: a hint, not an exit
         terminal.expect(r"Use Ctrl \+ d or /bye to exit\.")
         terminal.expect(r">>> ")
