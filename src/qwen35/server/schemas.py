@@ -17,6 +17,11 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 TokenCount = Annotated[int, Field(ge=1, le=1 << 31)]
 Seed = Annotated[int, Field(ge=-(1 << 63), lt=1 << 64)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=-1, le=1 << 31)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0)]
+Stop = str | Annotated[list[str], Field(max_length=64)]
 
 
 # --- OpenAI -----------------------------------------------------------------------------------
@@ -114,15 +119,15 @@ class SamplingFields(BaseModel):
     model_config = _LENIENT
     model: str
     max_tokens: TokenCount | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1, le=1 << 31)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     seed: Seed | None = None
-    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
+    stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1  # more than one: refused with a clear 400
@@ -156,15 +161,15 @@ class CompletionRequest(SamplingFields):
 class OllamaOptions(BaseModel):
     model_config = _LENIENT
     num_predict: Annotated[int, Field(ge=-2, le=1 << 31)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1, le=1 << 31)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repeat_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    repeat_penalty: RepetitionPenalty | None = None
     seed: Seed | None = None
-    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
+    stop: Stop | None = None
     num_ctx: Annotated[int, Field(ge=1)] | None = None
 
 
