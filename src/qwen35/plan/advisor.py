@@ -57,11 +57,13 @@ class Candidate:
     def command(self) -> str:
         """The qwen35 command line that serves this candidate (llama.cpp's flag spellings)."""
         size = self.spec.name.upper()
+        where = ""
         if self.model_path:
             source = str(self.model_path)
         elif self.mix and self.spec.name in TIER:
-            # Where to get it: the file name as the usual GGUF repos publish it.
-            source = f"{HF_REPOS.format(size=size)}/Qwen3.5-{size}-{self.mix}.gguf"
+            # The file name as the usual GGUF repos publish it; where to download it follows.
+            source = f"Qwen3.5-{size}-{self.mix}.gguf"
+            where = f"  # from hf.co/{HF_REPOS.format(size=size)}"
         else:
             source = "MODEL.gguf"
         parts = ["qwen35 serve", source, f"-c {self.memory.context * self.memory.parallel}"]
@@ -71,7 +73,7 @@ class Candidate:
             parts.append(self.placement.flag)
         if self.memory.cache_type != "f16":
             parts.append(f"-ctk {self.memory.cache_type} -ctv {self.memory.cache_type}")
-        return " ".join(parts)
+        return " ".join(parts) + where
 
     def as_dict(self) -> dict:
         share = self.spec.n_experts_used / self.spec.n_experts if self.spec.is_moe else 1.0
