@@ -19,7 +19,8 @@ from qwen35.chat.command import AnswerPrinter, colour_enabled
 from qwen35.chat.parser import THINK_END, THINK_START, TOOL_CALL_START, ParsedDelta
 from qwen35.chat.session import ChatSession, ChatSettings, ContextFullError, LineAssembler, Notice
 
-SPEED_LINE = re.compile(r"prompt (\d+) tok, [\d.]+ tok/s · answer (\d+) tok, [\d.]+ tok/s")
+SPEED_LINE = re.compile(r"prompt (\d+) tok(?: \(\+\d+ cached\))?, [\d.]+ tok/s · answer (\d+) tok, [\d.]+ tok/s")
+CACHED_SPEED_LINE = re.compile(r"prompt (\d+) tok \(\+(\d+) cached\), [\d.]+ tok/s · answer (\d+) tok")
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\x1b[=>]")
 DIM = "\x1b[2m"
 
@@ -278,9 +279,11 @@ def test_interactive_chat_as_a_person_uses_it(dense_hf, tokenizer):
 
         # The next turn carries the history: its prompt holds the previous one and the answer.
         terminal.type("and more\r")
-        follow_up = terminal.expect(SPEED_LINE.pattern)
+        # It reads only what follows the history cached at the end of the previous user message.
+        follow_up = terminal.expect(CACHED_SPEED_LINE.pattern)
         terminal.expect(r">>> ")
-        assert int(follow_up[1]) > int(turn[1]) + len(tokenizer.encode("and more"))
+        assert int(follow_up[1]) + int(follow_up[2]) > int(turn[1]) + len(tokenizer.encode("and more"))
+        assert 0 < int(follow_up[2]) < int(turn[1])
 
         # Ctrl+C in the middle of a long answer stops it; the chat goes on.
         terminal.type("/set num_predict 2000\r")
@@ -359,13 +362,46 @@ def test_outgrown_context_drops_the_oldest_turns(model, tokenizer):
     for number in range(4):
         events, turn = _answer(session, f"question number {number}")
         notices += [event.text for event in events if isinstance(event, Notice)]
-        assert turn.prompt_tokens + turn.generated_tokens <= 40
+        assert turn.cached_tokens + turn.prompt_tokens + turn.generated_tokens <= 40
     users = [message["content"] for message in session.messages if message["role"] == "user"]
     assert users[-1] == "question number 3" and "question number 0" not in users
     assert any("outgrew the context of 40 tokens" in notice for notice in notices)
     # What is left is the latest turns, whole: each user message with its answer.
     roles = [message["role"] for message in session.messages]
     assert roles == ["user", "assistant"] * (len(roles) // 2)
+
+
+@pytest.fixture(scope="module")
+def reference_model(dense_hf):
+    from qwen35 import load_model
+
+    return load_model(dense_hf, precision="reference")
+
+
+def _said(events):
+    return [(type(event).__name__, getattr(event, "reasoning", None), getattr(event, "content", None),
+             getattr(event, "text", None)) for event in events]
+
+
+@pytest.mark.parametrize("think", [False, None])
+def test_a_second_turn_reads_only_its_new_tokens_and_answers_as_a_fresh_session(reference_model, tokenizer, think):
+    settings = dict(context_size=512, max_new_tokens=12, sampling={"temperature": 0.0}, think=think)
+    session = ChatSession(reference_model, tokenizer, ChatSettings(**settings))
+    _, first = _answer(session, "What is the capital of France?")
+    assert first.cached_tokens == 0
+    history = [dict(message) for message in session.messages]
+    events, second = _answer(session, "And of Italy?")
+
+    fresh = ChatSession(reference_model, tokenizer, ChatSettings(**settings))
+    fresh.messages = history
+    fresh_events, fresh_turn = _answer(fresh, "And of Italy?")
+    assert fresh_turn.cached_tokens == 0
+    assert _said(events) == _said(fresh_events) and session.messages == fresh.messages
+    # The whole prompt was the same; the continued session read only what the first turn had not.
+    assert second.cached_tokens + second.prompt_tokens == fresh_turn.prompt_tokens
+    assert 0 < second.prompt_tokens < fresh_turn.prompt_tokens
+    assert 0 < second.cached_tokens < first.prompt_tokens  # the history, without the answer's opening
+    assert f"prompt {second.prompt_tokens} tok (+{second.cached_tokens} cached)" in second.speed_line()
 
 
 def test_a_message_too_long_for_the_context_is_refused_and_not_kept(model, tokenizer):

@@ -16,6 +16,11 @@ Decisions:
   (a quarter of the context, or -n if smaller). A message that does not fit even alone
   is refused with `ContextFullError` and is not kept. An answer that fills the context
   stops there, with a notice.
+- The cache carries over between turns: after each prompt's history (up to the end of the
+  new user message, the part the next turn's prompt repeats token for token), the session
+  keeps a snapshot of the cache, and the next turn restores it and reads only what follows.
+  A recurrent state cannot be rolled back, so a prompt that does not start with those exact
+  tokens (a changed system message or setting, dropped turns, /clear) is read in full.
 - An interrupted answer (Ctrl-C, or the caller closing the generator) stays in the
   history with what was produced so far: the user saw it, and a follow-up ("go on")
   refers to it. If nothing was produced yet, the whole exchange is dropped.
@@ -24,11 +29,12 @@ Decisions:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from qwen35.chat.parser import OutputParser, ParsedDelta, parse_output, prompt_ends_in_reasoning
-from qwen35.engine.generate import generation_steps
+from qwen35.engine.generate import DEFAULT_PREFILL_CHUNK, generation_steps
 from qwen35.engine.sampler import InvalidSamplingError, SamplingParams
 from qwen35.errors import Qwen35Error
 
@@ -96,7 +102,8 @@ class CommandResult:
 class TurnStats:
     """One answer's numbers; kept up to date while it streams, so an interrupted one has them too."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # read this turn; the cached ones are not counted
+    cached_tokens: int = 0  # restored from the previous turn's cache
     generated_tokens: int = 0
     prefill_seconds: float | None = None  # None until the prompt has been read
     decode_seconds: float = 0.0
@@ -115,7 +122,8 @@ class TurnStats:
     def speed_line(self) -> str:
         parts = []
         if self.prefill_seconds is not None:
-            parts.append(f"prompt {self.prompt_tokens} tok, {self.prompt_tokens_per_second:.1f} tok/s")
+            cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
+            parts.append(f"prompt {self.prompt_tokens} tok{cached}, {self.prompt_tokens_per_second:.1f} tok/s")
             parts.append(f"answer {self.generated_tokens} tok, {self.answer_tokens_per_second:.1f} tok/s")
         if self.finish_reason == "interrupted":
             parts.append("stopped")
@@ -175,6 +183,7 @@ class ChatSession:
         self.settings = settings
         self.messages: list[dict] = []
         self.last_turn = TurnStats()
+        self._history_cache = None  # (the token ids it holds, a one-row cache nobody feeds)
         self.max_context = model.config.max_position_embeddings
         settings.context_size = self._checked_context(settings.context_size)
         self.sampling_params()  # refuse bad flags before the first message
@@ -212,6 +221,7 @@ class ChatSession:
             return CommandResult(HELP)
         if name == "/clear":
             self.messages.clear()
+            self._history_cache = None  # no prompt will start with it now; free its memory
             return CommandResult("Cleared session context.")
         if name == "/set":
             return CommandResult(self._set(rest))
@@ -294,9 +304,10 @@ class ChatSession:
 
     # -- answering --------------------------------------------------------------------
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
-        return self.template.render(system + messages, add_generation_prompt=True, **self.template_kwargs())
+        return self.template.render(system + messages, add_generation_prompt=add_generation_prompt,
+                                    **self.template_kwargs())
 
     def answer(self, text: str) -> Iterator[ParsedDelta | Notice]:
         """Add `text` as the user's message and stream the reply; the reply joins the history
@@ -320,10 +331,15 @@ class ChatSession:
             if dropped:
                 yield Notice(f"The conversation outgrew the context of {self.settings.context_size} tokens: "
                              f"dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}.")
-            steps = generation_steps(self.model, prompt_ids, self.sampling_params(limit), tokenizer=self.tokenizer)
+            started = time.perf_counter()
+            cache, turn.cached_tokens = self._cache_for(prompt_ids, kept)
+            history_seconds = time.perf_counter() - started
+            turn.prompt_tokens = len(prompt_ids) - turn.cached_tokens
+            steps = generation_steps(self.model, prompt_ids, self.sampling_params(limit), tokenizer=self.tokenizer,
+                                     cache=cache)
             for step in steps:
                 turn.generated_tokens = step.generated_tokens
-                turn.prefill_seconds = step.prefill_seconds
+                turn.prefill_seconds = history_seconds + step.prefill_seconds
                 turn.decode_seconds = step.decode_seconds
                 turn.finish_reason = step.finish_reason
                 if step.text:
@@ -342,6 +358,45 @@ class ChatSession:
             if turn.finish_reason is None:
                 turn.finish_reason = "interrupted"
             self._keep_reply("".join(produced), thinking)
+
+    def _cache_for(self, prompt_ids: list[int], messages: list[dict]):
+        """A cache holding the start of `prompt_ids` (None: read it all) and how many of those tokens came
+        from the previous turn's snapshot; that snapshot is restored where the prompt starts with it, fed
+        up to the end of this history, and kept as the next turn's snapshot."""
+        import torch
+
+        cache, cached_ids = None, ()
+        if self._history_cache is not None:
+            ids, snapshot = self._history_cache
+            if len(ids) < len(prompt_ids) and tuple(prompt_ids[:len(ids)]) == ids:
+                with torch.inference_mode():
+                    cache = snapshot.select([0], capacity=len(prompt_ids))
+                cached_ids = ids
+        # The history as the next turn renders it: this turn's messages, without the answer's opening.
+        history_ids = tuple(self.tokenizer.encode(self.render(messages, add_generation_prompt=False)))
+        reusable = tuple(prompt_ids[:len(history_ids)]) == history_ids
+        if not (reusable and len(cached_ids) < len(history_ids) < len(prompt_ids)):
+            return cache, len(cached_ids)
+        if cache is None:
+            cache = self.model.make_cache(1)
+        self._prefill(history_ids[len(cached_ids):], cache)
+        with torch.inference_mode():
+            self._history_cache = (history_ids, cache.select([0]))
+        return cache, len(cached_ids)
+
+    def _prefill(self, token_ids, cache) -> None:
+        """Feed `token_ids` to `cache`; the output head runs on each chunk's last position alone where the
+        model lets us reach its network."""
+        import torch
+
+        network = getattr(self.model, "network", None)
+        with torch.inference_mode():
+            for start in range(0, len(token_ids), DEFAULT_PREFILL_CHUNK):
+                chunk = torch.tensor([token_ids[start:start + DEFAULT_PREFILL_CHUNK]], dtype=torch.long)
+                if network is None:
+                    self.model.forward(chunk, cache)
+                else:
+                    network.forward(chunk.to(self.model.device), cache, last_only=True)
 
     def _keep_reply(self, text: str, thinking: bool) -> None:
         if not text and self.last_turn.finish_reason == "interrupted":

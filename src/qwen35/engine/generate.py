@@ -62,6 +62,7 @@ class Generation:
     generated_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    cached_tokens: int = 0  # how many of the prompt's tokens a given cache already held
 
 
 @dataclass(slots=True)
@@ -100,6 +101,7 @@ def generation_steps(
     tokenizer=None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     images=None,
+    cache=None,
 ) -> Iterator[Generation]:
     """Run one request: prefill ``token_ids`` in chunks, then sample until a stop.
 
@@ -108,8 +110,12 @@ def generation_steps(
     the vision features and M-RoPE positions, and decoding continues after them.
     The request is checked here, before the first step, so that a bad one fails at the
     call (a server can still answer it with an error status rather than a broken stream).
+
+    ``cache``: a one-row cache that already holds the first tokens of ``token_ids`` (at least
+    one token must be left to feed); only the rest is prefilled, and the cache is fed further.
     """
     prompt = _prompt_list(token_ids, model.config.vocab_size)
+    cached = _cached_length(cache, len(prompt), images)
     prepared = model.prepare_prompt(prompt, images) if images else None
     if prepared is not None:
         prompt = prepared.token_ids
@@ -123,13 +129,30 @@ def generation_steps(
         stop_token_ids.update(model.config.eos_token_ids)
     text_stream = TextStream(tokenizer, params.stop) if tokenizer is not None else None
     sampler = Sampler(params, prompt)
-    return _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared)
+    return _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared,
+                  cache, cached)
 
 
-def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared):
+def _cached_length(cache, prompt_length: int, images) -> int:
+    if cache is None:
+        return 0
+    if images:
+        raise Qwen35Error("a prompt with images cannot continue a given cache")
+    if cache.batch_size != 1:
+        raise Qwen35Error(f"a given cache must have one row, not {cache.batch_size}")
+    cached = int(cache.lengths[0])
+    if cached >= prompt_length:
+        raise Qwen35Error(f"the given cache holds {cached} tokens, which leaves none of the {prompt_length}-token "
+                          "prompt to feed")
+    return cached
+
+
+def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared,
+           cache=None, cached=0):
     started = time.perf_counter()
-    cache = model.make_cache(1)
-    token_id = _prefill_and_sample(model, cache, prompt, prefill_chunk, sampler, prepared)
+    if cache is None:
+        cache = model.make_cache(1)
+    token_id = _prefill_and_sample(model, cache, prompt, prefill_chunk, sampler, prepared, cached)
     prefill_seconds = time.perf_counter() - started
     decode_started = time.perf_counter()
 
@@ -160,6 +183,7 @@ def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids
             generated_tokens=generated,
             prefill_seconds=prefill_seconds,
             decode_seconds=time.perf_counter() - decode_started,
+            cached_tokens=cached,
         )
         if finish_reason is not None:
             return
@@ -169,13 +193,15 @@ def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids
 # Inference mode is entered per model call, never across a yield: a suspended generator
 # must not leave the consumer's thread in inference mode.
 @torch.inference_mode()
-def _prefill_and_sample(model, cache, prompt: list[int], chunk: int, sampler: Sampler, prepared=None) -> int:
+def _prefill_and_sample(model, cache, prompt: list[int], chunk: int, sampler: Sampler, prepared=None,
+                        cached: int = 0) -> int:
     """Feed the prompt in chunks of at most ``chunk`` tokens; sample after its last token.
 
     A prepared (image) prompt brings its own embeddings and positions; the cache then
     continues from its last position, which is what decoding needs after an image.
+    The first ``cached`` tokens are already in the cache.
     """
-    for start in range(0, len(prompt), chunk):
+    for start in range(cached, len(prompt), chunk):
         if prepared is not None:
             logits = model.forward_prompt(prepared, cache, start, min(start + chunk, len(prompt)))
         else:
