@@ -20,20 +20,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qwen35.kernels import fast_cpu, quant_linear
+from qwen35.kernels.dequant import FP16_FIELD_OFFSETS
 from qwen35.kernels.quant_linear import QuantExperts, reference_matmul, set_mode
 
 T = GGMLQuantizationType
-# Byte offsets of each block's fp16 fields (ggml-common.h), set to sane scales in random weights.
-F16_FIELDS = {
-    T.Q4_0: (0,),
-    T.Q8_0: (0,),
-    T.Q2_K: (80, 82),
-    T.Q3_K: (108,),
-    T.Q4_K: (0, 2),
-    T.Q5_K: (0, 2),
-    T.Q6_K: (208,),
-    T.IQ4_XS: (0,),
-}
 
 
 def random_weight(type_id: T, out_features: int, in_features: int, rng: np.random.Generator) -> torch.Tensor:
@@ -43,7 +33,7 @@ def random_weight(type_id: T, out_features: int, in_features: int, rng: np.rando
     block_size, type_size = GGML_QUANT_SIZES[type_id]
     n_blocks = out_features * in_features // block_size
     blocks = rng.integers(0, 256, (n_blocks, type_size), dtype=np.uint8)
-    for offset in F16_FIELDS[type_id]:
+    for offset in FP16_FIELD_OFFSETS[type_id]:
         scale = (rng.random(n_blocks) * 1e-3).astype(np.float16)
         blocks[:, offset : offset + 2] = scale.view(np.uint8).reshape(-1, 2)
     return torch.from_numpy(blocks.reshape(out_features, -1))

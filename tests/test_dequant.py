@@ -12,25 +12,10 @@ from gguf import quants as gguf_quants
 
 from qwen35.errors import FormatError
 from qwen35.formats.gguf import GGUFModel
-from qwen35.kernels.dequant import SUPPORTED_TYPES, dequantize
+from qwen35.kernels.dequant import FP16_FIELD_OFFSETS, SUPPORTED_TYPES, dequantize
 
 T = GGMLQuantizationType
 
-# Byte offsets of the fp16 fields in each block, from ggml-common.h's block structs.
-F16_FIELDS = {
-    T.Q8_0: (0,),
-    T.Q4_0: (0,),
-    T.Q4_1: (0, 2),
-    T.Q5_0: (0,),
-    T.Q5_1: (0, 2),
-    T.IQ4_NL: (0,),
-    T.Q2_K: (80, 82),
-    T.Q3_K: (108,),
-    T.Q4_K: (0, 2),
-    T.Q5_K: (0, 2),
-    T.Q6_K: (208,),
-    T.IQ4_XS: (0,),
-}
 QUANTIZABLE_BY_GGUF = (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.BF16)
 
 
@@ -48,7 +33,7 @@ def random_blocks(qtype: T, n_blocks: int, rng: np.random.Generator) -> np.ndarr
     """Random block bytes whose fp16 scale fields hold finite values of mixed sign and size."""
     _, type_size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
-    for offset in F16_FIELDS[qtype]:
+    for offset in FP16_FIELD_OFFSETS[qtype]:
         scales = (rng.standard_normal(n_blocks) * 10.0 ** rng.integers(-6, 2, n_blocks)).astype(np.float16)
         blocks[:, offset : offset + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     return blocks.reshape(-1)
@@ -79,7 +64,7 @@ def test_every_fixture_tensor_matches_gguf_py(fixtures):
     assert {T.F32, T.Q8_0, T.Q6_K, T.Q5_K, T.Q4_K, T.Q3_K, T.Q2_K, T.IQ4_XS, T.Q4_0} <= seen_types
 
 
-@pytest.mark.parametrize("qtype", sorted(F16_FIELDS), ids=lambda t: T(t).name)
+@pytest.mark.parametrize("qtype", sorted(FP16_FIELD_OFFSETS), ids=lambda t: T(t).name)
 def test_random_blocks_match_gguf_py(qtype):
     rng = np.random.default_rng(int(qtype))
     block_size, _ = GGML_QUANT_SIZES[qtype]

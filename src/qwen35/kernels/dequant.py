@@ -24,6 +24,23 @@ from qwen35.errors import FormatError
 QK_K = 256
 T = GGMLQuantizationType
 
+# Byte offsets of the fp16 scale fields in each block (ggml-common.h's block structs): where
+# random blocks need finite values, for tests and benchmark weights.
+FP16_FIELD_OFFSETS = {
+    T.Q8_0: (0,),
+    T.Q4_0: (0,),
+    T.Q4_1: (0, 2),
+    T.Q5_0: (0,),
+    T.Q5_1: (0, 2),
+    T.IQ4_NL: (0,),
+    T.Q2_K: (80, 82),
+    T.Q3_K: (108,),
+    T.Q4_K: (0, 2),
+    T.Q5_K: (0, 2),
+    T.Q6_K: (208,),
+    T.IQ4_XS: (0,),
+}
+
 # IQ4_NL / IQ4_XS map each 4-bit index through this non-uniform table (ggml's kvalues_iq4nl).
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
