@@ -165,7 +165,7 @@ def test_fast_mode_uses_registered_kernel_and_falls_back(monkeypatch):
     assert layer.mode == "fast"
     assert_close_fp32(layer(x), x @ weight.t())  # no F32 kernel registered: reference path
     monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
-    quant_linear.register_fast_kernel(T.F32, lambda blocks, type_id, x, in_features: torch.zeros(x.shape[0], 8))
+    quant_linear.register_fast_kernel(T.F32, lambda weights, type_id, x, in_features, out_features: torch.zeros(x.shape[0], 8))
     assert torch.equal(layer(x), torch.zeros(2, 8))
     with pytest.raises(Qwen35Error, match="unknown kernel mode"):
         set_mode(layer, "turbo")
@@ -297,30 +297,98 @@ def test_tiled_bf16_matmul_agrees_with_reference(fixtures, fast_cpu, monkeypatch
         assert relative_error(ours, x @ weight.t()) < 1e-2, T(type_id).name
 
 
-def test_gemv_rows_are_batch_invariant(fixtures, fast_cpu):
+def kernel_weights(fast_cpu, blocks, type_id, in_features):
+    """The weights in the form `matmul` takes for this type (packed or the blocks)."""
+    return fast_cpu.pack(blocks, type_id, in_features)
+
+
+def test_packed_matmul_is_the_reference_with_int8_activations(fixtures, fast_cpu):
+    # The row-group packed kernels (Q4_K, Q6_K, Q8_0): exact integer sums on 8-bit activations,
+    # so against the same rounded activations only the float summation order differs. Also
+    # a row count that is not a multiple of the 16-row groups (a padded last group).
+    rng = torch.Generator().manual_seed(12)
+    covered = set()
+    for type_id, blocks, weight in fast_type_weights(fixtures):
+        if type_id not in fast_cpu.PACKED_TYPES:
+            continue
+        covered.add(int(type_id))
+        for rows in (blocks.shape[0], 37):
+            packed = fast_cpu.pack(blocks[:rows], type_id, weight.shape[1])
+            assert packed.shape[-3] == -(-rows // 16)
+            x = torch.randn(5, weight.shape[1], generator=rng)
+            ours = fast_cpu.matmul(packed, type_id, x, weight.shape[1], rows)
+            rounded_x = int8_activations(x, GGML_QUANT_SIZES[T(type_id)][0])
+            assert relative_error(ours, rounded_x @ weight[:rows].t()) < 1e-5, T(type_id).name
+            assert relative_error(ours, x @ weight[:rows].t()) < 1.5e-2, T(type_id).name
+    assert covered == fast_cpu.PACKED_TYPES
+
+
+def test_fast_matmul_rows_are_batch_invariant(fixtures, fast_cpu):
     # A row's result must not depend on which rows share its call (server batching, prefill
     # chunk sizes, prefix-cache restores): M rows at once equal each row alone, bit for bit.
     rng = torch.Generator().manual_seed(8)
     for type_id, blocks, weight in fast_type_weights(fixtures):
-        x = torch.randn(100, weight.shape[1], generator=rng)
-        alone = torch.cat([fast_cpu.gemv(blocks, type_id, x[i : i + 1]) for i in range(100)])
-        for rows in (1, 3, 17, 100):
-            assert torch.equal(fast_cpu.matmul(blocks, type_id, x[:rows], weight.shape[1]), alone[:rows]), (
+        in_features, out_features = weight.shape[1], weight.shape[0]
+        weights = kernel_weights(fast_cpu, blocks, type_id, in_features)
+        x = torch.randn(100, in_features, generator=rng)
+        alone = torch.cat([fast_cpu.matmul(weights, type_id, x[i : i + 1], in_features, out_features) for i in range(100)])
+        for rows in (1, 2, 3, 17, 100):
+            assert torch.equal(fast_cpu.matmul(weights, type_id, x[:rows], in_features, out_features), alone[:rows]), (
                 T(type_id).name,
                 rows,
             )
 
 
-def test_expert_gemv_is_gemv_per_slot(moe_q4_k_m, fast_cpu):
-    info = moe_q4_k_m.tensors["blk.1.ffn_gate_exps.weight"]
-    experts = QuantExperts(moe_q4_k_m.tensor_data(info.name), info.type_id, *info.torch_shape)
-    # Decode-sized (5 slots) and prefill-sized (70 slots, many per expert) calls.
-    for ids in (torch.tensor([3, 15, 3, 0, 7]), torch.randint(0, info.torch_shape[0], (70,))):
-        x = torch.randn(ids.numel(), info.torch_shape[2])
-        fused = fast_cpu.expert_matmul(experts.blocks, info.type_id, x, ids, info.torch_shape[2])
-        for slot, expert in enumerate(ids.tolist()):
-            alone = fast_cpu.gemv(experts.blocks[expert], info.type_id, x[slot : slot + 1])[0]
-            assert torch.equal(fused[slot], alone)
+def test_group_matmul_equals_each_matmul(fixtures, fast_cpu):
+    # Layers that share an input in one call (mixed types: two block sizes of x, padded
+    # groups): each output column block equals that layer's own matmul, bit for bit.
+    packed = [(type_id, blocks[:rows], weight.shape[1])
+              for type_id, blocks, weight in fast_type_weights(fixtures) if type_id in fast_cpu.PACKED_TYPES
+              for rows in (blocks.shape[0], 21)]
+    width = min(k for _, _, k in packed)
+    layers = [(type_id, fast_cpu.pack(blocks[:, : blocks.shape[1] * width // k], type_id, width), blocks.shape[0])
+              for type_id, blocks, k in packed]
+    rng = torch.Generator().manual_seed(13)
+    for rows in (1, 2, 9):
+        x = torch.randn(rows, width, generator=rng)
+        together = fast_cpu.group_matmul([w for _, w, _ in layers], [t for t, _, _ in layers], x, width,
+                                         [n for _, _, n in layers])
+        expected = torch.cat([fast_cpu.matmul(w, t, x, width, n) for t, w, n in layers], dim=1)
+        assert torch.equal(together, expected), rows
+
+
+def test_linear_group_gives_each_layers_output(fixtures, fast_cpu, monkeypatch):
+    monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
+    monkeypatch.setattr(quant_linear, "_FAST_GROUP_KERNEL", [])
+    with GGUFModel(fixtures / "tiny" / "dense-Q4_K_M.gguf") as model:
+        names = ("blk.3.attn_q.weight", "blk.3.attn_k.weight", "blk.3.attn_v.weight")  # Q4_K and Q6_K
+        layers = [QuantLinear(model.tensor_data(n), model.tensors[n].type_id, *model.tensors[n].torch_shape) for n in names]
+        group = quant_linear.LinearGroup(*layers)
+        x = torch.randn(2, 3, layers[0].in_features)
+        reference = [layer(x) for layer in layers]  # nothing registered: the reference path
+        assert all(torch.equal(a, b) for a, b in zip(group(x), reference))
+        assert fast_cpu.install()
+        set_mode(torch.nn.ModuleList(layers), "fast")
+        fast = group(x)
+        assert [out.shape for out in fast] == [out.shape for out in reference]
+        for ours, alone, expected in zip(fast, (layer(x) for layer in layers), reference):
+            assert torch.equal(ours, alone)
+            assert relative_error(ours, expected) < 1.5e-2
+
+
+def test_expert_matmul_is_matmul_per_slot(moe_q4_k_m, fast_cpu):
+    for name in ("blk.1.ffn_gate_exps.weight", "blk.0.ffn_down_exps.weight"):
+        info = moe_q4_k_m.tensors[name]
+        experts = QuantExperts(moe_q4_k_m.tensor_data(info.name), info.type_id, *info.torch_shape)
+        n_experts, out_features, in_features = info.torch_shape
+        weights = kernel_weights(fast_cpu, experts.blocks, info.type_id, in_features)
+        # Decode-sized (5 slots) and prefill-sized (70 slots, many per expert) calls.
+        for ids in (torch.tensor([3, 15, 3, 0, 7]), torch.randint(0, n_experts, (70,))):
+            x = torch.randn(ids.numel(), in_features)
+            fused = fast_cpu.expert_matmul(weights, info.type_id, x, ids, in_features, out_features)
+            for slot, expert in enumerate(ids.tolist()):
+                alone = fast_cpu.matmul(weights[expert], info.type_id, x[slot : slot + 1], in_features, out_features)[0]
+                assert torch.equal(fused[slot], alone)
 
 
 def test_fast_mode_layers_agree_with_reference(moe_q4_k_m, fast_cpu, monkeypatch):

@@ -8,9 +8,11 @@ into the memory map (no copy).
 
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import os
+import sys
 import re
 import struct
 from dataclasses import dataclass
@@ -252,6 +254,22 @@ class GGUFFile:
     def buffer(self):
         return self._mmap
 
+    def release_pages(self, start: int, stop: int) -> bool:
+        """Drop this process's resident pages of file bytes [start, stop) (whole pages only).
+
+        Weights copied into another layout are not read from the map again; their pages
+        would otherwise stay counted in the process's memory. The map is shared and
+        read-only, so a later read simply faults the bytes back in from the file.
+        """
+        if sys.platform != "linux" or not 0 <= start < stop <= len(self._mmap):
+            return False
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, stop // page * page
+        if first >= last:
+            return False
+        base = np.frombuffer(self._mmap, dtype=np.uint8).ctypes.data
+        return _libc().madvise(ctypes.c_void_p(base + first), ctypes.c_size_t(last - first), _MADV_DONTNEED) == 0
+
     def close(self) -> None:
         mapping = getattr(self, "_mmap", None)
         if mapping is not None:
@@ -261,6 +279,15 @@ class GGUFFile:
                 pass  # numpy views still alive: the map closes when they go
         if getattr(self, "_file", None) is not None:
             self._file.close()
+
+
+_MADV_DONTNEED = 4  # linux/mman-common.h
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return libc
 
 
 def split_paths(path: str | os.PathLike) -> list[Path]:
@@ -319,6 +346,17 @@ class GGUFModel:
         """The raw bytes of a tensor as a read-only uint8 view of the memory map."""
         info = self.tensors[name]
         return np.frombuffer(self.files[info.file_index].buffer(), dtype=np.uint8, count=info.nbytes, offset=info.offset)
+
+    def release_tensor_pages(self, data) -> bool:
+        """`release_pages` for the bytes under `data` (a numpy array or tensor), when they lie in
+        one of this model's maps; anything else is left alone. True when pages were dropped."""
+        address = data.data_ptr() if hasattr(data, "data_ptr") else data.ctypes.data
+        length = data.nbytes
+        for gguf_file in self.files:
+            base = np.frombuffer(gguf_file.buffer(), dtype=np.uint8).ctypes.data
+            if base <= address and address + length <= base + len(gguf_file.buffer()):
+                return gguf_file.release_pages(address - base, address - base + length)
+        return False
 
     def file_size(self) -> int:
         return sum(os.path.getsize(f.path) for f in self.files)

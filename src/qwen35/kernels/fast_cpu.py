@@ -4,17 +4,23 @@ Types: every quantized type of dequant.SUPPORTED_TYPES (Q4_0, Q4_1, Q5_0, Q5_1, 
 Q2_K..Q6_K, IQ4_NL, IQ4_XS) and F16/BF16 weights (HF checkpoints). F32 weights need no
 dequantization and keep QuantLinear's reference path (a plain fp32 matmul).
 
-One kernel for every row count: `gemv` reads the blocks directly. x is quantized to
-int8 per row (one scale per weight block: 256 values for K-quants and IQ4_XS, 32 for the
-32-value types) as llama.cpp does, and the dot products run as uint8 x int8 -> int32
-(vpdpbusd). Error: that of 8-bit activations, like llama.cpp's own CPU path. F16/BF16
-weights are widened to fp32 and multiplied with x in fp32 (reference precision, other
-summation order). Many-row calls (prefill) unpack each weight block once for up to four
-rows of x and keep a tile of weight rows in L2 while all rows pass over it; every row's
-arithmetic is still exactly that of a call with that row alone, so results are
-batch-invariant: a row gets the same bits whatever else shares its call (other
-requests, other chunk sizes). MoE calls (`expert_gemv`) group slots by expert in C++,
-again with each slot's result equal to a single-row gemv.
+Two kernels, both for any number of rows, both with x quantized to int8 per row (one
+scale per weight block: 256 values for K-quants and IQ4_XS, 32 for the 32-value types) as
+llama.cpp does, and the dot products as uint8 x int8 -> int32 (vpdpbusd). Error: that of
+8-bit activations, like llama.cpp's own CPU path.
+- Q4_K, Q6_K and Q8_0 weights (every tensor of the common Q4_K_M, Q6_K and Q8_0 files)
+  are repacked once, when a layer enters "fast" mode (`pack`), into groups of 16 rows
+  whose quants interleave (csrc/ggml_packed.cpp): one vpdpbusd then serves 16 rows, and
+  one unpacked register serves up to four rows of x, which makes prefill a real int8 GEMM.
+  Same bytes as the file, near enough (Q4_K +2.8%); the loader then releases the file's
+  pages, so memory stays about one copy of the weights.
+- Other types read the file's blocks directly (`gemv`, csrc/ggml_gemv.cpp); F16/BF16
+  weights are widened to fp32 and multiplied with x in fp32 (reference precision, other
+  summation order).
+Both are batch-invariant: a row's result is bit-identical whatever else shares its call
+(other requests, other chunk sizes), since every (row of x, row of W) pair goes through
+the same operations in the same order. MoE calls (`expert_matmul`) group slots by
+expert in C++, again with each slot's result equal to a single-row call.
 
 `tiled_bf16_matmul` (weights dequantized to bf16 tiles, bf16 matmul) is no longer used
 by `matmul`; it stays as a measured alternative for the benchmarks.
@@ -50,12 +56,13 @@ log = logging.getLogger(__name__)
 T = GGMLQuantizationType
 _FAST = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
 FAST_TYPES = frozenset(int(t) for t in (*_FAST, T.F16, T.BF16))
+PACKED_TYPES = frozenset(int(t) for t in (T.Q4_K, T.Q6_K, T.Q8_0))
 # Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.
 TILE_BYTES = 1 << 19
 
 _EXTENSION = "qwen35_ggml_cpu"
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "ggml_gemv.cpp", _CSRC / "ggml_dequant.cpp", _CSRC / "delta_rule_cpu.cpp"]
+_SOURCES = [_CSRC / "ggml_gemv.cpp", _CSRC / "ggml_packed.cpp", _CSRC / "ggml_dequant.cpp", _CSRC / "delta_rule_cpu.cpp"]
 _HEADERS = [_CSRC / "ggml_blocks.h"]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
 _COMPILE_FLAGS = [
@@ -165,25 +172,52 @@ def tiled_bf16_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_fe
     return _require().tiled_matmul_bf16(blocks, int(type_id), x, tile_rows)
 
 
-def matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The "fast" QuantLinear kernel: gemv for any number of rows (batch-invariant)."""
-    if blocks.device.type != "cpu" or x.device.type != "cpu":
-        return quant_linear.reference_matmul(blocks, type_id, x, in_features)
-    if not blocks.is_contiguous():
-        blocks = blocks.contiguous()
-    return gemv(blocks, type_id, x)
+def pack(blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor:
+    """Blocks [out, row_bytes] or [E, out, row_bytes] of a PACKED_TYPES weight -> the packed
+    layout ([E,] ceil(out / 16), blocks per row, bytes per packed block) that packed_gemv reads.
+    Other types (and weights off the CPU) stay as they are."""
+    if int(type_id) not in PACKED_TYPES or blocks.device.type != "cpu":
+        return blocks
+    return _require().pack_rows(blocks.contiguous(), int(type_id), int(in_features))
+
+
+def packed_gemv(packed: torch.Tensor, type_id: int, x: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [M, K] @ W^T with W given by `pack`; int8 activations. -> [M, out_features] float32."""
+    return _require().packed_gemv(packed, int(type_id), x, int(out_features))
+
+
+def matmul(weights: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """The "fast" QuantLinear kernel for any number of rows (batch-invariant); `weights` are
+    what `pack` made of the blocks."""
+    if weights.device.type != "cpu" or x.device.type != "cpu":
+        return quant_linear.reference_matmul(weights, type_id, x, in_features)
+    if int(type_id) in PACKED_TYPES:
+        return packed_gemv(weights, type_id, x, out_features)
+    return gemv(weights.contiguous(), type_id, x)
+
+
+def group_matmul(
+    weights: list[torch.Tensor], type_ids: list[int], x: torch.Tensor, in_features: int, out_features: list[int]
+) -> torch.Tensor | None:
+    """The "fast" LinearGroup kernel: several packed weights on one input in one call,
+    outputs side by side; each column equals `matmul` of its own weight. Declines (None)
+    unless every weight is a packed type on the CPU."""
+    if x.device.type != "cpu" or any(int(t) not in PACKED_TYPES or w.device.type != "cpu" for w, t in zip(weights, type_ids)):
+        return None
+    return _require().packed_gemv_many(weights, [int(t) for t in type_ids], x, [int(n) for n in out_features])
 
 
 def expert_matmul(
-    blocks: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int
+    weights: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int,
+    out_features: int,
 ) -> torch.Tensor | None:
-    """The "fast" QuantExperts kernel: every (slot, expert) pair in one expert_gemv call,
-    x [S, in] one row per slot; each slot's row equals gemv of that row alone."""
-    if blocks.device.type != "cpu" or x.device.type != "cpu":
+    """The "fast" QuantExperts kernel: every (slot, expert) pair in one call, x [S, in] one
+    row per slot; each slot's row equals that row alone through `matmul`."""
+    if weights.device.type != "cpu" or x.device.type != "cpu":
         return None
-    if not blocks.is_contiguous():
-        blocks = blocks.contiguous()
-    return _require().expert_gemv(blocks, int(type_id), x, expert_ids)
+    if int(type_id) in PACKED_TYPES:
+        return _require().packed_expert_gemv(weights, int(type_id), x, expert_ids, int(out_features))
+    return _require().expert_gemv(weights.contiguous(), int(type_id), x, expert_ids)
 
 
 def recurrent_delta_rule(q, k, v, g, beta, state) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,14 +226,15 @@ def recurrent_delta_rule(q, k, v, g, beta, state) -> tuple[torch.Tensor, torch.T
 
 
 def install() -> bool:
-    """Register `matmul` and `expert_matmul` as the "fast" mode kernels of QuantLinear and
-    QuantExperts for FAST_TYPES.
+    """Register `matmul` and `expert_matmul` (with `pack` preparing the weights) as the "fast"
+    mode kernels of QuantLinear and QuantExperts for FAST_TYPES.
 
     Returns False (and registers nothing) where the kernels cannot run.
     """
     if not available():
         return False
+    quant_linear.register_fast_group_kernel(group_matmul)
     for type_id in FAST_TYPES:
-        quant_linear.register_fast_kernel(type_id, matmul)
+        quant_linear.register_fast_kernel(type_id, matmul, prepare=pack if type_id in PACKED_TYPES else None)
         quant_linear.register_fast_expert_kernel(type_id, expert_matmul)
     return True

@@ -11,8 +11,11 @@ Each module has a `mode`:
 - "fast": a registered fast kernel for the weight's type when there is one
   (see `register_fast_kernel`, and `register_fast_expert_kernel` for whole MoE calls;
   `qwen35.kernels.fast_cpu.install()` registers the AVX-512 CPU kernels for every
-  quantized type and F16/BF16), otherwise the reference path. The model never needs to know which: `set_mode(model, "fast")`
-  switches every layer in place.
+  quantized type and F16/BF16), otherwise the reference path. The model never needs to
+  know which: `set_mode(model, "fast")` switches every layer in place. A kernel may want
+  the weights re-arranged: its `prepare` function runs once, when a module enters
+  "fast" mode, and the result (`fast_weights`) is what the kernel then receives; leaving
+  "fast" mode drops it.
 
 Both return float32, whatever the input dtype. Weights from HF checkpoints
 (F32/F16/BF16) go through `from_dense` and keep their dtype.
@@ -41,25 +44,46 @@ _DENSE_TYPES = {
     torch.bfloat16: GGMLQuantizationType.BF16,
 }
 
-# A fast kernel computes x @ W^T from the raw blocks:
-#   kernel(blocks [out, row_bytes] uint8, type_id, x [M, in] float32, in_features) -> [M, out] float32
-FastKernel = Callable[[torch.Tensor, int, torch.Tensor, int], torch.Tensor]
+# A fast kernel computes x @ W^T from the weights in its own form (see WeightPrep):
+#   kernel(weights, type_id, x [M, in] float32, in_features, out_features) -> [M, out] float32
+FastKernel = Callable[[torch.Tensor, int, torch.Tensor, int, int], torch.Tensor]
 _FAST_KERNELS: dict[int, FastKernel] = {}
 
 # A fast expert kernel takes a whole QuantExperts call, or declines it by returning None:
-#   kernel(blocks [E, out, row_bytes], type_id, x [S, in] float32 (one row per slot),
-#          expert_ids [S], in_features) -> [S, out] float32 | None
-FastExpertKernel = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor, int], torch.Tensor | None]
+#   kernel(weights, type_id, x [S, in] float32 (one row per slot), expert_ids [S],
+#          in_features, out_features) -> [S, out] float32 | None
+FastExpertKernel = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor, int, int], torch.Tensor | None]
 _FAST_EXPERT_KERNELS: dict[int, FastExpertKernel] = {}
 
+# A fast group kernel applies several layers to one input in one call, or declines (None):
+#   kernel([weights], [type_id], x [M, in] float32, in_features, [out_features]) -> [M, sum(out)] | None
+FastGroupKernel = Callable[[list, list, torch.Tensor, int, list], torch.Tensor | None]
+_FAST_GROUP_KERNEL: list[FastGroupKernel] = []
 
-def register_fast_kernel(type_id: int, kernel: FastKernel) -> None:
-    """Make `kernel` the "fast" mode matmul for weights of ggml type `type_id`."""
+# The weights' form for a type's fast kernels, made once from the blocks:
+#   prepare(blocks [out, row_bytes] or [E, out, row_bytes], type_id, in_features) -> weights
+# Without one, the kernels take the blocks themselves.
+WeightPrep = Callable[[torch.Tensor, int, int], torch.Tensor]
+_WEIGHT_PREPS: dict[int, WeightPrep] = {}
+
+
+def register_fast_kernel(type_id: int, kernel: FastKernel, prepare: WeightPrep | None = None) -> None:
+    """Make `kernel` the "fast" mode matmul for weights of ggml type `type_id`, fed with
+    `prepare(blocks, type_id, in_features)` when given (for QuantExperts too)."""
     _FAST_KERNELS[int(type_id)] = kernel
+    if prepare is None:
+        _WEIGHT_PREPS.pop(int(type_id), None)
+    else:
+        _WEIGHT_PREPS[int(type_id)] = prepare
 
 
 def fast_kernel_for(type_id: int) -> FastKernel | None:
     return _FAST_KERNELS.get(int(type_id))
+
+
+def register_fast_group_kernel(kernel: FastGroupKernel) -> None:
+    """Let `kernel` take whole LinearGroup calls whose layers are all in "fast" mode."""
+    _FAST_GROUP_KERNEL[:] = [kernel]
 
 
 def register_fast_expert_kernel(type_id: int, kernel: FastExpertKernel) -> None:
@@ -74,6 +98,32 @@ def set_mode(root: torch.nn.Module, mode: str) -> None:
     for module in root.modules():
         if isinstance(module, (QuantLinear, QuantExperts)):
             module.mode = mode
+
+
+class _Modes:
+    """The `mode` switch shared by QuantLinear and QuantExperts: entering "fast" prepares the
+    kernel's weights once (see WeightPrep), leaving it frees them."""
+
+    _mode = "reference"
+    fast_weights: torch.Tensor | None = None
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise Qwen35Error(f"unknown kernel mode {mode!r} (choose from {', '.join(MODES)})")
+        prepare = _WEIGHT_PREPS.get(self.type_id) if mode == "fast" else None
+        if prepare is None:
+            self.fast_weights = None
+        elif self._mode != "fast" or self.fast_weights is None:
+            self.fast_weights = prepare(self.blocks, self.type_id, self.in_features)
+        self._mode = mode
+
+    def _kernel_weights(self) -> torch.Tensor:
+        return self.blocks if self.fast_weights is None else self.fast_weights
 
 
 def _dense_bytes(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -100,7 +150,7 @@ def _as_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.to(torch.float32)
 
 
-class QuantLinear(torch.nn.Module):
+class QuantLinear(_Modes, torch.nn.Module):
     """y = x @ W^T (no bias) with W [out_features, in_features] kept as GGUF blocks."""
 
     def __init__(self, raw: torch.Tensor | np.ndarray, type_id: int, out_features: int, in_features: int):
@@ -110,7 +160,6 @@ class QuantLinear(torch.nn.Module):
         self.type_id = int(type_id)
         self.out_features = int(out_features)
         self.in_features = int(in_features)
-        self.mode = "reference"
         blocks = _weight_bytes(raw, self.type_id, (self.out_features, self.in_features))
         # Not persistent: these are file bytes, not trainable state, and may be read-only.
         self.register_buffer("blocks", blocks, persistent=False)
@@ -148,10 +197,38 @@ class QuantLinear(torch.nn.Module):
         flat = _as_float32(x.reshape(-1, self.in_features))
         kernel = fast_kernel_for(self.type_id) if self.mode == "fast" else None
         if kernel is not None:
-            out = kernel(self.blocks, self.type_id, flat, self.in_features)
+            out = kernel(self._kernel_weights(), self.type_id, flat, self.in_features, self.out_features)
         else:
             out = reference_matmul(self.blocks, self.type_id, flat, self.in_features)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class LinearGroup:
+    """Several QuantLinear layers that read the same input, applied in one kernel call where
+    a group kernel takes them (x quantized once, one pass of the threads: decode makes many
+    small calls, each with a fixed cost); otherwise one layer after another.
+
+    Returns one output per layer, as column slices of one [..., sum(out)] tensor.
+    """
+
+    def __init__(self, *layers: QuantLinear):
+        if not layers or len({layer.in_features for layer in layers}) != 1:
+            raise Qwen35Error("a LinearGroup needs layers of one input width")
+        self.layers = layers
+        self.in_features = layers[0].in_features
+        self.out_features = [layer.out_features for layer in layers]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kernel = _FAST_GROUP_KERNEL[0] if _FAST_GROUP_KERNEL else None
+        if kernel is not None and all(layer.mode == "fast" for layer in self.layers):
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"input width {x.shape[-1]} does not match in_features {self.in_features}")
+            flat = _as_float32(x.reshape(-1, self.in_features))
+            out = kernel([layer._kernel_weights() for layer in self.layers], [layer.type_id for layer in self.layers],
+                         flat, self.in_features, self.out_features)
+            if out is not None:
+                return out.reshape(*x.shape[:-1], -1).split(self.out_features, dim=-1)
+        return tuple(layer(x) for layer in self.layers)
 
 
 def reference_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -168,7 +245,7 @@ def reference_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_fea
     return out
 
 
-class QuantExperts(torch.nn.Module):
+class QuantExperts(_Modes, torch.nn.Module):
     """MoE expert weights [n_experts, out, in] kept as GGUF blocks; one matmul per used expert.
 
     GGUF stores them as [in, out, n_experts] (row width first), which is this
@@ -185,7 +262,6 @@ class QuantExperts(torch.nn.Module):
         self.n_experts = int(n_experts)
         self.out_features = int(out_features)
         self.in_features = int(in_features)
-        self.mode = "reference"
         blocks = _weight_bytes(raw, self.type_id, (self.n_experts, self.out_features, self.in_features))
         self.register_buffer("blocks", blocks, persistent=False)
 
@@ -217,7 +293,7 @@ class QuantExperts(torch.nn.Module):
         """x [M, in] float32 @ W_expert^T -> [M, out] float32."""
         kernel = fast_kernel_for(self.type_id) if self.mode == "fast" else None
         if kernel is not None:
-            return kernel(self.blocks[expert], self.type_id, x, self.in_features)
+            return kernel(self._kernel_weights()[expert], self.type_id, x, self.in_features, self.out_features)
         return x @ self.dequantized_expert(expert).t()
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -253,7 +329,8 @@ class QuantExperts(torch.nn.Module):
         inputs = _as_float32(inputs)
         whole_call = _FAST_EXPERT_KERNELS.get(self.type_id) if self.mode == "fast" else None
         if whole_call is not None:
-            fused = whole_call(self.blocks, self.type_id, inputs[source], ids, self.in_features)
+            fused = whole_call(self._kernel_weights(), self.type_id, inputs[source], ids, self.in_features,
+                               self.out_features)
             if fused is not None:
                 return fused.reshape(*expert_ids.shape, self.out_features)
         order = torch.argsort(ids, stable=True)

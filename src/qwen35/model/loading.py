@@ -54,6 +54,17 @@ def _attach_vision(model: Model, tower, settings, precision: str, source=None) -
     model.vision, model.image_settings, model._vision_source = tower, settings, source
 
 
+def _release_copied_file_pages(network, source) -> None:
+    """Weights the fast kernels copied into their own layout are not read from the file map
+    again: drop the map's pages so memory holds one copy (embedding rows fault back in)."""
+    release = getattr(source, "release_tensor_pages", None)
+    if release is None:
+        return
+    for module in network.modules():
+        if isinstance(module, (QuantLinear, QuantExperts)) and module.fast_weights is not None:
+            release(module.blocks)
+
+
 def _check_expert_count(config, path) -> None:
     # Per-expert name tables are built from this number before any tensor is checked.
     if config.num_experts > MAX_EXPERTS:
@@ -71,6 +82,7 @@ def _build(config, weights: dict, mtp: dict, precision: str, device: torch.devic
 
         fast_cpu.install()
     set_mode(network, "reference" if precision == "reference" else "fast")
+    _release_copied_file_pages(network, source)
     model = Model(network, config, generation_defaults, precision, source=source)
     model.device = device
     return model

@@ -22,6 +22,7 @@ from torch import nn
 
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
 from qwen35.kernels.delta_rule import gated_delta_rule
+from qwen35.kernels.quant_linear import LinearGroup
 from qwen35.model.config import FULL_ATTENTION, ModelConfig
 
 L2_NORM_EPS = 1e-6
@@ -167,16 +168,18 @@ class Attention:
     def __init__(self, c: ModelConfig, w: dict, prefix: str):
         self.c = c
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (w[f"{prefix}.{n}"] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.qkv_proj = LinearGroup(self.q_proj, self.k_proj, self.v_proj)
         self.q_norm, self.k_norm = w[f"{prefix}.q_norm"], w[f"{prefix}.k_norm"]
 
     def __call__(self, x, kv: AttentionKV, starts, rope, mask):
         c = self.c
         batch, length, _ = x.shape
-        q_gate = self.q_proj(x).view(batch, length, c.num_attention_heads, 2 * c.head_dim)
+        q_gate, k, v = self.qkv_proj(x)
+        q_gate = q_gate.view(batch, length, c.num_attention_heads, 2 * c.head_dim)
         q, gate = q_gate[..., : c.head_dim], q_gate[..., c.head_dim :]
         q = rms_norm(q, self.q_norm, c.rms_norm_eps)
-        k = rms_norm(self.k_proj(x).view(batch, length, c.num_key_value_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
-        v = self.v_proj(x).view(batch, length, c.num_key_value_heads, c.head_dim)
+        k = rms_norm(k.view(batch, length, c.num_key_value_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
+        v = v.view(batch, length, c.num_key_value_heads, c.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
         kv.write(starts, k, v)
@@ -272,9 +275,11 @@ def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
 class MLP:
     def __init__(self, w: dict, prefix: str):
         self.gate_proj, self.up_proj, self.down_proj = (w[f"{prefix}.{n}"] for n in ("gate_proj", "up_proj", "down_proj"))
+        self.gate_up_proj = LinearGroup(self.gate_proj, self.up_proj)
 
     def __call__(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class SparseMoE:

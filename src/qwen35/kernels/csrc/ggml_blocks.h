@@ -66,6 +66,30 @@ inline void check_blocks(const at::Tensor& blocks, Geometry geo, int64_t k) {
               "blocks do not hold rows of ", k, " values");
 }
 
+// One row of x quantized to int8 as llama.cpp does: blocks of `block` values share a float
+// scale (amax / 127); `sums` holds the sum of each 16 quantized values (for the weights'
+// min/offset terms).
+inline void quantize_row(const float* x, int64_t k, int64_t block, int8_t* q, float* scale, int16_t* sums) {
+  for (int64_t b = 0; b < k / block; ++b) {
+    const float* xb = x + b * block;
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t i = 0; i < block; i += 16) {
+      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
+    }
+    const float amax = _mm512_reduce_max_ps(vmax);
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    scale[b] = d;
+    const __m512 vid = _mm512_set1_ps(id);
+    for (int64_t i = 0; i < block; i += 16) {
+      // Round to nearest even; |x * id| <= 127 so no clamping is needed.
+      __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), vid));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * block + i), _mm512_cvtsepi32_epi8(qi));
+      sums[(b * block + i) / 16] = static_cast<int16_t>(_mm512_reduce_add_epi32(qi));
+    }
+  }
+}
+
 inline float f16_at(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);

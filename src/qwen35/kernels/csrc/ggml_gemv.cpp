@@ -36,27 +36,6 @@ struct QuantizedRow {
   const float* x;
 };
 
-void quantize_row(const float* x, int64_t k, int64_t block, int8_t* q, float* scale, int16_t* sums) {
-  for (int64_t b = 0; b < k / block; ++b) {
-    const float* xb = x + b * block;
-    __m512 vmax = _mm512_setzero_ps();
-    for (int64_t i = 0; i < block; i += 16) {
-      vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xb + i)));
-    }
-    const float amax = _mm512_reduce_max_ps(vmax);
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    scale[b] = d;
-    const __m512 vid = _mm512_set1_ps(id);
-    for (int64_t i = 0; i < block; i += 16) {
-      // Round to nearest even; |x * id| <= 127 so no clamping is needed.
-      __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xb + i), vid));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + b * block + i), _mm512_cvtsepi32_epi8(qi));
-      sums[(b * block + i) / 16] = static_cast<int16_t>(_mm512_reduce_add_epi32(qi));
-    }
-  }
-}
-
 inline __m256i load32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline __m256i load32(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 

@@ -1,0 +1,674 @@
+// Row-group packing of Q4_K / Q6_K / Q8_0 weights and the int8 GEMM that reads it, for
+// decode and prefill alike.
+//
+// ggml keeps each weight row's blocks together, so a dot product of one row with x ends
+// in a horizontal sum, and every row unpacks its own quants. Packed, 16 consecutive rows
+// share each block: a 512-bit register holds 4 consecutive quants of each of the 16 rows
+// (byte 4n + j: row n, value j), so one vpdpbusd with 4 broadcast x values advances 16
+// dot products at once, and one unpacked register serves every row of x in the call.
+// Packing happens once, at load; the bytes per weight are those of the file (the scales
+// are spread out, not widened: Q4_K takes 2.8% more, Q6_K and Q8_0 the same).
+//
+// Arithmetic: x is quantized to int8 per row as for the row-major kernels (per 256 values
+// for Q4_K/Q6_K, per 32 for Q8_0); weights enter vpdpbusd as unsigned bytes (Q4_K 0..15,
+// Q6_K 0..63, Q8_0 stored plus 128) and the offsets come back through exact integer sums
+// of x. Integer sums are exact; each output's float accumulation runs block by block in
+// one fixed order, whatever the number of x rows or the rows sharing the call: results
+// are batch-invariant, bit for bit.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "ggml_blocks.h"
+
+namespace qwen35_ggml {
+namespace {
+
+constexpr int64_t GROUP = 16;   // weight rows per packed group: one 32-bit lane each
+constexpr int MAX_X_ROWS = 4;   // rows of x per microkernel call
+constexpr int MAX_GROUPS = 4;   // weight groups per microkernel call (4 for one or two rows of x, else 2)
+constexpr int PREFILL_GROUPS = 2;
+
+struct PackedFormat {
+  int64_t block_size;  // values of a row per packed block
+  int64_t bytes;       // bytes per packed block of GROUP rows
+  int64_t corr_per_block;  // int32 correction terms of x per block
+};
+
+PackedFormat packed_format(int64_t type_id) {
+  switch (type_id) {
+    case TYPE_Q4_K: return {QK_K, 2368, 4};
+    case TYPE_Q6_K: return {QK_K, 3360, 16};
+    case TYPE_Q8_0: return {32, 544, 1};
+    default: TORCH_CHECK(false, "qwen35_ggml: no packed layout for ggml type ", type_id);
+  }
+}
+
+// ------------------------------------------------------------------------------- packing
+//
+// Q4_K, per group and super-block (2368 bytes):
+//   [0, 32) d of the 16 rows (fp16)    [32, 64) dmin (fp16)
+//   [64, 192) scales [8 sub-blocks][16 rows] u8
+//   [192, 320) mins [4 sub-block pairs][16 rows][2] u8
+//   [320, 2368) 32 chunks of 64 bytes, chunk c = values 8c..8c+7:
+//       byte 4n + j = q[n][8c + j] | q[n][8c + 4 + j] << 4
+// Q6_K (3360 bytes):
+//   [0, 32) d (fp16)    [32, 288) scales [16 groups][16 rows] int8
+//   [288, 2336) low 4 bits, 32 chunks laid out as Q4_K's quants
+//   [2336, 3360) high 2 bits, 16 chunks of 64 bytes, chunk s = values 16s..16s+15:
+//       bits 2i, 2i+1 of byte 4n + j = high bits of q[n][16s + 4i + j]
+// Q8_0, per group and 32-value block (544 bytes):
+//   [0, 32) d (fp16)    [32, 544) 8 chunks, byte 4n + j of chunk c = q[n][4c + j] + 128
+
+void unpack_q4_k(const uint8_t* blk, uint8_t* q, uint8_t* scales, uint8_t* mins) {
+  alignas(16) uint8_t sm[16];
+  _mm_store_si128(reinterpret_cast<__m128i*>(sm), q4_k_scales_mins(blk + 4));
+  std::memcpy(scales, sm, 8);
+  std::memcpy(mins, sm + 8, 8);
+  for (int g = 0; g < 4; ++g) {
+    for (int l = 0; l < 32; ++l) {
+      q[64 * g + l] = blk[16 + 32 * g + l] & 0x0F;
+      q[64 * g + 32 + l] = blk[16 + 32 * g + l] >> 4;
+    }
+  }
+}
+
+void unpack_q6_k(const uint8_t* blk, uint8_t* q) {
+  for (int half = 0; half < 2; ++half) {
+    const uint8_t* ql = blk + 64 * half;
+    const uint8_t* qh = blk + 128 + 32 * half;
+    uint8_t* out = q + 128 * half;
+    for (int l = 0; l < 32; ++l) {
+      out[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+      out[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+      out[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+      out[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+    }
+  }
+}
+
+// Interleave 4-value runs of 16 rows' quants: 64 bytes per 4 values, nibbles of `q` packed
+// as described above (two 4-value runs per byte).
+void put_nibble_chunks(const uint8_t (*q)[QK_K], uint8_t* out) {
+  for (int c = 0; c < QK_K / 8; ++c) {
+    for (int n = 0; n < GROUP; ++n) {
+      for (int j = 0; j < 4; ++j) {
+        out[64 * c + 4 * n + j] = (q[n][8 * c + j] & 0x0F) | ((q[n][8 * c + 4 + j] & 0x0F) << 4);
+      }
+    }
+  }
+}
+
+// One packed block from GROUP source blocks (nullptr: a padding row, all zero).
+void pack_block(int64_t type_id, const uint8_t* const* src, uint8_t* out) {
+  std::memset(out, 0, packed_format(type_id).bytes);
+  alignas(64) uint8_t q[GROUP][QK_K] = {};
+  if (type_id == TYPE_Q4_K) {
+    for (int n = 0; n < GROUP; ++n) {
+      if (src[n] == nullptr) continue;
+      uint8_t scales[8], mins[8];
+      unpack_q4_k(src[n], q[n], scales, mins);
+      std::memcpy(out + 2 * n, src[n], 2);
+      std::memcpy(out + 32 + 2 * n, src[n] + 2, 2);
+      for (int sb = 0; sb < 8; ++sb) {
+        out[64 + GROUP * sb + n] = scales[sb];
+        out[192 + 32 * (sb / 2) + 2 * n + sb % 2] = mins[sb];
+      }
+    }
+    put_nibble_chunks(q, out + 320);
+  } else if (type_id == TYPE_Q6_K) {
+    for (int n = 0; n < GROUP; ++n) {
+      if (src[n] == nullptr) continue;
+      unpack_q6_k(src[n], q[n]);
+      std::memcpy(out + 2 * n, src[n] + 208, 2);
+      for (int s = 0; s < 16; ++s) out[32 + GROUP * s + n] = src[n][192 + s];
+    }
+    put_nibble_chunks(q, out + 288);
+    for (int s = 0; s < 16; ++s) {
+      for (int n = 0; n < GROUP; ++n) {
+        for (int j = 0; j < 4; ++j) {
+          uint8_t bits = 0;
+          for (int i = 0; i < 4; ++i) bits |= ((q[n][16 * s + 4 * i + j] >> 4) & 3) << (2 * i);
+          out[2336 + 64 * s + 4 * n + j] = bits;
+        }
+      }
+    }
+  } else {  // Q8_0
+    for (int n = 0; n < GROUP; ++n) {
+      if (src[n] == nullptr) continue;
+      std::memcpy(out + 2 * n, src[n], 2);
+      for (int c = 0; c < 8; ++c) {
+        for (int j = 0; j < 4; ++j) out[32 + 64 * c + 4 * n + j] = static_cast<uint8_t>(src[n][2 + 4 * c + j] ^ 0x80);
+      }
+    }
+  }
+}
+
+// blocks [E, N, row_bytes] (or [N, row_bytes]) -> [E, ceil(N / 16), blocks per row, packed bytes].
+at::Tensor pack_rows(const at::Tensor& blocks_in, int64_t type_id, int64_t k) {
+  const PackedFormat fmt = packed_format(type_id);
+  const Geometry geo = geometry(type_id);
+  const at::Tensor blocks = blocks_in.dim() == 2 ? blocks_in.unsqueeze(0) : blocks_in;
+  TORCH_CHECK(blocks.dim() == 3, "blocks must be [N, row_bytes] or [E, N, row_bytes]");
+  const int64_t experts = blocks.size(0), n = blocks.size(1);
+  check_blocks(blocks.reshape({experts * n, blocks.size(2)}), geo, k);
+  const at::Tensor source = blocks.contiguous();
+  const int64_t groups = (n + GROUP - 1) / GROUP, n_blocks = k / fmt.block_size, row_bytes = source.size(2);
+  at::Tensor packed = at::empty({experts, groups, n_blocks, fmt.bytes}, at::kByte);
+  const uint8_t* src = source.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, experts * groups, 1, [&](int64_t begin, int64_t end) {
+    const uint8_t* rows[GROUP];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t e = item / groups, g = item % groups;
+      for (int64_t b = 0; b < n_blocks; ++b) {
+        for (int64_t r = 0; r < GROUP; ++r) {
+          const int64_t row = g * GROUP + r;
+          rows[r] = row < n ? src + (e * n + row) * row_bytes + b * geo.type_size : nullptr;
+        }
+        pack_block(type_id, rows, dst + (item * n_blocks + b) * fmt.bytes);
+      }
+    }
+  });
+  return blocks_in.dim() == 2 ? packed.squeeze(0) : packed;
+}
+
+// ------------------------------------------------------------------------- activations
+
+// x rows quantized for the packed types: int8 values, a float scale per block and int32
+// correction terms that turn the unsigned weight codes back into signed values:
+//   Q4_K: per super-block 4 words, each the sums of x over sub-blocks 2i and 2i + 1 as
+//         two int16 (paired with the mins by vpdpwssd);
+//   Q6_K: -32 * (sum of x) per group of 16;   Q8_0: -128 * (sum of x) per block.
+struct XRow {
+  const int8_t* q;
+  const float* dx;
+  const int32_t* corr;
+};
+
+constexpr int64_t CORR_TYPES[] = {TYPE_Q4_K, TYPE_Q6_K, TYPE_Q8_0};
+constexpr int N_CORR_TYPES = 3;
+
+int corr_index(int64_t type_id) {
+  for (int i = 0; i < N_CORR_TYPES; ++i)
+    if (CORR_TYPES[i] == type_id) return i;
+  TORCH_CHECK(false, "qwen35_ggml: no packed layout for ggml type ", type_id);
+}
+
+// One quantization of x serves every packed type with the same block size (Q4_K and Q6_K:
+// 256, Q8_0: 32); the correction terms of each type in `types` come from the same sums.
+class PackedActivations {
+ public:
+  PackedActivations(const at::Tensor& x, int64_t block_size, const std::vector<int64_t>& types)
+      : m_(x.size(0)), k_(x.size(1)), blocks_(k_ / block_size) {
+    TORCH_CHECK(k_ % block_size == 0, "x rows do not split into blocks of ", block_size);
+    q_ = at::empty({m_, k_}, at::kChar);
+    dx_ = at::empty({m_, blocks_}, at::kFloat);
+    for (int64_t type : types) {
+      const int i = corr_index(type);
+      if (!corr_[i].defined()) corr_[i] = at::empty({m_, blocks_ * packed_format(type).corr_per_block}, at::kInt);
+    }
+    const float* xp = x.data_ptr<float>();
+    int8_t* q = q_.data_ptr<int8_t>();
+    float* dx = dx_.data_ptr<float>();
+    at::parallel_for(0, m_, 16, [&](int64_t begin, int64_t end) {
+      std::vector<int16_t> sums(k_ / 16);
+      for (int64_t r = begin; r < end; ++r) {
+        quantize_row(xp + r * k_, k_, block_size, q + r * k_, dx + r * blocks_, sums.data());
+        for (int i = 0; i < N_CORR_TYPES; ++i) {
+          if (corr_[i].defined()) fill_corrections(CORR_TYPES[i], sums.data(), corr_[i].data_ptr<int32_t>() + r * corr_[i].size(1));
+        }
+      }
+    });
+  }
+
+  XRow row(int64_t r, int64_t type_id) const {
+    const at::Tensor& corr = corr_[corr_index(type_id)];
+    return {q_.data_ptr<int8_t>() + r * k_, dx_.data_ptr<float>() + r * blocks_, corr.data_ptr<int32_t>() + r * corr.size(1)};
+  }
+
+ private:
+  void fill_corrections(int64_t type_id, const int16_t* sums, int32_t* c) const {
+    if (type_id == TYPE_Q6_K) {
+      for (int64_t i = 0; i < k_ / 16; ++i) c[i] = -32 * sums[i];
+      return;
+    }
+    for (int64_t i = 0; i < k_ / 32; ++i) {
+      const int32_t sum32 = sums[2 * i] + sums[2 * i + 1];
+      if (type_id == TYPE_Q8_0) {
+        c[i] = -128 * sum32;
+      } else {  // Q4_K: sub-block i in the low half of word i / 2 when even, the high half when odd
+        const uint32_t half = static_cast<uint16_t>(static_cast<int16_t>(sum32));
+        c[i / 2] = i % 2 == 0 ? static_cast<int32_t>(half) : static_cast<int32_t>(static_cast<uint32_t>(c[i / 2]) | (half << 16));
+      }
+    }
+  }
+
+  int64_t m_, k_, blocks_;
+  at::Tensor q_, dx_;
+  at::Tensor corr_[N_CORR_TYPES];
+};
+
+// ------------------------------------------------------------------------ microkernels
+//
+// NR rows of x times NW groups of 16 weight rows over the whole width. w[g] is group g's
+// first packed block, out[r] row r's output at the first group's first row; `valid` is the
+// number of real rows in the last group (16 but at the matrix's end).
+
+inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// Step `step` of a block's loop fetches line `step` (and `step` + 32, `step` + 64, ...) of the
+// block `ahead` bytes on, so that a block's lines are all requested while this one is used.
+inline void prefetch_line(const uint8_t* block_ahead, int step, int lines) {
+  for (int line = step; line < lines; line += 32) _mm_prefetch(reinterpret_cast<const char*>(block_ahead + 64 * line), _MM_HINT_T0);
+}
+
+template <int NR, int NW>
+inline void store_outputs(__m512 (&acc)[NR][NW], float* const* out, int64_t valid) {
+  for (int r = 0; r < NR; ++r) {
+    for (int g = 0; g < NW; ++g) {
+      if (g == NW - 1 && valid < GROUP) {
+        _mm512_mask_storeu_ps(out[r] + GROUP * g, static_cast<__mmask16>((1u << valid) - 1), acc[r][g]);
+      } else {
+        _mm512_storeu_ps(out[r] + GROUP * g, acc[r][g]);
+      }
+    }
+  }
+}
+
+struct PackedQ4K {
+  static constexpr int64_t BYTES = 2368;
+  static constexpr int LINES = (BYTES + 63) / 64;  // 37: chunks 0..31 also fetch lines 32..36
+  template <int NR, int NW, bool PREFETCH>
+  static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid,
+                  int64_t ahead) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512 acc[NR][NW];
+    for (int r = 0; r < NR; ++r)
+      for (int g = 0; g < NW; ++g) acc[r][g] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      __m512i iacc[NR][NW];
+      for (int r = 0; r < NR; ++r)
+        for (int g = 0; g < NW; ++g) iacc[r][g] = _mm512_setzero_si512();
+      for (int sb = 0; sb < 8; ++sb) {
+        __m512i scale[NW];
+        for (int g = 0; g < NW; ++g) {
+          scale[g] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[g] + b * BYTES + 64 + 16 * sb)));
+        }
+        // Two halves of 16 values: a half's product sum fits int16 (16 * 15 * 127), as vpdpwssd needs.
+        for (int h = 0; h < 2; ++h) {
+          __m512i p[NR][NW];
+          for (int r = 0; r < NR; ++r)
+            for (int g = 0; g < NW; ++g) p[r][g] = _mm512_setzero_si512();
+          for (int half_chunk = 0; half_chunk < 2; ++half_chunk) {
+            const int c = 4 * sb + 2 * h + half_chunk;
+            __m512i lo[NW], hi[NW];
+            for (int g = 0; g < NW; ++g) {
+              if (PREFETCH) prefetch_line(w[g] + b * BYTES + ahead, c, LINES);
+              const __m512i v = _mm512_loadu_si512(w[g] + b * BYTES + 320 + 64 * c);
+              lo[g] = _mm512_and_si512(v, low4);
+              hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            }
+            for (int r = 0; r < NR; ++r) {
+              const int8_t* xq = x[r].q + b * QK_K + 8 * c;
+              const __m512i x0 = broadcast4(xq), x1 = broadcast4(xq + 4);
+              for (int g = 0; g < NW; ++g) {
+                p[r][g] = _mm512_dpbusd_epi32(p[r][g], lo[g], x0);
+                p[r][g] = _mm512_dpbusd_epi32(p[r][g], hi[g], x1);
+              }
+            }
+          }
+          for (int r = 0; r < NR; ++r)
+            for (int g = 0; g < NW; ++g) iacc[r][g] = _mm512_dpwssd_epi32(iacc[r][g], p[r][g], scale[g]);
+        }
+      }
+      for (int g = 0; g < NW; ++g) {
+        const uint8_t* blk = w[g] + b * BYTES;
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+        const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
+        __m512i mins[4];
+        for (int i = 0; i < 4; ++i) {
+          mins[i] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 192 + 32 * i)));
+        }
+        for (int r = 0; r < NR; ++r) {
+          __m512i min_dot = _mm512_setzero_si512();
+          for (int i = 0; i < 4; ++i) min_dot = _mm512_dpwssd_epi32(min_dot, mins[i], _mm512_set1_epi32(x[r].corr[4 * b + i]));
+          const __m512 dx = _mm512_set1_ps(x[r].dx[b]);
+          acc[r][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][g]), _mm512_mul_ps(d, dx), acc[r][g]);
+          acc[r][g] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(min_dot), _mm512_mul_ps(dmin, dx), acc[r][g]);
+        }
+      }
+    }
+    store_outputs<NR, NW>(acc, out, valid);
+  }
+};
+
+struct PackedQ6K {
+  static constexpr int64_t BYTES = 3360;
+  static constexpr int LINES = (BYTES + 63) / 64;
+  template <int NR, int NW, bool PREFETCH>
+  static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid,
+                  int64_t ahead) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const __m512i high2 = _mm512_set1_epi8(0x30);
+    __m512 acc[NR][NW];
+    for (int r = 0; r < NR; ++r)
+      for (int g = 0; g < NW; ++g) acc[r][g] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      __m512i iacc[NR][NW];
+      for (int r = 0; r < NR; ++r)
+        for (int g = 0; g < NW; ++g) iacc[r][g] = _mm512_setzero_si512();
+      for (int s = 0; s < 16; ++s) {
+        __m512i scale[NW], qh[NW];
+        for (int g = 0; g < NW; ++g) {
+          const uint8_t* blk = w[g] + b * BYTES;
+          scale[g] = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * s)));
+          qh[g] = _mm512_loadu_si512(blk + 2336 + 64 * s);
+        }
+        // The -32 offset enters as the starting value: p = -32 * sum(x) + sum(q * x).
+        __m512i p[NR][NW];
+        for (int r = 0; r < NR; ++r) {
+          const __m512i start = _mm512_set1_epi32(x[r].corr[16 * b + s]);
+          for (int g = 0; g < NW; ++g) p[r][g] = start;
+        }
+        for (int i = 0; i < 4; ++i) {
+          __m512i q[NW];
+          for (int g = 0; g < NW; ++g) {
+            if (PREFETCH) prefetch_line(w[g] + b * BYTES + ahead, 4 * s + i, LINES);
+            const __m512i ql = _mm512_loadu_si512(w[g] + b * BYTES + 288 + 64 * (2 * s + i / 2));
+            const __m512i lo = i % 2 == 0 ? _mm512_and_si512(ql, low4) : _mm512_and_si512(_mm512_srli_epi16(ql, 4), low4);
+            __m512i hi;
+            switch (i) {
+              case 0: hi = _mm512_slli_epi16(qh[g], 4); break;
+              case 1: hi = _mm512_slli_epi16(qh[g], 2); break;
+              case 2: hi = qh[g]; break;
+              default: hi = _mm512_srli_epi16(qh[g], 2); break;
+            }
+            q[g] = _mm512_or_si512(lo, _mm512_and_si512(hi, high2));
+          }
+          for (int r = 0; r < NR; ++r) {
+            const __m512i xv = broadcast4(x[r].q + b * QK_K + 16 * s + 4 * i);
+            for (int g = 0; g < NW; ++g) p[r][g] = _mm512_dpbusd_epi32(p[r][g], q[g], xv);
+          }
+        }
+        // |p| <= 16 * 63 * 127 + 32 * 16 * 127 needs the full 32-bit multiply by the group scale.
+        for (int r = 0; r < NR; ++r)
+          for (int g = 0; g < NW; ++g) iacc[r][g] = _mm512_add_epi32(iacc[r][g], _mm512_mullo_epi32(p[r][g], scale[g]));
+      }
+      for (int g = 0; g < NW; ++g) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[g] + b * BYTES)));
+        for (int r = 0; r < NR; ++r) {
+          acc[r][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][g]), _mm512_mul_ps(d, _mm512_set1_ps(x[r].dx[b])), acc[r][g]);
+        }
+      }
+    }
+    store_outputs<NR, NW>(acc, out, valid);
+  }
+};
+
+struct PackedQ80 {
+  static constexpr int64_t BYTES = 544;
+  static constexpr int LINES = (BYTES + 63) / 64;
+  template <int NR, int NW, bool PREFETCH>
+  static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid,
+                  int64_t ahead) {
+    __m512 acc[NR][NW];
+    for (int r = 0; r < NR; ++r)
+      for (int g = 0; g < NW; ++g) acc[r][g] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      // The +128 of the stored codes comes back as the starting value -128 * sum(x).
+      __m512i p[NR][NW];
+      for (int r = 0; r < NR; ++r) {
+        const __m512i start = _mm512_set1_epi32(x[r].corr[b]);
+        for (int g = 0; g < NW; ++g) p[r][g] = start;
+      }
+      for (int c = 0; c < 8; ++c) {
+        __m512i v[NW];
+        for (int g = 0; g < NW; ++g) {
+          if (PREFETCH) prefetch_line(w[g] + b * BYTES + ahead, c, LINES);
+          v[g] = _mm512_loadu_si512(w[g] + b * BYTES + 32 + 64 * c);
+        }
+        for (int r = 0; r < NR; ++r) {
+          const __m512i xv = broadcast4(x[r].q + 32 * b + 4 * c);
+          for (int g = 0; g < NW; ++g) p[r][g] = _mm512_dpbusd_epi32(p[r][g], v[g], xv);
+        }
+      }
+      for (int g = 0; g < NW; ++g) {
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[g] + b * BYTES)));
+        for (int r = 0; r < NR; ++r) {
+          acc[r][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p[r][g]), _mm512_mul_ps(d, _mm512_set1_ps(x[r].dx[b])), acc[r][g]);
+        }
+      }
+    }
+    store_outputs<NR, NW>(acc, out, valid);
+  }
+};
+
+// ----------------------------------------------------------------------------- dispatch
+
+using TileFn = void (*)(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid,
+                        int64_t ahead);
+
+struct PackedKernel {
+  int64_t bytes;
+  TileFn tile[MAX_X_ROWS][MAX_GROUPS];      // tile[nr - 1][nw - 1]
+  TileFn prefetching[MAX_X_ROWS][MAX_GROUPS];  // the same, fetching the next groups' bytes meanwhile
+};
+
+template <class K, int NR>
+void fill_row(PackedKernel& kernel) {
+  kernel.tile[NR - 1][0] = &K::template run<NR, 1, false>;
+  kernel.tile[NR - 1][1] = &K::template run<NR, 2, false>;
+  kernel.tile[NR - 1][2] = &K::template run<NR, 3, false>;
+  kernel.tile[NR - 1][3] = &K::template run<NR, 4, false>;
+  kernel.prefetching[NR - 1][0] = &K::template run<NR, 1, true>;
+  kernel.prefetching[NR - 1][1] = &K::template run<NR, 2, true>;
+  kernel.prefetching[NR - 1][2] = &K::template run<NR, 3, true>;
+  kernel.prefetching[NR - 1][3] = &K::template run<NR, 4, true>;
+}
+
+template <class K>
+PackedKernel kernel_of() {
+  PackedKernel kernel{K::BYTES, {}, {}};
+  fill_row<K, 1>(kernel);
+  fill_row<K, 2>(kernel);
+  fill_row<K, 3>(kernel);
+  fill_row<K, 4>(kernel);
+  return kernel;
+}
+
+PackedKernel packed_kernel(int64_t type_id) {
+  switch (type_id) {
+    case TYPE_Q4_K: return kernel_of<PackedQ4K>();
+    case TYPE_Q6_K: return kernel_of<PackedQ6K>();
+    case TYPE_Q8_0: return kernel_of<PackedQ80>();
+    default: TORCH_CHECK(false, "qwen35_ggml: no packed kernel for ggml type ", type_id);
+  }
+}
+
+// One packed weight matrix of a call: where its outputs go among the call's columns.
+struct Matrix {
+  const uint8_t* w;
+  int64_t type_id;
+  PackedKernel kernel;
+  int64_t groups, n_blocks, n;  // n: real rows (the last group may be padding)
+  int64_t column;               // first output column
+  const PackedActivations* act;
+  int64_t group_bytes() const { return n_blocks * kernel.bytes; }
+};
+
+// Groups [g0, g1) of `mat` times the listed rows of x; row slots[j] writes its outputs at
+// out + slots[j] * ld + mat.column. With one or two rows of x (decode) four groups share
+// each broadcast of x; with more, two groups meet every four rows of x while in cache.
+void run_groups(const Matrix& mat, int64_t g0, int64_t g1, const int64_t* slots, int64_t n_slots, float* out, int64_t ld) {
+  const int64_t group_bytes = mat.group_bytes();
+  const int64_t step = n_slots <= 2 ? MAX_GROUPS : PREFILL_GROUPS;
+  XRow rows[MAX_X_ROWS];
+  float* outs[MAX_X_ROWS];
+  for (int64_t g = g0; g < g1; g += step) {
+    const int64_t nw = std::min<int64_t>(step, g1 - g);
+    const uint8_t* groups[MAX_GROUPS];
+    for (int64_t i = 0; i < nw; ++i) groups[i] = mat.w + (g + i) * group_bytes;
+    const int64_t valid = std::min<int64_t>(GROUP, mat.n - (g + nw - 1) * GROUP);
+    // The first pass over these groups reads them from memory: it also requests the next
+    // groups' bytes (the same offsets one step on), which later passes find in cache.
+    const bool more = g + step < g1;
+    for (int64_t j = 0; j < n_slots; j += MAX_X_ROWS) {
+      const int64_t nr = std::min<int64_t>(MAX_X_ROWS, n_slots - j);
+      for (int64_t r = 0; r < nr; ++r) {
+        rows[r] = mat.act->row(slots[j + r], mat.type_id);
+        outs[r] = out + slots[j + r] * ld + mat.column + g * GROUP;
+      }
+      const TileFn tile = j == 0 && more ? mat.kernel.prefetching[nr - 1][nw - 1] : mat.kernel.tile[nr - 1][nw - 1];
+      tile(groups, mat.n_blocks, rows, outs, valid, step * group_bytes);
+    }
+  }
+}
+
+void check_packed(const at::Tensor& packed, const PackedFormat& fmt, int64_t k, int64_t n, int64_t dims) {
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kByte && packed.dim() == dims &&
+                  packed.is_contiguous(),
+              "packed weights must be a contiguous CPU uint8 tensor of ", dims, " dimensions");
+  TORCH_CHECK(n > 0 && k > 0 && k % fmt.block_size == 0 && packed.size(dims - 1) == fmt.bytes &&
+                  packed.size(dims - 2) == k / fmt.block_size && packed.size(dims - 3) == (n + GROUP - 1) / GROUP,
+              "packed weights do not hold ", n, " rows of ", k, " values");
+}
+
+// Threads split the work by bytes of weights, in whole units of MAX_GROUPS groups: one
+// parallel region for the whole call, each thread a contiguous run of units.
+struct Unit {
+  int64_t matrix, g0, g1;
+};
+
+void run_units(const std::vector<Matrix>& mats, const std::vector<Unit>& units, const int64_t* slots, int64_t n_slots,
+               float* out, int64_t ld) {
+  std::vector<int64_t> ends(units.size());  // cumulative bytes
+  int64_t total = 0;
+  for (size_t u = 0; u < units.size(); ++u) {
+    total += (units[u].g1 - units[u].g0) * mats[units[u].matrix].group_bytes();
+    ends[u] = total;
+  }
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units.size()));
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      // Thread t takes the units whose bytes end in (total * t / threads, total * (t + 1) / threads].
+      const int64_t low = total * t / threads, high = total * (t + 1) / threads;
+      const auto first = std::upper_bound(ends.begin(), ends.end(), low) - ends.begin();
+      for (int64_t u = first; u < static_cast<int64_t>(units.size()) && ends[u] <= high; ++u) {
+        const Unit& unit = units[u];
+        run_groups(mats[unit.matrix], unit.g0, unit.g1, slots, n_slots, out, ld);
+      }
+    }
+  });
+}
+
+void add_units(std::vector<Unit>& units, int64_t matrix, int64_t groups) {
+  for (int64_t g = 0; g < groups; g += MAX_GROUPS) units.push_back({matrix, g, std::min(groups, g + MAX_GROUPS)});
+}
+
+// y [M, sum(ns)] = x [M, K] @ [W_0; W_1; ...]^T for packed weights W_i [ns[i], K] (their
+// own types): the projections that read the same input, in one call. The columns of y
+// are W_0's outputs, then W_1's, ...
+at::Tensor packed_gemv_many(at::TensorList packed, at::IntArrayRef type_ids, const at::Tensor& x_in, at::IntArrayRef ns) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
+  TORCH_CHECK(!packed.empty() && packed.size() == type_ids.size() && packed.size() == ns.size(),
+              "one type and one row count per packed weight");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t m = x.size(0), k = x.size(1);
+  // One quantization of x per block size in use.
+  std::vector<int64_t> by_block[2];  // types of 256-value blocks, of 32-value blocks
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const PackedFormat fmt = packed_format(type_ids[i]);
+    check_packed(packed[i], fmt, k, ns[i], 3);
+    by_block[fmt.block_size == QK_K ? 0 : 1].push_back(type_ids[i]);
+  }
+  std::unique_ptr<PackedActivations> acts[2];
+  if (!by_block[0].empty()) acts[0] = std::make_unique<PackedActivations>(x, QK_K, by_block[0]);
+  if (!by_block[1].empty()) acts[1] = std::make_unique<PackedActivations>(x, 32, by_block[1]);
+
+  std::vector<Matrix> mats;
+  std::vector<Unit> units;
+  int64_t columns = 0;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const int64_t type = type_ids[i];
+    const PackedActivations* act = acts[packed_format(type).block_size == QK_K ? 0 : 1].get();
+    mats.push_back({packed[i].data_ptr<uint8_t>(), type, packed_kernel(type), packed[i].size(0), packed[i].size(1), ns[i],
+                    columns, act});
+    add_units(units, static_cast<int64_t>(i), packed[i].size(0));
+    columns += ns[i];
+  }
+  at::Tensor y = at::empty({m, columns}, at::kFloat);
+  std::vector<int64_t> all_rows(m);
+  for (int64_t r = 0; r < m; ++r) all_rows[r] = r;
+  run_units(mats, units, all_rows.data(), m, y.data_ptr<float>(), columns);
+  return y;
+}
+
+at::Tensor packed_gemv(const at::Tensor& packed, int64_t type_id, const at::Tensor& x, int64_t n) {
+  return packed_gemv_many({packed}, {type_id}, x, {n});
+}
+
+// MoE: slot s multiplies x[s] with expert ids[s]; packed [E, groups, blocks, bytes], x [S, K],
+// ids [S] -> [S, n]. Slots are grouped by expert, each used expert's groups split into units.
+at::Tensor packed_expert_gemv(const at::Tensor& packed, int64_t type_id, const at::Tensor& x_in, const at::Tensor& ids_in,
+                              int64_t n) {
+  const PackedFormat fmt = packed_format(type_id);
+  TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 1 && ids_in.size(0) == x_in.size(0), "x must be [S, K] and ids [S]");
+  check_packed(packed, fmt, x_in.size(1), n, 4);
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t n_experts = packed.size(0), groups = packed.size(1), n_blocks = packed.size(2);
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const int64_t slots = ids.size(0);
+  std::vector<int64_t> first(n_experts + 1, 0);
+  for (int64_t s = 0; s < slots; ++s) {
+    TORCH_CHECK(id[s] >= 0 && id[s] < n_experts, "expert id ", id[s], " out of range [0, ", n_experts, ")");
+    ++first[id[s] + 1];
+  }
+  for (int64_t e = 0; e < n_experts; ++e) first[e + 1] += first[e];
+  std::vector<int64_t> order(slots), fill(first.begin(), first.end() - 1);
+  for (int64_t s = 0; s < slots; ++s) order[fill[id[s]]++] = s;
+
+  const PackedActivations act(x, fmt.block_size, {type_id});
+  const PackedKernel kernel = packed_kernel(type_id);
+  const int64_t expert_bytes = groups * n_blocks * fmt.bytes;
+  std::vector<Matrix> mats;
+  std::vector<int64_t> used;
+  for (int64_t e = 0; e < n_experts; ++e) {
+    if (first[e + 1] == first[e]) continue;
+    mats.push_back({packed.data_ptr<uint8_t>() + e * expert_bytes, type_id, kernel, groups, n_blocks, n, 0, &act});
+    used.push_back(e);
+  }
+  at::Tensor y = at::empty({slots, n}, at::kFloat);
+  float* out = y.data_ptr<float>();
+  // Per expert, its own slots: one parallel region over (expert, groups) items.
+  std::vector<Unit> units;
+  for (size_t i = 0; i < mats.size(); ++i) add_units(units, static_cast<int64_t>(i), groups);
+  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t e = used[units[u].matrix];
+      run_groups(mats[units[u].matrix], units[u].g0, units[u].g1, order.data() + first[e], first[e + 1] - first[e], out, n);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+}  // namespace qwen35_ggml
+
+TORCH_LIBRARY_FRAGMENT(qwen35_ggml, m) {
+  m.def("pack_rows(Tensor blocks, int type_id, int k) -> Tensor", &qwen35_ggml::pack_rows);
+  m.def("packed_gemv(Tensor packed, int type_id, Tensor x, int n) -> Tensor", &qwen35_ggml::packed_gemv);
+  m.def("packed_gemv_many(Tensor[] packed, int[] type_ids, Tensor x, int[] ns) -> Tensor", &qwen35_ggml::packed_gemv_many);
+  m.def("packed_expert_gemv(Tensor packed, int type_id, Tensor x, Tensor ids, int n) -> Tensor",
+        &qwen35_ggml::packed_expert_gemv);
+}
