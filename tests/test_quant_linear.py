@@ -314,7 +314,7 @@ def test_packed_matmul_is_the_reference_with_int8_activations(fixtures, fast_cpu
         covered.add(int(type_id))
         for rows in (blocks.shape[0], 37):
             packed = fast_cpu.pack(blocks[:rows], type_id, weight.shape[1])
-            assert packed.shape[-3] == -(-rows // 16)
+            assert packed.shape[-4] == -(-rows // 64) and packed.shape[-2] == 4
             x = torch.randn(5, weight.shape[1], generator=rng)
             ours = fast_cpu.matmul(packed, type_id, x, weight.shape[1], rows)
             rounded_x = int8_activations(x, GGML_QUANT_SIZES[T(type_id)][0])

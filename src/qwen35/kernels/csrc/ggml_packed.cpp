@@ -33,6 +33,10 @@ constexpr int64_t GROUP = 16;   // weight rows per packed group: one 32-bit lane
 constexpr int MAX_X_ROWS = 4;   // rows of x per microkernel call
 constexpr int MAX_GROUPS = 4;   // weight groups per microkernel call (4 for one or two rows of x, else 2)
 constexpr int PREFILL_GROUPS = 2;
+// Groups stored together: a super-group's blocks lie block by block, the 4 groups' packed
+// blocks side by side ([super-group][block][group][bytes]), so a decode call that takes 4
+// groups at a time reads one linear stream.
+constexpr int64_t SUPER = MAX_GROUPS;
 
 struct PackedFormat {
   int64_t block_size;  // values of a row per packed block
@@ -149,7 +153,8 @@ void pack_block(int64_t type_id, const uint8_t* const* src, uint8_t* out) {
   }
 }
 
-// blocks [E, N, row_bytes] (or [N, row_bytes]) -> [E, ceil(N / 16), blocks per row, packed bytes].
+// blocks [E, N, row_bytes] (or [N, row_bytes]) -> [E, ceil(N / 64), blocks per row, 4, packed bytes]:
+// per super-group of 4 groups of 16 rows, block by block, the 4 groups' packed blocks.
 at::Tensor pack_rows(const at::Tensor& blocks_in, int64_t type_id, int64_t k) {
   const PackedFormat fmt = packed_format(type_id);
   const Geometry geo = geometry(type_id);
@@ -159,7 +164,9 @@ at::Tensor pack_rows(const at::Tensor& blocks_in, int64_t type_id, int64_t k) {
   check_blocks(blocks.reshape({experts * n, blocks.size(2)}), geo, k);
   const at::Tensor source = blocks.contiguous();
   const int64_t groups = (n + GROUP - 1) / GROUP, n_blocks = k / fmt.block_size, row_bytes = source.size(2);
-  at::Tensor packed = at::empty({experts, groups, n_blocks, fmt.bytes}, at::kByte);
+  const int64_t supers = (groups + SUPER - 1) / SUPER;
+  // Padding groups of the last super-group stay zero (never computed).
+  at::Tensor packed = at::zeros({experts, supers, n_blocks, SUPER, fmt.bytes}, at::kByte);
   const uint8_t* src = source.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
   at::parallel_for(0, experts * groups, 1, [&](int64_t begin, int64_t end) {
@@ -171,7 +178,8 @@ at::Tensor pack_rows(const at::Tensor& blocks_in, int64_t type_id, int64_t k) {
           const int64_t row = g * GROUP + r;
           rows[r] = row < n ? src + (e * n + row) * row_bytes + b * geo.type_size : nullptr;
         }
-        pack_block(type_id, rows, dst + (item * n_blocks + b) * fmt.bytes);
+        const int64_t super_index = e * supers + g / SUPER;
+        pack_block(type_id, rows, dst + ((super_index * n_blocks + b) * SUPER + g % SUPER) * fmt.bytes);
       }
     }
   });
@@ -267,7 +275,8 @@ inline __m512i broadcast4(const int8_t* p) {
 }
 
 // Step `step` of a block's loop fetches line `step` (and `step` + 32, `step` + 64, ...) of the
-// block `ahead` bytes on, so that a block's lines are all requested while this one is used.
+// group's next block (one super-group block row on), so that its lines are all requested
+// while this one is used.
 inline void prefetch_line(const uint8_t* block_ahead, int step, int lines) {
   for (int line = step; line < lines; line += 32) _mm_prefetch(reinterpret_cast<const char*>(block_ahead + 64 * line), _MM_HINT_T0);
 }
@@ -287,10 +296,10 @@ inline void store_outputs(__m512 (&acc)[NR][NW], float* const* out, int64_t vali
 
 struct PackedQ4K {
   static constexpr int64_t BYTES = 2368;
+  static constexpr int64_t STRIDE = SUPER * BYTES;  // one block of each group of a super-group
   static constexpr int LINES = (BYTES + 63) / 64;  // 37: chunks 0..31 also fetch lines 32..36
   template <int NR, int NW, bool PREFETCH>
-  static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid,
-                  int64_t ahead) {
+  static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[NR][NW];
     for (int r = 0; r < NR; ++r)
@@ -302,7 +311,7 @@ struct PackedQ4K {
       for (int sb = 0; sb < 8; ++sb) {
         __m512i scale[NW];
         for (int g = 0; g < NW; ++g) {
-          scale[g] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[g] + b * BYTES + 64 + 16 * sb)));
+          scale[g] = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[g] + b * STRIDE + 64 + 16 * sb)));
         }
         // Two halves of 16 values: a half's product sum fits int16 (16 * 15 * 127), as vpdpwssd needs.
         for (int h = 0; h < 2; ++h) {
@@ -313,8 +322,8 @@ struct PackedQ4K {
             const int c = 4 * sb + 2 * h + half_chunk;
             __m512i lo[NW], hi[NW];
             for (int g = 0; g < NW; ++g) {
-              if (PREFETCH) prefetch_line(w[g] + b * BYTES + ahead, c, LINES);
-              const __m512i v = _mm512_loadu_si512(w[g] + b * BYTES + 320 + 64 * c);
+              if (PREFETCH) prefetch_line(w[g] + (b + 1) * STRIDE, c, LINES);
+              const __m512i v = _mm512_loadu_si512(w[g] + b * STRIDE + 320 + 64 * c);
               lo[g] = _mm512_and_si512(v, low4);
               hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
             }
@@ -332,7 +341,7 @@ struct PackedQ4K {
         }
       }
       for (int g = 0; g < NW; ++g) {
-        const uint8_t* blk = w[g] + b * BYTES;
+        const uint8_t* blk = w[g] + b * STRIDE;
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
         const __m512 dmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)));
         __m512i mins[4];
@@ -354,10 +363,10 @@ struct PackedQ4K {
 
 struct PackedQ6K {
   static constexpr int64_t BYTES = 3360;
+  static constexpr int64_t STRIDE = SUPER * BYTES;
   static constexpr int LINES = (BYTES + 63) / 64;
   template <int NR, int NW, bool PREFETCH>
-  static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid,
-                  int64_t ahead) {
+  static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const __m512i high2 = _mm512_set1_epi8(0x30);
     __m512 acc[NR][NW];
@@ -370,7 +379,7 @@ struct PackedQ6K {
       for (int s = 0; s < 16; ++s) {
         __m512i scale[NW], qh[NW];
         for (int g = 0; g < NW; ++g) {
-          const uint8_t* blk = w[g] + b * BYTES;
+          const uint8_t* blk = w[g] + b * STRIDE;
           scale[g] = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 16 * s)));
           qh[g] = _mm512_loadu_si512(blk + 2336 + 64 * s);
         }
@@ -383,8 +392,8 @@ struct PackedQ6K {
         for (int i = 0; i < 4; ++i) {
           __m512i q[NW];
           for (int g = 0; g < NW; ++g) {
-            if (PREFETCH) prefetch_line(w[g] + b * BYTES + ahead, 4 * s + i, LINES);
-            const __m512i ql = _mm512_loadu_si512(w[g] + b * BYTES + 288 + 64 * (2 * s + i / 2));
+            if (PREFETCH) prefetch_line(w[g] + (b + 1) * STRIDE, 4 * s + i, LINES);
+            const __m512i ql = _mm512_loadu_si512(w[g] + b * STRIDE + 288 + 64 * (2 * s + i / 2));
             const __m512i lo = i % 2 == 0 ? _mm512_and_si512(ql, low4) : _mm512_and_si512(_mm512_srli_epi16(ql, 4), low4);
             __m512i hi;
             switch (i) {
@@ -405,7 +414,7 @@ struct PackedQ6K {
           for (int g = 0; g < NW; ++g) iacc[r][g] = _mm512_add_epi32(iacc[r][g], _mm512_mullo_epi32(p[r][g], scale[g]));
       }
       for (int g = 0; g < NW; ++g) {
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[g] + b * BYTES)));
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[g] + b * STRIDE)));
         for (int r = 0; r < NR; ++r) {
           acc[r][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][g]), _mm512_mul_ps(d, _mm512_set1_ps(x[r].dx[b])), acc[r][g]);
         }
@@ -417,10 +426,10 @@ struct PackedQ6K {
 
 struct PackedQ80 {
   static constexpr int64_t BYTES = 544;
+  static constexpr int64_t STRIDE = SUPER * BYTES;
   static constexpr int LINES = (BYTES + 63) / 64;
   template <int NR, int NW, bool PREFETCH>
-  static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid,
-                  int64_t ahead) {
+  static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid) {
     __m512 acc[NR][NW];
     for (int r = 0; r < NR; ++r)
       for (int g = 0; g < NW; ++g) acc[r][g] = _mm512_setzero_ps();
@@ -434,8 +443,8 @@ struct PackedQ80 {
       for (int c = 0; c < 8; ++c) {
         __m512i v[NW];
         for (int g = 0; g < NW; ++g) {
-          if (PREFETCH) prefetch_line(w[g] + b * BYTES + ahead, c, LINES);
-          v[g] = _mm512_loadu_si512(w[g] + b * BYTES + 32 + 64 * c);
+          if (PREFETCH) prefetch_line(w[g] + (b + 1) * STRIDE, c, LINES);
+          v[g] = _mm512_loadu_si512(w[g] + b * STRIDE + 32 + 64 * c);
         }
         for (int r = 0; r < NR; ++r) {
           const __m512i xv = broadcast4(x[r].q + 32 * b + 4 * c);
@@ -443,7 +452,7 @@ struct PackedQ80 {
         }
       }
       for (int g = 0; g < NW; ++g) {
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[g] + b * BYTES)));
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[g] + b * STRIDE)));
         for (int r = 0; r < NR; ++r) {
           acc[r][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p[r][g]), _mm512_mul_ps(d, _mm512_set1_ps(x[r].dx[b])), acc[r][g]);
         }
@@ -455,8 +464,7 @@ struct PackedQ80 {
 
 // ----------------------------------------------------------------------------- dispatch
 
-using TileFn = void (*)(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid,
-                        int64_t ahead);
+using TileFn = void (*)(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid);
 
 struct PackedKernel {
   int64_t bytes;
@@ -504,32 +512,31 @@ struct Matrix {
   int64_t column;               // first output column
   const PackedActivations* act;
   int64_t group_bytes() const { return n_blocks * kernel.bytes; }
+  const uint8_t* group(int64_t g) const { return w + ((g / SUPER) * n_blocks * SUPER + g % SUPER) * kernel.bytes; }
 };
 
 // Groups [g0, g1) of `mat` times the listed rows of x; row slots[j] writes its outputs at
 // out + slots[j] * ld + mat.column. With one or two rows of x (decode) four groups share
 // each broadcast of x; with more, two groups meet every four rows of x while in cache.
 void run_groups(const Matrix& mat, int64_t g0, int64_t g1, const int64_t* slots, int64_t n_slots, float* out, int64_t ld) {
-  const int64_t group_bytes = mat.group_bytes();
   const int64_t step = n_slots <= 2 ? MAX_GROUPS : PREFILL_GROUPS;
   XRow rows[MAX_X_ROWS];
   float* outs[MAX_X_ROWS];
   for (int64_t g = g0; g < g1; g += step) {
     const int64_t nw = std::min<int64_t>(step, g1 - g);
     const uint8_t* groups[MAX_GROUPS];
-    for (int64_t i = 0; i < nw; ++i) groups[i] = mat.w + (g + i) * group_bytes;
+    for (int64_t i = 0; i < nw; ++i) groups[i] = mat.group(g + i);
     const int64_t valid = std::min<int64_t>(GROUP, mat.n - (g + nw - 1) * GROUP);
-    // The first pass over these groups reads them from memory: it also requests the next
-    // groups' bytes (the same offsets one step on), which later passes find in cache.
-    const bool more = g + step < g1;
+    // The first pass over these groups reads them from memory: it also requests their next
+    // blocks ahead of use; later passes find them in cache.
     for (int64_t j = 0; j < n_slots; j += MAX_X_ROWS) {
       const int64_t nr = std::min<int64_t>(MAX_X_ROWS, n_slots - j);
       for (int64_t r = 0; r < nr; ++r) {
         rows[r] = mat.act->row(slots[j + r], mat.type_id);
         outs[r] = out + slots[j + r] * ld + mat.column + g * GROUP;
       }
-      const TileFn tile = j == 0 && more ? mat.kernel.prefetching[nr - 1][nw - 1] : mat.kernel.tile[nr - 1][nw - 1];
-      tile(groups, mat.n_blocks, rows, outs, valid, step * group_bytes);
+      const TileFn tile = j == 0 ? mat.kernel.prefetching[nr - 1][nw - 1] : mat.kernel.tile[nr - 1][nw - 1];
+      tile(groups, mat.n_blocks, rows, outs, valid);
     }
   }
 }
@@ -539,7 +546,8 @@ void check_packed(const at::Tensor& packed, const PackedFormat& fmt, int64_t k, 
                   packed.is_contiguous(),
               "packed weights must be a contiguous CPU uint8 tensor of ", dims, " dimensions");
   TORCH_CHECK(n > 0 && k > 0 && k % fmt.block_size == 0 && packed.size(dims - 1) == fmt.bytes &&
-                  packed.size(dims - 2) == k / fmt.block_size && packed.size(dims - 3) == (n + GROUP - 1) / GROUP,
+                  packed.size(dims - 2) == SUPER && packed.size(dims - 3) == k / fmt.block_size &&
+                  packed.size(dims - 4) == (n + GROUP * SUPER - 1) / (GROUP * SUPER),
               "packed weights do not hold ", n, " rows of ", k, " values");
 }
 
@@ -588,7 +596,7 @@ at::Tensor packed_gemv_many(at::TensorList packed, at::IntArrayRef type_ids, con
   std::vector<int64_t> by_block[2];  // types of 256-value blocks, of 32-value blocks
   for (size_t i = 0; i < packed.size(); ++i) {
     const PackedFormat fmt = packed_format(type_ids[i]);
-    check_packed(packed[i], fmt, k, ns[i], 3);
+    check_packed(packed[i], fmt, k, ns[i], 4);
     by_block[fmt.block_size == QK_K ? 0 : 1].push_back(type_ids[i]);
   }
   std::unique_ptr<PackedActivations> acts[2];
@@ -601,9 +609,9 @@ at::Tensor packed_gemv_many(at::TensorList packed, at::IntArrayRef type_ids, con
   for (size_t i = 0; i < packed.size(); ++i) {
     const int64_t type = type_ids[i];
     const PackedActivations* act = acts[packed_format(type).block_size == QK_K ? 0 : 1].get();
-    mats.push_back({packed[i].data_ptr<uint8_t>(), type, packed_kernel(type), packed[i].size(0), packed[i].size(1), ns[i],
-                    columns, act});
-    add_units(units, static_cast<int64_t>(i), packed[i].size(0));
+    const int64_t groups = (ns[i] + GROUP - 1) / GROUP;
+    mats.push_back({packed[i].data_ptr<uint8_t>(), type, packed_kernel(type), groups, packed[i].size(1), ns[i], columns, act});
+    add_units(units, static_cast<int64_t>(i), groups);
     columns += ns[i];
   }
   at::Tensor y = at::empty({m, columns}, at::kFloat);
@@ -623,9 +631,9 @@ at::Tensor packed_expert_gemv(const at::Tensor& packed, int64_t type_id, const a
                               int64_t n) {
   const PackedFormat fmt = packed_format(type_id);
   TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 1 && ids_in.size(0) == x_in.size(0), "x must be [S, K] and ids [S]");
-  check_packed(packed, fmt, x_in.size(1), n, 4);
+  check_packed(packed, fmt, x_in.size(1), n, 5);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t n_experts = packed.size(0), groups = packed.size(1), n_blocks = packed.size(2);
+  const int64_t n_experts = packed.size(0), n_blocks = packed.size(2), groups = (n + GROUP - 1) / GROUP;
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t slots = ids.size(0);
@@ -640,7 +648,7 @@ at::Tensor packed_expert_gemv(const at::Tensor& packed, int64_t type_id, const a
 
   const PackedActivations act(x, fmt.block_size, {type_id});
   const PackedKernel kernel = packed_kernel(type_id);
-  const int64_t expert_bytes = groups * n_blocks * fmt.bytes;
+  const int64_t expert_bytes = packed.size(1) * n_blocks * SUPER * fmt.bytes;
   std::vector<Matrix> mats;
   std::vector<int64_t> used;
   for (int64_t e = 0; e < n_experts; ++e) {
