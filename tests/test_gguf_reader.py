@@ -1,6 +1,7 @@
 """The GGUF reader against files written by gguf-py (llama.cpp's own Python writer) and
 against broken or forged files, which must give one clear FormatError."""
 
+import mmap
 import struct
 
 import numpy as np
@@ -144,3 +145,15 @@ def test_missing_file_and_directory(tmp_path):
         GGUFModel(tmp_path / "absent.gguf")
     with pytest.raises(FormatError):
         GGUFModel(tmp_path)
+
+
+def test_released_tensor_pages_read_back_the_same_bytes(fixtures):
+    # Packed weights no longer need the file's pages: dropping them must not change what a
+    # later read of the tensor sees (the shared read-only map faults them back from the file).
+    with GGUFModel(fixtures / "tiny" / "dense-Q4_K_M.gguf") as model:
+        name = max(model.tensors, key=lambda n: model.tensors[n].nbytes)
+        data = model.tensor_data(name)
+        before = bytes(data)
+        assert model.release_tensor_pages(data) == (data.nbytes >= 2 * mmap.PAGESIZE)
+        assert bytes(data) == before
+        assert not model.release_tensor_pages(np.zeros(8192, dtype=np.uint8))  # not in the map: untouched

@@ -430,3 +430,29 @@ def test_fast_experts_prefill_rows_equal_their_decode(moe_q4_k_m, fast_cpu, monk
     together = experts(x, ids)
     for token in range(40):
         assert torch.equal(together[token], experts(x[token : token + 1], ids[token : token + 1])[0])
+
+
+def test_expert_group_gives_each_experts_output(moe_q4_k_m, fast_cpu, monkeypatch):
+    monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
+    monkeypatch.setattr(quant_linear, "_FAST_EXPERT_KERNELS", {})
+    monkeypatch.setattr(quant_linear, "_FAST_EXPERT_GROUP_KERNEL", [])
+    members = []
+    for name in ("blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight"):
+        info = moe_q4_k_m.tensors[name]
+        members.append(QuantExperts(moe_q4_k_m.tensor_data(name), info.type_id, *info.torch_shape))
+    group = quant_linear.ExpertGroup(*members)
+    rng = torch.Generator().manual_seed(14)
+    n_experts = members[0].n_experts
+    for tokens in (1, 30):  # decode, and a prefill with several tokens per expert
+        x = torch.randn(tokens, members[0].in_features, generator=rng)
+        ids = torch.stack([torch.randperm(n_experts, generator=rng)[:2] for _ in range(tokens)])
+        set_mode(torch.nn.ModuleList(members), "reference")
+        reference = group(x, ids)  # reference mode: one member after another, exact
+        assert all(torch.equal(a, m(x, ids)) for a, m in zip(reference, members))
+        assert fast_cpu.install()
+        set_mode(torch.nn.ModuleList(members), "fast")
+        together = group(x, ids)
+        for ours, member, expected in zip(together, members, reference):
+            assert ours.shape == expected.shape
+            assert torch.equal(ours, member(x, ids))
+            assert relative_error(ours, expected) < 1.5e-2

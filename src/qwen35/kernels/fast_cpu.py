@@ -207,6 +207,19 @@ def group_matmul(
     return _require().packed_gemv_many(weights, [int(t) for t in type_ids], x, [int(n) for n in out_features])
 
 
+def expert_group_matmul(
+    weights: list[torch.Tensor], type_ids: list[int], x: torch.Tensor, expert_ids: torch.Tensor, in_features: int,
+    out_features: list[int],
+) -> torch.Tensor | None:
+    """The "fast" ExpertGroup kernel: several packed expert weights (gate and up) on one input
+    per slot in one call, outputs side by side; each equals `expert_matmul` of its own weight.
+    Declines (None) unless every weight is a packed type on the CPU."""
+    if x.device.type != "cpu" or any(int(t) not in PACKED_TYPES or w.device.type != "cpu" for w, t in zip(weights, type_ids)):
+        return None
+    return _require().packed_expert_gemv_many(weights, [int(t) for t in type_ids], x, expert_ids,
+                                              [int(n) for n in out_features])
+
+
 def expert_matmul(
     weights: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int,
     out_features: int,
@@ -216,7 +229,7 @@ def expert_matmul(
     if weights.device.type != "cpu" or x.device.type != "cpu":
         return None
     if int(type_id) in PACKED_TYPES:
-        return _require().packed_expert_gemv(weights, int(type_id), x, expert_ids, int(out_features))
+        return _require().packed_expert_gemv_many([weights], [int(type_id)], x, expert_ids, [int(out_features)])
     return _require().expert_gemv(weights.contiguous(), int(type_id), x, expert_ids)
 
 
@@ -234,6 +247,7 @@ def install() -> bool:
     if not available():
         return False
     quant_linear.register_fast_group_kernel(group_matmul)
+    quant_linear.register_fast_expert_group_kernel(expert_group_matmul)
     for type_id in FAST_TYPES:
         quant_linear.register_fast_kernel(type_id, matmul, prepare=pack if type_id in PACKED_TYPES else None)
         quant_linear.register_fast_expert_kernel(type_id, expert_matmul)

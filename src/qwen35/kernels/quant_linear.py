@@ -60,6 +60,11 @@ _FAST_EXPERT_KERNELS: dict[int, FastExpertKernel] = {}
 FastGroupKernel = Callable[[list, list, torch.Tensor, int, list], torch.Tensor | None]
 _FAST_GROUP_KERNEL: list[FastGroupKernel] = []
 
+# The same for several QuantExperts on one input per slot (gate and up):
+#   kernel([weights], [type_id], x [S, in], expert_ids [S], in_features, [out_features]) -> [S, sum(out)] | None
+FastExpertGroupKernel = Callable[[list, list, torch.Tensor, torch.Tensor, int, list], torch.Tensor | None]
+_FAST_EXPERT_GROUP_KERNEL: list[FastExpertGroupKernel] = []
+
 # The weights' form for a type's fast kernels, made once from the blocks:
 #   prepare(blocks [out, row_bytes] or [E, out, row_bytes], type_id, in_features) -> weights
 # Without one, the kernels take the blocks themselves.
@@ -84,6 +89,11 @@ def fast_kernel_for(type_id: int) -> FastKernel | None:
 def register_fast_group_kernel(kernel: FastGroupKernel) -> None:
     """Let `kernel` take whole LinearGroup calls whose layers are all in "fast" mode."""
     _FAST_GROUP_KERNEL[:] = [kernel]
+
+
+def register_fast_expert_group_kernel(kernel: FastExpertGroupKernel) -> None:
+    """Let `kernel` take whole ExpertGroup calls whose experts are all in "fast" mode."""
+    _FAST_EXPERT_GROUP_KERNEL[:] = [kernel]
 
 
 def register_fast_expert_kernel(type_id: int, kernel: FastExpertKernel) -> None:
@@ -302,9 +312,31 @@ class QuantExperts(_Modes, torch.nn.Module):
         expert_ids: LongTensor [N] or [N, k] (k experts per token).
         x: [N, in] (one input per token, shared by its k slots, as for gate/up) or
            [*expert_ids.shape, in] (one input per slot, as for down).
-        Returns [*expert_ids.shape, out] float32. Slots are grouped by expert, so
-        each used expert is dequantized once per call and unused ones never.
+        Returns [*expert_ids.shape, out] float32. Slots are grouped by expert, so each
+        used expert is dequantized once per call and unused ones never.
         """
+        ids, inputs, source = self.slot_inputs(x, expert_ids)
+        n_slots = ids.numel()
+        out = torch.empty(n_slots, self.out_features, dtype=torch.float32, device=x.device)
+        if n_slots == 0:
+            return out.reshape(*expert_ids.shape, self.out_features)
+        whole_call = _FAST_EXPERT_KERNELS.get(self.type_id) if self.mode == "fast" else None
+        if whole_call is not None:
+            fused = whole_call(self._kernel_weights(), self.type_id, inputs[source], ids, self.in_features,
+                               self.out_features)
+            if fused is not None:
+                return fused.reshape(*expert_ids.shape, self.out_features)
+        order = torch.argsort(ids, stable=True)
+        experts, counts = torch.unique_consecutive(ids[order], return_counts=True)
+        start = 0
+        for expert, count in zip(experts.tolist(), counts.tolist()):
+            slots = order[start : start + count]
+            start += count
+            out[slots] = self.expert_matmul(expert, inputs[source[slots]])
+        return out.reshape(*expert_ids.shape, self.out_features)
+
+    def slot_inputs(self, x: torch.Tensor, expert_ids: torch.Tensor):
+        """(ids [S], inputs [rows, in] float32, source [S]): slot s reads inputs[source[s]]."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input width {x.shape[-1]} does not match in_features {self.in_features}")
         if expert_ids.dim() not in (1, 2):
@@ -321,23 +353,29 @@ class QuantExperts(_Modes, torch.nn.Module):
             raise ValueError(
                 f"input shape {list(x.shape)} does not fit expert_ids shape {list(expert_ids.shape)}"
             )
-        out = torch.empty(n_slots, self.out_features, dtype=torch.float32, device=x.device)
-        if n_slots == 0:
-            return out.reshape(*expert_ids.shape, self.out_features)
-        if int(ids.min()) < 0 or int(ids.max()) >= self.n_experts:
+        if n_slots and (int(ids.min()) < 0 or int(ids.max()) >= self.n_experts):
             raise Qwen35Error(f"expert id out of range [0, {self.n_experts})")
-        inputs = _as_float32(inputs)
-        whole_call = _FAST_EXPERT_KERNELS.get(self.type_id) if self.mode == "fast" else None
-        if whole_call is not None:
-            fused = whole_call(self._kernel_weights(), self.type_id, inputs[source], ids, self.in_features,
-                               self.out_features)
-            if fused is not None:
-                return fused.reshape(*expert_ids.shape, self.out_features)
-        order = torch.argsort(ids, stable=True)
-        experts, counts = torch.unique_consecutive(ids[order], return_counts=True)
-        start = 0
-        for expert, count in zip(experts.tolist(), counts.tolist()):
-            slots = order[start : start + count]
-            start += count
-            out[slots] = self.expert_matmul(expert, inputs[source[slots]])
-        return out.reshape(*expert_ids.shape, self.out_features)
+        return ids, _as_float32(inputs), source
+
+
+class ExpertGroup:
+    """Several QuantExperts (an MoE layer's gate and up) applied to the same inputs and expert
+    choices in one kernel call where a group kernel takes them; otherwise one after another.
+    Returns one output per member, as slices of one [..., sum(out)] tensor."""
+
+    def __init__(self, *experts: QuantExperts):
+        if not experts or len({(e.in_features, e.n_experts) for e in experts}) != 1:
+            raise Qwen35Error("an ExpertGroup needs experts of one input width and count")
+        self.experts = experts
+        self.out_features = [e.out_features for e in experts]
+
+    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kernel = _FAST_EXPERT_GROUP_KERNEL[0] if _FAST_EXPERT_GROUP_KERNEL else None
+        if kernel is not None and all(e.mode == "fast" for e in self.experts):
+            first = self.experts[0]
+            ids, inputs, source = first.slot_inputs(x, expert_ids)
+            out = kernel([e._kernel_weights() for e in self.experts], [e.type_id for e in self.experts],
+                         inputs[source], ids, first.in_features, self.out_features)
+            if out is not None:
+                return out.reshape(*expert_ids.shape, -1).split(self.out_features, dim=-1)
+        return tuple(e(x, expert_ids) for e in self.experts)

@@ -22,7 +22,7 @@ from torch import nn
 
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
 from qwen35.kernels.delta_rule import gated_delta_rule
-from qwen35.kernels.quant_linear import LinearGroup
+from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup
 from qwen35.model.config import FULL_ATTENTION, ModelConfig
 
 L2_NORM_EPS = 1e-6
@@ -128,8 +128,8 @@ def mtp_weight_specs(c: ModelConfig) -> dict[str, WeightSpec]:
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+    """x * rsqrt(mean(x^2) + eps) * scale over the last dimension, in fp32."""
+    return F.rms_norm(x.float(), (x.shape[-1],), scale, eps)
 
 
 class RotaryEmbedding:
@@ -289,6 +289,7 @@ class SparseMoE:
         self.top_k = c.num_experts_per_tok
         self.router = w[f"{prefix}.gate"]
         self.gates, self.ups, self.downs = (w[f"{prefix}.experts.{n}"] for n in ("gate", "up", "down"))
+        self.gates_ups = ExpertGroup(self.gates, self.ups)
         self.shared = MLP(w, f"{prefix}.shared_expert") if f"{prefix}.shared_expert_gate" in w else None
         self.shared_gate = w.get(f"{prefix}.shared_expert_gate")
 
@@ -298,7 +299,8 @@ class SparseMoE:
         probs = self.router(x).softmax(dim=-1)
         top_weights, top_experts = probs.topk(self.top_k, dim=-1)
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-        hidden = F.silu(self.gates(x, top_experts)) * self.ups(x, top_experts)  # [N, k, I]
+        gate, up = self.gates_ups(x, top_experts)
+        hidden = F.silu(gate) * up  # [N, k, I]
         out = (self.downs(hidden, top_experts) * top_weights[..., None]).sum(dim=1)
         if self.shared is not None:
             out = out + self.shared(x) * torch.sigmoid(F.linear(x, self.shared_gate))

@@ -551,36 +551,60 @@ void check_packed(const at::Tensor& packed, const PackedFormat& fmt, int64_t k, 
               "packed weights do not hold ", n, " rows of ", k, " values");
 }
 
-// Threads split the work by bytes of weights, in whole units of MAX_GROUPS groups: one
-// parallel region for the whole call, each thread a contiguous run of units.
+// Threads split the work by its cost, in whole units of MAX_GROUPS groups (each
+// with its rows of x): one parallel region for the whole call, each thread a contiguous
+// run of units.
 struct Unit {
   int64_t matrix, g0, g1;
+  const int64_t* slots;
+  int64_t n_slots;
 };
 
-void run_units(const std::vector<Matrix>& mats, const std::vector<Unit>& units, const int64_t* slots, int64_t n_slots,
-               float* out, int64_t ld) {
-  std::vector<int64_t> ends(units.size());  // cumulative bytes
+void run_units(const std::vector<Matrix>& mats, const std::vector<Unit>& units, float* out, int64_t ld) {
+  // A unit's cost: its bytes, read from memory once and then once more per 4 rows of x
+  // from cache (4 rows per kernel call).
+  std::vector<int64_t> ends(units.size());  // cumulative costs
   int64_t total = 0;
   for (size_t u = 0; u < units.size(); ++u) {
-    total += (units[u].g1 - units[u].g0) * mats[units[u].matrix].group_bytes();
+    total += (units[u].g1 - units[u].g0) * mats[units[u].matrix].group_bytes() * (4 + units[u].n_slots) / 4;
     ends[u] = total;
   }
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units.size()));
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      // Thread t takes the units whose bytes end in (total * t / threads, total * (t + 1) / threads].
+      // Thread t takes the units whose costs end in (total * t / threads, total * (t + 1) / threads].
       const int64_t low = total * t / threads, high = total * (t + 1) / threads;
       const auto first = std::upper_bound(ends.begin(), ends.end(), low) - ends.begin();
       for (int64_t u = first; u < static_cast<int64_t>(units.size()) && ends[u] <= high; ++u) {
         const Unit& unit = units[u];
-        run_groups(mats[unit.matrix], unit.g0, unit.g1, slots, n_slots, out, ld);
+        run_groups(mats[unit.matrix], unit.g0, unit.g1, unit.slots, unit.n_slots, out, ld);
       }
     }
   });
 }
 
-void add_units(std::vector<Unit>& units, int64_t matrix, int64_t groups) {
-  for (int64_t g = 0; g < groups; g += MAX_GROUPS) units.push_back({matrix, g, std::min(groups, g + MAX_GROUPS)});
+void add_units(std::vector<Unit>& units, int64_t matrix, int64_t groups, const int64_t* slots, int64_t n_slots) {
+  for (int64_t g = 0; g < groups; g += MAX_GROUPS) units.push_back({matrix, g, std::min(groups, g + MAX_GROUPS), slots, n_slots});
+}
+
+// x quantized once per block size that the weights' types use (Q4_K and Q6_K: 256, Q8_0: 32).
+class SharedActivations {
+ public:
+  SharedActivations(const at::Tensor& x, at::IntArrayRef type_ids) {
+    std::vector<int64_t> by_block[2];
+    for (int64_t type : type_ids) by_block[slot(type)].push_back(type);
+    if (!by_block[0].empty()) acts_[0] = std::make_unique<PackedActivations>(x, QK_K, by_block[0]);
+    if (!by_block[1].empty()) acts_[1] = std::make_unique<PackedActivations>(x, 32, by_block[1]);
+  }
+  const PackedActivations* for_type(int64_t type_id) const { return acts_[slot(type_id)].get(); }
+
+ private:
+  static int slot(int64_t type_id) { return packed_format(type_id).block_size == QK_K ? 0 : 1; }
+  std::unique_ptr<PackedActivations> acts_[2];
+};
+
+void check_lists(size_t n_packed, size_t n_types, size_t n_rows) {
+  TORCH_CHECK(n_packed > 0 && n_packed == n_types && n_packed == n_rows, "one type and one row count per packed weight");
 }
 
 // y [M, sum(ns)] = x [M, K] @ [W_0; W_1; ...]^T for packed weights W_i [ns[i], K] (their
@@ -588,36 +612,25 @@ void add_units(std::vector<Unit>& units, int64_t matrix, int64_t groups) {
 // are W_0's outputs, then W_1's, ...
 at::Tensor packed_gemv_many(at::TensorList packed, at::IntArrayRef type_ids, const at::Tensor& x_in, at::IntArrayRef ns) {
   TORCH_CHECK(x_in.dim() == 2, "x must be [M, K]");
-  TORCH_CHECK(!packed.empty() && packed.size() == type_ids.size() && packed.size() == ns.size(),
-              "one type and one row count per packed weight");
+  check_lists(packed.size(), type_ids.size(), ns.size());
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t m = x.size(0), k = x.size(1);
-  // One quantization of x per block size in use.
-  std::vector<int64_t> by_block[2];  // types of 256-value blocks, of 32-value blocks
-  for (size_t i = 0; i < packed.size(); ++i) {
-    const PackedFormat fmt = packed_format(type_ids[i]);
-    check_packed(packed[i], fmt, k, ns[i], 4);
-    by_block[fmt.block_size == QK_K ? 0 : 1].push_back(type_ids[i]);
-  }
-  std::unique_ptr<PackedActivations> acts[2];
-  if (!by_block[0].empty()) acts[0] = std::make_unique<PackedActivations>(x, QK_K, by_block[0]);
-  if (!by_block[1].empty()) acts[1] = std::make_unique<PackedActivations>(x, 32, by_block[1]);
-
+  for (size_t i = 0; i < packed.size(); ++i) check_packed(packed[i], packed_format(type_ids[i]), k, ns[i], 4);
+  const SharedActivations acts(x, type_ids);
+  std::vector<int64_t> all_rows(m);
+  for (int64_t r = 0; r < m; ++r) all_rows[r] = r;
   std::vector<Matrix> mats;
   std::vector<Unit> units;
   int64_t columns = 0;
   for (size_t i = 0; i < packed.size(); ++i) {
-    const int64_t type = type_ids[i];
-    const PackedActivations* act = acts[packed_format(type).block_size == QK_K ? 0 : 1].get();
-    const int64_t groups = (ns[i] + GROUP - 1) / GROUP;
-    mats.push_back({packed[i].data_ptr<uint8_t>(), type, packed_kernel(type), groups, packed[i].size(1), ns[i], columns, act});
-    add_units(units, static_cast<int64_t>(i), groups);
+    const int64_t type = type_ids[i], groups = (ns[i] + GROUP - 1) / GROUP;
+    mats.push_back({packed[i].data_ptr<uint8_t>(), type, packed_kernel(type), groups, packed[i].size(1), ns[i], columns,
+                    acts.for_type(type)});
+    add_units(units, static_cast<int64_t>(i), groups, all_rows.data(), m);
     columns += ns[i];
   }
   at::Tensor y = at::empty({m, columns}, at::kFloat);
-  std::vector<int64_t> all_rows(m);
-  for (int64_t r = 0; r < m; ++r) all_rows[r] = r;
-  run_units(mats, units, all_rows.data(), m, y.data_ptr<float>(), columns);
+  run_units(mats, units, y.data_ptr<float>(), columns);
   return y;
 }
 
@@ -625,15 +638,19 @@ at::Tensor packed_gemv(const at::Tensor& packed, int64_t type_id, const at::Tens
   return packed_gemv_many({packed}, {type_id}, x, {n});
 }
 
-// MoE: slot s multiplies x[s] with expert ids[s]; packed [E, groups, blocks, bytes], x [S, K],
-// ids [S] -> [S, n]. Slots are grouped by expert, each used expert's groups split into units.
-at::Tensor packed_expert_gemv(const at::Tensor& packed, int64_t type_id, const at::Tensor& x_in, const at::Tensor& ids_in,
-                              int64_t n) {
-  const PackedFormat fmt = packed_format(type_id);
+// MoE: slot s multiplies x[s] with expert ids[s] of each packed [E, ...] weight in `packed`
+// (gate and up: one input, side by side outputs as in packed_gemv_many). x [S, K], ids [S]
+// -> [S, sum(ns)]. Slots are grouped by expert, so each used expert is read once per call.
+at::Tensor packed_expert_gemv_many(at::TensorList packed, at::IntArrayRef type_ids, const at::Tensor& x_in,
+                                   const at::Tensor& ids_in, at::IntArrayRef ns) {
   TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 1 && ids_in.size(0) == x_in.size(0), "x must be [S, K] and ids [S]");
-  check_packed(packed, fmt, x_in.size(1), n, 5);
+  check_lists(packed.size(), type_ids.size(), ns.size());
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t n_experts = packed.size(0), n_blocks = packed.size(2), groups = (n + GROUP - 1) / GROUP;
+  const int64_t n_experts = packed[0].size(0);
+  for (size_t i = 0; i < packed.size(); ++i) {
+    check_packed(packed[i], packed_format(type_ids[i]), x.size(1), ns[i], 5);
+    TORCH_CHECK(packed[i].size(0) == n_experts, "every weight must hold the same experts");
+  }
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t slots = ids.size(0);
@@ -646,27 +663,23 @@ at::Tensor packed_expert_gemv(const at::Tensor& packed, int64_t type_id, const a
   std::vector<int64_t> order(slots), fill(first.begin(), first.end() - 1);
   for (int64_t s = 0; s < slots; ++s) order[fill[id[s]]++] = s;
 
-  const PackedActivations act(x, fmt.block_size, {type_id});
-  const PackedKernel kernel = packed_kernel(type_id);
-  const int64_t expert_bytes = packed.size(1) * n_blocks * SUPER * fmt.bytes;
+  const SharedActivations acts(x, type_ids);
   std::vector<Matrix> mats;
-  std::vector<int64_t> used;
-  for (int64_t e = 0; e < n_experts; ++e) {
-    if (first[e + 1] == first[e]) continue;
-    mats.push_back({packed.data_ptr<uint8_t>() + e * expert_bytes, type_id, kernel, groups, n_blocks, n, 0, &act});
-    used.push_back(e);
-  }
-  at::Tensor y = at::empty({slots, n}, at::kFloat);
-  float* out = y.data_ptr<float>();
-  // Per expert, its own slots: one parallel region over (expert, groups) items.
   std::vector<Unit> units;
-  for (size_t i = 0; i < mats.size(); ++i) add_units(units, static_cast<int64_t>(i), groups);
-  at::parallel_for(0, static_cast<int64_t>(units.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t e = used[units[u].matrix];
-      run_groups(mats[units[u].matrix], units[u].g0, units[u].g1, order.data() + first[e], first[e + 1] - first[e], out, n);
+  int64_t columns = 0;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const int64_t type = type_ids[i], groups = (ns[i] + GROUP - 1) / GROUP, n_blocks = packed[i].size(2);
+    const int64_t expert_bytes = packed[i].size(1) * n_blocks * SUPER * packed_format(type).bytes;
+    for (int64_t e = 0; e < n_experts; ++e) {
+      if (first[e + 1] == first[e]) continue;
+      mats.push_back({packed[i].data_ptr<uint8_t>() + e * expert_bytes, type, packed_kernel(type), groups, n_blocks, ns[i],
+                      columns, acts.for_type(type)});
+      add_units(units, static_cast<int64_t>(mats.size()) - 1, groups, order.data() + first[e], first[e + 1] - first[e]);
     }
-  });
+    columns += ns[i];
+  }
+  at::Tensor y = at::empty({slots, columns}, at::kFloat);
+  run_units(mats, units, y.data_ptr<float>(), columns);
   return y;
 }
 
@@ -677,6 +690,6 @@ TORCH_LIBRARY_FRAGMENT(qwen35_ggml, m) {
   m.def("pack_rows(Tensor blocks, int type_id, int k) -> Tensor", &qwen35_ggml::pack_rows);
   m.def("packed_gemv(Tensor packed, int type_id, Tensor x, int n) -> Tensor", &qwen35_ggml::packed_gemv);
   m.def("packed_gemv_many(Tensor[] packed, int[] type_ids, Tensor x, int[] ns) -> Tensor", &qwen35_ggml::packed_gemv_many);
-  m.def("packed_expert_gemv(Tensor packed, int type_id, Tensor x, Tensor ids, int n) -> Tensor",
-        &qwen35_ggml::packed_expert_gemv);
+  m.def("packed_expert_gemv_many(Tensor[] packed, int[] type_ids, Tensor x, Tensor ids, int[] ns) -> Tensor",
+        &qwen35_ggml::packed_expert_gemv_many);
 }
