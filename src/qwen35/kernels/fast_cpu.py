@@ -28,7 +28,7 @@ by `matmul`; it stays as a measured alternative for the benchmarks.
 The kernels live in csrc/ (ggml_gemv.cpp, ggml_dequant.cpp, shared ggml_blocks.h),
 compiled by torch.utils.cpp_extension at first use (about 20 s) and cached
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
-On a CPU without AVX-512 VNNI+BF16, if the build fails, or with the environment
+On a CPU without AVX-512 VNNI+BF16 and GFNI, if the build fails, or with the environment
 variable QWEN35_NO_FAST_KERNELS set, `available()` is False and `install()`
 registers nothing, so QuantLinear keeps its reference path.
 
@@ -64,7 +64,7 @@ _EXTENSION = "qwen35_ggml_cpu"
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "ggml_gemv.cpp", _CSRC / "ggml_packed.cpp", _CSRC / "ggml_dequant.cpp", _CSRC / "delta_rule_cpu.cpp"]
 _HEADERS = [_CSRC / "ggml_blocks.h"]
-_REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+_REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "gfni")
 _COMPILE_FLAGS = [
     "-O3",
     "-mavx2",
@@ -76,6 +76,7 @@ _COMPILE_FLAGS = [
     "-mavx512dq",
     "-mavx512vnni",
     "-mavx512bf16",
+    "-mgfni",
     "-ffp-contract=off",  # keeps dequantize_f32 bit-equal to the reference
 ]
 

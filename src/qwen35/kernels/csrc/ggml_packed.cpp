@@ -268,6 +268,14 @@ class PackedActivations {
 // first packed block, out[r] row r's output at the first group's first row; `valid` is the
 // number of real rows in the last group (16 but at the matrix's end).
 
+// GF(2) affine byte transforms (vgf2p8affineqb) that move bit fields within each byte in
+// one instruction: output bit i takes the input bit named by byte 7 - i of the matrix.
+constexpr int64_t HIGH_NIBBLE_DOWN = 0x1020408000000000;  // bits 4..7 -> 0..3, rest zero
+constexpr int64_t Q6_HIGH_BITS[4] = {0x01020000, 0x04080000, 0x10200000, 0x40800000};  // bits 2i, 2i+1 -> 4, 5
+inline __m512i move_bits(__m512i v, int64_t matrix) { return _mm512_gf2p8affine_epi64_epi8(v, _mm512_set1_epi64(matrix), 0); }
+// (a & c) | b, one vpternlogd.
+inline __m512i and_or(__m512i a, __m512i b, __m512i c) { return _mm512_ternarylogic_epi32(a, b, c, 0xEC); }
+
 inline __m512i broadcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -325,7 +333,7 @@ struct PackedQ4K {
               if (PREFETCH) prefetch_line(w[g] + (b + 1) * STRIDE, c, LINES);
               const __m512i v = _mm512_loadu_si512(w[g] + b * STRIDE + 320 + 64 * c);
               lo[g] = _mm512_and_si512(v, low4);
-              hi[g] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+              hi[g] = move_bits(v, HIGH_NIBBLE_DOWN);
             }
             for (int r = 0; r < NR; ++r) {
               const int8_t* xq = x[r].q + b * QK_K + 8 * c;
@@ -368,7 +376,6 @@ struct PackedQ6K {
   template <int NR, int NW, bool PREFETCH>
   static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
-    const __m512i high2 = _mm512_set1_epi8(0x30);
     __m512 acc[NR][NW];
     for (int r = 0; r < NR; ++r)
       for (int g = 0; g < NW; ++g) acc[r][g] = _mm512_setzero_ps();
@@ -394,15 +401,8 @@ struct PackedQ6K {
           for (int g = 0; g < NW; ++g) {
             if (PREFETCH) prefetch_line(w[g] + (b + 1) * STRIDE, 4 * s + i, LINES);
             const __m512i ql = _mm512_loadu_si512(w[g] + b * STRIDE + 288 + 64 * (2 * s + i / 2));
-            const __m512i lo = i % 2 == 0 ? _mm512_and_si512(ql, low4) : _mm512_and_si512(_mm512_srli_epi16(ql, 4), low4);
-            __m512i hi;
-            switch (i) {
-              case 0: hi = _mm512_slli_epi16(qh[g], 4); break;
-              case 1: hi = _mm512_slli_epi16(qh[g], 2); break;
-              case 2: hi = qh[g]; break;
-              default: hi = _mm512_srli_epi16(qh[g], 2); break;
-            }
-            q[g] = _mm512_or_si512(lo, _mm512_and_si512(hi, high2));
+            const __m512i hi = move_bits(qh[g], Q6_HIGH_BITS[i]);
+            q[g] = i % 2 == 0 ? and_or(ql, hi, low4) : _mm512_or_si512(move_bits(ql, HIGH_NIBBLE_DOWN), hi);
           }
           for (int r = 0; r < NR; ++r) {
             const __m512i xv = broadcast4(x[r].q + b * QK_K + 16 * s + 4 * i);
