@@ -30,8 +30,8 @@ namespace qwen35_ggml {
 namespace {
 
 constexpr int64_t GROUP = 16;   // weight rows per packed group: one 32-bit lane each
-constexpr int MAX_X_ROWS = 4;   // rows of x per microkernel call
-constexpr int MAX_GROUPS = 4;   // weight groups per microkernel call (4 for one or two rows of x, else 2)
+constexpr int MAX_X_ROWS = 4;   // rows of x per prefill microkernel call
+constexpr int MAX_GROUPS = 4;   // weight groups per decode microkernel call (one or two rows of x)
 constexpr int PREFILL_GROUPS = 2;
 // Groups stored together: a super-group's blocks lie block by block, the 4 groups' packed
 // blocks side by side ([super-group][block][group][bytes]), so a decode call that takes 4
@@ -466,31 +466,40 @@ struct PackedQ80 {
 
 using TileFn = void (*)(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid);
 
+// Decode (one or two rows of x) takes up to MAX_GROUPS groups per call, always fetching
+// ahead; prefill takes PREFILL_GROUPS groups and up to MAX_X_ROWS rows, fetching ahead on
+// the first pass over the groups only.
 struct PackedKernel {
   int64_t bytes;
-  TileFn tile[MAX_X_ROWS][MAX_GROUPS];      // tile[nr - 1][nw - 1]
-  TileFn prefetching[MAX_X_ROWS][MAX_GROUPS];  // the same, fetching the next groups' bytes meanwhile
+  TileFn decode[2][MAX_GROUPS];                       // [nr - 1][nw - 1]
+  TileFn prefill[2][MAX_X_ROWS][PREFILL_GROUPS];      // [prefetch][nr - 1][nw - 1]
 };
 
 template <class K, int NR>
-void fill_row(PackedKernel& kernel) {
-  kernel.tile[NR - 1][0] = &K::template run<NR, 1, false>;
-  kernel.tile[NR - 1][1] = &K::template run<NR, 2, false>;
-  kernel.tile[NR - 1][2] = &K::template run<NR, 3, false>;
-  kernel.tile[NR - 1][3] = &K::template run<NR, 4, false>;
-  kernel.prefetching[NR - 1][0] = &K::template run<NR, 1, true>;
-  kernel.prefetching[NR - 1][1] = &K::template run<NR, 2, true>;
-  kernel.prefetching[NR - 1][2] = &K::template run<NR, 3, true>;
-  kernel.prefetching[NR - 1][3] = &K::template run<NR, 4, true>;
+void fill_prefill(PackedKernel& kernel) {
+  if constexpr (NR > 1) fill_prefill<K, NR - 1>(kernel);
+  kernel.prefill[0][NR - 1][0] = &K::template run<NR, 1, false>;
+  kernel.prefill[1][NR - 1][0] = &K::template run<NR, 1, true>;
+  if constexpr (PREFILL_GROUPS > 1) {
+    kernel.prefill[0][NR - 1][1] = &K::template run<NR, 2, false>;
+    kernel.prefill[1][NR - 1][1] = &K::template run<NR, 2, true>;
+  }
+}
+
+template <class K, int NR>
+void fill_decode(PackedKernel& kernel) {
+  kernel.decode[NR - 1][0] = &K::template run<NR, 1, true>;
+  kernel.decode[NR - 1][1] = &K::template run<NR, 2, true>;
+  kernel.decode[NR - 1][2] = &K::template run<NR, 3, true>;
+  kernel.decode[NR - 1][3] = &K::template run<NR, 4, true>;
 }
 
 template <class K>
 PackedKernel kernel_of() {
   PackedKernel kernel{K::BYTES, {}, {}};
-  fill_row<K, 1>(kernel);
-  fill_row<K, 2>(kernel);
-  fill_row<K, 3>(kernel);
-  fill_row<K, 4>(kernel);
+  fill_decode<K, 1>(kernel);
+  fill_decode<K, 2>(kernel);
+  fill_prefill<K, MAX_X_ROWS>(kernel);
   return kernel;
 }
 
@@ -519,7 +528,8 @@ struct Matrix {
 // out + slots[j] * ld + mat.column. With one or two rows of x (decode) four groups share
 // each broadcast of x; with more, two groups meet every four rows of x while in cache.
 void run_groups(const Matrix& mat, int64_t g0, int64_t g1, const int64_t* slots, int64_t n_slots, float* out, int64_t ld) {
-  const int64_t step = n_slots <= 2 ? MAX_GROUPS : PREFILL_GROUPS;
+  const bool decode = n_slots <= 2;
+  const int64_t step = decode ? MAX_GROUPS : PREFILL_GROUPS;
   XRow rows[MAX_X_ROWS];
   float* outs[MAX_X_ROWS];
   for (int64_t g = g0; g < g1; g += step) {
@@ -527,15 +537,15 @@ void run_groups(const Matrix& mat, int64_t g0, int64_t g1, const int64_t* slots,
     const uint8_t* groups[MAX_GROUPS];
     for (int64_t i = 0; i < nw; ++i) groups[i] = mat.group(g + i);
     const int64_t valid = std::min<int64_t>(GROUP, mat.n - (g + nw - 1) * GROUP);
-    // The first pass over these groups reads them from memory: it also requests their next
-    // blocks ahead of use; later passes find them in cache.
     for (int64_t j = 0; j < n_slots; j += MAX_X_ROWS) {
       const int64_t nr = std::min<int64_t>(MAX_X_ROWS, n_slots - j);
       for (int64_t r = 0; r < nr; ++r) {
         rows[r] = mat.act->row(slots[j + r], mat.type_id);
         outs[r] = out + slots[j + r] * ld + mat.column + g * GROUP;
       }
-      const TileFn tile = j == 0 ? mat.kernel.prefetching[nr - 1][nw - 1] : mat.kernel.tile[nr - 1][nw - 1];
+      // The first pass over these groups reads them from memory: it also requests their
+      // next blocks ahead of use; later passes find them in cache.
+      const TileFn tile = decode ? mat.kernel.decode[nr - 1][nw - 1] : mat.kernel.prefill[j == 0][nr - 1][nw - 1];
       tile(groups, mat.n_blocks, rows, outs, valid);
     }
   }
