@@ -1,10 +1,11 @@
 """Throughput of the quantized matmul paths on this CPU.
 
 Decode (M=1): weight bytes streamed per second (GB/s) for the reference path
-(dequantize + fp32 matmul), the fast gemv, and a dense fp32 / bf16 torch matmul
-for scale. Prefill (M rows): GFLOP/s of gemv (what every call uses) vs bf16 tiles. Weights are
-spread over enough matrices (> L3) that decode numbers are memory-bound, as in a
-real model.
+(dequantize + fp32 matmul), the row-major gemv, the row-group packed kernel (what
+Q4_K/Q6_K/Q8_0 weights use), and a dense fp32 / bf16 torch matmul for scale. Prefill
+(M rows): GFLOP/s (int8 ops counted as flops) of the packed kernel, gemv and bf16 tiles.
+Weights are spread over enough matrices (> L3) that decode numbers are memory-bound,
+as in a real model.
 
     .venv/bin/python benchmarks/kernels_fast_cpu.py [--threads 2] [--total-mib 256]
 """
@@ -86,10 +87,13 @@ def main() -> None:
         ref = timed(lambda w: reference_matmul(w, type_id, x1, k), weights, 4)
         fast = timed(lambda w: fast_cpu.gemv(w, type_id, x1), weights, 40)
         deq = timed(lambda w: fast_cpu.dequantize_bf16(w, type_id, k), weights, 10)
-        print(
-            f"{type_id.name:5s} M=1: reference {nbytes / ref / 1e9:5.2f} GB/s, gemv {nbytes / fast / 1e9:5.1f} GB/s "
-            f"({ref / fast:4.0f}x); dequantize_bf16 {n * k / deq / 1e9:4.2f} Gvalues/s"
-        )
+        packed = [fast_cpu.pack(w, type_id, k) for w in weights] if type_id in fast_cpu.PACKED_TYPES else None
+        line = (f"{type_id.name:5s} M=1: reference {nbytes / ref / 1e9:5.2f} GB/s, gemv {nbytes / fast / 1e9:5.1f} GB/s "
+                f"({ref / fast:4.0f}x)")
+        if packed:
+            one_packed = timed(lambda w: fast_cpu.packed_gemv(w, type_id, x1, n), packed, 40)
+            line += f", packed {nbytes / one_packed / 1e9:5.1f} GB/s"
+        print(line + f"; dequantize_bf16 {n * k / deq / 1e9:4.2f} Gvalues/s")
         for m in (4, 8, 128, 512):
             x = torch.randn(m, k)
             flops = 2 * m * n * k
@@ -97,6 +101,9 @@ def main() -> None:
             fast_gemv = timed(lambda w: fast_cpu.gemv(w, type_id, x), weights, reps)
             tiled = timed(lambda w: fast_cpu.tiled_bf16_matmul(w, type_id, x, k), weights, reps)
             line = f"      M={m:<3d}: gemv {flops / fast_gemv / 1e9:6.1f} GFLOP/s, bf16 tiles {flops / tiled / 1e9:6.1f}"
+            if packed:
+                many = timed(lambda w: fast_cpu.packed_gemv(w, type_id, x, n), packed, reps)
+                line += f", packed {flops / many / 1e9:6.1f}"
             if m == 512:
                 ref = timed(lambda w: reference_matmul(w, type_id, x, k), weights, 2)
                 line += f", reference {flops / ref / 1e9:6.1f}"
@@ -108,7 +115,7 @@ def moe_decode(rng: np.random.Generator) -> None:
     n_experts, out_features, in_features = 256, 512, 2048
     experts = QuantExperts(random_weight(T.Q4_K, n_experts * out_features, in_features, rng), T.Q4_K,
                            n_experts, out_features, in_features)
-    set_mode(experts, "fast")
+    set_mode(experts, "fast")  # packs the experts
     x = torch.randn(1, in_features)
     calls = [torch.from_numpy(rng.choice(n_experts, 8, replace=False)).reshape(1, 8) for _ in range(50)]
     active_bytes = 8 * experts.blocks[0].numel()
@@ -117,7 +124,7 @@ def moe_decode(rng: np.random.Generator) -> None:
     grouped = timed(lambda ids: experts(x, ids), calls, 50)
     quant_linear.register_fast_expert_kernel(T.Q4_K, whole_call)
     print(
-        f"MoE decode, top-8 of 256 [512, 2048] Q4_K: one expert_gemv {fused * 1e6:.0f} us "
+        f"MoE decode, top-8 of 256 [512, 2048] Q4_K: one expert call {fused * 1e6:.0f} us "
         f"({active_bytes / fused / 1e9:.1f} GB/s), grouped per expert {grouped * 1e6:.0f} us"
     )
 
