@@ -90,13 +90,14 @@ def run(args) -> int:
             seconds = time_decode(model, gen_tokens)
             if not warm_up:
                 tg_samples.append(args.n_gen / seconds)
+    peak_rss = peak_rss_bytes()  # before the probe's own buffer
     bandwidth = None
     if not args.no_bandwidth:
         progress.show("bandwidth probe")
         bandwidth = measure_read_bandwidth(threads)
     progress.clear()
 
-    result = _result(args, path, model, threads, pp_samples, tg_samples, bandwidth)
+    result = _result(args, path, model, threads, pp_samples, tg_samples, bandwidth, peak_rss)
     if args.json:
         print(json.dumps(result))
     else:
@@ -202,7 +203,7 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _result(args, path, model, threads, pp_samples, tg_samples, bandwidth) -> dict:
+def _result(args, path, model, threads, pp_samples, tg_samples, bandwidth, peak_rss: int) -> dict:
     import torch
 
     tg = _median(tg_samples)
@@ -223,7 +224,7 @@ def _result(args, path, model, threads, pp_samples, tg_samples, bandwidth) -> di
         "tg_tok_s": tg,
         "pp_samples": pp_samples,
         "tg_samples": tg_samples,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
         "bytes_per_token": bytes_per_token,
         "bandwidth_bytes_s": bandwidth,
         "tg_roofline_tok_s": roofline,
