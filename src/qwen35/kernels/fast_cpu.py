@@ -62,9 +62,8 @@ TILE_BYTES = 1 << 19
 
 _EXTENSION = "qwen35_ggml_cpu"
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "ggml_gemv.cpp", _CSRC / "ggml_packed.cpp", _CSRC / "ggml_dequant.cpp", _CSRC / "delta_rule_cpu.cpp",
-            _CSRC / "weight_prefetch.cpp"]
-_HEADERS = [_CSRC / "ggml_blocks.h", _CSRC / "weight_prefetch.h"]
+_SOURCES = [_CSRC / "ggml_gemv.cpp", _CSRC / "ggml_packed.cpp", _CSRC / "ggml_dequant.cpp", _CSRC / "delta_rule_cpu.cpp"]
+_HEADERS = [_CSRC / "ggml_blocks.h"]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "gfni")
 _COMPILE_FLAGS = [
     "-O3",
@@ -233,19 +232,6 @@ def expert_matmul(
     if int(type_id) in PACKED_TYPES:
         return _require().packed_expert_gemv_many([weights], [int(type_id)], x, expert_ids, [int(out_features)])
     return _require().expert_gemv(weights.contiguous(), int(type_id), x, expert_ids)
-
-
-# Bytes of weights the background reader fetches ahead: about the last-level cache.
-PREFETCH_BUDGET = 24 << 20
-
-
-def prefetch_weights(tensors: list[torch.Tensor]) -> None:
-    """Have a background thread read `tensors` (the weights needed next) into the caches while
-    the caller does other work; it pauses while packed kernels run. A new call replaces the
-    previous request. Without the kernels, nothing happens."""
-    ops = _ops()
-    if ops is not None and tensors:
-        ops.prefetch_weights(tensors, PREFETCH_BUDGET)
 
 
 def recurrent_delta_rule(q, k, v, g, beta, state) -> tuple[torch.Tensor, torch.Tensor]:

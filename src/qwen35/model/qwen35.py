@@ -22,8 +22,7 @@ from torch import nn
 
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
 from qwen35.kernels.delta_rule import gated_delta_rule
-from qwen35.kernels import fast_cpu
-from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup, QuantLinear
+from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup
 from qwen35.model.config import FULL_ATTENTION, ModelConfig
 
 L2_NORM_EPS = 1e-6
@@ -348,22 +347,6 @@ class Qwen35Network(nn.Module):
             {name.replace(".", "__"): w for name, w in every.items() if isinstance(w, nn.Module)}
         )
         self._dense = [w for w in every.values() if isinstance(w, torch.Tensor)]
-        self._layer_modules: list[list[QuantLinear]] | None = None
-
-    def _weights_by_layer(self) -> list[list[torch.Tensor]] | None:
-        """Per layer (and the output head last), the fast kernels' own copies of its dense
-        weights in the order a forward uses them; None when there are none (reference
-        mode, or no fast kernels here). Routed experts are left out: a token reads only a
-        few of them."""
-        if self._layer_modules is None:
-            by_layer = [[] for _ in range(len(self.layers) + 1)]
-            for name, module in self.weight_modules.items():
-                if isinstance(module, QuantLinear) and name.startswith("layers__"):
-                    by_layer[int(name.split("__")[1])].append(module)
-            by_layer[-1].append(self.lm_head)
-            self._layer_modules = by_layer
-        weights = [[m.fast_weights for m in modules if m.fast_weights is not None] for modules in self._layer_modules]
-        return weights if any(weights) else None
 
     def dense_tensors(self) -> list[torch.Tensor]:
         """The small weights kept as plain fp32 tensors (norms, conv, decay, gates)."""
@@ -402,12 +385,7 @@ class Qwen35Network(nn.Module):
         mask = key_index[None, None, :] <= query_end[:, :, None]  # [B, T, S]
 
         x = self.embed_tokens.rows(input_ids) if embeddings is None else embeddings.float()
-        # Decoding reads every weight once per token and the memory bus idles between
-        # matmuls: have the next layer's weights read into the caches meanwhile.
-        ahead = self._weights_by_layer() if length == 1 else None
-        for index, (layer, layer_cache) in enumerate(zip(self.layers, cache.layers)):
-            if ahead:
-                fast_cpu.prefetch_weights(ahead[index + 1])
+        for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer(x, layer_cache, starts, rope, mask)
         cache.advance(length, positions)
         return rms_norm(x, self.final_norm, self.config.rms_norm_eps)

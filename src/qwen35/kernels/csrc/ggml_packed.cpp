@@ -25,7 +25,6 @@
 #include <vector>
 
 #include "ggml_blocks.h"
-#include "weight_prefetch.h"
 
 namespace qwen35_ggml {
 namespace {
@@ -572,7 +571,6 @@ struct Unit {
 };
 
 void run_units(const std::vector<Matrix>& mats, const std::vector<Unit>& units, float* out, int64_t ld) {
-  const KernelRunning running;
   // A unit's cost: its bytes, read from memory once and then once more per 4 rows of x
   // from cache (4 rows per kernel call).
   std::vector<int64_t> ends(units.size());  // cumulative costs
