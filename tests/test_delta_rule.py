@@ -83,3 +83,42 @@ def test_fused_recurrent_kernel_matches_transformers_recurrent(length):
     reference, reference_state = recurrent_gated_delta_rule(*inputs)
     torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(our_state, reference_state, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "length,chunk_size,d_k,d_v", [(1, 64, 16, 16), (65, 64, 16, 24), (130, 64, 128, 128), (37, 8, 32, 48), (100, 64, 20, 36)]
+)
+def test_chunked_kernel_matches_transformers_chunked(length, chunk_size, d_k, d_v):
+    """The C++ chunked form (fast path of prefill) against transformers' and our plain form; uneven
+    head sizes exercise the kernel's masked column tails, short last chunks its row tails."""
+    from qwen35.kernels.delta_rule import fast_ops
+
+    if fast_ops() is None:
+        pytest.skip("fast CPU kernels unavailable here")
+    inputs = random_inputs(2, 3, length, d_k=d_k, d_v=d_v, seed=5)
+    state_before = inputs[-1].clone()
+    ours, our_state = fast_ops().chunked_delta_rule(*inputs, chunk_size)
+    theirs, their_state = transformers_form(
+        transformers_qwen.torch_chunk_gated_delta_rule, *inputs, chunk_size=chunk_size
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(our_state, their_state, atol=1e-5, rtol=1e-4)
+    assert torch.equal(inputs[-1], state_before)
+    reference, reference_state = chunked_gated_delta_rule(*inputs, chunk_size=chunk_size)
+    torch.testing.assert_close(ours, reference, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(our_state, reference_state, atol=2e-6, rtol=1e-5)
+
+
+def test_chunked_kernel_survives_strong_decay():
+    """Log-decays far below fp32's exp range inside one chunk: the pair decays must underflow to 0, not NaN."""
+    from qwen35.kernels.delta_rule import fast_ops
+
+    if fast_ops() is None:
+        pytest.skip("fast CPU kernels unavailable here")
+    q, k, v, g, beta, state = random_inputs(1, 2, 80, d_k=32, d_v=32, seed=6)
+    g = g * 60  # down to about -100 per step: G falls by thousands within a chunk
+    ours, our_state = fast_ops().chunked_delta_rule(q, k, v, g, beta, state, 64)
+    reference, reference_state = recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    assert torch.isfinite(ours).all() and torch.isfinite(our_state).all()
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(our_state, reference_state, atol=1e-5, rtol=1e-4)
