@@ -127,7 +127,7 @@ def test_chunked_kernel_survives_strong_decay():
 # --- the steps around the delta rule: GatedDeltaNet's C++ path against its plain methods -----------
 
 
-def deltanet_layer(value_head_order="grouped", d_k=16, d_v=27, seed=7):
+def deltanet_layer(value_head_order="grouped", d_k=16, d_v=27, conv_kernel=4, seed=7):
     """A GatedDeltaNet with random weights (2 key heads, 4 value heads; d_v=27 leaves partial vectors)."""
     from qwen35.model.config import LINEAR_ATTENTION, ModelConfig
     from qwen35.model.qwen35 import GatedDeltaNet
@@ -135,7 +135,7 @@ def deltanet_layer(value_head_order="grouped", d_k=16, d_v=27, seed=7):
     config = ModelConfig(
         architecture="qwen35", hidden_size=48, num_layers=1, vocab_size=16, layer_types=(LINEAR_ATTENTION,),
         rms_norm_eps=1e-6, num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=2,
-        linear_num_value_heads=4, linear_key_head_dim=d_k, linear_value_head_dim=d_v, linear_conv_kernel=4,
+        linear_num_value_heads=4, linear_key_head_dim=d_k, linear_value_head_dim=d_v, linear_conv_kernel=conv_kernel,
         rope_theta=1e7, rotary_dim=8, mrope_section=(2, 1, 1), intermediate_size=64, value_head_order=value_head_order,
     )
     generator = torch.Generator().manual_seed(seed)
@@ -151,7 +151,7 @@ def deltanet_layer(value_head_order="grouped", d_k=16, d_v=27, seed=7):
         f"{prefix}.in_proj_b": linear(4),
         f"{prefix}.in_proj_a": linear(4),
         f"{prefix}.out_proj": lambda x: x,
-        f"{prefix}.conv1d": torch.randn(config.linear_conv_dim, 4, generator=generator) * 0.5,
+        f"{prefix}.conv1d": torch.randn(config.linear_conv_dim, conv_kernel, generator=generator) * 0.5,
         f"{prefix}.dt_bias": torch.randn(4, generator=generator),
         f"{prefix}.decay_rate": -torch.rand(4, generator=generator) * 4,
         f"{prefix}.norm": 1 + 0.1 * torch.randn(d_v, generator=generator),
@@ -167,15 +167,17 @@ def fast_ops_or_skip():
     return fast_ops()
 
 
+@pytest.mark.parametrize("conv_kernel", [2, 4, 5])
 @pytest.mark.parametrize("length", [1, 2, 37])
-def test_conv_kernel_gives_the_reference_bits(length):
-    """Same products summed in the same order, and torch's own SiLU: bit-equal, new conv state included."""
+def test_conv_kernel_gives_the_reference_bits(length, conv_kernel):
+    """Same products summed in the same order, and torch's own SiLU: bit-equal, new conv state included
+    (lengths shorter than the kernel keep part of the held inputs)."""
     from qwen35.engine.cache import DeltaNetState
 
     fast = fast_ops_or_skip()
-    layer, generator = deltanet_layer()
+    layer, generator = deltanet_layer(conv_kernel=conv_kernel)
     projected = torch.randn(2, length, layer.c.linear_conv_dim, generator=generator)
-    held = torch.randn(2, layer.c.linear_conv_dim, 3, generator=generator)
+    held = torch.randn(2, layer.c.linear_conv_dim, conv_kernel - 1, generator=generator)
     state = DeltaNetState(held.clone(), torch.zeros(0))
     reference = layer.causal_conv(projected, state)
     ours, our_conv_state = fast.causal_conv_silu(projected, held, layer.conv_weight)

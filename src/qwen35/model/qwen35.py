@@ -233,13 +233,12 @@ class GatedDeltaNet:
         """
         window = torch.cat([state.conv.float(), projected.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
         state.conv = window[:, :, window.shape[-1] - (self.c.linear_conv_kernel - 1) :].to(state.conv.dtype).clone()
-        if projected.shape[1] == 1:  # decode: a single window per channel
-            mixed = (window * self.conv_weight).sum(dim=-1, keepdim=True)
-        else:  # one shifted multiply-add per tap: far faster than a depthwise F.conv1d on CPU
-            length, kernel = projected.shape[1], self.conv_weight.shape[1]
-            mixed = window[:, :, :length] * self.conv_weight[:, :1]
-            for tap in range(1, kernel):
-                mixed = mixed + window[:, :, tap : tap + length] * self.conv_weight[:, tap : tap + 1]
+        # One shifted multiply-add per tap: far faster than a depthwise F.conv1d on CPU, and the
+        # taps are summed in order (for one token too), as the C++ form sums them.
+        length, kernel = projected.shape[1], self.conv_weight.shape[1]
+        mixed = window[:, :, :length] * self.conv_weight[:, :1]
+        for tap in range(1, kernel):
+            mixed = mixed + window[:, :, tap : tap + length] * self.conv_weight[:, tap : tap + 1]
         return F.silu(mixed.transpose(1, 2).contiguous())
 
     def delta_rule_inputs(self, mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor):

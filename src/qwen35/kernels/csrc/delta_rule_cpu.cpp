@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 namespace qwen35_ggml {
 namespace {
@@ -41,7 +42,10 @@ inline void store_block(float* row, int b, __mmask16 tail, __m512 value) {
 // so that GCC keeps the arrays of sums in registers.) `source` is the state before the token and
 // `target` receives the state after it; they may be the same memory (a row is read before it
 // is written). Rows are `row_stride` floats apart.
-template <int kBlocks>
+// With kStream the new rows go straight to memory (whole, 64-byte aligned rows only): the next
+// read of this state is the next token's, long after every layer's weights have flushed the
+// caches, so caching the rows now would only cost reading them in first.
+template <int kBlocks, bool kStream>
 void step_column_group(const float* source, float* target, int64_t row_stride, int64_t d_k, const float* q,
                        const float* k, const float* v, float decay, float beta, float* out, __mmask16 tail) {
   __m512 sums[kBlocks];
@@ -70,7 +74,11 @@ void step_column_group(const float* source, float* target, int64_t row_stride, i
     for (int b = 0; b < kBlocks; ++b) {
       const __m512 updated =
           _mm512_fmadd_ps(ki, delta[b], _mm512_mul_ps(decay_v, load_block<kBlocks>(old_row, b, tail)));
-      store_block<kBlocks>(row, b, tail, updated);
+      if constexpr (kStream) {
+        _mm512_stream_ps(row + b * kLanes, updated);
+      } else {
+        store_block<kBlocks>(row, b, tail, updated);
+      }
       sums[b] = _mm512_fmadd_ps(qi, updated, sums[b]);
     }
   }
@@ -78,24 +86,27 @@ void step_column_group(const float* source, float* target, int64_t row_stride, i
   for (int b = 0; b < kBlocks; ++b) store_block<kBlocks>(out, b, tail, sums[b]);
 }
 
+using GroupStep = void (*)(const float*, float*, int64_t, int64_t, const float*, const float*, const float*, float,
+                           float, float*, __mmask16);
+
+// kGroupSteps[stream][blocks - 1]
+constexpr GroupStep kGroupSteps[2][kMaxBlocks] = {
+    {step_column_group<1, false>, step_column_group<2, false>, step_column_group<3, false>, step_column_group<4, false>,
+     step_column_group<5, false>, step_column_group<6, false>, step_column_group<7, false>, step_column_group<8, false>},
+    {step_column_group<1, true>, step_column_group<2, true>, step_column_group<3, true>, step_column_group<4, true>,
+     step_column_group<5, true>, step_column_group<6, true>, step_column_group<7, true>, step_column_group<8, true>},
+};
+
 void step_head(const float* source, float* target, const float* q, const float* k, const float* v, float g, float beta,
-               float* out, int64_t d_k, int64_t d_v) {
+               float* out, int64_t d_k, int64_t d_v, bool stream) {
   const float decay = std::exp(g);
   for (int64_t first = 0; first < d_v; first += kMaxBlocks * kLanes) {
     const int64_t columns = std::min(d_v - first, kMaxBlocks * kLanes);
-    const int blocks = static_cast<int>((columns + kLanes - 1) / kLanes);
+    const int64_t blocks = (columns + kLanes - 1) / kLanes;
     const int64_t in_last = columns - (blocks - 1) * kLanes;
     const __mmask16 tail = static_cast<__mmask16>((1u << in_last) - 1);
-#define QWEN35_STEP(n)                                                                                  \
-  case n:                                                                                               \
-    step_column_group<n>(source + first, target + first, d_v, d_k, q, k, v + first, decay, beta, out + first, \
-                         tail);                                                                         \
-    break;
-    switch (blocks) {
-      QWEN35_STEP(1) QWEN35_STEP(2) QWEN35_STEP(3) QWEN35_STEP(4)
-      QWEN35_STEP(5) QWEN35_STEP(6) QWEN35_STEP(7) QWEN35_STEP(8)
-    }
-#undef QWEN35_STEP
+    kGroupSteps[stream][blocks - 1](source + first, target + first, d_v, d_k, q, k, v + first, decay, beta, out + first,
+                                    tail);
   }
 }
 
@@ -125,15 +136,17 @@ std::tuple<at::Tensor, at::Tensor> recurrent_delta_rule(const at::Tensor& q_in, 
   float *sp = state.data_ptr<float>(), *op = out.data_ptr<float>();
   // A thread's share must outweigh waking it (tens of microseconds with passive OpenMP waits).
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, length * d_k * d_v));
+  const bool aligned_rows = d_v % kLanes == 0 && reinterpret_cast<uintptr_t>(sp) % 64 == 0;
   at::parallel_for(0, heads, grain, [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h) {
       for (int64_t t = 0; t < length; ++t) {
         const int64_t ht = h * length + t;
         const float* source = t == 0 ? old + h * d_k * d_v : sp + h * d_k * d_v;
         step_head(source, sp + h * d_k * d_v, qp + ht * d_k, kp + ht * d_k, vp + ht * d_v, gp[ht], bp[ht],
-                  op + ht * d_v, d_k, d_v);
+                  op + ht * d_v, d_k, d_v, aligned_rows && t == length - 1);
       }
     }
+    _mm_sfence();  // the streamed rows are visible before the state is handed back
   });
   return {out, state};
 }

@@ -24,11 +24,56 @@ inline __mmask16 lanes_below(int64_t count) {
   return count >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
 }
 
+// Channels [begin, end) of one token's conv: each window is the channel's K-1 held inputs and
+// the new one. kKept > 0 fixes K-1 at compile time (loops unrolled); 0 reads it from `kept`.
+template <int kKept>
+void conv_step_channels(const float* held_rows, const float* weight_rows, const float* newest, float* out,
+                        float* next_rows, int64_t begin, int64_t end, int64_t kept_at_runtime) {
+  const int64_t kept = kKept > 0 ? kKept : kept_at_runtime, taps = kept + 1;
+  for (int64_t c = begin; c < end; ++c) {
+    const float* held = held_rows + c * kept;
+    const float* w = weight_rows + c * taps;
+    float* next = next_rows + c * kept;
+    float sum = held[0] * w[0];
+    for (int64_t j = 1; j < kept; ++j) sum += held[j] * w[j];
+    out[c] = sum + newest[c] * w[kept];
+    for (int64_t j = 0; j + 1 < kept; ++j) next[j] = held[j + 1];
+    next[kept - 1] = newest[c];
+  }
+}
+
+// One token (decode): the held inputs and the weights are both channel-major, so each
+// channel is a short dot product and nothing needs transposing (transposes would cost more
+// than the arithmetic here).
+std::tuple<at::Tensor, at::Tensor> causal_conv_step(const at::Tensor& x_in, const at::Tensor& conv_state,
+                                                    const at::Tensor& weight_in) {
+  const int64_t batch = x_in.size(0), channels = x_in.size(2), kept = weight_in.size(1) - 1;
+  const at::Tensor x = x_in.to(at::kFloat).contiguous(), weight = weight_in.to(at::kFloat).contiguous();
+  const at::Tensor history = conv_state.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({batch, 1, channels}, at::kFloat);
+  at::Tensor new_history = at::empty({batch, channels, kept}, at::kFloat);
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>(), *hp = history.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *np = new_history.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* held = hp + b * channels * kept;
+    const float* newest = xp + b * channels;
+    float* next = np + b * channels * kept;
+    if (kept == 3) {  // Qwen 3.5's kernel of 4
+      conv_step_channels<3>(held, wp, newest, op + b * channels, next, 0, channels, kept);
+    } else {
+      conv_step_channels<0>(held, wp, newest, op + b * channels, next, 0, channels, kept);
+    }
+  }
+  at::silu_(out);
+  return {out, new_history.to(conv_state.scalar_type())};
+}
+
 // Depthwise causal conv + SiLU: x [B, T, C] continues the inputs held in conv_state
 // [B, C, K-1] (the previous K-1 steps, oldest first); weight [C, K].
 // Returns (SiLU(conv) [B, T, C] fp32, the last K-1 inputs [B, C, K-1] in conv_state's dtype).
 // Each output is w0 x0 + w1 x1 + ... summed in that order without fused multiply-adds, as the
-// reference's shifted multiply-adds do, so the pre-activation values match it exactly.
+// reference's shifted multiply-adds (and its 4-term sum for one token) do, so the
+// pre-activation values match it exactly.
 std::tuple<at::Tensor, at::Tensor> causal_conv_silu(const at::Tensor& x_in, const at::Tensor& conv_state,
                                                     const at::Tensor& weight_in) {
   TORCH_CHECK(x_in.dim() == 3 && conv_state.dim() == 3 && weight_in.dim() == 2,
@@ -37,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor> causal_conv_silu(const at::Tensor& x_in, cons
   TORCH_CHECK(taps >= 1 && weight_in.size(0) == channels && conv_state.size(0) == batch &&
                   conv_state.size(1) == channels && conv_state.size(2) == taps - 1,
               "causal conv: shapes do not agree");
+  if (length == 1 && taps > 1) return causal_conv_step(x_in, conv_state, weight_in);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   // Taps first and the state time-major, so that every tap reads a contiguous row of channels.
   const at::Tensor weight = weight_in.to(at::kFloat).t().contiguous();                // [K, C]
@@ -113,10 +159,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deltanet_
               "deltanet inputs: shapes do not agree");
   const at::Tensor mixed = mixed_in.to(at::kFloat).contiguous();
   const int64_t width = mixed.size(2), repeats = value_heads / key_heads;
-  const at::Tensor q_norms = inverse_norms(mixed.narrow(2, 0, key_heads * key_dim).view({batch, length, key_heads, key_dim}), eps, false);
-  const at::Tensor k_norms =
-      inverse_norms(mixed.narrow(2, key_heads * key_dim, key_heads * key_dim).view({batch, length, key_heads, key_dim}),
-                    eps, false);
+  // q's and k's heads side by side: one reduction for both (each head's row is summed alone,
+  // the same way as when the reference norms q and k apart).
+  const at::Tensor query_and_key = mixed.narrow(2, 0, 2 * key_heads * key_dim);
+  const at::Tensor norms = inverse_norms(query_and_key.view({batch, length, 2 * key_heads, key_dim}), eps, false);
   // torch's own softplus and sigmoid too (the reference's bits); only their layout changes below.
   const at::Tensor decay = (decay_rate.to(at::kFloat) * at::softplus(a_in.to(at::kFloat) + dt_bias.to(at::kFloat))).contiguous();
   const at::Tensor write_strength = at::sigmoid(b_in.to(at::kFloat)).contiguous();
@@ -129,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deltanet_
   at::Tensor beta = at::empty({batch, value_heads, length}, f32);
   // As the reference rounds it (d_k ** -0.5): the normalised q, then times the scale.
   const float q_scale = static_cast<float>(std::pow(static_cast<double>(key_dim), -0.5));
-  const float *mp = mixed.data_ptr<float>(), *qn = q_norms.data_ptr<float>(), *kn = k_norms.data_ptr<float>();
+  const float *mp = mixed.data_ptr<float>(), *np = norms.data_ptr<float>();
   const float *decay_p = decay.data_ptr<float>(), *strength_p = write_strength.data_ptr<float>();
   float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float *gp = g.data_ptr<float>(), *betap = beta.data_ptr<float>();
@@ -142,9 +188,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deltanet_
           const int64_t vh = grouped ? kh * repeats + r : r * key_heads + kh;
           float* q_head = qp + ((bi * value_heads + vh) * length + t) * key_dim;
           float* k_head = kp + ((bi * value_heads + vh) * length + t) * key_dim;
-          scale_into(row + kh * key_dim, qn[bt * key_heads + kh], q_head, key_dim);
+          scale_into(row + kh * key_dim, np[bt * 2 * key_heads + kh], q_head, key_dim);
           scale_into(q_head, q_scale, q_head, key_dim);
-          scale_into(row + (key_heads + kh) * key_dim, kn[bt * key_heads + kh], k_head, key_dim);
+          scale_into(row + (key_heads + kh) * key_dim, np[bt * 2 * key_heads + key_heads + kh], k_head, key_dim);
         }
       }
       const float* values = row + 2 * key_heads * key_dim;
