@@ -17,9 +17,10 @@ All tensors are head-major and fp32: q, k [B, H, T, d_k]; v [B, H, T, d_v];
 g, beta [B, H, T]; state [B, H, d_k, d_v]. Queries and keys come already
 normalised and scaled, with key heads already matched to value heads.
 
-`gated_delta_rule` runs the recurrent form as one fused C++ call per layer
-(fast_cpu.recurrent_delta_rule) where the fast CPU kernels are available; the
-Python form here stays its reference (tests/test_delta_rule.py pins them together).
+`gated_delta_rule` runs each form as one C++ call per layer where the fast CPU
+kernels are available (csrc/delta_rule_cpu.cpp, csrc/delta_rule_chunked_cpu.cpp);
+the Python forms here stay their reference (tests/test_delta_rule.py pins them
+together).
 """
 
 from __future__ import annotations
@@ -109,17 +110,20 @@ def chunked_gated_delta_rule(
 
 
 @functools.cache
-def _fused_recurrent():
+def fast_ops():
+    """The C++ kernels (torch.ops.qwen35_ggml) where fast_cpu can build them here, else None."""
     from qwen35.kernels import fast_cpu
 
-    return fast_cpu.recurrent_delta_rule if fast_cpu.available() else None
+    return torch.ops.qwen35_ggml if fast_cpu.available() else None
 
 
 def gated_delta_rule(q, k, v, g, beta, state, chunk_size: int = CHUNK_SIZE):
     """The form that suits the length: recurrent for a token or two, chunked otherwise."""
+    fast = fast_ops() if q.device.type == "cpu" else None
     if q.shape[2] <= 2:
-        fused = _fused_recurrent() if q.device.type == "cpu" else None
-        if fused is not None:
-            return fused(q, k, v, g, beta, state)
+        if fast is not None:
+            return fast.recurrent_delta_rule(q, k, v, g, beta, state)
         return recurrent_gated_delta_rule(q, k, v, g, beta, state)
+    if fast is not None:
+        return fast.chunked_delta_rule(q, k, v, g, beta, state, chunk_size)
     return chunked_gated_delta_rule(q, k, v, g, beta, state, chunk_size)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
-from qwen35.kernels.delta_rule import gated_delta_rule
+from qwen35.kernels.delta_rule import fast_ops, gated_delta_rule
 from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup
 from qwen35.model.config import FULL_ATTENTION, ModelConfig
 
@@ -212,36 +212,45 @@ def _single_query_attention(q, keys, values, mask, scale):
 
 
 class GatedDeltaNet:
-    """Linear attention with the gated delta rule, a short causal conv and a gated output norm."""
+    """Linear attention with the gated delta rule, a short causal conv and a gated output norm.
+
+    `causal_conv`, `delta_rule_inputs` and `gated_norm` are the plain maths; where the fast CPU
+    kernels are available each runs as one C++ call instead (csrc/deltanet_cpu.cpp, pinned to
+    these methods by tests/test_delta_rule.py).
+    """
 
     def __init__(self, c: ModelConfig, w: dict, prefix: str):
         self.c = c
         self.in_proj_qkv, self.in_proj_z = w[f"{prefix}.in_proj_qkv"], w[f"{prefix}.in_proj_z"]
         self.in_proj_b, self.in_proj_a = w[f"{prefix}.in_proj_b"], w[f"{prefix}.in_proj_a"]
+        self.in_proj = LinearGroup(self.in_proj_qkv, self.in_proj_a, self.in_proj_b, self.in_proj_z)
         self.out_proj = w[f"{prefix}.out_proj"]
         self.conv_weight = w[f"{prefix}.conv1d"]  # [conv_dim, kernel]
         self.dt_bias, self.decay_rate = w[f"{prefix}.dt_bias"], w[f"{prefix}.decay_rate"]
         self.norm = w[f"{prefix}.norm"]
 
     def causal_conv(self, projected: torch.Tensor, state: DeltaNetState) -> torch.Tensor:
-        """Depthwise causal conv + SiLU over [B, T, C], continuing from the row's last kernel-1 inputs."""
+        """Depthwise causal conv + SiLU over [B, T, C], continuing from the row's last kernel-1 inputs.
+
+        The SiLU runs on the token-major contiguous layout, as in the C++ form: torch's SiLU and
+        the l2 norms' sums that follow then see the same layout in both, and give the same bits.
+        """
         window = torch.cat([state.conv.float(), projected.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
         state.conv = window[:, :, window.shape[-1] - (self.c.linear_conv_kernel - 1) :].to(state.conv.dtype).clone()
-        if projected.shape[1] == 1:  # decode: a single window per channel
-            mixed = (window * self.conv_weight).sum(dim=-1, keepdim=True)
-        else:  # one shifted multiply-add per tap: far faster than a depthwise F.conv1d on CPU
-            length, kernel = projected.shape[1], self.conv_weight.shape[1]
-            mixed = window[:, :, :length] * self.conv_weight[:, :1]
-            for tap in range(1, kernel):
-                mixed = mixed + window[:, :, tap : tap + length] * self.conv_weight[:, tap : tap + 1]
-        return F.silu(mixed).transpose(1, 2)
+        # One shifted multiply-add per tap: far faster than a depthwise F.conv1d on CPU, and the
+        # taps are summed in order (for one token too), as the C++ form sums them.
+        length, kernel = projected.shape[1], self.conv_weight.shape[1]
+        mixed = window[:, :, :length] * self.conv_weight[:, :1]
+        for tap in range(1, kernel):
+            mixed = mixed + window[:, :, tap : tap + length] * self.conv_weight[:, tap : tap + 1]
+        return F.silu(mixed.transpose(1, 2).contiguous())
 
-    def __call__(self, x, state: DeltaNetState):
+    def delta_rule_inputs(self, mixed: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        """The conv output [B, T, conv_dim] and gate projections a, b [B, T, n_v] -> q, k, v, g, beta,
+        head-major ([B, n_v, T, ...]) with key heads matched to value heads."""
         c = self.c
-        batch, length, _ = x.shape
+        batch, length, _ = mixed.shape
         n_k, n_v, d_k, d_v = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
-
-        mixed = self.causal_conv(self.in_proj_qkv(x), state)
         q, k, v = mixed.split([c.linear_key_dim, c.linear_key_dim, c.linear_value_dim], dim=-1)
         q = _l2_normalize(q.reshape(batch, length, n_k, d_k)) * d_k**-0.5
         k = _l2_normalize(k.reshape(batch, length, n_k, d_k))
@@ -251,16 +260,34 @@ class GatedDeltaNet:
                 q, k = q.repeat_interleave(n_v // n_k, dim=2), k.repeat_interleave(n_v // n_k, dim=2)
             else:  # tiled: value head j reads key head j % n_k
                 q, k = q.repeat(1, 1, n_v // n_k, 1), k.repeat(1, 1, n_v // n_k, 1)
+        beta = torch.sigmoid(b.float())
+        g = self.decay_rate * F.softplus(a.float() + self.dt_bias)
+        return _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(g), _heads_first(beta)
 
-        beta = torch.sigmoid(self.in_proj_b(x).float())
-        g = self.decay_rate * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
-        out, state.recurrent = gated_delta_rule(
-            _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(g), _heads_first(beta), state.recurrent
-        )
+    def gated_norm(self, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The delta rule's output [B, n_v, T, d_v], per head RMS-normed and gated by silu(z), z [B, T, n_v * d_v]
+        -> [B, T, n_v * d_v]."""
+        batch, heads, length, dim = out.shape
         out = out.transpose(1, 2)  # [B, T, n_v, d_v]
-        z = self.in_proj_z(x).view(batch, length, n_v, d_v)
-        out = rms_norm(out, self.norm, c.rms_norm_eps) * F.silu(z.float())
-        return self.out_proj(out.reshape(batch, length, -1))
+        out = rms_norm(out, self.norm, self.c.rms_norm_eps) * F.silu(z.float().view(batch, length, heads, dim))
+        return out.reshape(batch, length, heads * dim)
+
+    def __call__(self, x, state: DeltaNetState):
+        c = self.c
+        projected, a, b, z = self.in_proj(x)
+        fast = fast_ops() if x.device.type == "cpu" else None
+        if fast is None:
+            q, k, v, g, beta = self.delta_rule_inputs(self.causal_conv(projected, state), a, b)
+        else:
+            mixed, state.conv = fast.causal_conv_silu(projected, state.conv, self.conv_weight)
+            q, k, v, g, beta = fast.deltanet_inputs(
+                mixed, a, b, self.dt_bias, self.decay_rate, c.linear_num_key_heads, c.linear_key_head_dim,
+                c.linear_num_value_heads, c.linear_value_head_dim, c.value_head_order == "grouped", L2_NORM_EPS,
+            )
+        out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        if fast is None:
+            return self.out_proj(self.gated_norm(out, z))
+        return self.out_proj(fast.gated_rms_norm(out, z, self.norm, c.rms_norm_eps))
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
