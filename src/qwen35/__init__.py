@@ -10,6 +10,33 @@ __version__ = "0.1.0"
 # libgomp reads this once, when torch loads it: so here, before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+
+def _keep_freed_memory_for_reuse() -> None:
+    """Have glibc serve tensors up to 32 MiB from its heap and keep freed memory for reuse.
+
+    By default glibc maps each large allocation afresh and unmaps it when freed, so every
+    new tensor of a few MiB (a prefill activation, a DeltaNet state each decoded token)
+    pays page faults and zeroing again: measured 250 us for 1 MiB here, five times the
+    delta rule step that uses it. Reused heap memory costs nothing to touch.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
+if not os.environ.get("QWEN35_SYSTEM_MALLOC"):
+    _keep_freed_memory_for_reuse()
+
 __all__ = ["__version__", "load_model", "load_tokenizer", "parse_output"]
 
 
