@@ -82,6 +82,10 @@ _COMPILE_FLAGS = [
     "-mavx512bf16",
     "-mgfni",
     "-ffp-contract=off",  # keeps dequantize_f32 bit-equal to the reference
+    # at::parallel_for's threads come from an OpenMP pragma in torch's headers: without this
+    # it compiles to a plain loop on the calling thread. (The runtime is torch's own libgomp,
+    # already loaded under the same soname.)
+    "-fopenmp",
 ]
 
 
@@ -122,6 +126,7 @@ def _ops():
                 name=_EXTENSION,
                 sources=[str(path) for path in _SOURCES],
                 extra_cflags=[*_COMPILE_FLAGS, f"-DQWEN35_GGML_HEADERS={header_hash}"],
+                extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir),
                 is_python_module=False,
                 verbose=False,
