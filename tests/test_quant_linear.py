@@ -456,3 +456,21 @@ def test_expert_group_gives_each_experts_output(moe_q4_k_m, fast_cpu, monkeypatc
             assert ours.shape == expected.shape
             assert torch.equal(ours, member(x, ids))
             assert relative_error(ours, expected) < 1.5e-2
+
+
+def test_fast_matmul_does_not_depend_on_the_thread_count(fixtures, fast_cpu):
+    # Threads split the weight rows, never a dot product: any thread count gives the same bits.
+    rng = torch.Generator().manual_seed(15)
+    before = torch.get_num_threads()
+    try:
+        for type_id, blocks, weight in fast_type_weights(fixtures):
+            in_features, out_features = weight.shape[1], weight.shape[0]
+            weights = kernel_weights(fast_cpu, blocks, type_id, in_features)
+            x = torch.randn(7, in_features, generator=rng)
+            results = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                results.append(fast_cpu.matmul(weights, type_id, x, in_features, out_features))
+            assert all(torch.equal(results[0], other) for other in results[1:]), T(type_id).name
+    finally:
+        torch.set_num_threads(before)
