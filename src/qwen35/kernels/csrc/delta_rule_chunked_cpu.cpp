@@ -7,7 +7,8 @@
 //     out = (exp(G) q) S + (exp(G_t - G_s) q_t.k_s)_{s<=t} delta
 //     S = exp(G_c) S + (exp(G_c - G) k)^T delta
 // A thread takes whole heads and walks their chunks in order, with every chunk-sized
-// temporary in its own small workspace (a few tens of KiB: L1/L2). The products run on one
+// temporary in its own small workspace (a few tens of KiB: L1/L2). (Threads through
+// at::parallel_for: only where the extension is compiled with -fopenmp.) The products run on one
 // register-tiled AVX-512 kernel (`multiply`).
 
 #include <ATen/ATen.h>

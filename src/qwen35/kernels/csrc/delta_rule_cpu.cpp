@@ -6,7 +6,8 @@
 // group of up to 128 columns stays in AVX-512 registers (the S^T k sums, then the deltas and
 // the S^T q sums) while the rows stream past twice: once to read S^T k, once to update the
 // rows and read S^T q. A head's 64 KiB state stays in L2 between the two passes.
-// Threads split the (batch, head) pairs.
+// Threads split the (batch, head) pairs (at::parallel_for: only where the extension is compiled
+// with -fopenmp; without it the pragma inside at::parallel_for is ignored and one thread runs all).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
