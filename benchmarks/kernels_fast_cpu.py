@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import qwen35  # noqa: F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+import qwen35  # noqa: F401  (first: its allocator settings apply before torch allocates)
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType

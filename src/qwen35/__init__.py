@@ -4,11 +4,12 @@ import os
 
 __version__ = "0.1.0"
 
-# libgomp's worker threads spin between parallel regions by default; on a machine with other
-# work they take the core from the main thread, and every small parallel op then waits a
-# scheduler time slice (measured: 15 ms for a tiny softmax on 2 busy cores, 35 us passive).
-# libgomp reads this once, when torch loads it: so here, before anything imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads: libgomp's default is kept on purpose. Its worker threads spin for a while
+# (about a millisecond) after a parallel region before they sleep; a decoded token runs ~150
+# short parallel regions, and waking sleeping threads for each (OMP_WAIT_POLICY=PASSIVE)
+# made decode 1.3-1.6x slower here. llama.cpp's threads spin while they compute too. On a
+# machine busy with other work the spinning competes with it: OMP_WAIT_POLICY=PASSIVE in
+# the environment trades speed for politeness.
 
 
 def _keep_freed_memory_for_reuse() -> None:
