@@ -54,15 +54,16 @@ def _attach_vision(model: Model, tower, settings, precision: str, source=None) -
     model.vision, model.image_settings, model._vision_source = tower, settings, source
 
 
-def _release_copied_file_pages(network, source) -> None:
-    """Weights the fast kernels copied into their own layout are not read from the file map
-    again: drop the map's pages so memory holds one copy (embedding rows fault back in)."""
+def _set_mode_releasing_file_pages(network, mode: str, source) -> None:
+    """set_mode, one weight at a time: where the fast kernels copy a weight into their own
+    layout, the file map's pages under it are dropped right away (they are not read again,
+    embedding rows fault back in), so memory peaks at about one copy of the weights."""
     release = getattr(source, "release_tensor_pages", None)
-    if release is None:
-        return
     for module in network.modules():
-        if isinstance(module, (QuantLinear, QuantExperts)) and module.fast_weights is not None:
-            release(module.blocks)
+        if isinstance(module, (QuantLinear, QuantExperts)):
+            module.mode = mode
+            if release is not None and module.fast_weights is not None:
+                release(module.blocks)
 
 
 def _check_expert_count(config, path) -> None:
@@ -81,8 +82,7 @@ def _build(config, weights: dict, mtp: dict, precision: str, device: torch.devic
         from qwen35.kernels import fast_cpu
 
         fast_cpu.install()
-    set_mode(network, "reference" if precision == "reference" else "fast")
-    _release_copied_file_pages(network, source)
+    _set_mode_releasing_file_pages(network, "reference" if precision == "reference" else "fast", source)
     model = Model(network, config, generation_defaults, precision, source=source)
     model.device = device
     return model
