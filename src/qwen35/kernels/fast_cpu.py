@@ -221,8 +221,8 @@ def expert_group_matmul(
     weights: list[torch.Tensor], type_ids: list[int], x: torch.Tensor, expert_ids: torch.Tensor, in_features: int,
     out_features: list[int],
 ) -> torch.Tensor | None:
-    """The "fast" ExpertGroup kernel: several packed expert weights (gate and up) on one input
-    per slot in one call, outputs side by side; each equals `expert_matmul` of its own weight.
+    """The "fast" ExpertGroup kernel: several packed expert weights (gate and up) on the same
+    rows of x (as for expert_matmul) in one call, outputs side by side; each equals `expert_matmul` of its own weight.
     Declines (None) unless every weight is a packed type on the CPU."""
     if x.device.type != "cpu" or any(int(t) not in PACKED_TYPES or w.device.type != "cpu" for w, t in zip(weights, type_ids)):
         return None
@@ -234,12 +234,15 @@ def expert_matmul(
     weights: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int,
     out_features: int,
 ) -> torch.Tensor | None:
-    """The "fast" QuantExperts kernel: every (slot, expert) pair in one call, x [S, in] one
-    row per slot; each slot's row equals that row alone through `matmul`."""
+    """The "fast" QuantExperts kernel: every (slot, expert) pair in one call, x [R, in] one row
+    per slot or one per token shared by its S / R slots; each slot's result equals its row
+    alone through `matmul`."""
     if weights.device.type != "cpu" or x.device.type != "cpu":
         return None
     if int(type_id) in PACKED_TYPES:
         return _require().packed_expert_gemv_many([weights], [int(type_id)], x, expert_ids, [int(out_features)])
+    if x.shape[0] != expert_ids.numel():
+        x = x.repeat_interleave(expert_ids.numel() // x.shape[0], dim=0)
     return _require().expert_gemv(weights.contiguous(), int(type_id), x, expert_ids)
 
 

@@ -50,7 +50,8 @@ FastKernel = Callable[[torch.Tensor, int, torch.Tensor, int, int], torch.Tensor]
 _FAST_KERNELS: dict[int, FastKernel] = {}
 
 # A fast expert kernel takes a whole QuantExperts call, or declines it by returning None:
-#   kernel(weights, type_id, x [S, in] float32 (one row per slot), expert_ids [S],
+#   kernel(weights, type_id, x [R, in] float32 (one row per slot, R = S, or one per token
+#          shared by its S / R consecutive slots), expert_ids [S],
 #          in_features, out_features) -> [S, out] float32 | None
 FastExpertKernel = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor, int, int], torch.Tensor | None]
 _FAST_EXPERT_KERNELS: dict[int, FastExpertKernel] = {}
@@ -61,7 +62,7 @@ FastGroupKernel = Callable[[list, list, torch.Tensor, int, list], torch.Tensor |
 _FAST_GROUP_KERNEL: list[FastGroupKernel] = []
 
 # The same for several QuantExperts on one input per slot (gate and up):
-#   kernel([weights], [type_id], x [S, in], expert_ids [S], in_features, [out_features]) -> [S, sum(out)] | None
+#   kernel([weights], [type_id], x [R, in] (as above), expert_ids [S], in_features, [out_features]) -> [S, sum(out)] | None
 FastExpertGroupKernel = Callable[[list, list, torch.Tensor, torch.Tensor, int, list], torch.Tensor | None]
 _FAST_EXPERT_GROUP_KERNEL: list[FastExpertGroupKernel] = []
 
@@ -315,17 +316,17 @@ class QuantExperts(_Modes, torch.nn.Module):
         Returns [*expert_ids.shape, out] float32. Slots are grouped by expert, so each
         used expert is dequantized once per call and unused ones never.
         """
-        ids, inputs, source = self.slot_inputs(x, expert_ids)
+        ids, inputs, rows_per_slot = self.slot_inputs(x, expert_ids)
         n_slots = ids.numel()
-        out = torch.empty(n_slots, self.out_features, dtype=torch.float32, device=x.device)
         if n_slots == 0:
-            return out.reshape(*expert_ids.shape, self.out_features)
+            return torch.empty(*expert_ids.shape, self.out_features, dtype=torch.float32, device=x.device)
         whole_call = _FAST_EXPERT_KERNELS.get(self.type_id) if self.mode == "fast" else None
         if whole_call is not None:
-            fused = whole_call(self._kernel_weights(), self.type_id, inputs[source], ids, self.in_features,
-                               self.out_features)
+            fused = whole_call(self._kernel_weights(), self.type_id, inputs, ids, self.in_features, self.out_features)
             if fused is not None:
                 return fused.reshape(*expert_ids.shape, self.out_features)
+        source = torch.arange(n_slots, device=x.device) // rows_per_slot
+        out = torch.empty(n_slots, self.out_features, dtype=torch.float32, device=x.device)
         order = torch.argsort(ids, stable=True)
         experts, counts = torch.unique_consecutive(ids[order], return_counts=True)
         start = 0
@@ -335,27 +336,27 @@ class QuantExperts(_Modes, torch.nn.Module):
             out[slots] = self.expert_matmul(expert, inputs[source[slots]])
         return out.reshape(*expert_ids.shape, self.out_features)
 
-    def slot_inputs(self, x: torch.Tensor, expert_ids: torch.Tensor):
-        """(ids [S], inputs [rows, in] float32, source [S]): slot s reads inputs[source[s]]."""
+    def slot_inputs(self, x: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(ids [S], inputs [R, in] float32, S / R): slot s reads row s // (S / R) of inputs
+        (one row per slot, or one per token shared by its k slots)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input width {x.shape[-1]} does not match in_features {self.in_features}")
         if expert_ids.dim() not in (1, 2):
             raise ValueError(f"expert_ids must be [N] or [N, k], got shape {list(expert_ids.shape)}")
         ids = expert_ids.reshape(-1).to(torch.long)
-        n_slots = ids.numel()
         if x.shape[:-1] == expert_ids.shape:
-            inputs = x.reshape(n_slots, self.in_features)
-            source = torch.arange(n_slots, device=x.device)
+            inputs, rows_per_slot = x.reshape(ids.numel(), self.in_features), 1
         elif x.dim() == 2 and expert_ids.dim() == 2 and x.shape[0] == expert_ids.shape[0]:
-            inputs = x
-            source = torch.arange(n_slots, device=x.device) // expert_ids.shape[1]
+            inputs, rows_per_slot = x, expert_ids.shape[1]
         else:
             raise ValueError(
                 f"input shape {list(x.shape)} does not fit expert_ids shape {list(expert_ids.shape)}"
             )
-        if n_slots and (int(ids.min()) < 0 or int(ids.max()) >= self.n_experts):
-            raise Qwen35Error(f"expert id out of range [0, {self.n_experts})")
-        return ids, _as_float32(inputs), source
+        if ids.numel():
+            low, high = torch.aminmax(ids)
+            if int(low) < 0 or int(high) >= self.n_experts:
+                raise Qwen35Error(f"expert id out of range [0, {self.n_experts})")
+        return ids, _as_float32(inputs), rows_per_slot
 
 
 class ExpertGroup:
@@ -373,9 +374,9 @@ class ExpertGroup:
         kernel = _FAST_EXPERT_GROUP_KERNEL[0] if _FAST_EXPERT_GROUP_KERNEL else None
         if kernel is not None and all(e.mode == "fast" for e in self.experts):
             first = self.experts[0]
-            ids, inputs, source = first.slot_inputs(x, expert_ids)
+            ids, inputs, _ = first.slot_inputs(x, expert_ids)
             out = kernel([e._kernel_weights() for e in self.experts], [e.type_id for e in self.experts],
-                         inputs[source], ids, first.in_features, self.out_features)
+                         inputs, ids, first.in_features, self.out_features)
             if out is not None:
                 return out.reshape(*expert_ids.shape, -1).split(self.out_features, dim=-1)
         return tuple(e(x, expert_ids) for e in self.experts)

@@ -524,10 +524,11 @@ struct Matrix {
   const uint8_t* group(int64_t g) const { return w + ((g / SUPER) * n_blocks * SUPER + g % SUPER) * kernel.bytes; }
 };
 
-// Groups [g0, g1) of `mat` times the listed rows of x; row slots[j] writes its outputs at
-// out + slots[j] * ld + mat.column. With one or two rows of x (decode) four groups share
+// Groups [g0, g1) of `mat` times rows x_rows[j] of x, whose outputs go to output rows
+// slots[j]: out + slots[j] * ld + mat.column. With one or two rows of x (decode) four groups share
 // each broadcast of x; with more, two groups meet every four rows of x while in cache.
-void run_groups(const Matrix& mat, int64_t g0, int64_t g1, const int64_t* slots, int64_t n_slots, float* out, int64_t ld) {
+void run_groups(const Matrix& mat, int64_t g0, int64_t g1, const int64_t* slots, const int64_t* x_rows, int64_t n_slots,
+                float* out, int64_t ld) {
   const bool decode = n_slots <= 2;
   const int64_t step = decode ? MAX_GROUPS : PREFILL_GROUPS;
   XRow rows[MAX_X_ROWS];
@@ -540,7 +541,7 @@ void run_groups(const Matrix& mat, int64_t g0, int64_t g1, const int64_t* slots,
     for (int64_t j = 0; j < n_slots; j += MAX_X_ROWS) {
       const int64_t nr = std::min<int64_t>(MAX_X_ROWS, n_slots - j);
       for (int64_t r = 0; r < nr; ++r) {
-        rows[r] = mat.act->row(slots[j + r], mat.type_id);
+        rows[r] = mat.act->row(x_rows[j + r], mat.type_id);
         outs[r] = out + slots[j + r] * ld + mat.column + g * GROUP;
       }
       // The first pass over these groups reads them from memory: it also requests their
@@ -566,7 +567,8 @@ void check_packed(const at::Tensor& packed, const PackedFormat& fmt, int64_t k, 
 // run of units.
 struct Unit {
   int64_t matrix, g0, g1;
-  const int64_t* slots;
+  const int64_t* slots;   // output rows
+  const int64_t* x_rows;  // their rows of x
   int64_t n_slots;
 };
 
@@ -587,14 +589,17 @@ void run_units(const std::vector<Matrix>& mats, const std::vector<Unit>& units, 
       const auto first = std::upper_bound(ends.begin(), ends.end(), low) - ends.begin();
       for (int64_t u = first; u < static_cast<int64_t>(units.size()) && ends[u] <= high; ++u) {
         const Unit& unit = units[u];
-        run_groups(mats[unit.matrix], unit.g0, unit.g1, unit.slots, unit.n_slots, out, ld);
+        run_groups(mats[unit.matrix], unit.g0, unit.g1, unit.slots, unit.x_rows, unit.n_slots, out, ld);
       }
     }
   });
 }
 
-void add_units(std::vector<Unit>& units, int64_t matrix, int64_t groups, const int64_t* slots, int64_t n_slots) {
-  for (int64_t g = 0; g < groups; g += MAX_GROUPS) units.push_back({matrix, g, std::min(groups, g + MAX_GROUPS), slots, n_slots});
+void add_units(std::vector<Unit>& units, int64_t matrix, int64_t groups, const int64_t* slots, const int64_t* x_rows,
+               int64_t n_slots) {
+  for (int64_t g = 0; g < groups; g += MAX_GROUPS) {
+    units.push_back({matrix, g, std::min(groups, g + MAX_GROUPS), slots, x_rows, n_slots});
+  }
 }
 
 // x quantized once per block size that the weights' types use (Q4_K and Q6_K: 256, Q8_0: 32).
@@ -636,7 +641,7 @@ at::Tensor packed_gemv_many(at::TensorList packed, at::IntArrayRef type_ids, con
     const int64_t type = type_ids[i], groups = (ns[i] + GROUP - 1) / GROUP;
     mats.push_back({packed[i].data_ptr<uint8_t>(), type, packed_kernel(type), groups, packed[i].size(1), ns[i], columns,
                     acts.for_type(type)});
-    add_units(units, static_cast<int64_t>(i), groups, all_rows.data(), m);
+    add_units(units, static_cast<int64_t>(i), groups, all_rows.data(), all_rows.data(), m);
     columns += ns[i];
   }
   at::Tensor y = at::empty({m, columns}, at::kFloat);
@@ -648,12 +653,15 @@ at::Tensor packed_gemv(const at::Tensor& packed, int64_t type_id, const at::Tens
   return packed_gemv_many({packed}, {type_id}, x, {n});
 }
 
-// MoE: slot s multiplies x[s] with expert ids[s] of each packed [E, ...] weight in `packed`
-// (gate and up: one input, side by side outputs as in packed_gemv_many). x [S, K], ids [S]
-// -> [S, sum(ns)]. Slots are grouped by expert, so each used expert is read once per call.
+// MoE: slot s multiplies its row of x with expert ids[s] of each packed [E, ...] weight in
+// `packed` (gate and up: one input, side by side outputs as in packed_gemv_many). x [R, K]
+// holds one row per slot (R = S) or one per token shared by its S / R consecutive slots;
+// ids [S] -> [S, sum(ns)]. Slots are grouped by expert, so each used expert is read once
+// per call, and each row of x is quantized once.
 at::Tensor packed_expert_gemv_many(at::TensorList packed, at::IntArrayRef type_ids, const at::Tensor& x_in,
                                    const at::Tensor& ids_in, at::IntArrayRef ns) {
-  TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 1 && ids_in.size(0) == x_in.size(0), "x must be [S, K] and ids [S]");
+  TORCH_CHECK(x_in.dim() == 2 && ids_in.dim() == 1 && x_in.size(0) > 0 && ids_in.size(0) % x_in.size(0) == 0,
+              "x must be [R, K] and ids [S], S a multiple of R");
   check_lists(packed.size(), type_ids.size(), ns.size());
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t n_experts = packed[0].size(0);
@@ -672,6 +680,10 @@ at::Tensor packed_expert_gemv_many(at::TensorList packed, at::IntArrayRef type_i
   for (int64_t e = 0; e < n_experts; ++e) first[e + 1] += first[e];
   std::vector<int64_t> order(slots), fill(first.begin(), first.end() - 1);
   for (int64_t s = 0; s < slots; ++s) order[fill[id[s]]++] = s;
+  // Kernels take rows of x by index and write outputs by slot: slot s reads row s / per_row.
+  const int64_t per_row = slots / x.size(0);
+  std::vector<int64_t> rows(slots);
+  for (int64_t j = 0; j < slots; ++j) rows[j] = order[j] / per_row;
 
   const SharedActivations acts(x, type_ids);
   std::vector<Matrix> mats;
@@ -684,7 +696,8 @@ at::Tensor packed_expert_gemv_many(at::TensorList packed, at::IntArrayRef type_i
       if (first[e + 1] == first[e]) continue;
       mats.push_back({packed[i].data_ptr<uint8_t>() + e * expert_bytes, type, packed_kernel(type), groups, n_blocks, ns[i],
                       columns, acts.for_type(type)});
-      add_units(units, static_cast<int64_t>(mats.size()) - 1, groups, order.data() + first[e], first[e + 1] - first[e]);
+      add_units(units, static_cast<int64_t>(mats.size()) - 1, groups, order.data() + first[e], rows.data() + first[e],
+                first[e + 1] - first[e]);
     }
     columns += ns[i];
   }
