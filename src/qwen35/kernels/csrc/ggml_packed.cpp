@@ -282,9 +282,11 @@ inline __m512i broadcast4(const int8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
+// Block rows to fetch ahead: at least 8 KiB, enough requests in flight to cover memory latency.
+constexpr int64_t prefetch_rows(int64_t stride) { return (8192 + stride - 1) / stride; }
+
 // Step `step` of a block's loop fetches line `step` (and `step` + 32, `step` + 64, ...) of the
-// group's next block (one super-group block row on), so that its lines are all requested
-// while this one is used.
+// group's block AHEAD block rows on, so that its lines are all requested well before use.
 inline void prefetch_line(const uint8_t* block_ahead, int step, int lines) {
   for (int line = step; line < lines; line += 32) _mm_prefetch(reinterpret_cast<const char*>(block_ahead + 64 * line), _MM_HINT_T0);
 }
@@ -308,6 +310,7 @@ struct PackedQ4K {
   static constexpr int LINES = (BYTES + 63) / 64;  // 37: chunks 0..31 also fetch lines 32..36
   template <int NR, int NW, bool PREFETCH>
   static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid) {
+    constexpr int64_t AHEAD = prefetch_rows(STRIDE);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[NR][NW];
     for (int r = 0; r < NR; ++r)
@@ -330,7 +333,7 @@ struct PackedQ4K {
             const int c = 4 * sb + 2 * h + half_chunk;
             __m512i lo[NW], hi[NW];
             for (int g = 0; g < NW; ++g) {
-              if (PREFETCH) prefetch_line(w[g] + (b + 1) * STRIDE, c, LINES);
+              if (PREFETCH) prefetch_line(w[g] + (b + AHEAD) * STRIDE, c, LINES);
               const __m512i v = _mm512_loadu_si512(w[g] + b * STRIDE + 320 + 64 * c);
               lo[g] = _mm512_and_si512(v, low4);
               hi[g] = move_bits(v, HIGH_NIBBLE_DOWN);
@@ -375,6 +378,7 @@ struct PackedQ6K {
   static constexpr int LINES = (BYTES + 63) / 64;
   template <int NR, int NW, bool PREFETCH>
   static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid) {
+    constexpr int64_t AHEAD = prefetch_rows(STRIDE);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[NR][NW];
     for (int r = 0; r < NR; ++r)
@@ -399,7 +403,7 @@ struct PackedQ6K {
         for (int i = 0; i < 4; ++i) {
           __m512i q[NW];
           for (int g = 0; g < NW; ++g) {
-            if (PREFETCH) prefetch_line(w[g] + (b + 1) * STRIDE, 4 * s + i, LINES);
+            if (PREFETCH) prefetch_line(w[g] + (b + AHEAD) * STRIDE, 4 * s + i, LINES);
             const __m512i ql = _mm512_loadu_si512(w[g] + b * STRIDE + 288 + 64 * (2 * s + i / 2));
             const __m512i hi = move_bits(qh[g], Q6_HIGH_BITS[i]);
             q[g] = i % 2 == 0 ? and_or(ql, hi, low4) : _mm512_or_si512(move_bits(ql, HIGH_NIBBLE_DOWN), hi);
@@ -430,6 +434,7 @@ struct PackedQ80 {
   static constexpr int LINES = (BYTES + 63) / 64;
   template <int NR, int NW, bool PREFETCH>
   static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid) {
+    constexpr int64_t AHEAD = prefetch_rows(STRIDE);
     __m512 acc[NR][NW];
     for (int r = 0; r < NR; ++r)
       for (int g = 0; g < NW; ++g) acc[r][g] = _mm512_setzero_ps();
@@ -443,7 +448,7 @@ struct PackedQ80 {
       for (int c = 0; c < 8; ++c) {
         __m512i v[NW];
         for (int g = 0; g < NW; ++g) {
-          if (PREFETCH) prefetch_line(w[g] + (b + 1) * STRIDE, c, LINES);
+          if (PREFETCH) prefetch_line(w[g] + (b + AHEAD) * STRIDE, c, LINES);
           v[g] = _mm512_loadu_si512(w[g] + b * STRIDE + 32 + 64 * c);
         }
         for (int r = 0; r < NR; ++r) {
