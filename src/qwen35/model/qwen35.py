@@ -132,6 +132,21 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), scale, eps)
 
 
+def layer_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm as one C++ call where the kernels are built (torch composes it of five ops)."""
+    fast = fast_ops() if x.device.type == "cpu" else None
+    return fast.rms_norm(x.float(), scale, eps) if fast is not None else rms_norm(x, scale, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, eps: float):
+    """(x + residual, rms_norm(x + residual)), one C++ call where the kernels are built."""
+    fast = fast_ops() if x.device.type == "cpu" else None
+    if fast is not None:
+        return fast.add_rms_norm(x.float(), residual.float(), scale, eps)
+    x = x + residual
+    return x, rms_norm(x, scale, eps)
+
+
 class RotaryEmbedding:
     """Partial, interleaved M-RoPE: frequency j takes its position from stream j % 3 (T, H, W)."""
 
@@ -177,8 +192,8 @@ class Attention:
         q_gate, k, v = self.qkv_proj(x)
         q_gate = q_gate.view(batch, length, c.num_attention_heads, 2 * c.head_dim)
         q, gate = q_gate[..., : c.head_dim], q_gate[..., c.head_dim :]
-        q = rms_norm(q, self.q_norm, c.rms_norm_eps)
-        k = rms_norm(k.view(batch, length, c.num_key_value_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
+        q = layer_rms_norm(q, self.q_norm, c.rms_norm_eps)
+        k = layer_rms_norm(k.view(batch, length, c.num_key_value_heads, c.head_dim), self.k_norm, c.rms_norm_eps)
         v = v.view(batch, length, c.num_key_value_heads, c.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
@@ -347,12 +362,13 @@ class DecoderLayer:
         self.mlp = SparseMoE(c, w, f"{prefix}.mlp") if c.is_moe else MLP(w, f"{prefix}.mlp")
 
     def __call__(self, x, layer_cache, starts, rope, mask):
-        h = rms_norm(x, self.input_norm, self.eps)
+        h = layer_rms_norm(x, self.input_norm, self.eps)
         if self.is_attention:
-            x = x + self.mixer(h, layer_cache, starts, rope, mask)
+            mixed = self.mixer(h, layer_cache, starts, rope, mask)
         else:
-            x = x + self.mixer(h, layer_cache)
-        return x + self.mlp(rms_norm(x, self.post_norm, self.eps))
+            mixed = self.mixer(h, layer_cache)
+        x, h = add_rms_norm(x, mixed, self.post_norm, self.eps)
+        return x + self.mlp(h)
 
 
 class Qwen35Network(nn.Module):
@@ -415,7 +431,7 @@ class Qwen35Network(nn.Module):
         for layer, layer_cache in zip(self.layers, cache.layers):
             x = layer(x, layer_cache, starts, rope, mask)
         cache.advance(length, positions)
-        return rms_norm(x, self.final_norm, self.config.rms_norm_eps)
+        return layer_rms_norm(x, self.final_norm, self.config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,
                 embeddings: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
