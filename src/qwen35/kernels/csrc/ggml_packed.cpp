@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <memory>
 #include <utility>
@@ -153,6 +155,17 @@ void pack_block(int64_t type_id, const uint8_t* const* src, uint8_t* out) {
   }
 }
 
+// Decode streams every packed weight once per token: with 4 KiB pages that is a TLB miss
+// and a page walk every 4 KiB. Transparent huge pages (2 MiB) take them away; where THP
+// is in "madvise" mode (a common default) memory gets them only when asked, before it is
+// first touched.
+void ask_for_huge_pages(const at::Tensor& t) {
+  constexpr uintptr_t HUGE = 2u << 20;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (start + HUGE - 1) & ~(HUGE - 1), last = (start + t.nbytes()) & ~(HUGE - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+}
+
 // blocks [E, N, row_bytes] (or [N, row_bytes]) -> [E, ceil(N / 64), blocks per row, 4, packed bytes]:
 // per super-group of 4 groups of 16 rows, block by block, the 4 groups' packed blocks.
 at::Tensor pack_rows(const at::Tensor& blocks_in, int64_t type_id, int64_t k) {
@@ -165,8 +178,9 @@ at::Tensor pack_rows(const at::Tensor& blocks_in, int64_t type_id, int64_t k) {
   const at::Tensor source = blocks.contiguous();
   const int64_t groups = (n + GROUP - 1) / GROUP, n_blocks = k / fmt.block_size, row_bytes = source.size(2);
   const int64_t supers = (groups + SUPER - 1) / SUPER;
-  // Padding groups of the last super-group stay zero (never computed).
-  at::Tensor packed = at::zeros({experts, supers, n_blocks, SUPER, fmt.bytes}, at::kByte);
+  at::Tensor packed = at::empty({experts, supers, n_blocks, SUPER, fmt.bytes}, at::kByte);
+  ask_for_huge_pages(packed);
+  packed.zero_();  // padding groups of the last super-group stay zero (never computed)
   const uint8_t* src = source.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
   at::parallel_for(0, experts * groups, 1, [&](int64_t begin, int64_t end) {
