@@ -5,7 +5,10 @@
 
 Both sides measure as llama-bench does: pp = a prompt of -p random tokens evaluated
 in one batch on an empty context; tg = -n random tokens decoded one at a time on an
-empty context; median of -r repetitions after a warm-up. Each engine runs in its own
+empty context; median of -r repetitions after a warm-up. With --rounds N the two
+engines take turns N times and each figure is the median over the rounds: on a machine
+whose memory bandwidth drifts from minute to minute (a shared VM), both then sample the
+same minutes. Each engine runs in its own
 process (so peak RSS is its own): qwen35 as `qwen35 bench --json`, llama.cpp through
 the llama-cpp-python package (the `bench` extra, built from source on install) in
 whichever Python has it (--llama-python; by default this one, then $QWEN35_LLAMA_PYTHON).
@@ -102,18 +105,34 @@ def _ratio(ours, theirs):
 
 def compare(args) -> dict:
     common = ["-p", str(args.n_prompt), "-n", str(args.n_gen), "-t", str(args.threads), "-r", str(args.repetitions)]
-    ours = _run_json([args.qwen35_python, "-m", "qwen35", "bench", args.model, *common, "--json"], "qwen35 bench")
     llama_python = find_llama_python(args.llama_python)
     # llama.cpp ignores oneDNN's settings; run it without them so that its environment is plain.
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONEDNN_")}
-    theirs = _run_json([llama_python, os.path.abspath(__file__), "--llama-side", args.model, *common,
-                        "--seed", str(args.seed)], "llama.cpp", env=env)
+    rounds = []
+    for _ in range(args.rounds):
+        ours = _run_json([args.qwen35_python, "-m", "qwen35", "bench", args.model, *common, "--json"], "qwen35 bench")
+        theirs = _run_json([llama_python, os.path.abspath(__file__), "--llama-side", args.model, *common,
+                            "--seed", str(args.seed)], "llama.cpp", env=env)
+        rounds.append((ours, theirs))
+    ours, theirs = (_median_round([r[side] for r in rounds]) for side in (0, 1))
     return {
         "model": args.model, "threads": args.threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-        "qwen35": ours, "llama_cpp": theirs,
+        "rounds": len(rounds), "qwen35": ours, "llama_cpp": theirs,
         "pp_ratio": _ratio(ours["pp_tok_s"], theirs["pp_tok_s"]),
         "tg_ratio": _ratio(ours["tg_tok_s"], theirs["tg_tok_s"]),
     }
+
+
+def _median_round(results: list[dict]) -> dict:
+    """The first round's result with pp/tg replaced by their medians over the rounds (and the
+    per-round figures kept), peak RSS the largest."""
+    merged = dict(results[0])
+    for key in ("pp_tok_s", "tg_tok_s"):
+        values = [r[key] for r in results if r.get(key)]
+        merged[key] = statistics.median(values) if values else None
+        merged[key.replace("_tok_s", "_rounds")] = [r.get(key) for r in results]
+    merged["peak_rss_bytes"] = max(r.get("peak_rss_bytes") or 0 for r in results)
+    return merged
 
 
 def _fmt(value, digits=2) -> str:
@@ -143,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--n-gen", type=int, default=128)
     parser.add_argument("-t", "--threads", type=int, default=2)
     parser.add_argument("-r", "--repetitions", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1, help="engines take turns this many times (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--llama-python", help="a Python with llama_cpp installed (default: this one)")
     parser.add_argument("--qwen35-python", default=sys.executable, help="the Python with qwen35 (default: this one)")
