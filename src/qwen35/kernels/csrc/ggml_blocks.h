@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace qwen35_ggml {
 
@@ -88,6 +89,24 @@ inline void quantize_row(const float* x, int64_t k, int64_t block, int8_t* q, fl
       sums[(b * block + i) / 16] = static_cast<int16_t>(_mm512_reduce_add_epi32(qi));
     }
   }
+}
+
+// MoE slots grouped by expert (a stable counting sort): expert e's slots are
+// order[first[e] .. first[e + 1]). Ids are checked against the expert count.
+struct SlotsByExpert {
+  std::vector<int64_t> first, order;
+};
+
+inline SlotsByExpert sort_slots_by_expert(const int64_t* id, int64_t slots, int64_t n_experts) {
+  SlotsByExpert sorted{std::vector<int64_t>(n_experts + 1, 0), std::vector<int64_t>(slots)};
+  for (int64_t s = 0; s < slots; ++s) {
+    TORCH_CHECK(id[s] >= 0 && id[s] < n_experts, "expert id ", id[s], " out of range [0, ", n_experts, ")");
+    ++sorted.first[id[s] + 1];
+  }
+  for (int64_t e = 0; e < n_experts; ++e) sorted.first[e + 1] += sorted.first[e];
+  std::vector<int64_t> fill(sorted.first.begin(), sorted.first.end() - 1);
+  for (int64_t s = 0; s < slots; ++s) sorted.order[fill[id[s]]++] = s;
+  return sorted;
 }
 
 inline float f16_at(const uint8_t* p) {

@@ -521,15 +521,7 @@ at::Tensor expert_gemv(const at::Tensor& blocks, int64_t type_id, const at::Tens
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t slots = ids.size(0);
-  // Counting sort of the slots by expert (stable).
-  std::vector<int64_t> first(n_experts + 1, 0);
-  for (int64_t s = 0; s < slots; ++s) {
-    TORCH_CHECK(id[s] >= 0 && id[s] < n_experts, "expert id ", id[s], " out of range [0, ", n_experts, ")");
-    ++first[id[s] + 1];
-  }
-  for (int64_t e = 0; e < n_experts; ++e) first[e + 1] += first[e];
-  std::vector<int64_t> order(slots), fill(first.begin(), first.end() - 1);
-  for (int64_t s = 0; s < slots; ++s) order[fill[id[s]]++] = s;
+  const auto [first, order] = sort_slots_by_expert(id, slots, n_experts);
 
   const Activations act(x, kernel);
   const int64_t n_blocks = act.width() / geo.block_size;

@@ -691,14 +691,7 @@ at::Tensor packed_expert_gemv_many(at::TensorList packed, at::IntArrayRef type_i
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
   const int64_t* id = ids.data_ptr<int64_t>();
   const int64_t slots = ids.size(0);
-  std::vector<int64_t> first(n_experts + 1, 0);
-  for (int64_t s = 0; s < slots; ++s) {
-    TORCH_CHECK(id[s] >= 0 && id[s] < n_experts, "expert id ", id[s], " out of range [0, ", n_experts, ")");
-    ++first[id[s] + 1];
-  }
-  for (int64_t e = 0; e < n_experts; ++e) first[e + 1] += first[e];
-  std::vector<int64_t> order(slots), fill(first.begin(), first.end() - 1);
-  for (int64_t s = 0; s < slots; ++s) order[fill[id[s]]++] = s;
+  const auto [first, order] = sort_slots_by_expert(id, slots, n_experts);
   // Kernels take rows of x by index and write outputs by slot: slot s reads row s / per_row.
   const int64_t per_row = slots / x.size(0);
   std::vector<int64_t> rows(slots);
