@@ -25,8 +25,11 @@ expert in C++, again with each slot's result equal to a single-row call.
 `tiled_bf16_matmul` (weights dequantized to bf16 tiles, bf16 matmul) is no longer used
 by `matmul`; it stays as a measured alternative for the benchmarks.
 
-The kernels live in csrc/ (ggml_gemv.cpp, ggml_dequant.cpp, shared ggml_blocks.h),
-compiled by torch.utils.cpp_extension at first use (about 20 s) and cached
+The kernels live in csrc/ (ggml_packed.cpp: packing and the packed GEMM; ggml_gemv.cpp:
+the row-major gemv; ggml_dequant.cpp; the DeltaNet steps in delta_rule_cpu.cpp,
+delta_rule_chunked_cpu.cpp and deltanet_cpu.cpp; the layer norms in layer_ops.cpp; shared
+helpers in ggml_blocks.h), built with OpenMP (at::parallel_for's threads) and
+compiled by torch.utils.cpp_extension at first use (about 30 s) and cached
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
 On a CPU without AVX-512 VNNI+BF16 and GFNI, if the build fails, or with the environment
 variable QWEN35_NO_FAST_KERNELS set, `available()` is False and `install()`
@@ -121,7 +124,7 @@ def _ops():
             fcntl.flock(guard, fcntl.LOCK_EX)
             (build_dir / "lock").unlink(missing_ok=True)
             if not (build_dir / f"{_EXTENSION}.so").exists():
-                print("qwen35: building the fast CPU kernels (once, about 20 s)...", file=sys.stderr, flush=True)
+                print("qwen35: building the fast CPU kernels (once, about 30 s)...", file=sys.stderr, flush=True)
             cpp_extension.load(
                 name=_EXTENSION,
                 sources=[str(path) for path in _SOURCES],
