@@ -219,3 +219,22 @@ def test_loading_grows_rss_by_about_the_file_size(fixtures, name):
     )
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.strip().splitlines()[-1]) <= 1.15
+
+
+def test_load_reports_progress_in_weight_bytes(fixtures):
+    from qwen35.kernels.quant_linear import QuantExperts, QuantLinear
+    from qwen35.progress import byte_progress
+
+    calls = []
+
+    def record(done, total):
+        calls.append((done, total))
+        bar(done, total)
+
+    with byte_progress("loading", enabled=True) as bar:  # the bar the commands show, drawn to stderr
+        model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", progress=record)
+    weights = sum(m.blocks.nbytes for m in model.network.modules() if isinstance(m, (QuantLinear, QuantExperts)))
+    assert calls and all(total == weights for _, total in calls)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls) and calls[-1][0] == weights
+    with byte_progress("loading", enabled=False) as none:
+        assert none is None

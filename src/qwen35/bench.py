@@ -67,7 +67,9 @@ def run(args) -> int:
     torch.set_num_threads(threads)
     progress = _Progress(enabled=not args.json and sys.stderr.isatty())
     progress.show(f"loading {path.name}")
-    model = qwen35.load_model(path, precision=args.precision)
+    model = qwen35.load_model(path, precision=args.precision,
+                              progress=lambda done, total: progress.show(f"loading {path.name}: "
+                                                                         f"{done / 2**20:,.0f} of {total / 2**20:,.0f} MiB"))
     if args.n_prompt + args.n_gen > model.config.context_length:
         raise Qwen35Error(f"-p plus -n exceeds the model's context of {model.config.context_length} tokens")
     generator = torch.Generator().manual_seed(args.seed)

@@ -72,10 +72,11 @@ def run(args) -> int:
     from qwen35.chat.session import ChatSession
     from qwen35.chat.template import ChatTemplate
 
-    if sys.stderr.isatty():
-        print(f"loading {path} ...", file=sys.stderr, flush=True)
+    from qwen35.progress import byte_progress
+
     tokenizer = load_tokenizer(str(path))
-    model = load_model(str(path))
+    with byte_progress(f"loading {path.name}") as progress:
+        model = load_model(str(path), progress=progress)
     template = None
     if template_source is not None:
         template = ChatTemplate(template_source, special_tokens=tokenizer.template_tokens)

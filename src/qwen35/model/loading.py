@@ -27,17 +27,19 @@ MAX_EXPERTS = 1 << 16
 IMAGE_PAD = "<|image_pad|>"
 
 
-def load_model(path, device="cpu", precision: str = "fast", mmproj=None) -> Model:
+def load_model(path, device="cpu", precision: str = "fast", mmproj=None, progress=None) -> Model:
     """`mmproj`: a vision projector GGUF that gives the model image input (an HF
-    checkpoint with a vision tower has it already)."""
+    checkpoint with a vision tower has it already). `progress(done, total)` is called
+    with weight bytes as the layers are made ready (the fast kernels' packing is the
+    long part of a load)."""
     if precision not in PRECISIONS:
         raise FormatError(f"unknown precision {precision!r} (choose reference or fast)")
     path = Path(path)
     device = torch.device(device)
     if path.is_dir():
-        model = _load_hf(path, precision, device, vision=mmproj is None)
+        model = _load_hf(path, precision, device, vision=mmproj is None, progress=progress)
     elif path.suffix == ".gguf" or path.is_file():
-        model = _load_gguf(path, precision, device)
+        model = _load_gguf(path, precision, device, progress=progress)
     else:
         raise FormatError(f"no such model file or directory: {path}")
     if mmproj is not None:
@@ -54,16 +56,20 @@ def _attach_vision(model: Model, tower, settings, precision: str, source=None) -
     model.vision, model.image_settings, model._vision_source = tower, settings, source
 
 
-def _set_mode_releasing_file_pages(network, mode: str, source) -> None:
+def _set_mode_releasing_file_pages(network, mode: str, source, progress=None) -> None:
     """set_mode, one weight at a time: where the fast kernels copy a weight into their own
     layout, the file map's pages under it are dropped right away (they are not read again,
     embedding rows fault back in), so memory peaks at about one copy of the weights."""
     release = getattr(source, "release_tensor_pages", None)
-    for module in network.modules():
-        if isinstance(module, (QuantLinear, QuantExperts)):
-            module.mode = mode
-            if release is not None and module.fast_weights is not None:
-                release(module.blocks)
+    modules = [m for m in network.modules() if isinstance(m, (QuantLinear, QuantExperts))]
+    total, done = sum(m.blocks.nbytes for m in modules), 0
+    for module in modules:
+        module.mode = mode
+        if release is not None and module.fast_weights is not None:
+            release(module.blocks)
+        done += module.blocks.nbytes
+        if progress is not None:
+            progress(done, total)
 
 
 def _check_expert_count(config, path) -> None:
@@ -72,7 +78,8 @@ def _check_expert_count(config, path) -> None:
         raise FormatError(f"{path}: {config.num_experts} experts is more than this loader accepts ({MAX_EXPERTS})")
 
 
-def _build(config, weights: dict, mtp: dict, precision: str, device: torch.device, generation_defaults, source):
+def _build(config, weights: dict, mtp: dict, precision: str, device: torch.device, generation_defaults, source,
+           progress=None):
     if device.type != "cpu":
         weights, mtp = ({k: w.to(device) for k, w in d.items()} for d in (weights, mtp))
     network = Qwen35Network(config, weights, mtp)
@@ -82,7 +89,7 @@ def _build(config, weights: dict, mtp: dict, precision: str, device: torch.devic
         from qwen35.kernels import fast_cpu
 
         fast_cpu.install()
-    _set_mode_releasing_file_pages(network, "reference" if precision == "reference" else "fast", source)
+    _set_mode_releasing_file_pages(network, "reference" if precision == "reference" else "fast", source, progress)
     model = Model(network, config, generation_defaults, precision, source=source)
     model.device = device
     return model
@@ -91,7 +98,7 @@ def _build(config, weights: dict, mtp: dict, precision: str, device: torch.devic
 # ------------------------------------------------------------------ GGUF
 
 
-def _load_gguf(path: Path, precision: str, device: torch.device) -> Model:
+def _load_gguf(path: Path, precision: str, device: torch.device, progress=None) -> Model:
     from qwen35.formats.gguf import GGUFModel
 
     gguf = GGUFModel(path)
@@ -108,7 +115,7 @@ def _load_gguf(path: Path, precision: str, device: torch.device) -> Model:
     except BaseException:
         gguf.close()
         raise
-    model = _build(config, weights, mtp, precision, device, QWEN35_GENERATION_DEFAULTS, gguf)
+    model = _build(config, weights, mtp, precision, device, QWEN35_GENERATION_DEFAULTS, gguf, progress)
     tokens = gguf.metadata.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list) and IMAGE_PAD in tokens:
         model.image_token_id = tokens.index(IMAGE_PAD)
@@ -161,7 +168,7 @@ def _rows_of(raw, info, start: int, stop: int):
 # ------------------------------------------------------------------ HF
 
 
-def _load_hf(path: Path, precision: str, device: torch.device, vision: bool = True) -> Model:
+def _load_hf(path: Path, precision: str, device: torch.device, vision: bool = True, progress=None) -> Model:
     checkpoint = weights_hf.HFCheckpoint(path)
     config = config_from_hf(
         checkpoint.config, checkpoint.generation_config, len(checkpoint.names()), f"{path}/config.json"
@@ -176,7 +183,7 @@ def _load_hf(path: Path, precision: str, device: torch.device, vision: bool = Tr
     mtp = _hf_weights(checkpoint, config, mtp_specs, matrix_dtype) if mtp_present and mtp_specs else {}
     defaults = dict(QWEN35_GENERATION_DEFAULTS)
     defaults.update({k: v for k, v in checkpoint.generation_config.items() if k in GENERATION_KEYS})
-    model = _build(config, weights, mtp, precision, device, defaults, checkpoint)
+    model = _build(config, weights, mtp, precision, device, defaults, checkpoint, progress)
     image_token_id = checkpoint.config.get("image_token_id")
     if isinstance(image_token_id, int) and 0 <= image_token_id < config.vocab_size:
         model.image_token_id = image_token_id

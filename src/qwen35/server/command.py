@@ -80,7 +80,10 @@ def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int 
     from qwen35.engine.service import EngineService
     from qwen35.server.app import ServerState
 
-    model = load_model(str(path), mmproj=mmproj)
+    from qwen35.progress import byte_progress
+
+    with byte_progress(f"loading {path.name}") as progress:
+        model = load_model(str(path), mmproj=mmproj, progress=progress)
     tokenizer = load_tokenizer(str(path))
     service = EngineService(model, max_running=parallel, max_waiting=queue, context_length=context,
                             prefix_cache_bytes=prefix_cache_mb << 20)
