@@ -100,20 +100,43 @@ void unpack_q6_k(const uint8_t* blk, uint8_t* q) {
 
 // Interleave 4-value runs of 16 rows' quants: 64 bytes per 4 values, nibbles of `q` packed
 // as described above (two 4-value runs per byte).
+// Word n of the result: the 4 bytes at `base + n * stride` (one per row of a group).
+inline __m512i gather_rows(const uint8_t* base, int64_t stride) {
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(static_cast<int>(stride)));
+  return _mm512_i32gather_epi32(offsets, base, 1);
+}
+
 void put_nibble_chunks(const uint8_t (*q)[QK_K], uint8_t* out) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int c = 0; c < QK_K / 8; ++c) {
-    for (int n = 0; n < GROUP; ++n) {
-      for (int j = 0; j < 4; ++j) {
-        out[64 * c + 4 * n + j] = (q[n][8 * c + j] & 0x0F) | ((q[n][8 * c + 4 + j] & 0x0F) << 4);
-      }
+    const __m512i lo = _mm512_and_si512(gather_rows(&q[0][8 * c], QK_K), low4);
+    const __m512i hi = _mm512_and_si512(gather_rows(&q[0][8 * c + 4], QK_K), low4);
+    _mm512_storeu_si512(out + 64 * c, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4)));  // nibbles: no carries
+  }
+}
+
+// The high 2 bits of Q6_K quants, 16 values per 64-byte chunk (see the layout above).
+void put_high_bits(const uint8_t (*q)[QK_K], uint8_t* out) {
+  const __m512i two = _mm512_set1_epi8(0x03);
+  for (int s = 0; s < 16; ++s) {
+    __m512i bits = _mm512_setzero_si512();
+    for (int i = 0; i < 4; ++i) {
+      const __m512i high = _mm512_and_si512(_mm512_srli_epi32(gather_rows(&q[0][16 * s + 4 * i], QK_K), 4), two);
+      bits = _mm512_or_si512(bits, _mm512_slli_epi32(high, 2 * i));  // 2-bit fields: no carries
     }
+    _mm512_storeu_si512(out + 64 * s, bits);
   }
 }
 
 // One packed block from GROUP source blocks (nullptr: a padding row, all zero).
 void pack_block(int64_t type_id, const uint8_t* const* src, uint8_t* out) {
-  std::memset(out, 0, packed_format(type_id).bytes);
-  alignas(64) uint8_t q[GROUP][QK_K] = {};
+  alignas(64) uint8_t q[GROUP][QK_K];
+  // Real rows write every byte they own; padding rows (the matrix's end) stay zero.
+  if (std::any_of(src, src + GROUP, [](const uint8_t* row) { return row == nullptr; })) {
+    std::memset(out, 0, packed_format(type_id).bytes);
+    std::memset(q, 0, sizeof(q));
+  }
   if (type_id == TYPE_Q4_K) {
     for (int n = 0; n < GROUP; ++n) {
       if (src[n] == nullptr) continue;
@@ -135,22 +158,20 @@ void pack_block(int64_t type_id, const uint8_t* const* src, uint8_t* out) {
       for (int s = 0; s < 16; ++s) out[32 + GROUP * s + n] = src[n][192 + s];
     }
     put_nibble_chunks(q, out + 288);
-    for (int s = 0; s < 16; ++s) {
-      for (int n = 0; n < GROUP; ++n) {
-        for (int j = 0; j < 4; ++j) {
-          uint8_t bits = 0;
-          for (int i = 0; i < 4; ++i) bits |= ((q[n][16 * s + 4 * i + j] >> 4) & 3) << (2 * i);
-          out[2336 + 64 * s + 4 * n + j] = bits;
-        }
-      }
-    }
+    put_high_bits(q, out + 2336);
   } else {  // Q8_0
     for (int n = 0; n < GROUP; ++n) {
       if (src[n] == nullptr) continue;
       std::memcpy(out + 2 * n, src[n], 2);
-      for (int c = 0; c < 8; ++c) {
-        for (int j = 0; j < 4; ++j) out[32 + 64 * c + 4 * n + j] = static_cast<uint8_t>(src[n][2 + 4 * c + j] ^ 0x80);
-      }
+      std::memcpy(q[n], src[n] + 2, 32);
+    }
+    const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+    for (int c = 0; c < 8; ++c) {
+      const __m512i values = _mm512_xor_si512(gather_rows(&q[0][4 * c], QK_K), offset);
+      // Padding rows stay zero (their codes would be 0x80).
+      __mmask16 real = 0;
+      for (int n = 0; n < GROUP; ++n) real |= static_cast<__mmask16>(src[n] != nullptr) << n;
+      _mm512_mask_storeu_epi32(out + 32 + 64 * c, real, values);
     }
   }
 }
