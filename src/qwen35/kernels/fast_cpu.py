@@ -41,6 +41,7 @@ fp32 matmul; tests/test_quant_linear.py pins them together.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -185,13 +186,55 @@ def tiled_bf16_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_fe
     return _require().tiled_matmul_bf16(blocks, int(type_id), x, tile_rows)
 
 
+# Bytes per packed block of 16 rows (csrc/ggml_packed.cpp's layouts), and values per block.
+_PACKED_BLOCK = {int(T.Q4_K): (2368, 256), int(T.Q6_K): (3360, 256), int(T.Q8_0): (544, 32)}
+_ROWS_PER_SUPER_GROUP = 64
+_arena: list = []  # [buffer, bytes used] while packing_arena is open
+
+
+def packed_nbytes(type_id: int, shape: tuple[int, ...]) -> int:
+    """Bytes `pack` makes of a weight of this PyTorch shape ([out, in] or [E, out, in]); 0 for
+    types it leaves alone."""
+    if int(type_id) not in PACKED_TYPES:
+        return 0
+    block_bytes, block_size = _PACKED_BLOCK[int(type_id)]
+    *experts, out_features, in_features = shape
+    super_groups = -(-out_features // _ROWS_PER_SUPER_GROUP)
+    count = 1
+    for e in experts:
+        count *= e
+    return count * super_groups * (in_features // block_size) * 4 * block_bytes
+
+
+@contextlib.contextmanager
+def packing_arena(nbytes: int):
+    """While open, `pack` carves its outputs out of one 2 MiB-aligned buffer of `nbytes` with
+    huge pages (one allocation for a model's packed weights; decode streams them with no TLB
+    miss every 4 KiB). Outputs that do not fit get their own allocation."""
+    if nbytes <= 0 or not available():
+        yield
+        return
+    _arena[:] = [_require().huge_page_buffer(int(nbytes)), 0]
+    try:
+        yield
+    finally:
+        _arena.clear()
+
+
 def pack(blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor:
     """Blocks [out, row_bytes] or [E, out, row_bytes] of a PACKED_TYPES weight -> the packed
-    layout ([E,] ceil(out / 16), blocks per row, bytes per packed block) that packed_gemv reads.
-    Other types (and weights off the CPU) stay as they are."""
+    layout ([E,] ceil(out / 64), blocks per row, 4, bytes per packed block of 16 rows) that
+    packed_gemv reads. Other types (and weights off the CPU) stay as they are."""
     if int(type_id) not in PACKED_TYPES or blocks.device.type != "cpu":
         return blocks
-    return _require().pack_rows(blocks.contiguous(), int(type_id), int(in_features))
+    out = None
+    if _arena:
+        need = packed_nbytes(type_id, (*blocks.shape[:-1], in_features))
+        buffer, used = _arena
+        if used + need <= buffer.numel():
+            out = buffer[used : used + need]
+            _arena[1] = used + need
+    return _require().pack_rows(blocks.contiguous(), int(type_id), int(in_features), out)
 
 
 def packed_gemv(packed: torch.Tensor, type_id: int, x: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -60,16 +60,26 @@ def _set_mode_releasing_file_pages(network, mode: str, source, progress=None) ->
     """set_mode, one weight at a time: where the fast kernels copy a weight into their own
     layout, the file map's pages under it are dropped right away (they are not read again,
     embedding rows fault back in), so memory peaks at about one copy of the weights."""
+    from qwen35.kernels import fast_cpu
+
     release = getattr(source, "release_tensor_pages", None)
     modules = [m for m in network.modules() if isinstance(m, (QuantLinear, QuantExperts))]
     total, done = sum(m.blocks.nbytes for m in modules), 0
-    for module in modules:
-        module.mode = mode
-        if release is not None and module.fast_weights is not None:
-            release(module.blocks)
-        done += module.blocks.nbytes
-        if progress is not None:
-            progress(done, total)
+    packed = sum(fast_cpu.packed_nbytes(m.type_id, _shape(m)) for m in modules) if mode == "fast" else 0
+    with fast_cpu.packing_arena(packed):
+        for module in modules:
+            module.mode = mode
+            if release is not None and module.fast_weights is not None:
+                release(module.blocks)
+            done += module.blocks.nbytes
+            if progress is not None:
+                progress(done, total)
+
+
+def _shape(module) -> tuple[int, ...]:
+    if isinstance(module, QuantExperts):
+        return (module.n_experts, module.out_features, module.in_features)
+    return (module.out_features, module.in_features)
 
 
 def _check_expert_count(config, path) -> None:

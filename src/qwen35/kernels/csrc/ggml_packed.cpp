@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -189,7 +190,20 @@ void ask_for_huge_pages(const at::Tensor& t) {
 
 // blocks [E, N, row_bytes] (or [N, row_bytes]) -> [E, ceil(N / 64), blocks per row, 4, packed bytes]:
 // per super-group of 4 groups of 16 rows, block by block, the 4 groups' packed blocks.
-at::Tensor pack_rows(const at::Tensor& blocks_in, int64_t type_id, int64_t k) {
+// A byte buffer starting on a 2 MiB boundary, with huge pages asked for: one allocation can
+// hold all of a model's packed weights (carved out by pack_rows' `out`), so every one of them
+// gets huge pages, not just the interiors of the large ones.
+at::Tensor huge_page_buffer(int64_t nbytes) {
+  TORCH_CHECK(nbytes >= 0, "huge_page_buffer: negative size");
+  constexpr int64_t HUGE = 2 << 20;
+  const at::Tensor raw = at::empty({nbytes + HUGE}, at::kByte);
+  const int64_t skew = static_cast<int64_t>(reinterpret_cast<uintptr_t>(raw.data_ptr()) % HUGE);
+  at::Tensor buffer = raw.narrow(0, skew == 0 ? 0 : HUGE - skew, nbytes);
+  ask_for_huge_pages(buffer);
+  return buffer;
+}
+
+at::Tensor pack_rows(const at::Tensor& blocks_in, int64_t type_id, int64_t k, const std::optional<at::Tensor>& out) {
   const PackedFormat fmt = packed_format(type_id);
   const Geometry geo = geometry(type_id);
   const at::Tensor blocks = blocks_in.dim() == 2 ? blocks_in.unsqueeze(0) : blocks_in;
@@ -199,8 +213,16 @@ at::Tensor pack_rows(const at::Tensor& blocks_in, int64_t type_id, int64_t k) {
   const at::Tensor source = blocks.contiguous();
   const int64_t groups = (n + GROUP - 1) / GROUP, n_blocks = k / fmt.block_size, row_bytes = source.size(2);
   const int64_t supers = (groups + SUPER - 1) / SUPER;
-  at::Tensor packed = at::empty({experts, supers, n_blocks, SUPER, fmt.bytes}, at::kByte);
-  ask_for_huge_pages(packed);
+  at::Tensor packed;
+  if (out.has_value()) {
+    TORCH_CHECK(out->device().is_cpu() && out->scalar_type() == at::kByte && out->is_contiguous() &&
+                    out->numel() == experts * supers * n_blocks * SUPER * fmt.bytes,
+                "pack_rows: `out` must be a contiguous CPU uint8 tensor of the packed size");
+    packed = out->view({experts, supers, n_blocks, SUPER, fmt.bytes});
+  } else {
+    packed = at::empty({experts, supers, n_blocks, SUPER, fmt.bytes}, at::kByte);
+    ask_for_huge_pages(packed);
+  }
   packed.zero_();  // padding groups of the last super-group stay zero (never computed)
   const uint8_t* src = source.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
@@ -743,7 +765,8 @@ at::Tensor packed_expert_gemv_many(at::TensorList packed, at::IntArrayRef type_i
 }  // namespace qwen35_ggml
 
 TORCH_LIBRARY_FRAGMENT(qwen35_ggml, m) {
-  m.def("pack_rows(Tensor blocks, int type_id, int k) -> Tensor", &qwen35_ggml::pack_rows);
+  m.def("pack_rows(Tensor blocks, int type_id, int k, Tensor? out=None) -> Tensor", &qwen35_ggml::pack_rows);
+  m.def("huge_page_buffer(int nbytes) -> Tensor", &qwen35_ggml::huge_page_buffer);
   m.def("packed_gemv(Tensor packed, int type_id, Tensor x, int n) -> Tensor", &qwen35_ggml::packed_gemv);
   m.def("packed_gemv_many(Tensor[] packed, int[] type_ids, Tensor x, int[] ns) -> Tensor", &qwen35_ggml::packed_gemv_many);
   m.def("packed_expert_gemv_many(Tensor[] packed, int[] type_ids, Tensor x, Tensor ids, int[] ns) -> Tensor",
