@@ -474,3 +474,17 @@ def test_fast_matmul_does_not_depend_on_the_thread_count(fixtures, fast_cpu):
             assert all(torch.equal(results[0], other) for other in results[1:]), T(type_id).name
     finally:
         torch.set_num_threads(before)
+
+
+def test_packing_arena_gives_the_same_packed_weights(fixtures, fast_cpu):
+    # The load packs every weight into one huge-page buffer: same bytes as packing alone, and
+    # packed_nbytes (which sizes that buffer) agrees with what pack makes.
+    weights = [(t, b, w.shape[1]) for t, b, w in fast_type_weights(fixtures) if t in fast_cpu.PACKED_TYPES]
+    alone = [fast_cpu.pack(b, t, k) for t, b, k in weights]
+    sizes = [fast_cpu.packed_nbytes(t, (b.shape[0], k)) for t, b, k in weights]
+    assert sizes == [p.numel() for p in alone]
+    with fast_cpu.packing_arena(sum(sizes) - 1):  # the last one does not fit: its own allocation
+        together = [fast_cpu.pack(b, t, k) for t, b, k in weights]
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    assert together[0].untyped_storage().data_ptr() == together[1].untyped_storage().data_ptr()
+    assert together[-1].untyped_storage().data_ptr() != together[0].untyped_storage().data_ptr()
