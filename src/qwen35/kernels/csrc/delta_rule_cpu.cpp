@@ -18,6 +18,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "delta_rule_inputs.h"
+
 namespace qwen35_ggml {
 namespace {
 
@@ -116,19 +118,10 @@ void step_head(const float* source, float* target, const float* q, const float* 
 std::tuple<at::Tensor, at::Tensor> recurrent_delta_rule(const at::Tensor& q_in, const at::Tensor& k_in,
                                                         const at::Tensor& v_in, const at::Tensor& g_in,
                                                         const at::Tensor& beta_in, const at::Tensor& state_in) {
-  TORCH_CHECK(q_in.dim() == 4 && k_in.sizes() == q_in.sizes() && v_in.dim() == 4 && g_in.dim() == 3 &&
-                  beta_in.sizes() == g_in.sizes() && state_in.dim() == 4,
-              "delta rule: q, k [B, H, T, d_k], v [B, H, T, d_v], g, beta [B, H, T], state [B, H, d_k, d_v]");
-  const at::Tensor q = q_in.to(at::kFloat).contiguous(), k = k_in.to(at::kFloat).contiguous();
-  const at::Tensor v = v_in.to(at::kFloat).contiguous(), g = g_in.to(at::kFloat).contiguous();
-  const at::Tensor beta = beta_in.to(at::kFloat).contiguous();
-  const at::Tensor old_state = state_in.to(at::kFloat).contiguous();
+  const DeltaRuleInputs in(q_in, k_in, v_in, g_in, beta_in, state_in);
+  const at::Tensor &q = in.q, &k = in.k, &v = in.v, &g = in.g, &beta = in.beta, &old_state = in.state;
   at::Tensor state = at::empty(old_state.sizes(), at::kFloat);
-  const int64_t heads = q.size(0) * q.size(1), length = q.size(2), d_k = q.size(3), d_v = v.size(3);
-  TORCH_CHECK(v.size(0) == q.size(0) && v.size(1) == q.size(1) && v.size(2) == length && g.size(0) == q.size(0) &&
-                  g.size(1) == q.size(1) && g.size(2) == length && state.size(2) == d_k && state.size(3) == d_v &&
-                  state.size(0) == q.size(0) && state.size(1) == q.size(1),
-              "delta rule: shapes do not agree");
+  const int64_t heads = in.heads, length = in.length, d_k = in.d_k, d_v = in.d_v;
   at::Tensor out = at::empty({q.size(0), q.size(1), length, d_v}, at::kFloat);
   if (d_v == 0) return {out, state};
   const float* old = old_state.data_ptr<float>();

@@ -348,6 +348,13 @@ inline void prefetch_line(const uint8_t* block_ahead, int step, int lines) {
   for (int line = step; line < lines; line += 32) _mm_prefetch(reinterpret_cast<const char*>(block_ahead + 64 * line), _MM_HINT_T0);
 }
 
+// Every accumulator of a tile set to `value`.
+template <class V, int NR, int NW>
+inline void fill(V (&a)[NR][NW], V value) {
+  for (int r = 0; r < NR; ++r)
+    for (int g = 0; g < NW; ++g) a[r][g] = value;
+}
+
 template <int NR, int NW>
 inline void store_outputs(__m512 (&acc)[NR][NW], float* const* out, int64_t valid) {
   for (int r = 0; r < NR; ++r) {
@@ -370,12 +377,10 @@ struct PackedQ4K {
     constexpr int64_t AHEAD = prefetch_rows(STRIDE);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[NR][NW];
-    for (int r = 0; r < NR; ++r)
-      for (int g = 0; g < NW; ++g) acc[r][g] = _mm512_setzero_ps();
+    fill(acc, _mm512_setzero_ps());
     for (int64_t b = 0; b < n_blocks; ++b) {
       __m512i iacc[NR][NW];
-      for (int r = 0; r < NR; ++r)
-        for (int g = 0; g < NW; ++g) iacc[r][g] = _mm512_setzero_si512();
+      fill(iacc, _mm512_setzero_si512());
       for (int sb = 0; sb < 8; ++sb) {
         __m512i scale[NW];
         for (int g = 0; g < NW; ++g) {
@@ -438,12 +443,10 @@ struct PackedQ6K {
     constexpr int64_t AHEAD = prefetch_rows(STRIDE);
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     __m512 acc[NR][NW];
-    for (int r = 0; r < NR; ++r)
-      for (int g = 0; g < NW; ++g) acc[r][g] = _mm512_setzero_ps();
+    fill(acc, _mm512_setzero_ps());
     for (int64_t b = 0; b < n_blocks; ++b) {
       __m512i iacc[NR][NW];
-      for (int r = 0; r < NR; ++r)
-        for (int g = 0; g < NW; ++g) iacc[r][g] = _mm512_setzero_si512();
+      fill(iacc, _mm512_setzero_si512());
       for (int s = 0; s < 16; ++s) {
         __m512i scale[NW], qh[NW];
         for (int g = 0; g < NW; ++g) {
@@ -493,8 +496,7 @@ struct PackedQ80 {
   static void run(const uint8_t* const* w, int64_t n_blocks, const XRow* x, float* const* out, int64_t valid) {
     constexpr int64_t AHEAD = prefetch_rows(STRIDE);
     __m512 acc[NR][NW];
-    for (int r = 0; r < NR; ++r)
-      for (int g = 0; g < NW; ++g) acc[r][g] = _mm512_setzero_ps();
+    fill(acc, _mm512_setzero_ps());
     for (int64_t b = 0; b < n_blocks; ++b) {
       // The +128 of the stored codes comes back as the starting value -128 * sum(x).
       __m512i p[NR][NW];
