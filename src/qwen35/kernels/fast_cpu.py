@@ -69,7 +69,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [
     _CSRC / name
     for name in ("ggml_gemv.cpp", "ggml_packed.cpp", "ggml_dequant.cpp", "delta_rule_cpu.cpp", "delta_rule_chunked_cpu.cpp",
-                 "deltanet_cpu.cpp", "layer_ops.cpp")
+                 "deltanet_cpu.cpp", "deltanet_decode.cpp", "attention_decode.cpp", "layer_ops.cpp")
 ]
 _HEADERS = [_CSRC / "ggml_blocks.h", _CSRC / "delta_rule_inputs.h"]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "gfni")
