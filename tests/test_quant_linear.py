@@ -202,7 +202,7 @@ FAST_TYPE_FILES = {
     T.Q2_K: "dense-Q2_K.gguf",
 }
 GGUF_QUANTIZED_TYPES = (T.Q4_1, T.Q5_0, T.Q5_1)  # not in the fixtures: gguf-py quantizes them
-FLOAT_TYPES = {T.F16: torch.float16, T.BF16: torch.bfloat16}
+FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Fast CPU matmuls straight from GGUF blocks (AVX-512 VNNI / BF16).
 
 Types: every quantized type of dequant.SUPPORTED_TYPES (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
-Q2_K..Q6_K, IQ4_NL, IQ4_XS) and F16/BF16 weights (HF checkpoints). F32 weights need no
-dequantization and keep QuantLinear's reference path (a plain fp32 matmul).
+Q2_K..Q6_K, IQ4_NL, IQ4_XS) and float weights: F16/BF16 (HF checkpoints) and F32 (a GGUF's
+MoE router, HF float32 checkpoints).
 
 Two kernels, both for any number of rows, both with x quantized to int8 per row (one
 scale per weight block: 256 values for K-quants and IQ4_XS, 32 for the 32-value types) as
@@ -14,9 +14,11 @@ llama.cpp does, and the dot products as uint8 x int8 -> int32 (vpdpbusd). Error:
   one unpacked register serves up to four rows of x, which makes prefill a real int8 GEMM.
   Same bytes as the file, near enough (Q4_K +2.8%); the loader then releases the file's
   pages, so memory stays about one copy of the weights.
-- Other types read the file's blocks directly (`gemv`, csrc/ggml_gemv.cpp); F16/BF16
+- Other types read the file's blocks directly (`gemv`, csrc/ggml_gemv.cpp); float
   weights are widened to fp32 and multiplied with x in fp32 (reference precision, other
-  summation order).
+  summation order). For F32 that is torch's own matmul again, except that one decode row
+  streams the weight at full bandwidth (torch's fp32 matrix-vector product reads a cold
+  MoE router at a third of it) and rows stay batch-invariant.
 Both are batch-invariant: a row's result is bit-identical whatever else shares its call
 (other requests, other chunk sizes), since every (row of x, row of W) pair goes through
 the same operations in the same order. MoE calls (`expert_matmul`) group slots by
@@ -59,7 +61,7 @@ log = logging.getLogger(__name__)
 
 T = GGMLQuantizationType
 _FAST = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS)
-FAST_TYPES = frozenset(int(t) for t in (*_FAST, T.F16, T.BF16))
+FAST_TYPES = frozenset(int(t) for t in (*_FAST, T.F32, T.F16, T.BF16))
 PACKED_TYPES = frozenset(int(t) for t in (T.Q4_K, T.Q6_K, T.Q8_0))
 # Weight bytes (as bf16) per prefill tile: half a core's L2, leaving room for x.
 TILE_BYTES = 1 << 19
@@ -71,7 +73,7 @@ _SOURCES = [
     for name in ("ggml_gemv.cpp", "ggml_packed.cpp", "ggml_dequant.cpp", "delta_rule_cpu.cpp", "delta_rule_chunked_cpu.cpp",
                  "deltanet_cpu.cpp", "deltanet_decode.cpp", "attention_decode.cpp", "layer_ops.cpp")
 ]
-_HEADERS = [_CSRC / "ggml_blocks.h", _CSRC / "delta_rule_inputs.h"]
+_HEADERS = [_CSRC / name for name in ("ggml_blocks.h", "delta_rule_inputs.h", "delta_rule_step.h", "vector_math.h")]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "gfni")
 _COMPILE_FLAGS = [
     "-O3",

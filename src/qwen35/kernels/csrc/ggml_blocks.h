@@ -15,6 +15,7 @@ namespace qwen35_ggml {
 
 constexpr int64_t QK_K = 256;
 // ggml type ids
+constexpr int64_t TYPE_F32 = 0;
 constexpr int64_t TYPE_F16 = 1;
 constexpr int64_t TYPE_Q4_0 = 2;
 constexpr int64_t TYPE_Q4_1 = 3;
@@ -53,6 +54,7 @@ inline Geometry geometry(int64_t type_id) {
     case TYPE_Q5_K: return {QK_K, 176};
     case TYPE_Q6_K: return {QK_K, 210};
     case TYPE_IQ4_XS: return {QK_K, 136};
+    case TYPE_F32: return {1, 4};
     case TYPE_F16:
     case TYPE_BF16: return {1, 2};
     default: TORCH_CHECK(false, "qwen35_ggml: no fast kernel for ggml type ", type_id);
@@ -238,6 +240,12 @@ inline __m256i iq4_values(const uint8_t* qs) {
 }
 
 // Float weights: 16 values widened to fp32.
+inline __m512 load_f32x16(const uint8_t* p) { return _mm512_loadu_ps(reinterpret_cast<const float*>(p)); }
+inline float f32_at(const uint8_t* p) {
+  float value;
+  std::memcpy(&value, p, 4);
+  return value;
+}
 inline __m512 load_bf16x16(const uint8_t* p) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));

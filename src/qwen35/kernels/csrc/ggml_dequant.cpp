@@ -192,12 +192,12 @@ void dequant_iq4_xs(const uint8_t* blk, Out* out) {
 inline void store1(float* out, float v) { *out = v; }
 inline void store1(at::BFloat16* out, float v) { *out = at::BFloat16(v); }
 
-// Float types convert a whole row (their "block" is one value).
-template <typename Out, __m512 (*Load)(const uint8_t*), float (*Scalar)(const uint8_t*)>
+// Float types convert a whole row (their "block" is one value of `Bytes` bytes).
+template <typename Out, int Bytes, __m512 (*Load)(const uint8_t*), float (*Scalar)(const uint8_t*)>
 void convert_row(const uint8_t* row, Out* out, int64_t k) {
   int64_t i = 0;
-  for (; i + 16 <= k; i += 16) store16(out + i, Load(row + 2 * i));
-  for (; i < k; ++i) store1(out + i, Scalar(row + 2 * i));
+  for (; i + 16 <= k; i += 16) store16(out + i, Load(row + Bytes * i));
+  for (; i < k; ++i) store1(out + i, Scalar(row + Bytes * i));
 }
 
 template <typename Out>
@@ -222,8 +222,9 @@ void (*block_dequantizer(int64_t type_id))(const uint8_t*, Out*) {
 template <typename Out>
 void (*row_converter(int64_t type_id))(const uint8_t*, Out*, int64_t) {
   switch (type_id) {
-    case TYPE_F16: return convert_row<Out, load_f16x16, f16_at>;
-    case TYPE_BF16: return convert_row<Out, load_bf16x16, bf16_at>;
+    case TYPE_F32: return convert_row<Out, 4, load_f32x16, f32_at>;
+    case TYPE_F16: return convert_row<Out, 2, load_f16x16, f16_at>;
+    case TYPE_BF16: return convert_row<Out, 2, load_bf16x16, bf16_at>;
     default: return nullptr;
   }
 }

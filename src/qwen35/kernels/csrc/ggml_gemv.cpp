@@ -367,8 +367,8 @@ inline __m256i q5_1_quants(const uint8_t* blk) { return five_bits(blk + 4, blk +
 // ------------------------------------------------------------------------- float weights
 
 // Widen 16 values to fp32 and multiply with x in fp32 (no activation rounding); `n_blocks`
-// is the row width here (float weights have blocks of one value).
-template <__m512 (*Load)(const uint8_t*), float (*Scalar)(const uint8_t*)>
+// is the row width here (float weights have blocks of one value, of `Bytes` bytes).
+template <int Bytes, __m512 (*Load)(const uint8_t*), float (*Scalar)(const uint8_t*)>
 struct Float {
   template <int NR>
   static void dot(const uint8_t* row, const QuantizedRow* x, int64_t k, float* out) {
@@ -376,7 +376,7 @@ struct Float {
     for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= k; i += 32) {
-      const __m512 w0 = Load(row + 2 * i), w1 = Load(row + 2 * i + 32);
+      const __m512 w0 = Load(row + Bytes * i), w1 = Load(row + Bytes * (i + 16));
       for (int r = 0; r < NR; ++r) {
         acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[r].x + i), acc0[r]);
         acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x[r].x + i + 16), acc1[r]);
@@ -384,7 +384,7 @@ struct Float {
     }
     for (int r = 0; r < NR; ++r) {
       float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
-      for (int64_t j = i; j < k; ++j) total += Scalar(row + 2 * j) * x[r].x[j];
+      for (int64_t j = i; j < k; ++j) total += Scalar(row + Bytes * j) * x[r].x[j];
       out[r] = total;
     }
   }
@@ -418,8 +418,9 @@ DotKernel dot_kernel(int64_t type_id) {
     case TYPE_Q5_K: return kernel_of<Q5K>(QK_K);
     case TYPE_Q6_K: return kernel_of<Q6K>(QK_K);
     case TYPE_IQ4_XS: return kernel_of<IQ4XS>(QK_K);
-    case TYPE_F16: return kernel_of<Float<load_f16x16, f16_at>>(0);
-    case TYPE_BF16: return kernel_of<Float<load_bf16x16, bf16_at>>(0);
+    case TYPE_F32: return kernel_of<Float<4, load_f32x16, f32_at>>(0);
+    case TYPE_F16: return kernel_of<Float<2, load_f16x16, f16_at>>(0);
+    case TYPE_BF16: return kernel_of<Float<2, load_bf16x16, bf16_at>>(0);
     default: TORCH_CHECK(false, "qwen35_ggml: no gemv kernel for ggml type ", type_id);
   }
 }
