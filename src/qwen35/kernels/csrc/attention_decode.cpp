@@ -1,2 +1,395 @@
-// (placeholder: filled in by the attention_decode work)
+// A gated full-attention layer's decode step (one new token per row) between its two matmuls,
+// as one call: q/k RMS norms, partial rotate-half RoPE, the K/V cache write, single-query GQA
+// attention and the sigmoid output gate. The plain reference is Attention.__call__ in
+// model/qwen35.py for length 1 (layer_rms_norm, apply_rotary, AttentionKV.write,
+// _single_query_attention, the gate); tests/test_attention_decode.py pins them together.
+//
+// In torch ops that step is ~30 small operations and their dispatches, which cost far more
+// than the arithmetic of a short context. Here a short context runs on the calling thread;
+// a long one is split into slot ranges over the threads, each range with its own softmax
+// maximum and sum, merged at the end (the split-context form of decode attention).
+// Everything is computed in fp32; K/V storage may be fp32, bf16 or fp16.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace qwen35_ggml {
+namespace {
+
+constexpr int64_t kLanes = 16;
+// Slots per tile of the value pass: a tile's V rows stay in L1 while every query head of
+// the group reads them.
+constexpr int64_t kTileSlots = 32;
+// Below this much work (slots x query heads, over the batch) one thread does it all: waking
+// the others costs more than they save. Measured in /work/scratch/attn_fused_bench.py.
+constexpr int64_t kSerialWork = 16384;
+// A thread's slot range: long enough to outweigh its share of the merge, and at most
+// kMaxTaskSlots so that its score buffer stays small whatever the context.
+constexpr int64_t kMinTaskSlots = 256;
+constexpr int64_t kMaxTaskSlots = 8192;
+
+inline __mmask16 lanes_below(int64_t count) {
+  return count >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// 16 stored values as fp32, and fp32 rounded to the storage's type as torch's .to() rounds.
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::BFloat16* p, __mmask16 m) {
+  const __m512i widened = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(widened, 16));
+}
+inline __m512 load16(const at::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+inline void store16(float* p, __m512 x, __mmask16 m) { _mm512_mask_storeu_ps(p, m, x); }
+inline void store16(at::BFloat16* p, __m512 x, __mmask16 m) {
+  // Round to nearest even in integers (vcvtneps2bf16 would flush denormals), NaN as torch's 0x7FC0.
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(rounded));
+}
+inline void store16(at::Half* p, __m512 x, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// exp(x) within about an ulp: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor
+// polynomial for exp(r) (its error ~5e-9), then times 2^n. -inf and very negative x give 0.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.72f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts (Cody-Waite)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One head: out = x * rsqrt(mean(x^2) + eps) * weight. The same sums in the same order as
+// layer_ops.cpp's norm_row (the reference's layer_rms_norm), so the same bits.
+void norm_head(const float* x, const float* weight, float* out, int64_t n, float eps) {
+  __m512 sum = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    sum = _mm512_fmadd_ps(v, v, sum);
+  }
+  float total = _mm512_reduce_add_ps(sum);
+  for (; i < n; ++i) total += x[i] * x[i];
+  const float scale = 1.0f / std::sqrt(total / static_cast<float>(n) + eps);
+  for (i = 0; i < n; ++i) out[i] = x[i] * scale * weight[i];
+}
+
+// Rotate-half RoPE on the first rotary_dim values of x, in place: x*cos + rotate_half(x)*sin,
+// multiplied and added apart as the reference does (the build does not contract to FMAs).
+void rotate_half(float* x, const float* cos, const float* sin, int64_t rotary_dim, float* scratch) {
+  const int64_t half = rotary_dim / 2;
+  std::copy_n(x, rotary_dim, scratch);
+  for (int64_t i = 0; i < half; ++i) x[i] = scratch[i] * cos[i] - scratch[i + half] * sin[i];
+  for (int64_t i = half; i < rotary_dim; ++i) x[i] = scratch[i] * cos[i] + scratch[i - half] * sin[i];
+}
+
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t n) {
+  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    even = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i, 0xFFFF), even);
+    odd = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + kLanes), load16(k + i + kLanes, 0xFFFF), odd);
+  }
+  for (; i < n; i += kLanes) {
+    const __mmask16 m = lanes_below(n - i);
+    even = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), load16(k + i, m), even);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
+}
+
+// out[0 : 16 kChunks] += sum_s weights[s] * rows[s * stride][0 : 16 kChunks], the sums held in
+// registers across the slots; `last` masks the final chunk of a head whose size is no
+// multiple of 16.
+template <int kChunks, typename T>
+void accumulate_rows(const float* weights, const T* rows, int64_t stride, int64_t count, float* out, __mmask16 last) {
+  __m512 sums[kChunks];
+  for (int c = 0; c < kChunks; ++c) sums[c] = _mm512_maskz_loadu_ps(c + 1 == kChunks ? last : 0xFFFF, out + c * kLanes);
+  for (int64_t s = 0; s < count; ++s) {
+    const __m512 w = _mm512_set1_ps(weights[s]);
+    const T* row = rows + s * stride;
+    for (int c = 0; c < kChunks; ++c) {
+      sums[c] = _mm512_fmadd_ps(w, load16(row + c * kLanes, c + 1 == kChunks ? last : 0xFFFF), sums[c]);
+    }
+  }
+  for (int c = 0; c < kChunks; ++c) _mm512_mask_storeu_ps(out + c * kLanes, c + 1 == kChunks ? last : 0xFFFF, sums[c]);
+}
+
+template <typename T>
+void accumulate_head(const float* weights, const T* rows, int64_t stride, int64_t count, float* out, int64_t dim) {
+  const int64_t chunks = (dim + kLanes - 1) / kLanes;
+  const __mmask16 tail = lanes_below(dim - (chunks - 1) * kLanes);
+  for (int64_t c0 = 0; c0 < chunks; c0 += 8) {
+    const int64_t block = std::min<int64_t>(8, chunks - c0);
+    const __mmask16 last = c0 + block == chunks ? tail : static_cast<__mmask16>(0xFFFF);
+    const T* r = rows + c0 * kLanes;
+    float* o = out + c0 * kLanes;
+    switch (block) {
+      case 1: accumulate_rows<1>(weights, r, stride, count, o, last); break;
+      case 2: accumulate_rows<2>(weights, r, stride, count, o, last); break;
+      case 3: accumulate_rows<3>(weights, r, stride, count, o, last); break;
+      case 4: accumulate_rows<4>(weights, r, stride, count, o, last); break;
+      case 5: accumulate_rows<5>(weights, r, stride, count, o, last); break;
+      case 6: accumulate_rows<6>(weights, r, stride, count, o, last); break;
+      case 7: accumulate_rows<7>(weights, r, stride, count, o, last); break;
+      default: accumulate_rows<8>(weights, r, stride, count, o, last); break;
+    }
+  }
+}
+
+// One kv head of one row over slots [begin, end): its query heads' softmax maximum, sum of
+// exp(score - maximum) and the V rows weighted by those exps (not yet divided by the sum).
+struct Range {
+  int64_t row, kv_head, begin, end;
+};
+
+struct Shapes {
+  int64_t query_heads, kv_heads, group, dim;
+  int64_t slot_stride, row_stride, head_stride;  // K/V storage strides, in elements
+  float scale;
+};
+
+template <typename T>
+void attend_range(const Range& range, const Shapes& sh, const float* queries, const T* keys, const T* values,
+                  float* partial) {
+  const int64_t dim = sh.dim, group = sh.group, count = range.end - range.begin;
+  const float* q = queries + (range.row * sh.query_heads + range.kv_head * group) * dim;
+  const int64_t first = range.row * sh.row_stride + range.begin * sh.slot_stride + range.kv_head * sh.head_stride;
+  const T *k = keys + first, *v = values + first;
+  float *maxima = partial, *sums = partial + group, *out = partial + 2 * group;
+  std::vector<float> scores(group * count);
+  for (int64_t s = 0; s < count; ++s) {
+    for (int64_t g = 0; g < group; ++g) scores[g * count + s] = dot(q + g * dim, k + s * sh.slot_stride, dim) * sh.scale;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* p = scores.data() + g * count;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t s = 0; s < count; s += kLanes) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, lanes_below(count - s), p + s));
+    const float maximum = _mm512_reduce_max_ps(top);
+    const __m512 shift = _mm512_set1_ps(maximum);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t s = 0; s < count; s += kLanes) {
+      const __mmask16 m = lanes_below(count - s);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + s), shift));
+      _mm512_mask_storeu_ps(p + s, m, e);
+      total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+    }
+    maxima[g] = maximum;
+    sums[g] = _mm512_reduce_add_ps(total);
+  }
+  std::fill_n(out, group * dim, 0.0f);
+  for (int64_t t = 0; t < count; t += kTileSlots) {
+    const int64_t tile = std::min(kTileSlots, count - t);
+    for (int64_t g = 0; g < group; ++g) {
+      accumulate_head(scores.data() + g * count + t, v + t * sh.slot_stride, sh.slot_stride, tile, out + g * dim, dim);
+    }
+  }
+}
+
+struct Checked {
+  int64_t batch, rotary_dim;
+};
+
+Checked check_inputs(const at::Tensor& q_gate, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_norm,
+                     const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
+                     const at::Tensor& values, const at::Tensor& starts, int64_t n_q, int64_t n_kv, int64_t dim) {
+  TORCH_CHECK(n_kv >= 1 && n_q >= 1 && n_q % n_kv == 0 && dim >= 1,
+              "attention_decode: num_heads must be a positive multiple of num_kv_heads, head_dim positive");
+  for (const at::Tensor* t : {&q_gate, &k, &v, &q_norm, &k_norm, &cos, &sin, &keys, &values, &starts}) {
+    TORCH_CHECK(t->device().is_cpu(), "attention_decode: every tensor must be on the CPU");
+  }
+  const int64_t batch = q_gate.dim() == 3 ? q_gate.size(0) : -1;
+  auto token_rows = [&](const at::Tensor& t, int64_t width, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 3 && t.size(0) == batch && t.size(1) == 1 &&
+                    t.size(2) == width && t.stride(2) == 1,
+                "attention_decode: ", name, " must be fp32 [B, 1, ", width, "] with its last dim contiguous");
+  };
+  token_rows(q_gate, 2 * n_q * dim, "q_gate");
+  token_rows(k, n_kv * dim, "k");
+  token_rows(v, n_kv * dim, "v");
+  const int64_t rotary_dim = cos.dim() == 3 ? cos.size(2) : -1;
+  TORCH_CHECK(rotary_dim >= 0 && rotary_dim <= dim && rotary_dim % 2 == 0,
+              "attention_decode: cos must be [B, 1, rotary_dim] with an even rotary_dim <= head_dim");
+  token_rows(cos, rotary_dim, "cos");
+  token_rows(sin, rotary_dim, "sin");
+  for (const at::Tensor* t : {&q_norm, &k_norm}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == dim && t->is_contiguous(),
+                "attention_decode: q_norm and k_norm must be contiguous fp32 [head_dim]");
+  }
+  const auto type = keys.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf,
+              "attention_decode: K/V storage must be fp32, bf16 or fp16");
+  TORCH_CHECK(values.scalar_type() == type && keys.dim() == 4 && keys.sizes() == values.sizes() &&
+                  keys.strides() == values.strides() && keys.size(0) >= batch && keys.size(2) == n_kv &&
+                  keys.size(3) == dim && keys.stride(3) == 1,
+              "attention_decode: keys and values must be alike [rows >= B, capacity, num_kv_heads, head_dim] storage");
+  TORCH_CHECK(starts.scalar_type() == at::kLong && starts.dim() == 1 && starts.size(0) == batch,
+              "attention_decode: starts must be int64 [B]");
+  const int64_t* slot = starts.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(slot[b * starts.stride(0)] >= 0 && slot[b * starts.stride(0)] < keys.size(1),
+                "attention_decode: row ", b, "'s slot ", slot[b * starts.stride(0)], " is outside a K/V capacity of ",
+                keys.size(1));
+  }
+  return {batch, rotary_dim};
+}
+
+template <typename T>
+at::Tensor attention_decode_typed(const at::Tensor& q_gate, const at::Tensor& k_new, const at::Tensor& v_new,
+                                  const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& cos,
+                                  const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
+                                  const at::Tensor& starts, int64_t n_q, int64_t n_kv, int64_t dim, float eps,
+                                  float scale, int64_t batch, int64_t rotary_dim) {
+  const Shapes sh{n_q, n_kv, n_q / n_kv, dim, keys.stride(1), keys.stride(0), keys.stride(2), scale};
+  T *key_store = keys.data_ptr<T>(), *value_store = values.data_ptr<T>();
+  const int64_t* slot = starts.data_ptr<int64_t>();
+  const float *qn = q_norm.data_ptr<float>(), *kn = k_norm.data_ptr<float>();
+  std::vector<float> queries(batch * n_q * dim), key(dim), scratch(rotary_dim);
+  const int64_t chunks = (dim + kLanes - 1) / kLanes;
+
+  // The new token of each row: normed and rotated q kept here, k and v into their slots.
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* qg = q_gate.data_ptr<float>() + b * q_gate.stride(0);
+    const float* c = cos.data_ptr<float>() + b * cos.stride(0);
+    const float* s = sin.data_ptr<float>() + b * sin.stride(0);
+    for (int64_t h = 0; h < n_q; ++h) {
+      float* q = queries.data() + (b * n_q + h) * dim;
+      norm_head(qg + h * 2 * dim, qn, q, dim, eps);
+      rotate_half(q, c, s, rotary_dim, scratch.data());
+    }
+    const float* kr = k_new.data_ptr<float>() + b * k_new.stride(0);
+    const float* vr = v_new.data_ptr<float>() + b * v_new.stride(0);
+    const int64_t at_slot = b * sh.row_stride + slot[b * starts.stride(0)] * sh.slot_stride;
+    for (int64_t h = 0; h < n_kv; ++h) {
+      norm_head(kr + h * dim, kn, key.data(), dim, eps);
+      rotate_half(key.data(), c, s, rotary_dim, scratch.data());
+      T *kd = key_store + at_slot + h * sh.head_stride, *vd = value_store + at_slot + h * sh.head_stride;
+      for (int64_t i = 0; i < chunks; ++i) {
+        const __mmask16 m = lanes_below(dim - i * kLanes);
+        store16(kd + i * kLanes, _mm512_maskz_loadu_ps(m, key.data() + i * kLanes), m);
+        store16(vd + i * kLanes, _mm512_maskz_loadu_ps(m, vr + h * dim + i * kLanes), m);
+      }
+    }
+  }
+
+  // Each (row, kv head) over its slots 0..start, in one range or, with threads, several.
+  int64_t work = 0, slot_heads = 0;
+  for (int64_t b = 0; b < batch; ++b) work += (slot[b * starts.stride(0)] + 1) * n_q;
+  for (int64_t b = 0; b < batch; ++b) slot_heads += (slot[b * starts.stride(0)] + 1) * n_kv;
+  const int64_t threads = at::get_num_threads();
+  const bool serial = threads == 1 || work < kSerialWork;
+  const int64_t task_slots = std::clamp((slot_heads + threads - 1) / threads, kMinTaskSlots, kMaxTaskSlots);
+  std::vector<Range> ranges;
+  std::vector<int64_t> first_range;  // per (row, kv head)
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t length = slot[b * starts.stride(0)] + 1;
+    const int64_t pieces = serial ? 1 : (length + task_slots - 1) / task_slots, piece = (length + pieces - 1) / pieces;
+    for (int64_t h = 0; h < n_kv; ++h) {
+      first_range.push_back(static_cast<int64_t>(ranges.size()));
+      for (int64_t begin = 0; begin < length; begin += piece) ranges.push_back({b, h, begin, std::min(length, begin + piece)});
+    }
+  }
+  first_range.push_back(static_cast<int64_t>(ranges.size()));
+  const int64_t partial_size = sh.group * (dim + 2), n_ranges = static_cast<int64_t>(ranges.size());
+  std::vector<float> partials(n_ranges * partial_size);
+  auto attend = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      attend_range(ranges[i], sh, queries.data(), key_store, value_store, partials.data() + i * partial_size);
+    }
+  };
+  if (serial) {
+    attend(0, n_ranges);
+  } else {
+    at::parallel_for(0, n_ranges, 1, attend);
+  }
+
+  // Merge each (row, kv head)'s ranges and apply the gate: out * sigmoid(gate).
+  at::Tensor result = at::empty({batch, 1, n_q * dim}, at::kFloat);
+  float* out = result.data_ptr<float>();
+  std::vector<float> merged(dim);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* qg = q_gate.data_ptr<float>() + b * q_gate.stride(0);
+    for (int64_t h = 0; h < n_kv; ++h) {
+      const int64_t pair = b * n_kv + h, from = first_range[pair], to = first_range[pair + 1];
+      for (int64_t g = 0; g < sh.group; ++g) {
+        float maximum = -INFINITY, total = 0.0f;
+        for (int64_t r = from; r < to; ++r) maximum = std::max(maximum, partials[r * partial_size + g]);
+        std::fill(merged.begin(), merged.end(), 0.0f);
+        for (int64_t r = from; r < to; ++r) {
+          const float* p = partials.data() + r * partial_size;
+          const float weight = std::exp(p[g] - maximum);
+          total += weight * p[sh.group + g];
+          const float* o = p + 2 * sh.group + g * dim;
+          for (int64_t i = 0; i < dim; ++i) merged[i] += weight * o[i];
+        }
+        const int64_t head = h * sh.group + g;
+        const __m512 inverse = _mm512_set1_ps(1.0f / total);
+        for (int64_t i = 0; i < chunks; ++i) {
+          const __mmask16 m = lanes_below(dim - i * kLanes);
+          const __m512 gate = _mm512_maskz_loadu_ps(m, qg + head * 2 * dim + dim + i * kLanes);
+          const __m512 sigmoid = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(-gate)));
+          const __m512 attended = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, merged.data() + i * kLanes), inverse);
+          _mm512_mask_storeu_ps(out + (b * n_q + head) * dim + i * kLanes, m, _mm512_mul_ps(attended, sigmoid));
+        }
+      }
+    }
+  }
+  return result;
+}
+
+// q_gate [B, 1, n_q * 2 hd] (per head hd query values, then hd gate values), k and v
+// [B, 1, n_kv * hd] (rows may be strided, e.g. column slices of one projection's output);
+// q_norm, k_norm [hd]; cos, sin [B, 1, rotary_dim]; keys, values: the whole K/V storage
+// [rows >= B, capacity, n_kv, hd]; starts [B]. Row b's k (normed and rotated) and v are
+// written to slot starts[b] of row b of keys/values; the token then attends to that row's
+// slots 0..starts[b]. Returns attention * sigmoid(gate), [B, 1, n_q * hd] fp32.
+at::Tensor attention_decode(const at::Tensor& q_gate, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& cos,
+                            const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, const at::Tensor& starts,
+                            int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale) {
+  const Checked c = check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, num_heads,
+                                 num_kv_heads, head_dim);
+  const float e = static_cast<float>(eps), s = static_cast<float>(scale);
+  switch (keys.scalar_type()) {
+    case at::kBFloat16:
+      return attention_decode_typed<at::BFloat16>(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts,
+                                                  num_heads, num_kv_heads, head_dim, e, s, c.batch, c.rotary_dim);
+    case at::kHalf:
+      return attention_decode_typed<at::Half>(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts,
+                                              num_heads, num_kv_heads, head_dim, e, s, c.batch, c.rotary_dim);
+    default:
+      return attention_decode_typed<float>(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, num_heads,
+                                           num_kv_heads, head_dim, e, s, c.batch, c.rotary_dim);
+  }
+}
+
+}  // namespace
+}  // namespace qwen35_ggml
+
+TORCH_LIBRARY_FRAGMENT(qwen35_ggml, m) {
+  m.def(
+      "attention_decode(Tensor q_gate, Tensor k, Tensor v, Tensor q_norm, Tensor k_norm, Tensor cos, Tensor sin, "
+      "Tensor(a!) keys, Tensor(b!) values, Tensor starts, int num_heads, int num_kv_heads, int head_dim, float eps, "
+      "float scale) -> Tensor",
+      &qwen35_ggml::attention_decode);
+}
