@@ -71,9 +71,9 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [
     _CSRC / name
     for name in ("ggml_gemv.cpp", "ggml_packed.cpp", "ggml_dequant.cpp", "delta_rule_cpu.cpp", "delta_rule_chunked_cpu.cpp",
-                 "deltanet_cpu.cpp", "deltanet_decode.cpp", "attention_decode.cpp", "layer_ops.cpp")
+                 "deltanet_cpu.cpp", "deltanet_decode.cpp", "attention_decode.cpp", "moe_cpu.cpp", "layer_ops.cpp")
 ]
-_HEADERS = [_CSRC / name for name in ("ggml_blocks.h", "delta_rule_inputs.h", "delta_rule_step.h", "vector_math.h")]
+_HEADERS = [_CSRC / name for name in ("ggml_blocks.h", "delta_rule_inputs.h", "delta_rule_step.h", "vector_math.h", "packed_call.h")]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "gfni")
 _COMPILE_FLAGS = [
     "-O3",
@@ -292,6 +292,28 @@ def expert_matmul(
     if x.shape[0] != expert_ids.numel():
         x = x.repeat_interleave(expert_ids.numel() // x.shape[0], dim=0)
     return _require().expert_gemv(weights.contiguous(), int(type_id), x, expert_ids)
+
+
+def sparse_moe(x: torch.Tensor, logits: torch.Tensor, top_k: int, experts, shared, shared_gate) -> torch.Tensor | None:
+    """An MoE block after its router in one call (csrc/moe_cpu.cpp): x [N, K], the router's
+    logits [N, E], experts = (gate, up, down) QuantExperts, shared = (gate, up, down)
+    QuantLinear or None, with shared_gate [1, K]. Declines (None) unless every weight is
+    packed for the fast kernels on the CPU."""
+    layers = [*experts, *(shared or ())]
+    if x.device.type != "cpu" or any(
+        layer.mode != "fast" or layer.type_id not in PACKED_TYPES or layer.fast_weights is None for layer in layers
+    ):
+        return None
+    ops = _ops()
+    if ops is None:
+        return None
+    gate, up, _ = experts
+    shared_layers = list(shared or ())
+    return ops.sparse_moe(
+        x, logits, int(top_k), [e.fast_weights for e in experts], [e.type_id for e in experts], gate.out_features,
+        [s.fast_weights for s in shared_layers], [s.type_id for s in shared_layers],
+        shared_layers[0].out_features if shared_layers else 0, shared_gate if shared_layers else None,
+    )
 
 
 def recurrent_delta_rule(q, k, v, g, beta, state) -> tuple[torch.Tensor, torch.Tensor]:

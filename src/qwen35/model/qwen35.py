@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
+from qwen35.kernels import fast_cpu
 from qwen35.kernels.delta_rule import fast_ops, gated_delta_rule
 from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup
 from qwen35.model.config import FULL_ATTENTION, ModelConfig
@@ -325,7 +326,10 @@ class MLP:
 
 
 class SparseMoE:
-    """Softmax router, top-k renormalised, plus a sigmoid-gated shared expert."""
+    """Softmax router, top-k renormalised, plus a sigmoid-gated shared expert.
+
+    With packed fast weights on the CPU, everything after the router is one C++ call
+    (fast_cpu.sparse_moe); the lines below are its plain reference."""
 
     def __init__(self, c: ModelConfig, w: dict, prefix: str):
         self.top_k = c.num_experts_per_tok
@@ -338,7 +342,13 @@ class SparseMoE:
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
-        probs = self.router(x).softmax(dim=-1)
+        logits = self.router(x)
+        if x.device.type == "cpu":
+            shared = None if self.shared is None else (self.shared.gate_proj, self.shared.up_proj, self.shared.down_proj)
+            fused = fast_cpu.sparse_moe(x, logits, self.top_k, (self.gates, self.ups, self.downs), shared, self.shared_gate)
+            if fused is not None:
+                return fused.reshape(shape)
+        probs = logits.softmax(dim=-1)
         top_weights, top_experts = probs.topk(self.top_k, dim=-1)
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
         gate, up = self.gates_ups(x, top_experts)

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "ggml_blocks.h"
+#include "packed_call.h"
 
 namespace qwen35_ggml {
 namespace {
@@ -675,7 +676,11 @@ class SharedActivations {
     if (!by_block[0].empty()) acts_[0] = std::make_unique<PackedActivations>(x, QK_K, by_block[0]);
     if (!by_block[1].empty()) acts_[1] = std::make_unique<PackedActivations>(x, 32, by_block[1]);
   }
-  const PackedActivations* for_type(int64_t type_id) const { return acts_[slot(type_id)].get(); }
+  const PackedActivations* for_type(int64_t type_id) const {
+    const PackedActivations* act = acts_[slot(type_id)].get();
+    TORCH_CHECK(act != nullptr, "qwen35_ggml: x was not prepared for ggml type ", type_id);
+    return act;
+  }
 
  private:
   static int slot(int64_t type_id) { return packed_format(type_id).block_size == QK_K ? 0 : 1; }
@@ -686,6 +691,38 @@ void check_lists(size_t n_packed, size_t n_types, size_t n_rows) {
   TORCH_CHECK(n_packed > 0 && n_packed == n_types && n_packed == n_rows, "one type and one row count per packed weight");
 }
 
+}  // namespace
+
+int64_t packed_matrix_bytes(int64_t type_id, int64_t n, int64_t k) {
+  const PackedFormat fmt = packed_format(type_id);
+  return (n + GROUP * SUPER - 1) / (GROUP * SUPER) * (k / fmt.block_size) * SUPER * fmt.bytes;
+}
+
+struct PackedCall::State {
+  at::Tensor x;
+  SharedActivations acts;
+  std::vector<Matrix> mats;
+  std::vector<Unit> units;
+};
+
+PackedCall::PackedCall(const at::Tensor& x, at::IntArrayRef type_ids)
+    : state_(std::make_unique<State>(State{x, SharedActivations(x, type_ids), {}, {}})) {}
+
+PackedCall::~PackedCall() = default;
+
+void PackedCall::add(const uint8_t* packed, int64_t type_id, int64_t n, int64_t column, const int64_t* slots,
+                     const int64_t* x_rows, int64_t n_slots) {
+  const int64_t groups = (n + GROUP - 1) / GROUP, n_blocks = state_->x.size(1) / packed_format(type_id).block_size;
+  state_->mats.push_back({packed, type_id, packed_kernel(type_id), groups, n_blocks, n, column, state_->acts.for_type(type_id)});
+  add_units(state_->units, static_cast<int64_t>(state_->mats.size()) - 1, groups, slots, x_rows, n_slots);
+}
+
+void PackedCall::run(float* out, int64_t ld) const {
+  if (!state_->units.empty()) run_units(state_->mats, state_->units, out, ld);
+}
+
+namespace {
+
 // y [M, sum(ns)] = x [M, K] @ [W_0; W_1; ...]^T for packed weights W_i [ns[i], K] (their
 // own types): the projections that read the same input, in one call. The columns of y
 // are W_0's outputs, then W_1's, ...
@@ -695,21 +732,16 @@ at::Tensor packed_gemv_many(at::TensorList packed, at::IntArrayRef type_ids, con
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t m = x.size(0), k = x.size(1);
   for (size_t i = 0; i < packed.size(); ++i) check_packed(packed[i], packed_format(type_ids[i]), k, ns[i], 4);
-  const SharedActivations acts(x, type_ids);
   std::vector<int64_t> all_rows(m);
   for (int64_t r = 0; r < m; ++r) all_rows[r] = r;
-  std::vector<Matrix> mats;
-  std::vector<Unit> units;
+  PackedCall call(x, type_ids);
   int64_t columns = 0;
   for (size_t i = 0; i < packed.size(); ++i) {
-    const int64_t type = type_ids[i], groups = (ns[i] + GROUP - 1) / GROUP;
-    mats.push_back({packed[i].data_ptr<uint8_t>(), type, packed_kernel(type), groups, packed[i].size(1), ns[i], columns,
-                    acts.for_type(type)});
-    add_units(units, static_cast<int64_t>(i), groups, all_rows.data(), all_rows.data(), m);
+    call.add(packed[i].data_ptr<uint8_t>(), type_ids[i], ns[i], columns, all_rows.data(), all_rows.data(), m);
     columns += ns[i];
   }
   at::Tensor y = at::empty({m, columns}, at::kFloat);
-  run_units(mats, units, y.data_ptr<float>(), columns);
+  call.run(y.data_ptr<float>(), columns);
   return y;
 }
 
@@ -728,9 +760,9 @@ at::Tensor packed_expert_gemv_many(at::TensorList packed, at::IntArrayRef type_i
               "x must be [R, K] and ids [S], S a multiple of R");
   check_lists(packed.size(), type_ids.size(), ns.size());
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t n_experts = packed[0].size(0);
+  const int64_t n_experts = packed[0].size(0), k = x.size(1);
   for (size_t i = 0; i < packed.size(); ++i) {
-    check_packed(packed[i], packed_format(type_ids[i]), x.size(1), ns[i], 5);
+    check_packed(packed[i], packed_format(type_ids[i]), k, ns[i], 5);
     TORCH_CHECK(packed[i].size(0) == n_experts, "every weight must hold the same experts");
   }
   const at::Tensor ids = ids_in.to(at::kLong).contiguous();
@@ -742,24 +774,19 @@ at::Tensor packed_expert_gemv_many(at::TensorList packed, at::IntArrayRef type_i
   std::vector<int64_t> rows(slots);
   for (int64_t j = 0; j < slots; ++j) rows[j] = order[j] / per_row;
 
-  const SharedActivations acts(x, type_ids);
-  std::vector<Matrix> mats;
-  std::vector<Unit> units;
+  PackedCall call(x, type_ids);
   int64_t columns = 0;
   for (size_t i = 0; i < packed.size(); ++i) {
-    const int64_t type = type_ids[i], groups = (ns[i] + GROUP - 1) / GROUP, n_blocks = packed[i].size(2);
-    const int64_t expert_bytes = packed[i].size(1) * n_blocks * SUPER * packed_format(type).bytes;
+    const int64_t expert_bytes = packed_matrix_bytes(type_ids[i], ns[i], k);
     for (int64_t e = 0; e < n_experts; ++e) {
       if (first[e + 1] == first[e]) continue;
-      mats.push_back({packed[i].data_ptr<uint8_t>() + e * expert_bytes, type, packed_kernel(type), groups, n_blocks, ns[i],
-                      columns, acts.for_type(type)});
-      add_units(units, static_cast<int64_t>(mats.size()) - 1, groups, order.data() + first[e], rows.data() + first[e],
-                first[e + 1] - first[e]);
+      call.add(packed[i].data_ptr<uint8_t>() + e * expert_bytes, type_ids[i], ns[i], columns, order.data() + first[e],
+               rows.data() + first[e], first[e + 1] - first[e]);
     }
     columns += ns[i];
   }
   at::Tensor y = at::empty({slots, columns}, at::kFloat);
-  run_units(mats, units, y.data_ptr<float>(), columns);
+  call.run(y.data_ptr<float>(), columns);
   return y;
 }
 
