@@ -71,7 +71,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [
     _CSRC / name
     for name in ("ggml_gemv.cpp", "ggml_packed.cpp", "ggml_dequant.cpp", "delta_rule_cpu.cpp", "delta_rule_chunked_cpu.cpp",
-                 "deltanet_cpu.cpp", "deltanet_decode.cpp", "attention_decode.cpp", "moe_cpu.cpp", "layer_ops.cpp")
+                 "deltanet_cpu.cpp", "deltanet_decode.cpp", "attention_decode.cpp", "mlp_cpu.cpp", "layer_ops.cpp")
 ]
 _HEADERS = [_CSRC / name for name in ("ggml_blocks.h", "delta_rule_inputs.h", "delta_rule_step.h", "vector_math.h", "packed_call.h")]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "gfni")
@@ -294,23 +294,34 @@ def expert_matmul(
     return _require().expert_gemv(weights.contiguous(), int(type_id), x, expert_ids)
 
 
+def _all_packed(x: torch.Tensor, layers) -> bool:
+    """Whether x is on the CPU and every layer is in "fast" mode with packed weights."""
+    return x.device.type == "cpu" and all(
+        layer.mode == "fast" and layer.type_id in PACKED_TYPES and layer.fast_weights is not None for layer in layers
+    )
+
+
+def dense_mlp(x: torch.Tensor, gate, up, down) -> torch.Tensor | None:
+    """down(silu(gate x) * up x) in one call (csrc/mlp_cpu.cpp) for x [M, K] and QuantLinear
+    layers; declines (None) unless every weight is packed for the fast kernels on the CPU."""
+    layers = (gate, up, down)
+    ops = _ops() if _all_packed(x, layers) else None
+    if ops is None:
+        return None
+    return ops.dense_mlp(x, [layer.fast_weights for layer in layers], [layer.type_id for layer in layers], gate.out_features)
+
+
 def sparse_moe(x: torch.Tensor, logits: torch.Tensor, top_k: int, experts, shared, shared_gate) -> torch.Tensor | None:
-    """An MoE block after its router in one call (csrc/moe_cpu.cpp): x [N, K], the router's
+    """An MoE block after its router in one call (csrc/mlp_cpu.cpp): x [N, K], the router's
     logits [N, E], experts = (gate, up, down) QuantExperts, shared = (gate, up, down)
     QuantLinear or None, with shared_gate [1, K]. Declines (None) unless every weight is
     packed for the fast kernels on the CPU."""
-    layers = [*experts, *(shared or ())]
-    if x.device.type != "cpu" or any(
-        layer.mode != "fast" or layer.type_id not in PACKED_TYPES or layer.fast_weights is None for layer in layers
-    ):
-        return None
-    ops = _ops()
+    shared_layers = list(shared or ())
+    ops = _ops() if _all_packed(x, [*experts, *shared_layers]) else None
     if ops is None:
         return None
-    gate, up, _ = experts
-    shared_layers = list(shared or ())
     return ops.sparse_moe(
-        x, logits, int(top_k), [e.fast_weights for e in experts], [e.type_id for e in experts], gate.out_features,
+        x, logits, int(top_k), [e.fast_weights for e in experts], [e.type_id for e in experts], experts[0].out_features,
         [s.fast_weights for s in shared_layers], [s.type_id for s in shared_layers],
         shared_layers[0].out_features if shared_layers else 0, shared_gate if shared_layers else None,
     )

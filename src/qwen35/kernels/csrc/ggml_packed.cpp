@@ -693,6 +693,10 @@ void check_lists(size_t n_packed, size_t n_types, size_t n_rows) {
 
 }  // namespace
 
+void check_packed_weight(const at::Tensor& packed, int64_t type_id, int64_t n, int64_t k, int64_t dims) {
+  check_packed(packed, packed_format(type_id), k, n, dims);
+}
+
 int64_t packed_matrix_bytes(int64_t type_id, int64_t n, int64_t k) {
   const PackedFormat fmt = packed_format(type_id);
   return (n + GROUP * SUPER - 1) / (GROUP * SUPER) * (k / fmt.block_size) * SUPER * fmt.bytes;

@@ -12,6 +12,10 @@
 
 namespace qwen35_ggml {
 
+// Checks that `packed` holds packed [n, k] weights of `type_id` (`dims` 4: one matrix, 5: a
+// stack of experts), as pack_rows makes them.
+void check_packed_weight(const at::Tensor& packed, int64_t type_id, int64_t n, int64_t k, int64_t dims);
+
 // Bytes of one packed [n, k] matrix of a packed type (an expert's stride in an [E, ...] stack).
 int64_t packed_matrix_bytes(int64_t type_id, int64_t n, int64_t k);
 

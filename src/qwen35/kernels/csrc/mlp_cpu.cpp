@@ -1,9 +1,10 @@
-// A Qwen 3.5 sparse MoE block after its router, in one call: softmax over the router's logits,
-// top-k renormalised, the chosen experts' SwiGLU MLPs and the sigmoid-gated shared expert.
-// The matmuls are two packed calls (packed_call.h) whatever the number of tokens: every used
-// expert's gate and up with the shared expert's, then every down. In Python the same block
-// is a dozen tensor operations and four kernel calls per layer and token.
-// Plain reference: SparseMoE in model/qwen35.py (tests/test_moe.py pins them together).
+// Qwen 3.5's MLP blocks in one call each, on row-group packed weights (packed_call.h):
+// - dense_mlp: down(silu(gate x) * up x), two packed calls;
+// - sparse_moe: after the router, softmax top-k renormalised, the chosen experts' SwiGLU MLPs
+//   and the sigmoid-gated shared expert: every used expert's gate and up with the shared
+//   expert's in one packed call, then every down in another, whatever the number of tokens.
+// In Python these are a dozen tensor operations and several kernel calls per layer and token.
+// Plain references: MLP and SparseMoE in model/qwen35.py (tests/test_moe.py pins them together).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -56,6 +57,30 @@ void swiglu_rows(const float* gate_up, int64_t ld, int64_t width, int64_t rows, 
   });
 }
 
+// x [M, K] fp32; gate, up [intermediate, K] and down [K, intermediate] packed. Returns [M, K].
+at::Tensor dense_mlp(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types, int64_t intermediate) {
+  TORCH_CHECK(x_in.dim() == 2 && weights.size() == 3 && types.size() == 3, "x [M, K]; gate, up and down");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t m = x.size(0), k = x.size(1);
+  for (int i = 0; i < 3; ++i) check_packed_weight(weights[i], types[i], i < 2 ? intermediate : k, i < 2 ? k : intermediate, 4);
+  std::vector<int64_t> rows(m);
+  std::iota(rows.begin(), rows.end(), 0);
+  at::Tensor gate_up = at::empty({m, 2 * intermediate}, at::kFloat);
+  {
+    PackedCall call(x, {types[0], types[1]});
+    call.add(weights[0].data_ptr<uint8_t>(), types[0], intermediate, 0, rows.data(), rows.data(), m);
+    call.add(weights[1].data_ptr<uint8_t>(), types[1], intermediate, intermediate, rows.data(), rows.data(), m);
+    call.run(gate_up.data_ptr<float>(), 2 * intermediate);
+  }
+  at::Tensor hidden = at::empty({m, intermediate}, at::kFloat);
+  swiglu_rows(gate_up.data_ptr<float>(), 2 * intermediate, intermediate, m, hidden.data_ptr<float>());
+  at::Tensor out = at::empty({m, k}, at::kFloat);
+  PackedCall call(hidden, {types[2]});
+  call.add(weights[2].data_ptr<uint8_t>(), types[2], k, 0, rows.data(), rows.data(), m);
+  call.run(out.data_ptr<float>(), k);
+  return out;
+}
+
 // x [N, K] fp32, logits [N, E]; experts = [gate, up, down], packed [E, ...] stacks of
 // [intermediate, K], [intermediate, K], [K, intermediate]; shared = [] or the shared
 // expert's [gate, up, down] packed matrices, with shared_gate [K] (or [1, K]).
@@ -71,9 +96,12 @@ at::Tensor sparse_moe(const at::Tensor& x_in, const at::Tensor& logits_in, int64
   const at::Tensor x = x_in.to(at::kFloat).contiguous(), logits = logits_in.to(at::kFloat).contiguous();
   const int64_t tokens = x.size(0), k = x.size(1), n_experts = logits.size(1);
   TORCH_CHECK(top_k >= 1 && top_k <= n_experts, "top_k must be in [1, ", n_experts, "]");
-  for (const auto& stack : experts) {
-    TORCH_CHECK(stack.dim() == 5 && stack.size(0) == n_experts && stack.is_contiguous() && stack.scalar_type() == at::kByte,
-                "expert weights must be packed [E, ...] stacks of uint8, one per router logit");
+  for (int i = 0; i < 3; ++i) {
+    check_packed_weight(experts[i], expert_types[i], i < 2 ? intermediate : k, i < 2 ? k : intermediate, 5);
+    TORCH_CHECK(experts[i].size(0) == n_experts, "expert weights must hold one expert per router logit");
+    if (has_shared) {
+      check_packed_weight(shared[i], shared_types[i], i < 2 ? shared_intermediate : k, i < 2 ? k : shared_intermediate, 4);
+    }
   }
   const int64_t slots = tokens * top_k;
   std::vector<int64_t> ids(slots);
@@ -177,6 +205,7 @@ at::Tensor sparse_moe(const at::Tensor& x_in, const at::Tensor& logits_in, int64
 }  // namespace qwen35_ggml
 
 TORCH_LIBRARY_FRAGMENT(qwen35_ggml, m) {
+  m.def("dense_mlp(Tensor x, Tensor[] weights, int[] types, int intermediate) -> Tensor", &qwen35_ggml::dense_mlp);
   m.def(
       "sparse_moe(Tensor x, Tensor logits, int top_k, Tensor[] experts, int[] expert_types, int intermediate, "
       "Tensor[] shared, int[] shared_types, int shared_intermediate, Tensor? shared_gate) -> Tensor",

@@ -1,4 +1,4 @@
-"""The one-call MoE block (fast_cpu.sparse_moe, csrc/moe_cpu.cpp) against SparseMoE's plain
+"""The one-call MLP blocks (fast_cpu.sparse_moe and dense_mlp, csrc/mlp_cpu.cpp) against their plain
 lines: the same fast matmul kernels (bit-equal per row), so only the glue's rounding differs
 (softmax, SiLU, the weighted sums), and against the exact fp32 reference path."""
 
@@ -91,3 +91,23 @@ def test_fused_moe_declines_unpacked_weights():
     set_mode(moe.downs, "reference")
     x = torch.randn(2, 128)
     assert fast_cpu.sparse_moe(x, moe.router(x), 2, (moe.gates, moe.ups, moe.downs), None, None) is None
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_fused_dense_mlp_matches_its_plain_lines(fixtures, tokens, monkeypatch):
+    """A real dense layer's MLP (Q4_K gate/up, Q6_K or Q4_K down): one call vs the plain lines."""
+    from qwen35.model.qwen35 import MLP
+
+    model = qwen35.load_model(fixtures / "tiny" / "dense-Q4_K_M.gguf")
+    x = torch.randn(1, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(tokens))
+    for layer in model.network.layers[:4]:
+        mlp = layer.mlp
+        assert isinstance(mlp, MLP)
+        calls = []
+        real = fast_cpu.dense_mlp
+        monkeypatch.setattr(fast_cpu, "dense_mlp", lambda *args: calls.append(1) or real(*args))
+        fused = mlp(x)
+        monkeypatch.setattr(fast_cpu, "dense_mlp", lambda *args: None)
+        plain = mlp(x)
+        assert calls and fused.shape == plain.shape
+        assert relative_error(fused, plain) < 1e-5
