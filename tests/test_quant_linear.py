@@ -488,3 +488,12 @@ def test_packing_arena_gives_the_same_packed_weights(fixtures, fast_cpu):
     assert all(torch.equal(a, b) for a, b in zip(alone, together))
     assert together[0].untyped_storage().data_ptr() == together[1].untyped_storage().data_ptr()
     assert together[-1].untyped_storage().data_ptr() != together[0].untyped_storage().data_ptr()
+
+
+def test_fast_mode_rows_are_the_reference_rows(fixtures, fast_cpu):
+    # The embedding lookup in "fast" mode dequantizes in C++: bit-equal to gguf-py's values.
+    index = torch.tensor([[3, 0], [7, 3]])
+    for type_id, blocks, weight in fast_type_weights(fixtures):
+        layer = QuantLinear(blocks, type_id, weight.shape[0], weight.shape[1])
+        set_mode(layer, "fast")
+        assert torch.equal(layer.rows(index), weight[index]), T(type_id).name

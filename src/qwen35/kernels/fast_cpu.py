@@ -175,6 +175,13 @@ def dequantize_f32(blocks: torch.Tensor, type_id: int, in_features: int) -> torc
     return _require().dequantize_f32(blocks, int(type_id), int(in_features))
 
 
+def dequantize_rows(blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor | None:
+    """`dequantize_f32` for QuantLinear.rows (the embedding lookup) where it applies, else None."""
+    if blocks.device.type != "cpu" or int(type_id) not in FAST_TYPES:
+        return None
+    return dequantize_f32(blocks.contiguous(), type_id, in_features)
+
+
 def tiled_bf16_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
     """x [M, K] @ W^T, dequantizing W to bf16 one tile of rows at a time. -> [M, N] float32.
 
@@ -340,6 +347,7 @@ def install() -> bool:
     """
     if not available():
         return False
+    quant_linear.register_fast_dequantizer(dequantize_rows)
     quant_linear.register_fast_group_kernel(group_matmul)
     quant_linear.register_fast_expert_group_kernel(expert_group_matmul)
     for type_id in FAST_TYPES:

@@ -66,6 +66,12 @@ _FAST_GROUP_KERNEL: list[FastGroupKernel] = []
 FastExpertGroupKernel = Callable[[list, list, torch.Tensor, torch.Tensor, int, list], torch.Tensor | None]
 _FAST_EXPERT_GROUP_KERNEL: list[FastExpertGroupKernel] = []
 
+# Rows of blocks -> fp32 rows, bit-equal to dequant.dequantize, for "fast" mode's `rows`
+# (the embedding lookup), or None to decline:
+#   dequantizer(blocks [N, row_bytes], type_id, in_features) -> [N, in] float32 | None
+Dequantizer = Callable[[torch.Tensor, int, int], torch.Tensor | None]
+_FAST_DEQUANTIZER: list[Dequantizer] = []
+
 # The weights' form for a type's fast kernels, made once from the blocks:
 #   prepare(blocks [out, row_bytes] or [E, out, row_bytes], type_id, in_features) -> weights
 # Without one, the kernels take the blocks themselves.
@@ -100,6 +106,11 @@ def register_fast_expert_group_kernel(kernel: FastExpertGroupKernel) -> None:
 def register_fast_expert_kernel(type_id: int, kernel: FastExpertKernel) -> None:
     """Let `kernel` take whole "fast" mode QuantExperts calls for weights of ggml type `type_id`."""
     _FAST_EXPERT_KERNELS[int(type_id)] = kernel
+
+
+def register_fast_dequantizer(dequantizer: Dequantizer) -> None:
+    """Let "fast" mode's `QuantLinear.rows` dequantize with `dequantizer` (bit-equal to the reference)."""
+    _FAST_DEQUANTIZER[:] = [dequantizer]
 
 
 def set_mode(root: torch.nn.Module, mode: str) -> None:
@@ -200,6 +211,10 @@ class QuantLinear(_Modes, torch.nn.Module):
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.out_features):
             raise Qwen35Error(f"row index out of range [0, {self.out_features})")
         picked = self.blocks[index.reshape(-1).to(self.blocks.device)]
+        if self.mode == "fast" and _FAST_DEQUANTIZER and picked.numel():
+            rows = _FAST_DEQUANTIZER[0](picked, self.type_id, self.in_features)
+            if rows is not None:
+                return rows.reshape(*index.shape, self.in_features)
         return dequantize(picked, self.type_id, (*index.shape, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
