@@ -103,40 +103,99 @@ void rotate_half(float* x, const float* cos, const float* sin, int64_t rotary_di
   for (int64_t i = half; i < rotary_dim; ++i) x[i] = scratch[i] * cos[i] + scratch[i - half] * sin[i];
 }
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t n) {
-  __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    even = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i, 0xFFFF), even);
-    odd = _mm512_fmadd_ps(_mm512_loadu_ps(q + i + kLanes), load16(k + i + kLanes, 0xFFFF), odd);
+// Lane sums of 16 vectors as one vector (lane j: the sum of v[j]'s lanes), in four steps of
+// shuffles and adds (halves, quarters, pairs, single lanes): 15 adds instead of 16 reductions.
+__attribute__((always_inline)) inline __m512 lane_sums16(const __m512* v) {
+  __m512 halves[8], quarters[4], pairs[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {  // 256-bit blocks 0-1 hold v[2i]'s 8 partial sums, blocks 2-3 v[2i+1]'s
+    const __m512 a = v[2 * i], b = v[2 * i + 1];
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
   }
-  for (; i < n; i += kLanes) {
-    const __mmask16 m = lanes_below(n - i);
-    even = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), load16(k + i, m), even);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // 128-bit block j holds v[4i+j]'s 4 partial sums
+    const __m512 a = halves[2 * i], b = halves[2 * i + 1];
+    quarters[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {  // block j: 2 partial sums of v[8i+j], then 2 of v[8i+4+j]
+    const __m512 a = quarters[2 * i], b = quarters[2 * i + 1];
+    pairs[i] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // Lane 4j+p now holds the sum of v[4p+j]: transpose that 4 x 4 order back.
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, sums);
 }
 
-// out[0 : 16 kChunks] += sum_s weights[s] * rows[s * stride][0 : 16 kChunks], the sums held in
-// registers across the slots; `last` masks the final chunk of a head whose size is no
-// multiple of 16.
-template <int kChunks, typename T>
-void accumulate_rows(const float* weights, const T* rows, int64_t stride, int64_t count, float* out, __mmask16 last) {
-  __m512 sums[kChunks];
-  for (int c = 0; c < kChunks; ++c) sums[c] = _mm512_maskz_loadu_ps(c + 1 == kChunks ? last : 0xFFFF, out + c * kLanes);
-  for (int64_t s = 0; s < count; ++s) {
-    const __m512 w = _mm512_set1_ps(weights[s]);
-    const T* row = rows + s * stride;
+// q . k for the 16 K rows k, k + stride, ...: one load of q serves 16 products, and the 16
+// sums are reduced together. (Small loops are unrolled by hand so that the arrays of
+// vectors live in registers: GCC keeps an array indexed by a loop variable in memory.)
+template <typename T>
+inline __m512 score_tile(const float* q, const T* k, int64_t stride, int64_t dim) {
+  __m512 sums[kLanes];
+#pragma GCC unroll 16
+  for (int j = 0; j < kLanes; ++j) sums[j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < dim; c += kLanes) {
+    const __mmask16 m = lanes_below(dim - c);
+    const __m512 qc = _mm512_maskz_loadu_ps(m, q + c);
+    const T* column = k + c;
+#pragma GCC unroll 16
+    for (int j = 0; j < kLanes; ++j) sums[j] = _mm512_fmadd_ps(qc, load16(column + j * stride, m), sums[j]);
+  }
+  return lane_sums16(sums);
+}
+
+// One q . k at a time, for contexts under 16 slots.
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t dim) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t c = 0; c < dim; c += kLanes) {
+    const __mmask16 m = lanes_below(dim - c);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + c), load16(k + c, m), sum);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// out[h][0 : 16 kChunks] += sum_s weights[h][s] * rows[s][0 : 16 kChunks] for kHeads query heads
+// at once (each V value loaded once for all of them), the sums held in registers across the
+// slots; `last` masks the final chunk of a head whose size is no multiple of 16.
+template <int kHeads, int kChunks, typename T>
+void accumulate_rows(const float* weights, int64_t weight_stride, const T* rows, int64_t stride, int64_t count,
+                     float* out, int64_t out_stride, __mmask16 last) {
+  __m512 sums[kHeads][kChunks];
+#pragma GCC unroll 2
+  for (int h = 0; h < kHeads; ++h) {
+#pragma GCC unroll 8
     for (int c = 0; c < kChunks; ++c) {
-      sums[c] = _mm512_fmadd_ps(w, load16(row + c * kLanes, c + 1 == kChunks ? last : 0xFFFF), sums[c]);
+      sums[h][c] = _mm512_maskz_loadu_ps(c + 1 == kChunks ? last : 0xFFFF, out + h * out_stride + c * kLanes);
     }
   }
-  for (int c = 0; c < kChunks; ++c) _mm512_mask_storeu_ps(out + c * kLanes, c + 1 == kChunks ? last : 0xFFFF, sums[c]);
+  for (int64_t s = 0; s < count; ++s) {
+    __m512 w[kHeads];
+#pragma GCC unroll 2
+    for (int h = 0; h < kHeads; ++h) w[h] = _mm512_set1_ps(weights[h * weight_stride + s]);
+    const T* row = rows + s * stride;
+#pragma GCC unroll 8
+    for (int c = 0; c < kChunks; ++c) {
+      const __m512 x = load16(row + c * kLanes, c + 1 == kChunks ? last : 0xFFFF);
+#pragma GCC unroll 2
+      for (int h = 0; h < kHeads; ++h) sums[h][c] = _mm512_fmadd_ps(w[h], x, sums[h][c]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int h = 0; h < kHeads; ++h) {
+#pragma GCC unroll 8
+    for (int c = 0; c < kChunks; ++c) {
+      _mm512_mask_storeu_ps(out + h * out_stride + c * kLanes, c + 1 == kChunks ? last : 0xFFFF, sums[h][c]);
+    }
+  }
 }
 
-template <typename T>
-void accumulate_head(const float* weights, const T* rows, int64_t stride, int64_t count, float* out, int64_t dim) {
+template <int kHeads, typename T>
+void accumulate_heads(const float* weights, int64_t weight_stride, const T* rows, int64_t stride, int64_t count,
+                      float* out, int64_t dim) {
   const int64_t chunks = (dim + kLanes - 1) / kLanes;
   const __mmask16 tail = lanes_below(dim - (chunks - 1) * kLanes);
   for (int64_t c0 = 0; c0 < chunks; c0 += 8) {
@@ -145,14 +204,14 @@ void accumulate_head(const float* weights, const T* rows, int64_t stride, int64_
     const T* r = rows + c0 * kLanes;
     float* o = out + c0 * kLanes;
     switch (block) {
-      case 1: accumulate_rows<1>(weights, r, stride, count, o, last); break;
-      case 2: accumulate_rows<2>(weights, r, stride, count, o, last); break;
-      case 3: accumulate_rows<3>(weights, r, stride, count, o, last); break;
-      case 4: accumulate_rows<4>(weights, r, stride, count, o, last); break;
-      case 5: accumulate_rows<5>(weights, r, stride, count, o, last); break;
-      case 6: accumulate_rows<6>(weights, r, stride, count, o, last); break;
-      case 7: accumulate_rows<7>(weights, r, stride, count, o, last); break;
-      default: accumulate_rows<8>(weights, r, stride, count, o, last); break;
+      case 1: accumulate_rows<kHeads, 1>(weights, weight_stride, r, stride, count, o, dim, last); break;
+      case 2: accumulate_rows<kHeads, 2>(weights, weight_stride, r, stride, count, o, dim, last); break;
+      case 3: accumulate_rows<kHeads, 3>(weights, weight_stride, r, stride, count, o, dim, last); break;
+      case 4: accumulate_rows<kHeads, 4>(weights, weight_stride, r, stride, count, o, dim, last); break;
+      case 5: accumulate_rows<kHeads, 5>(weights, weight_stride, r, stride, count, o, dim, last); break;
+      case 6: accumulate_rows<kHeads, 6>(weights, weight_stride, r, stride, count, o, dim, last); break;
+      case 7: accumulate_rows<kHeads, 7>(weights, weight_stride, r, stride, count, o, dim, last); break;
+      default: accumulate_rows<kHeads, 8>(weights, weight_stride, r, stride, count, o, dim, last); break;
     }
   }
 }
@@ -172,14 +231,26 @@ struct Shapes {
 template <typename T>
 void attend_range(const Range& range, const Shapes& sh, const float* queries, const T* keys, const T* values,
                   float* partial) {
-  const int64_t dim = sh.dim, group = sh.group, count = range.end - range.begin;
+  const int64_t dim = sh.dim, group = sh.group, count = range.end - range.begin, stride = sh.slot_stride;
   const float* q = queries + (range.row * sh.query_heads + range.kv_head * group) * dim;
-  const int64_t first = range.row * sh.row_stride + range.begin * sh.slot_stride + range.kv_head * sh.head_stride;
+  const int64_t first = range.row * sh.row_stride + range.begin * stride + range.kv_head * sh.head_stride;
   const T *k = keys + first, *v = values + first;
   float *maxima = partial, *sums = partial + group, *out = partial + 2 * group;
   std::vector<float> scores(group * count);
-  for (int64_t s = 0; s < count; ++s) {
-    for (int64_t g = 0; g < group; ++g) scores[g * count + s] = dot(q + g * dim, k + s * sh.slot_stride, dim) * sh.scale;
+  const __m512 scale = _mm512_set1_ps(sh.scale);
+  if (count < kLanes) {
+    for (int64_t g = 0; g < group; ++g) {
+      for (int64_t s = 0; s < count; ++s) scores[g * count + s] = dot(q + g * dim, k + s * stride, dim) * sh.scale;
+    }
+  }
+  for (int64_t s = 0; count >= kLanes && s < count; s += kLanes) {  // 16 K rows (in L1) serve every query head
+    // The last tile ends at the last slot, overlapping the one before; only its new lanes are kept.
+    const int64_t tile = std::min(s, count - kLanes);
+    const __mmask16 fresh = static_cast<__mmask16>(0xFFFF << (s - tile));
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 dots = score_tile(q + g * dim, k + tile * stride, stride, dim);
+      _mm512_mask_storeu_ps(scores.data() + g * count + tile, fresh, _mm512_mul_ps(dots, scale));
+    }
   }
   for (int64_t g = 0; g < group; ++g) {
     float* p = scores.data() + g * count;
@@ -198,13 +269,14 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
     sums[g] = _mm512_reduce_add_ps(total);
   }
   std::fill_n(out, group * dim, 0.0f);
-  for (int64_t t = 0; t < count; t += kTileSlots) {
+  for (int64_t t = 0; t < count; t += kTileSlots) {  // a tile of V rows (in L1) serves every query head
     const int64_t tile = std::min(kTileSlots, count - t);
-    for (int64_t g = 0; g < group; ++g) {
-      accumulate_head(scores.data() + g * count + t, v + t * sh.slot_stride, sh.slot_stride, tile, out + g * dim, dim);
-    }
+    int64_t g = 0;
+    for (; g + 2 <= group; g += 2) accumulate_heads<2>(scores.data() + g * count + t, count, v + t * stride, stride, tile, out + g * dim, dim);
+    if (g < group) accumulate_heads<1>(scores.data() + g * count + t, count, v + t * stride, stride, tile, out + g * dim, dim);
   }
 }
+
 
 struct Checked {
   int64_t batch, rotary_dim;
