@@ -133,7 +133,7 @@ __attribute__((always_inline)) inline __m512 lane_sums16(const __m512* v) {
 // sums are reduced together. (Small loops are unrolled by hand so that the arrays of
 // vectors live in registers: GCC keeps an array indexed by a loop variable in memory.)
 template <typename T>
-inline __m512 score_tile(const float* q, const T* k, int64_t stride, int64_t dim) {
+inline __m512 score_tile(const float* q, const T* k, int64_t stride, int64_t dim, const T* prefetch) {
   __m512 sums[kLanes];
 #pragma GCC unroll 16
   for (int j = 0; j < kLanes; ++j) sums[j] = _mm512_setzero_ps();
@@ -141,6 +141,10 @@ inline __m512 score_tile(const float* q, const T* k, int64_t stride, int64_t dim
     const __mmask16 m = lanes_below(dim - c);
     const __m512 qc = _mm512_maskz_loadu_ps(m, q + c);
     const T* column = k + c;
+    if (prefetch != nullptr) {
+#pragma GCC unroll 16
+      for (int j = 0; j < kLanes; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * stride + c), _MM_HINT_T0);
+    }
 #pragma GCC unroll 16
     for (int j = 0; j < kLanes; ++j) sums[j] = _mm512_fmadd_ps(qc, load16(column + j * stride, m), sums[j]);
   }
@@ -247,8 +251,11 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
     // The last tile ends at the last slot, overlapping the one before; only its new lanes are kept.
     const int64_t tile = std::min(s, count - kLanes);
     const __mmask16 fresh = static_cast<__mmask16>(0xFFFF << (s - tile));
+    // The next 16 rows are fetched while this tile is worked on (DRAM latency, not bandwidth,
+    // bounds one thread reading 16 short rows at a time; prefetches past the end never fault).
+    const T* next = tile + kLanes < count ? k + (tile + kLanes) * stride : nullptr;
     for (int64_t g = 0; g < group; ++g) {
-      const __m512 dots = score_tile(q + g * dim, k + tile * stride, stride, dim);
+      const __m512 dots = score_tile(q + g * dim, k + tile * stride, stride, dim, g == 0 ? next : nullptr);
       _mm512_mask_storeu_ps(scores.data() + g * count + tile, fresh, _mm512_mul_ps(dots, scale));
     }
   }
