@@ -107,6 +107,7 @@ def assert_storage_matches(ours, expected, starts, key_tolerance):
         (3, 8, 2, 256, 64, [3000, 1, 1700]),
         (3, 4, 4, 64, 16, [3000, 2999, 64]),
         (2, 4, 2, 40, 10, [50, 3]),  # a head size no multiple of 16: masked tails
+        (2, 4, 1, 64, 16, [9000, 17]),  # longer than one thread's range: merged from pieces
     ],
 )
 def test_matches_the_plain_steps(two_threads_at_least, batch, n_q, n_kv, dim, rotary_dim, lengths):

@@ -27,12 +27,14 @@ constexpr int64_t kLanes = 16;
 // Slots per tile of the value pass: a tile's V rows stay in L1 while every query head of
 // the group reads them.
 constexpr int64_t kTileSlots = 32;
-// Below this much work (slots x query heads, over the batch) one thread does it all: waking
-// the others costs more than they save. Measured in /work/scratch/attn_fused_bench.py.
-constexpr int64_t kSerialWork = 16384;
+// Below this much work (slots x query heads, over the batch) one thread does it all. Measured
+// on 2 cores (n_q 8 and 16, hd 256, calls back to back so the threads are awake, as after the
+// matmuls before): a second thread gains 1.2x at 512, 1.4x at 1024, 1.8x from 4096; 1024
+// leaves room for threads that have gone to sleep (serial calls then take ~15 us at most).
+constexpr int64_t kSerialWork = 1024;
 // A thread's slot range: long enough to outweigh its share of the merge, and at most
 // kMaxTaskSlots so that its score buffer stays small whatever the context.
-constexpr int64_t kMinTaskSlots = 256;
+constexpr int64_t kMinTaskSlots = 128;
 constexpr int64_t kMaxTaskSlots = 8192;
 
 inline __mmask16 lanes_below(int64_t count) {
