@@ -122,7 +122,8 @@ __attribute__((always_inline)) inline __m512 lane_sums16(const __m512* v) {
 #pragma GCC unroll 2
   for (int i = 0; i < 2; ++i) {  // block j: 2 partial sums of v[8i+j], then 2 of v[8i+4+j]
     const __m512 a = quarters[2 * i], b = quarters[2 * i + 1];
-    pairs[i] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    pairs[i] = _mm512_add_ps(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
   }
   // Lane 4j+p now holds the sum of v[4p+j]: transpose that 4 x 4 order back.
   const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(2, 0, 2, 0)),
@@ -145,7 +146,9 @@ inline __m512 score_tile(const float* q, const T* k, int64_t stride, int64_t dim
     const T* column = k + c;
     if (prefetch != nullptr) {
 #pragma GCC unroll 16
-      for (int j = 0; j < kLanes; ++j) _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * stride + c), _MM_HINT_T0);
+      for (int j = 0; j < kLanes; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * stride + c), _MM_HINT_T0);
+      }
     }
 #pragma GCC unroll 16
     for (int j = 0; j < kLanes; ++j) sums[j] = _mm512_fmadd_ps(qc, load16(column + j * stride, m), sums[j]);
@@ -229,7 +232,7 @@ struct Range {
 };
 
 struct Shapes {
-  int64_t query_heads, kv_heads, group, dim;
+  int64_t query_heads, group, dim;
   int64_t slot_stride, row_stride, head_stride;  // K/V storage strides, in elements
   float scale;
 };
@@ -249,7 +252,7 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
       for (int64_t s = 0; s < count; ++s) scores[g * count + s] = dot(q + g * dim, k + s * stride, dim) * sh.scale;
     }
   }
-  for (int64_t s = 0; count >= kLanes && s < count; s += kLanes) {  // 16 K rows (in L1) serve every query head
+  for (int64_t s = 0; count >= kLanes && s < count; s += kLanes) {  // 16 K rows (in L1) serve every head
     // The last tile ends at the last slot, overlapping the one before; only its new lanes are kept.
     const int64_t tile = std::min(s, count - kLanes);
     const __mmask16 fresh = static_cast<__mmask16>(0xFFFF << (s - tile));
@@ -264,7 +267,9 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
   for (int64_t g = 0; g < group; ++g) {
     float* p = scores.data() + g * count;
     __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t s = 0; s < count; s += kLanes) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, lanes_below(count - s), p + s));
+    for (int64_t s = 0; s < count; s += kLanes) {
+      top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, lanes_below(count - s), p + s));
+    }
     const float maximum = _mm512_reduce_max_ps(top);
     const __m512 shift = _mm512_set1_ps(maximum);
     __m512 total = _mm512_setzero_ps();
@@ -280,12 +285,15 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
   std::fill_n(out, group * dim, 0.0f);
   for (int64_t t = 0; t < count; t += kTileSlots) {  // a tile of V rows (in L1) serves every query head
     const int64_t tile = std::min(kTileSlots, count - t);
+    const T* rows = v + t * stride;
+    const float* weights = scores.data() + t;
     int64_t g = 0;
-    for (; g + 2 <= group; g += 2) accumulate_heads<2>(scores.data() + g * count + t, count, v + t * stride, stride, tile, out + g * dim, dim);
-    if (g < group) accumulate_heads<1>(scores.data() + g * count + t, count, v + t * stride, stride, tile, out + g * dim, dim);
+    for (; g + 2 <= group; g += 2) {
+      accumulate_heads<2>(weights + g * count, count, rows, stride, tile, out + g * dim, dim);
+    }
+    if (g < group) accumulate_heads<1>(weights + g * count, count, rows, stride, tile, out + g * dim, dim);
   }
 }
-
 
 struct Checked {
   int64_t batch, rotary_dim;
@@ -341,7 +349,7 @@ at::Tensor attention_decode_typed(const at::Tensor& q_gate, const at::Tensor& k_
                                   const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
                                   const at::Tensor& starts, int64_t n_q, int64_t n_kv, int64_t dim, float eps,
                                   float scale, int64_t batch, int64_t rotary_dim) {
-  const Shapes sh{n_q, n_kv, n_q / n_kv, dim, keys.stride(1), keys.stride(0), keys.stride(2), scale};
+  const Shapes sh{n_q, n_q / n_kv, dim, keys.stride(1), keys.stride(0), keys.stride(2), scale};
   T *key_store = keys.data_ptr<T>(), *value_store = values.data_ptr<T>();
   const int64_t* slot = starts.data_ptr<int64_t>();
   const float *qn = q_norm.data_ptr<float>(), *kn = k_norm.data_ptr<float>();
@@ -387,7 +395,9 @@ at::Tensor attention_decode_typed(const at::Tensor& q_gate, const at::Tensor& k_
     const int64_t pieces = serial ? 1 : (length + task_slots - 1) / task_slots, piece = (length + pieces - 1) / pieces;
     for (int64_t h = 0; h < n_kv; ++h) {
       first_range.push_back(static_cast<int64_t>(ranges.size()));
-      for (int64_t begin = 0; begin < length; begin += piece) ranges.push_back({b, h, begin, std::min(length, begin + piece)});
+      for (int64_t begin = 0; begin < length; begin += piece) {
+        ranges.push_back({b, h, begin, std::min(length, begin + piece)});
+      }
     }
   }
   first_range.push_back(static_cast<int64_t>(ranges.size()));
