@@ -101,12 +101,21 @@ class AttentionKV:
     def capacity(self) -> int:
         return self._keys.shape[1]
 
-    def write(self, starts: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Put T new tokens of each row at that row's own offset: keys/values [B, T, n_kv, d]."""
-        batch, length = keys.shape[:2]
+    @property
+    def storage(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole K and V storage, [reserved rows, capacity, n_kv, d]: row b is the batch's row b."""
+        return self._keys, self._values
+
+    def make_room(self, starts: torch.Tensor, length: int) -> None:
+        """Capacity for `length` more tokens after each row's `starts` (doubling, as a list grows)."""
         needed = int(starts.max()) + length
         if needed > self.capacity:
             self.reserve(tokens=max(needed, 2 * self.capacity, 16))
+
+    def write(self, starts: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put T new tokens of each row at that row's own offset: keys/values [B, T, n_kv, d]."""
+        batch, length = keys.shape[:2]
+        self.make_room(starts, length)
         rows = torch.arange(batch, device=keys.device)[:, None]
         slots = starts[:, None] + torch.arange(length, device=keys.device)
         self._keys[rows, slots] = keys.to(self._keys.dtype)

@@ -179,7 +179,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention:
-    """Gated full attention: per-head q/gate split, q/k norms, partial M-RoPE, GQA, sigmoid gate."""
+    """Gated full attention: per-head q/gate split, q/k norms, partial M-RoPE, GQA, sigmoid gate.
+
+    Decoding on the CPU, the steps between the matmuls are one C++ call; the lines after it are
+    its plain reference (tests/test_attention_decode.py pins them together)."""
 
     def __init__(self, c: ModelConfig, w: dict, prefix: str):
         self.c = c
@@ -191,6 +194,15 @@ class Attention:
         c = self.c
         batch, length, _ = x.shape
         q_gate, k, v = self.qkv_proj(x)
+        fast = fast_ops() if length == 1 and x.device.type == "cpu" else None
+        if fast is not None:  # decode: everything between the matmuls in one C++ call (csrc/attention_decode.cpp)
+            kv.make_room(starts, 1)
+            keys, values = kv.storage
+            out = fast.attention_decode(
+                q_gate.float(), k.float(), v.float(), self.q_norm, self.k_norm, *rope, keys, values, starts,
+                c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5,
+            )
+            return self.o_proj(out)
         q_gate = q_gate.view(batch, length, c.num_attention_heads, 2 * c.head_dim)
         q, gate = q_gate[..., : c.head_dim], q_gate[..., c.head_dim :]
         q = layer_rms_norm(q, self.q_norm, c.rms_norm_eps)
