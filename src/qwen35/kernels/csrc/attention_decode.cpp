@@ -132,28 +132,56 @@ __attribute__((always_inline)) inline __m512 lane_sums16(const __m512* v) {
   return _mm512_permutexvar_ps(order, sums);
 }
 
-// q . k for the 16 K rows k, k + stride, ...: one load of q serves 16 products, and the 16
-// sums are reduced together. (Small loops are unrolled by hand so that the arrays of
-// vectors live in registers: GCC keeps an array indexed by a loop variable in memory.)
-template <typename T>
-inline __m512 score_tile(const float* q, const T* k, int64_t stride, int64_t dim, const T* prefetch) {
+// q . k for kHeads query heads (q, q + dim, ...) and the kSlots K rows k, k + stride, ...: 16
+// sums in registers, each load of q or k serving several products, reduced together. Lane
+// h * kSlots + s of the result is head h's product with row s. (Small loops are unrolled by
+// hand so that the arrays of vectors live in registers: GCC keeps an array indexed by a loop
+// variable in memory.) `prefetch`: rows to fetch meanwhile, or nullptr.
+template <int kHeads, int kSlots, typename T>
+inline __m512 score_block(const float* q, const T* k, int64_t stride, int64_t dim, const T* prefetch) {
+  static_assert(kHeads * kSlots == kLanes, "one sum per lane");
   __m512 sums[kLanes];
 #pragma GCC unroll 16
   for (int j = 0; j < kLanes; ++j) sums[j] = _mm512_setzero_ps();
   for (int64_t c = 0; c < dim; c += kLanes) {
     const __mmask16 m = lanes_below(dim - c);
-    const __m512 qc = _mm512_maskz_loadu_ps(m, q + c);
-    const T* column = k + c;
+    __m512 qc[kHeads];
+#pragma GCC unroll 4
+    for (int h = 0; h < kHeads; ++h) qc[h] = _mm512_maskz_loadu_ps(m, q + h * dim + c);
     if (prefetch != nullptr) {
 #pragma GCC unroll 16
-      for (int j = 0; j < kLanes; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(prefetch + j * stride + c), _MM_HINT_T0);
-      }
+      for (int s = 0; s < kSlots; ++s) _mm_prefetch(reinterpret_cast<const char*>(prefetch + s * stride + c), _MM_HINT_T0);
     }
 #pragma GCC unroll 16
-    for (int j = 0; j < kLanes; ++j) sums[j] = _mm512_fmadd_ps(qc, load16(column + j * stride, m), sums[j]);
+    for (int s = 0; s < kSlots; ++s) {
+      const __m512 x = load16(k + s * stride + c, m);
+#pragma GCC unroll 4
+      for (int h = 0; h < kHeads; ++h) sums[h * kSlots + s] = _mm512_fmadd_ps(qc[h], x, sums[h * kSlots + s]);
+    }
   }
   return lane_sums16(sums);
+}
+
+// scores[g][s] = scale q_g . k_s for the group's heads over count >= 16 rows, in blocks of
+// kHeads x kSlots; the last block of rows ends at the last row, overlapping the one before
+// (only its new rows are kept).
+template <int kHeads, int kSlots, typename T>
+void score_rows(const float* q, const T* k, int64_t stride, int64_t count, int64_t dim, int64_t group, float scale,
+                float* scores) {
+  for (int64_t s = 0; s < count; s += kSlots) {
+    const int64_t first = std::min(s, count - kSlots), fresh = s - first;
+    // The next rows are fetched while these are worked on (DRAM latency, not bandwidth, bounds
+    // one thread reading a few short rows at a time; prefetches past the end never fault).
+    const T* next = first + kSlots < count ? k + (first + kSlots) * stride : nullptr;
+    for (int64_t g = 0; g < group; g += kHeads) {
+      alignas(64) float dots[kLanes];
+      const __m512 block = score_block<kHeads, kSlots>(q + g * dim, k + first * stride, stride, dim, g == 0 ? next : nullptr);
+      _mm512_store_ps(dots, _mm512_mul_ps(block, _mm512_set1_ps(scale)));
+      for (int h = 0; h < kHeads; ++h) {
+        for (int64_t j = fresh; j < kSlots; ++j) scores[(g + h) * count + first + j] = dots[h * kSlots + j];
+      }
+    }
+  }
 }
 
 // One q . k at a time, for contexts under 16 slots.
@@ -246,23 +274,16 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
   const T *k = keys + first, *v = values + first;
   float *maxima = partial, *sums = partial + group, *out = partial + 2 * group;
   std::vector<float> scores(group * count);
-  const __m512 scale = _mm512_set1_ps(sh.scale);
   if (count < kLanes) {
     for (int64_t g = 0; g < group; ++g) {
       for (int64_t s = 0; s < count; ++s) scores[g * count + s] = dot(q + g * dim, k + s * stride, dim) * sh.scale;
     }
-  }
-  for (int64_t s = 0; count >= kLanes && s < count; s += kLanes) {  // 16 K rows (in L1) serve every head
-    // The last tile ends at the last slot, overlapping the one before; only its new lanes are kept.
-    const int64_t tile = std::min(s, count - kLanes);
-    const __mmask16 fresh = static_cast<__mmask16>(0xFFFF << (s - tile));
-    // The next 16 rows are fetched while this tile is worked on (DRAM latency, not bandwidth,
-    // bounds one thread reading 16 short rows at a time; prefetches past the end never fault).
-    const T* next = tile + kLanes < count ? k + (tile + kLanes) * stride : nullptr;
-    for (int64_t g = 0; g < group; ++g) {
-      const __m512 dots = score_tile(q + g * dim, k + tile * stride, stride, dim, g == 0 ? next : nullptr);
-      _mm512_mask_storeu_ps(scores.data() + g * count + tile, fresh, _mm512_mul_ps(dots, scale));
-    }
+  } else if (group % 4 == 0) {  // each K load serves 4 heads, each q load 4 rows
+    score_rows<4, 4>(q, k, stride, count, dim, group, sh.scale, scores.data());
+  } else if (group % 2 == 0) {
+    score_rows<2, 8>(q, k, stride, count, dim, group, sh.scale, scores.data());
+  } else {
+    score_rows<1, 16>(q, k, stride, count, dim, group, sh.scale, scores.data());
   }
   for (int64_t g = 0; g < group; ++g) {
     float* p = scores.data() + g * count;
