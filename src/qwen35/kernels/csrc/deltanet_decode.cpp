@@ -208,6 +208,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deltanet_decode(
   TORCH_CHECK(conv_state_in.dim() == 3 && conv_state_in.size(0) == batch && conv_state_in.size(1) == channels &&
                   conv_state_in.size(2) == kept,
               "deltanet decode: conv_state must be [", batch, ", ", channels, ", ", kept, "], got ", conv_state_in.sizes());
+  TORCH_CHECK(conv_state_in.device().is_cpu() && conv_weight_in.device().is_cpu() && recurrent_in.device().is_cpu(),
+              "deltanet decode: the states and weights must be CPU tensors");
   TORCH_CHECK(recurrent_in.dim() == 4 && recurrent_in.size(0) == batch && recurrent_in.size(1) == value_heads &&
                   recurrent_in.size(2) == key_dim && recurrent_in.size(3) == value_dim,
               "deltanet decode: recurrent_state must be [", batch, ", ", value_heads, ", ", key_dim, ", ", value_dim,
