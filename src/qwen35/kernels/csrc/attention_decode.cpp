@@ -36,6 +36,10 @@ constexpr int64_t kSerialWork = 1024;
 // kMaxTaskSlots so that its score buffer stays small whatever the context.
 constexpr int64_t kMinTaskSlots = 128;
 constexpr int64_t kMaxTaskSlots = 8192;
+// How far ahead the score pass fetches K rows (DRAM latency, not bandwidth, bounds one thread
+// reading a few short rows at a time). Measured with K/V out of cache: 16 rows ahead beat 4,
+// 32 and 64 by 5-15%.
+constexpr int64_t kPrefetchSlots = 16;
 
 inline __mmask16 lanes_below(int64_t count) {
   return count >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
@@ -150,7 +154,9 @@ inline __m512 score_block(const float* q, const T* k, int64_t stride, int64_t di
     for (int h = 0; h < kHeads; ++h) qc[h] = _mm512_maskz_loadu_ps(m, q + h * dim + c);
     if (prefetch != nullptr) {
 #pragma GCC unroll 16
-      for (int s = 0; s < kSlots; ++s) _mm_prefetch(reinterpret_cast<const char*>(prefetch + s * stride + c), _MM_HINT_T0);
+      for (int s = 0; s < kSlots; ++s) {
+        _mm_prefetch(reinterpret_cast<const char*>(prefetch + s * stride + c), _MM_HINT_T0);
+      }
     }
 #pragma GCC unroll 16
     for (int s = 0; s < kSlots; ++s) {
@@ -170,12 +176,11 @@ void score_rows(const float* q, const T* k, int64_t stride, int64_t count, int64
                 float* scores) {
   for (int64_t s = 0; s < count; s += kSlots) {
     const int64_t first = std::min(s, count - kSlots), fresh = s - first;
-    // The next rows are fetched while these are worked on (DRAM latency, not bandwidth, bounds
-    // one thread reading a few short rows at a time; prefetches past the end never fault).
-    const T* next = first + kSlots < count ? k + (first + kSlots) * stride : nullptr;
+    const T* ahead = first + kPrefetchSlots + kSlots <= count ? k + (first + kPrefetchSlots) * stride : nullptr;
     for (int64_t g = 0; g < group; g += kHeads) {
       alignas(64) float dots[kLanes];
-      const __m512 block = score_block<kHeads, kSlots>(q + g * dim, k + first * stride, stride, dim, g == 0 ? next : nullptr);
+      const __m512 block = score_block<kHeads, kSlots>(q + g * dim, k + first * stride, stride, dim,
+                                                       g == 0 ? ahead : nullptr);
       _mm512_store_ps(dots, _mm512_mul_ps(block, _mm512_set1_ps(scale)));
       for (int h = 0; h < kHeads; ++h) {
         for (int64_t j = fresh; j < kSlots; ++j) scores[(g + h) * count + first + j] = dots[h * kSlots + j];
