@@ -115,19 +115,11 @@ void conv_channels_kernel4(const ConvPermutes& permutes, const float* held_rows,
       const __m512 s0 = _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(h1), _mm512_castps_si512(h0), 1));
       const __m512 s1 = _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(h2), _mm512_castps_si512(h1), 1));
       const __m512 s2 = _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(h2), _mm512_castps_si512(h2), 1));
-      const __m512 rows[3] = {
-          _mm512_mask_permutexvar_ps(s0, permutes.newest_lanes[0], permutes.shifted_newest[0], x),
-          _mm512_mask_permutexvar_ps(s1, permutes.newest_lanes[1], permutes.shifted_newest[1], x),
-          _mm512_mask_permutexvar_ps(s2, permutes.newest_lanes[2], permutes.shifted_newest[2], x)};
-      // Streamed where whole lines allow, as the recurrent state: read again only by the next token.
-      const bool aligned = reinterpret_cast<uintptr_t>(next) % 64 == 0;
-      for (int r = 0; r < 3; ++r) {
-        if (aligned) {
-          _mm512_stream_ps(next + 16 * r, rows[r]);
-        } else {
-          _mm512_storeu_ps(next + 16 * r, rows[r]);
-        }
-      }
+      _mm512_storeu_ps(next, _mm512_mask_permutexvar_ps(s0, permutes.newest_lanes[0], permutes.shifted_newest[0], x));
+      _mm512_storeu_ps(next + 16,
+                       _mm512_mask_permutexvar_ps(s1, permutes.newest_lanes[1], permutes.shifted_newest[1], x));
+      _mm512_storeu_ps(next + 32,
+                       _mm512_mask_permutexvar_ps(s2, permutes.newest_lanes[2], permutes.shifted_newest[2], x));
     }
   }
   conv_channels<3>(held_rows, weight_rows, newest, first + whole, count - whole, 3, out + whole, next_rows);
