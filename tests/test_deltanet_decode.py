@@ -31,8 +31,8 @@ def deltanet_layer(value_head_order, key_heads, value_heads, d_k, d_v, seed=0, c
         architecture="qwen35", hidden_size=32, num_layers=1, vocab_size=16, layer_types=(LINEAR_ATTENTION,),
         rms_norm_eps=1e-6, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
         linear_num_key_heads=key_heads, linear_num_value_heads=value_heads, linear_key_head_dim=d_k,
-        linear_value_head_dim=d_v, linear_conv_kernel=conv_kernel, rope_theta=1e7, rotary_dim=8, mrope_section=(2, 1, 1),
-        intermediate_size=64, value_head_order=value_head_order,
+        linear_value_head_dim=d_v, linear_conv_kernel=conv_kernel, rope_theta=1e7, rotary_dim=8,
+        mrope_section=(2, 1, 1), intermediate_size=64, value_head_order=value_head_order,
     )
     generator = torch.Generator().manual_seed(seed)
 

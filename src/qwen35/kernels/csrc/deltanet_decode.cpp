@@ -77,7 +77,8 @@ struct ConvPermutes {
       for (int c = 0; c < 16; ++c) index[c] = 4 * c + j;
       weight_tap[j] = _mm512_load_si512(index);
     }
-    for (int r = 0; r < 3; ++r) {  // float p = 16r + l of the new held rows is channel (p - 2) / 3's newest when p % 3 == 2
+    // Float p = 16r + l of the new held rows is channel (p - 2) / 3's newest when p % 3 == 2.
+    for (int r = 0; r < 3; ++r) {
       newest_lanes[r] = 0;
       for (int l = 0; l < 16; ++l) {
         const int p = 16 * r + l;
@@ -199,7 +200,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deltanet_decode(
   const int64_t kept = conv_weight_in.size(1) - 1;
   TORCH_CHECK(conv_state_in.dim() == 3 && conv_state_in.size(0) == batch && conv_state_in.size(1) == channels &&
                   conv_state_in.size(2) == kept,
-              "deltanet decode: conv_state must be [", batch, ", ", channels, ", ", kept, "], got ", conv_state_in.sizes());
+              "deltanet decode: conv_state must be [", batch, ", ", channels, ", ", kept, "], got ",
+              conv_state_in.sizes());
   TORCH_CHECK(conv_state_in.device().is_cpu() && conv_weight_in.device().is_cpu() && recurrent_in.device().is_cpu(),
               "deltanet decode: the states and weights must be CPU tensors");
   TORCH_CHECK(recurrent_in.dim() == 4 && recurrent_in.size(0) == batch && recurrent_in.size(1) == value_heads &&
@@ -218,10 +220,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> deltanet_decode(
   at::Tensor new_conv_state = at::empty({batch, channels, kept}, at::kFloat);
   at::Tensor new_state = at::empty(old_state.sizes(), at::kFloat);
   const float *projected_p = projected.data_ptr<float>(), *a_p = a.data_ptr<float>(), *b_p = b.data_ptr<float>();
-  const float *z_p = z.data_ptr<float>(), *held_p = conv_state.data_ptr<float>(), *weight_p = conv_weight.data_ptr<float>();
+  const float *z_p = z.data_ptr<float>(), *held_p = conv_state.data_ptr<float>();
+  const float* weight_p = conv_weight.data_ptr<float>();
   const float *dt_bias_p = dt_bias.data_ptr<float>(), *decay_rate_p = decay_rate.data_ptr<float>();
   const float *norm_p = norm_weight.data_ptr<float>(), *old_p = old_state.data_ptr<float>();
-  float *y_p = y.data_ptr<float>(), *next_held_p = new_conv_state.data_ptr<float>(), *state_p = new_state.data_ptr<float>();
+  float *y_p = y.data_ptr<float>(), *next_held_p = new_conv_state.data_ptr<float>();
+  float* state_p = new_state.data_ptr<float>();
   const int64_t projected_stride = projected.stride(0), a_stride = a.stride(0), b_stride = b.stride(0);
   const int64_t z_stride = z.stride(0), repeats = value_heads / key_heads, head_state = key_dim * value_dim;
   // As the reference rounds it (d_k ** -0.5): the normalised q, then times the scale.
