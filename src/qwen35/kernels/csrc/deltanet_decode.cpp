@@ -5,8 +5,9 @@
 // One parallel region over (batch row, value head): each head convolves its own q, k and v
 // channels (with n_v > n_k the value heads of one key head each redo its q and k channels, a few
 // hundred multiply-adds, cheaper than a second region), then steps its state (delta_rule_step.h)
-// and norms its output. The state is what costs: read once from memory, written once with
-// streaming stores.
+// and norms its output. The state is what costs: read once from memory (the next head's while
+// this one is updated: prefetched, with its conv inputs), written once with streaming stores.
+// A serial pre-pass for the conv and norms measured ~5 us slower on Qwen3.5-0.8B's shapes.
 // Everything is computed in fp32; the inputs are left unchanged (a cache snapshot may hold them).
 
 #include <ATen/ATen.h>
