@@ -244,7 +244,8 @@ class GatedDeltaNet:
 
     `causal_conv`, `delta_rule_inputs` and `gated_norm` are the plain maths; where the fast CPU
     kernels are available each runs as one C++ call instead (csrc/deltanet_cpu.cpp, pinned to
-    these methods by tests/test_delta_rule.py).
+    these methods by tests/test_delta_rule.py), and a decode step runs all of them and the
+    delta rule as one call (csrc/deltanet_decode.cpp, tests/test_deltanet_decode.py).
     """
 
     def __init__(self, c: ModelConfig, w: dict, prefix: str):
@@ -304,6 +305,13 @@ class GatedDeltaNet:
         c = self.c
         projected, a, b, z = self.in_proj(x)
         fast = fast_ops() if x.device.type == "cpu" else None
+        if fast is not None and x.shape[1] == 1:  # decode: all of it in one call (csrc/deltanet_decode.cpp)
+            y, state.conv, state.recurrent = fast.deltanet_decode(
+                projected, a, b, z, state.conv, self.conv_weight, self.dt_bias, self.decay_rate, self.norm,
+                state.recurrent, c.linear_num_key_heads, c.linear_key_head_dim, c.linear_num_value_heads,
+                c.linear_value_head_dim, c.value_head_order == "grouped", L2_NORM_EPS, c.rms_norm_eps,
+            )
+            return self.out_proj(y)
         if fast is None:
             q, k, v, g, beta = self.delta_rule_inputs(self.causal_conv(projected, state), a, b)
         else:
