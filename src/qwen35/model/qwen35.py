@@ -395,14 +395,18 @@ class DecoderLayer:
             self.mixer = GatedDeltaNet(c, w, f"{prefix}.linear_attn")
         self.mlp = SparseMoE(c, w, f"{prefix}.mlp") if c.is_moe else MLP(w, f"{prefix}.mlp")
 
-    def __call__(self, x, layer_cache, starts, rope, mask):
-        h = layer_rms_norm(x, self.input_norm, self.eps)
+    def __call__(self, x, h, layer_cache, starts, rope, mask, next_norm):
+        """The residual stream x through this layer, given h = x normed by this layer's input norm.
+
+        Returns the new x and x normed by `next_norm` (the next layer's input norm, or the final
+        norm): each norm is then one call with the residual add before it.
+        """
         if self.is_attention:
             mixed = self.mixer(h, layer_cache, starts, rope, mask)
         else:
             mixed = self.mixer(h, layer_cache)
         x, h = add_rms_norm(x, mixed, self.post_norm, self.eps)
-        return x + self.mlp(h)
+        return add_rms_norm(x, self.mlp(h), next_norm, self.eps)
 
 
 class Qwen35Network(nn.Module):
@@ -462,10 +466,12 @@ class Qwen35Network(nn.Module):
         mask = key_index[None, None, :] <= query_end[:, :, None]  # [B, T, S]
 
         x = self.embed_tokens.rows(input_ids) if embeddings is None else embeddings.float()
-        for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer(x, layer_cache, starts, rope, mask)
+        norms = [layer.input_norm for layer in self.layers] + [self.final_norm]
+        h = layer_rms_norm(x, norms[0], self.config.rms_norm_eps)
+        for layer, layer_cache, next_norm in zip(self.layers, cache.layers, norms[1:]):
+            x, h = layer(x, h, layer_cache, starts, rope, mask, next_norm)
         cache.advance(length, positions)
-        return layer_rms_norm(x, self.final_norm, self.config.rms_norm_eps)
+        return h
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,
                 embeddings: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
