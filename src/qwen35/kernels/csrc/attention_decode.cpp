@@ -20,10 +20,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace qwen35_ggml {
 namespace {
 
-constexpr int64_t kLanes = 16;
 // Slots per tile of the value pass: a tile's V rows stay in L1 while every query head of
 // the group reads them.
 constexpr int64_t kTileSlots = 32;
@@ -40,10 +41,6 @@ constexpr int64_t kMaxTaskSlots = 8192;
 // reading a few short rows at a time). Measured with K/V out of cache: 16 rows ahead beat 4,
 // 32 and 64 by 5-15%.
 constexpr int64_t kPrefetchSlots = 16;
-
-inline __mmask16 lanes_below(int64_t count) {
-  return count >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
-}
 
 // 16 stored values as fp32, and fp32 rounded to the storage's type as torch's .to() rounds.
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
@@ -64,25 +61,6 @@ inline void store16(at::BFloat16* p, __m512 x, __mmask16 m) {
 }
 inline void store16(at::Half* p, __m512 x, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// exp(x) within about an ulp: x = n ln2 + r with |r| <= ln2 / 2, a degree-7 Taylor
-// polynomial for exp(r) (its error ~5e-9), then times 2^n. -inf and very negative x give 0.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(88.72f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts (Cody-Waite)
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
 }
 
 // One head: out = x * rsqrt(mean(x^2) + eps) * weight. The same sums in the same order as
