@@ -27,10 +27,13 @@ expert in C++, again with each slot's result equal to a single-row call.
 `tiled_bf16_matmul` (weights dequantized to bf16 tiles, bf16 matmul) is no longer used
 by `matmul`; it stays as a measured alternative for the benchmarks.
 
-The kernels live in csrc/ (ggml_packed.cpp: packing and the packed GEMM; ggml_gemv.cpp:
-the row-major gemv; ggml_dequant.cpp; the DeltaNet steps in delta_rule_cpu.cpp,
-delta_rule_chunked_cpu.cpp and deltanet_cpu.cpp; the layer norms in layer_ops.cpp; shared
-helpers in ggml_blocks.h), built with OpenMP (at::parallel_for's threads) and
+The kernels live in csrc/ (ggml_packed.cpp: packing and the packed GEMM, whose calls other
+kernels build through packed_call.h; ggml_gemv.cpp: the row-major gemv; ggml_dequant.cpp;
+mlp_cpu.cpp: a dense MLP or an MoE block after its router in one call; the DeltaNet steps in
+delta_rule_cpu.cpp, delta_rule_chunked_cpu.cpp and deltanet_cpu.cpp, and a whole DeltaNet
+decode step in deltanet_decode.cpp; an attention decode step in attention_decode.cpp; the
+layer norms in layer_ops.cpp; shared helpers in ggml_blocks.h, vector_math.h and
+delta_rule_step.h), built with OpenMP (at::parallel_for's threads) and
 compiled by torch.utils.cpp_extension at first use (about 30 s) and cached
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
 On a CPU without AVX-512 VNNI+BF16 and GFNI, if the build fails, or with the environment
