@@ -218,7 +218,10 @@ def test_loading_grows_rss_by_about_the_file_size(fixtures, name):
         env={**os.environ, "QWEN35_SYSTEM_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "4096"},
     )
     assert result.returncode == 0, result.stderr
-    assert float(result.stdout.strip().splitlines()[-1]) <= 1.15
+    # One copy of the weights is 1.0 (packed Q4_K: 1.03); a second copy would be 2.0. On these
+    # 5 MB files the rest (small tensors, the allocator's pages) measured 0.11-0.15 and varies
+    # from run to run, hence 1.25.
+    assert float(result.stdout.strip().splitlines()[-1]) <= 1.25
 
 
 def test_load_reports_progress_in_weight_bytes(fixtures):
