@@ -27,13 +27,14 @@ expert in C++, again with each slot's result equal to a single-row call.
 `tiled_bf16_matmul` (weights dequantized to bf16 tiles, bf16 matmul) is no longer used
 by `matmul`; it stays as a measured alternative for the benchmarks.
 
-The kernels live in csrc/ (ggml_packed.cpp: packing and the packed GEMM, whose calls other
-kernels build through packed_call.h; ggml_gemv.cpp: the row-major gemv; ggml_dequant.cpp;
-mlp_cpu.cpp: a dense MLP or an MoE block after its router in one call; the DeltaNet steps in
-delta_rule_cpu.cpp, delta_rule_chunked_cpu.cpp and deltanet_cpu.cpp, and a whole DeltaNet
-decode step in deltanet_decode.cpp; an attention decode step in attention_decode.cpp; the
-layer norms in layer_ops.cpp; shared helpers in ggml_blocks.h, vector_math.h and
-delta_rule_step.h), built with OpenMP (at::parallel_for's threads) and
+The kernels live in csrc/: ggml_pack.cpp (the packing; its layout in packed_format.h),
+ggml_packed.cpp (the packed GEMM, whose calls other kernels build through packed_call.h),
+ggml_gemv.cpp (the row-major gemv), ggml_dequant.cpp, mlp_cpu.cpp (a dense MLP or an MoE
+block after its router in one call), the DeltaNet steps in delta_rule_cpu.cpp,
+delta_rule_chunked_cpu.cpp and deltanet_cpu.cpp, a whole DeltaNet decode step in
+deltanet_decode.cpp, an attention decode step in attention_decode.cpp, the layer norms in
+layer_ops.cpp; shared helpers in ggml_blocks.h, vector_math.h and delta_rule_step.h. They are
+built with OpenMP (at::parallel_for's threads),
 compiled by torch.utils.cpp_extension at first use (about 30 s) and cached
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
 On a CPU without AVX-512 VNNI+BF16 and GFNI, if the build fails, or with the environment
@@ -73,10 +74,15 @@ _EXTENSION = "qwen35_ggml_cpu"
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [
     _CSRC / name
-    for name in ("ggml_gemv.cpp", "ggml_packed.cpp", "ggml_dequant.cpp", "delta_rule_cpu.cpp", "delta_rule_chunked_cpu.cpp",
-                 "deltanet_cpu.cpp", "deltanet_decode.cpp", "attention_decode.cpp", "mlp_cpu.cpp", "layer_ops.cpp")
+    for name in ("ggml_gemv.cpp", "ggml_pack.cpp", "ggml_packed.cpp", "ggml_dequant.cpp", "delta_rule_cpu.cpp",
+                 "delta_rule_chunked_cpu.cpp", "deltanet_cpu.cpp", "deltanet_decode.cpp", "attention_decode.cpp",
+                 "mlp_cpu.cpp", "layer_ops.cpp")
 ]
-_HEADERS = [_CSRC / name for name in ("ggml_blocks.h", "delta_rule_inputs.h", "delta_rule_step.h", "vector_math.h", "packed_call.h")]
+_HEADERS = [
+    _CSRC / name
+    for name in ("ggml_blocks.h", "delta_rule_inputs.h", "delta_rule_step.h", "vector_math.h", "packed_call.h",
+                 "packed_format.h")
+]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "gfni")
 _COMPILE_FLAGS = [
     "-O3",
