@@ -210,3 +210,34 @@ def test_real_fixture_layer(fixtures):
     assert step["starts"].tolist() == [7, 3]
     assert_output_close(ours, step["gated"])
     assert_storage_matches((keys, values), step["after"], step["starts"], KEY_TOLERANCE)
+
+
+def test_a_rows_result_is_the_same_bits_in_any_batch_and_thread_count():
+    """Long contexts are cut into ranges by the row's own length: a row alone, beside a longer
+    row, and on one or two threads gives the same bits (as the matmuls do)."""
+    fast = fast_ops_or_skip()
+    generator = torch.Generator().manual_seed(11)
+    n_q, n_kv, dim, rotary = 8, 2, 64, 16
+    capacity, starts = 9100, [9000, 900]
+    keys = torch.randn(2, capacity, n_kv, dim, generator=generator)
+    values = torch.randn(2, capacity, n_kv, dim, generator=generator)
+    q_gate = torch.randn(2, 1, n_q * 2 * dim, generator=generator)
+    k = torch.randn(2, 1, n_kv * dim, generator=generator)
+    v = torch.randn(2, 1, n_kv * dim, generator=generator)
+    q_norm, k_norm = torch.rand(dim, generator=generator) + 0.5, torch.rand(dim, generator=generator) + 0.5
+    cos, sin = torch.rand(2, 1, rotary, generator=generator), torch.rand(2, 1, rotary, generator=generator)
+
+    def run(rows, threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fast.attention_decode(q_gate[rows], k[rows], v[rows], q_norm, k_norm, cos[rows], sin[rows],
+                                         keys[rows].clone(), values[rows].clone(), torch.tensor(starts)[rows],
+                                         n_q, n_kv, dim, 1e-6, dim**-0.5)
+        finally:
+            torch.set_num_threads(previous)
+
+    together = run([0, 1], 2)
+    for threads in (1, 2):
+        assert torch.equal(run([1], threads)[0], together[1])
+        assert torch.equal(run([0], threads)[0], together[0])

@@ -5,9 +5,10 @@
 // _single_query_attention, the gate); tests/test_attention_decode.py pins them together.
 //
 // In torch ops that step is ~30 small operations and their dispatches, which cost far more
-// than the arithmetic of a short context. Here a short context runs on the calling thread;
-// a long one is split into slot ranges over the threads, each range with its own softmax
-// maximum and sum, merged at the end (the split-context form of decode attention).
+// than the arithmetic of a short context. Here each row's context is cut into fixed ranges of
+// slots, each with its own softmax maximum and sum, merged at the end (the split-context form
+// of decode attention); a short context runs on the calling thread, a long one's ranges over
+// the threads. The cuts depend on the row's length alone: batch- and thread-invariant bits.
 // Everything is computed in fp32; K/V storage may be fp32, bf16 or fp16.
 
 #include <ATen/ATen.h>
@@ -33,10 +34,11 @@ constexpr int64_t kTileSlots = 32;
 // matmuls before): a second thread gains 1.2x at 512, 1.4x at 1024, 1.8x from 4096; 1024
 // leaves room for threads that have gone to sleep (serial calls then take ~15 us at most).
 constexpr int64_t kSerialWork = 1024;
-// A thread's slot range: long enough to outweigh its share of the merge, and at most
-// kMaxTaskSlots so that its score buffer stays small whatever the context.
-constexpr int64_t kMinTaskSlots = 128;
-constexpr int64_t kMaxTaskSlots = 8192;
+// Slots per range: each (row, kv head) attends over its slots in ranges of this many, merged
+// at the end, whether one thread or several run them. The ranges depend on the row's own
+// length alone, so a row's result is the same bits whatever shares its batch and however many
+// threads there are. Long enough to outweigh its share of the merge; its score buffer stays small.
+constexpr int64_t kRangeSlots = 512;
 // How far ahead the score pass fetches K rows (DRAM latency, not bandwidth, bounds one thread
 // reading a few short rows at a time). Measured with K/V out of cache: 16 rows ahead beat 4,
 // 32 and 64 by 5-15%.
@@ -385,22 +387,18 @@ at::Tensor attention_decode_typed(const at::Tensor& q_gate, const at::Tensor& k_
     }
   }
 
-  // Each (row, kv head) over its slots 0..start, in one range or, with threads, several.
-  int64_t work = 0, slot_heads = 0;
+  // Each (row, kv head) over its slots 0..start, in ranges of kRangeSlots.
+  int64_t work = 0;
   for (int64_t b = 0; b < batch; ++b) work += (slot[b * starts.stride(0)] + 1) * n_q;
-  for (int64_t b = 0; b < batch; ++b) slot_heads += (slot[b * starts.stride(0)] + 1) * n_kv;
-  const int64_t threads = at::get_num_threads();
-  const bool serial = threads == 1 || work < kSerialWork;
-  const int64_t task_slots = std::clamp((slot_heads + threads - 1) / threads, kMinTaskSlots, kMaxTaskSlots);
+  const bool serial = at::get_num_threads() == 1 || work < kSerialWork;
   std::vector<Range> ranges;
   std::vector<int64_t> first_range;  // per (row, kv head)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t length = slot[b * starts.stride(0)] + 1;
-    const int64_t pieces = serial ? 1 : (length + task_slots - 1) / task_slots, piece = (length + pieces - 1) / pieces;
     for (int64_t h = 0; h < n_kv; ++h) {
       first_range.push_back(static_cast<int64_t>(ranges.size()));
-      for (int64_t begin = 0; begin < length; begin += piece) {
-        ranges.push_back({b, h, begin, std::min(length, begin + piece)});
+      for (int64_t begin = 0; begin < length; begin += kRangeSlots) {
+        ranges.push_back({b, h, begin, std::min(length, begin + kRangeSlots)});
       }
     }
   }
