@@ -16,9 +16,9 @@ llama.cpp does, and the dot products as uint8 x int8 -> int32 (vpdpbusd). Error:
   pages, so memory stays about one copy of the weights.
 - Other types read the file's blocks directly (`gemv`, csrc/ggml_gemv.cpp); float
   weights are widened to fp32 and multiplied with x in fp32 (reference precision, other
-  summation order). For F32 that is torch's own matmul again, except that one decode row
-  streams the weight at full bandwidth (torch's fp32 matrix-vector product reads a cold
-  MoE router at a third of it) and rows stay batch-invariant.
+  summation order). F32 weights take it too instead of torch's fp32 matmul: a decode row
+  then streams the weight at full bandwidth (torch's matrix-vector product read a cold MoE
+  router at a third of it) and rows stay batch-invariant.
 Both are batch-invariant: a row's result is bit-identical whatever else shares its call
 (other requests, other chunk sizes), since every (row of x, row of W) pair goes through
 the same operations in the same order. MoE calls (`expert_matmul`) group slots by
