@@ -3,6 +3,18 @@ from pathlib import Path
 
 import pytest
 
+# The Triton kernels (src/qwen35/kernels/triton_*.py) run on CUDA; without a GPU their tests run
+# them in Triton's interpreter on CPU tensors. The switch is read when a kernel is defined, so it
+# is set before any test module imports one.
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("QWEN35_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 FIXTURES_MISSING = (
@@ -16,3 +28,8 @@ def fixtures() -> Path:
     if not FIXTURES.is_dir():
         pytest.skip(FIXTURES_MISSING)
     return FIXTURES
+
+
+def triton_devices() -> list[str]:
+    """Where the Triton kernels' tests run: the GPU when there is one, else the interpreter on CPU."""
+    return ["cuda"] if _HAS_CUDA else ["cpu"]
