@@ -1,0 +1,335 @@
+"""Grouped mixture-of-experts matrix product on NVIDIA GPUs, in one Triton launch.
+
+Given token rows x [R, K], expert weights W [E, N, K] (bfloat16, already dequantized)
+and expert_ids [S] with S a multiple of R, slot s uses expert expert_ids[s] on input row
+s // (S // R):
+
+    out[s] = x[s // (S // R)] @ W[expert_ids[s]].T          out: [S, N] float32
+
+(In the model R tokens each pick k = S / R experts; the caller weights and sums the k slots.)
+
+How: the slots are sorted by expert on the device and each expert's group is padded to a
+multiple of BLOCK_M, into a slot list of fixed worst-case length, with one expert id per
+block of BLOCK_M entries (-1 for a block nobody uses). Then one kernel runs over (blocks,
+N tiles): a program gathers its block's input rows, multiplies them by its expert's
+weights tile by tile over K (bf16 operands, fp32 accumulation), and scatters the results
+to its slots' output rows. Nothing reads a device value back to the host and every shape
+follows from the input shapes, so a call can be captured in a CUDA graph.
+
+float32 x is rounded to bfloat16 inside the kernel (tl.dot takes bf16 operands), so its
+result matches x.bfloat16() @ W.T computed exactly and then rounded to fp32 accumulation,
+not float32 x @ W.T. `grouped_expert_matmul_reference` is the plain definition in float32.
+
+Expert ids outside [0, E) cannot be rejected without a host sync; their output rows are
+NaN, so the mistake shows instead of reading another expert's weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen35.errors import Qwen35Error
+
+# Triton reads this switch when a kernel is defined, i.e. when this module is imported. Its
+# interpreter (Triton 3.6) multiplies bf16 tiles as their raw uint16 bits and rounds fp32 to
+# bf16 by truncation, so there torch rounds x to bf16 before the launch and the kernel widens
+# its bf16 operands to fp32 before tl.dot, which gives the GPU's sums.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int  # blocks that walk the N tiles together, so one weight tile serves them all from L2
+    num_warps: int
+    num_stages: int
+
+
+# Decode (a few slots per expert): small M tiles waste little on padding, and BLOCK_N 64 gives
+# enough programs to keep every SM streaming weights. Prefill: 64 x 128 tiles feed Hopper's
+# warpgroup MMA; four stages of (64 + 128) x 64 bf16 take 96 KiB of its 228 KiB shared memory.
+_DECODE_TILES = TileConfig(block_m=16, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=5)
+_MIDDLE_TILES = TileConfig(block_m=32, block_n=64, block_k=64, group_m=4, num_warps=4, num_stages=4)
+_PREFILL_TILES = TileConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+
+
+def pick_tiles(slots: int, experts: int) -> TileConfig:
+    """Tiles for S slots over E experts, from the mean slots per expert (shapes only, no data)."""
+    mean_slots_per_expert = slots / experts
+    if mean_slots_per_expert <= 16:
+        return _DECODE_TILES
+    if mean_slots_per_expert <= 48:
+        return _MIDDLE_TILES
+    return _PREFILL_TILES
+
+
+def _check_inputs(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> tuple[int, int, int, int]:
+    """Validate shapes and dtypes; returns (rows R, slots S, experts E, out features N)."""
+    if x.dim() != 2:
+        raise Qwen35Error(f"grouped expert matmul: x must be [rows, in_features], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise Qwen35Error(f"grouped expert matmul: x must be float32 or bfloat16, got {x.dtype}")
+    if weights.dim() != 3:
+        raise Qwen35Error(
+            f"grouped expert matmul: weights must be [experts, out_features, in_features], "
+            f"got shape {tuple(weights.shape)}"
+        )
+    if weights.dtype != torch.bfloat16:
+        raise Qwen35Error(f"grouped expert matmul: weights must be bfloat16, got {weights.dtype}")
+    if expert_ids.dim() != 1:
+        raise Qwen35Error(f"grouped expert matmul: expert_ids must be 1-D, got shape {tuple(expert_ids.shape)}")
+    if expert_ids.dtype.is_floating_point or expert_ids.dtype.is_complex or expert_ids.dtype == torch.bool:
+        raise Qwen35Error(f"grouped expert matmul: expert_ids must be integers, got {expert_ids.dtype}")
+    rows, in_features = x.shape
+    experts, out_features, weight_in = weights.shape
+    slots = expert_ids.shape[0]
+    if weight_in != in_features:
+        raise Qwen35Error(
+            f"grouped expert matmul: x has {in_features} input features but the weights take {weight_in}"
+        )
+    if experts == 0:
+        raise Qwen35Error("grouped expert matmul: the weights hold no experts")
+    if (rows == 0) != (slots == 0) or (rows and slots % rows):
+        raise Qwen35Error(
+            f"grouped expert matmul: {slots} expert slots cannot be shared evenly by {rows} input rows"
+        )
+    if not x.device == weights.device == expert_ids.device:
+        raise Qwen35Error(
+            f"grouped expert matmul: x, weights and expert_ids must be on one device, got "
+            f"{x.device}, {weights.device} and {expert_ids.device}"
+        )
+    return rows, slots, experts, out_features
+
+
+def grouped_expert_matmul_reference(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """The plain definition, one expert at a time in float32: [S, N] float32."""
+    rows, slots, experts, out_features = _check_inputs(x, weights, expert_ids)
+    if slots and bool(((expert_ids < 0) | (expert_ids >= experts)).any()):
+        raise Qwen35Error(f"grouped expert matmul: expert ids must lie in [0, {experts})")
+    input_rows = torch.arange(slots, device=x.device) // max(slots // max(rows, 1), 1)
+    out = torch.zeros(slots, out_features, dtype=torch.float32, device=x.device)
+    for expert in range(experts):
+        chosen = (expert_ids == expert).nonzero().squeeze(1)
+        if chosen.numel():
+            out[chosen] = x[input_rows[chosen]].float() @ weights[expert].float().T
+    return out
+
+
+def _sorted_slot_layout(expert_ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots grouped by expert, each group padded to whole blocks, all computed on the device.
+
+    Returns (sorted_slots [capacity] int32, block_experts [capacity // block_m] int32).
+    Padding entries hold S (no slot); a block past the used ones, or one of out-of-range ids
+    (gathered into an extra group E), has expert -1. The capacity is the worst case for the
+    shapes: S slots in at most min(E + 1, S) groups, each wasting under one block.
+    """
+    slots = expert_ids.shape[0]
+    device = expert_ids.device
+    ids = expert_ids.to(torch.int64)
+    groups = torch.where((ids >= 0) & (ids < experts), ids, experts)
+    # scatter_add_ rather than bincount: CUDA's bincount reads the largest id back to the host.
+    counts = torch.zeros(experts + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, groups, torch.ones_like(groups))
+    padded_counts = (counts + block_m - 1) // block_m * block_m
+    padded_ends = padded_counts.cumsum(0)
+    padded_starts = padded_ends - padded_counts
+    group_starts = counts.cumsum(0) - counts
+
+    order = torch.argsort(groups, stable=True)
+    sorted_groups = groups[order]
+    rank_in_group = torch.arange(slots, device=device) - group_starts[sorted_groups]
+    destinations = padded_starts[sorted_groups] + rank_in_group
+
+    capacity = triton.cdiv(slots + min(experts + 1, slots) * (block_m - 1), block_m) * block_m
+    sorted_slots = torch.full((capacity,), slots, dtype=torch.int32, device=device)
+    sorted_slots.scatter_(0, destinations, order.to(torch.int32))
+
+    block_starts = torch.arange(0, capacity, block_m, device=device)
+    # The group whose padded range holds the block's first entry (empty groups are skipped).
+    block_groups = torch.searchsorted(padded_ends, block_starts, right=True)
+    block_experts = torch.where(block_groups < experts, block_groups, -1).to(torch.int32)
+    return sorted_slots, block_experts
+
+
+@triton.jit
+def _grouped_expert_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    sorted_slots_ptr,
+    block_experts_ptr,
+    num_blocks,
+    slots,
+    slots_per_row,
+    N,
+    stride_x_row,
+    stride_x_k,
+    stride_w_expert,
+    stride_w_n,
+    stride_w_k,
+    stride_out_slot,
+    K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+):
+    # Grouped order: GROUP_M consecutive blocks (mostly one expert's) take each N tile in turn.
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    programs_per_group = GROUP_M * tiles_n
+    first_block = (pid // programs_per_group) * GROUP_M
+    group_blocks = tl.minimum(num_blocks - first_block, GROUP_M)
+    block = first_block + (pid % programs_per_group) % group_blocks
+    tile_n = (pid % programs_per_group) // group_blocks
+
+    expert = tl.load(block_experts_ptr + block)
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_slots_ptr + offs_m)
+    slot_used = slot < slots
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_ptrs = out_ptr + slot.to(tl.int64)[:, None] * stride_out_slot + offs_n[None, :]
+    out_mask = slot_used[:, None] & (offs_n[None, :] < N)
+
+    if expert < 0:
+        # Unused padding block (no slot is used: nothing stored) or slots with an invalid expert id.
+        tl.store(out_ptrs, tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32), mask=out_mask)
+        return
+
+    offs_k = tl.arange(0, BLOCK_K)
+    # Wrapping the N offsets keeps the weight loads in bounds without a mask; the extra
+    # columns are dropped at the store.
+    offs_w_n = offs_n % N
+    row = (slot // slots_per_row).to(tl.int64)
+    x_ptrs = x_ptr + row[:, None] * stride_x_row + offs_k[None, :] * stride_x_k
+    w_ptrs = (
+        w_ptr
+        + expert.to(tl.int64) * stride_w_expert
+        + offs_w_n[None, :].to(tl.int64) * stride_w_n
+        + offs_k[:, None] * stride_w_k
+    )
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # K is a compile-time constant (a model has two or three widths): the loop's trip count is
+    # known, and Triton's interpreter cannot loop to a runtime bound under numpy 2.4.
+    for k_start in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=slot_used[:, None], other=0.0)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k_start
+            a = tl.load(x_ptrs, mask=slot_used[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        a = a.to(tl.bfloat16)
+        if DOT_IN_FP32:
+            # bf16-valued operands: fp32 products are exact, so the sums are the bf16 dot's.
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K * stride_x_k
+        w_ptrs += BLOCK_K * stride_w_k
+
+    tl.store(out_ptrs, acc, mask=out_mask)
+
+
+def _require_runnable_device(device: torch.device) -> None:
+    if device.type != "cuda" and not _INTERPRETED:
+        raise Qwen35Error(
+            f"grouped expert matmul runs on a CUDA device (or in Triton's interpreter with "
+            f"TRITON_INTERPRET=1), not on {device}"
+        )
+
+
+def grouped_expert_matmul(
+    x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, tiles: TileConfig | None = None
+) -> torch.Tensor:
+    """out[s] = x[s // (S // R)] @ weights[expert_ids[s]].T as [S, N] float32, in one Triton launch.
+
+    x [R, K] float32 or bfloat16 (float32 is rounded to bfloat16), weights [E, N, K] bfloat16,
+    expert_ids [S] integers on the same device, S a multiple of R. `tiles` overrides
+    `pick_tiles` (for tests and tuning).
+    """
+    rows, slots, experts, out_features = _check_inputs(x, weights, expert_ids)
+    in_features = x.shape[1]
+    out = torch.empty(slots, out_features, dtype=torch.float32, device=x.device)
+    if slots == 0 or out_features == 0:
+        return out
+    if in_features == 0:
+        # Empty sums; ids can only be checked on the device, so out-of-range ones are not marked here.
+        return out.zero_()
+    _require_runnable_device(x.device)
+    if _INTERPRETED and x.dtype == torch.float32:
+        x = x.to(torch.bfloat16)
+    tiles = tiles or pick_tiles(slots, experts)
+    sorted_slots, block_experts = _sorted_slot_layout(expert_ids, experts, tiles.block_m)
+    num_blocks = block_experts.shape[0]
+    grid = (num_blocks * triton.cdiv(out_features, tiles.block_n),)
+    _grouped_expert_matmul_kernel[grid](
+        x,
+        weights,
+        out,
+        sorted_slots,
+        block_experts,
+        num_blocks,
+        slots,
+        slots // rows,
+        out_features,
+        x.stride(0),
+        x.stride(1),
+        weights.stride(0),
+        weights.stride(1),
+        weights.stride(2),
+        out.stride(0),
+        K=in_features,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        GROUP_M=tiles.group_m,
+        EVEN_K=in_features % tiles.block_k == 0,
+        DOT_IN_FP32=_INTERPRETED,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    return out
+
+
+def benchmark(
+    tokens: int = 4096, k: int = 8, experts: int = 256, n: int = 1024, kk: int = 2048, device: str = "cuda"
+) -> dict:
+    """Median time of one grouped_expert_matmul on random bf16 data (k distinct experts per token).
+
+    Returns the shape, the milliseconds, TFLOP/s (2 S N K flops) and the GB/s of weights and
+    activations the call must at least move (each used expert's weights once, x once, out once).
+    """
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, kk, device=device, dtype=torch.bfloat16, generator=generator)
+    weights = (torch.randn(experts, n, kk, device=device, generator=generator) * kk**-0.5).to(torch.bfloat16)
+    scores = torch.rand(tokens, experts, device=device, generator=generator)
+    expert_ids = scores.topk(k, dim=1).indices.reshape(-1).to(torch.int32)
+    used_experts = int(torch.unique(expert_ids).numel())
+    milliseconds = triton.testing.do_bench(
+        lambda: grouped_expert_matmul(x, weights, expert_ids), return_mode="median"
+    )
+    slots = tokens * k
+    flops = 2.0 * slots * n * kk
+    min_bytes = used_experts * n * kk * 2 + tokens * kk * 2 + slots * n * 4
+    return {
+        "tokens": tokens,
+        "k": k,
+        "experts": experts,
+        "n": n,
+        "kk": kk,
+        "tiles": pick_tiles(slots, experts),
+        "ms": milliseconds,
+        "tflops": flops / (milliseconds * 1e-3) / 1e12,
+        "min_gb_per_s": min_bytes / (milliseconds * 1e-3) / 1e9,
+    }
