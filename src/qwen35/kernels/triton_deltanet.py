@@ -1,0 +1,296 @@
+"""Gated DeltaNet's decode on the GPU, in Triton: the twin of csrc/deltanet_decode.cpp.
+
+`recurrent_delta_rule_` runs the gated delta rule token by token (delta_rule.py's
+`recurrent_gated_delta_rule`, same head-major layouts) for one or a few tokens per row.
+`deltanet_decode_` runs a whole DeltaNet decode step between in_proj and out_proj
+(GatedDeltaNet's causal_conv -> delta_rule_inputs -> delta rule -> gated_norm) in two launches:
+
+1. conv + SiLU + l2 norms, one program per (row, head-sized channel segment of q | k | v):
+   each program owns its channels, so it shifts their conv state in place with no race;
+   the normed q, k and the v go to a small fp32 scratch [B, conv_dim].
+2. gates + delta-rule step + gated RMS norm, one program per (row, value head): the RMS norm
+   needs the head's whole output, so a program holds the head's whole [d_k, d_v] state.
+
+Both update the given state tensors in place and never wait on the host, so a decode step can
+be captured in a CUDA graph. The recurrent state is memory-bound work: each program reads its
+slice of the state once and writes it once; everything is computed in fp32 whatever the inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen35.errors import Qwen35Error
+
+# Set (by tests/conftest.py) where there is no GPU: the kernels then run on CPU tensors.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Value columns per program of the recurrent kernel: [d_k, 16] fp32 of state in registers.
+# Narrow slices give many programs (B * H * d_v / 16) to pull the state at full bandwidth.
+_RECURRENT_BLOCK_V = 16
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise Qwen35Error(message)
+
+
+def _check_device(name: str, tensors: dict[str, torch.Tensor]) -> torch.device:
+    device = next(iter(tensors.values())).device
+    for tensor_name, tensor in tensors.items():
+        _require(tensor.device == device, f"{name}: {tensor_name} is on {tensor.device}, the others on {device}")
+    _require(
+        device.type == "cuda" or _INTERPRETED,
+        f"{name}: the Triton kernels need CUDA tensors (got {device}; TRITON_INTERPRET=1 runs them on the CPU)",
+    )
+    return device
+
+
+def _check_dtype(name: str, tensor_name: str, tensor: torch.Tensor, allowed=_INPUT_DTYPES) -> None:
+    _require(tensor.dtype in allowed, f"{name}: {tensor_name} must be float32 or bfloat16/float16, got {tensor.dtype}")
+
+
+def _warps(tile_elements: int) -> int:
+    """Warps for a program holding a fp32 tile: ~32 tile values per thread, 1 to 8 warps."""
+    return max(1, min(8, tile_elements // (32 * 32)))
+
+
+@triton.jit
+def _softplus(x):
+    # torch's softplus: x itself past 20; log(1 + e^x) written so that e^x cannot overflow.
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x))))
+
+
+@triton.jit
+def _recurrent_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr,
+    q_s0, q_s1, q_s2, q_s3, k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3,
+    g_s0, g_s1, g_s2, beta_s0, beta_s1, beta_s2, state_s0, state_s1, state_s2, state_s3,
+    heads,
+    LENGTH: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # Program (row * heads + head, column block): state[row, head, :, columns] stays in registers
+    # through the tokens; the output is contiguous [B, H, T, d_v]. T is a compile-time constant: decode
+    # feeds one token, or a few (speculative drafts), and each count is its own captured graph anyway.
+    row_head = tl.program_id(0)
+    row, head = row_head // heads, row_head % heads
+    keys = tl.arange(0, BLOCK_K)
+    columns = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    key_mask, column_mask = keys < D_K, columns < D_V
+    tile_mask = key_mask[:, None] & column_mask[None, :]
+    state_at = state_ptr + row * state_s0 + head * state_s1 + keys[:, None] * state_s2 + columns[None, :] * state_s3
+    state = tl.load(state_at, mask=tile_mask, other=0.0)
+    q_row, k_row = q_ptr + row * q_s0 + head * q_s1, k_ptr + row * k_s0 + head * k_s1
+    v_row = v_ptr + row * v_s0 + head * v_s1
+    g_row, beta_row = g_ptr + row * g_s0 + head * g_s1, beta_ptr + row * beta_s0 + head * beta_s1
+    out_row = out_ptr + row_head * LENGTH * D_V
+    for t in range(LENGTH):
+        q = tl.load(q_row + t * q_s2 + keys * q_s3, mask=key_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_row + t * k_s2 + keys * k_s3, mask=key_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_row + t * v_s2 + columns * v_s3, mask=column_mask, other=0.0).to(tl.float32)
+        g = tl.load(g_row + t * g_s2).to(tl.float32)
+        beta = tl.load(beta_row + t * beta_s2).to(tl.float32)
+        state = state * tl.exp(g)
+        delta = beta * (v - tl.sum(state * k[:, None], axis=0))
+        state = state + k[:, None] * delta[None, :]
+        tl.store(out_row + t * D_V + columns, tl.sum(state * q[:, None], axis=0), mask=column_mask)
+    tl.debug_barrier()  # every thread has read its state before any writes it back
+    tl.store(state_at, state, mask=tile_mask)
+
+
+def recurrent_delta_rule_(q, k, v, g, beta, state) -> torch.Tensor:
+    """The gated delta rule over T tokens: q, k [B, H, T, d_k], v [B, H, T, d_v], g, beta [B, H, T],
+    state [B, H, d_k, d_v] fp32, updated in place to the final state. Returns the output
+    [B, H, T, d_v] fp32. Queries and keys come normed and scaled, key heads matched to value heads."""
+    name = "recurrent_delta_rule_"
+    _require(q.dim() == 4, f"{name}: q must be [B, H, T, d_k], got {tuple(q.shape)}")
+    batch, heads, length, key_dim = q.shape
+    _require(k.shape == q.shape, f"{name}: k must be shaped like q {tuple(q.shape)}, got {tuple(k.shape)}")
+    _require(v.dim() == 4 and v.shape[:3] == q.shape[:3], f"{name}: v must be [{batch}, {heads}, {length}, d_v], got {tuple(v.shape)}")
+    value_dim = v.shape[3]
+    for gate_name, gate in (("g", g), ("beta", beta)):
+        _require(gate.shape == q.shape[:3], f"{name}: {gate_name} must be [{batch}, {heads}, {length}], got {tuple(gate.shape)}")
+    _require(
+        state.shape == (batch, heads, key_dim, value_dim),
+        f"{name}: state must be [{batch}, {heads}, {key_dim}, {value_dim}], got {tuple(state.shape)}",
+    )
+    _require(state.dtype == torch.float32, f"{name}: state must be float32, got {state.dtype}")
+    for tensor_name, tensor in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        _check_dtype(name, tensor_name, tensor)
+    _check_device(name, {"state": state, "q": q, "k": k, "v": v, "g": g, "beta": beta})
+
+    out = torch.empty(batch, heads, length, value_dim, dtype=torch.float32, device=state.device)
+    if out.numel() == 0 and state.numel() == 0:
+        return out
+    block_k = triton.next_power_of_2(key_dim)
+    block_v = min(triton.next_power_of_2(value_dim), _RECURRENT_BLOCK_V)
+    grid = (batch * heads, triton.cdiv(value_dim, block_v))
+    _recurrent_kernel[grid](
+        q, k, v, g, beta, state, out, *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(),
+        *state.stride(), heads,
+        LENGTH=length, D_K=key_dim, D_V=value_dim, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=_warps(block_k * block_v),
+    )
+    return out
+
+
+@triton.jit
+def _conv_norm_kernel(
+    projected_ptr, conv_state_ptr, conv_weight_ptr, mixed_ptr,
+    projected_s0, projected_s2, conv_s0, conv_s1, conv_s2, weight_s0, weight_s1,
+    conv_dim, q_scale, l2_eps,
+    N_K: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, KEPT: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_KEPT: tl.constexpr,
+):
+    # Program (row, segment): segments 0..n_k-1 are the q heads' channels, n_k..2n_k-1 the k heads',
+    # the rest the v heads'. A channel's window is its KEPT held inputs (oldest first), then the
+    # newest; the taps are summed in that order, as GatedDeltaNet.causal_conv sums them.
+    row, segment = tl.program_id(0), tl.program_id(1)
+    is_value = segment >= 2 * N_K
+    first = tl.where(is_value, 2 * N_K * D_K + (segment - 2 * N_K) * D_V, segment * D_K)
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < tl.where(is_value, D_V, D_K)
+    channels = first + offsets
+    newest = tl.load(projected_ptr + row * projected_s0 + channels * projected_s2, mask=mask, other=0.0)
+    held_at = conv_state_ptr + row * conv_s0 + channels * conv_s1
+    weight_at = conv_weight_ptr + channels * weight_s0
+    mixed = tl.load(held_at, mask=mask, other=0.0).to(tl.float32) * tl.load(weight_at, mask=mask, other=0.0).to(tl.float32)
+    for tap in tl.static_range(1, KEPT):
+        held = tl.load(held_at + tap * conv_s2, mask=mask, other=0.0).to(tl.float32)
+        mixed = mixed + held * tl.load(weight_at + tap * weight_s1, mask=mask, other=0.0).to(tl.float32)
+    last_weight = tl.load(weight_at + KEPT * weight_s1, mask=mask, other=0.0).to(tl.float32)
+    mixed = mixed + newest.to(tl.float32) * last_weight
+    mixed = mixed * tl.sigmoid(mixed)
+    # q and k heads are l2-normed, q then scaled by d_k^-0.5; v heads pass as they are.
+    inverse_norm = 1.0 / tl.sqrt(tl.sum(mixed * mixed, axis=0) + l2_eps)
+    normed = mixed * inverse_norm
+    normed = tl.where(segment < N_K, normed * q_scale, normed)
+    tl.store(mixed_ptr + row * conv_dim + channels, tl.where(is_value, mixed, normed), mask=mask)
+
+    # The conv state moves one place (oldest out, newest in). All of it is read before the barrier:
+    # a thread may not overwrite a held input that another thread holding the same channel still reads.
+    taps = tl.arange(0, BLOCK_KEPT)
+    kept_mask = mask[:, None] & (taps[None, :] >= 1) & (taps[None, :] < KEPT)
+    tile_at = held_at[:, None] + taps[None, :] * conv_s2
+    kept = tl.load(tile_at, mask=kept_mask, other=0.0)
+    tl.debug_barrier()
+    tl.store(tile_at - conv_s2, kept, mask=kept_mask)
+    tl.store(held_at + (KEPT - 1) * conv_s2, newest.to(conv_state_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _step_norm_kernel(
+    mixed_ptr, a_ptr, b_ptr, z_ptr, dt_bias_ptr, decay_rate_ptr, norm_weight_ptr, state_ptr, y_ptr,
+    a_s0, a_s2, b_s0, b_s2, z_s0, z_s2, state_s0, state_s1, state_s2, state_s3,
+    conv_dim, rms_eps,
+    N_K: tl.constexpr, N_V: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, GROUPED: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # Program row * n_v + head: the gates, one delta-rule step over the head's whole state, then the
+    # head's output RMS-normed, times the norm weight and silu(z), into y [B, 1, n_v * d_v].
+    unit = tl.program_id(0)
+    row, head = unit // N_V, unit % N_V
+    if GROUPED:  # value head j reads key head j // (n_v / n_k)
+        key_head = head // (N_V // N_K)
+    else:  # tiled: key head j % n_k
+        key_head = head % N_K
+    keys, columns = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_V)
+    key_mask, column_mask = keys < D_K, columns < D_V
+    tile_mask = key_mask[:, None] & column_mask[None, :]
+    mixed_row = mixed_ptr + row * conv_dim
+    q = tl.load(mixed_row + key_head * D_K + keys, mask=key_mask, other=0.0)
+    k = tl.load(mixed_row + (N_K + key_head) * D_K + keys, mask=key_mask, other=0.0)
+    v = tl.load(mixed_row + 2 * N_K * D_K + head * D_V + columns, mask=column_mask, other=0.0)
+    a = tl.load(a_ptr + row * a_s0 + head * a_s2).to(tl.float32)
+    b = tl.load(b_ptr + row * b_s0 + head * b_s2).to(tl.float32)
+    g = tl.load(decay_rate_ptr + head).to(tl.float32) * _softplus(a + tl.load(dt_bias_ptr + head).to(tl.float32))
+    beta = tl.sigmoid(b)
+
+    state_at = state_ptr + row * state_s0 + head * state_s1 + keys[:, None] * state_s2 + columns[None, :] * state_s3
+    state = tl.load(state_at, mask=tile_mask, other=0.0) * tl.exp(g)
+    delta = beta * (v - tl.sum(state * k[:, None], axis=0))
+    state = state + k[:, None] * delta[None, :]
+    out = tl.sum(state * q[:, None], axis=0)
+    tl.debug_barrier()  # every thread has read its state before any writes it back
+    tl.store(state_at, state, mask=tile_mask)
+
+    z = tl.load(z_ptr + row * z_s0 + (head * D_V + columns) * z_s2, mask=column_mask, other=0.0).to(tl.float32)
+    weight = tl.load(norm_weight_ptr + columns, mask=column_mask, other=0.0).to(tl.float32)
+    inverse_rms = 1.0 / tl.sqrt(tl.sum(out * out, axis=0) / D_V + rms_eps)
+    gated = out * inverse_rms * weight * (z * tl.sigmoid(z))
+    tl.store(y_ptr + unit * D_V + columns, gated, mask=column_mask)
+
+
+def deltanet_decode_(
+    projected, a, b, z, conv_state, conv_weight, dt_bias, decay_rate, norm_weight, recurrent,
+    n_k: int, d_k: int, n_v: int, d_v: int, grouped: bool, l2_eps: float, rms_eps: float,
+) -> torch.Tensor:
+    """One DeltaNet decode step (one token per row) between in_proj and out_proj, in two launches.
+
+    projected [B, 1, 2 n_k d_k + n_v d_v] (q | k | v), a, b [B, 1, n_v], z [B, 1, n_v d_v] (fp32 or
+    bf16; rows may be strided column slices); conv_state [B, conv_dim, K-1] (oldest input first) and
+    recurrent [B, n_v, d_k, d_v] fp32 are updated in place; conv_weight [conv_dim, K]; dt_bias,
+    decay_rate [n_v]; norm_weight [d_v]. Value head j reads key head j // (n_v / n_k) when `grouped`,
+    else j % n_k. Returns y [B, 1, n_v d_v] fp32, the gated-normed output before out_proj.
+    """
+    name = "deltanet_decode_"
+    _require(
+        min(n_k, d_k, n_v, d_v) >= 1 and n_v % n_k == 0,
+        f"{name}: head counts and sizes must be positive and n_v ({n_v}) a multiple of n_k ({n_k})",
+    )
+    _require(projected.dim() == 3, f"{name}: projected must be [B, 1, conv_dim], got {tuple(projected.shape)}")
+    batch, key_width, value_width = projected.shape[0], n_k * d_k, n_v * d_v
+    conv_dim = 2 * key_width + value_width
+    for tensor_name, tensor, width in (("projected", projected, conv_dim), ("a", a, n_v), ("b", b, n_v), ("z", z, value_width)):
+        _require(
+            tensor.shape == (batch, 1, width),
+            f"{name}: {tensor_name} must be [{batch}, 1, {width}] (one token per row), got {tuple(tensor.shape)}",
+        )
+        _check_dtype(name, tensor_name, tensor)
+    _require(
+        conv_weight.dim() == 2 and conv_weight.shape[0] == conv_dim and conv_weight.shape[1] >= 2,
+        f"{name}: conv_weight must be [{conv_dim}, K] with K >= 2, got {tuple(conv_weight.shape)}",
+    )
+    kept = conv_weight.shape[1] - 1
+    _require(
+        conv_state.shape == (batch, conv_dim, kept),
+        f"{name}: conv_state must be [{batch}, {conv_dim}, {kept}], got {tuple(conv_state.shape)}",
+    )
+    _require(
+        recurrent.shape == (batch, n_v, d_k, d_v),
+        f"{name}: recurrent must be [{batch}, {n_v}, {d_k}, {d_v}], got {tuple(recurrent.shape)}",
+    )
+    _require(recurrent.dtype == torch.float32, f"{name}: recurrent must be float32, got {recurrent.dtype}")
+    for tensor_name, tensor, size in (("dt_bias", dt_bias, n_v), ("decay_rate", decay_rate, n_v), ("norm_weight", norm_weight, d_v)):
+        _require(tensor.shape == (size,), f"{name}: {tensor_name} must be [{size}], got {tuple(tensor.shape)}")
+    for tensor_name, tensor in (("conv_state", conv_state), ("conv_weight", conv_weight), ("dt_bias", dt_bias),
+                                ("decay_rate", decay_rate), ("norm_weight", norm_weight)):
+        _check_dtype(name, tensor_name, tensor)
+    device = _check_device(name, {
+        "recurrent": recurrent, "projected": projected, "a": a, "b": b, "z": z, "conv_state": conv_state,
+        "conv_weight": conv_weight, "dt_bias": dt_bias, "decay_rate": decay_rate, "norm_weight": norm_weight,
+    })
+
+    y = torch.empty(batch, 1, value_width, dtype=torch.float32, device=device)
+    if batch == 0:
+        return y
+    mixed = torch.empty(batch, conv_dim, dtype=torch.float32, device=device)  # conv output, q and k normed
+    block = triton.next_power_of_2(max(d_k, d_v))
+    _conv_norm_kernel[(batch, 2 * n_k + n_v)](
+        projected, conv_state, conv_weight, mixed, projected.stride(0), projected.stride(2), *conv_state.stride(),
+        *conv_weight.stride(), conv_dim, d_k**-0.5, l2_eps,
+        N_K=n_k, D_K=d_k, D_V=d_v, KEPT=kept, BLOCK=block, BLOCK_KEPT=triton.next_power_of_2(kept),
+        num_warps=_warps(block * triton.next_power_of_2(kept)),
+    )
+    block_k, block_v = triton.next_power_of_2(d_k), triton.next_power_of_2(d_v)
+    _step_norm_kernel[(batch * n_v,)](
+        mixed, a, b, z, dt_bias.contiguous(), decay_rate.contiguous(), norm_weight.contiguous(), recurrent, y,
+        a.stride(0), a.stride(2), b.stride(0), b.stride(2), z.stride(0), z.stride(2), *recurrent.stride(),
+        conv_dim, rms_eps,
+        N_K=n_k, N_V=n_v, D_K=d_k, D_V=d_v, GROUPED=bool(grouped), BLOCK_K=block_k, BLOCK_V=block_v,
+        num_warps=_warps(block_k * block_v),
+    )
+    return y
