@@ -1,0 +1,199 @@
+"""The Triton GGUF kernels against the plain reference dequantizer (`qwen35.kernels.dequant`,
+itself bit-equal to gguf-py) and float64 matmuls over its weights.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py).
+GEMV bound: every output may differ from the float64 product by at most 1e-5 of
+sum_k |x_k * w_k| (fp32 accumulation over K <= 1024 terms in any order stays far inside it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from conftest import triton_devices
+from qwen35.errors import Qwen35Error
+from qwen35.formats.gguf import GGUFModel
+from qwen35.kernels.dequant import dequantize as reference_dequantize
+from test_dequant import random_blocks as random_block_bytes
+
+pytest.importorskip("triton")
+from qwen35.kernels import triton_gguf  # noqa: E402  (needs triton)
+
+T = GGMLQuantizationType
+TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0)
+GGUF_QUANTIZABLE = (T.Q8_0, T.Q4_0)  # gguf-py 0.19 cannot quantize the K types
+RELATIVE_BOUND = 1e-5
+
+pytestmark = pytest.mark.parametrize("device", triton_devices())
+
+
+def weight_blocks(qtype: T, shape: tuple[int, ...], in_features: int, seed: int) -> torch.Tensor:
+    """Blocks [*shape, row_bytes]: gguf-py's quantization of random weights where it can, else
+    random bytes with finite fp16 scales (test_dequant's generator)."""
+    rng = np.random.default_rng(seed)
+    rows = int(np.prod(shape))
+    if qtype in GGUF_QUANTIZABLE:
+        weights = rng.standard_normal((rows, in_features)).astype(np.float32)
+        raw = gguf_quants.quantize(weights, qtype)
+    else:
+        block_size, _ = GGML_QUANT_SIZES[qtype]
+        raw = random_block_bytes(qtype, rows * in_features // block_size, rng)
+    return torch.from_numpy(np.ascontiguousarray(raw).reshape(*shape, -1))
+
+
+def reference_weight(blocks: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
+    return reference_dequantize(blocks.cpu().contiguous(), qtype, (*blocks.shape[:-1], in_features))
+
+
+def assert_within_bound(ours: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """`ours` ~ x @ weight.T, within RELATIVE_BOUND of each output's sum of |terms|."""
+    x64, w64 = x.cpu().double(), weight.double()
+    expected = x64 @ w64.T
+    magnitude = x64.abs() @ w64.abs().T
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    error = (ours.cpu().double() - expected).abs()
+    worst = float((error - RELATIVE_BOUND * magnitude).max())
+    assert worst <= 0.0, f"error {float(error.max()):.3g} exceeds the bound by {worst:.3g}"
+
+
+# ---------------------------------------------------------------- dequantize
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantize_is_bit_equal_to_the_reference(device, qtype):
+    in_features = 512 if qtype not in GGUF_QUANTIZABLE else 352  # 11 blocks: a partial 256-step
+    blocks = weight_blocks(qtype, (37,), in_features, seed=1)
+    expected = reference_weight(blocks, qtype, in_features)
+    ours = triton_gguf.dequantize(blocks.to(device), qtype, in_features, dtype=torch.float32)
+    assert ours.dtype == torch.float32 and ours.device.type == device
+    assert torch.equal(ours.cpu().view(torch.int32), expected.view(torch.int32))  # bits, signed zeros too
+    as_bf16 = triton_gguf.dequantize(blocks.to(device), qtype, in_features)
+    assert as_bf16.dtype == torch.bfloat16
+    assert torch.equal(as_bf16.cpu(), expected.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("qtype", (T.Q4_K, T.Q6_K), ids=lambda t: t.name)
+def test_dequantize_takes_row_slices_and_expert_stacks(device, qtype):
+    blocks = weight_blocks(qtype, (3, 9), 256, seed=2).to(device)
+    expected = reference_weight(blocks, qtype, 256)
+    stacked = triton_gguf.dequantize(blocks, qtype, 256, dtype=torch.float32)
+    assert stacked.shape == (3, 9, 256)
+    assert torch.equal(stacked.cpu(), expected)
+    rows = blocks[1, 2:7]  # a contiguous slice starting mid-tensor
+    assert torch.equal(triton_gguf.dequantize(rows, qtype, 256, dtype=torch.float32).cpu(), expected[1, 2:7])
+
+
+# ---------------------------------------------------------------- gemv
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", (1, 3, 8))
+def test_gemv_matches_float64_matmul(device, qtype, m):
+    in_features = 768 if qtype not in GGUF_QUANTIZABLE else 352
+    blocks = weight_blocks(qtype, (37,), in_features, seed=3)  # 37 rows: not a multiple of any tile
+    x = torch.randn(m, in_features, generator=torch.Generator().manual_seed(m))
+    ours = triton_gguf.gemv(blocks.to(device), qtype, x.to(device), in_features)
+    assert ours.device.type == device
+    assert_within_bound(ours, x, reference_weight(blocks, qtype, in_features))
+
+
+@pytest.mark.parametrize("qtype", (T.Q5_K, T.Q8_0), ids=lambda t: t.name)
+def test_expert_gemv_matches_float64_matmul(device, qtype):
+    n_experts, out_features, in_features = 5, 19, 512
+    blocks = weight_blocks(qtype, (n_experts, out_features), in_features, seed=4)
+    weights = reference_weight(blocks, qtype, in_features)
+    ids = [3, 0, 3, 4, 3, 3]  # repeats, within a token and across tokens
+    x = torch.randn(2, in_features, generator=torch.Generator().manual_seed(5))
+    for dtype in (torch.int32, torch.int64):
+        expert_ids = torch.tensor(ids, dtype=dtype, device=device)
+        for rows in (x, x.repeat_interleave(3, dim=0)):  # one row per token (3 slots each), one per slot
+            ours = triton_gguf.expert_gemv(blocks.to(device), qtype, rows.to(device), expert_ids, in_features)
+            per_slot = rows.repeat_interleave(len(ids) // rows.shape[0], dim=0)
+            for slot, expert in enumerate(ids):
+                assert_within_bound(ours[slot : slot + 1], per_slot[slot : slot + 1], weights[expert])
+
+
+def test_expert_gemv_poisons_out_of_range_ids_instead_of_reading_past_the_weights(device):
+    blocks = weight_blocks(T.Q8_0, (2, 8), 256, seed=6).to(device)
+    x = torch.randn(2, 256, device=device)
+    out = triton_gguf.expert_gemv(blocks, T.Q8_0, x, torch.tensor([1, 7], device=device), 256).cpu()
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()
+
+
+# ---------------------------------------------------------------- real tensors
+
+
+FIXTURE_TENSORS = (
+    ("dense-Q4_K_M.gguf", "blk.0.ffn_gate.weight", T.Q4_K),
+    ("dense-Q4_K_M.gguf", "blk.0.ffn_down.weight", T.Q6_K),
+    ("dense-Q3_K_M.gguf", "blk.0.attn_qkv.weight", T.Q5_K),
+    ("dense-Q8_0.gguf", "blk.0.attn_gate.weight", T.Q8_0),
+    ("dense-Q4_0.gguf", "blk.0.attn_gate.weight", T.Q4_0),
+)
+
+
+@pytest.mark.parametrize("file_name, tensor, qtype", FIXTURE_TENSORS, ids=lambda v: getattr(v, "name", None))
+def test_fixture_tensors(device, fixtures, file_name, tensor, qtype):
+    with GGUFModel(fixtures / "tiny" / file_name) as model:
+        info = model.tensors[tensor]
+        assert info.type_id == qtype
+        out_features, in_features = info.torch_shape
+        blocks = torch.from_numpy(model.tensor_data(tensor).copy()).reshape(out_features, -1)
+    blocks = blocks[40:81]  # 41 rows from the middle keep the interpreter quick
+    weight = reference_weight(blocks, qtype, in_features)
+    on_device = blocks.to(device)
+    assert torch.equal(triton_gguf.dequantize(on_device, qtype, in_features, dtype=torch.float32).cpu(), weight)
+    x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(7))
+    assert_within_bound(triton_gguf.gemv(on_device, qtype, x.to(device), in_features), x, weight)
+
+
+def test_fixture_expert_stack(device, fixtures):
+    with GGUFModel(fixtures / "tiny" / "moe-Q4_K_M.gguf") as model:
+        info = model.tensors["blk.2.ffn_down_exps.weight"]
+        n_experts, out_features, in_features = info.torch_shape
+        blocks = torch.from_numpy(model.tensor_data(info.name).copy()).reshape(n_experts, out_features, -1)
+    blocks = blocks[:, :24].contiguous()  # every expert, its first 24 rows
+    weights = reference_weight(blocks, info.type_id, in_features)
+    ids = [15, 2, 2, 9]
+    x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(8))
+    ours = triton_gguf.expert_gemv(
+        blocks.to(device), info.type_id, x.to(device), torch.tensor(ids, device=device), in_features
+    )
+    for slot, expert in enumerate(ids):
+        assert_within_bound(ours[slot : slot + 1], x, weights[expert])
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def test_supported_types(device):
+    assert triton_gguf.SUPPORTED_TYPES == frozenset(int(t) for t in TYPES)
+    assert all(triton_gguf.supports(t) for t in TYPES)
+    assert not triton_gguf.supports(T.Q2_K) and not triton_gguf.supports(T.F32)
+
+
+def test_bad_arguments_are_named(device):
+    blocks = weight_blocks(T.Q4_K, (4,), 256, seed=9).to(device)
+    x = torch.zeros(1, 256, device=device)
+    with pytest.raises(Qwen35Error, match="Q2_K"):
+        triton_gguf.gemv(blocks, T.Q2_K, x, 256)
+    with pytest.raises(Qwen35Error, match="take 288 bytes, but the blocks' last dimension is 144"):
+        triton_gguf.gemv(blocks, T.Q4_K, torch.zeros(1, 512, device=device), 512)
+    with pytest.raises(Qwen35Error, match="288 bytes"):
+        triton_gguf.dequantize(blocks, T.Q4_K, 512)
+    with pytest.raises(Qwen35Error, match="multiple of the Q4_K block size"):
+        triton_gguf.dequantize(blocks, T.Q4_K, 100)
+    with pytest.raises(Qwen35Error, match=r"float32 tensor \[rows, 256\]"):
+        triton_gguf.gemv(blocks, T.Q4_K, x.double(), 256)
+    with pytest.raises(Qwen35Error, match="1 to 16 rows"):
+        triton_gguf.gemv(blocks, T.Q4_K, torch.zeros(17, 256, device=device), 256)
+    experts = blocks.reshape(2, 2, -1)
+    with pytest.raises(Qwen35Error, match="multiple of the 2 rows"):
+        triton_gguf.expert_gemv(experts, T.Q4_K, torch.zeros(2, 256, device=device),
+                                torch.zeros(3, dtype=torch.int32, device=device), 256)
+    with pytest.raises(Qwen35Error, match="int32 or int64"):
+        triton_gguf.expert_gemv(experts, T.Q4_K, x, torch.zeros(2, device=device), 256)
