@@ -140,21 +140,26 @@ def test_reference_matches_float64(rows, slots_per_row, experts):
     assert_close_to(grouped_expert_matmul_reference(x, weights, expert_ids), expected, magnitude, FP32_SUM_BOUND)
 
 
+@pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("block_m", [16, 64])
-def test_slot_layout_puts_each_slot_in_a_block_of_its_expert(block_m):
-    experts = 16
-    expert_ids = torch.randint(-1, experts + 1, (264,), generator=torch.Generator().manual_seed(7))
-    sorted_slots, block_experts = _sorted_slot_layout(expert_ids, experts, block_m)
-    assert sorted_slots.numel() == block_experts.numel() * block_m
-    used = sorted_slots[sorted_slots < 264].long()
-    assert torch.equal(used.sort().values, torch.arange(264))
-    slot_blocks = (sorted_slots < 264).nonzero().squeeze(1) // block_m
-    valid = (expert_ids[used] >= 0) & (expert_ids[used] < experts)
-    assert torch.equal(block_experts[slot_blocks].long(), torch.where(valid, expert_ids[used], -1))
-    # Within an expert the slots keep their order (stable sort), so memory access stays in order.
-    for expert in range(experts):
-        mine = used[(expert_ids[used] == expert)]
-        assert torch.equal(mine, mine.sort().values)
+def test_slot_layout_puts_each_slot_in_its_experts_blocks(block_m, device):
+    slots, experts = 264, 16
+    expert_ids = torch.randint(-1, experts + 1, (slots,), generator=torch.Generator().manual_seed(7))
+    sorted_slots, counts = _sorted_slot_layout(expert_ids.to(device), experts, block_m)
+    sorted_slots, counts = sorted_slots.cpu(), counts.cpu()
+    assert sorted_slots.numel() % block_m == 0
+    used_positions = (sorted_slots < slots).nonzero().squeeze(1)
+    used = sorted_slots[used_positions].long()
+    assert torch.equal(used.sort().values, torch.arange(slots))
+    # Groups: the experts in order, then the out-of-range ids, each padded to whole blocks.
+    groups = torch.where((expert_ids >= 0) & (expert_ids < experts), expert_ids, experts)
+    expected_counts = torch.bincount(groups, minlength=experts + 1)
+    assert torch.equal(counts[: experts + 1].long(), expected_counts)
+    assert not counts[experts + 1 :].any()
+    padded_ends = ((expected_counts + block_m - 1) // block_m * block_m).cumsum(0)
+    padded_starts = padded_ends - (expected_counts + block_m - 1) // block_m * block_m
+    assert (used_positions >= padded_starts[groups[used]]).all()
+    assert (used_positions < padded_starts[groups[used]] + expected_counts[groups[used]]).all()
 
 
 @pytest.mark.parametrize("device", triton_devices())

@@ -1,4 +1,4 @@
-"""Grouped mixture-of-experts matrix product on NVIDIA GPUs, in one Triton launch.
+"""Grouped mixture-of-experts matrix product on NVIDIA GPUs, in one Triton matmul launch.
 
 Given token rows x [R, K], expert weights W [E, N, K] (bfloat16, already dequantized)
 and expert_ids [S] with S a multiple of R, slot s uses expert expert_ids[s] on input row
@@ -8,13 +8,15 @@ s // (S // R):
 
 (In the model R tokens each pick k = S / R experts; the caller weights and sums the k slots.)
 
-How: the slots are sorted by expert on the device and each expert's group is padded to a
-multiple of BLOCK_M, into a slot list of fixed worst-case length, with one expert id per
-block of BLOCK_M entries (-1 for a block nobody uses). Then one kernel runs over (blocks,
-N tiles): a program gathers its block's input rows, multiplies them by its expert's
-weights tile by tile over K (bf16 operands, fp32 accumulation), and scatters the results
-to its slots' output rows. Nothing reads a device value back to the host and every shape
-follows from the input shapes, so a call can be captured in a CUDA graph.
+How (like vLLM's fused_moe): two small kernels count the slots per expert and place each
+slot into its expert's group of a sorted slot list, every group padded to whole blocks of
+BLOCK_M entries, in a list of fixed worst-case length. Then one kernel runs over (blocks,
+N tiles): a program finds its block's expert from the counts, gathers its slots' input
+rows, multiplies them by the expert's weights tile by tile over K (bf16 operands, fp32
+accumulation) and scatters the results to its slots' output rows; blocks nobody uses
+return at once. Four launches in all (a memset and three kernels); nothing reads a device
+value back to the host and every shape follows from the input shapes, so a call can be
+captured in a CUDA graph.
 
 float32 x is rounded to bfloat16 inside the kernel (tl.dot takes bf16 operands), so its
 result matches x.bfloat16() @ W.T computed exactly and then rounded to fp32 accumulation,
@@ -122,40 +124,89 @@ def grouped_expert_matmul_reference(x: torch.Tensor, weights: torch.Tensor, expe
     return out
 
 
-def _sorted_slot_layout(expert_ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slots grouped by expert, each group padded to whole blocks, all computed on the device.
+# Slots each layout program handles: a [LAYOUT_BLOCK, groups] comparison stays in registers.
+_LAYOUT_BLOCK = 64
 
-    Returns (sorted_slots [capacity] int32, block_experts [capacity // block_m] int32).
-    Padding entries hold S (no slot); a block past the used ones, or one of out-of-range ids
-    (gathered into an extra group E), has expert -1. The capacity is the worst case for the
-    shapes: S slots in at most min(E + 1, S) groups, each wasting under one block.
+
+@triton.jit
+def _expert_group(expert_ids_ptr, offs, in_slots, experts):
+    """Each slot's group: its expert, or the extra group E that collects out-of-range ids."""
+    ids = tl.load(expert_ids_ptr + offs, mask=in_slots, other=0)
+    return tl.where((ids >= 0) & (ids < experts), ids, experts).to(tl.int32)
+
+
+@triton.jit
+def _padded_group_ends(counts_ptr, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr):
+    """Where each group's run of whole BLOCK_M blocks ends in the sorted slot list (groups in order)."""
+    counts = tl.load(counts_ptr + tl.arange(0, GROUPS))
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    return tl.cumsum(padded, 0), padded
+
+
+@triton.jit
+def _count_slots_kernel(expert_ids_ptr, counts_ptr, sorted_slots_ptr, slots, capacity, experts, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_slots = offs < slots
+    groups = _expert_group(expert_ids_ptr, offs, in_slots, experts)
+    tl.atomic_add(counts_ptr + groups, 1, mask=in_slots)
+    # Every entry starts as padding (slot index S); the placing kernel overwrites the used ones.
+    tl.store(sorted_slots_ptr + offs, tl.full((BLOCK,), slots, tl.int32), mask=offs < capacity)
+
+
+@triton.jit
+def _place_slots_kernel(
+    expert_ids_ptr,
+    counts_ptr,
+    cursors_ptr,
+    sorted_slots_ptr,
+    slots,
+    experts,
+    BLOCK_M: tl.constexpr,
+    GROUPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_slots = offs < slots
+    groups = _expert_group(expert_ids_ptr, offs, in_slots, experts)
+    ends, padded = _padded_group_ends(counts_ptr, BLOCK_M, GROUPS)
+    # A slot's group starts after the padded runs of all lower groups.
+    lower = tl.arange(0, GROUPS)[None, :] < groups[:, None]
+    group_starts = tl.sum(tl.where(lower, padded[None, :], 0), axis=1)
+    # The order inside a group is whatever the atomics give; each slot's result does not depend on it.
+    rank = tl.atomic_add(cursors_ptr + groups, 1, mask=in_slots)
+    tl.store(sorted_slots_ptr + group_starts + rank, offs.to(tl.int32), mask=in_slots)
+
+
+def _layout_groups(experts: int) -> int:
+    return triton.next_power_of_2(experts + 1)
+
+
+def _layout_capacity(slots: int, experts: int, block_m: int) -> int:
+    """Worst-case sorted list length: S slots in at most min(E + 1, S) groups, each wasting under a block."""
+    return triton.cdiv(slots + min(experts + 1, slots) * (block_m - 1), block_m) * block_m
+
+
+def _sorted_slot_layout(expert_ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slots grouped by expert, each group padded to whole blocks, in two small launches.
+
+    Returns (sorted_slots [capacity] int32, group_counts [GROUPS] int32). Groups are the experts
+    in order, then one for out-of-range ids, then empty ones up to a power of two; group g's
+    slots fill the blocks from sum over lower groups of round_up(count, block_m). Padding
+    entries hold S (no slot).
     """
     slots = expert_ids.shape[0]
-    device = expert_ids.device
-    ids = expert_ids.to(torch.int64)
-    groups = torch.where((ids >= 0) & (ids < experts), ids, experts)
-    # scatter_add_ rather than bincount: CUDA's bincount reads the largest id back to the host.
-    counts = torch.zeros(experts + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, groups, torch.ones_like(groups))
-    padded_counts = (counts + block_m - 1) // block_m * block_m
-    padded_ends = padded_counts.cumsum(0)
-    padded_starts = padded_ends - padded_counts
-    group_starts = counts.cumsum(0) - counts
-
-    order = torch.argsort(groups, stable=True)
-    sorted_groups = groups[order]
-    rank_in_group = torch.arange(slots, device=device) - group_starts[sorted_groups]
-    destinations = padded_starts[sorted_groups] + rank_in_group
-
-    capacity = triton.cdiv(slots + min(experts + 1, slots) * (block_m - 1), block_m) * block_m
-    sorted_slots = torch.full((capacity,), slots, dtype=torch.int32, device=device)
-    sorted_slots.scatter_(0, destinations, order.to(torch.int32))
-
-    block_starts = torch.arange(0, capacity, block_m, device=device)
-    # The group whose padded range holds the block's first entry (empty groups are skipped).
-    block_groups = torch.searchsorted(padded_ends, block_starts, right=True)
-    block_experts = torch.where(block_groups < experts, block_groups, -1).to(torch.int32)
-    return sorted_slots, block_experts
+    groups = _layout_groups(experts)
+    capacity = _layout_capacity(slots, experts, block_m)
+    counters = torch.zeros(2 * groups, dtype=torch.int32, device=expert_ids.device)
+    counts, cursors = counters[:groups], counters[groups:]
+    sorted_slots = torch.empty(capacity, dtype=torch.int32, device=expert_ids.device)
+    _count_slots_kernel[(triton.cdiv(capacity, 1024),)](
+        expert_ids, counts, sorted_slots, slots, capacity, experts, BLOCK=1024
+    )
+    _place_slots_kernel[(triton.cdiv(slots, _LAYOUT_BLOCK),)](
+        expert_ids, counts, cursors, sorted_slots, slots, experts, BLOCK_M=block_m, GROUPS=groups, BLOCK=_LAYOUT_BLOCK
+    )
+    return sorted_slots, counts
 
 
 @triton.jit
@@ -164,8 +215,9 @@ def _grouped_expert_matmul_kernel(
     w_ptr,
     out_ptr,
     sorted_slots_ptr,
-    block_experts_ptr,
+    group_counts_ptr,
     num_blocks,
+    experts,
     slots,
     slots_per_row,
     N,
@@ -180,6 +232,7 @@ def _grouped_expert_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    GROUPS: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
 ):
@@ -192,7 +245,10 @@ def _grouped_expert_matmul_kernel(
     block = first_block + (pid % programs_per_group) % group_blocks
     tile_n = (pid % programs_per_group) // group_blocks
 
-    expert = tl.load(block_experts_ptr + block)
+    # The block's group is the number of groups whose padded run ends at or before the block's
+    # start (empty groups end where they start, so they are skipped).
+    ends, _ = _padded_group_ends(group_counts_ptr, BLOCK_M, GROUPS)
+    expert = tl.sum((ends <= block * BLOCK_M).to(tl.int32), 0)
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(sorted_slots_ptr + offs_m)
     slot_used = slot < slots
@@ -200,8 +256,8 @@ def _grouped_expert_matmul_kernel(
     out_ptrs = out_ptr + slot.to(tl.int64)[:, None] * stride_out_slot + offs_n[None, :]
     out_mask = slot_used[:, None] & (offs_n[None, :] < N)
 
-    if expert < 0:
-        # Unused padding block (no slot is used: nothing stored) or slots with an invalid expert id.
+    if expert >= experts:
+        # Slots with an out-of-range expert id, or a block past the used ones (nothing stored).
         tl.store(out_ptrs, tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32), mask=out_mask)
         return
 
@@ -270,16 +326,17 @@ def grouped_expert_matmul(
     if _INTERPRETED and x.dtype == torch.float32:
         x = x.to(torch.bfloat16)
     tiles = tiles or pick_tiles(slots, experts)
-    sorted_slots, block_experts = _sorted_slot_layout(expert_ids, experts, tiles.block_m)
-    num_blocks = block_experts.shape[0]
+    sorted_slots, group_counts = _sorted_slot_layout(expert_ids, experts, tiles.block_m)
+    num_blocks = sorted_slots.shape[0] // tiles.block_m
     grid = (num_blocks * triton.cdiv(out_features, tiles.block_n),)
     _grouped_expert_matmul_kernel[grid](
         x,
         weights,
         out,
         sorted_slots,
-        block_experts,
+        group_counts,
         num_blocks,
+        experts,
         slots,
         slots // rows,
         out_features,
@@ -294,6 +351,7 @@ def grouped_expert_matmul(
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         GROUP_M=tiles.group_m,
+        GROUPS=group_counts.shape[0],
         EVEN_K=in_features % tiles.block_k == 0,
         DOT_IN_FP32=_INTERPRETED,
         num_warps=tiles.num_warps,
@@ -303,7 +361,13 @@ def grouped_expert_matmul(
 
 
 def benchmark(
-    tokens: int = 4096, k: int = 8, experts: int = 256, n: int = 1024, kk: int = 2048, device: str = "cuda"
+    tokens: int = 4096,
+    k: int = 8,
+    experts: int = 256,
+    n: int = 1024,
+    kk: int = 2048,
+    device: str = "cuda",
+    tiles: TileConfig | None = None,
 ) -> dict:
     """Median time of one grouped_expert_matmul on random bf16 data (k distinct experts per token).
 
@@ -317,7 +381,7 @@ def benchmark(
     expert_ids = scores.topk(k, dim=1).indices.reshape(-1).to(torch.int32)
     used_experts = int(torch.unique(expert_ids).numel())
     milliseconds = triton.testing.do_bench(
-        lambda: grouped_expert_matmul(x, weights, expert_ids), return_mode="median"
+        lambda: grouped_expert_matmul(x, weights, expert_ids, tiles=tiles), return_mode="median"
     )
     slots = tokens * k
     flops = 2.0 * slots * n * kk
@@ -328,7 +392,7 @@ def benchmark(
         "experts": experts,
         "n": n,
         "kk": kk,
-        "tiles": pick_tiles(slots, experts),
+        "tiles": tiles or pick_tiles(slots, experts),
         "ms": milliseconds,
         "tflops": flops / (milliseconds * 1e-3) / 1e12,
         "min_gb_per_s": min_bytes / (milliseconds * 1e-3) / 1e9,
