@@ -35,8 +35,9 @@ def random_delta_rule_inputs(batch, heads, length, d_k, d_v, generator):
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("length", [1, 3])
 def test_recurrent_matches_reference(device, batch, length):
-    """d_v 40: two full 16-column programs and a partial one; the state comes back in place."""
-    q, k, v, g, beta, state = random_delta_rule_inputs(batch, 2, length, 16, 40, torch.Generator().manual_seed(length + batch))
+    """d_v 40: a full 32-column program and a partial one; the state comes back in place."""
+    generator = torch.Generator().manual_seed(length + batch)
+    q, k, v, g, beta, state = random_delta_rule_inputs(batch, 2, length, 16, 40, generator)
     reference_out, reference_state = recurrent_gated_delta_rule(q, k, v, g, beta, state)
     ours_state = state.to(device, copy=True)
     address = ours_state.data_ptr()
@@ -112,7 +113,8 @@ def reference_steps(layer, projected, a, b, z, conv, recurrent, delta_rule=recur
 
 
 def triton_step(layer, device, projected, a, b, z, conv, recurrent):
-    """deltanet_decode_ on `device`: (y, conv state, recurrent state) back on the CPU, the states as updated in place."""
+    """deltanet_decode_ on `device` on copies of the states: (y, conv state, recurrent state) back on the CPU,
+    the states as the call updated them in place."""
     c = layer.c
     conv, recurrent = conv.to(device, copy=True), recurrent.to(device, copy=True)
     addresses = conv.data_ptr(), recurrent.data_ptr()
@@ -235,8 +237,10 @@ def test_decode_step_replays_in_a_cuda_graph():
     weights = [w.cuda() for w in (layer.conv_weight, layer.dt_bias, layer.decay_rate, layer.norm)]
 
     def step():
-        return deltanet_decode_(*static, states[0], *weights, states[1], c.linear_num_key_heads, c.linear_key_head_dim, c.linear_num_value_heads,
-                                c.linear_value_head_dim, True, L2_NORM_EPS, c.rms_norm_eps)
+        return deltanet_decode_(
+            *static, states[0], *weights, states[1], c.linear_num_key_heads, c.linear_key_head_dim,
+            c.linear_num_value_heads, c.linear_value_head_dim, True, L2_NORM_EPS, c.rms_norm_eps,
+        )
 
     warm_states = [s.clone() for s in states]
     stream = torch.cuda.Stream()
