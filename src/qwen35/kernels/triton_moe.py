@@ -18,8 +18,8 @@ return at once. Four launches in all (a memset and three kernels); nothing reads
 value back to the host and every shape follows from the input shapes, so a call can be
 captured in a CUDA graph.
 
-float32 x is rounded to bfloat16 inside the kernel (tl.dot takes bf16 operands), so its
-result matches x.bfloat16() @ W.T computed exactly and then rounded to fp32 accumulation,
+float32 x is rounded to bfloat16 (tl.dot takes bf16 operands; by torch before the launch
+for prefill, in the kernel for decode), so the result is x.bfloat16() @ W.T summed in fp32,
 not float32 x @ W.T. `grouped_expert_matmul_reference` is the plain definition in float32.
 
 Expert ids outside [0, E) cannot be rejected without a host sync; their output rows are
@@ -56,10 +56,11 @@ class TileConfig:
 
 # Decode (a few slots per expert): small M tiles waste little on padding, and BLOCK_N 64 gives
 # enough programs to keep every SM streaming weights. Prefill: 64 x 128 tiles feed Hopper's
-# warpgroup MMA; four stages of (64 + 128) x 64 bf16 take 96 KiB of its 228 KiB shared memory.
+# warpgroup MMA. Measured on an H200 (4096 tokens, 8 of 256 experts, N 1024, K 2048): three
+# stages 0.49 ms, four 0.52, five 0.59; eight warps or GROUP_M 4/16 no better; 64 x 64 tiles 0.70.
 _DECODE_TILES = TileConfig(block_m=16, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=5)
 _MIDDLE_TILES = TileConfig(block_m=32, block_n=64, block_k=64, group_m=4, num_warps=4, num_stages=4)
-_PREFILL_TILES = TileConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+_PREFILL_TILES = TileConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3)
 
 
 def pick_tiles(slots: int, experts: int) -> TileConfig:
@@ -323,9 +324,11 @@ def grouped_expert_matmul(
         # Empty sums; ids can only be checked on the device, so out-of-range ones are not marked here.
         return out.zero_()
     _require_runnable_device(x.device)
-    if _INTERPRETED and x.dtype == torch.float32:
-        x = x.to(torch.bfloat16)
     tiles = tiles or pick_tiles(slots, experts)
+    if x.dtype == torch.float32 and (_INTERPRETED or tiles.block_m > _DECODE_TILES.block_m):
+        # Each input row is read once per N tile and per slot: with many slots per expert,
+        # reading float32 made the product ~20% slower (H200, 4096 tokens) than rounding once here.
+        x = x.to(torch.bfloat16)
     sorted_slots, group_counts = _sorted_slot_layout(expert_ids, experts, tiles.block_m)
     num_blocks = sorted_slots.shape[0] // tiles.block_m
     grid = (num_blocks * triton.cdiv(out_features, tiles.block_n),)
