@@ -14,9 +14,9 @@ BLOCK_M entries, in a list of fixed worst-case length. Then one kernel runs over
 N tiles): a program finds its block's expert from the counts, gathers its slots' input
 rows, multiplies them by the expert's weights tile by tile over K (bf16 operands, fp32
 accumulation) and scatters the results to its slots' output rows; blocks nobody uses
-return at once. Four launches in all (a memset and three kernels); nothing reads a device
-value back to the host and every shape follows from the input shapes, so a call can be
-captured in a CUDA graph.
+return at once. Four launches in all (a memset and three kernels; for prefill, a cast of
+float32 x too); nothing reads a device value back to the host and every shape follows from
+the input shapes, so a call can be captured in a CUDA graph.
 
 float32 x is rounded to bfloat16 (tl.dot takes bf16 operands; by torch before the launch
 for prefill, in the kernel for decode), so the result is x.bfloat16() @ W.T summed in fp32,
@@ -195,6 +195,7 @@ def _sorted_slot_layout(expert_ids: torch.Tensor, experts: int, block_m: int) ->
     slots fill the blocks from sum over lower groups of round_up(count, block_m). Padding
     entries hold S (no slot).
     """
+    expert_ids = expert_ids.contiguous()  # the kernels index it as a flat array
     slots = expert_ids.shape[0]
     groups = _layout_groups(experts)
     capacity = _layout_capacity(slots, experts, block_m)
