@@ -120,7 +120,7 @@ def moe_decode(rng: np.random.Generator) -> None:
     calls = [torch.from_numpy(rng.choice(n_experts, 8, replace=False)).reshape(1, 8) for _ in range(50)]
     active_bytes = 8 * experts.blocks[0].numel()
     fused = timed(lambda ids: experts(x, ids), calls, 50)
-    whole_call = quant_linear._FAST_EXPERT_KERNELS.pop(int(T.Q4_K))
+    whole_call = quant_linear._FAST_EXPERT_KERNELS.pop(("cpu", int(T.Q4_K)))
     grouped = timed(lambda ids: experts(x, ids), calls, 50)
     quant_linear.register_fast_expert_kernel(T.Q4_K, whole_call)
     print(

@@ -270,8 +270,11 @@ def _write_metadata(writer: GGUFWriter, spec: ModelSpec, mix_name: str, arch: st
 
 
 def write_model(path, spec: ModelSpec, mix_name: str, *, vocab_file: Path = DEFAULT_VOCAB_FILE,
-                seed: int = 0, progress=None) -> int:
-    """Write the GGUF; returns its size in bytes. `progress(done_bytes, total_bytes)` is called per tensor."""
+                seed: int = 0, progress=None, fill: bool = True) -> int:
+    """Write the GGUF; returns its size in bytes. `progress(done_bytes, total_bytes)` is called per tensor.
+
+    With `fill=False` the tensor data is left unwritten (a sparse file that reads as zeros), for
+    callers that put random blocks in after loading, much faster (benchmarks/gpu_bench.py)."""
     path = Path(path)
     tensors = model_tensors(spec)
     types = tensor_types(spec, mix_name)
@@ -299,6 +302,12 @@ def write_model(path, spec: ModelSpec, mix_name: str, *, vocab_file: Path = DEFA
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    if not fill:
+        out = writer.fout[0]
+        start = GGUFWriter.ggml_pad(out.tell(), writer.data_alignment)
+        out.truncate(start + sum(GGUFWriter.ggml_pad(n, writer.data_alignment) for n in nbytes.values()))
+        writer.close()
+        return path.stat().st_size
     rng = np.random.default_rng(seed)
     total, done = sum(nbytes.values()), 0
     for tensor in tensors:

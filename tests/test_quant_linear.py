@@ -359,7 +359,7 @@ def test_group_matmul_equals_each_matmul(fixtures, fast_cpu):
 
 def test_linear_group_gives_each_layers_output(fixtures, fast_cpu, monkeypatch):
     monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
-    monkeypatch.setattr(quant_linear, "_FAST_GROUP_KERNEL", [])
+    monkeypatch.setattr(quant_linear, "_FAST_GROUP_KERNEL", {})
     with GGUFModel(fixtures / "tiny" / "dense-Q4_K_M.gguf") as model:
         names = ("blk.3.attn_q.weight", "blk.3.attn_k.weight", "blk.3.attn_v.weight")  # Q4_K and Q6_K
         layers = [QuantLinear(model.tensor_data(n), model.tensors[n].type_id, *model.tensors[n].torch_shape) for n in names]
@@ -435,7 +435,7 @@ def test_fast_experts_prefill_rows_equal_their_decode(moe_q4_k_m, fast_cpu, monk
 def test_expert_group_gives_each_experts_output(moe_q4_k_m, fast_cpu, monkeypatch):
     monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
     monkeypatch.setattr(quant_linear, "_FAST_EXPERT_KERNELS", {})
-    monkeypatch.setattr(quant_linear, "_FAST_EXPERT_GROUP_KERNEL", [])
+    monkeypatch.setattr(quant_linear, "_FAST_EXPERT_GROUP_KERNEL", {})
     members = []
     for name in ("blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight"):
         info = moe_q4_k_m.tensors[name]

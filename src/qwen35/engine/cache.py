@@ -41,7 +41,9 @@ class DeltaNetState:
     conv: torch.Tensor  # [B, conv_dim, kernel - 1]: the last inputs of the causal conv
     recurrent: torch.Tensor  # [B, n_v, d_k, d_v], always fp32
     # The network replaces both tensors at every step instead of writing into them, so a snapshot
-    # may hold the tensors of a cache that goes on being fed.
+    # may hold the tensors of a cache that goes on being fed; except where `in_place` is set (a
+    # cache that a CUDA graph replays over owns its tensors, which must stay where they are).
+    in_place: bool = False
 
     def select(self, rows: list[int]) -> DeltaNetState:
         return DeltaNetState(self.conv[rows], self.recurrent[rows])  # indexing with a list copies
@@ -108,6 +110,8 @@ class AttentionKV:
 
     def make_room(self, starts: torch.Tensor, length: int) -> None:
         """Capacity for `length` more tokens after each row's `starts` (doubling, as a list grows)."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # a graph's cache is given its whole capacity before capture (engine/cuda_graphs.py)
         needed = int(starts.max()) + length
         if needed > self.capacity:
             self.reserve(tokens=max(needed, 2 * self.capacity, 16))
@@ -198,6 +202,10 @@ class HybridCache:
     Its tensors are made and written in inference mode (the model's forward runs in it, and an
     inference tensor can only be written in place there), so are the row operations."""
 
+    # Set on a cache that a CUDA graph replays over: attention then spans this many slots whatever
+    # the rows' lengths, and the counters are advanced in place, so the graph's buffers stay valid.
+    static_length: int | None = None
+
     def __init__(self, layers: list, lengths: torch.Tensor, next_positions: torch.Tensor):
         self.layers = layers
         self.lengths = lengths  # [B] tokens each row holds
@@ -213,6 +221,10 @@ class HybridCache:
         return positions.unsqueeze(0).expand(3, -1, -1)
 
     def advance(self, length: int, positions: torch.Tensor) -> None:
+        if self.static_length is not None:
+            self.lengths.add_(length)
+            self.next_positions.copy_(positions.amax(dim=(0, 2)) + 1)
+            return
         self.lengths = self.lengths + length
         self.next_positions = positions.amax(dim=(0, 2)) + 1
 

@@ -155,7 +155,28 @@ def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids
     token_id = _prefill_and_sample(model, cache, prompt, prefill_chunk, sampler, prepared, cached)
     prefill_seconds = time.perf_counter() - started
     decode_started = time.perf_counter()
+    decoder = _graph_decoder(model, cache, len(prompt), max_new_tokens)
+    try:
+        yield from _decode_steps(model, cache, decoder, token_id, sampler, prompt, max_new_tokens, stop_token_ids,
+                                 text_stream, prefill_seconds, decode_started, cached)
+    finally:
+        if decoder is not None:
+            decoder.release()
 
+
+def _graph_decoder(model, cache, prompt_length: int, max_new_tokens: int):
+    """A CUDA-graph decoder over `cache` where the model's device takes one (engine/cuda_graphs.py), else None."""
+    from qwen35.engine.cuda_graphs import GraphDecoder, graphs_supported
+
+    if max_new_tokens < 2 or not graphs_supported(model):
+        return None
+    # K/V room for the first stretch of the answer; the decoder doubles it if the answer goes on.
+    capacity = prompt_length + min(max_new_tokens, 1024)
+    return GraphDecoder(model, cache, -(-capacity // 256) * 256)
+
+
+def _decode_steps(model, cache, decoder, token_id, sampler, prompt, max_new_tokens, stop_token_ids, text_stream,
+                  prefill_seconds, decode_started, cached):
     generated = 0
     while True:
         generated += 1
@@ -187,7 +208,7 @@ def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids
         )
         if finish_reason is not None:
             return
-        token_id = _decode_and_sample(model, cache, token_id, sampler)
+        token_id = _decode_and_sample(model, cache, token_id, sampler, decoder)
 
 
 # Inference mode is entered per model call, never across a yield: a suspended generator
@@ -212,8 +233,11 @@ def _prefill_and_sample(model, cache, prompt: list[int], chunk: int, sampler: Sa
 
 
 @torch.inference_mode()
-def _decode_and_sample(model, cache, token_id: int, sampler: Sampler) -> int:
-    logits = model.forward(torch.tensor([[token_id]], dtype=torch.long), cache)[:, -1, :]
+def _decode_and_sample(model, cache, token_id: int, sampler: Sampler, decoder=None) -> int:
+    if decoder is not None:
+        logits = decoder.step([token_id])[:, -1, :]
+    else:
+        logits = model.forward(torch.tensor([[token_id]], dtype=torch.long), cache)[:, -1, :]
     return int(sample(logits, [sampler])[0])
 
 

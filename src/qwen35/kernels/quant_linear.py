@@ -8,10 +8,11 @@ Each module has a `mode`:
 - "reference" (default): exact fp32 dequantization (`dequant.dequantize`, bit-equal
   to gguf-py) followed by an fp32 matmul. Large weights are dequantized a slab of
   rows at a time so the temporary stays small.
-- "fast": a registered fast kernel for the weight's type when there is one
+- "fast": a registered fast kernel for the weight's type and device when there is one
   (see `register_fast_kernel`, and `register_fast_expert_kernel` for whole MoE calls;
   `qwen35.kernels.fast_cpu.install()` registers the AVX-512 CPU kernels for every
-  quantized type and F16/BF16), otherwise the reference path. The model never needs to
+  quantized type and F16/BF16, `qwen35.kernels.fast_cuda.install()` the Triton GPU
+  kernels), otherwise the reference path. The model never needs to
   know which: `set_mode(model, "fast")` switches every layer in place. A kernel may want
   the weights re-arranged: its `prepare` function runs once, when a module enters
   "fast" mode, and the result (`fast_weights`) is what the kernel then receives; leaving
@@ -47,70 +48,75 @@ _DENSE_TYPES = {
 # A fast kernel computes x @ W^T from the weights in its own form (see WeightPrep):
 #   kernel(weights, type_id, x [M, in] float32, in_features, out_features) -> [M, out] float32
 FastKernel = Callable[[torch.Tensor, int, torch.Tensor, int, int], torch.Tensor]
-_FAST_KERNELS: dict[int, FastKernel] = {}
+_FAST_KERNELS: dict[tuple[str, int], FastKernel] = {}  # by (device type, ggml type)
 
 # A fast expert kernel takes a whole QuantExperts call, or declines it by returning None:
 #   kernel(weights, type_id, x [R, in] float32 (one row per slot, R = S, or one per token
 #          shared by its S / R consecutive slots), expert_ids [S],
 #          in_features, out_features) -> [S, out] float32 | None
 FastExpertKernel = Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor, int, int], torch.Tensor | None]
-_FAST_EXPERT_KERNELS: dict[int, FastExpertKernel] = {}
+_FAST_EXPERT_KERNELS: dict[tuple[str, int], FastExpertKernel] = {}
 
 # A fast group kernel applies several layers to one input in one call, or declines (None):
 #   kernel([weights], [type_id], x [M, in] float32, in_features, [out_features]) -> [M, sum(out)] | None
 FastGroupKernel = Callable[[list, list, torch.Tensor, int, list], torch.Tensor | None]
-_FAST_GROUP_KERNEL: list[FastGroupKernel] = []
+_FAST_GROUP_KERNEL: dict[str, FastGroupKernel] = {}  # by device type
 
 # The same for several QuantExperts on one input per slot (gate and up):
 #   kernel([weights], [type_id], x [R, in] (as above), expert_ids [S], in_features, [out_features]) -> [S, sum(out)] | None
 FastExpertGroupKernel = Callable[[list, list, torch.Tensor, torch.Tensor, int, list], torch.Tensor | None]
-_FAST_EXPERT_GROUP_KERNEL: list[FastExpertGroupKernel] = []
+_FAST_EXPERT_GROUP_KERNEL: dict[str, FastExpertGroupKernel] = {}
 
 # Rows of blocks -> fp32 rows, bit-equal to dequant.dequantize, for "fast" mode's `rows`
 # (the embedding lookup), or None to decline:
 #   dequantizer(blocks [N, row_bytes], type_id, in_features) -> [N, in] float32 | None
 Dequantizer = Callable[[torch.Tensor, int, int], torch.Tensor | None]
-_FAST_DEQUANTIZER: list[Dequantizer] = []
+_FAST_DEQUANTIZER: dict[str, Dequantizer] = {}
 
 # The weights' form for a type's fast kernels, made once from the blocks:
 #   prepare(blocks [out, row_bytes] or [E, out, row_bytes], type_id, in_features) -> weights
 # Without one, the kernels take the blocks themselves.
 WeightPrep = Callable[[torch.Tensor, int, int], torch.Tensor]
-_WEIGHT_PREPS: dict[int, WeightPrep] = {}
+_WEIGHT_PREPS: dict[tuple[str, int], WeightPrep] = {}
+
+# Every registration names the device type ("cpu", "cuda") whose weights the kernel takes:
+# a module picks its kernels by where its blocks live.
 
 
-def register_fast_kernel(type_id: int, kernel: FastKernel, prepare: WeightPrep | None = None) -> None:
-    """Make `kernel` the "fast" mode matmul for weights of ggml type `type_id`, fed with
-    `prepare(blocks, type_id, in_features)` when given (for QuantExperts too)."""
-    _FAST_KERNELS[int(type_id)] = kernel
+def register_fast_kernel(type_id: int, kernel: FastKernel, prepare: WeightPrep | None = None,
+                         device: str = "cpu") -> None:
+    """Make `kernel` the "fast" mode matmul for weights of ggml type `type_id` on `device`, fed
+    with `prepare(blocks, type_id, in_features)` when given (for QuantExperts too)."""
+    key = (device, int(type_id))
+    _FAST_KERNELS[key] = kernel
     if prepare is None:
-        _WEIGHT_PREPS.pop(int(type_id), None)
+        _WEIGHT_PREPS.pop(key, None)
     else:
-        _WEIGHT_PREPS[int(type_id)] = prepare
+        _WEIGHT_PREPS[key] = prepare
 
 
-def fast_kernel_for(type_id: int) -> FastKernel | None:
-    return _FAST_KERNELS.get(int(type_id))
+def fast_kernel_for(type_id: int, device: str = "cpu") -> FastKernel | None:
+    return _FAST_KERNELS.get((device, int(type_id)))
 
 
-def register_fast_group_kernel(kernel: FastGroupKernel) -> None:
+def register_fast_group_kernel(kernel: FastGroupKernel, device: str = "cpu") -> None:
     """Let `kernel` take whole LinearGroup calls whose layers are all in "fast" mode."""
-    _FAST_GROUP_KERNEL[:] = [kernel]
+    _FAST_GROUP_KERNEL[device] = kernel
 
 
-def register_fast_expert_group_kernel(kernel: FastExpertGroupKernel) -> None:
+def register_fast_expert_group_kernel(kernel: FastExpertGroupKernel, device: str = "cpu") -> None:
     """Let `kernel` take whole ExpertGroup calls whose experts are all in "fast" mode."""
-    _FAST_EXPERT_GROUP_KERNEL[:] = [kernel]
+    _FAST_EXPERT_GROUP_KERNEL[device] = kernel
 
 
-def register_fast_expert_kernel(type_id: int, kernel: FastExpertKernel) -> None:
+def register_fast_expert_kernel(type_id: int, kernel: FastExpertKernel, device: str = "cpu") -> None:
     """Let `kernel` take whole "fast" mode QuantExperts calls for weights of ggml type `type_id`."""
-    _FAST_EXPERT_KERNELS[int(type_id)] = kernel
+    _FAST_EXPERT_KERNELS[(device, int(type_id))] = kernel
 
 
-def register_fast_dequantizer(dequantizer: Dequantizer) -> None:
+def register_fast_dequantizer(dequantizer: Dequantizer, device: str = "cpu") -> None:
     """Let "fast" mode's `QuantLinear.rows` dequantize with `dequantizer` (bit-equal to the reference)."""
-    _FAST_DEQUANTIZER[:] = [dequantizer]
+    _FAST_DEQUANTIZER[device] = dequantizer
 
 
 def set_mode(root: torch.nn.Module, mode: str) -> None:
@@ -137,7 +143,7 @@ class _Modes:
     def mode(self, mode: str) -> None:
         if mode not in MODES:
             raise Qwen35Error(f"unknown kernel mode {mode!r} (choose from {', '.join(MODES)})")
-        prepare = _WEIGHT_PREPS.get(self.type_id) if mode == "fast" else None
+        prepare = _WEIGHT_PREPS.get((self.device_type, self.type_id)) if mode == "fast" else None
         if prepare is None:
             self.fast_weights = None
         elif self._mode != "fast" or self.fast_weights is None:
@@ -146,6 +152,18 @@ class _Modes:
 
     def _kernel_weights(self) -> torch.Tensor:
         return self.blocks if self.fast_weights is None else self.fast_weights
+
+    @property
+    def device_type(self) -> str:
+        return self.blocks.device.type
+
+    def _apply(self, fn, recurse=True):
+        # Moving to another device (`.to("cuda")`) re-prepares the weights for that device's kernels.
+        super()._apply(fn, recurse)
+        if self._mode == "fast":
+            self.fast_weights = None
+            self.mode = "fast"
+        return self
 
 
 def _dense_bytes(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -208,11 +226,13 @@ class QuantLinear(_Modes, torch.nn.Module):
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` of the weight as float32 [*index.shape, in]: an embedding lookup."""
         index = torch.as_tensor(index, dtype=torch.long)
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.out_features):
+        # Checking ids on a GPU would wait for it; the model checks token ids before they get there.
+        if index.numel() and index.device.type == "cpu" and (int(index.min()) < 0 or int(index.max()) >= self.out_features):
             raise Qwen35Error(f"row index out of range [0, {self.out_features})")
         picked = self.blocks[index.reshape(-1).to(self.blocks.device)]
-        if self.mode == "fast" and _FAST_DEQUANTIZER and picked.numel():
-            rows = _FAST_DEQUANTIZER[0](picked, self.type_id, self.in_features)
+        dequantizer = _FAST_DEQUANTIZER.get(self.device_type) if self.mode == "fast" else None
+        if dequantizer is not None and picked.numel():
+            rows = dequantizer(picked, self.type_id, self.in_features)
             if rows is not None:
                 return rows.reshape(*index.shape, self.in_features)
         return dequantize(picked, self.type_id, (*index.shape, self.in_features))
@@ -221,7 +241,7 @@ class QuantLinear(_Modes, torch.nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input width {x.shape[-1]} does not match in_features {self.in_features}")
         flat = _as_float32(x.reshape(-1, self.in_features))
-        kernel = fast_kernel_for(self.type_id) if self.mode == "fast" else None
+        kernel = fast_kernel_for(self.type_id, self.device_type) if self.mode == "fast" else None
         if kernel is not None:
             out = kernel(self._kernel_weights(), self.type_id, flat, self.in_features, self.out_features)
         else:
@@ -245,7 +265,7 @@ class LinearGroup:
         self.out_features = [layer.out_features for layer in layers]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        kernel = _FAST_GROUP_KERNEL[0] if _FAST_GROUP_KERNEL else None
+        kernel = _FAST_GROUP_KERNEL.get(self.layers[0].device_type)
         if kernel is not None and all(layer.mode == "fast" for layer in self.layers):
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"input width {x.shape[-1]} does not match in_features {self.in_features}")
@@ -317,7 +337,7 @@ class QuantExperts(_Modes, torch.nn.Module):
 
     def expert_matmul(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """x [M, in] float32 @ W_expert^T -> [M, out] float32."""
-        kernel = fast_kernel_for(self.type_id) if self.mode == "fast" else None
+        kernel = fast_kernel_for(self.type_id, self.device_type) if self.mode == "fast" else None
         if kernel is not None:
             return kernel(self._kernel_weights()[expert], self.type_id, x, self.in_features, self.out_features)
         return x @ self.dequantized_expert(expert).t()
@@ -335,7 +355,7 @@ class QuantExperts(_Modes, torch.nn.Module):
         n_slots = ids.numel()
         if n_slots == 0:
             return torch.empty(*expert_ids.shape, self.out_features, dtype=torch.float32, device=x.device)
-        whole_call = _FAST_EXPERT_KERNELS.get(self.type_id) if self.mode == "fast" else None
+        whole_call = _FAST_EXPERT_KERNELS.get((self.device_type, self.type_id)) if self.mode == "fast" else None
         if whole_call is not None:
             fused = whole_call(self._kernel_weights(), self.type_id, inputs, ids, self.in_features, self.out_features)
             if fused is not None:
@@ -367,7 +387,7 @@ class QuantExperts(_Modes, torch.nn.Module):
             raise ValueError(
                 f"input shape {list(x.shape)} does not fit expert_ids shape {list(expert_ids.shape)}"
             )
-        if ids.numel():
+        if ids.numel() and ids.device.type == "cpu":  # on a GPU they come from the router's top-k
             low, high = torch.aminmax(ids)
             if int(low) < 0 or int(high) >= self.n_experts:
                 raise Qwen35Error(f"expert id out of range [0, {self.n_experts})")
@@ -386,7 +406,7 @@ class ExpertGroup:
         self.out_features = [e.out_features for e in experts]
 
     def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        kernel = _FAST_EXPERT_GROUP_KERNEL[0] if _FAST_EXPERT_GROUP_KERNEL else None
+        kernel = _FAST_EXPERT_GROUP_KERNEL.get(self.experts[0].device_type)
         if kernel is not None and all(e.mode == "fast" for e in self.experts):
             first = self.experts[0]
             ids, inputs, _ = first.slot_inputs(x, expert_ids)

@@ -15,6 +15,8 @@ from qwen35.model.qwen35 import Qwen35Network
 # Prompts longer than this go through the network in pieces, carrying the cache,
 # so attention scores and the delta rule's chunk systems stay bounded.
 PREFILL_CHUNK = 512
+# A GPU runs a longer piece at once at full speed (its attention kernels hold no [T, S] matrix).
+GPU_PREFILL_CHUNK = 4096
 
 
 class Model:
@@ -55,8 +57,9 @@ class Model:
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise Qwen35Error(f"token ids must lie in 0..{self.config.vocab_size - 1}")
         pieces = []
-        for start in range(0, input_ids.shape[1], PREFILL_CHUNK):
-            stop = start + PREFILL_CHUNK
+        chunk = GPU_PREFILL_CHUNK if self.device.type == "cuda" else PREFILL_CHUNK
+        for start in range(0, input_ids.shape[1], chunk):
+            stop = start + chunk
             piece_positions = None if positions is None else positions[:, :, start:stop]
             piece_embeddings = None if embeddings is None else embeddings[:, start:stop]
             pieces.append(self.network(input_ids[:, start:stop], cache, piece_positions, piece_embeddings))

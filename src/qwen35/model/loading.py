@@ -65,7 +65,8 @@ def _set_mode_releasing_file_pages(network, mode: str, source, progress=None) ->
     release = getattr(source, "release_tensor_pages", None)
     modules = [m for m in network.modules() if isinstance(m, (QuantLinear, QuantExperts))]
     total, done = sum(m.blocks.nbytes for m in modules), 0
-    packed = sum(fast_cpu.packed_nbytes(m.type_id, _shape(m)) for m in modules) if mode == "fast" else 0
+    packed = sum(fast_cpu.packed_nbytes(m.type_id, _shape(m)) for m in modules
+                 if m.device_type == "cpu") if mode == "fast" else 0
     with fast_cpu.packing_arena(packed):
         for module in modules:
             module.mode = mode
@@ -99,6 +100,10 @@ def _build(config, weights: dict, mtp: dict, precision: str, device: torch.devic
         from qwen35.kernels import fast_cpu
 
         fast_cpu.install()
+    elif precision == "fast" and device.type == "cuda":
+        from qwen35.kernels import fast_cuda
+
+        fast_cuda.install()
     _set_mode_releasing_file_pages(network, "reference" if precision == "reference" else "fast", source, progress)
     model = Model(network, config, generation_defaults, precision, source=source)
     model.device = device

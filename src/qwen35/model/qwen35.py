@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
-from qwen35.kernels import fast_cpu
+from qwen35.kernels import fast_cpu, fast_cuda
 from qwen35.kernels.delta_rule import fast_ops, gated_delta_rule
 from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup
 from qwen35.model.config import FULL_ATTENTION, ModelConfig
@@ -161,8 +161,10 @@ class RotaryEmbedding:
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [3, B, T] -> cos, sin [B, T, rotary_dim]."""
-        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)  # [3, B, T, half]
-        index = self.stream.to(positions.device).expand(*freqs.shape[1:])[None]
+        if self.inv_freq.device != positions.device:  # moved once: a copy per step would stall a GPU
+            self.inv_freq, self.stream = self.inv_freq.to(positions.device), self.stream.to(positions.device)
+        freqs = positions.float()[..., None] * self.inv_freq  # [3, B, T, half]
+        index = self.stream.expand(*freqs.shape[1:])[None]
         freqs = freqs.gather(0, index)[0]
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos(), angles.sin()
@@ -304,6 +306,8 @@ class GatedDeltaNet:
     def __call__(self, x, state: DeltaNetState):
         c = self.c
         projected, a, b, z = self.in_proj(x)
+        if x.shape[1] == 1 and x.device.type == "cuda" and fast_cuda.available():
+            return self.out_proj(self._decode_on_gpu(projected, a, b, z, state))
         fast = fast_ops() if x.device.type == "cpu" else None
         if fast is not None and x.shape[1] == 1:  # decode: all of it in one call (csrc/deltanet_decode.cpp)
             y, state.conv, state.recurrent = fast.deltanet_decode(
@@ -324,6 +328,20 @@ class GatedDeltaNet:
         if fast is None:
             return self.out_proj(self.gated_norm(out, z))
         return self.out_proj(fast.gated_rms_norm(out, z, self.norm, c.rms_norm_eps))
+
+
+    def _decode_on_gpu(self, projected, a, b, z, state: DeltaNetState) -> torch.Tensor:
+        """One token per row as Triton kernels (kernels/triton_deltanet.py) that update the state in place."""
+        from qwen35.kernels.triton_deltanet import deltanet_decode_
+
+        c = self.c
+        if not state.in_place:  # a snapshot may hold these tensors: write into copies
+            state.conv, state.recurrent = state.conv.clone(), state.recurrent.clone()
+        return deltanet_decode_(
+            projected, a, b, z, state.conv, self.conv_weight, self.dt_bias, self.decay_rate, self.norm,
+            state.recurrent, c.linear_num_key_heads, c.linear_key_head_dim, c.linear_num_value_heads,
+            c.linear_value_head_dim, c.value_head_order == "grouped", L2_NORM_EPS, c.rms_norm_eps,
+        )
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -461,7 +479,8 @@ class Qwen35Network(nn.Module):
         starts = cache.lengths
         rope = self.rotary.cos_sin(positions)
         # Row b's query t sees keys 0 .. starts[b] + t of its own row.
-        key_index = torch.arange(int(starts.max()) + length, device=input_ids.device)
+        span = cache.static_length if cache.static_length is not None else int(starts.max()) + length
+        key_index = torch.arange(span, device=input_ids.device)
         query_end = starts[:, None] + torch.arange(length, device=input_ids.device)  # [B, T]
         mask = key_index[None, None, :] <= query_end[:, :, None]  # [B, T, S]
 

@@ -1,0 +1,212 @@
+"""Prefill and decode speed of a random model with a real Qwen 3.5 size's shapes, on a CUDA GPU.
+
+    python benchmarks/gpu_bench.py --size 35b-a3b --type Q4_K_M --batch 1 8
+
+The GGUF is made by make_model with its tensor data left unwritten (a sparse file:
+seconds, not minutes, for 20 GB), loaded through load_model like any file, and then
+every weight gets random blocks on the GPU, with the same calibrated scale fields as
+make_model writes. Speed depends on shapes and block types, not values.
+
+Reported: load time; prefill tok/s of one long prompt; decode tok/s at each batch size
+through the CUDA-graph decoder (and eager, for comparison, at batch 1); and the
+decode roofline: the bytes a token must read (every weight but the embedding, the
+used experts' share of the expert weights) over the copy bandwidth measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_model import SCALE_FIELDS, benchmark_spec, scale_calibration, write_model  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+import qwen35  # noqa: E402
+from qwen35.engine.cache import HybridCache  # noqa: E402
+from qwen35.engine.cuda_graphs import GraphDecoder  # noqa: E402
+from qwen35.kernels.dequant import block_geometry  # noqa: E402
+from qwen35.kernels.quant_linear import QuantExperts, QuantLinear  # noqa: E402
+
+
+def randomize_blocks_(module, generator: torch.Generator) -> None:
+    """Random quants and calibrated, finite per-block scales, written over the module's blocks on its device."""
+    blocks, type_id = module.blocks, T(module.type_id)
+    if type_id in (T.F32, T.F16, T.BF16):
+        dtype = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}[type_id]
+        values = blocks.view(dtype)
+        values.copy_(torch.randn(values.shape, generator=generator, device=blocks.device) * 0.02)
+        return
+    _, block_bytes = block_geometry(type_id)
+    flat = blocks.view(-1, block_bytes)
+    flat.copy_(torch.randint(0, 256, flat.shape, dtype=torch.uint8, generator=generator, device=blocks.device))
+    d_unit, min_ratio = scale_calibration(type_id)
+    d_offset, min_offset = SCALE_FIELDS[type_id]
+    d = (torch.rand(flat.shape[0], generator=generator, device=blocks.device) + 0.5) * d_unit
+    flat[:, d_offset:d_offset + 2] = d.half().view(torch.uint8).view(-1, 2)
+    if min_offset is not None:
+        flat[:, min_offset:min_offset + 2] = (d * min_ratio).half().view(torch.uint8).view(-1, 2)
+
+
+def randomize_small_tensors_(network, generator: torch.Generator) -> None:
+    """Norm gains near 1, decay rates in the trained range, conv taps and gates small (make_model's ranges)."""
+    def uniform_(t, low, high):
+        t.copy_(torch.rand(t.shape, generator=generator, device=t.device) * (high - low) + low)
+
+    for norm in [network.final_norm] + [w for layer in network.layers for w in (layer.input_norm, layer.post_norm)]:
+        uniform_(norm, 0.9, 1.1)
+    for layer in network.layers:
+        mixer = layer.mixer
+        if layer.is_attention:
+            uniform_(mixer.q_norm, 0.9, 1.1)
+            uniform_(mixer.k_norm, 0.9, 1.1)
+        else:
+            uniform_(mixer.norm, 0.9, 1.1)
+            uniform_(mixer.decay_rate, -16.0, -1.0)
+            uniform_(mixer.dt_bias, -1.0, 1.0)
+            mixer.conv_weight.copy_(torch.randn(mixer.conv_weight.shape, generator=generator,
+                                                device=mixer.conv_weight.device) * 0.2)
+        shared_gate = getattr(layer.mlp, "shared_gate", None)
+        if shared_gate is not None:
+            shared_gate.copy_(torch.randn(shared_gate.shape, generator=generator, device=shared_gate.device) * 0.02)
+
+
+def decode_bytes_per_token(network, config) -> int:
+    """Bytes one token reads: every matrix but the embedding (one row of it), k of E experts' share."""
+    total = 0
+    for module in network.modules():
+        if isinstance(module, QuantExperts):
+            total += module.blocks.nbytes * config.num_experts_per_tok // module.n_experts
+        elif isinstance(module, QuantLinear) and module is not network.embed_tokens:
+            total += module.blocks.nbytes
+    return total + network.embed_tokens.blocks[0].nbytes
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read plus written per second by a large device-to-device copy."""
+    source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        target.copy_(source)
+    synchronize(device)
+    return 2 * source.nbytes * 20 / (time.perf_counter() - start)
+
+
+def timed(fn, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def prefill_speed(model, prompt_tokens: int, generator) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=generator, device=model.device)
+    model.forward(ids[:, :256], model.make_cache(1))  # compiles the prefill kernels
+    return prompt_tokens / timed(lambda: model.forward(ids, model.make_cache(1)), model.device)
+
+
+def decode_speed(model, batch: int, steps: int, context: int, generator, graphs: bool = True) -> float:
+    """Tokens per second summed over `batch` rows, each decoding `steps` tokens after a `context`-token prompt."""
+    rows = []
+    for _ in range(batch):
+        cache = model.make_cache(1)
+        ids = torch.randint(0, model.config.vocab_size, (1, context), generator=generator, device=model.device)
+        model.forward(ids, cache)
+        rows.append(cache)
+    cache = HybridCache.merge(rows) if batch > 1 else rows[0]
+    tokens = torch.randint(0, model.config.vocab_size, (batch,), generator=generator, device=model.device).tolist()
+    if graphs:
+        decoder = GraphDecoder(model, cache, context + steps + 16)
+        decoder.step(tokens)  # first replay
+        seconds = timed(lambda: [decoder.step(tokens) for _ in range(steps)], model.device)
+        decoder.release()
+    else:
+        ids = torch.tensor(tokens, device=model.device)[:, None]
+        model.forward(ids, cache)
+        seconds = timed(lambda: [model.forward(ids, cache) for _ in range(steps)], model.device)
+    return batch * steps / seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--size", default="35b-a3b")
+    parser.add_argument("--type", default="Q4_K_M")
+    parser.add_argument("--layers", type=int, help="cut the model to this many layers (default: all)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=8192, help="prefill prompt length")
+    parser.add_argument("--context", type=int, default=512, help="prompt length before decoding")
+    parser.add_argument("--steps", type=int, default=128, help="decoded tokens timed per batch size")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/qwen35-bench"))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--device", default="cuda", help="cuda (the point); cpu checks the script itself")
+    args = parser.parse_args(argv)
+
+    spec = benchmark_spec(args.size, args.layers)
+    path = args.dir / f"{args.size}-L{spec.n_layers}-{args.type}-sparse.gguf"
+    started = time.perf_counter()
+    if not path.exists():
+        write_model(path, spec, args.type, fill=False)
+    made = time.perf_counter() - started
+    started = time.perf_counter()
+    model = qwen35.load_model(path, device=args.device, precision="reference" if args.device == "cpu" else "fast")
+    loaded = time.perf_counter() - started
+    generator = torch.Generator(device=args.device).manual_seed(0)
+    # (On the CPU the blocks are the file's read-only map: the script's check there runs on zeros.)
+    with torch.inference_mode():
+        for module in model.network.modules():
+            if isinstance(module, (QuantLinear, QuantExperts)) and module.blocks.is_cuda:
+                randomize_blocks_(module, generator)
+        randomize_small_tensors_(model.network, generator)
+    synchronize(args.device)
+    graphs = model.device.type == "cuda"
+
+    bandwidth = copy_bandwidth(args.device)
+    per_token = decode_bytes_per_token(model.network, model.config)
+    results = {
+        "device": torch.cuda.get_device_name() if graphs else "cpu", "model": path.name, "file_GB": path.stat().st_size / 1e9,
+        "make_s": made, "load_s": loaded, "copy_GB/s": bandwidth / 1e9, "decode_bytes_per_token_GB": per_token / 1e9,
+        "gpu_memory_GB": torch.cuda.memory_allocated() / 1e9 if graphs else 0.0,
+    }
+    print(json.dumps(results), flush=True)
+    results["prefill_tok/s"] = prefill_speed(model, args.prompt, generator)
+    print(f"prefill {args.prompt} tokens: {results['prefill_tok/s']:.0f} tok/s", flush=True)
+    results["decode_eager_b1_tok/s"] = decode_speed(model, 1, 16, args.context, generator, graphs=False)
+    print(f"decode eager b1: {results['decode_eager_b1_tok/s']:.1f} tok/s", flush=True)
+    for batch in args.batch:
+        results[f"decode_b{batch}_tok/s"] = decode_speed(model, batch, args.steps, args.context, generator, graphs)
+        print(f"decode graphs b{batch}: {results[f'decode_b{batch}_tok/s']:.1f} tok/s", flush=True)
+    floor = per_token / bandwidth
+    results["roofline_b1"] = results["decode_b1_tok/s"] * floor if "decode_b1_tok/s" in results else None
+    results["peak_gpu_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9 if graphs else 0.0
+
+    print(f"\n{results['device']}: {path.name} ({results['file_GB']:.1f} GB), copy {bandwidth / 1e9:.0f} GB/s")
+    print(f"| what | value |\n|---|---|")
+    print(f"| prefill, {args.prompt}-token prompt | {results['prefill_tok/s']:.0f} tok/s |")
+    print(f"| decode, batch 1, eager | {results['decode_eager_b1_tok/s']:.1f} tok/s |")
+    for batch in args.batch:
+        print(f"| decode, batch {batch}, {'CUDA graph' if graphs else 'eager'} | {results[f'decode_b{batch}_tok/s']:.1f} tok/s |")
+    if results["roofline_b1"] is not None:
+        print(f"| batch-1 decode vs roofline ({per_token / 1e9:.2f} GB/token) | {100 * results['roofline_b1']:.0f}% |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU check, in under 8 minutes on one H100/H200: the CUDA parity tests against the
+# fixtures, then a 35B-A3B-shaped random Q4_K_M model (all 40 layers, ~20 GB) at batch 1
+# and 8 concurrent sequences (benchmarks/gpu_bench.py). Runs with the machine's own torch
+# and triton; packages it lacks travel as wheels in .gpu/whl, the fixtures it needs in
+# .gpu/fixtures (or QWEN35_FIXTURES). Logs and the benchmark's JSON go to $OUT (or /tmp).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-/tmp/qwen35-gpu-check}"
+mkdir -p "$out"
+if compgen -G ".gpu/whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -d .gpu/fixtures ] && export QWEN35_FIXTURES="${QWEN35_FIXTURES:-$PWD/.gpu/fixtures}"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfEs \
+    tests/test_triton_gguf.py tests/test_triton_deltanet.py tests/test_triton_moe.py tests/test_cuda.py \
+    2>&1 | tee "$out/tests.log"
+tests=${PIPESTATUS[0]}
+
+timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_bench.py --size 35b-a3b --type Q4_K_M --batch 1 8 \
+    --json "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log"
+bench=${PIPESTATUS[0]}
+echo "tests exit $tests, benchmark exit $bench"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

@@ -1,0 +1,106 @@
+"""Decode steps replayed from a CUDA graph: the whole network as one launch per token.
+
+A decode step is hundreds of small kernels. Launched one by one from Python, their
+launch costs exceed their run time on a GPU; a captured graph replays them with none
+of that. A graph reads and writes fixed addresses, so `GraphDecoder` first pins the
+cache it decodes into:
+- K/V storage gets its whole capacity up front, and attention spans all of it (slots
+  past a row's length are masked), so no shape depends on the lengths;
+- DeltaNet states are updated in place (the cache's own copies: a snapshot may have
+  shared the old tensors), and the lengths and positions are advanced in place;
+- the token ids go in through a fixed buffer, the logits come out of another.
+Nothing in the step reads a device value on the host (the kernels of fast_cuda are
+built for that). `release()` hands the cache back as an ordinary one, holding every
+token decoded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen35.engine.cache import DeltaNetState, HybridCache
+from qwen35.errors import Qwen35Error
+
+
+def graphs_supported(model) -> bool:
+    """Whether decode on this model's device can be captured (CUDA, fast kernels)."""
+    from qwen35.kernels import fast_cuda
+
+    device = getattr(model, "device", None)  # stand-in models (tests, fakes) may have none
+    return (isinstance(device, torch.device) and device.type == "cuda" and getattr(model, "precision", None) == "fast"
+            and fast_cuda.available())
+
+
+class GraphDecoder:
+    """Captured decode steps over `cache` (B rows, on the model's GPU). K/V room starts at `capacity`
+    tokens a row and doubles, with a new capture, when a row fills it."""
+
+    def __init__(self, model, cache: HybridCache, capacity: int):
+        if not graphs_supported(model):
+            raise Qwen35Error("CUDA graphs need the model on a CUDA device in fast precision")
+        self.model, self.cache = model, cache
+        self.host_lengths = [int(n) for n in cache.lengths.tolist()]
+        self.token_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
+        _warm_up(model, cache.batch_size)
+        self._capture(max(int(capacity), max(self.host_lengths, default=0) + 1))
+
+    def _capture(self, capacity: int) -> None:
+        cache = self.cache
+        self.capacity = capacity
+        with torch.inference_mode():
+            cache.reserve(rows=cache.batch_size, tokens=capacity)
+            for layer in cache.layers:
+                if isinstance(layer, DeltaNetState) and not layer.in_place:
+                    layer.conv, layer.recurrent = layer.conv.clone(), layer.recurrent.clone()
+                    layer.in_place = True
+            cache.lengths, cache.next_positions = cache.lengths.clone(), cache.next_positions.clone()
+        cache.static_length = capacity
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.logits = self.model.network(self.token_ids, cache)
+
+    def step(self, token_ids) -> torch.Tensor:
+        """Feed one token per row; logits [B, 1, vocab] float32, valid until the next step."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() != len(self.host_lengths):
+            raise Qwen35Error(f"{ids.numel()} token ids for a batch of {len(self.host_lengths)}")
+        vocab = self.model.config.vocab_size
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise Qwen35Error(f"token ids must lie in 0..{vocab - 1}")
+        if max(self.host_lengths) + 1 > self.capacity:
+            self._capture(2 * self.capacity)
+        self.token_ids.copy_(ids.reshape(-1, 1))
+        self.graph.replay()
+        self.host_lengths = [n + 1 for n in self.host_lengths]
+        return self.logits
+
+    def release(self) -> HybridCache:
+        """The cache as an ordinary one again (states replaced per step, K/V grown on demand)."""
+        cache = self.cache
+        cache.static_length = None
+        for layer in cache.layers:
+            if isinstance(layer, DeltaNetState):
+                layer.in_place = False
+        self.graph = None
+        return cache
+
+
+_warmed: set[tuple[int, int]] = set()
+
+
+def _warm_up(model, batch_size: int) -> None:
+    """Run the decode step once eagerly on a scratch cache: Triton compiles its kernels and cuBLAS
+    makes its handles there, which must not happen inside a capture."""
+    key = (id(model.network), batch_size)
+    if key in _warmed:
+        return
+    scratch = model.make_cache(batch_size)
+    tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.inference_mode():
+        for _ in range(2):
+            model.network(tokens, scratch)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    _warmed.add(key)

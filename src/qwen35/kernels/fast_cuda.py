@@ -1,0 +1,102 @@
+"""The Triton GPU kernels as "fast" mode for weights on a CUDA device.
+
+`install()` registers, for device type "cuda":
+- QuantLinear: a matrix-vector product straight from the GGUF blocks for a few rows
+  (decode: the weight is read once, as blocks), and for more rows (prefill) the weight
+  dequantized to bf16 by a Triton kernel, then a cuBLAS product; F32/F16/BF16 weights
+  are used as they are;
+- QuantExperts: for a few slots, one launch that reads each slot's expert from the
+  blocks (expert ids stay on the device); for more, every expert dequantized to bf16
+  and one grouped Triton product over the slots sorted by expert;
+- the embedding rows, dequantized bit-equal to the reference.
+
+Decode's kernels never read device values on the host, so a whole decode step can be
+captured in a CUDA graph (engine/cuda_graphs.py). The plain references of each kernel
+are the reference mode's (dequant.py); tests/test_triton_*.py pin them together.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from gguf import GGMLQuantizationType as T
+
+from qwen35.kernels import quant_linear
+
+# Up to this many input rows, a weight is read as blocks by the matrix-vector kernel;
+# beyond, dequantizing it once and running a matrix product is faster.
+GEMV_MAX_ROWS = 16
+# The same for expert slots (tokens x experts per token).
+EXPERT_GEMV_MAX_SLOTS = 64
+
+_DENSE = {int(T.F32): torch.float32, int(T.F16): torch.float16, int(T.BF16): torch.bfloat16}
+
+
+@functools.cache
+def available() -> bool:
+    """A CUDA device and Triton, and no QWEN35_NO_FAST_KERNELS in the environment."""
+    if os.environ.get("QWEN35_NO_FAST_KERNELS") or not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _gguf():
+    from qwen35.kernels import triton_gguf
+
+    return triton_gguf
+
+
+def _dense_weight(blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor:
+    return blocks.view(_DENSE[type_id]).reshape(*blocks.shape[:-1], in_features)
+
+
+def matmul(weights: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+    """x [M, in] float32 @ W^T -> [M, out] float32, W as GGUF blocks on the GPU."""
+    if type_id in _DENSE:
+        weight = _dense_weight(weights, type_id, in_features)
+        return x @ weight.t() if weight.dtype == torch.float32 else (x.to(weight.dtype) @ weight.t()).float()
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return _gguf().gemv(weights, type_id, x, in_features)
+    weight = _gguf().dequantize(weights, type_id, in_features, torch.bfloat16)
+    return (x.to(torch.bfloat16) @ weight.t()).float()
+
+
+def expert_matmul(weights: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                  in_features: int, out_features: int) -> torch.Tensor | None:
+    """A whole QuantExperts call: x [R, in] float32, expert_ids [S] on the device -> [S, out] float32."""
+    from qwen35.kernels import triton_moe
+
+    if type_id in _DENSE:
+        experts = _dense_weight(weights, type_id, in_features).to(torch.bfloat16)
+        return triton_moe.grouped_expert_matmul(x, experts, expert_ids)
+    if expert_ids.numel() <= EXPERT_GEMV_MAX_SLOTS:
+        return _gguf().expert_gemv(weights, type_id, x, expert_ids, in_features)
+    experts = _gguf().dequantize(weights, type_id, in_features, torch.bfloat16)  # [E, out, in]
+    return triton_moe.grouped_expert_matmul(x, experts, expert_ids)
+
+
+def dequantize_rows(blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor | None:
+    """Embedding rows [N, row_bytes] -> [N, in] float32, bit-equal to the reference; None for other types."""
+    if type_id in _DENSE:
+        return _dense_weight(blocks, type_id, in_features).float()
+    if not _gguf().supports(type_id):
+        return None
+    return _gguf().dequantize(blocks, type_id, in_features, torch.float32)
+
+
+def install() -> bool:
+    """Register the kernels above for weights on CUDA; False (nothing registered) where they cannot run."""
+    if not available():
+        return False
+    gguf_kernels = _gguf()
+    quant_linear.register_fast_dequantizer(dequantize_rows, device="cuda")
+    for type_id in (*_DENSE, *gguf_kernels.SUPPORTED_TYPES):
+        quant_linear.register_fast_kernel(type_id, matmul, device="cuda")
+        quant_linear.register_fast_expert_kernel(type_id, expert_matmul, device="cuda")
+    return True

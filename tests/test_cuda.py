@@ -1,0 +1,128 @@
+"""The engine on a CUDA GPU against the fixtures' references (skipped where torch sees no GPU;
+benchmarks/gpu_check.sh runs it on one).
+
+Tolerances, stated:
+- reference precision runs fp32 throughout, as on the CPU: max |logit - exact| <= 1e-2 (the
+  exact logits are stored as float16) and top-1 agreement >= 0.98, the CPU's bounds;
+- fast precision reads the blocks with fp32 sums in decode (matrix-vector kernels) and runs
+  prefill's big products in bf16 with fp32 sums: it must meet the CPU fast path's bounds (mean
+  KL vs exact <= 0.01 dense, 0.02 MoE; top-1 within 0.02 of llama.cpp's own), and decode must
+  be as close to exact as llama.cpp (1.15x its KL, the CPU test's allowance);
+- CUDA-graph decode replays the eager step's kernels over a wider (masked) attention span:
+  max |diff| <= 1e-3 against eager decode on the GPU.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import qwen35
+from qwen35.engine.cache import HybridCache
+from test_model_fast_mode import KL_LIMIT, mean_kl
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (benchmarks/gpu_check.sh runs these on the GPU machine)")
+
+CASES = [("dense", "Q8_0"), ("dense", "Q4_K_M"), ("moe", "Q4_K_M")]
+
+
+def _prompt(fixtures, name, prompt="text"):
+    return json.loads((fixtures / "ref" / f"{name}.json").read_text())["sequences"][prompt]["ids"]
+
+
+def _exact(fixtures, name, quant, prompt="text"):
+    return np.load(fixtures / "ref" / f"{name}.{prompt}.exact-{quant}.logits.npy").astype(np.float32)
+
+
+@pytest.mark.parametrize("name, quant", CASES)
+def test_reference_precision_on_cuda_matches_exact(fixtures, name, quant):
+    model = qwen35.load_model(fixtures / "tiny" / f"{name}-{quant}.gguf", device="cuda", precision="reference")
+    logits = model.logits(_prompt(fixtures, name))
+    exact = _exact(fixtures, name, quant)
+    assert np.abs(logits - exact).max() <= 1e-2
+    assert (logits.argmax(-1) == exact.argmax(-1)).mean() >= 0.98
+
+
+@pytest.mark.parametrize("name, quant", CASES)
+def test_fast_precision_on_cuda_is_close_to_exact(fixtures, name, quant):
+    model = qwen35.load_model(fixtures / "tiny" / f"{name}-{quant}.gguf", device="cuda")
+    assert model.precision == "fast"
+    logits, exact = model.logits(_prompt(fixtures, name)), _exact(fixtures, name, quant)
+    kl = mean_kl(exact, logits)
+    assert kl <= KL_LIMIT[name], f"{name}-{quant}: mean KL {kl:.5f} vs exact"
+    figures = json.loads((fixtures / "ref" / f"{name}.json").read_text())["llama_cpp"][quant]["text"]
+    top1 = float((logits.argmax(-1) == exact.argmax(-1)).mean())
+    assert top1 >= figures["native_vs_exact"]["top1"] - 0.02
+
+
+def _decode(model, ids, split, graphs: bool, rows: int = 1):
+    """Teacher-forced decode of ids[split:] after prefilling ids[:split] (`rows` copies of the row)."""
+    from qwen35.engine.cuda_graphs import GraphDecoder
+
+    cache = HybridCache.merge([_prefilled(model, ids[:split]) for _ in range(rows)])
+    out = []
+    decoder = GraphDecoder(model, cache, split + 16) if graphs else None  # small: the capacity doubles on the way
+    for token in ids[split:]:
+        with torch.inference_mode():
+            if decoder is not None:
+                logits = decoder.step([token] * rows)
+            else:
+                logits = model.forward(torch.tensor([[token]] * rows), cache)
+        out.append(logits[:, -1].float().cpu().numpy())
+    if decoder is not None:
+        decoder.release()
+    return np.stack(out, axis=1)  # [rows, T, vocab]
+
+
+def _prefilled(model, ids):
+    cache = model.make_cache(1)
+    model.forward(torch.tensor([ids]), cache)
+    return cache
+
+
+@pytest.mark.parametrize("name, quant", CASES)
+def test_decode_on_cuda_eager_and_graphed(fixtures, name, quant):
+    ids = _prompt(fixtures, name)
+    split = len(ids) - 40
+    model = qwen35.load_model(fixtures / "tiny" / f"{name}-{quant}.gguf", device="cuda")
+    eager = _decode(model, ids, split, graphs=False)[0]
+    graphed = _decode(model, ids, split, graphs=True)[0]
+    assert np.abs(graphed - eager).max() <= 1e-3
+    exact = _exact(fixtures, name, quant)[split:]
+    native = np.load(fixtures / "ref" / f"{name}.text.llamacpp-{quant}.logits.npy").astype(np.float32)[split:]
+    ours, llama = mean_kl(exact, eager), mean_kl(exact, native)
+    assert ours <= 1.15 * llama, f"{name}-{quant} decode: ours {ours:.5f} vs exact, llama.cpp {llama:.5f}"
+
+
+def test_graphed_batch_rows_of_different_lengths_decode_like_single_rows(fixtures):
+    """Eight rows with their own prompt lengths decode together as each does alone."""
+    from qwen35.engine.cuda_graphs import GraphDecoder
+
+    ids = _prompt(fixtures, "moe")
+    model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", device="cuda")
+    lengths = [40, 57, 64, 65, 90, 128, 129, 200]
+    steps = 12
+    cache = HybridCache.merge([_prefilled(model, ids[:n]) for n in lengths])
+    decoder = GraphDecoder(model, cache, 256)
+    together = []
+    for t in range(steps):
+        with torch.inference_mode():
+            together.append(decoder.step([ids[n + t] for n in lengths])[:, -1].float().cpu().numpy())
+    decoder.release()
+    together = np.stack(together, axis=1)
+    for row, n in enumerate(lengths):
+        alone = _decode(model, ids[: n + steps], n, graphs=False)[0]
+        assert np.abs(together[row] - alone).max() <= 1e-3, f"row {row} ({n} tokens)"
+
+
+def test_greedy_generation_on_cuda_is_the_same_with_and_without_graphs(fixtures, monkeypatch):
+    from qwen35.engine import cuda_graphs, generate
+
+    model = qwen35.load_model(fixtures / "tiny" / "dense-Q4_K_M.gguf", device="cuda")
+    prompt = _prompt(fixtures, "dense", "chat_think")
+    graphed = list(generate.stream_generate(model, prompt, max_new_tokens=24, temperature=0))
+    monkeypatch.setattr(cuda_graphs, "graphs_supported", lambda model: False)
+    eager = list(generate.stream_generate(model, prompt, max_new_tokens=24, temperature=0))
+    assert len(graphed) > 1 and graphed == eager

@@ -1,0 +1,105 @@
+"""fast_cuda's kernel choices (matrix-vector from blocks, dequantize + product, grouped experts)
+against the reference path, and a whole fixture model run through them.
+
+On a machine without a GPU the Triton kernels run in Triton's interpreter on CPU tensors
+(tests/conftest.py), with fast_cuda's functions registered for CPU weights for the test:
+the same functions, the same kernels, what CI can check. tests/test_cuda.py runs the model on
+a real GPU.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+from conftest import triton_devices
+from test_model_fast_mode import KL_LIMIT, mean_kl
+
+pytest.importorskip("triton")
+
+from qwen35.formats.gguf import GGUFModel  # noqa: E402
+from qwen35.kernels import fast_cuda, quant_linear  # noqa: E402
+from qwen35.kernels.quant_linear import QuantExperts, QuantLinear, reference_matmul, set_mode  # noqa: E402
+
+DEVICE = triton_devices()[0]
+
+
+def _fixture_weight(fixtures, file_name: str, tensor: str):
+    gguf = GGUFModel(fixtures / "tiny" / file_name)
+    info = gguf.tensors[tensor]
+    return torch.from_numpy(gguf.tensor_data(tensor).copy()), info
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])  # 1 and 5: from the blocks; 40: dequantized to bf16, then a product
+def test_matmul_follows_the_reference(fixtures, rows):
+    raw, info = _fixture_weight(fixtures, "dense-Q4_K_M.gguf", "blk.0.ffn_down.weight")
+    out_features, in_features = info.torch_shape
+    blocks = raw.reshape(out_features, -1)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    expected = reference_matmul(blocks, info.type_id, x, in_features).double()
+    got = fast_cuda.matmul(blocks.to(DEVICE), info.type_id, x.to(DEVICE), in_features, out_features).double().cpu()
+    error = ((got - expected).norm() / expected.norm()).item()
+    # fp32 sums from the blocks: ~1e-6; bf16 operands with fp32 sums: ~3e-3.
+    assert error <= (1e-5 if rows <= fast_cuda.GEMV_MAX_ROWS else 1e-2), error
+
+
+@pytest.mark.parametrize("slots", [4, 96])  # from the blocks / every expert dequantized, grouped product
+def test_expert_matmul_follows_the_reference(fixtures, slots):
+    raw, info = _fixture_weight(fixtures, "moe-Q4_K_M.gguf", "blk.0.ffn_up_exps.weight")
+    n_experts, out_features, in_features = info.torch_shape
+    experts = QuantExperts(raw, info.type_id, n_experts, out_features, in_features)
+    generator = torch.Generator().manual_seed(slots)
+    ids = torch.randint(0, n_experts, (slots,), generator=generator)
+    x = torch.randn(slots // 4, in_features, generator=generator)  # four slots per token
+    expected = experts(x, ids.reshape(-1, 4)).reshape(slots, -1).double()
+    got = fast_cuda.expert_matmul(experts.blocks.to(DEVICE), info.type_id, x.to(DEVICE), ids.to(DEVICE),
+                                  in_features, out_features).double().cpu()
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert error <= (1e-5 if slots <= fast_cuda.EXPERT_GEMV_MAX_SLOTS else 1e-2), error
+
+
+def test_embedding_rows_are_bit_equal(fixtures):
+    raw, info = _fixture_weight(fixtures, "dense-Q4_K_M.gguf", "token_embd.weight")
+    rows, width = info.torch_shape
+    embedding = QuantLinear(raw, info.type_id, rows, width)
+    ids = torch.tensor([0, 7, 4095, 7])
+    got = fast_cuda.dequantize_rows(embedding.blocks[ids].to(DEVICE), info.type_id, width)
+    assert torch.equal(got.cpu(), embedding.rows(ids))
+
+
+@pytest.fixture
+def cuda_kernels_on_cpu_weights(monkeypatch):
+    """fast_cuda's functions as the "fast" kernels of CPU weights (no other fast kernel)."""
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU, tests/test_cuda.py runs the model there")
+    monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
+    monkeypatch.setattr(quant_linear, "_FAST_EXPERT_KERNELS", {})
+    monkeypatch.setattr(quant_linear, "_FAST_GROUP_KERNEL", {})
+    monkeypatch.setattr(quant_linear, "_FAST_EXPERT_GROUP_KERNEL", {})
+    monkeypatch.setattr(quant_linear, "_WEIGHT_PREPS", {})
+    monkeypatch.setattr(quant_linear, "_FAST_DEQUANTIZER", {"cpu": fast_cuda.dequantize_rows})
+    for type_id in (T.F32, T.F16, T.BF16, *fast_cuda._gguf().SUPPORTED_TYPES):
+        quant_linear.register_fast_kernel(type_id, fast_cuda.matmul)
+        quant_linear.register_fast_expert_kernel(type_id, fast_cuda.expert_matmul)
+
+
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_model_through_the_cuda_kernels_is_close_to_exact(fixtures, cuda_kernels_on_cpu_weights, name):
+    """Prefill (dequantize + bf16 products, grouped experts) and decode (products from the blocks)."""
+    import qwen35
+
+    sequences = json.loads((fixtures / "ref" / f"{name}.json").read_text())["sequences"]
+    ids = sequences["text"]["ids"][:80]
+    exact = np.load(fixtures / "ref" / f"{name}.text.exact-Q4_K_M.logits.npy").astype(np.float32)[:80]
+    model = qwen35.load_model(fixtures / "tiny" / f"{name}-Q4_K_M.gguf", precision="reference")
+    set_mode(model.network, "fast")
+    cache = model.make_cache(1)
+    split = 72
+    prefill = model.forward(torch.tensor([ids[:split]]), cache)[0].numpy()
+    decoded = np.stack([model.forward(torch.tensor([[t]]), cache)[0, -1].numpy() for t in ids[split:]])
+    logits = np.concatenate([prefill, decoded])
+    kl = mean_kl(exact, logits)
+    assert kl <= KL_LIMIT[name], f"{name}: mean KL {kl:.5f} vs exact"
+    assert (logits.argmax(-1) == exact.argmax(-1)).mean() >= 0.9
