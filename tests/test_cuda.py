@@ -126,3 +126,24 @@ def test_greedy_generation_on_cuda_is_the_same_with_and_without_graphs(fixtures,
     monkeypatch.setattr(cuda_graphs, "graphs_supported", lambda model: False)
     eager = list(generate.stream_generate(model, prompt, max_new_tokens=24, temperature=0))
     assert len(graphed) > 1 and graphed == eager
+
+
+SPLITS = [("dense", {"gpu_layers": 3}), ("dense", {"gpu_layers": 9}), ("moe", {"cpu_moe_layers": 2}),
+          ("moe", {"gpu_layers": 2})]
+
+
+@pytest.mark.parametrize("name, split", SPLITS, ids=[f"{n}-{next(iter(s))}={next(iter(s.values()))}" for n, s in SPLITS])
+def test_split_models_prefill_and_decode_like_exact(fixtures, name, split):
+    """-ngl / --n-cpu-moe: part of each step on the CPU (its fast kernels), the rest on the GPU."""
+    from qwen35.engine.cuda_graphs import graphs_supported
+
+    model = qwen35.load_model(fixtures / "tiny" / f"{name}-Q4_K_M.gguf", device="cuda", **split)
+    assert {d.type for d in model.network.devices} == {"cpu", "cuda"} and not graphs_supported(model)
+    ids = _prompt(fixtures, name)
+    split_at = len(ids) - 16
+    exact = _exact(fixtures, name, "Q4_K_M")
+    prefill = model.logits(ids)
+    assert mean_kl(exact, prefill) <= KL_LIMIT[name]
+    decoded = _decode(model, ids, split_at, graphs=False)[0]
+    native = np.load(fixtures / "ref" / f"{name}.text.llamacpp-Q4_K_M.logits.npy").astype(np.float32)[split_at:]
+    assert mean_kl(exact[split_at:], decoded) <= 1.15 * mean_kl(exact[split_at:], native)

@@ -27,8 +27,11 @@ def graphs_supported(model) -> bool:
     from qwen35.kernels import fast_cuda
 
     device = getattr(model, "device", None)  # stand-in models (tests, fakes) may have none
-    return (isinstance(device, torch.device) and device.type == "cuda" and getattr(model, "precision", None) == "fast"
-            and fast_cuda.available())
+    if not (isinstance(device, torch.device) and device.type == "cuda" and getattr(model, "precision", None) == "fast"
+            and fast_cuda.available()):
+        return False
+    # A split model (-ngl, --n-cpu-moe) runs part of each step on the CPU: nothing to capture there.
+    return all(d.type == "cuda" for d in model.network.devices)
 
 
 class GraphDecoder:

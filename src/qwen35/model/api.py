@@ -38,7 +38,7 @@ class Model:
     def make_cache(self, batch_size: int = 1) -> HybridCache:
         if batch_size < 1:
             raise Qwen35Error(f"batch size must be at least 1, got {batch_size}")
-        return self.network.make_cache(batch_size, device=self.device)
+        return self.network.make_cache(batch_size)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,

@@ -19,6 +19,7 @@ from qwen35.kernels.dequant import check_supported, dequantize
 from qwen35.kernels.quant_linear import QuantExperts, QuantLinear, set_mode
 from qwen35.model.api import Model
 from qwen35.model.config import QWEN35_GENERATION_DEFAULTS, config_from_gguf, config_from_hf
+from qwen35.model.placement import Split
 from qwen35.model.qwen35 import Qwen35Network, WeightSpec, mtp_weight_specs, weight_specs
 
 PRECISIONS = ("reference", "fast")
@@ -27,23 +28,30 @@ MAX_EXPERTS = 1 << 16
 IMAGE_PAD = "<|image_pad|>"
 
 
-def load_model(path, device="cpu", precision: str = "fast", mmproj=None, progress=None) -> Model:
+def load_model(path, device="cpu", precision: str = "fast", mmproj=None, progress=None,
+               gpu_layers: int | None = None, cpu_moe_layers: int = 0) -> Model:
     """`mmproj`: a vision projector GGUF that gives the model image input (an HF
     checkpoint with a vision tower has it already). `progress(done, total)` is called
     with weight bytes as the layers are made ready (the fast kernels' packing is the
-    long part of a load)."""
+    long part of a load).
+
+    On a GPU `device`, the model splits as llama.cpp's flags split it (model/placement.py):
+    `gpu_layers` (-ngl) keeps only the last N layers on the GPU (N > layers: the output head
+    too), `cpu_moe_layers` (--n-cpu-moe) keeps the routed experts of the first N layers in
+    system RAM. By default everything goes to `device`."""
     if precision not in PRECISIONS:
         raise FormatError(f"unknown precision {precision!r} (choose reference or fast)")
     path = Path(path)
     device = torch.device(device)
+    split = Split(device, gpu_layers, cpu_moe_layers)
     if path.is_dir():
-        model = _load_hf(path, precision, device, vision=mmproj is None, progress=progress)
+        model = _load_hf(path, precision, split, vision=mmproj is None, progress=progress)
     elif path.suffix == ".gguf" or path.is_file():
-        model = _load_gguf(path, precision, device, progress=progress)
+        model = _load_gguf(path, precision, split, progress=progress)
     else:
         raise FormatError(f"no such model file or directory: {path}")
     if mmproj is not None:
-        tower, settings, source = weights_mmproj.load_vision_gguf(mmproj, device)
+        tower, settings, source = weights_mmproj.load_vision_gguf(mmproj, model.device)
         _attach_vision(model, tower, settings, precision, source)
     return model
 
@@ -89,31 +97,31 @@ def _check_expert_count(config, path) -> None:
         raise FormatError(f"{path}: {config.num_experts} experts is more than this loader accepts ({MAX_EXPERTS})")
 
 
-def _build(config, weights: dict, mtp: dict, precision: str, device: torch.device, generation_defaults, source,
+def _build(config, weights: dict, mtp: dict, precision: str, split: Split, generation_defaults, source,
            progress=None):
-    if device.type != "cpu":
-        weights, mtp = ({k: w.to(device) for k, w in d.items()} for d in (weights, mtp))
+    weights, mtp = split.place(config, weights, mtp)
     network = Qwen35Network(config, weights, mtp)
-    if precision == "fast" and device.type == "cpu":
-        # Registers the C++ kernels (built once, then cached); without them "fast" keeps
-        # the reference path, which is exact but slow.
-        from qwen35.kernels import fast_cpu
+    if precision == "fast":
+        # Registers the kernels of each device used (the C++ ones are built once, then cached);
+        # without them "fast" keeps the reference path, which is exact but slow.
+        if "cpu" in split.device_types(config):
+            from qwen35.kernels import fast_cpu
 
-        fast_cpu.install()
-    elif precision == "fast" and device.type == "cuda":
-        from qwen35.kernels import fast_cuda
+            fast_cpu.install()
+        if "cuda" in split.device_types(config):
+            from qwen35.kernels import fast_cuda
 
-        fast_cuda.install()
+            fast_cuda.install()
     _set_mode_releasing_file_pages(network, "reference" if precision == "reference" else "fast", source, progress)
     model = Model(network, config, generation_defaults, precision, source=source)
-    model.device = device
+    model.device = network.input_device
     return model
 
 
 # ------------------------------------------------------------------ GGUF
 
 
-def _load_gguf(path: Path, precision: str, device: torch.device, progress=None) -> Model:
+def _load_gguf(path: Path, precision: str, split: Split, progress=None) -> Model:
     from qwen35.formats.gguf import GGUFModel
 
     gguf = GGUFModel(path)
@@ -130,7 +138,7 @@ def _load_gguf(path: Path, precision: str, device: torch.device, progress=None) 
     except BaseException:
         gguf.close()
         raise
-    model = _build(config, weights, mtp, precision, device, QWEN35_GENERATION_DEFAULTS, gguf, progress)
+    model = _build(config, weights, mtp, precision, split, QWEN35_GENERATION_DEFAULTS, gguf, progress)
     tokens = gguf.metadata.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list) and IMAGE_PAD in tokens:
         model.image_token_id = tokens.index(IMAGE_PAD)
@@ -183,7 +191,7 @@ def _rows_of(raw, info, start: int, stop: int):
 # ------------------------------------------------------------------ HF
 
 
-def _load_hf(path: Path, precision: str, device: torch.device, vision: bool = True, progress=None) -> Model:
+def _load_hf(path: Path, precision: str, split: Split, vision: bool = True, progress=None) -> Model:
     checkpoint = weights_hf.HFCheckpoint(path)
     config = config_from_hf(
         checkpoint.config, checkpoint.generation_config, len(checkpoint.names()), f"{path}/config.json"
@@ -198,11 +206,11 @@ def _load_hf(path: Path, precision: str, device: torch.device, vision: bool = Tr
     mtp = _hf_weights(checkpoint, config, mtp_specs, matrix_dtype) if mtp_present and mtp_specs else {}
     defaults = dict(QWEN35_GENERATION_DEFAULTS)
     defaults.update({k: v for k, v in checkpoint.generation_config.items() if k in GENERATION_KEYS})
-    model = _build(config, weights, mtp, precision, device, defaults, checkpoint, progress)
+    model = _build(config, weights, mtp, precision, split, defaults, checkpoint, progress)
     image_token_id = checkpoint.config.get("image_token_id")
     if isinstance(image_token_id, int) and 0 <= image_token_id < config.vocab_size:
         model.image_token_id = image_token_id
-    loaded = weights_mmproj.load_vision_hf(checkpoint, matrix_dtype, device) if vision else None
+    loaded = weights_mmproj.load_vision_hf(checkpoint, matrix_dtype, model.device) if vision else None
     if loaded is not None:
         _attach_vision(model, *loaded, precision)
     return model

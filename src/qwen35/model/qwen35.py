@@ -385,20 +385,32 @@ class SparseMoE:
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
         logits = self.router(x)
+        experts_device = self.gates.blocks.device
+        if experts_device != x.device:  # --n-cpu-moe: the routed experts stay in system RAM
+            routed = self._routed(x.to(experts_device), logits.to(experts_device), with_shared=False).to(x.device)
+            return (routed + self._shared(x)).reshape(shape)
+        return self._routed(x, logits, with_shared=True).reshape(shape)
+
+    def _routed(self, x, logits, with_shared: bool):
+        shared = self.shared is not None and with_shared
         if x.device.type == "cpu":
-            shared = None if self.shared is None else (self.shared.gate_proj, self.shared.up_proj, self.shared.down_proj)
-            fused = fast_cpu.sparse_moe(x, logits, self.top_k, (self.gates, self.ups, self.downs), shared, self.shared_gate)
+            layers = (self.shared.gate_proj, self.shared.up_proj, self.shared.down_proj) if shared else None
+            fused = fast_cpu.sparse_moe(x, logits, self.top_k, (self.gates, self.ups, self.downs), layers,
+                                        self.shared_gate if shared else None)
             if fused is not None:
-                return fused.reshape(shape)
+                return fused
         probs = logits.softmax(dim=-1)
         top_weights, top_experts = probs.topk(self.top_k, dim=-1)
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
         gate, up = self.gates_ups(x, top_experts)
         hidden = F.silu(gate) * up  # [N, k, I]
         out = (self.downs(hidden, top_experts) * top_weights[..., None]).sum(dim=1)
-        if self.shared is not None:
-            out = out + self.shared(x) * torch.sigmoid(F.linear(x, self.shared_gate))
-        return out.reshape(shape)
+        return out + self._shared(x) if shared else out
+
+    def _shared(self, x):
+        if self.shared is None:
+            return torch.zeros_like(x)
+        return self.shared(x) * torch.sigmoid(F.linear(x, self.shared_gate))
 
 
 class DecoderLayer:
@@ -406,6 +418,7 @@ class DecoderLayer:
         self.is_attention = layer_type == FULL_ATTENTION
         self.eps = c.rms_norm_eps
         self.input_norm = w[f"{prefix}.input_layernorm"]
+        self.device = self.input_norm.device  # all of the layer but, with --n-cpu-moe, its routed experts
         self.post_norm = w[f"{prefix}.post_attention_layernorm"]
         if self.is_attention:
             self.mixer = Attention(c, w, f"{prefix}.self_attn")
@@ -437,6 +450,9 @@ class Qwen35Network(nn.Module):
         self.final_norm = weights["norm"]
         self.lm_head = weights["lm_head"]
         self.layers = [DecoderLayer(config, weights, f"layers.{i}", t) for i, t in enumerate(config.layer_types)]
+        # Each layer ends with the next one's input norm (or the final norm), on its own device.
+        following = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        self.next_norms = [norm.to(layer.device) for layer, norm in zip(self.layers, following)]
         self.rotary = RotaryEmbedding(config)
         # Held for speculative decoding later; plain decoding does not use it.
         self.mtp_weights = mtp_weights or {}
@@ -447,14 +463,25 @@ class Qwen35Network(nn.Module):
         )
         self._dense = [w for w in every.values() if isinstance(w, torch.Tensor)]
 
+    @property
+    def input_device(self) -> torch.device:
+        """Where token ids go in: the embedding's device, which is the first layer's."""
+        return self.embed_tokens.blocks.device
+
+    @property
+    def devices(self) -> set[torch.device]:
+        return {module.blocks.device for module in self.weight_modules.values()}
+
     def dense_tensors(self) -> list[torch.Tensor]:
         """The small weights kept as plain fp32 tensors (norms, conv, decay, gates)."""
         return list(self._dense)
 
-    def make_cache(self, batch_size: int = 1, dtype: torch.dtype = torch.float32, device=None) -> HybridCache:
+    def make_cache(self, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> HybridCache:
+        """Each layer's state on that layer's device; the lengths where the token ids go in."""
         c = self.config
         layers = []
-        for layer_type in c.layer_types:
+        for layer_type, layer in zip(c.layer_types, self.layers):
+            device = layer.device
             if layer_type == FULL_ATTENTION:
                 layers.append(AttentionKV(batch_size, c.num_key_value_heads, c.head_dim, dtype, device))
             else:
@@ -463,7 +490,7 @@ class Qwen35Network(nn.Module):
                     torch.zeros(batch_size, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim,
                                 dtype=torch.float32, device=device),
                 ))
-        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=self.input_device)
         return HybridCache(layers, zeros, zeros.clone())
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,
@@ -485,12 +512,17 @@ class Qwen35Network(nn.Module):
         mask = key_index[None, None, :] <= query_end[:, :, None]  # [B, T, S]
 
         x = self.embed_tokens.rows(input_ids) if embeddings is None else embeddings.float()
-        norms = [layer.input_norm for layer in self.layers] + [self.final_norm]
-        h = layer_rms_norm(x, norms[0], self.config.rms_norm_eps)
-        for layer, layer_cache, next_norm in zip(self.layers, cache.layers, norms[1:]):
-            x, h = layer(x, h, layer_cache, starts, rope, mask, next_norm)
+        h = layer_rms_norm(x, self.layers[0].input_norm, self.config.rms_norm_eps)
+        context = {x.device: (starts, rope, mask)}  # what each layer reads, on each device used
+        for layer, layer_cache, next_norm in zip(self.layers, cache.layers, self.next_norms):
+            if layer.device != x.device:  # a split model (-ngl): the hidden state moves on
+                x, h = x.to(layer.device), h.to(layer.device)
+            if layer.device not in context:
+                context[layer.device] = (starts.to(layer.device), tuple(t.to(layer.device) for t in rope),
+                                         mask.to(layer.device))
+            x, h = layer(x, h, layer_cache, *context[layer.device], next_norm)
         cache.advance(length, positions)
-        return h
+        return h.to(self.lm_head.blocks.device)
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,
                 embeddings: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
