@@ -128,7 +128,7 @@ def test_greedy_generation_on_cuda_is_the_same_with_and_without_graphs(fixtures,
     assert len(graphed) > 1 and graphed == eager
 
 
-SPLITS = [("dense", {"gpu_layers": 3}), ("dense", {"gpu_layers": 9}), ("moe", {"cpu_moe_layers": 2}),
+SPLITS = [("dense", {"gpu_layers": 3}), ("dense", {"gpu_layers": 8}), ("moe", {"cpu_moe_layers": 2}),
           ("moe", {"gpu_layers": 2})]
 
 
