@@ -197,3 +197,10 @@ def test_bad_arguments_are_named(device):
                                 torch.zeros(3, dtype=torch.int32, device=device), 256)
     with pytest.raises(Qwen35Error, match="int32 or int64"):
         triton_gguf.expert_gemv(experts, T.Q4_K, x, torch.zeros(2, device=device), 256)
+
+
+@pytest.mark.parametrize("qtype", (T.Q4_K, T.Q6_K), ids=lambda t: t.name)
+def test_gemv_over_several_row_programs(device, qtype):
+    blocks = weight_blocks(qtype, (131,), 256, seed=10)  # more rows than one program takes
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(11))
+    assert_within_bound(triton_gguf.gemv(blocks.to(device), qtype, x.to(device), 256), x, reference_weight(blocks, qtype, 256))

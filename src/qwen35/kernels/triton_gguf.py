@@ -7,18 +7,20 @@ The block layouts are those of `qwen35.kernels.dequant` (the plain reference, bi
 to gguf-py); `dequantize` here is bit-equal to it in float32.
 
 Every block type is described to the kernels the same way: one step along a row covers
-256 elements, seen as a tile of G groups of L elements (natural element order), and a
-type's loader returns the integer codes q [rows, G, L] with a per-group scale a and,
-for types with minimums, a per-group offset b [rows, G, 1], so that W = a * q - b.
-A GEMV then needs only sum(q * x) per group, scaled once per group, and the offsets
-contribute -b * sum(x) per group: the per-element work is a nibble extraction, a
-conversion and one multiply-add.
+256 elements (Q6_K: four parts of 64), seen as a tile of G groups of L elements, and a
+type's loader returns the codes as P byte planes [rows, G, L / P] (see the loaders' notes),
+a per-group scale a and, for types with minimums, a per-group offset b [rows, G, 1], so
+that W = a * q - b. Weights are read as whole 32-bit or 16-bit words, never byte by byte.
 
-The GEMV kernels are written for memory-bound decode on the GPU: many programs over
-output rows, split-K when the matrix is too skinny to fill the machine (partial sums go
-to a [splits, M, out] buffer summed afterwards, so results are deterministic), fp32
-accumulation, and no host synchronisation (expert ids are read inside the kernel), so
-they can be captured in CUDA graphs. Without a GPU, Triton's interpreter runs them on
+The GEMV kernels are written for memory-bound decode on the GPU, where the instructions
+spent per weight, not the bytes, are what limit a kernel like this: codes become floats
+by an exponent trick instead of integer conversions, with one row of x the products
+accumulate element-wise and are reduced once at the end (offsets contribute -b * sum(x)
+per group), and a program covers 64 rows so that each thread reuses its x values.
+Many programs run over output rows, with split-K when the matrix is too skinny to fill the
+machine (partial sums go to a [splits, M, out] buffer summed afterwards, so results are
+deterministic); accumulation is fp32; nothing syncs with the host (expert ids are read
+inside the kernel), so the calls can be captured in CUDA graphs. Without a GPU, Triton's interpreter runs them on
 CPU tensors (set TRITON_INTERPRET=1 before importing this module).
 """
 
@@ -36,15 +38,18 @@ from qwen35.kernels.dequant import FP16_FIELD_OFFSETS, type_name
 
 T = GGMLQuantizationType
 STEP_ELEMENTS = 256  # elements of a row covered by one kernel step (one K super-block, eight 32-blocks)
+_STEP = tl.constexpr(STEP_ELEMENTS)
 
-# type id -> (groups G, group length L) of one step's tile.
+# type id -> (groups G, group length L, byte planes P) of one step's tile, and the alignment
+# (bytes) its word loads need of the tensor's start.
 _TILES = {
-    T.Q4_K: (8, 32),
-    T.Q5_K: (8, 32),
-    T.Q6_K: (16, 16),
-    T.Q8_0: (8, 32),
-    T.Q4_0: (8, 32),
+    T.Q4_K: (8, 32, 4),
+    T.Q5_K: (8, 32, 4),
+    T.Q6_K: (4, 16, 2),  # one quarter of the step: its tile is loaded once for four quarters
+    T.Q8_0: (8, 32, 2),
+    T.Q4_0: (16, 16, 2),
 }
+_ALIGNMENT = {T.Q4_K: 4, T.Q5_K: 4, T.Q6_K: 2, T.Q8_0: 2, T.Q4_0: 2}
 _HAS_MIN = {T.Q4_K, T.Q5_K}
 
 SUPPORTED_TYPES: frozenset[int] = frozenset(int(t) for t in _TILES)
@@ -57,23 +62,52 @@ def supports(type_id: int) -> bool:
 
 
 # ---------------------------------------------------------------- block loaders (device code)
+#
+# A loader reads one step (256 elements) of BLOCK_N rows as whole 32-bit words (Q4_K, Q5_K:
+# 16-byte aligned blocks) or 16-bit words (the 2-byte aligned Q6_K, Q8_0, Q4_0), never single
+# bytes, and splits each word into its P byte planes: plane b holds the codes of elements
+# g * L + P * w + b, a [BLOCK_N, G, L / P] tile. It returns four planes (the unused ones of a
+# P = 2 type are dead code), the per-group scale and offset [BLOCK_N, G, 1] (W = scale * q -
+# offset), with q already in float32.
+#
+# Codes become floats by the exponent trick: OR-ing a code c < 2^23 into the bits of 2^23 gives
+# the float 2^23 + c, and subtracting 2^23 (plus any bias) is exact. That is two cheap integer
+# and float operations instead of a slow integer-to-float conversion per element.
+
+MAGIC = tl.constexpr(0x4B000000)  # the bits of the float 2^23
+MAGIC_F = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def _f16_at(ptr, mask):
-    """The little-endian fp16 at byte `ptr` (any alignment), as float32."""
-    low = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
-    high = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
-    return (low | (high << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+def _code_to_float(code, bias: tl.constexpr):
+    """Integer codes 0 <= code < 2^23 -> float32 code - bias, exactly."""
+    return (code | MAGIC).to(tl.float32, bitcast=True) - (MAGIC_F + bias)
 
 
 @triton.jit
-def _k_scale_min(block, mask, s):
-    """Q4_K/Q5_K: 6-bit scale and min of sub-block `s` from the 12 bytes at block + 4."""
-    i = s % 4
-    sd = tl.load(block + 4 + i, mask=mask, other=0).to(tl.int32)
-    sm = tl.load(block + 8 + i, mask=mask, other=0).to(tl.int32)
-    smd = tl.load(block + 12 + i, mask=mask, other=0).to(tl.int32)
+def _half_to_float(bits):
+    """The low 16 bits of an integer tensor as an fp16 value, in float32."""
+    return (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _words32(ptr):
+    return ptr.to(tl.pointer_type(tl.int32))
+
+
+@triton.jit
+def _words16(ptr):
+    return ptr.to(tl.pointer_type(tl.int16))
+
+
+@triton.jit
+def _k_scale_min(words, mask, s):
+    """Q4_K/Q5_K: 6-bit scale and min of sub-block `s` from the 12 bytes after d and dmin
+    (ggml's get_scale_min_k4), read as three words."""
+    shift = 8 * (s % 4)
+    sd = (tl.load(words + 1, mask=mask, other=0) >> shift) & 0xFF
+    sm = (tl.load(words + 2, mask=mask, other=0) >> shift) & 0xFF
+    smd = (tl.load(words + 3, mask=mask, other=0) >> shift) & 0xFF
     scale = tl.where(s < 4, sd & 63, (smd & 15) | ((sd >> 2) & 0x30))
     minimum = tl.where(s < 4, sm & 63, (smd >> 4) | ((sm >> 2) & 0x30))
     return scale.to(tl.float32), minimum.to(tl.float32)
@@ -82,88 +116,115 @@ def _k_scale_min(block, mask, s):
 @triton.jit
 def _load_q4_k(rows, step, n_steps, mask, G: tl.constexpr, L: tl.constexpr):
     s = tl.arange(0, G)[None, :, None]
-    l = tl.arange(0, L)[None, None, :]
+    w = tl.arange(0, L // 4)[None, None, :]
     mask = mask & (step < n_steps)
-    block = rows + step * 144
-    d = _f16_at(block, mask)
-    dmin = _f16_at(block + 2, mask)
-    scale, minimum = _k_scale_min(block, mask, s)
-    # Sub-blocks 2j and 2j+1 are the low and high nibbles of the same 32 bytes.
-    packed = tl.load(block + 16 + 32 * (s // 2) + l, mask=mask, other=0).to(tl.int32)
-    q = ((packed >> (4 * (s % 2))) & 15).to(tl.float32)
-    return q, d * scale, dmin * minimum
+    words = _words32(rows + step * 144)
+    d_dmin = tl.load(words, mask=mask, other=0)
+    scale, minimum = _k_scale_min(words, mask, s)
+    # Sub-blocks 2j and 2j+1 are the low and high nibbles of the same 32 bytes (8 words).
+    packed = tl.load(words + 4 + 8 * (s // 2) + w, mask=mask, other=0)
+    nibble = 4 * (s % 2)
+    q0 = _code_to_float((packed >> nibble) & 15, 0.0)
+    q1 = _code_to_float((packed >> (8 + nibble)) & 15, 0.0)
+    q2 = _code_to_float((packed >> (16 + nibble)) & 15, 0.0)
+    q3 = _code_to_float((packed >> (24 + nibble)) & 15, 0.0)
+    return q0, q1, q2, q3, _half_to_float(d_dmin) * scale, _half_to_float(d_dmin >> 16) * minimum
 
 
 @triton.jit
 def _load_q5_k(rows, step, n_steps, mask, G: tl.constexpr, L: tl.constexpr):
     s = tl.arange(0, G)[None, :, None]
-    l = tl.arange(0, L)[None, None, :]
+    w = tl.arange(0, L // 4)[None, None, :]
     mask = mask & (step < n_steps)
-    block = rows + step * 176
-    d = _f16_at(block, mask)
-    dmin = _f16_at(block + 2, mask)
-    scale, minimum = _k_scale_min(block, mask, s)
-    packed = tl.load(block + 48 + 32 * (s // 2) + l, mask=mask, other=0).to(tl.int32)
-    high = tl.load(block + 16 + l, mask=mask, other=0).to(tl.int32)  # bit s of byte l
-    q = (((packed >> (4 * (s % 2))) & 15) | (((high >> s) & 1) << 4)).to(tl.float32)
-    return q, d * scale, dmin * minimum
+    words = _words32(rows + step * 176)
+    d_dmin = tl.load(words, mask=mask, other=0)
+    scale, minimum = _k_scale_min(words, mask, s)
+    packed = tl.load(words + 12 + 8 * (s // 2) + w, mask=mask, other=0)
+    high = tl.load(words + 4 + w, mask=mask, other=0)  # bit s of byte l holds element l's fifth bit
+    nibble = 4 * (s % 2)
+    q0 = _code_to_float(((packed >> nibble) & 15) | (((high >> s) & 1) << 4), 0.0)
+    q1 = _code_to_float(((packed >> (8 + nibble)) & 15) | (((high >> (8 + s)) & 1) << 4), 0.0)
+    q2 = _code_to_float(((packed >> (16 + nibble)) & 15) | (((high >> (16 + s)) & 1) << 4), 0.0)
+    q3 = _code_to_float(((packed >> (24 + nibble)) & 15) | (((high >> (24 + s)) & 1) << 4), 0.0)
+    return q0, q1, q2, q3, _half_to_float(d_dmin) * scale, _half_to_float(d_dmin >> 16) * minimum
 
 
 @triton.jit
-def _load_q6_k(rows, step, n_steps, mask, G: tl.constexpr, L: tl.constexpr):
-    g = tl.arange(0, G)[None, :, None]  # 16 groups of 16 elements, one int8 scale each
-    t = tl.arange(0, L)[None, None, :]
+def _fetch_q6_k(rows, step, n_steps, mask, G: tl.constexpr, L: tl.constexpr):
+    """Q6_K words of one block: each 128-element half has 64 bytes of low nibbles (quarters 0
+    and 2 in the low and high nibbles of bytes 0-31, quarters 1 and 3 of bytes 32-63) and 32
+    bytes of 2-bit highs (quarter q in bits 2q, 2q+1). Tile group g is half g // 2, lanes
+    16 * (g % 2) to + 15; each word is loaded once and decoded for all four quarters."""
+    g = tl.arange(0, G)[None, :, None]
+    w = tl.arange(0, L // 2)[None, None, :]
     mask = mask & (step < n_steps)
     block = rows + step * 210
-    d = _f16_at(block + 208, mask)
-    half = g // 8  # each 128-element half has 64 bytes of low nibbles and 32 of high bits
-    quarter = (g % 8) // 2
-    lane = 16 * (g % 2) + t
-    low = tl.load(block + 64 * half + 32 * (quarter % 2) + lane, mask=mask, other=0).to(tl.int32)
-    high = tl.load(block + 128 + 32 * half + lane, mask=mask, other=0).to(tl.int32)
-    code = ((low >> (4 * (quarter // 2))) & 15) | (((high >> (2 * quarter)) & 3) << 4)
-    q = (code - 32).to(tl.float32)
-    scale = tl.load(block + 192 + g, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-    return q, d * scale, tl.zeros_like(scale)
+    half = g // 2
+    lane = 16 * (g % 2)
+    low_a = tl.load(_words16(block + 64 * half + lane) + w, mask=mask, other=0).to(tl.int32)
+    low_b = tl.load(_words16(block + 64 * half + 32 + lane) + w, mask=mask, other=0).to(tl.int32)
+    high = tl.load(_words16(block + 128 + 32 * half + lane) + w, mask=mask, other=0).to(tl.int32)
+    d = _half_to_float(tl.load(_words16(block + 208), mask=mask, other=0).to(tl.int32))
+    return low_a, low_b, high, d, block, mask
+
+
+@triton.jit
+def _q6_k_quarter(low_a, low_b, high, d, block, mask, QUARTER: tl.constexpr, G: tl.constexpr):
+    """Planes, scale and offset of one Q6_K quarter (elements 128 * half + 32 * QUARTER + lane)."""
+    g = tl.arange(0, G)[None, :, None]
+    if QUARTER % 2 == 0:
+        low = low_a
+    else:
+        low = low_b
+    low_shift: tl.constexpr = 4 * (QUARTER // 2)
+    high_shift: tl.constexpr = 2 * QUARTER
+    q0 = _code_to_float(((low >> low_shift) & 15) | (((high >> high_shift) & 3) << 4), 32.0)
+    q1 = _code_to_float(((low >> (8 + low_shift)) & 15) | (((high >> (8 + high_shift)) & 3) << 4), 32.0)
+    # The int8 scale of 16 elements: byte 8 * half + 2 * QUARTER + g % 2 of the 16 at byte 192.
+    scale_word = tl.load(_words16(block + 192) + 4 * (g // 2) + QUARTER, mask=mask, other=0).to(tl.int32)
+    scale = ((scale_word >> (8 * (g % 2))) & 0xFF).to(tl.int8).to(tl.float32)
+    return q0, q1, q0, q1, d * scale, tl.zeros_like(scale)
 
 
 @triton.jit
 def _load_q8_0(rows, step, n_steps, mask, G: tl.constexpr, L: tl.constexpr):
     b = step * G + tl.arange(0, G)[None, :, None]  # G consecutive 32-element blocks
-    l = tl.arange(0, L)[None, None, :]
+    w = tl.arange(0, L // 2)[None, None, :]
     mask = mask & (b < n_steps)
-    block = rows + b * 34
-    d = _f16_at(block, mask)
-    q = tl.load(block + 2 + l, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-    return q, d, tl.zeros_like(d)
+    words = _words16(rows + b * 34)
+    d = _half_to_float(tl.load(words, mask=mask, other=0).to(tl.int32))
+    packed = tl.load(words + 1 + w, mask=mask, other=0).to(tl.int32)
+    # Flipping the sign bit of an int8 gives its value + 128 as an unsigned byte.
+    q0 = _code_to_float((packed & 0xFF) ^ 0x80, 128.0)
+    q1 = _code_to_float(((packed >> 8) & 0xFF) ^ 0x80, 128.0)
+    return q0, q1, q0, q1, d, tl.zeros_like(d)
 
 
 @triton.jit
 def _load_q4_0(rows, step, n_steps, mask, G: tl.constexpr, L: tl.constexpr):
-    b = step * G + tl.arange(0, G)[None, :, None]
-    l = tl.arange(0, L)[None, None, :]
+    g = tl.arange(0, G)[None, :, None]  # two groups per block: low nibbles (0-15), high (16-31)
+    b = step * (G // 2) + g // 2
+    w = tl.arange(0, L // 2)[None, None, :]
     mask = mask & (b < n_steps)
-    block = rows + b * 18
-    d = _f16_at(block, mask)
-    packed = tl.load(block + 2 + (l % 16), mask=mask, other=0).to(tl.int32)
-    q = (((packed >> (4 * (l // 16))) & 15) - 8).to(tl.float32)
-    return q, d, tl.zeros_like(d)
+    words = _words16(rows + b * 18)
+    d = _half_to_float(tl.load(words, mask=mask, other=0).to(tl.int32))
+    packed = tl.load(words + 1 + w, mask=mask, other=0).to(tl.int32)
+    nibble = 4 * (g % 2)
+    q0 = _code_to_float((packed >> nibble) & 15, 8.0)
+    q1 = _code_to_float((packed >> (8 + nibble)) & 15, 8.0)
+    return q0, q1, q0, q1, d, tl.zeros_like(d)
 
 
 @triton.jit
 def _load_step(rows, step, n_blocks, mask, QTYPE: tl.constexpr, G: tl.constexpr, L: tl.constexpr):
-    """One step (256 elements) of BLOCK_N rows: (q [N, G, L], scale [N, G, 1], offset [N, G, 1]),
-    W = scale * q - offset (the offset is zero for types without minimums).
-
-    `rows` [N, 1, 1] points at each row's first byte; `n_blocks` is the row's ggml block
-    count (steps for 256-element types, 32-blocks for Q8_0/Q4_0).
-    """
+    """One step (256 elements) of BLOCK_N rows: planes q0..q3 [N, G, L / P] and scale, offset
+    [N, G, 1] (see above). `rows` [N, 1, 1] points at each row's first byte; `n_blocks` is the
+    row's ggml block count (steps for 256-element types, 32-blocks for Q8_0/Q4_0). Q6_K, whose
+    step is four parts, goes through _fetch_q6_k and _q6_k_quarter instead."""
     if QTYPE == 12:
         return _load_q4_k(rows, step, n_blocks, mask, G, L)
     elif QTYPE == 13:
         return _load_q5_k(rows, step, n_blocks, mask, G, L)
-    elif QTYPE == 14:
-        return _load_q6_k(rows, step, n_blocks, mask, G, L)
     elif QTYPE == 8:
         return _load_q8_0(rows, step, n_blocks, mask, G, L)
     else:
@@ -175,15 +236,7 @@ def _load_step(rows, step, n_blocks, mask, QTYPE: tl.constexpr, G: tl.constexpr,
 
 
 @triton.jit
-def _dequantize_kernel(
-    w_ptr, out_ptr, n_rows, row_bytes, in_features, n_blocks,
-    QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    step = tl.program_id(1)
-    row = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None, None]
-    row_ok = row < n_rows
-    q, scale, offset = _load_step(w_ptr + row * row_bytes, step, n_blocks, row_ok, QTYPE, G, L)
+def _store_plane(out_ptr, row, row_ok, col, in_features, q, scale, offset, HAS_MIN: tl.constexpr):
     if HAS_MIN:
         w = scale * q - offset  # the reference's order; a negated offset added would flip signed zeros
     else:
@@ -194,16 +247,94 @@ def _dequantize_kernel(
         bits = w.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         w = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    col = step * (G * L) + tl.arange(0, G)[None, :, None] * L + tl.arange(0, L)[None, None, :]
     tl.store(out_ptr + row * in_features + col, w.to(out_ptr.dtype.element_ty), mask=row_ok & (col < in_features))
+
+
+@triton.jit
+def _part_elements(QTYPE: tl.constexpr, G: tl.constexpr, L: tl.constexpr):
+    """[G, L]: the step-relative element of each position of a part's tile (Q6_K's quarter 0:
+    halves of 128 apart, lanes 16 apart; other types: groups of L in order)."""
+    g = tl.arange(0, G)[:, None]
+    t = tl.arange(0, L)[None, :]
+    if QTYPE == 14:
+        return 128 * (g // 2) + 16 * (g % 2) + t
+    else:
+        return g * L + t
+
+
+@triton.jit
+def _dequantize_kernel(
+    w_ptr, out_ptr, n_rows, row_bytes, in_features, n_blocks,
+    QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    step = tl.program_id(1)
+    row = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None, None]
+    row_ok = row < n_rows
+    rows = w_ptr + row * row_bytes
+    g = tl.arange(0, G)[None, :, None]
+    w = tl.arange(0, L // P)[None, None, :]
+    if QTYPE == 14:
+        col = 128 * (g // 2) + 16 * (g % 2) + 2 * w  # plane b of a part: these elements + b
+    else:
+        col = g * L + P * w
+    col += step * _STEP
+    if QTYPE == 14:
+        low_a, low_b, high, d, block, mask = _fetch_q6_k(rows, step, n_blocks, row_ok, G, L)
+        for quarter in tl.static_range(4):
+            q0, q1, q2, q3, scale, offset = _q6_k_quarter(low_a, low_b, high, d, block, mask, quarter, G)
+            _store_plane(out_ptr, row, row_ok, col + 32 * quarter, in_features, q0, scale, offset, HAS_MIN)
+            _store_plane(out_ptr, row, row_ok, col + 32 * quarter + 1, in_features, q1, scale, offset, HAS_MIN)
+    else:
+        q0, q1, q2, q3, scale, offset = _load_step(rows, step, n_blocks, row_ok, QTYPE, G, L)
+        _store_plane(out_ptr, row, row_ok, col, in_features, q0, scale, offset, HAS_MIN)
+        _store_plane(out_ptr, row, row_ok, col + 1, in_features, q1, scale, offset, HAS_MIN)
+        if P == 4:
+            _store_plane(out_ptr, row, row_ok, col + 2, in_features, q2, scale, offset, HAS_MIN)
+            _store_plane(out_ptr, row, row_ok, col + 3, in_features, q3, scale, offset, HAS_MIN)
+
+
+@triton.jit
+def _accumulate(acc, acc_min, q0, q1, q2, q3, scale, offset, x_rows, col, n_x_rows, in_features, which_m,
+                G: tl.constexpr, L: tl.constexpr, P: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Adds one part's products with every row of x (weights stay in registers for all rows)."""
+    for mi in tl.static_range(BLOCK_M):
+        # x is loaded as a contiguous [G, L] tile, split into its P planes [G, L / P] and broadcast
+        # over the rows: of lower rank, the planes take the weight tile's layout (a small
+        # conversion), never the reverse.
+        x = tl.load(x_rows + mi * in_features + col, mask=(mi < n_x_rows) & (col < in_features), other=0.0)
+        if P == 4:
+            even, odd = tl.split(tl.reshape(x, (G, L // 4, 2, 2)))  # element 4w + 2a + b: by b, then a
+            x0, x2 = tl.split(even)
+            x1, x3 = tl.split(odd)
+            x0, x1, x2, x3 = x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :]
+            qx = q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3
+            xs = x0 + x1 + x2 + x3
+        else:
+            x0, x1 = tl.split(tl.reshape(x, (G, L // 2, 2)))
+            x0, x1 = x0[None, :, :], x1[None, :, :]
+            qx = q0 * x0 + q1 * x1
+            xs = x0 + x1
+        if BLOCK_M == 1:
+            acc += scale * qx
+            if HAS_MIN:
+                acc_min += offset * tl.sum(xs, axis=2, keep_dims=True)
+        else:
+            part = scale * tl.sum(qx, axis=2, keep_dims=True)  # [N, G, 1]: one sum per group
+            if HAS_MIN:
+                part -= offset * tl.sum(xs, axis=2, keep_dims=True)
+            acc = tl.where(which_m == mi, acc + tl.sum(part, axis=2)[None, :, :], acc)
+    return acc, acc_min
 
 
 @triton.jit
 def _gemv_kernel(
     w_ptr, x_ptr, out_ptr, ids_ptr,
     n_out, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows, slots_per_x,
-    QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr,
+    QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDS: tl.constexpr, STEPS: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """out[split, m, n] = sum over this split's steps of x[m] . W[n] (or, with ids, one slot per program)."""
     pid_n = tl.program_id(0)
@@ -212,32 +343,47 @@ def _gemv_kernel(
     row = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None, None]
     row_ok = row < n_out
     rows = w_ptr + row * row_bytes
-    m = tl.arange(0, BLOCK_M)[:, None, None, None]
     if HAS_IDS:
         expert = tl.load(ids_ptr + slot).to(tl.int64)
         expert_ok = (expert >= 0) & (expert < n_experts)
         rows += tl.where(expert_ok, expert, 0) * expert_bytes
         row_ok = row_ok & expert_ok
-        x_row = m + slot // slots_per_x
+        x_first = slot // slots_per_x
     else:
-        x_row = m
-    x_ok = m < n_x_rows
-    x_rows = x_ptr + x_row.to(tl.int64) * in_features
-    element = tl.arange(0, G)[None, :, None] * L + tl.arange(0, L)[None, None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_first = 0
+    x_rows = x_ptr + x_first.to(tl.int64) * in_features
+    element = _part_elements(QTYPE, G, L)
+    which_m = tl.arange(0, BLOCK_M)[:, None, None]
+    # One x row: products accumulate element-wise in the weight tile's shape and are summed
+    # once at the end, because a sum per group and step reduces across the threads that share
+    # a row (shuffles per element where the words are only 2-byte aligned: one per thread).
+    # Several rows: one sum per group, row and step, kept apart until the end (summing the
+    # groups each step would reduce across warps, through shared memory).
+    acc_min = tl.zeros((BLOCK_N, G, 1), dtype=tl.float32)
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, G, L // P), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, G), dtype=tl.float32)
     # STEPS (steps per split) is a compile-time constant: Triton's interpreter cannot loop to a
-    # runtime bound, and a fixed trip count lets the compiler unroll.
+    # runtime bound. With NUM_STAGES > 1 the compiler prefetches the aligned word loads.
     first = split * STEPS
-    for i in range(0, STEPS):
+    for i in tl.range(0, STEPS, num_stages=NUM_STAGES):
         step = first + i  # steps past the row's end load as zeros (the last split may be short)
-        q, scale, offset = _load_step(rows, step, n_blocks, row_ok, QTYPE, G, L)
-        col = step * (G * L) + element
-        x = tl.load(x_rows + col[None], mask=x_ok & (col[None] < in_features), other=0.0)  # [M, 1, G, L]
-        qx = tl.sum(q[None] * x, axis=3, keep_dims=True)  # [M, N, G, 1]: one sum per group
-        part = scale[None] * qx
-        if HAS_MIN:
-            part -= offset[None] * tl.sum(x, axis=3, keep_dims=True)
-        acc += tl.sum(tl.sum(part, axis=3), axis=2)
+        col = step * _STEP + element
+        if QTYPE == 14:
+            low_a, low_b, high, d, block, mask = _fetch_q6_k(rows, step, n_blocks, row_ok, G, L)
+            for quarter in tl.static_range(4):
+                q0, q1, q2, q3, scale, offset = _q6_k_quarter(low_a, low_b, high, d, block, mask, quarter, G)
+                acc, acc_min = _accumulate(acc, acc_min, q0, q1, q2, q3, scale, offset, x_rows, col + 32 * quarter,
+                                           n_x_rows, in_features, which_m, G, L, P, HAS_MIN, BLOCK_M)
+        else:
+            q0, q1, q2, q3, scale, offset = _load_step(rows, step, n_blocks, row_ok, QTYPE, G, L)
+            acc, acc_min = _accumulate(acc, acc_min, q0, q1, q2, q3, scale, offset, x_rows, col,
+                                       n_x_rows, in_features, which_m, G, L, P, HAS_MIN, BLOCK_M)
+    if BLOCK_M == 1:
+        acc = tl.sum(tl.sum(acc, axis=2) - tl.sum(acc_min, axis=2), axis=1)[None, :]
+    else:
+        acc = tl.sum(acc, axis=2)
     if HAS_IDS:
         acc = tl.where(expert_ok, acc, float("nan"))  # an out-of-range expert id poisons its slot
     out_m = tl.arange(0, BLOCK_M)[:, None]
@@ -254,18 +400,18 @@ def _gemv_kernel(
 # ---------------------------------------------------------------- host side
 
 
-def _check_type(type_id: int) -> tuple[int, int, int, int]:
-    """(block size, block bytes, G, L) of a supported type, or a Qwen35Error."""
+def _check_type(type_id: int) -> tuple[int, int, tuple[int, int, int]]:
+    """(block size, block bytes, (G, L, P)) of a supported type, or a Qwen35Error."""
     if not supports(type_id):
         names = ", ".join(sorted(GGMLQuantizationType(t).name for t in SUPPORTED_TYPES))
         raise Qwen35Error(f"the Triton GGUF kernels do not support {type_name(type_id)} (supported: {names})")
     block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-    groups, length = _TILES[GGMLQuantizationType(type_id)]
-    return block_size, type_size, groups, length
+    return block_size, type_size, _TILES[GGMLQuantizationType(type_id)]
 
 
 def _check_blocks(blocks: torch.Tensor, type_id: int, in_features: int, min_dims: int, max_dims: int) -> tuple:
-    block_size, type_size, groups, length = _check_type(type_id)
+    """(blocks per row, bytes per row, (G, L, P)) after checking the blocks' shape."""
+    block_size, type_size, tile = _check_type(type_id)
     if not isinstance(blocks, torch.Tensor) or blocks.dtype != torch.uint8:
         raise Qwen35Error("GGUF blocks must be a uint8 tensor of raw block bytes")
     if not min_dims <= blocks.dim() <= max_dims:
@@ -283,7 +429,14 @@ def _check_blocks(blocks: torch.Tensor, type_id: int, in_features: int, min_dims
     if not blocks.is_contiguous():
         raise Qwen35Error("GGUF blocks must be contiguous")
     n_blocks = in_features // block_size
-    return n_blocks, row_bytes, groups, length
+    return n_blocks, row_bytes, tile
+
+
+def _aligned(blocks: torch.Tensor, type_id: int) -> torch.Tensor:
+    """The blocks, copied (on the device, no sync) if their start is too unaligned for word loads."""
+    if blocks.data_ptr() % _ALIGNMENT[GGMLQuantizationType(type_id)]:
+        return blocks.clone()
+    return blocks
 
 
 def _check_x(x: torch.Tensor, in_features: int, blocks: torch.Tensor, max_rows: int | None) -> None:
@@ -307,17 +460,25 @@ def _processors(device: torch.device) -> int:
     return 4  # the interpreter: a little splitting, so tests exercise the split-K path
 
 
+# GEMV launch shape: rows per program (by rows of x, padded to a power of two), warps, software
+# pipelining stages, and the programs per processor that split-K aims for. Module-level so a
+# benchmark can try others. 64 rows and 4 warps gave the fewest instructions per weight in the
+# compiled sm_90 code for every type (6.9 for Q4_K up to 10.8 for Q6_K); with one row of x each
+# thread then reuses its x values across 16 rows. NUM_STAGES > 1 lets Triton prefetch the
+# 4-byte aligned loads (Q4_K, Q5_K) through shared memory with cp.async.
+GEMV_BLOCK_N = {1: 64, 2: 8, 4: 4, 8: 2, 16: 2}
+GEMV_NUM_WARPS = 4
+GEMV_NUM_STAGES = 1
+PROGRAMS_PER_PROCESSOR = 4
+
+
 def _plan(n_out: int, n_steps: int, slots: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, steps per split): split K until there are ~4 programs per processor."""
+    """(splits, steps per split): split K until there are enough programs to fill the processors."""
     row_programs = triton.cdiv(n_out, block_n) * slots
-    target = 4 * _processors(device)
+    target = PROGRAMS_PER_PROCESSOR * _processors(device)
     splits = max(1, min(n_steps, target // max(row_programs, 1)))
     steps_per_split = triton.cdiv(n_steps, splits)
     return triton.cdiv(n_steps, steps_per_split), steps_per_split
-
-
-def _block_n(block_m: int) -> int:
-    return max(2, 16 // block_m)
 
 
 def dequantize(blocks: torch.Tensor, type_id: int, in_features: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -325,7 +486,7 @@ def dequantize(blocks: torch.Tensor, type_id: int, in_features: int, dtype: torc
 
     In float32 the result is bit-equal to `qwen35.kernels.dequant.dequantize`.
     """
-    n_blocks, row_bytes, groups, length = _check_blocks(blocks, type_id, in_features, 1, 8)
+    n_blocks, row_bytes, (groups, length, planes) = _check_blocks(blocks, type_id, in_features, 1, 8)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise Qwen35Error(f"dequantize makes float32, float16 or bfloat16, not {dtype}")
     out = torch.empty((*blocks.shape[:-1], in_features), dtype=dtype, device=blocks.device)
@@ -337,28 +498,29 @@ def dequantize(blocks: torch.Tensor, type_id: int, in_features: int, dtype: torc
     grid = (triton.cdiv(n_rows, block_n), n_steps)
     qtype = int(type_id)
     _dequantize_kernel[grid](
-        blocks, out, n_rows, row_bytes, in_features, n_blocks,
-        QTYPE=qtype, HAS_MIN=qtype in _HAS_MIN, G=groups, L=length, BLOCK_N=block_n,
+        _aligned(blocks, type_id), out, n_rows, row_bytes, in_features, n_blocks,
+        QTYPE=qtype, HAS_MIN=qtype in _HAS_MIN, G=groups, L=length, P=planes, BLOCK_N=block_n,
         num_warps=4, enable_fp_fusion=False,  # a * q + b rounded twice, as the reference does
     )
     return out
 
 
 def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_experts, expert_bytes, block_m, n_x_rows):
-    n_blocks, row_bytes, groups, length = _check_blocks(blocks, type_id, in_features, 2, 3)
+    n_blocks, row_bytes, (groups, length, planes) = _check_blocks(blocks, type_id, in_features, 2, 3)
     n_steps = triton.cdiv(in_features, STEP_ELEMENTS)
-    block_n = _block_n(block_m)
+    block_n = GEMV_BLOCK_N[block_m]
     splits, steps_per_split = _plan(n_out, n_steps, slots, block_n, blocks.device)
     out_rows = slots if expert_ids is not None else n_x_rows
     partial = torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
     grid = (triton.cdiv(n_out, block_n), splits, slots)
     qtype = int(type_id)
     _gemv_kernel[grid](
-        blocks, x, partial, expert_ids if expert_ids is not None else x,
+        _aligned(blocks, type_id), x, partial, expert_ids if expert_ids is not None else x,
         n_out, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows,
         max(slots // max(x.shape[0], 1), 1),
-        QTYPE=qtype, HAS_MIN=qtype in _HAS_MIN, G=groups, L=length,
-        BLOCK_N=block_n, BLOCK_M=block_m, HAS_IDS=expert_ids is not None, STEPS=steps_per_split, num_warps=4,
+        QTYPE=qtype, HAS_MIN=qtype in _HAS_MIN, G=groups, L=length, P=planes,
+        BLOCK_N=block_n, BLOCK_M=block_m, HAS_IDS=expert_ids is not None, STEPS=steps_per_split,
+        NUM_STAGES=GEMV_NUM_STAGES, num_warps=GEMV_NUM_WARPS,
     )
     return partial[0] if splits == 1 else partial.sum(dim=0)
 
@@ -402,7 +564,7 @@ def expert_gemv(
 
 def random_blocks(type_id: int, shape: tuple[int, ...], in_features: int, device="cpu", seed: int = 0) -> torch.Tensor:
     """Random valid blocks [*shape, row_bytes]: random bytes with finite fp16 scales in [2^-10, 2^-6)."""
-    block_size, type_size, _, _ = _check_type(type_id)
+    block_size, type_size, _ = _check_type(type_id)
     n_blocks = in_features // block_size
     generator = torch.Generator(device="cpu").manual_seed(seed)
     raw = torch.randint(0, 256, (*shape, n_blocks, type_size), dtype=torch.uint8, generator=generator)
@@ -413,9 +575,20 @@ def random_blocks(type_id: int, shape: tuple[int, ...], in_features: int, device
 
 
 def benchmark_gemv(type_id: int, out_features: int, in_features: int, device: str = "cuda", rows: int = 1) -> dict:
-    """Median time of one gemv over random valid blocks, and the weight bytes read per second."""
+    """Median time of one gemv over random valid blocks, and the bytes it reads per second.
+
+    "ms" is triton.testing.do_bench's median (launch overhead included when the kernel is
+    shorter than the host's launch path); "graph_ms" replays the call from a CUDA graph, as
+    decode runs it, which also checks that the call captures without a host sync.
+    """
     blocks = random_blocks(type_id, (out_features,), in_features, device=device)
     x = torch.randn(rows, in_features, dtype=torch.float32, device=device)
-    ms = triton.testing.do_bench(lambda: gemv(blocks, type_id, x, in_features), return_mode="median")
-    bytes_read = blocks.numel() + x.numel() * 4 + rows * out_features * 4
-    return {"ms": ms, "GB/s": bytes_read / (ms * 1e-3) / 1e9}
+    bytes_read = blocks.numel() + x.numel() * 4
+
+    def call():
+        return gemv(blocks, type_id, x, in_features)
+
+    ms = triton.testing.do_bench(call, return_mode="median")
+    graph_ms = triton.testing.do_bench_cudagraph(call, return_mode="median")
+    return {"ms": ms, "GB/s": bytes_read / (ms * 1e-3) / 1e9, "graph_ms": graph_ms,
+            "graph_GB/s": bytes_read / (graph_ms * 1e-3) / 1e9}
