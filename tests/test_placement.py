@@ -75,3 +75,25 @@ def test_a_cpu_model_loads_as_before(fixtures):
     assert model.network.devices == {CPU} and model.device == CPU
     ids = json.loads((fixtures / "ref" / "moe.json").read_text())["sequences"]["text"]["ids"][:8]
     assert model.logits(ids).shape == (8, model.config.vocab_size)
+
+
+def test_device_flags_without_a_gpu(fixtures, capsys):
+    import argparse
+
+    from qwen35.device_options import add_device_arguments, load_options, resolve_device
+
+    parser = argparse.ArgumentParser()
+    add_device_arguments(parser)
+    model = fixtures / "tiny" / "dense-Q4_K_M.gguf"
+    if not torch.cuda.is_available():
+        args = parser.parse_args(["-ngl", "99"])  # the habit of llama.cpp users: ignored on the CPU, with a note
+        assert load_options(args, model) == {"device": CPU}
+        assert "ignored" in capsys.readouterr().err
+        with pytest.raises(Qwen35Error, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(Qwen35Error, match="only cpu and cuda"):
+        resolve_device("meta")
+    with pytest.raises(Qwen35Error, match="not a device"):
+        resolve_device("gpu0")
+    with pytest.raises(Qwen35Error, match="negative"):
+        load_options(parser.parse_args(["--n-cpu-moe", "-2"]), model)

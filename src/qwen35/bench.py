@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 
 DEFAULT_REPETITIONS = 5
@@ -46,6 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth probe")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    add_device_arguments(parser)
 
 
 def run(args) -> int:
@@ -67,14 +69,15 @@ def run(args) -> int:
     torch.set_num_threads(threads)
     progress = _Progress(enabled=not args.json and sys.stderr.isatty())
     progress.show(f"loading {path.name}")
-    model = qwen35.load_model(path, precision=args.precision,
+    options = load_options(args, path, context=args.n_prompt + args.n_gen, command="qwen35 bench")
+    model = qwen35.load_model(path, precision=args.precision, **options,
                               progress=lambda done, total: progress.show(f"loading {path.name}: "
                                                                          f"{done / 2**20:,.0f} of {total / 2**20:,.0f} MiB"))
     if args.n_prompt + args.n_gen > model.config.context_length:
         raise Qwen35Error(f"-p plus -n exceeds the model's context of {model.config.context_length} tokens")
     generator = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, max(args.n_prompt, 1)), generator=generator)
+    prompt = torch.randint(0, vocab, (1, max(args.n_prompt, 1)), generator=generator).to(model.device)
     gen_tokens = torch.randint(0, vocab, (1, max(args.n_gen, 1)), generator=generator)
 
     pp_samples, tg_samples = [], []
@@ -119,26 +122,45 @@ def time_prefill(model, prompt, all_logits: bool = False) -> float:
     """
     import torch
 
-    from qwen35.model.api import PREFILL_CHUNK
+    from qwen35.model.api import GPU_PREFILL_CHUNK, PREFILL_CHUNK
 
+    chunk = GPU_PREFILL_CHUNK if model.device.type == "cuda" else PREFILL_CHUNK
     cache = model.make_cache(1)
+    _synchronize(model)
     started = time.perf_counter()
     if all_logits:
         model.forward(prompt, cache)
     else:
         with torch.inference_mode():
-            for start in range(0, prompt.shape[1], PREFILL_CHUNK):
-                model.network.forward(prompt[:, start:start + PREFILL_CHUNK], cache, last_only=True)
+            for start in range(0, prompt.shape[1], chunk):
+                model.network.forward(prompt[:, start:start + chunk], cache, last_only=True)
+    _synchronize(model)
     return time.perf_counter() - started
 
 
 def time_decode(model, tokens) -> float:
-    """Seconds of len(tokens) single-token forward calls on a fresh cache."""
+    """Seconds of len(tokens) single-token forward calls on a fresh cache (on a GPU, replays of a captured
+    step, as llama.cpp's CUDA backend replays its graphs; the capture is not timed)."""
+    from qwen35.engine.cuda_graphs import GraphDecoder, graphs_supported
+
     cache = model.make_cache(1)
+    decoder = GraphDecoder(model, cache, tokens.shape[1] + 1) if graphs_supported(model) else None
+    _synchronize(model)
     started = time.perf_counter()
     for i in range(tokens.shape[1]):
-        model.forward(tokens[:, i:i + 1], cache)
+        if decoder is not None:
+            decoder.step(tokens[:, i])
+        else:
+            model.forward(tokens[:, i:i + 1], cache)
+    _synchronize(model)
     return time.perf_counter() - started
+
+
+def _synchronize(model) -> None:
+    if model.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(model.device)
 
 
 def measure_read_bandwidth(threads: int, nbytes: int = BANDWIDTH_BUFFER_BYTES, repetitions: int = 8) -> float:

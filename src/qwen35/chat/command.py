@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 
 DEFAULT_CONTEXT = 8192
@@ -56,6 +57,7 @@ def add_arguments(parser) -> None:
                              "e.g. '{\"enable_thinking\": false}'")
     parser.add_argument("--chat-template-file", default=None, metavar="FILE",
                         help="a Jinja chat template to use instead of the model's")
+    add_device_arguments(parser)
     parser.add_argument("--verbose", action="store_true",
                         help="after a one-shot answer, print its speed line on stderr")
 
@@ -75,8 +77,9 @@ def run(args) -> int:
     from qwen35.progress import byte_progress
 
     tokenizer = load_tokenizer(str(path))
+    options = load_options(args, path, context=args.context, command="qwen35 run")
     with byte_progress(f"loading {path.name}") as progress:
-        model = load_model(str(path), progress=progress)
+        model = load_model(str(path), progress=progress, **options)
     template = None
     if template_source is not None:
         template = ChatTemplate(template_source, special_tokens=tokenizer.template_tokens)

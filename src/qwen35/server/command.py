@@ -18,6 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
+from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 
 
@@ -40,8 +41,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("-t", "--threads", type=int, default=None,
                         help="CPU threads for the model (default: torch's choice, one per core)")
     # Spellings `qwen35 plan` and llama.cpp users write; this build runs on the CPU with a 16-bit cache.
-    parser.add_argument("-ngl", "--n-gpu-layers", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--n-cpu-moe", type=int, default=None, help=argparse.SUPPRESS)
+    add_device_arguments(parser)
     parser.add_argument("-ctk", "--cache-type-k", default="f16", help=argparse.SUPPRESS)
     parser.add_argument("-ctv", "--cache-type-v", default="f16", help=argparse.SUPPRESS)
 
@@ -73,7 +73,8 @@ def _check(args) -> None:
 
 
 def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int = 8192, prefix_cache_mb: int = 2048,
-                name: str | None = None, api_key: str | None = None, mmproj: str | None = None):
+                name: str | None = None, api_key: str | None = None, mmproj: str | None = None,
+                load_options: dict | None = None):
     """Load the model and tokenizer and start nothing yet: the server's state (also used by benchmarks).
     `context` is per request."""
     from qwen35 import load_model, load_tokenizer
@@ -83,7 +84,7 @@ def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int 
     from qwen35.progress import byte_progress
 
     with byte_progress(f"loading {path.name}") as progress:
-        model = load_model(str(path), mmproj=mmproj, progress=progress)
+        model = load_model(str(path), mmproj=mmproj, progress=progress, **(load_options or {}))
     tokenizer = load_tokenizer(str(path))
     service = EngineService(model, max_running=parallel, max_waiting=queue, context_length=context,
                             prefix_cache_bytes=prefix_cache_mb << 20)
@@ -97,9 +98,6 @@ def run(args) -> int:
 
     from qwen35.server.app import create_app
 
-    if args.n_gpu_layers is not None or args.n_cpu_moe is not None:
-        print("qwen35 serve: -ngl/--n-cpu-moe ignored: this build runs the whole model on the CPU",
-              file=sys.stderr, flush=True)
     if args.threads is not None:
         import torch
 
@@ -108,7 +106,9 @@ def run(args) -> int:
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context // args.parallel,
                         prefix_cache_mb=args.prefix_cache_mb, name=args.name, api_key=args.api_key,
-                        mmproj=args.mmproj)
+                        mmproj=args.mmproj,
+                        load_options=load_options(args, path, args.context // args.parallel, args.parallel,
+                                                  "qwen35 serve"))
     try:
         sock = socket.create_server((args.host, args.port))
     except OSError as error:
