@@ -1,0 +1,403 @@
+"""The gated full-attention decode step on the GPU, in Triton: the twin of csrc/attention_decode.cpp.
+
+`attention_decode_` runs everything of Attention.__call__ between qkv_proj and o_proj for one new
+token per row: q/k RMS norms per head, partial rotate-half RoPE, the K/V cache write at each row's
+own slot, single-query GQA attention and the sigmoid output gate. Two launches (flash-decoding):
+
+1. One program per (row, kv head, split). It norms and rotates the query heads of its kv head's
+   group (held together: each K/V tile it loads serves all of them) and the new K, and runs an
+   online softmax over its share of the row's cached slots, in tiles of BLOCK_N slots. Each row's
+   slots 0..starts[b]-1 are cut into `splits` even ranges by the row's own length, read from
+   `starts` on the device. The new token itself is never read back from the cache: split 0 starts
+   its softmax with it (K and V rounded to the storage's type, as the reference reads them back)
+   and writes it to slot starts[b], which no program reads, so the write races with nothing.
+2. One program per (row, query head) merges the splits' maxima, sums and weighted V rows and
+   applies sigmoid(gate). With a single split, launch 1 does this itself and there is no launch 2.
+
+Nothing waits on the host, so a decode step can be captured in a CUDA graph: the split count
+depends only on shapes (batch, kv heads, the storage's capacity and the GPU's SM count), and the
+rows' lengths may change from replay to replay. Everything is computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen35.errors import Qwen35Error
+
+# Set (by tests/conftest.py) where there is no GPU: the kernels then run on CPU tensors.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LOG2_E = 1.4426950408889634
+# Untuned first choices (no GPU was at hand when this was written); benchmark() sweeps them.
+# Slots per tile: a [32, 256] K tile and its V tile are 64 fp32 values a thread each at 8 warps.
+_BLOCK_N = 32
+# tl.dot needs 16 rows at least: a group of 8 query heads is padded to 16.
+_MIN_DOT_ROWS = 16
+# "ieee": fp32 products, as the reference computes them (tf32 would cost ~1e-3 relative).
+# "tf32x3" keeps ~fp32 accuracy on tensor cores; which is faster is for benchmark() to say.
+_DOT_PRECISION = "ieee"
+# Splits: enough (row, kv head, split) programs for ~2 waves of the GPU's SMs, but each split
+# at least this many slots of a full cache (shorter ones cost more in the merge than they save).
+_MIN_SPLIT_SLOTS = 128
+_MAX_SPLITS = 64
+_WAVES = 2
+# The interpreter has no SMs; this many makes the tests' calls split their rows.
+_INTERPRETED_SM_COUNT = 4
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise Qwen35Error(message)
+
+
+def _check_device(name: str, tensors: dict[str, torch.Tensor]) -> torch.device:
+    device = next(iter(tensors.values())).device
+    for tensor_name, tensor in tensors.items():
+        _require(tensor.device == device, f"{name}: {tensor_name} is on {tensor.device}, the others on {device}")
+    _require(
+        device.type == "cuda" or _INTERPRETED,
+        f"{name}: the Triton kernels need CUDA tensors (got {device}; TRITON_INTERPRET=1 runs them on the CPU)",
+    )
+    return device
+
+
+@triton.jit
+def _norm_rotate(rows_at, row_mask, weight_ptr, cols, partner, col_mask, cos, sign_sin, D: tl.constexpr, eps):
+    # Rows [R, D] at rows_at[:, None] + column: x * rsqrt(mean(x^2) + eps) * weight, then the rotate-half
+    # RoPE: x*cos + rotate_half(x)*sin, with rotate_half(x)[i] = -x[i + half] (i < half) or x[i - half].
+    # Columns past rotary_dim have cos 1 and sin 0: they pass unchanged.
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(rows_at[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(rows_at[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    inverse_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    weight_partner = tl.load(weight_ptr + partner, mask=col_mask, other=0.0).to(tl.float32)
+    normed = x * inverse_rms[:, None] * weight[None, :]
+    normed_partner = x_partner * inverse_rms[:, None] * weight_partner[None, :]
+    return normed * cos[None, :] + normed_partner * sign_sin[None, :]
+
+
+@triton.jit
+def _to_storage(x, storage_type: tl.constexpr, BF16_STORAGE: tl.constexpr):
+    # fp32 -> the storage's type, rounded to nearest even as torch's .to() rounds. bf16 in integers:
+    # the interpreter's cast to bf16 truncates (the GPU's rounds), so both take this path.
+    if BF16_STORAGE:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)  # NaN stays NaN, as torch's
+        return rounded.to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(storage_type)
+
+
+@triton.jit
+def _attend_tile(q, maximum, total, acc, keys_at, values_at, slot_stride, first, end, slots, cols, col_mask,
+                 DOT_PRECISION: tl.constexpr):
+    # One tile of slots first .. first + BLOCK_N - 1 (those below `end`) into the online softmax, in
+    # base 2 (q carries scale * log2(e)). A tile may hold no slot at all (the interpreter's loop runs
+    # past `end`): then it changes nothing, and no -inf - -inf is ever taken.
+    positions = first + slots
+    slot_mask = positions < end
+    tile_mask = slot_mask[:, None] & col_mask[None, :]
+    offsets = positions.to(tl.int64)[:, None] * slot_stride + cols[None, :]
+    k = tl.load(keys_at + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+    scores = tl.where(slot_mask[None, :], scores, float("-inf"))
+    new_maximum = tl.maximum(maximum, tl.max(scores, axis=1))
+    shift = tl.where(new_maximum == float("-inf"), 0.0, new_maximum)
+    rescale = tl.exp2(maximum - shift)
+    weights = tl.exp2(scores - shift[:, None])
+    v = tl.load(values_at + offsets, mask=tile_mask, other=0.0).to(tl.float32)
+    acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision=DOT_PRECISION)
+    return new_maximum, total * rescale + tl.sum(weights, axis=1), acc
+
+
+@triton.jit
+def _attend_kernel(
+    q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, starts_ptr,
+    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
+    q_gate_s0, k_s0, v_s0, cos_s0, sin_s0, starts_s0, cache_s0, cache_s1, cache_s2,
+    capacity, eps, qk_scale,
+    N_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, ROTARY: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    INTERPRETED_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_STORAGE: tl.constexpr,
+):
+    unit, split = tl.program_id(0), tl.program_id(1)
+    row, kv_head = unit // N_KV, unit % N_KV
+    row64 = row.to(tl.int64)
+    start = tl.load(starts_ptr + row64 * starts_s0)
+    # A start outside the storage (a caller's bug: checking it here would wait on the GPU) writes
+    # nothing and reads only the storage's slots.
+    start_in_range = (start >= 0) & (start < capacity)
+    cached = tl.minimum(tl.maximum(start, 0), capacity).to(tl.int32)
+
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    half: tl.constexpr = ROTARY // 2
+    rotary_mask = cols < ROTARY
+    partner = tl.where(cols < half, cols + half, tl.where(rotary_mask, cols - half, cols))
+    cos = tl.load(cos_ptr + row64 * cos_s0 + cols, mask=rotary_mask, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + row64 * sin_s0 + cols, mask=rotary_mask, other=0.0).to(tl.float32)
+    sign_sin = tl.where(cols < half, -sin, sin)
+
+    # The group's query heads [BLOCK_G, BLOCK_D] (padding rows are zeros) and the new K, V.
+    group_rows = tl.arange(0, BLOCK_G)
+    group_mask = group_rows < GROUP
+    heads = kv_head * GROUP + group_rows
+    q_at = q_gate_ptr + row64 * q_gate_s0 + heads * (2 * D)
+    q = _norm_rotate(q_at, group_mask, q_norm_ptr, cols, partner, col_mask, cos, sign_sin, D, eps) * qk_scale
+    one_row = tl.arange(0, 1)
+    k_at = k_ptr + row64 * k_s0 + kv_head * D + one_row
+    k_new = _norm_rotate(k_at, one_row < 1, k_norm_ptr, cols, partner, col_mask, cos, sign_sin, D, eps)
+    v_new = tl.load(v_ptr + row64 * v_s0 + kv_head * D + cols, mask=col_mask, other=0.0).to(tl.float32)
+    storage_type: tl.constexpr = keys_ptr.dtype.element_ty
+    k_stored = _to_storage(k_new, storage_type, BF16_STORAGE)  # [1, BLOCK_D]
+    v_stored = _to_storage(v_new, storage_type, BF16_STORAGE)
+    row_at = row64 * cache_s0 + kv_head * cache_s2
+    slot_at = row_at + start * cache_s1 + cols
+    owns_new_token = split == 0
+    tl.store(keys_ptr + slot_at[None, :], k_stored, mask=(col_mask & start_in_range & owns_new_token)[None, :])
+    tl.store(values_ptr + slot_at, v_stored, mask=col_mask & start_in_range & owns_new_token)
+
+    # Split 0's softmax begins with the new token, the others' with nothing.
+    new_score = tl.sum(q * k_stored.to(tl.float32), axis=1)
+    maximum = tl.where(owns_new_token, new_score, float("-inf"))
+    total = tl.where(owns_new_token, 1.0, 0.0) + tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.where(owns_new_token, v_stored.to(tl.float32)[None, :], 0.0) + tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+
+    # This split's share of the cached slots 0 .. start - 1, whole tiles of them.
+    share = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_N) * BLOCK_N
+    begin = split * share
+    end = tl.minimum(begin + share, cached)
+    slots = tl.arange(0, BLOCK_N)
+    keys_at, values_at = keys_ptr + row_at, values_ptr + row_at
+    if INTERPRETED_SPAN == 0:
+        for first in tl.range(begin, end, BLOCK_N):
+            maximum, total, acc = _attend_tile(q, maximum, total, acc, keys_at, values_at, cache_s1, first, end,
+                                               slots, cols, col_mask, DOT_PRECISION)
+    else:  # the interpreter's range() takes no loaded bound: the largest share, tiles past `end` masked
+        for offset in range(0, INTERPRETED_SPAN, BLOCK_N):
+            maximum, total, acc = _attend_tile(q, maximum, total, acc, keys_at, values_at, cache_s1, begin + offset,
+                                               end, slots, cols, col_mask, DOT_PRECISION)
+
+    head_rows = row64 * (N_KV * GROUP) + heads  # (row, query head) pairs
+    tile_mask = group_mask[:, None] & col_mask[None, :]
+    if SPLITS == 1:
+        gate_at = q_gate_ptr + row64 * q_gate_s0 + heads[:, None] * (2 * D) + D + cols[None, :]
+        gate = tl.load(gate_at, mask=tile_mask, other=0.0).to(tl.float32)
+        out = acc / total[:, None] * tl.sigmoid(gate)
+        tl.store(out_ptr + head_rows[:, None] * D + cols[None, :], out, mask=tile_mask)
+    else:
+        pieces = head_rows * SPLITS + split
+        tl.store(partial_acc_ptr + pieces[:, None] * D + cols[None, :], acc, mask=tile_mask)
+        tl.store(partial_max_ptr + pieces, maximum, mask=group_mask)
+        tl.store(partial_sum_ptr + pieces, total, mask=group_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0,
+    N_Q: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # Program row * n_q + head: its splits' softmaxes as one (split 0 holds the new token, so the
+    # largest maximum is finite; empty splits have maximum -inf and weigh 0), then the gate.
+    head_row = tl.program_id(0).to(tl.int64)
+    row, head = head_row // N_Q, head_row % N_Q
+    splits = tl.arange(0, BLOCK_S)
+    split_mask = splits < SPLITS
+    pieces = head_row * SPLITS
+    maxima = tl.load(partial_max_ptr + pieces + splits, mask=split_mask, other=float("-inf"))
+    sums = tl.load(partial_sum_ptr + pieces + splits, mask=split_mask, other=0.0)
+    maximum = tl.max(maxima, axis=0)
+    total = tl.sum(tl.exp2(maxima - maximum) * sums, axis=0)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for split in range(SPLITS):
+        weight = tl.exp2(tl.load(partial_max_ptr + pieces + split) - maximum)
+        acc += weight * tl.load(partial_acc_ptr + (pieces + split) * D + cols, mask=col_mask, other=0.0)
+    gate = tl.load(q_gate_ptr + row * q_gate_s0 + head * (2 * D) + D + cols, mask=col_mask, other=0.0)
+    out = acc / total * tl.sigmoid(gate.to(tl.float32))
+    tl.store(out_ptr + head_row * D + cols, out, mask=col_mask)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETED_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_count(batch: int, n_kv: int, capacity: int, sm_count: int) -> int:
+    """Splits per (row, kv head): ~_WAVES waves of programs, each split at least _MIN_SPLIT_SLOTS
+    slots of a full cache, at most _MAX_SPLITS. Shapes only, so a captured graph keeps it."""
+    wanted = math.ceil(_WAVES * sm_count / max(1, batch * n_kv))
+    return max(1, min(wanted, math.ceil(capacity / _MIN_SPLIT_SLOTS), _MAX_SPLITS))
+
+
+def _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim):
+    """Shapes, dtypes and devices (never the values: that would wait on the GPU); returns the device."""
+    name = "attention_decode_"
+    _require(
+        n_q >= 1 and n_kv >= 1 and n_q % n_kv == 0 and head_dim >= 1,
+        f"{name}: n_q ({n_q}) must be a positive multiple of n_kv ({n_kv}), and head_dim ({head_dim}) positive",
+    )
+    _require(q_gate.dim() == 3, f"{name}: q_gate must be [B, 1, n_q * 2 * head_dim], got {tuple(q_gate.shape)}")
+    batch = q_gate.shape[0]
+    for tensor_name, tensor, width in (("q_gate", q_gate, 2 * n_q * head_dim), ("k", k, n_kv * head_dim),
+                                       ("v", v, n_kv * head_dim)):
+        _require(
+            tensor.shape == (batch, 1, width),
+            f"{name}: {tensor_name} must be [{batch}, 1, {width}] (one token per row), got {tuple(tensor.shape)}",
+        )
+        _require(tensor.stride(2) == 1, f"{name}: {tensor_name}'s last dimension must be contiguous")
+    _require(
+        cos.dim() == 3 and cos.shape[:2] == (batch, 1) and cos.shape[2] % 2 == 0 and cos.shape[2] <= head_dim,
+        f"{name}: cos must be [{batch}, 1, rotary_dim] with an even rotary_dim <= {head_dim}, got {tuple(cos.shape)}",
+    )
+    _require(sin.shape == cos.shape, f"{name}: sin must be shaped like cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    for tensor_name, tensor in (("cos", cos), ("sin", sin)):
+        _require(tensor.stride(2) == 1 or tensor.shape[2] <= 1, f"{name}: {tensor_name}'s last dimension must be contiguous")
+    for tensor_name, tensor in (("q_norm", q_norm), ("k_norm", k_norm)):
+        _require(tensor.shape == (head_dim,), f"{name}: {tensor_name} must be [{head_dim}], got {tuple(tensor.shape)}")
+    for tensor_name, tensor in (("q_gate", q_gate), ("k", k), ("v", v), ("q_norm", q_norm), ("k_norm", k_norm),
+                                ("cos", cos), ("sin", sin)):
+        _require(tensor.dtype in _INPUT_DTYPES,
+                 f"{name}: {tensor_name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    _require(
+        keys.dtype in _STORAGE_DTYPES and values.dtype == keys.dtype,
+        f"{name}: the K/V storage must be float32, bfloat16 or float16, both alike (got {keys.dtype}, {values.dtype})",
+    )
+    _require(
+        keys.dim() == 4 and keys.shape == values.shape and keys.stride() == values.stride()
+        and keys.shape[0] >= batch and keys.shape[1] >= 1 and keys.shape[2:] == (n_kv, head_dim)
+        and keys.stride(3) == 1,
+        f"{name}: keys and values must be alike [rows >= {batch}, capacity >= 1, {n_kv}, {head_dim}] storage "
+        f"with a contiguous last dimension, got {tuple(keys.shape)} and {tuple(values.shape)}",
+    )
+    _require(
+        starts.shape == (batch,) and starts.dtype == torch.int64,
+        f"{name}: starts must be int64 [{batch}], got {starts.dtype} {tuple(starts.shape)}",
+    )
+    return _check_device(name, {"keys": keys, "values": values, "q_gate": q_gate, "k": k, "v": v, "q_norm": q_norm,
+                                "k_norm": k_norm, "cos": cos, "sin": sin, "starts": starts})
+
+
+def _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim, eps, scale,
+            splits, block_n=_BLOCK_N, num_warps=None, dot_precision=_DOT_PRECISION):
+    """The two launches (one with a single split), inputs already checked."""
+    batch, capacity, device = q_gate.shape[0], keys.shape[1], keys.device
+    group = n_q // n_kv
+    out = torch.empty(batch, 1, n_q * head_dim, dtype=torch.float32, device=device)
+    if batch == 0:
+        return out
+    block_d = max(_MIN_DOT_ROWS, triton.next_power_of_2(head_dim))
+    block_g = max(_MIN_DOT_ROWS, triton.next_power_of_2(group))
+    if num_warps is None:
+        num_warps = 8 if block_d >= 256 else 4
+    if splits > 1:
+        partial_acc = torch.empty(batch * n_q * splits, head_dim, dtype=torch.float32, device=device)
+        partial_max = torch.empty(batch * n_q * splits, dtype=torch.float32, device=device)
+        partial_sum = torch.empty_like(partial_max)
+    else:
+        partial_acc = partial_max = partial_sum = out  # not touched
+    interpreted_span = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n if _INTERPRETED else 0
+    _attend_kernel[(batch * n_kv, splits)](
+        q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, out, partial_acc, partial_max, partial_sum,
+        q_gate.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), starts.stride(0),
+        keys.stride(0), keys.stride(1), keys.stride(2), capacity, float(eps), float(scale) * _LOG2_E,
+        N_KV=n_kv, GROUP=group, D=head_dim, ROTARY=cos.shape[2], BLOCK_G=block_g, BLOCK_D=block_d,
+        BLOCK_N=block_n, SPLITS=splits, INTERPRETED_SPAN=interpreted_span, DOT_PRECISION=dot_precision,
+        BF16_STORAGE=keys.dtype == torch.bfloat16, num_warps=num_warps,
+    )
+    if splits > 1:
+        _merge_kernel[(batch * n_q,)](
+            q_gate, out, partial_acc, partial_max, partial_sum, q_gate.stride(0),
+            N_Q=n_q, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), SPLITS=splits,
+            BLOCK_S=triton.next_power_of_2(splits), num_warps=max(1, min(4, head_dim // 64)),
+        )
+    return out
+
+
+def attention_decode_(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts,
+                      n_q: int, n_kv: int, head_dim: int, eps: float, scale: float) -> torch.Tensor:
+    """One gated full-attention decode step (one token per row) between qkv_proj and o_proj.
+
+    q_gate [B, 1, n_q * 2 * head_dim] (per head: head_dim query values, then head_dim gate values), k, v
+    [B, 1, n_kv * head_dim] (fp32/bf16/fp16; rows may be strided column slices); q_norm, k_norm [head_dim];
+    cos, sin [B, 1, rotary_dim]; keys, values: the whole K/V storage [rows >= B, capacity, n_kv, head_dim]
+    (fp32, bf16 or fp16); starts [B] int64, each below the capacity. Row b's new K (normed and rotated)
+    and V go to slot starts[b] of row b of keys/values, in place, cast to the storage's type; the token
+    attends to that row's slots 0..starts[b], query head h to kv head h // (n_q / n_kv). Returns
+    attention * sigmoid(gate), [B, 1, n_q * head_dim] float32. Never waits on the host.
+    """
+    device = _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim)
+    splits = split_count(q_gate.shape[0], n_kv, keys.shape[1], _sm_count(device))
+    return _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim, eps, scale,
+                   splits)
+
+
+def benchmark(batch: int = 1, context: int = 4096, n_q: int = 16, n_kv: int = 2, head_dim: int = 256,
+              device: str = "cuda") -> dict:
+    """Milliseconds per call (do_bench medians) on random inputs with every row `context` tokens long in a
+    bf16 cache of that capacity: the public call, its CUDA-graph replay, the plain torch steps, and the
+    kernels for other tiles, warps, dot precisions and split counts; plus each variant's largest
+    difference from the public call's output (relative to its largest value) and the bytes read per second."""
+    from qwen35.model.qwen35 import _single_query_attention, apply_rotary, rms_norm
+
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device)
+
+    rotary_dim, eps, scale = 64, 1e-6, head_dim**-0.5
+    q_gate, k, v = randn(batch, 1, 2 * n_q * head_dim), randn(batch, 1, n_kv * head_dim), randn(batch, 1, n_kv * head_dim)
+    q_norm, k_norm = 1 + 0.1 * randn(head_dim), 1 + 0.1 * randn(head_dim)
+    angles = randn(batch, 1, rotary_dim // 2).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    keys, values = (randn(batch, context, n_kv, head_dim).bfloat16() for _ in range(2))
+    starts = torch.full((batch,), context - 1, dtype=torch.int64, device=device)
+    args = (q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim, eps, scale)
+    splits = split_count(batch, n_kv, context, _sm_count(torch.device(device)))
+    expected = attention_decode_(*args)
+    bytes_read = 2 * keys.numel() * keys.element_size()
+
+    def plain():
+        qg = q_gate.view(batch, 1, n_q, 2 * head_dim)
+        q = apply_rotary(rms_norm(qg[..., :head_dim], q_norm, eps), cos, sin)
+        new_k = apply_rotary(rms_norm(k.view(batch, 1, n_kv, head_dim), k_norm, eps), cos, sin)
+        keys[torch.arange(batch, device=device), starts] = new_k[:, 0].to(keys.dtype)
+        values[torch.arange(batch, device=device), starts] = v.view(batch, n_kv, head_dim).to(values.dtype)
+        mask = torch.ones(batch, 1, context, dtype=torch.bool, device=device)
+        out = _single_query_attention(q, keys, values, mask, scale)
+        return out * torch.sigmoid(qg[..., head_dim:].reshape(batch, 1, -1))
+
+    ms = triton.testing.do_bench(lambda: attention_decode_(*args), return_mode="median")
+    results = {
+        "shape": dict(batch=batch, context=context, n_q=n_q, n_kv=n_kv, head_dim=head_dim, splits=splits),
+        "ms": ms, "GB/s": bytes_read / (ms * 1e-3) / 1e9,
+        "graph_ms": triton.testing.do_bench_cudagraph(lambda: attention_decode_(*args), return_mode="median"),
+        "plain_torch_ms": triton.testing.do_bench(plain, return_mode="median"),
+        "plain_torch_difference": _relative_difference(plain(), expected),
+    }
+    for block_n in (16, 32, 64):
+        for num_warps in (4, 8):
+            for precision in ("ieee", "tf32x3"):
+                for variant_splits in sorted({1, max(1, splits // 2), splits, min(_MAX_SPLITS, 2 * splits)}):
+                    def call():
+                        return _launch(*args, splits=variant_splits, block_n=block_n, num_warps=num_warps,
+                                       dot_precision=precision)
+                    key = f"n{block_n}_w{num_warps}_{precision}_s{variant_splits}"
+                    results[f"{key}_ms"] = triton.testing.do_bench(call, return_mode="median")
+                    results[f"{key}_difference"] = _relative_difference(call(), expected)
+    return results
+
+
+def _relative_difference(ours: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((ours - expected).abs().max() / expected.abs().max())
