@@ -16,7 +16,7 @@ The GEMV kernels are written for memory-bound decode on the GPU, where the instr
 spent per weight, not the bytes, are what limit a kernel like this: codes become floats
 by an exponent trick instead of integer conversions, with one row of x the products
 accumulate element-wise and are reduced once at the end (offsets contribute -b * sum(x)
-per group), and a program covers 64 rows so that each thread reuses its x values.
+per group), and a program covers 32 or 64 rows so that each thread reuses its x values.
 Many programs run over output rows, with split-K when the matrix is too skinny to fill the
 machine (partial sums go to a [splits, M, out] buffer summed afterwards, so results are
 deterministic); accumulation is fp32; nothing syncs with the host (expert ids are read
@@ -460,16 +460,25 @@ def _processors(device: torch.device) -> int:
     return 4  # the interpreter: a little splitting, so tests exercise the split-K path
 
 
-# GEMV launch shape: rows per program (by rows of x, padded to a power of two), warps, software
-# pipelining stages, and the programs per processor that split-K aims for. Module-level so a
-# benchmark can try others. 64 rows and 4 warps gave the fewest instructions per weight in the
-# compiled sm_90 code for every type (6.9 for Q4_K up to 10.8 for Q6_K); with one row of x each
-# thread then reuses its x values across 16 rows. NUM_STAGES > 1 lets Triton prefetch the
-# 4-byte aligned loads (Q4_K, Q5_K) through shared memory with cp.async.
-GEMV_BLOCK_N = {1: 64, 2: 8, 4: 4, 8: 2, 16: 2}
-GEMV_NUM_WARPS = 4
-GEMV_NUM_STAGES = 1
-PROGRAMS_PER_PROCESSOR = 4
+# GEMV launch shapes, module-level so a benchmark can try others. With one row of x, per
+# type: (rows per program, warps, software-pipelining stages). Chosen from the compiled sm_90
+# code (instructions per weight, registers, hence programs per processor), not yet from
+# timings: Q4_K 6.3 instructions per weight and 4 programs of 4 warps per processor, Q5_K 9.3
+# and 3, Q6_K 10.8 and 4, Q8_0 8.1 and 4, Q4_0 7.6 and 4. Stages > 1 prefetch the 4-byte
+# aligned words of Q4_K/Q5_K through shared memory (cp.async); the 2-byte aligned types
+# cannot use it, so they rely on several programs per processor to hide the loads' latency.
+GEMV_CONFIG = {
+    T.Q4_K: (64, 4, 2),
+    T.Q5_K: (64, 4, 2),
+    T.Q6_K: (64, 4, 1),
+    T.Q8_0: (32, 4, 1),
+    T.Q4_0: (32, 4, 1),
+}
+# With several rows of x (padded to a power of two): rows per program; 4 warps, no prefetch.
+# The weights are decoded once for all rows of x, but each row of x still costs a sum per
+# group and step: 5 (Q4_K) to 9 (Q6_K) instructions per weight and row at M = 8.
+GEMV_BLOCK_N = {2: 16, 4: 16, 8: 16, 16: 8}
+PROGRAMS_PER_PROCESSOR = 4  # split-K aims for this many programs per processor
 
 
 def _plan(n_out: int, n_steps: int, slots: int, block_n: int, device: torch.device) -> tuple[int, int]:
@@ -481,7 +490,9 @@ def _plan(n_out: int, n_steps: int, slots: int, block_n: int, device: torch.devi
     return triton.cdiv(n_steps, steps_per_split), steps_per_split
 
 
-def dequantize(blocks: torch.Tensor, type_id: int, in_features: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize(
+    blocks: torch.Tensor, type_id: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
     """Blocks [..., rows, row_bytes] -> weights [..., rows, in_features] of `dtype`.
 
     In float32 the result is bit-equal to `qwen35.kernels.dequant.dequantize`.
@@ -508,7 +519,10 @@ def dequantize(blocks: torch.Tensor, type_id: int, in_features: int, dtype: torc
 def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_experts, expert_bytes, block_m, n_x_rows):
     n_blocks, row_bytes, (groups, length, planes) = _check_blocks(blocks, type_id, in_features, 2, 3)
     n_steps = triton.cdiv(in_features, STEP_ELEMENTS)
-    block_n = GEMV_BLOCK_N[block_m]
+    if block_m == 1:
+        block_n, num_warps, num_stages = GEMV_CONFIG[GGMLQuantizationType(type_id)]
+    else:
+        block_n, num_warps, num_stages = GEMV_BLOCK_N[block_m], 4, 1
     splits, steps_per_split = _plan(n_out, n_steps, slots, block_n, blocks.device)
     out_rows = slots if expert_ids is not None else n_x_rows
     partial = torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
@@ -518,9 +532,9 @@ def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_ex
         _aligned(blocks, type_id), x, partial, expert_ids if expert_ids is not None else x,
         n_out, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows,
         max(slots // max(x.shape[0], 1), 1),
-        QTYPE=qtype, HAS_MIN=qtype in _HAS_MIN, G=groups, L=length, P=planes,
-        BLOCK_N=block_n, BLOCK_M=block_m, HAS_IDS=expert_ids is not None, STEPS=steps_per_split,
-        NUM_STAGES=GEMV_NUM_STAGES, num_warps=GEMV_NUM_WARPS,
+        QTYPE=qtype, HAS_MIN=qtype in _HAS_MIN, G=groups, L=length, P=planes, BLOCK_N=block_n,
+        BLOCK_M=block_m, HAS_IDS=expert_ids is not None, STEPS=steps_per_split,
+        NUM_STAGES=num_stages, num_warps=num_warps,
     )
     return partial[0] if splits == 1 else partial.sum(dim=0)
 
@@ -544,7 +558,8 @@ def expert_gemv(
     """
     _check_blocks(blocks, type_id, in_features, 3, 3)
     _check_x(x, in_features, blocks, None)
-    if not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 1 or expert_ids.dtype not in (torch.int32, torch.int64):
+    if (not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 1
+            or expert_ids.dtype not in (torch.int32, torch.int64)):
         raise Qwen35Error("expert_ids must be a 1-D int32 or int64 tensor")
     if expert_ids.device != blocks.device:
         raise Qwen35Error(f"expert_ids are on {expert_ids.device} but the weight blocks are on {blocks.device}")
