@@ -41,13 +41,15 @@ _MIN_DOT_SIDE = 16
 # attention tile in registers: past these sizes they would spill.
 _MAX_KEY_DIM = 256
 _MAX_CHUNK = 128
-# Value columns per program, warps and pipeline stages: 32 columns give B*H*4 programs for d_v 128 (a
-# full wave on 132 SMs for H=32 and one row). Two stages keep the ieee kernel's shared memory at 136 KiB
-# for d 128 (Triton's default of three asks for 256 KiB, more than an H100 or H200 SM has).
-# Not yet measured on a GPU: `benchmark` times the alternatives.
-_BLOCK_V = 32
-_NUM_WARPS = 4
-_NUM_STAGES = 2
+# Value columns per program, warps and pipeline stages, chosen from ptxas's report for d 128 on sm_90
+# (not yet timed on a GPU: `benchmark` times the alternatives). tl.dot in ieee fp32 runs on FMA units
+# and holds whole operand rows per thread: ptxas spills 0.7 KiB a thread per chunk at 16 columns and
+# 8 warps, 1.6-1.8 KiB at 32 columns / 8 warps or 16 columns / 4 warps, and 18-20 KiB at 32 columns /
+# 4 warps (it then drops to 32 registers). One stage: 52 KiB of shared memory; Triton's default of three
+# would ask 256 KiB at 32 columns, more than an H100 or H200 SM has. 16 columns give B*H*8 programs.
+_BLOCK_V = 16
+_NUM_WARPS = 8
+_NUM_STAGES = 1
 # "ieee": true fp32 products (FMA units). "tf32" rounds both operands of every product to 10 mantissa
 # bits (tensor cores): emulated on the CPU for d 128, T 8192 (128 chunks), outputs and the final state
 # moved by 4e-4 to 5e-4 of their largest value (fp32: 2e-7 to 5e-7), without growing over the chunks.
@@ -240,8 +242,9 @@ def chunked_delta_rule(q, k, v, g, beta, state, chunk_size: int = 64) -> tuple[t
 def benchmark(B: int = 1, H: int = 32, T: int = 8192, d: int = 128, device: str = "cuda") -> dict:
     """Milliseconds per call on random inputs (normed q, k; log-decays in [-0.1, 0]): the torch reference,
     ours, the batched chunk terms alone, and the chunk loop alone for each dot precision, column block,
-    warp count and stage count (None where the launch did not fit the GPU); plus the largest output and
+    warp count and stage count (None where it did not compile or fit the GPU); plus the largest output and
     state differences from the reference per precision, relative to their largest values."""
+    from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     from qwen35.kernels.delta_rule import chunked_gated_delta_rule
@@ -259,7 +262,8 @@ def benchmark(B: int = 1, H: int = 32, T: int = 8192, d: int = 128, device: str 
     state = randn(B, H, d, d) * 0.1
     inputs = (q, k, v, g, beta, state)
 
-    results: dict = {"shape": dict(B=B, H=H, T=T, d=d), "device": torch.cuda.get_device_name(device)}
+    on_gpu = torch.device(device).type == "cuda"
+    results: dict = {"shape": dict(B=B, H=H, T=T, d=d), "device": torch.cuda.get_device_name(device) if on_gpu else device}
     reference_out, reference_state = chunked_gated_delta_rule(*inputs)
     results["reference_ms"] = triton.testing.do_bench(lambda: chunked_gated_delta_rule(*inputs))
     results["triton_ms"] = triton.testing.do_bench(lambda: chunked_delta_rule(*inputs))
@@ -270,15 +274,15 @@ def benchmark(B: int = 1, H: int = 32, T: int = 8192, d: int = 128, device: str 
         return ((ours - reference).abs().max() / reference.abs().max()).item()
 
     for precision in ("ieee", "tf32x3", "tf32"):
-        for block_v, num_warps in ((16, 4), (32, 4), (32, 8), (64, 8)):
+        for block_v, num_warps in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):
             for num_stages in (1, 2):
                 config = (block_v, num_warps, num_stages, precision)
                 try:
                     milliseconds = triton.testing.do_bench(lambda: _launch_chunk_loop(terms, state, T, *config))
-                except OutOfResources:
+                except (OutOfResources, CompilationError):
                     milliseconds = None
                 results[f"loop_ms_{precision}_block_v{block_v}_warps{num_warps}_stages{num_stages}"] = milliseconds
-        out, final_state = _launch_chunk_loop(terms, state, T, 16, 4, 1, precision)
+        out, final_state = _launch_chunk_loop(terms, state, T, precision=precision)
         results[f"{precision}_output_error"] = worst_relative(out, reference_out)
         results[f"{precision}_state_error"] = worst_relative(final_state, reference_state)
     return results
