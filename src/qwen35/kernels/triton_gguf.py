@@ -236,21 +236,6 @@ def _load_step(rows, step, n_blocks, mask, QTYPE: tl.constexpr, G: tl.constexpr,
 
 
 @triton.jit
-def _store_plane(out_ptr, row, row_ok, col, in_features, q, scale, offset, HAS_MIN: tl.constexpr):
-    if HAS_MIN:
-        w = scale * q - offset  # the reference's order; a negated offset added would flip signed zeros
-    else:
-        w = scale * q
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        # Round to nearest even by hand: the interpreter's float32 -> bfloat16 cast truncates.
-        # (Weights from blocks with finite fp16 scales are finite, so no NaN payload to keep.)
-        bits = w.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        w = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    tl.store(out_ptr + row * in_features + col, w.to(out_ptr.dtype.element_ty), mask=row_ok & (col < in_features))
-
-
-@triton.jit
 def _part_elements(QTYPE: tl.constexpr, G: tl.constexpr, L: tl.constexpr):
     """[G, L]: the step-relative element of each position of a part's tile (Q6_K's quarter 0:
     halves of 128 apart, lanes 16 apart; other types: groups of L in order)."""
@@ -260,6 +245,26 @@ def _part_elements(QTYPE: tl.constexpr, G: tl.constexpr, L: tl.constexpr):
         return 128 * (g // 2) + 16 * (g % 2) + t
     else:
         return g * L + t
+
+
+@triton.jit
+def _weights(q, scale, offset, HAS_MIN: tl.constexpr):
+    if HAS_MIN:
+        return scale * q - offset  # the reference's order; a negated offset added would flip signed zeros
+    else:
+        return scale * q
+
+
+@triton.jit
+def _store_weights(out_ptr, row, row_ok, col, in_features, w):
+    """Stores float32 weights [N, G, L] at columns col [1, G, L] as the output's dtype."""
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand: the interpreter's float32 -> bfloat16 cast truncates.
+        # (Weights from blocks with finite fp16 scales are finite, so no NaN payload to keep.)
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        w = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(out_ptr + row * in_features + col, w.to(out_ptr.dtype.element_ty), mask=row_ok & (col < in_features))
 
 
 @triton.jit
@@ -273,26 +278,24 @@ def _dequantize_kernel(
     row = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None, None]
     row_ok = row < n_rows
     rows = w_ptr + row * row_bytes
-    g = tl.arange(0, G)[None, :, None]
-    w = tl.arange(0, L // P)[None, None, :]
-    if QTYPE == 14:
-        col = 128 * (g // 2) + 16 * (g % 2) + 2 * w  # plane b of a part: these elements + b
-    else:
-        col = g * L + P * w
-    col += step * _STEP
+    # The planes are interleaved back into element order (join, then reshape) so that the
+    # stores are contiguous.
+    col = step * _STEP + _part_elements(QTYPE, G, L)[None, :, :]
     if QTYPE == 14:
         low_a, low_b, high, d, block, mask = _fetch_q6_k(rows, step, n_blocks, row_ok, G, L)
         for quarter in tl.static_range(4):
             q0, q1, q2, q3, scale, offset = _q6_k_quarter(low_a, low_b, high, d, block, mask, quarter, G)
-            _store_plane(out_ptr, row, row_ok, col + 32 * quarter, in_features, q0, scale, offset, HAS_MIN)
-            _store_plane(out_ptr, row, row_ok, col + 32 * quarter + 1, in_features, q1, scale, offset, HAS_MIN)
+            w = tl.join(_weights(q0, scale, offset, HAS_MIN), _weights(q1, scale, offset, HAS_MIN))
+            _store_weights(out_ptr, row, row_ok, col + 32 * quarter, in_features, tl.reshape(w, (BLOCK_N, G, L)))
     else:
         q0, q1, q2, q3, scale, offset = _load_step(rows, step, n_blocks, row_ok, QTYPE, G, L)
-        _store_plane(out_ptr, row, row_ok, col, in_features, q0, scale, offset, HAS_MIN)
-        _store_plane(out_ptr, row, row_ok, col + 1, in_features, q1, scale, offset, HAS_MIN)
-        if P == 4:
-            _store_plane(out_ptr, row, row_ok, col + 2, in_features, q2, scale, offset, HAS_MIN)
-            _store_plane(out_ptr, row, row_ok, col + 3, in_features, q3, scale, offset, HAS_MIN)
+        if P == 4:  # element 4w + 2a + b
+            even = tl.join(_weights(q0, scale, offset, HAS_MIN), _weights(q2, scale, offset, HAS_MIN))
+            odd = tl.join(_weights(q1, scale, offset, HAS_MIN), _weights(q3, scale, offset, HAS_MIN))
+            w = tl.join(even, odd)
+        else:
+            w = tl.join(_weights(q0, scale, offset, HAS_MIN), _weights(q1, scale, offset, HAS_MIN))
+        _store_weights(out_ptr, row, row_ok, col, in_features, tl.reshape(w, (BLOCK_N, G, L)))
 
 
 @triton.jit
