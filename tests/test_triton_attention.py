@@ -109,8 +109,9 @@ def assert_storage_matches(ours, expected, starts, key_rtol):
     torch.testing.assert_close(our_keys[written].float(), keys[written].float(), rtol=key_rtol, atol=1e-6)
 
 
-# A K value an ulp apart in fp32 may round to the neighbouring bf16 value.
-KEY_RTOL = {torch.float32: 1e-5, torch.bfloat16: torch.finfo(torch.bfloat16).eps}
+# A K value an ulp apart in fp32 may round to the neighbouring 16-bit value.
+KEY_RTOL = {torch.float32: 1e-5, torch.bfloat16: torch.finfo(torch.bfloat16).eps,
+            torch.float16: torch.finfo(torch.float16).eps}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -121,6 +122,7 @@ KEY_RTOL = {torch.float32: 1e-5, torch.bfloat16: torch.finfo(torch.bfloat16).eps
         (8, 2, 64, 16, [37, 1, 100], 130, torch.float32),  # group 4, rows of several splits
         (4, 2, 64, 16, [37, 1, 100], 130, torch.bfloat16),  # group 2
         (8, 2, 40, 10, [50, 3, 17], 70, torch.bfloat16),  # a head size no power of 2: masked columns
+        (4, 4, 32, 8, [20, 64], 80, torch.float16),  # no grouping, an fp16 storage
         (8, 1, 256, 64, [200], 260, torch.float32),  # group 8 of 256-wide heads, as the 35B model's
     ],
 )
@@ -165,11 +167,25 @@ def test_bf16_inputs_are_computed_in_fp32(device):
 
 
 def test_split_count_fills_the_gpu_within_bounds():
-    assert split_count(batch=1, n_kv=2, capacity=4096, sm_count=132) == 32  # 4096 / 128 slots at least
-    assert split_count(batch=1, n_kv=2, capacity=262144, sm_count=132) == 64  # at most 64
-    assert split_count(batch=64, n_kv=2, capacity=4096, sm_count=132) == 3  # ~2 waves of 132 programs
-    assert split_count(batch=256, n_kv=2, capacity=4096, sm_count=132) == 1
-    assert split_count(batch=1, n_kv=2, capacity=16, sm_count=132) == 1
+    assert split_count(n_kv=2, capacity=4096, sm_count=132) == 32  # splits of 128 slots at least
+    assert split_count(n_kv=2, capacity=262144, sm_count=132) == 64  # at most 64
+    assert split_count(n_kv=16, capacity=262144, sm_count=132) == 17  # ~2 waves of 132 SMs for one row
+    assert split_count(n_kv=2, capacity=16, sm_count=132) == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_rows_result_is_the_same_bits_alone_and_in_a_batch(device):
+    """The splits follow the row's own length and the storage's shape, never its batch partners."""
+    layer, generator = attention_layer(4, 2, 32, 8, seed=6)
+    x, starts, rope, keys, values = decode_case(layer, [90, 200, 3], 210, torch.bfloat16, generator)
+    qkv, _, _ = plain_step(layer, x, starts, rope, keys, values)
+    together, _, _ = triton_step(layer, device, qkv, rope, keys, values, starts)
+    for row in range(3):
+        alone = [t[row:row + 1] for t in qkv], [t[row:row + 1] for t in rope]
+        # Row `row` of the batch is row 0 of a storage whose row 0 holds that row's earlier tokens.
+        order = [row] + [r for r in range(4) if r != row]
+        out, _, _ = triton_step(layer, device, alone[0], alone[1], keys[order], values[order], starts[row:row + 1])
+        assert torch.equal(out[0], together[row])
 
 
 @pytest.mark.parametrize("device", DEVICES)

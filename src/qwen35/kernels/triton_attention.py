@@ -15,12 +15,14 @@ own slot, single-query GQA attention and the sigmoid output gate. Two launches (
    applies sigmoid(gate). With a single split, launch 1 does this itself and there is no launch 2.
 
 Nothing waits on the host, so a decode step can be captured in a CUDA graph: the split count
-depends only on shapes (batch, kv heads, the storage's capacity and the GPU's SM count), and the
-rows' lengths may change from replay to replay. Everything is computed in fp32.
+depends only on the kv heads, the storage's capacity and the GPU's SM count (not on the batch: a
+row's result is the same bits whatever shares its batch), and the rows' lengths may change from
+replay to replay. Everything is computed in fp32 (products of ~fp32 accuracy on the tensor cores).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -35,16 +37,22 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2_E = 1.4426950408889634
-# Untuned first choices (no GPU was at hand when this was written); benchmark() sweeps them.
-# Slots per tile: a [32, 256] K tile and its V tile are 64 fp32 values a thread each at 8 warps.
+# Untuned first choices: no GPU was at hand when this was written, only Triton's compiler for sm_90
+# (ptxas' register counts, head_dim 256, group 8); benchmark() sweeps them on a GPU.
+# Slots per tile: at 8 warps a bf16 cache's program holds 128 registers a thread, no spills, and
+# 93 KB of shared memory (its K/V loads pipelined): two programs an SM on an H100.
 _BLOCK_N = 32
 # tl.dot needs 16 rows at least: a group of 8 query heads is padded to 16.
 _MIN_DOT_ROWS = 16
-# "ieee": fp32 products, as the reference computes them (tf32 would cost ~1e-3 relative).
-# "tf32x3" keeps ~fp32 accuracy on tensor cores; which is faster is for benchmark() to say.
-_DOT_PRECISION = "ieee"
-# Splits: enough (row, kv head, split) programs for ~2 waves of the GPU's SMs, but each split
+# How the tiles' products run (the reference's are fp32; plain tf32 or bf16 would cost ~1e-3 relative).
+# A bf16 cache: "split_bf16", the fp32 side as three bf16 parts on the tensor cores, K and V as they
+# are stored. Other caches: "tf32x3" (tensor cores, ~fp32 accuracy: 254 registers, no spills).
+# "ieee" (fp32 FMAs) spilled ~2.8 KB a thread.
+_DOT_MODES = ("split_bf16", "tf32x3", "ieee")
+# Splits: enough (kv head, split) programs of one row for ~2 waves of the GPU's SMs, but each split
 # at least this many slots of a full cache (shorter ones cost more in the merge than they save).
+# Splits past a short row's length load no tile; a large batch's long rows pay for the merge's
+# partial results (~6% of the K/V bytes at 64 rows of 4096 tokens, 16 heads of 256).
 _MIN_SPLIT_SLOTS = 128
 _MAX_SPLITS = 64
 _WAVES = 2
@@ -98,8 +106,39 @@ def _to_storage(x, storage_type: tl.constexpr, BF16_STORAGE: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(q, maximum, total, acc, keys_at, values_at, slot_stride, first, end, slots, cols, col_mask,
-                 DOT_PRECISION: tl.constexpr):
+def _split_bf16(x):
+    # fp32 x as high + mid + low bf16 parts: 24 significant bits, x to fp32's accuracy. Each residual
+    # is exact in fp32, however the conversions round (the interpreter's truncate).
+    high = x.to(tl.bfloat16)
+    rest = x - high.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    low = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return high, mid, low
+
+
+@triton.jit
+def _dot(a_high, a_mid, a_low, b, DOT_MODE: tl.constexpr, INTERPRETED: tl.constexpr):
+    # a (fp32) @ b (the storage's type) in fp32. "split_bf16" (bf16 storage: b is exact in bf16): a's
+    # three bf16 parts times b on the tensor cores, smallest first, each product exact, summed in fp32.
+    # Otherwise a_high is a itself and tl.dot runs with that input precision.
+    if DOT_MODE == "split_bf16":
+        if INTERPRETED:  # its dot would multiply bf16 values' raw bits: the same products in fp32
+            b = b.to(tl.float32)
+            out = tl.dot(a_low.to(tl.float32), b)
+            out = tl.dot(a_mid.to(tl.float32), b, acc=out)
+            out = tl.dot(a_high.to(tl.float32), b, acc=out)
+        else:
+            out = tl.dot(a_low, b)
+            out = tl.dot(a_mid, b, acc=out)
+            out = tl.dot(a_high, b, acc=out)
+    else:
+        out = tl.dot(a_high, b.to(tl.float32), input_precision=DOT_MODE)
+    return out
+
+
+@triton.jit
+def _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at, slot_stride, first, end, slots,
+                 cols, col_mask, DOT_MODE: tl.constexpr, INTERPRETED: tl.constexpr):
     # One tile of slots first .. first + BLOCK_N - 1 (those below `end`) into the online softmax, in
     # base 2 (q carries scale * log2(e)). A tile may hold no slot at all (the interpreter's loop runs
     # past `end`): then it changes nothing, and no -inf - -inf is ever taken.
@@ -107,15 +146,19 @@ def _attend_tile(q, maximum, total, acc, keys_at, values_at, slot_stride, first,
     slot_mask = positions < end
     tile_mask = slot_mask[:, None] & col_mask[None, :]
     offsets = positions.to(tl.int64)[:, None] * slot_stride + cols[None, :]
-    k = tl.load(keys_at + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+    k = tl.load(keys_at + offsets, mask=tile_mask, other=0.0)
+    scores = _dot(q_high, q_mid, q_low, tl.trans(k), DOT_MODE, INTERPRETED)  # [BLOCK_G, BLOCK_N]
     scores = tl.where(slot_mask[None, :], scores, float("-inf"))
     new_maximum = tl.maximum(maximum, tl.max(scores, axis=1))
     shift = tl.where(new_maximum == float("-inf"), 0.0, new_maximum)
     rescale = tl.exp2(maximum - shift)
     weights = tl.exp2(scores - shift[:, None])
-    v = tl.load(values_at + offsets, mask=tile_mask, other=0.0).to(tl.float32)
-    acc = acc * rescale[:, None] + tl.dot(weights, v, input_precision=DOT_PRECISION)
+    if DOT_MODE == "split_bf16":
+        w_high, w_mid, w_low = _split_bf16(weights)
+    else:
+        w_high, w_mid, w_low = weights, weights, weights
+    v = tl.load(values_at + offsets, mask=tile_mask, other=0.0)
+    acc = acc * rescale[:, None] + _dot(w_high, w_mid, w_low, v, DOT_MODE, INTERPRETED)
     return new_maximum, total * rescale + tl.sum(weights, axis=1), acc
 
 
@@ -127,7 +170,7 @@ def _attend_kernel(
     capacity, eps, qk_scale,
     N_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, ROTARY: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    INTERPRETED_SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_STORAGE: tl.constexpr,
+    INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr, BF16_STORAGE: tl.constexpr,
 ):
     unit, split = tl.program_id(0), tl.program_id(1)
     row, kv_head = unit // N_KV, unit % N_KV
@@ -178,14 +221,18 @@ def _attend_kernel(
     end = tl.minimum(begin + share, cached)
     slots = tl.arange(0, BLOCK_N)
     keys_at, values_at = keys_ptr + row_at, values_ptr + row_at
+    if DOT_MODE == "split_bf16":
+        q_high, q_mid, q_low = _split_bf16(q)
+    else:
+        q_high, q_mid, q_low = q, q, q
     if INTERPRETED_SPAN == 0:
         for first in tl.range(begin, end, BLOCK_N):
-            maximum, total, acc = _attend_tile(q, maximum, total, acc, keys_at, values_at, cache_s1, first, end,
-                                               slots, cols, col_mask, DOT_PRECISION)
+            maximum, total, acc = _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at,
+                                               cache_s1, first, end, slots, cols, col_mask, DOT_MODE, False)
     else:  # the interpreter's range() takes no loaded bound: the largest share, tiles past `end` masked
         for offset in range(0, INTERPRETED_SPAN, BLOCK_N):
-            maximum, total, acc = _attend_tile(q, maximum, total, acc, keys_at, values_at, cache_s1, begin + offset,
-                                               end, slots, cols, col_mask, DOT_PRECISION)
+            maximum, total, acc = _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at,
+                                               cache_s1, begin + offset, end, slots, cols, col_mask, DOT_MODE, True)
 
     head_rows = row64 * (N_KV * GROUP) + heads  # (row, query head) pairs
     tile_mask = group_mask[:, None] & col_mask[None, :]
@@ -228,16 +275,18 @@ def _merge_kernel(
     tl.store(out_ptr + head_row * D + cols, out, mask=col_mask)
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return _INTERPRETED_SM_COUNT
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_count(batch: int, n_kv: int, capacity: int, sm_count: int) -> int:
-    """Splits per (row, kv head): ~_WAVES waves of programs, each split at least _MIN_SPLIT_SLOTS
-    slots of a full cache, at most _MAX_SPLITS. Shapes only, so a captured graph keeps it."""
-    wanted = math.ceil(_WAVES * sm_count / max(1, batch * n_kv))
+def split_count(n_kv: int, capacity: int, sm_count: int) -> int:
+    """Splits per (row, kv head): ~_WAVES waves of programs for one row, each split at least
+    _MIN_SPLIT_SLOTS slots of a full cache, at most _MAX_SPLITS. From shapes only, so a captured graph
+    keeps it; and not from the batch, so a row's result is the same bits whatever shares its batch."""
+    wanted = math.ceil(_WAVES * sm_count / n_kv)
     return max(1, min(wanted, math.ceil(capacity / _MIN_SPLIT_SLOTS), _MAX_SPLITS))
 
 
@@ -263,7 +312,8 @@ def _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, 
     )
     _require(sin.shape == cos.shape, f"{name}: sin must be shaped like cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
     for tensor_name, tensor in (("cos", cos), ("sin", sin)):
-        _require(tensor.stride(2) == 1 or tensor.shape[2] <= 1, f"{name}: {tensor_name}'s last dimension must be contiguous")
+        _require(tensor.stride(2) == 1 or tensor.shape[2] <= 1,
+                 f"{name}: {tensor_name}'s last dimension must be contiguous")
     for tensor_name, tensor in (("q_norm", q_norm), ("k_norm", k_norm)):
         _require(tensor.shape == (head_dim,), f"{name}: {tensor_name} must be [{head_dim}], got {tuple(tensor.shape)}")
     for tensor_name, tensor in (("q_gate", q_gate), ("k", k), ("v", v), ("q_norm", q_norm), ("k_norm", k_norm),
@@ -290,7 +340,7 @@ def _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, 
 
 
 def _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim, eps, scale,
-            splits, block_n=_BLOCK_N, num_warps=None, dot_precision=_DOT_PRECISION):
+            splits, block_n=_BLOCK_N, num_warps=None, dot_mode=None):
     """The two launches (one with a single split), inputs already checked."""
     batch, capacity, device = q_gate.shape[0], keys.shape[1], keys.device
     group = n_q // n_kv
@@ -301,6 +351,10 @@ def _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n
     block_g = max(_MIN_DOT_ROWS, triton.next_power_of_2(group))
     if num_warps is None:
         num_warps = 8 if block_d >= 256 else 4
+    if dot_mode is None:
+        dot_mode = "split_bf16" if keys.dtype == torch.bfloat16 else "tf32x3"
+    if dot_mode not in _DOT_MODES or (dot_mode == "split_bf16" and keys.dtype != torch.bfloat16):
+        raise Qwen35Error(f"attention_decode_: no dot mode {dot_mode!r} for a {keys.dtype} cache")
     if splits > 1:
         partial_acc = torch.empty(batch * n_q * splits, head_dim, dtype=torch.float32, device=device)
         partial_max = torch.empty(batch * n_q * splits, dtype=torch.float32, device=device)
@@ -309,11 +363,12 @@ def _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n
         partial_acc = partial_max = partial_sum = out  # not touched
     interpreted_span = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n if _INTERPRETED else 0
     _attend_kernel[(batch * n_kv, splits)](
-        q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, out, partial_acc, partial_max, partial_sum,
+        q_gate, k, v, q_norm.contiguous(), k_norm.contiguous(), cos, sin, keys, values, starts, out,
+        partial_acc, partial_max, partial_sum,
         q_gate.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), starts.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), capacity, float(eps), float(scale) * _LOG2_E,
         N_KV=n_kv, GROUP=group, D=head_dim, ROTARY=cos.shape[2], BLOCK_G=block_g, BLOCK_D=block_d,
-        BLOCK_N=block_n, SPLITS=splits, INTERPRETED_SPAN=interpreted_span, DOT_PRECISION=dot_precision,
+        BLOCK_N=block_n, SPLITS=splits, INTERPRETED_SPAN=interpreted_span, DOT_MODE=dot_mode,
         BF16_STORAGE=keys.dtype == torch.bfloat16, num_warps=num_warps,
     )
     if splits > 1:
@@ -338,7 +393,7 @@ def attention_decode_(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, star
     attention * sigmoid(gate), [B, 1, n_q * head_dim] float32. Never waits on the host.
     """
     device = _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim)
-    splits = split_count(q_gate.shape[0], n_kv, keys.shape[1], _sm_count(device))
+    splits = split_count(n_kv, keys.shape[1], _sm_count(device))
     return _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim, eps, scale,
                    splits)
 
@@ -357,14 +412,15 @@ def benchmark(batch: int = 1, context: int = 4096, n_q: int = 16, n_kv: int = 2,
         return torch.randn(*shape, generator=generator, device=device)
 
     rotary_dim, eps, scale = 64, 1e-6, head_dim**-0.5
-    q_gate, k, v = randn(batch, 1, 2 * n_q * head_dim), randn(batch, 1, n_kv * head_dim), randn(batch, 1, n_kv * head_dim)
+    q_gate = randn(batch, 1, 2 * n_q * head_dim)
+    k, v = randn(batch, 1, n_kv * head_dim), randn(batch, 1, n_kv * head_dim)
     q_norm, k_norm = 1 + 0.1 * randn(head_dim), 1 + 0.1 * randn(head_dim)
     angles = randn(batch, 1, rotary_dim // 2).repeat(1, 1, 2)
     cos, sin = angles.cos(), angles.sin()
     keys, values = (randn(batch, context, n_kv, head_dim).bfloat16() for _ in range(2))
     starts = torch.full((batch,), context - 1, dtype=torch.int64, device=device)
     args = (q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim, eps, scale)
-    splits = split_count(batch, n_kv, context, _sm_count(torch.device(device)))
+    splits = split_count(n_kv, context, _sm_count(torch.device(device)))
     expected = attention_decode_(*args)
     bytes_read = 2 * keys.numel() * keys.element_size()
 
@@ -386,16 +442,15 @@ def benchmark(batch: int = 1, context: int = 4096, n_q: int = 16, n_kv: int = 2,
         "plain_torch_ms": triton.testing.do_bench(plain, return_mode="median"),
         "plain_torch_difference": _relative_difference(plain(), expected),
     }
-    for block_n in (16, 32, 64):
-        for num_warps in (4, 8):
-            for precision in ("ieee", "tf32x3"):
-                for variant_splits in sorted({1, max(1, splits // 2), splits, min(_MAX_SPLITS, 2 * splits)}):
-                    def call():
-                        return _launch(*args, splits=variant_splits, block_n=block_n, num_warps=num_warps,
-                                       dot_precision=precision)
-                    key = f"n{block_n}_w{num_warps}_{precision}_s{variant_splits}"
-                    results[f"{key}_ms"] = triton.testing.do_bench(call, return_mode="median")
-                    results[f"{key}_difference"] = _relative_difference(call(), expected)
+    modes = ("split_bf16", "tf32x3", "ieee") if keys.dtype == torch.bfloat16 else ("tf32x3", "ieee")
+    variants = [dict(block_n=n, num_warps=w, dot_mode=m, splits=splits) for n in (16, 32, 64) for w in (4, 8)
+                for m in modes]
+    variants += [dict(block_n=_BLOCK_N, num_warps=None, dot_mode=None, splits=s)
+                 for s in sorted({1, max(1, splits // 2), min(_MAX_SPLITS, 2 * splits), _MAX_SPLITS} - {splits})]
+    for variant in variants:
+        name = "n{block_n}_w{num_warps}_{dot_mode}_s{splits}".format(**variant)
+        results[f"{name}_ms"] = triton.testing.do_bench(lambda: _launch(*args, **variant), return_mode="median")
+        results[f"{name}_difference"] = _relative_difference(_launch(*args, **variant), expected)
     return results
 
 
