@@ -141,11 +141,12 @@ def _load_q5_k(rows, step, n_steps, mask, G: tl.constexpr, L: tl.constexpr):
     scale, minimum = _k_scale_min(words, mask, s)
     packed = tl.load(words + 12 + 8 * (s // 2) + w, mask=mask, other=0)
     high = tl.load(words + 4 + w, mask=mask, other=0)  # bit s of byte l holds element l's fifth bit
-    nibble = 4 * (s % 2)
-    q0 = _code_to_float(((packed >> nibble) & 15) | (((high >> s) & 1) << 4), 0.0)
-    q1 = _code_to_float(((packed >> (8 + nibble)) & 15) | (((high >> (8 + s)) & 1) << 4), 0.0)
-    q2 = _code_to_float(((packed >> (16 + nibble)) & 15) | (((high >> (16 + s)) & 1) << 4), 0.0)
-    q3 = _code_to_float(((packed >> (24 + nibble)) & 15) | (((high >> (24 + s)) & 1) << 4), 0.0)
+    # All four bytes of a word at once: their 5-bit codes in the four bytes of `codes`.
+    codes = ((packed >> (4 * (s % 2))) & 0x0F0F0F0F) | (((high >> s) & 0x01010101) << 4)
+    q0 = _code_to_float(codes & 0xFF, 0.0)
+    q1 = _code_to_float((codes >> 8) & 0xFF, 0.0)
+    q2 = _code_to_float((codes >> 16) & 0xFF, 0.0)
+    q3 = _code_to_float((codes >> 24) & 0xFF, 0.0)
     return q0, q1, q2, q3, _half_to_float(d_dmin) * scale, _half_to_float(d_dmin >> 16) * minimum
 
 
@@ -178,8 +179,10 @@ def _q6_k_quarter(low_a, low_b, high, d, block, mask, QUARTER: tl.constexpr, G: 
         low = low_b
     low_shift: tl.constexpr = 4 * (QUARTER // 2)
     high_shift: tl.constexpr = 2 * QUARTER
-    q0 = _code_to_float(((low >> low_shift) & 15) | (((high >> high_shift) & 3) << 4), 32.0)
-    q1 = _code_to_float(((low >> (8 + low_shift)) & 15) | (((high >> (8 + high_shift)) & 3) << 4), 32.0)
+    # Both bytes of a word at once: their 6-bit codes in the two bytes of `codes`.
+    codes = ((low >> low_shift) & 0x0F0F) | (((high >> high_shift) & 0x0303) << 4)
+    q0 = _code_to_float(codes & 0xFF, 32.0)
+    q1 = _code_to_float((codes >> 8) & 0xFF, 32.0)
     # The int8 scale of 16 elements: byte 8 * half + 2 * QUARTER + g % 2 of the 16 at byte 192.
     scale_word = tl.load(_words16(block + 192) + 4 * (g // 2) + QUARTER, mask=mask, other=0).to(tl.int32)
     scale = ((scale_word >> (8 * (g % 2))) & 0xFF).to(tl.int8).to(tl.float32)
@@ -466,8 +469,8 @@ def _processors(device: torch.device) -> int:
 # GEMV launch shapes, module-level so a benchmark can try others. With one row of x, per
 # type: (rows per program, warps, software-pipelining stages). Chosen from the compiled sm_90
 # code (instructions per weight, registers, hence programs per processor), not yet from
-# timings: Q4_K 6.3 instructions per weight and 4 programs of 4 warps per processor, Q5_K 9.3
-# and 3, Q6_K 10.8 and 4, Q8_0 8.1 and 4, Q4_0 7.6 and 4. Stages > 1 prefetch the 4-byte
+# timings: Q4_K 6.3 instructions per weight and 4 programs of 4 warps per processor, Q5_K 7.5
+# and 4, Q6_K 10.0 and 4, Q8_0 8.1 and 4, Q4_0 7.6 and 4 (PTX instructions, Triton 3.6). Stages > 1 prefetch the 4-byte
 # aligned words of Q4_K/Q5_K through shared memory (cp.async); the 2-byte aligned types
 # cannot use it, so they rely on several programs per processor to hide the loads' latency.
 GEMV_CONFIG = {
