@@ -66,9 +66,9 @@ def supports(type_id: int) -> bool:
 # A loader reads one step (256 elements) of BLOCK_N rows as whole 32-bit words (Q4_K, Q5_K:
 # 16-byte aligned blocks) or 16-bit words (the 2-byte aligned Q6_K, Q8_0, Q4_0), never single
 # bytes, and splits each word into its P byte planes: plane b holds the codes of elements
-# g * L + P * w + b, a [BLOCK_N, G, L / P] tile. It returns four planes (the unused ones of a
-# P = 2 type are dead code), the per-group scale and offset [BLOCK_N, G, 1] (W = scale * q -
-# offset), with q already in float32.
+# g * L + P * w + b (Q6_K: see _fetch_q6_k), a [BLOCK_N, G, L / P] tile. It returns four
+# planes (the unused ones of a P = 2 type are dead code) and the per-group scale and offset
+# [BLOCK_N, G, 1] (W = scale * q - offset), with q already in float32.
 #
 # Codes become floats by the exponent trick: OR-ing a code c < 2^23 into the bits of 2^23 gives
 # the float 2^23 + c, and subtracting 2^23 (plus any bias) is exact. That is two cheap integer
