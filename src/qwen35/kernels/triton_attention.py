@@ -411,7 +411,7 @@ def benchmark(batch: int = 1, context: int = 4096, n_q: int = 16, n_kv: int = 2,
     def randn(*shape):
         return torch.randn(*shape, generator=generator, device=device)
 
-    rotary_dim, eps, scale = 64, 1e-6, head_dim**-0.5
+    rotary_dim, eps, scale = 2 * (head_dim // 8), 1e-6, head_dim**-0.5  # 64 of 256, as the models rotate
     q_gate = randn(batch, 1, 2 * n_q * head_dim)
     k, v = randn(batch, 1, n_kv * head_dim), randn(batch, 1, n_kv * head_dim)
     q_norm, k_norm = 1 + 0.1 * randn(head_dim), 1 + 0.1 * randn(head_dim)
