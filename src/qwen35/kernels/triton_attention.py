@@ -40,8 +40,9 @@ _LOG2_E = 1.4426950408889634
 # Untuned first choices: no GPU was at hand when this was written, only Triton's compiler for sm_90
 # (ptxas' register counts, head_dim 256, group 8); benchmark() sweeps them on a GPU.
 # Slots per tile: at 8 warps a bf16 cache's program holds 128 registers a thread, no spills, and
-# 93 KB of shared memory (its K/V loads pipelined): two programs an SM on an H100.
-_BLOCK_N = 32
+# 93 KB of shared memory (its K/V loads pipelined): two programs an SM on an H100. tf32x3 products
+# (other caches) need ~250 registers and spill at 32 slots: 16 for them.
+_BLOCK_N = {"split_bf16": 32, "tf32x3": 16, "ieee": 16}
 # tl.dot needs 16 rows at least: a group of 8 query heads is padded to 16.
 _MIN_DOT_ROWS = 16
 # How the tiles' products run (the reference's are fp32; plain tf32 or bf16 would cost ~1e-3 relative).
@@ -339,43 +340,53 @@ def _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, 
                                 "k_norm": k_norm, "cos": cos, "sin": sin, "starts": starts})
 
 
+def _attend_config(n_q, n_kv, head_dim, rotary_dim, storage_dtype, capacity, splits, block_n=None,
+                   num_warps=None, dot_mode=None) -> tuple[dict, dict]:
+    """Launch 1's and launch 2's compile-time constants, num_warps included (the same for every call of
+    those shapes: what a captured graph and an ahead-of-time compile see)."""
+    block_d = max(_MIN_DOT_ROWS, triton.next_power_of_2(head_dim))
+    if dot_mode is None:
+        dot_mode = "split_bf16" if storage_dtype == torch.bfloat16 else "tf32x3"
+    if dot_mode not in _DOT_MODES or (dot_mode == "split_bf16" and storage_dtype != torch.bfloat16):
+        raise Qwen35Error(f"attention_decode_: no dot mode {dot_mode!r} for a {storage_dtype} cache")
+    block_n = block_n or _BLOCK_N[dot_mode]
+    attend = dict(
+        N_KV=n_kv, GROUP=n_q // n_kv, D=head_dim, ROTARY=rotary_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+        BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(n_q // n_kv)), SPLITS=splits, DOT_MODE=dot_mode,
+        # The interpreter's loop runs over the largest share a split can have, in whole tiles.
+        INTERPRETED_SPAN=triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n if _INTERPRETED else 0,
+        BF16_STORAGE=storage_dtype == torch.bfloat16,
+        num_warps=num_warps if num_warps is not None else 8 if block_d >= 256 else 4,
+    )
+    merge = dict(N_Q=n_q, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), SPLITS=splits,
+                 BLOCK_S=triton.next_power_of_2(splits), num_warps=max(1, min(4, head_dim // 64)))
+    return attend, merge
+
+
 def _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim, eps, scale,
-            splits, block_n=_BLOCK_N, num_warps=None, dot_mode=None):
+            splits, block_n=None, num_warps=None, dot_mode=None):
     """The two launches (one with a single split), inputs already checked."""
     batch, capacity, device = q_gate.shape[0], keys.shape[1], keys.device
-    group = n_q // n_kv
+    attend, merge = _attend_config(n_q, n_kv, head_dim, cos.shape[2], keys.dtype, capacity, splits, block_n,
+                                   num_warps, dot_mode)
     out = torch.empty(batch, 1, n_q * head_dim, dtype=torch.float32, device=device)
     if batch == 0:
         return out
-    block_d = max(_MIN_DOT_ROWS, triton.next_power_of_2(head_dim))
-    block_g = max(_MIN_DOT_ROWS, triton.next_power_of_2(group))
-    if num_warps is None:
-        num_warps = 8 if block_d >= 256 else 4
-    if dot_mode is None:
-        dot_mode = "split_bf16" if keys.dtype == torch.bfloat16 else "tf32x3"
-    if dot_mode not in _DOT_MODES or (dot_mode == "split_bf16" and keys.dtype != torch.bfloat16):
-        raise Qwen35Error(f"attention_decode_: no dot mode {dot_mode!r} for a {keys.dtype} cache")
     if splits > 1:
         partial_acc = torch.empty(batch * n_q * splits, head_dim, dtype=torch.float32, device=device)
         partial_max = torch.empty(batch * n_q * splits, dtype=torch.float32, device=device)
         partial_sum = torch.empty_like(partial_max)
     else:
         partial_acc = partial_max = partial_sum = out  # not touched
-    interpreted_span = triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n if _INTERPRETED else 0
     _attend_kernel[(batch * n_kv, splits)](
         q_gate, k, v, q_norm.contiguous(), k_norm.contiguous(), cos, sin, keys, values, starts, out,
         partial_acc, partial_max, partial_sum,
         q_gate.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), starts.stride(0),
-        keys.stride(0), keys.stride(1), keys.stride(2), capacity, float(eps), float(scale) * _LOG2_E,
-        N_KV=n_kv, GROUP=group, D=head_dim, ROTARY=cos.shape[2], BLOCK_G=block_g, BLOCK_D=block_d,
-        BLOCK_N=block_n, SPLITS=splits, INTERPRETED_SPAN=interpreted_span, DOT_MODE=dot_mode,
-        BF16_STORAGE=keys.dtype == torch.bfloat16, num_warps=num_warps,
+        keys.stride(0), keys.stride(1), keys.stride(2), capacity, float(eps), float(scale) * _LOG2_E, **attend,
     )
     if splits > 1:
         _merge_kernel[(batch * n_q,)](
-            q_gate, out, partial_acc, partial_max, partial_sum, q_gate.stride(0),
-            N_Q=n_q, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), SPLITS=splits,
-            BLOCK_S=triton.next_power_of_2(splits), num_warps=max(1, min(4, head_dim // 64)),
+            q_gate, out, partial_acc, partial_max, partial_sum, q_gate.stride(0), **merge,
         )
     return out
 
@@ -445,7 +456,7 @@ def benchmark(batch: int = 1, context: int = 4096, n_q: int = 16, n_kv: int = 2,
     modes = ("split_bf16", "tf32x3", "ieee") if keys.dtype == torch.bfloat16 else ("tf32x3", "ieee")
     variants = [dict(block_n=n, num_warps=w, dot_mode=m, splits=splits) for n in (16, 32, 64) for w in (4, 8)
                 for m in modes]
-    variants += [dict(block_n=_BLOCK_N, num_warps=None, dot_mode=None, splits=s)
+    variants += [dict(block_n=None, num_warps=None, dot_mode=None, splits=s)
                  for s in sorted({1, max(1, splits // 2), min(_MAX_SPLITS, 2 * splits), _MAX_SPLITS} - {splits})]
     for variant in variants:
         name = "n{block_n}_w{num_warps}_{dot_mode}_s{splits}".format(**variant)
