@@ -133,14 +133,39 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), scale, eps)
 
 
+# Tensors on these device types take the GPU paths (Triton kernels). Tests add "cpu" to run those
+# paths in Triton's interpreter on a machine without a GPU (tests/test_fast_cuda.py).
+GPU_DEVICE_TYPES = {"cuda"}
+
+
+def on_gpu_path(x: torch.Tensor) -> bool:
+    return x.device.type in GPU_DEVICE_TYPES and fast_cuda.available()
+
+
+def gpu_steps(x: torch.Tensor):
+    """kernels/triton_decode.py (the steps between the matmuls, one launch each) where x takes the
+    GPU paths, else None."""
+    if not on_gpu_path(x):
+        return None
+    from qwen35.kernels import triton_decode
+
+    return triton_decode
+
+
 def layer_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """rms_norm as one C++ call where the kernels are built (torch composes it of five ops)."""
+    """rms_norm as one C++ call (CPU) or one Triton launch (GPU) where those run (torch composes it of five ops)."""
+    gpu = gpu_steps(x)
+    if gpu is not None:
+        return gpu.rms_norm(x, scale, eps)
     fast = fast_ops() if x.device.type == "cpu" else None
     return fast.rms_norm(x.float(), scale, eps) if fast is not None else rms_norm(x, scale, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, eps: float):
-    """(x + residual, rms_norm(x + residual)), one C++ call where the kernels are built."""
+    """(x + residual, rms_norm(x + residual)), one call where the kernels run."""
+    gpu = gpu_steps(x)
+    if gpu is not None:
+        return gpu.add_rms_norm(x, residual, scale, eps)
     fast = fast_ops() if x.device.type == "cpu" else None
     if fast is not None:
         return fast.add_rms_norm(x.float(), residual.float(), scale, eps)
@@ -196,6 +221,15 @@ class Attention:
         c = self.c
         batch, length, _ = x.shape
         q_gate, k, v = self.qkv_proj(x)
+        if length == 1 and on_gpu_path(x):  # decode: the same steps as Triton launches (kernels/triton_attention.py)
+            from qwen35.kernels.triton_attention import attention_decode_
+
+            kv.make_room(starts, 1)
+            out = attention_decode_(
+                q_gate, k, v, self.q_norm, self.k_norm, *rope, *kv.storage, starts,
+                c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5,
+            )
+            return self.o_proj(out)
         fast = fast_ops() if length == 1 and x.device.type == "cpu" else None
         if fast is not None:  # decode: everything between the matmuls in one C++ call (csrc/attention_decode.cpp)
             kv.make_room(starts, 1)
@@ -306,7 +340,7 @@ class GatedDeltaNet:
     def __call__(self, x, state: DeltaNetState):
         c = self.c
         projected, a, b, z = self.in_proj(x)
-        if x.shape[1] == 1 and x.device.type == "cuda" and fast_cuda.available():
+        if x.shape[1] == 1 and on_gpu_path(x):
             return self.out_proj(self._decode_on_gpu(projected, a, b, z, state))
         fast = fast_ops() if x.device.type == "cpu" else None
         if fast is not None and x.shape[1] == 1:  # decode: all of it in one call (csrc/deltanet_decode.cpp)
@@ -324,7 +358,12 @@ class GatedDeltaNet:
                 mixed, a, b, self.dt_bias, self.decay_rate, c.linear_num_key_heads, c.linear_key_head_dim,
                 c.linear_num_value_heads, c.linear_value_head_dim, c.value_head_order == "grouped", L2_NORM_EPS,
             )
-        out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        if on_gpu_path(x):  # the chunk loop as one Triton launch (kernels/triton_chunked.py)
+            from qwen35.kernels.triton_chunked import chunked_delta_rule
+
+            out, state.recurrent = chunked_delta_rule(q, k, v, g, beta, state.recurrent)
+        else:
+            out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
         if fast is None:
             return self.out_proj(self.gated_norm(out, z))
         return self.out_proj(fast.gated_rms_norm(out, z, self.norm, c.rms_norm_eps))
@@ -364,7 +403,8 @@ class MLP:
             if fused is not None:
                 return fused.reshape(*x.shape[:-1], -1)
         gate, up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        gpu = gpu_steps(x)
+        return self.down_proj(gpu.silu_mul(gate, up) if gpu is not None else F.silu(gate) * up)
 
 
 class SparseMoE:
@@ -393,6 +433,14 @@ class SparseMoE:
 
     def _routed(self, x, logits, with_shared: bool):
         shared = self.shared is not None and with_shared
+        gpu = gpu_steps(x)
+        if gpu is not None:  # the same maths as below, in fewer launches (kernels/triton_decode.py)
+            top_weights, top_experts = gpu.moe_route(logits, self.top_k)
+            gate, up = self.gates_ups(x, top_experts)
+            down = self.downs(gpu.silu_mul(gate, up), top_experts)
+            if shared:
+                return gpu.moe_combine(down, top_weights, self.shared(x), x, self.shared_gate)
+            return gpu.moe_combine(down, top_weights)
         if x.device.type == "cpu":
             layers = (self.shared.gate_proj, self.shared.up_proj, self.shared.down_proj) if shared else None
             fused = fast_cpu.sparse_moe(x, logits, self.top_k, (self.gates, self.ups, self.downs), layers,

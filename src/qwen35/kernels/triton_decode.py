@@ -1,0 +1,209 @@
+"""The small steps between the GPU's matrix products, each fused into one Triton launch.
+
+A decode step on a GPU is bound by how many kernels it launches as much as by the bytes
+it reads: torch composes an RMS norm of five kernels, the MoE routing of four, the
+weighted sum of the experts with the gated shared expert of six. Each function here is
+one launch and has its plain torch form beside it (`*_reference`, the maths the model
+file spells out); tests/test_triton_decode.py pins them together. None reads a device
+value on the host, so all of them can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from qwen35.errors import Qwen35Error
+
+
+def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    if x.shape[-1] != width:
+        raise Qwen35Error(f"expected rows of width {width}, got shape {list(x.shape)}")
+    return x.reshape(-1, width).contiguous()
+
+
+def _warps(block: int) -> int:
+    return max(1, min(16, block // 256))
+
+
+# ------------------------------------------------------------------ RMS norm, with the residual add
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, sum_ptr, out_ptr, width, eps,
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < width
+    x = tl.load(x_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(residual_ptr + row * width + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(sum_ptr + row * width + offsets, x, mask=mask)
+    mean_square = tl.sum(x * x, axis=0) / width
+    weight = tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * width + offsets, x * (1.0 / tl.sqrt(mean_square + eps)) * weight, mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dimension, float32 out."""
+    width = weight.numel()
+    rows = _rows(x, width)
+    out = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(width)
+    if rows.shape[0]:
+        _rms_norm_kernel[(rows.shape[0],)](rows, rows, weight, out, out, width, eps, HAS_RESIDUAL=False,
+                                           BLOCK=block, num_warps=_warps(block))
+    return out.reshape(*x.shape[:-1], width)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(x + residual, rms_norm(x + residual)), both float32: the residual stream and the next norm."""
+    width = weight.numel()
+    rows, other = _rows(x, width), _rows(residual, width)
+    if rows.shape != other.shape:
+        raise Qwen35Error(f"x {list(x.shape)} and residual {list(residual.shape)} differ in shape")
+    total = torch.empty(rows.shape, dtype=torch.float32, device=x.device)
+    out = torch.empty_like(total)
+    block = triton.next_power_of_2(width)
+    if rows.shape[0]:
+        _rms_norm_kernel[(rows.shape[0],)](rows, other, weight, total, out, width, eps, HAS_RESIDUAL=True,
+                                           BLOCK=block, num_warps=_warps(block))
+    shape = (*x.shape[:-1], width)
+    return total.reshape(shape), out.reshape(shape)
+
+
+def add_rms_norm_reference(x, residual, weight, eps):
+    total = x.float() + residual.float()
+    return total, F.rms_norm(total, (total.shape[-1],), weight, eps)
+
+
+# ------------------------------------------------------------------ SwiGLU
+
+
+@triton.jit
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, gate_stride, up_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < width
+    gate = tl.load(gate_ptr + row * gate_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * up_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * width + offsets, gate / (1.0 + tl.exp(-gate)) * up, mask=mask)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, float32. Rows may be strided (column slices of one product's output)."""
+    if gate.shape != up.shape:
+        raise Qwen35Error(f"gate {list(gate.shape)} and up {list(up.shape)} differ in shape")
+    width = gate.shape[-1]
+    gate_rows, up_rows = gate.reshape(-1, width), up.reshape(-1, width)
+    if gate_rows.stride(-1) != 1:
+        gate_rows = gate_rows.contiguous()
+    if up_rows.stride(-1) != 1:
+        up_rows = up_rows.contiguous()
+    out = torch.empty(gate_rows.shape, dtype=torch.float32, device=gate.device)
+    block = min(1024, triton.next_power_of_2(width))
+    if out.shape[0]:
+        _silu_mul_kernel[(out.shape[0], triton.cdiv(width, block))](
+            gate_rows, up_rows, out, width, gate_rows.stride(0), up_rows.stride(0), BLOCK=block, num_warps=4)
+    return out.reshape(gate.shape)
+
+
+def silu_mul_reference(gate, up):
+    return F.silu(gate.float()) * up.float()
+
+
+# ------------------------------------------------------------------ MoE routing and combining
+
+
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, experts, K: tl.constexpr, K_BLOCK: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    logits = tl.load(logits_ptr + row * experts + offsets, mask=offsets < experts, other=float("-inf")).to(tl.float32)
+    picks = tl.arange(0, K_BLOCK)
+    chosen = tl.full([K_BLOCK], float("-inf"), dtype=tl.float32)
+    chosen_ids = tl.zeros([K_BLOCK], dtype=tl.int64)
+    for i in tl.static_range(K):
+        best = tl.max(logits, axis=0)
+        # The lowest index among equal values, as torch.topk keeps them.
+        index = tl.min(tl.where(logits == best, offsets, BLOCK), axis=0)
+        chosen = tl.where(picks == i, best, chosen)
+        chosen_ids = tl.where(picks == i, index.to(tl.int64), chosen_ids)
+        logits = tl.where(offsets == index, float("-inf"), logits)
+    # Renormalised top-k of a softmax = a softmax over the chosen logits.
+    weights = tl.exp(chosen - tl.max(chosen, axis=0))
+    weights = weights / tl.sum(weights, axis=0)
+    tl.store(weights_ptr + row * K + picks, weights, mask=picks < K)
+    tl.store(ids_ptr + row * K + picks, chosen_ids, mask=picks < K)
+
+
+def moe_route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] -> (weights [N, k] float32 summing to 1, expert ids [N, k] int64), best first."""
+    if logits.dim() != 2 or not 1 <= top_k <= logits.shape[1]:
+        raise Qwen35Error(f"cannot pick {top_k} of router logits shaped {list(logits.shape)}")
+    rows = logits.contiguous()
+    weights = torch.empty(rows.shape[0], top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(rows.shape[0], top_k, dtype=torch.int64, device=logits.device)
+    block = triton.next_power_of_2(rows.shape[1])
+    if rows.shape[0]:
+        _route_kernel[(rows.shape[0],)](rows, weights, ids, rows.shape[1], K=top_k,
+                                        K_BLOCK=triton.next_power_of_2(top_k), BLOCK=block,
+                                        num_warps=_warps(block))
+    return weights, ids
+
+
+def moe_route_reference(logits, top_k):
+    probs = logits.float().softmax(dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+@triton.jit
+def _combine_kernel(down_ptr, weights_ptr, shared_ptr, x_ptr, gate_weight_ptr, out_ptr, width,
+                    K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < width
+    out = tl.zeros([BLOCK], dtype=tl.float32)
+    for slot in tl.static_range(K):
+        weight = tl.load(weights_ptr + row * K + slot)
+        out += weight * tl.load(down_ptr + (row * K + slot) * width + offsets, mask=mask, other=0.0)
+    if HAS_SHARED:
+        x = tl.load(x_ptr + row * width + offsets, mask=mask, other=0.0)
+        gate = tl.sum(x * tl.load(gate_weight_ptr + offsets, mask=mask, other=0.0), axis=0)
+        shared = tl.load(shared_ptr + row * width + offsets, mask=mask, other=0.0)
+        out += shared / (1.0 + tl.exp(-gate))
+    tl.store(out_ptr + row * width + offsets, out, mask=mask)
+
+
+def moe_combine(down: torch.Tensor, weights: torch.Tensor, shared: torch.Tensor | None = None,
+                x: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k weights[n, k] * down[n, k] (+ sigmoid(x[n] . shared_gate) * shared[n]): the MoE block's output.
+
+    down [N, k, H] float32, weights [N, k]; shared, x [N, H] and shared_gate [1, H] or [H] together or not at all."""
+    if down.dim() != 3 or weights.shape != down.shape[:2]:
+        raise Qwen35Error(f"expert outputs {list(down.shape)} do not fit weights {list(weights.shape)}")
+    rows, top_k, width = down.shape
+    has_shared = shared is not None
+    if has_shared and (x is None or shared_gate is None or shared.shape != (rows, width) or x.shape != (rows, width)
+                       or shared_gate.numel() != width):
+        raise Qwen35Error("the shared expert needs its output, the input rows and its gate weight, each [N, H]")
+    down, weights = down.float().contiguous(), weights.float().contiguous()
+    out = torch.empty(rows, width, dtype=torch.float32, device=down.device)
+    block = triton.next_power_of_2(width)
+    shared_args = ((shared.float().contiguous(), x.float().contiguous(), shared_gate.float().contiguous())
+                   if has_shared else (down, down, down))
+    if rows:
+        _combine_kernel[(rows,)](down, weights, *shared_args, out, width, K=top_k, HAS_SHARED=has_shared,
+                                 BLOCK=block, num_warps=_warps(block))
+    return out
+
+
+def moe_combine_reference(down, weights, shared=None, x=None, shared_gate=None):
+    out = (down.float() * weights.float()[..., None]).sum(dim=1)
+    if shared is not None:
+        out = out + shared.float() * torch.sigmoid(F.linear(x.float(), shared_gate.float().reshape(1, -1)))
+    return out

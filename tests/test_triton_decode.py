@@ -1,0 +1,75 @@
+"""The fused GPU steps of kernels/triton_decode.py against their plain torch forms (in Triton's
+interpreter on CPU tensors where there is no GPU). fp32 throughout: agreement to ~1e-6 relative."""
+
+import pytest
+import torch
+
+from conftest import triton_devices
+
+pytest.importorskip("triton")
+
+from qwen35.errors import Qwen35Error  # noqa: E402
+from qwen35.kernels import triton_decode as td  # noqa: E402
+
+DEVICES = triton_devices()
+
+
+def _close(got, expected, tolerance=2e-6):
+    got, expected = got.double().cpu(), expected.double().cpu()
+    assert got.shape == expected.shape
+    error = ((got - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+    assert error <= tolerance, error
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows, width", [(1, 256), (3, 200), (5, 2048)])
+def test_add_rms_norm(device, rows, width):
+    generator = torch.Generator().manual_seed(width + rows)
+    x, residual = (torch.randn(rows, 1, width, generator=generator) * 3 for _ in range(2))
+    weight = torch.rand(width, generator=generator) + 0.5
+    total, normed = td.add_rms_norm(x.to(device), residual.to(device), weight.to(device), 1e-6)
+    expected_total, expected_normed = td.add_rms_norm_reference(x, residual, weight, 1e-6)
+    assert torch.equal(total.cpu(), expected_total)  # one fp32 add each: the same bits
+    _close(normed, expected_normed)
+    _close(td.rms_norm(x.to(device), weight.to(device), 1e-6), torch.nn.functional.rms_norm(x, (width,), weight, 1e-6))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_mul_reads_column_slices(device):
+    generator = torch.Generator().manual_seed(3)
+    both = torch.randn(4, 2, 2 * 300, generator=generator)
+    gate, up = both.to(device).split(300, dim=-1)  # strided rows, as LinearGroup returns them
+    _close(td.silu_mul(gate, up), td.silu_mul_reference(*both.split(300, dim=-1)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("experts, top_k", [(16, 4), (256, 8), (512, 10)])
+def test_moe_route_picks_and_weighs_like_softmax_topk(device, experts, top_k):
+    generator = torch.Generator().manual_seed(experts)
+    logits = torch.randn(7, experts, generator=generator) * 2
+    weights, ids = td.moe_route(logits.to(device), top_k)
+    expected_weights, expected_ids = td.moe_route_reference(logits, top_k)
+    assert torch.equal(ids.cpu(), expected_ids)
+    _close(weights, expected_weights)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_moe_combine(device, shared):
+    generator = torch.Generator().manual_seed(int(shared))
+    rows, top_k, width = 3, 4, 96
+    down = torch.randn(rows, top_k, width, generator=generator)
+    weights = torch.rand(rows, top_k, generator=generator).softmax(dim=-1)
+    extra = (torch.randn(rows, width, generator=generator), torch.randn(rows, width, generator=generator),
+             torch.randn(1, width, generator=generator)) if shared else ()
+    got = td.moe_combine(down.to(device), weights.to(device), *(t.to(device) for t in extra))
+    _close(got, td.moe_combine_reference(down, weights, *extra))
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(Qwen35Error):
+        td.moe_route(torch.zeros(2, 4), 5)
+    with pytest.raises(Qwen35Error):
+        td.moe_combine(torch.zeros(2, 3, 8), torch.zeros(2, 4))
+    with pytest.raises(Qwen35Error):
+        td.rms_norm(torch.zeros(2, 8), torch.ones(6), 1e-6)
