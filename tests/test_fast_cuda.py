@@ -102,6 +102,10 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     exact = np.load(fixtures / "ref" / f"{name}.text.exact-Q4_K_M.logits.npy").astype(np.float32)[:length]
     model = qwen35.load_model(fixtures / "tiny" / f"{name}-Q4_K_M.gguf", precision="reference")
     set_mode(model.network, "fast")
+    model.network.fuse_for_gpu()  # as loading does on a GPU
+    first = model.network.layers[0].mlp
+    group = first.gates_ups if name == "moe" else first.gate_up_proj
+    assert group.fused is not None  # gate and up read in one launch
     cache = model.make_cache(1)
     prefill = model.forward(torch.tensor([ids[:split]]), cache)[0].numpy()
     decoded = np.stack([model.forward(torch.tensor([[t]]), cache)[0, -1].numpy() for t in ids[split:]])

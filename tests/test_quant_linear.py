@@ -497,3 +497,30 @@ def test_fast_mode_rows_are_the_reference_rows(fixtures, fast_cpu):
         layer = QuantLinear(blocks, type_id, weight.shape[0], weight.shape[1])
         set_mode(layer, "fast")
         assert torch.equal(layer.rows(index), weight[index]), T(type_id).name
+
+
+def test_fused_groups_give_the_same_products():
+    """LinearGroup/ExpertGroup.fuse: runs of one block type share one block tensor (the GPU reads
+    a run in one launch); the products are those of the separate layers, and no weight is copied twice."""
+    from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup, QuantExperts
+
+    generator = torch.Generator().manual_seed(5)
+    dense = [torch.randn(rows, 64, generator=generator) for rows in (8, 16, 24)]
+    layers = [QuantLinear.from_dense(w) for w in dense[:2]] + [QuantLinear.from_dense(dense[2].bfloat16())]
+    group = LinearGroup(*layers)
+    x = torch.randn(3, 64, generator=generator)
+    before = [out.clone() for out in group(x)]
+    group.fuse()
+    assert [len(sizes) for _, sizes in group.fused] == [2, 1]  # the F32 pair, then the BF16 one
+    assert layers[1].blocks.untyped_storage().data_ptr() == layers[0].blocks.untyped_storage().data_ptr()
+    for got, expected in zip(group(x), before):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+    experts = [QuantExperts.from_dense(torch.randn(4, rows, 64, generator=generator)) for rows in (8, 8)]
+    expert_group = ExpertGroup(*experts)
+    ids = torch.tensor([[0, 3], [2, 2], [1, 0]])
+    before = [out.clone() for out in expert_group(x, ids)]
+    expert_group.fuse()
+    assert expert_group.fused is not None
+    for got, expected in zip(expert_group(x, ids), before):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -263,8 +263,32 @@ class LinearGroup:
         self.layers = layers
         self.in_features = layers[0].in_features
         self.out_features = [layer.out_features for layer in layers]
+        self.fused: list[tuple[QuantLinear, list[int]]] | None = None  # see fuse()
+
+    def fuse(self) -> None:
+        """Give each run of consecutive layers of one block type one block tensor, of which the layers'
+        blocks become row slices (no extra memory), so that a GPU reads each run in one launch."""
+        self.fused = []
+        for run in _runs_of_one_type(self.layers):
+            if len(run) == 1:
+                self.fused.append((run[0], [run[0].out_features]))
+                continue
+            blocks = torch.cat([layer.blocks for layer in run])
+            start = 0
+            for layer in run:
+                layer.blocks = blocks[start:start + layer.out_features]
+                start += layer.out_features
+            whole = QuantLinear(blocks, run[0].type_id, start, self.in_features)
+            whole.mode = run[0].mode
+            self.fused.append((whole, [layer.out_features for layer in run]))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused is not None:
+            outputs = []
+            for whole, sizes in self.fused:
+                whole.mode = self.layers[0].mode
+                outputs.extend(whole(x).split(sizes, dim=-1))
+            return tuple(outputs)
         kernel = _FAST_GROUP_KERNEL.get(self.layers[0].device_type)
         if kernel is not None and all(layer.mode == "fast" for layer in self.layers):
             if x.shape[-1] != self.in_features:
@@ -275,6 +299,16 @@ class LinearGroup:
             if out is not None:
                 return out.reshape(*x.shape[:-1], -1).split(self.out_features, dim=-1)
         return tuple(layer(x) for layer in self.layers)
+
+
+def _runs_of_one_type(layers) -> list[list[QuantLinear]]:
+    runs: list[list[QuantLinear]] = []
+    for layer in layers:
+        if runs and runs[-1][0].type_id == layer.type_id and runs[-1][0].blocks.device == layer.blocks.device:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
 
 
 def reference_matmul(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -404,8 +438,27 @@ class ExpertGroup:
             raise Qwen35Error("an ExpertGroup needs experts of one input width and count")
         self.experts = experts
         self.out_features = [e.out_features for e in experts]
+        self.fused: QuantExperts | None = None  # see fuse()
+
+    def fuse(self) -> None:
+        """One [E, sum(out), row] block tensor for members of one block type, the members' blocks becoming
+        views of it (no extra memory): a GPU then reads every chosen expert's gate and up in one launch.
+        The members' own kernels are not used afterwards (their views are strided)."""
+        if len({e.type_id for e in self.experts}) != 1:
+            return
+        first = self.experts[0]
+        blocks = torch.cat([e.blocks for e in self.experts], dim=1)
+        start = 0
+        for e in self.experts:
+            e.blocks = blocks[:, start:start + e.out_features]
+            start += e.out_features
+        self.fused = QuantExperts(blocks, first.type_id, first.n_experts, start, first.in_features)
+        self.fused.mode = first.mode
 
     def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused is not None:
+            self.fused.mode = self.experts[0].mode
+            return self.fused(x, expert_ids).split(self.out_features, dim=-1)
         kernel = _FAST_EXPERT_GROUP_KERNEL.get(self.experts[0].device_type)
         if kernel is not None and all(e.mode == "fast" for e in self.experts):
             first = self.experts[0]

@@ -113,6 +113,8 @@ def _build(config, weights: dict, mtp: dict, precision: str, split: Split, gener
 
             fast_cuda.install()
     _set_mode_releasing_file_pages(network, "reference" if precision == "reference" else "fast", source, progress)
+    if precision == "fast":
+        network.fuse_for_gpu()
     model = Model(network, config, generation_defaults, precision, source=source)
     model.device = network.input_device
     return model

@@ -511,6 +511,24 @@ class Qwen35Network(nn.Module):
         )
         self._dense = [w for w in every.values() if isinstance(w, torch.Tensor)]
 
+    def fuse_for_gpu(self) -> None:
+        """Layers that read one input share one block tensor per block type (LinearGroup/ExpertGroup.fuse),
+        on the GPU layers: fewer, larger launches per step there. The CPU's kernels group by themselves."""
+        for layer in self.layers:
+            if layer.device.type not in GPU_DEVICE_TYPES:
+                continue
+            mixer, mlp = layer.mixer, layer.mlp
+            groups = [mixer.qkv_proj if layer.is_attention else mixer.in_proj]
+            if isinstance(mlp, SparseMoE):
+                if mlp.gates.blocks.device.type in GPU_DEVICE_TYPES:
+                    groups.append(mlp.gates_ups)
+                if mlp.shared is not None:
+                    groups.append(mlp.shared.gate_up_proj)
+            else:
+                groups.append(mlp.gate_up_proj)
+            for group in groups:
+                group.fuse()
+
     @property
     def input_device(self) -> torch.device:
         """Where token ids go in: the embedding's device, which is the first layer's."""
