@@ -3,7 +3,9 @@
 # fixtures, then a 35B-A3B-shaped random Q4_K_M model (all 40 layers, ~20 GB) at batch 1
 # and 8 concurrent sequences (benchmarks/gpu_bench.py). Runs with the machine's own torch
 # and triton; packages it lacks travel as wheels in .gpu/whl, the fixtures it needs in
-# .gpu/fixtures (or QWEN35_FIXTURES). Logs and the benchmark's JSON go to $OUT (or /tmp).
+# .gpu/fixtures (or QWEN35_FIXTURES): benchmarks/gpu_prepare.sh gathers both here, and the
+# device tool carries them (carry: [".gpu"]). Logs and the benchmark's JSON go to $OUT (or /tmp).
+# Extra arguments go to gpu_bench.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/qwen35-gpu-check}"
@@ -18,7 +20,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfEs \
-    tests/test_triton_gguf.py tests/test_triton_deltanet.py tests/test_triton_moe.py tests/test_cuda.py \
+    tests/test_cuda.py tests/test_triton_gguf.py tests/test_triton_deltanet.py tests/test_triton_moe.py \
+    tests/test_triton_chunked.py tests/test_triton_attention.py tests/test_triton_decode.py tests/test_fast_cuda.py \
     2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 
