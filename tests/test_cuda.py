@@ -147,3 +147,33 @@ def test_split_models_prefill_and_decode_like_exact(fixtures, name, split):
     decoded = _decode(model, ids, split_at, graphs=False)[0]
     native = np.load(fixtures / "ref" / f"{name}.text.llamacpp-Q4_K_M.logits.npy").astype(np.float32)[split_at:]
     assert mean_kl(exact[split_at:], decoded) <= 1.15 * mean_kl(exact[split_at:], native)
+
+
+def test_the_server_engine_decodes_a_batch_on_cuda_like_solo_generation(fixtures):
+    """EngineService's running batch through the CUDA-graph decoder (captured again as rows come and go)."""
+    import asyncio
+
+    from qwen35.engine.generate import resolve_sampling
+    from qwen35.engine.service import EngineService, GenerationRequest
+
+    model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", device="cuda")
+    ids = _prompt(fixtures, "moe")
+    prompts = [ids[: 20 + 9 * i] for i in range(6)]
+    new_tokens = [12, 5, 12, 8, 12, 3]  # rows leave at different steps
+    solo = [model.generate(p, max_new_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(prompts, new_tokens)]
+
+    async def served():
+        service = EngineService(model, max_running=8, context_length=512)
+        service.start(asyncio.get_running_loop())
+
+        async def one(prompt, count):
+            params = resolve_sampling(model, count, temperature=0)
+            handle = service.submit(GenerationRequest(prompt, params, count, ignore_eos=True))
+            return [t.token_id async for output in handle for t in output.tokens]
+
+        try:
+            return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, new_tokens)))
+        finally:
+            service.close()
+
+    assert asyncio.run(served()) == solo

@@ -103,10 +103,12 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     model = qwen35.load_model(fixtures / "tiny" / f"{name}-Q4_K_M.gguf", precision="reference")
     set_mode(model.network, "fast")
     model.network.fuse_for_gpu()  # as loading does on a GPU
+    model.precision = "fast"  # and so K/V in bf16, as on a GPU
     first = model.network.layers[0].mlp
     group = first.gates_ups if name == "moe" else first.gate_up_proj
     assert group.fused is not None  # gate and up read in one launch
     cache = model.make_cache(1)
+    assert cache.layers[model.config.layer_types.index("full_attention")].storage[0].dtype == torch.bfloat16
     prefill = model.forward(torch.tensor([ids[:split]]), cache)[0].numpy()
     decoded = np.stack([model.forward(torch.tensor([[t]]), cache)[0, -1].numpy() for t in ids[split:]])
     logits = np.concatenate([prefill, decoded])

@@ -159,6 +159,7 @@ class EngineService:
         self._batch: list[Sequence] = []  # row i of _batch_cache belongs to _batch[i]
         self._job_piece = min(16, prefill_chunk)  # tokens per prefix-job piece, adapted to the prefill speed
         self._batch_cache = None
+        self._decoder = None  # on a GPU: a CUDA-graph decoder over _batch_cache while its rows stay the same
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -220,7 +221,7 @@ class EngineService:
                 try:
                     self._run_step(step)
                 except Exception as error:  # a bug or out-of-memory: fail these requests, keep serving
-                    self._batch, self._batch_cache = [], None
+                    self._drop_batch()
                     for sequence in step.running:
                         if sequence.status is not SequenceStatus.FINISHED:
                             self._finish(sequence, "error", error=f"{type(error).__name__}: {error}")
@@ -253,7 +254,7 @@ class EngineService:
         if decoding:
             ready.extend(zip(decoding, self._decode(decoding)))
         elif self._batch:
-            self._batch, self._batch_cache = [], None
+            self._drop_batch()
         if ready:
             self._sample_and_deliver(ready)
         if step.background is not None:  # offered only when no request runs or waits
@@ -359,11 +360,27 @@ class EngineService:
     def _count_job(self, outcome: str) -> None:
         self.stats.prefix_jobs[outcome] = self.stats.prefix_jobs.get(outcome, 0) + 1
 
+    def _drop_batch(self) -> None:
+        self._batch, self._batch_cache, self._decoder = [], None, None
+
     def _decode(self, sequences: list[Sequence]) -> list[torch.Tensor]:
-        """One token for every decoding sequence, in one forward over the running batch's cache."""
+        """One token for every decoding sequence, in one forward over the running batch's cache (on a GPU,
+        one replay of a captured step, captured again when the batch's rows change)."""
+        from qwen35.engine.cuda_graphs import GraphDecoder, graphs_supported
+
+        if self._decoder is not None and {id(s) for s in sequences} != {id(m) for m in self._batch}:
+            self._decoder.release()
+            self._decoder = None
         self._regroup(sequences)
         ids = torch.tensor([[member.output_ids[-1]] for member in self._batch], dtype=torch.long)
-        logits = self.model.forward(ids, self._batch_cache)[:, -1].float()
+        if self._decoder is None and graphs_supported(self.model):
+            longest = int(self._batch_cache.lengths.max())
+            self._decoder = GraphDecoder(self.model, self._batch_cache, -(-(longest + 256) // 256) * 256)
+        if self._decoder is not None:
+            # A copy: the graph's output buffer is written again at the next step.
+            logits = self._decoder.step(ids[:, 0])[:, -1].float().clone()
+        else:
+            logits = self.model.forward(ids, self._batch_cache)[:, -1].float()
         row_of = {id(member): row for row, member in enumerate(self._batch)}
         return [logits[row_of[id(sequence)]] for sequence in sequences]
 

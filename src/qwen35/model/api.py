@@ -38,7 +38,8 @@ class Model:
     def make_cache(self, batch_size: int = 1) -> HybridCache:
         if batch_size < 1:
             raise Qwen35Error(f"batch size must be at least 1, got {batch_size}")
-        return self.network.make_cache(batch_size)
+        # Fast precision keeps a GPU layer's K/V in bf16, as llama.cpp keeps f16 (half the memory).
+        return self.network.make_cache(batch_size, gpu_kv_dtype=torch.bfloat16 if self.precision == "fast" else None)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,

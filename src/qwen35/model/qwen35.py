@@ -542,14 +542,18 @@ class Qwen35Network(nn.Module):
         """The small weights kept as plain fp32 tensors (norms, conv, decay, gates)."""
         return list(self._dense)
 
-    def make_cache(self, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> HybridCache:
-        """Each layer's state on that layer's device; the lengths where the token ids go in."""
+    def make_cache(self, batch_size: int = 1, dtype: torch.dtype = torch.float32,
+                   gpu_kv_dtype: torch.dtype | None = None) -> HybridCache:
+        """Each layer's state on that layer's device; the lengths where the token ids go in.
+        `gpu_kv_dtype`: the K/V storage of layers on a GPU, if not `dtype`."""
         c = self.config
         layers = []
         for layer_type, layer in zip(c.layer_types, self.layers):
             device = layer.device
             if layer_type == FULL_ATTENTION:
-                layers.append(AttentionKV(batch_size, c.num_key_value_heads, c.head_dim, dtype, device))
+                on_gpu = gpu_kv_dtype is not None and device.type in GPU_DEVICE_TYPES
+                layers.append(AttentionKV(batch_size, c.num_key_value_heads, c.head_dim,
+                                          gpu_kv_dtype if on_gpu else dtype, device))
             else:
                 layers.append(DeltaNetState(
                     torch.zeros(batch_size, c.linear_conv_dim, c.linear_conv_kernel - 1, dtype=dtype, device=device),
