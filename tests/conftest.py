@@ -33,3 +33,17 @@ def fixtures() -> Path:
 def triton_devices() -> list[str]:
     """Where the Triton kernels' tests run: the GPU when there is one, else the interpreter on CPU."""
     return ["cuda"] if _HAS_CUDA else ["cpu"]
+
+
+def random_delta_rule_inputs(batch, heads, length, d_k, d_v, generator, max_decay: float = 2.0):
+    """q, k l2-normed (q scaled), v, g in (-max_decay, 0], beta in (0, 1) and a non-zero state: what the
+    model feeds the delta rule (kernels/delta_rule.py's layouts)."""
+    import torch
+
+    q, k = (torch.nn.functional.normalize(torch.randn(batch, heads, length, d_k, generator=generator), dim=-1)
+            for _ in range(2))
+    v = torch.randn(batch, heads, length, d_v, generator=generator)
+    g = -torch.rand(batch, heads, length, generator=generator) * max_decay
+    beta = torch.sigmoid(torch.randn(batch, heads, length, generator=generator))
+    state = torch.randn(batch, heads, d_k, d_v, generator=generator) * 0.3
+    return q * d_k**-0.5, k, v, g, beta, state

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import triton_devices  # noqa: E402
+from conftest import random_delta_rule_inputs, triton_devices  # noqa: E402
 
 from qwen35.errors import Qwen35Error  # noqa: E402
 from qwen35.kernels.delta_rule import chunked_gated_delta_rule, recurrent_gated_delta_rule  # noqa: E402
@@ -18,15 +18,9 @@ TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 DEVICES = triton_devices()
 
 
-def random_delta_rule_inputs(batch, heads, length, d_k, d_v, generator):
-    """q, k l2-normed (q scaled), v, g <= 0, beta in (0, 1), and a non-zero state: what the model feeds."""
-    q, k = (torch.nn.functional.normalize(torch.randn(batch, heads, length, d_k, generator=generator), dim=-1)
-            for _ in range(2))
-    v = torch.randn(batch, heads, length, d_v, generator=generator)
-    g = -torch.rand(batch, heads, length, generator=generator) * 0.5
-    beta = torch.sigmoid(torch.randn(batch, heads, length, generator=generator))
-    state = torch.randn(batch, heads, d_k, d_v, generator=generator) * 0.3
-    return q * d_k**-0.5, k, v, g, beta, state
+def chunk_inputs(*args):
+    """Gentler decays than the decode tests': over a chunk the log-decays add up."""
+    return random_delta_rule_inputs(*args, max_decay=0.5)
 
 
 def run_on(device, q, k, v, g, beta, state, **kwargs):
@@ -42,7 +36,7 @@ def test_matches_references(device, batch, length, d_v):
     """Lengths inside one chunk, exactly one, and a padded third; d_v 40 is no power of two and ends in a
     partial column block. Both the outputs and the final state match the token-by-token and the chunked forms."""
     generator = torch.Generator().manual_seed(1000 * batch + length + d_v)
-    inputs = random_delta_rule_inputs(batch, 2, length, 32, d_v, generator)
+    inputs = chunk_inputs(batch, 2, length, 32, d_v, generator)
     out, final_state = run_on(device, *inputs)
     assert out.dtype == torch.float32 and final_state.dtype == torch.float32
     assert out.shape == (batch, 2, length, d_v) and final_state.shape == (batch, 2, 32, d_v)
@@ -57,7 +51,7 @@ def test_matches_references(device, batch, length, d_v):
 def test_other_chunk_sizes(device, chunk_size):
     """Nine or six chunks carry the state further; 24 is no power of two (its tiles are padded to 32);
     d_k 48 is no power of two either."""
-    inputs = random_delta_rule_inputs(1, 1, 140, 48, 32, torch.Generator().manual_seed(chunk_size))
+    inputs = chunk_inputs(1, 1, 140, 48, 32, torch.Generator().manual_seed(chunk_size))
     out, final_state = run_on(device, *inputs, chunk_size=chunk_size)
     reference_out, reference_state = recurrent_gated_delta_rule(*inputs)
     torch.testing.assert_close(out, reference_out, **TOLERANCE)
@@ -69,7 +63,7 @@ def test_other_chunk_sizes(device, chunk_size):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_leaves_the_given_state_alone(device):
-    q, k, v, g, beta, state = random_delta_rule_inputs(1, 2, 70, 32, 32, torch.Generator().manual_seed(3))
+    q, k, v, g, beta, state = chunk_inputs(1, 2, 70, 32, 32, torch.Generator().manual_seed(3))
     state = state.to(device)
     kept = state.clone()
     _, final_state = chunked_delta_rule(q.to(device), k.to(device), v.to(device), g.to(device), beta.to(device), state)
@@ -81,7 +75,7 @@ def test_leaves_the_given_state_alone(device):
 def test_takes_bf16_strided_inputs_and_a_strided_state(device):
     """Token-major [B, T, H, d] bf16 tensors seen head-major, and a state stored transposed: strided views,
     computed in fp32."""
-    q, k, v, g, beta, state = random_delta_rule_inputs(2, 2, 70, 32, 32, torch.Generator().manual_seed(11))
+    q, k, v, g, beta, state = chunk_inputs(2, 2, 70, 32, 32, torch.Generator().manual_seed(11))
     q, k, v = (x.transpose(1, 2).contiguous().bfloat16().transpose(1, 2) for x in (q, k, v))
     g, beta = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (g, beta))
     strided_state = state.transpose(2, 3).contiguous().transpose(2, 3)
@@ -94,14 +88,14 @@ def test_takes_bf16_strided_inputs_and_a_strided_state(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_prompt_returns_the_state(device):
-    q, k, v, g, beta, state = random_delta_rule_inputs(1, 2, 0, 32, 32, torch.Generator().manual_seed(5))
+    q, k, v, g, beta, state = chunk_inputs(1, 2, 0, 32, 32, torch.Generator().manual_seed(5))
     out, final_state = run_on(device, q, k, v, g, beta, state)
     assert out.shape == (1, 2, 0, 32)
     torch.testing.assert_close(final_state, state, rtol=0, atol=0)
 
 
 def bad_inputs():
-    q, k, v, g, beta, state = random_delta_rule_inputs(1, 2, 5, 32, 32, torch.Generator().manual_seed(0))
+    q, k, v, g, beta, state = chunk_inputs(1, 2, 5, 32, 32, torch.Generator().manual_seed(0))
     yield "q must be", (q[0], k, v, g, beta, state), {}
     yield "k must be shaped like q", (q, k[..., :16], v, g, beta, state), {}
     yield "v must be", (q, k, v[:, :1], g, beta, state), {}

@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import triton_devices  # noqa: E402
+from conftest import random_delta_rule_inputs, triton_devices  # noqa: E402
+from test_deltanet_decode import deltanet_layer, random_step_inputs, reference_steps  # noqa: E402
 
-from qwen35.engine.cache import DeltaNetState  # noqa: E402
 from qwen35.errors import Qwen35Error  # noqa: E402
 from qwen35.kernels.delta_rule import chunked_gated_delta_rule, recurrent_gated_delta_rule  # noqa: E402
 from qwen35.kernels.triton_deltanet import deltanet_decode_, recurrent_delta_rule_  # noqa: E402
@@ -18,17 +18,6 @@ from qwen35.model.qwen35 import L2_NORM_EPS  # noqa: E402
 # fp32 throughout; only summation orders, fused multiply-adds and the GPU's exp differ.
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
 DEVICES = triton_devices()
-
-
-def random_delta_rule_inputs(batch, heads, length, d_k, d_v, generator):
-    """q, k l2-normed (q scaled), v, g <= 0, beta in (0, 1), and a state: what the delta rule is fed."""
-    q, k = (torch.nn.functional.normalize(torch.randn(batch, heads, length, d_k, generator=generator), dim=-1)
-            for _ in range(2))
-    v = torch.randn(batch, heads, length, d_v, generator=generator)
-    g = -torch.rand(batch, heads, length, generator=generator) * 2
-    beta = torch.sigmoid(torch.randn(batch, heads, length, generator=generator))
-    state = torch.randn(batch, heads, d_k, d_v, generator=generator) * 0.3
-    return q * d_k**-0.5, k, v, g, beta, state
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -58,58 +47,6 @@ def test_recurrent_takes_bf16_strided_inputs(device):
     out = recurrent_delta_rule_(q.to(device), k.to(device), v.to(device), g.to(device), beta.to(device), ours_state)
     torch.testing.assert_close(out.cpu(), reference_out, **TOLERANCE)
     torch.testing.assert_close(ours_state.cpu(), reference_state, **TOLERANCE)
-
-
-def deltanet_layer(value_head_order, key_heads, value_heads, d_k, d_v, seed=0, conv_kernel=4):
-    """A GatedDeltaNet with random weights (its in_proj is not used: the tests feed its outputs)."""
-    from qwen35.kernels.quant_linear import QuantLinear
-    from qwen35.model.config import LINEAR_ATTENTION, ModelConfig
-    from qwen35.model.qwen35 import GatedDeltaNet
-
-    config = ModelConfig(
-        architecture="qwen35", hidden_size=16, num_layers=1, vocab_size=16, layer_types=(LINEAR_ATTENTION,),
-        rms_norm_eps=1e-6, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        linear_num_key_heads=key_heads, linear_num_value_heads=value_heads, linear_key_head_dim=d_k,
-        linear_value_head_dim=d_v, linear_conv_kernel=conv_kernel, rope_theta=1e7, rotary_dim=8,
-        mrope_section=(2, 1, 1), intermediate_size=64, value_head_order=value_head_order,
-    )
-    generator = torch.Generator().manual_seed(seed)
-
-    def linear(out_features):
-        return QuantLinear.from_dense(torch.zeros(out_features, config.hidden_size))
-
-    weights = {
-        "layer.in_proj_qkv": linear(config.linear_conv_dim),
-        "layer.in_proj_z": linear(config.linear_value_dim),
-        "layer.in_proj_b": linear(value_heads),
-        "layer.in_proj_a": linear(value_heads),
-        "layer.out_proj": lambda x: x,
-        "layer.conv1d": torch.randn(config.linear_conv_dim, conv_kernel, generator=generator) * 0.5,
-        "layer.dt_bias": torch.randn(value_heads, generator=generator),
-        "layer.decay_rate": -torch.rand(value_heads, generator=generator) * 4,
-        "layer.norm": 1 + 0.1 * torch.randn(d_v, generator=generator),
-    }
-    return GatedDeltaNet(config, weights, "layer"), generator
-
-
-def random_step_inputs(layer, batch, length, generator):
-    """projected, a, b, z as column slices of one [B, T, sum] tensor (as LinearGroup returns them), and states."""
-    c = layer.c
-    widths = [c.linear_conv_dim, c.linear_num_value_heads, c.linear_num_value_heads, c.linear_value_dim]
-    joint = torch.randn(batch, length, sum(widths), generator=generator)
-    conv = torch.randn(batch, c.linear_conv_dim, c.linear_conv_kernel - 1, generator=generator)
-    recurrent = torch.randn(
-        batch, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim, generator=generator
-    ) * 0.1
-    return (*joint.split(widths, dim=-1), conv, recurrent)
-
-
-def reference_steps(layer, projected, a, b, z, conv, recurrent, delta_rule=recurrent_gated_delta_rule):
-    """GatedDeltaNet's plain chain over the inputs' T tokens: (y, new conv state, new recurrent state)."""
-    state = DeltaNetState(conv.clone(), recurrent.clone())
-    q, k, v, g, beta = layer.delta_rule_inputs(layer.causal_conv(projected, state), a, b)
-    out, state.recurrent = delta_rule(q, k, v, g, beta, state.recurrent)
-    return layer.gated_norm(out, z), state.conv, state.recurrent
 
 
 def triton_step(layer, device, projected, a, b, z, conv, recurrent):

@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from qwen35.errors import Qwen35Error
+from qwen35.kernels.triton_checks import INPUT_DTYPES, INTERPRETED, check_device, require
 
 # Set (by tests/conftest.py) where there is no GPU: the kernels then run on CPU tensors.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2_E = 1.4426950408889634
 # Untuned first choices: no GPU was at hand when this was written, only Triton's compiler for sm_90
@@ -58,23 +56,7 @@ _MIN_SPLIT_SLOTS = 128
 _MAX_SPLITS = 64
 _WAVES = 2
 # The interpreter has no SMs; this many makes the tests' calls split their rows.
-_INTERPRETED_SM_COUNT = 4
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise Qwen35Error(message)
-
-
-def _check_device(name: str, tensors: dict[str, torch.Tensor]) -> torch.device:
-    device = next(iter(tensors.values())).device
-    for tensor_name, tensor in tensors.items():
-        _require(tensor.device == device, f"{name}: {tensor_name} is on {tensor.device}, the others on {device}")
-    _require(
-        device.type == "cuda" or _INTERPRETED,
-        f"{name}: the Triton kernels need CUDA tensors (got {device}; TRITON_INTERPRET=1 runs them on the CPU)",
-    )
-    return device
+INTERPRETED_SM_COUNT = 4
 
 
 @triton.jit
@@ -279,7 +261,7 @@ def _merge_kernel(
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
-        return _INTERPRETED_SM_COUNT
+        return INTERPRETED_SM_COUNT
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -294,49 +276,49 @@ def split_count(n_kv: int, capacity: int, sm_count: int) -> int:
 def _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim):
     """Shapes, dtypes and devices (never the values: that would wait on the GPU); returns the device."""
     name = "attention_decode_"
-    _require(
+    require(
         n_q >= 1 and n_kv >= 1 and n_q % n_kv == 0 and head_dim >= 1,
         f"{name}: n_q ({n_q}) must be a positive multiple of n_kv ({n_kv}), and head_dim ({head_dim}) positive",
     )
-    _require(q_gate.dim() == 3, f"{name}: q_gate must be [B, 1, n_q * 2 * head_dim], got {tuple(q_gate.shape)}")
+    require(q_gate.dim() == 3, f"{name}: q_gate must be [B, 1, n_q * 2 * head_dim], got {tuple(q_gate.shape)}")
     batch = q_gate.shape[0]
     for tensor_name, tensor, width in (("q_gate", q_gate, 2 * n_q * head_dim), ("k", k, n_kv * head_dim),
                                        ("v", v, n_kv * head_dim)):
-        _require(
+        require(
             tensor.shape == (batch, 1, width),
             f"{name}: {tensor_name} must be [{batch}, 1, {width}] (one token per row), got {tuple(tensor.shape)}",
         )
-        _require(tensor.stride(2) == 1, f"{name}: {tensor_name}'s last dimension must be contiguous")
-    _require(
+        require(tensor.stride(2) == 1, f"{name}: {tensor_name}'s last dimension must be contiguous")
+    require(
         cos.dim() == 3 and cos.shape[:2] == (batch, 1) and cos.shape[2] % 2 == 0 and cos.shape[2] <= head_dim,
         f"{name}: cos must be [{batch}, 1, rotary_dim] with an even rotary_dim <= {head_dim}, got {tuple(cos.shape)}",
     )
-    _require(sin.shape == cos.shape, f"{name}: sin must be shaped like cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    require(sin.shape == cos.shape, f"{name}: sin must be shaped like cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
     for tensor_name, tensor in (("cos", cos), ("sin", sin)):
-        _require(tensor.stride(2) == 1 or tensor.shape[2] <= 1,
+        require(tensor.stride(2) == 1 or tensor.shape[2] <= 1,
                  f"{name}: {tensor_name}'s last dimension must be contiguous")
     for tensor_name, tensor in (("q_norm", q_norm), ("k_norm", k_norm)):
-        _require(tensor.shape == (head_dim,), f"{name}: {tensor_name} must be [{head_dim}], got {tuple(tensor.shape)}")
+        require(tensor.shape == (head_dim,), f"{name}: {tensor_name} must be [{head_dim}], got {tuple(tensor.shape)}")
     for tensor_name, tensor in (("q_gate", q_gate), ("k", k), ("v", v), ("q_norm", q_norm), ("k_norm", k_norm),
                                 ("cos", cos), ("sin", sin)):
-        _require(tensor.dtype in _INPUT_DTYPES,
+        require(tensor.dtype in INPUT_DTYPES,
                  f"{name}: {tensor_name} must be float32, bfloat16 or float16, got {tensor.dtype}")
-    _require(
+    require(
         keys.dtype in _STORAGE_DTYPES and values.dtype == keys.dtype,
         f"{name}: the K/V storage must be float32, bfloat16 or float16, both alike (got {keys.dtype}, {values.dtype})",
     )
-    _require(
+    require(
         keys.dim() == 4 and keys.shape == values.shape and keys.stride() == values.stride()
         and keys.shape[0] >= batch and keys.shape[1] >= 1 and keys.shape[2:] == (n_kv, head_dim)
         and keys.stride(3) == 1,
         f"{name}: keys and values must be alike [rows >= {batch}, capacity >= 1, {n_kv}, {head_dim}] storage "
         f"with a contiguous last dimension, got {tuple(keys.shape)} and {tuple(values.shape)}",
     )
-    _require(
+    require(
         starts.shape == (batch,) and starts.dtype == torch.int64,
         f"{name}: starts must be int64 [{batch}], got {starts.dtype} {tuple(starts.shape)}",
     )
-    return _check_device(name, {"keys": keys, "values": values, "q_gate": q_gate, "k": k, "v": v, "q_norm": q_norm,
+    return check_device(name, {"keys": keys, "values": values, "q_gate": q_gate, "k": k, "v": v, "q_norm": q_norm,
                                 "k_norm": k_norm, "cos": cos, "sin": sin, "starts": starts})
 
 
@@ -354,7 +336,7 @@ def _attend_config(n_q, n_kv, head_dim, rotary_dim, storage_dtype, capacity, spl
         N_KV=n_kv, GROUP=n_q // n_kv, D=head_dim, ROTARY=rotary_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(n_q // n_kv)), SPLITS=splits, DOT_MODE=dot_mode,
         # The interpreter's loop runs over the largest share a split can have, in whole tiles.
-        INTERPRETED_SPAN=triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n if _INTERPRETED else 0,
+        INTERPRETED_SPAN=triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n if INTERPRETED else 0,
         BF16_STORAGE=storage_dtype == torch.bfloat16,
         num_warps=num_warps if num_warps is not None else 8 if block_d >= 256 else 4,
     )

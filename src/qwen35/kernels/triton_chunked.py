@@ -23,18 +23,15 @@ each operand, and the rounding of S is carried from chunk to chunk (see `_DOT_PR
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from qwen35.errors import Qwen35Error
+from qwen35.kernels.triton_checks import INTERPRETED, check_delta_rule, require
 
 # Set (by tests/conftest.py) where there is no GPU: the kernel then runs on CPU tensors.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # tl.dot wants every side of its tiles to be at least 16.
 _MIN_DOT_SIDE = 16
 # A program holds a [d_k, BLOCK_V] state slice, [chunk, d_k] operand tiles and a [chunk, chunk]
@@ -58,51 +55,17 @@ _NUM_STAGES = 1
 _DOT_PRECISION = "ieee"
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise Qwen35Error(message)
-
-
 def _validate(q, k, v, g, beta, state, chunk_size) -> None:
     name = "chunked_delta_rule"
-    _require(q.dim() == 4, f"{name}: q must be [B, H, T, d_k], got {tuple(q.shape)}")
-    batch, heads, length, key_dim = q.shape
-    _require(k.shape == q.shape, f"{name}: k must be shaped like q {tuple(q.shape)}, got {tuple(k.shape)}")
-    _require(
-        v.dim() == 4 and v.shape[:3] == q.shape[:3],
-        f"{name}: v must be [{batch}, {heads}, {length}, d_v], got {tuple(v.shape)}",
-    )
-    value_dim = v.shape[3]
-    _require(key_dim >= 1 and value_dim >= 1, f"{name}: head sizes must be positive, got {key_dim} and {value_dim}")
-    _require(
+    key_dim = q.shape[-1] if q.dim() == 4 else 0
+    require(
         key_dim <= _MAX_KEY_DIM,
         f"{name}: d_k {key_dim} is over {_MAX_KEY_DIM}, the most a program's state slice can hold in registers",
     )
-    for gate_name, gate in (("g", g), ("beta", beta)):
-        _require(
-            gate.shape == q.shape[:3],
-            f"{name}: {gate_name} must be [{batch}, {heads}, {length}], got {tuple(gate.shape)}",
-        )
-    _require(
-        state.shape == (batch, heads, key_dim, value_dim),
-        f"{name}: state must be [{batch}, {heads}, {key_dim}, {value_dim}], got {tuple(state.shape)}",
-    )
-    _require(state.dtype == torch.float32, f"{name}: state must be float32, got {state.dtype}")
-    for tensor_name, tensor in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        _require(
-            tensor.dtype in _INPUT_DTYPES,
-            f"{name}: {tensor_name} must be float32 or bfloat16/float16, got {tensor.dtype}",
-        )
-    _require(
+    check_delta_rule(name, q, k, v, g, beta, state)
+    require(
         isinstance(chunk_size, int) and 1 <= chunk_size <= _MAX_CHUNK,
         f"{name}: chunk_size must be an integer from 1 to {_MAX_CHUNK}, got {chunk_size!r}",
-    )
-    device = state.device
-    for tensor_name, tensor in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        _require(tensor.device == device, f"{name}: {tensor_name} is on {tensor.device}, the state on {device}")
-    _require(
-        device.type == "cuda" or _INTERPRETED,
-        f"{name}: the Triton kernels need CUDA tensors (got {device}; TRITON_INTERPRET=1 runs them on the CPU)",
     )
 
 
@@ -218,7 +181,7 @@ def _launch_chunk_loop(
         D_K=key_dim, D_V=value_dim, CHUNK=chunk_size,
         BLOCK_C=max(_MIN_DOT_SIDE, triton.next_power_of_2(chunk_size)),
         BLOCK_K=max(_MIN_DOT_SIDE, triton.next_power_of_2(key_dim)), BLOCK_V=block_v, PRECISION=precision,
-        INTERPRETED_CHUNKS=n_chunks if _INTERPRETED else 0, num_warps=num_warps, num_stages=num_stages,
+        INTERPRETED_CHUNKS=n_chunks if INTERPRETED else 0, num_warps=num_warps, num_stages=num_stages,
     )
     return out, new_state
 

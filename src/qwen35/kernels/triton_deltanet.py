@@ -18,17 +18,16 @@ slice of the state once and writes it once; everything is computed in fp32 whate
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from qwen35.errors import Qwen35Error
+from qwen35.kernels.triton_checks import (
+    INPUT_DTYPES, INTERPRETED, check_delta_rule, check_device, check_dtype, require,
+)
 
 # Set (by tests/conftest.py) where there is no GPU: the kernels then run on CPU tensors.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Value columns per program of the recurrent kernel: a [d_k, 32] fp32 slice of the state in registers,
 # 64 values a thread (2 warps for d_k 128). Measured on an H200 against 8 to 128 columns and 1 to 8
 # warps: the best or within 10% of it from 1 row to 32 (narrower slices lose at large batches).
@@ -36,26 +35,6 @@ _RECURRENT_BLOCK_V = 32
 _RECURRENT_VALUES_PER_THREAD = 64
 # The decode step holds a head's whole [d_k, d_v] state: 4 warps for 128 x 128 beat 8 and 16 by 20-40%.
 _STEP_VALUES_PER_THREAD = 128
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise Qwen35Error(message)
-
-
-def _check_device(name: str, tensors: dict[str, torch.Tensor]) -> torch.device:
-    device = next(iter(tensors.values())).device
-    for tensor_name, tensor in tensors.items():
-        _require(tensor.device == device, f"{name}: {tensor_name} is on {tensor.device}, the others on {device}")
-    _require(
-        device.type == "cuda" or _INTERPRETED,
-        f"{name}: the Triton kernels need CUDA tensors (got {device}; TRITON_INTERPRET=1 runs them on the CPU)",
-    )
-    return device
-
-
-def _check_dtype(name: str, tensor_name: str, tensor: torch.Tensor, allowed=_INPUT_DTYPES) -> None:
-    _require(tensor.dtype in allowed, f"{name}: {tensor_name} must be float32 or bfloat16/float16, got {tensor.dtype}")
 
 
 def _warps(tile_elements: int, values_per_thread: int) -> int:
@@ -111,28 +90,7 @@ def recurrent_delta_rule_(q, k, v, g, beta, state) -> torch.Tensor:
     state [B, H, d_k, d_v] fp32, updated in place to the final state. Returns the output
     [B, H, T, d_v] fp32. Queries and keys come normed and scaled, key heads matched to value heads."""
     name = "recurrent_delta_rule_"
-    _require(q.dim() == 4, f"{name}: q must be [B, H, T, d_k], got {tuple(q.shape)}")
-    batch, heads, length, key_dim = q.shape
-    _require(k.shape == q.shape, f"{name}: k must be shaped like q {tuple(q.shape)}, got {tuple(k.shape)}")
-    _require(
-        v.dim() == 4 and v.shape[:3] == q.shape[:3],
-        f"{name}: v must be [{batch}, {heads}, {length}, d_v], got {tuple(v.shape)}",
-    )
-    value_dim = v.shape[3]
-    _require(key_dim >= 1 and value_dim >= 1, f"{name}: head sizes must be positive, got {key_dim} and {value_dim}")
-    for gate_name, gate in (("g", g), ("beta", beta)):
-        _require(
-            gate.shape == q.shape[:3],
-            f"{name}: {gate_name} must be [{batch}, {heads}, {length}], got {tuple(gate.shape)}",
-        )
-    _require(
-        state.shape == (batch, heads, key_dim, value_dim),
-        f"{name}: state must be [{batch}, {heads}, {key_dim}, {value_dim}], got {tuple(state.shape)}",
-    )
-    _require(state.dtype == torch.float32, f"{name}: state must be float32, got {state.dtype}")
-    for tensor_name, tensor in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        _check_dtype(name, tensor_name, tensor)
-    _check_device(name, {"state": state, "q": q, "k": k, "v": v, "g": g, "beta": beta})
+    batch, heads, length, key_dim, value_dim = check_delta_rule(name, q, k, v, g, beta, state)
 
     out = torch.empty(batch, heads, length, value_dim, dtype=torch.float32, device=state.device)
     if batch * heads == 0:
@@ -250,41 +208,41 @@ def deltanet_decode_(
     else j % n_k. Returns y [B, 1, n_v d_v] fp32, the gated-normed output before out_proj.
     """
     name = "deltanet_decode_"
-    _require(
+    require(
         min(n_k, d_k, n_v, d_v) >= 1 and n_v % n_k == 0,
         f"{name}: head counts and sizes must be positive and n_v ({n_v}) a multiple of n_k ({n_k})",
     )
-    _require(projected.dim() == 3, f"{name}: projected must be [B, 1, conv_dim], got {tuple(projected.shape)}")
+    require(projected.dim() == 3, f"{name}: projected must be [B, 1, conv_dim], got {tuple(projected.shape)}")
     batch, key_width, value_width = projected.shape[0], n_k * d_k, n_v * d_v
     conv_dim = 2 * key_width + value_width
     token_rows = (("projected", projected, conv_dim), ("a", a, n_v), ("b", b, n_v), ("z", z, value_width))
     for tensor_name, tensor, width in token_rows:
-        _require(
+        require(
             tensor.shape == (batch, 1, width),
             f"{name}: {tensor_name} must be [{batch}, 1, {width}] (one token per row), got {tuple(tensor.shape)}",
         )
-        _check_dtype(name, tensor_name, tensor)
-    _require(
+        check_dtype(name, tensor_name, tensor)
+    require(
         conv_weight.dim() == 2 and conv_weight.shape[0] == conv_dim and conv_weight.shape[1] >= 2,
         f"{name}: conv_weight must be [{conv_dim}, K] with K >= 2, got {tuple(conv_weight.shape)}",
     )
     kept = conv_weight.shape[1] - 1
-    _require(
+    require(
         conv_state.shape == (batch, conv_dim, kept),
         f"{name}: conv_state must be [{batch}, {conv_dim}, {kept}], got {tuple(conv_state.shape)}",
     )
-    _require(
+    require(
         recurrent.shape == (batch, n_v, d_k, d_v),
         f"{name}: recurrent must be [{batch}, {n_v}, {d_k}, {d_v}], got {tuple(recurrent.shape)}",
     )
-    _require(recurrent.dtype == torch.float32, f"{name}: recurrent must be float32, got {recurrent.dtype}")
+    require(recurrent.dtype == torch.float32, f"{name}: recurrent must be float32, got {recurrent.dtype}")
     head_weights = (("dt_bias", dt_bias, n_v), ("decay_rate", decay_rate, n_v), ("norm_weight", norm_weight, d_v))
     for tensor_name, tensor, size in head_weights:
-        _require(tensor.shape == (size,), f"{name}: {tensor_name} must be [{size}], got {tuple(tensor.shape)}")
+        require(tensor.shape == (size,), f"{name}: {tensor_name} must be [{size}], got {tuple(tensor.shape)}")
     for tensor_name, tensor in (("conv_state", conv_state), ("conv_weight", conv_weight), ("dt_bias", dt_bias),
                                 ("decay_rate", decay_rate), ("norm_weight", norm_weight)):
-        _check_dtype(name, tensor_name, tensor)
-    device = _check_device(name, {
+        check_dtype(name, tensor_name, tensor)
+    device = check_device(name, {
         "recurrent": recurrent, "projected": projected, "a": a, "b": b, "z": z, "conv_state": conv_state,
         "conv_weight": conv_weight, "dt_bias": dt_bias, "decay_rate": decay_rate, "norm_weight": norm_weight,
     })
