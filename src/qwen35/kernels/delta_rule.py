@@ -54,6 +54,46 @@ def recurrent_gated_delta_rule(
     return torch.stack(outputs, dim=2), state
 
 
+def chunk_terms(q, k, v, g, beta, chunk_size: int = CHUNK_SIZE) -> dict[str, torch.Tensor]:
+    """Every chunk's state-independent terms, batched over all chunks (the chunked form's parallel part).
+
+    Within a chunk, with G the running sum of g and S0 the state at its start:
+        S_t = exp(G_t) S0 + sum_{s<=t} exp(G_t - G_s) k_s delta_s^T
+    so the deltas satisfy (I + A) delta = beta*v - beta*exp(G)*(K S0), where
+    A[t, s] = beta_t exp(G_t - G_s) k_t.k_s for s < t; both right-hand parts are solved here once.
+    Returns fp32: values_part [B, H, N, C, d_v]; state_reader, decayed_q, key_to_end [B, H, N, C, d_k];
+    intra_attention [B, H, N, C, C]; chunk_decay_factor [B, H, N] (exp of a chunk's summed log-decay).
+    """
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    batch, heads, length, _ = q.shape
+    pad = -length % chunk_size
+    if pad:
+        # Padded steps have g = 0 (no decay), beta = 0 and k = 0: they change nothing.
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
+    n_chunks = q.shape[2] // chunk_size
+    q, k, v, g, beta = (x.reshape(batch, heads, n_chunks, chunk_size, *x.shape[3:]) for x in (q, k, v, g, beta))
+
+    log_decay = g.cumsum(dim=-1)  # G, [B, H, N, C]
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    # exp(G_t - G_s) for s <= t, and 0 above the diagonal (masked before exp: no overflow).
+    pair_decay = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    k_beta = k * beta[..., None]
+    system = ((k_beta @ k.transpose(-1, -2)) * pair_decay).tril(-1)
+    system = system + torch.eye(chunk_size, dtype=q.dtype, device=q.device)
+    decay = log_decay.exp()[..., None]
+    chunk_decay = log_decay[..., -1]  # G at the chunk's last step, [B, H, N]
+    return {
+        # delta = values_part - state_reader @ S0
+        "values_part": torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True),
+        "state_reader": torch.linalg.solve_triangular(system, k_beta * decay, upper=False, unitriangular=True),
+        "intra_attention": (q @ k.transpose(-1, -2)) * pair_decay,
+        "decayed_q": q * decay,
+        "key_to_end": k * (chunk_decay[..., None] - log_decay).exp()[..., None],
+        "chunk_decay_factor": chunk_decay.exp(),
+    }
+
+
 def chunked_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,49 +103,17 @@ def chunked_gated_delta_rule(
     state: torch.Tensor,
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunk-parallel form; same results as the recurrent one up to rounding.
-
-    Within a chunk, with G the running sum of g and S0 the state at its start:
-        S_t = exp(G_t) S0 + sum_{s<=t} exp(G_t - G_s) k_s delta_s^T
-    so the deltas satisfy (I + A) delta = beta*v - beta*exp(G)*(K S0), where
-    A[t, s] = beta_t exp(G_t - G_s) k_t.k_s for s < t.
-    """
+    """Chunk-parallel form (`chunk_terms`, then one short step per chunk); the recurrent form's
+    results up to rounding."""
     batch, heads, length, _ = q.shape
-    pad = -length % chunk_size
-    if pad:
-        # Padded steps have g = 0 (no decay), beta = 0 and k = 0: they change nothing.
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
-    n_chunks = q.shape[2] // chunk_size
-
-    def chunks(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(batch, heads, n_chunks, chunk_size, *x.shape[3:])
-
-    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
-    log_decay = g.cumsum(dim=-1)  # G, [B, H, N, C]
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    # exp(G_t - G_s) for s <= t, and 0 above the diagonal (masked before exp: no overflow).
-    pair_decay = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-
-    k_beta = k * beta[..., None]
-    system = ((k_beta @ k.transpose(-1, -2)) * pair_decay).tril(-1)
-    system = system + torch.eye(chunk_size, dtype=q.dtype, device=q.device)
-    # delta = values_part - state_reader @ S0, both solved once for all chunks.
-    values_part = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
-    state_reader = torch.linalg.solve_triangular(
-        system, k_beta * log_decay.exp()[..., None], upper=False, unitriangular=True
-    )
-    intra_attention = (q @ k.transpose(-1, -2)) * pair_decay
-    decayed_q = q * log_decay.exp()[..., None]
-    chunk_decay = log_decay[..., -1]  # G at the chunk's last step, [B, H, N]
-    key_to_end = k * (chunk_decay[..., None] - log_decay).exp()[..., None]
-
+    terms = chunk_terms(q, k, v, g, beta, chunk_size)
     outputs = []
-    for i in range(n_chunks):
-        delta = values_part[:, :, i] - state_reader[:, :, i] @ state
-        outputs.append(decayed_q[:, :, i] @ state + intra_attention[:, :, i] @ delta)
-        state = state * chunk_decay[:, :, i, None, None].exp() + key_to_end[:, :, i].transpose(-1, -2) @ delta
-    output = torch.stack(outputs, dim=2).reshape(batch, heads, n_chunks * chunk_size, -1)
+    for i in range(terms["values_part"].shape[2]):
+        delta = terms["values_part"][:, :, i] - terms["state_reader"][:, :, i] @ state
+        outputs.append(terms["decayed_q"][:, :, i] @ state + terms["intra_attention"][:, :, i] @ delta)
+        state = (state * terms["chunk_decay_factor"][:, :, i, None, None]
+                 + terms["key_to_end"][:, :, i].transpose(-1, -2) @ delta)
+    output = torch.stack(outputs, dim=2).reshape(batch, heads, -1, v.shape[-1])
     return output[:, :, :length], state
 
 

@@ -6,7 +6,7 @@ everything that does not depend on the running state is batched torch over all c
 is a Python loop over chunks with three small matmuls each. On a GPU that loop costs about six
 launches per chunk per layer (an 8K-token prompt: 128 chunks x 30 layers, ~23K launches).
 
-`chunked_delta_rule` keeps the batched torch part (`_chunk_terms`, a fixed ~20 launches whatever
+`chunked_delta_rule` keeps the batched torch part (`delta_rule.chunk_terms`, a fixed ~20 launches whatever
 the length) and runs the loop as a single launch: program (row * heads + head, column block)
 holds state[row, head, :, columns] in registers and walks the chunks in order,
 
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qwen35.kernels.delta_rule import chunk_terms
 from qwen35.kernels.triton_checks import INTERPRETED, check_delta_rule, require
 
 # Set (by tests/conftest.py) where there is no GPU: the kernel then runs on CPU tensors.
@@ -67,42 +68,6 @@ def _validate(q, k, v, g, beta, state, chunk_size) -> None:
         isinstance(chunk_size, int) and 1 <= chunk_size <= _MAX_CHUNK,
         f"{name}: chunk_size must be an integer from 1 to {_MAX_CHUNK}, got {chunk_size!r}",
     )
-
-
-def _chunk_terms(q, k, v, g, beta, chunk_size: int) -> dict[str, torch.Tensor]:
-    """The state-independent terms of every chunk, batched over all of them (delta_rule.py's maths).
-
-    Returns contiguous fp32 tensors: values_part [B, H, N, C, d_v]; state_reader, decayed_q,
-    key_to_end [B, H, N, C, d_k]; intra_attention [B, H, N, C, C]; chunk_decay_factor [B, H, N]
-    (exp of the chunk's summed log-decay).
-    """
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
-    batch, heads, length, _ = q.shape
-    pad = -length % chunk_size
-    if pad:
-        # Padded steps have g = 0 (no decay), beta = 0 and k = 0: they change nothing.
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        g, beta = (F.pad(x, (0, pad)) for x in (g, beta))
-    n_chunks = q.shape[2] // chunk_size
-    q, k, v, g, beta = (x.reshape(batch, heads, n_chunks, chunk_size, *x.shape[3:]) for x in (q, k, v, g, beta))
-
-    log_decay = g.cumsum(dim=-1)
-    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-    # exp(G_t - G_s) for s <= t, 0 above the diagonal (masked before exp, so nothing overflows).
-    pair_decay = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    k_beta = k * beta[..., None]
-    system = ((k_beta @ k.transpose(-1, -2)) * pair_decay).tril(-1)
-    system = system + torch.eye(chunk_size, dtype=q.dtype, device=q.device)
-    decay = log_decay.exp()[..., None]
-    chunk_decay = log_decay[..., -1]
-    return {
-        "values_part": torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True),
-        "state_reader": torch.linalg.solve_triangular(system, k_beta * decay, upper=False, unitriangular=True),
-        "intra_attention": (q @ k.transpose(-1, -2)) * pair_decay,
-        "decayed_q": q * decay,
-        "key_to_end": k * (chunk_decay[..., None] - log_decay).exp()[..., None],
-        "chunk_decay_factor": chunk_decay.exp(),
-    }
 
 
 @triton.jit
@@ -198,7 +163,7 @@ def chunked_delta_rule(q, k, v, g, beta, state, chunk_size: int = 64) -> tuple[t
     batch, heads, length, _ = q.shape
     if batch * heads == 0 or length == 0:
         return q.new_zeros(batch, heads, length, v.shape[3], dtype=torch.float32), state.clone()
-    terms = {name: term.contiguous() for name, term in _chunk_terms(q, k, v, g, beta, chunk_size).items()}
+    terms = {name: term.contiguous() for name, term in chunk_terms(q, k, v, g, beta, chunk_size).items()}
     return _launch_chunk_loop(terms, state, length)
 
 
@@ -230,8 +195,8 @@ def benchmark(B: int = 1, H: int = 32, T: int = 8192, d: int = 128, device: str 
     reference_out, reference_state = chunked_gated_delta_rule(*inputs)
     results["reference_ms"] = triton.testing.do_bench(lambda: chunked_gated_delta_rule(*inputs))
     results["triton_ms"] = triton.testing.do_bench(lambda: chunked_delta_rule(*inputs))
-    results["chunk_terms_ms"] = triton.testing.do_bench(lambda: _chunk_terms(q, k, v, g, beta, 64))
-    terms = {name: term.contiguous() for name, term in _chunk_terms(q, k, v, g, beta, 64).items()}
+    results["chunk_terms_ms"] = triton.testing.do_bench(lambda: chunk_terms(q, k, v, g, beta, 64))
+    terms = {name: term.contiguous() for name, term in chunk_terms(q, k, v, g, beta, 64).items()}
 
     def worst_relative(ours, reference):
         return ((ours - reference).abs().max() / reference.abs().max()).item()
