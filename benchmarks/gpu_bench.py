@@ -29,6 +29,7 @@ from make_model import SCALE_FIELDS, benchmark_spec, scale_calibration, write_mo
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 import qwen35  # noqa: E402
+from qwen35.bench import measure_gpu_bandwidth, measure_read_bandwidth  # noqa: E402
 from qwen35.engine.cache import HybridCache  # noqa: E402
 from qwen35.engine.cuda_graphs import GraphDecoder  # noqa: E402
 from qwen35.kernels.dequant import block_geometry  # noqa: E402
@@ -91,20 +92,6 @@ def decode_bytes_per_token(network, config) -> int:
 def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes read plus written per second by a large device-to-device copy."""
-    source = torch.empty(1 << 30, dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    for _ in range(3):
-        target.copy_(source)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(20):
-        target.copy_(source)
-    synchronize(device)
-    return 2 * source.nbytes * 20 / (time.perf_counter() - start)
 
 
 def timed(fn, device) -> float:
@@ -177,7 +164,7 @@ def main(argv=None) -> int:
     synchronize(args.device)
     graphs = model.device.type == "cuda"
 
-    bandwidth = copy_bandwidth(args.device)
+    bandwidth = measure_gpu_bandwidth(args.device) if graphs else measure_read_bandwidth(2)
     per_token = decode_bytes_per_token(model.network, model.config)
     results = {
         "device": torch.cuda.get_device_name() if graphs else "cpu", "model": path.name, "file_GB": path.stat().st_size / 1e9,

@@ -99,7 +99,8 @@ def run(args) -> int:
     bandwidth = None
     if not args.no_bandwidth:
         progress.show("bandwidth probe")
-        bandwidth = measure_read_bandwidth(threads)
+        on_gpu = model.device.type == "cuda" and all(d.type == "cuda" for d in model.network.devices)
+        bandwidth = measure_gpu_bandwidth(model.device) if on_gpu else measure_read_bandwidth(threads)
     progress.clear()
 
     result = _result(args, path, model, threads, pp_samples, tg_samples, bandwidth, peak_rss)
@@ -161,6 +162,22 @@ def _synchronize(model) -> None:
         import torch
 
         torch.cuda.synchronize(model.device)
+
+
+def measure_gpu_bandwidth(device, nbytes: int = 1 << 30, repetitions: int = 20) -> float:
+    """Bytes per second a large device-to-device copy moves on the GPU, reads plus writes (the HBM roofline)."""
+    import torch
+
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repetitions):
+        target.copy_(source)
+    torch.cuda.synchronize(device)
+    return 2 * nbytes * repetitions / (time.perf_counter() - started)
 
 
 def measure_read_bandwidth(threads: int, nbytes: int = BANDWIDTH_BUFFER_BYTES, repetitions: int = 8) -> float:
@@ -254,6 +271,8 @@ def _result(args, path, model, threads, pp_samples, tg_samples, bandwidth, peak_
         "tg_roofline_tok_s": roofline,
         "tg_roofline_fraction": tg / roofline if tg and roofline else None,
         "torch": torch.__version__,
+        "backend": (f"CUDA {torch.cuda.get_device_name(model.device)}" if model.device.type == "cuda"
+                    else f"torch {torch.backends.cpu.get_cpu_capability()}"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }
@@ -283,7 +302,7 @@ def format_table(result: dict) -> str:
     if result["n_gen"]:
         rows.append((f"tg{result['n_gen']}", f"{result['tg_tok_s']:.2f}{_spread(result['tg_samples'])}"))
     header = ("model", "size", "backend", "threads", "test", "t/s (median)")
-    backend = f"torch {result['cpu_capability']}"
+    backend = result.get("backend") or f"torch {result['cpu_capability']}"
     lines = [header] + [(name, size, backend, str(result["threads"]), test, speed) for test, speed in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
@@ -293,7 +312,8 @@ def format_table(result: dict) -> str:
     if result["bytes_per_token"]:
         out.append(f"weights read per decoded token {result['bytes_per_token'] / 2**20:,.1f} MiB")
     if result["bandwidth_bytes_s"]:
-        out.append(f"measured read bandwidth {result['bandwidth_bytes_s'] / 1e9:.1f} GB/s ({result['threads']} threads)")
+        where = "GPU copy" if result.get("backend", "").startswith("CUDA") else f"{result['threads']} threads"
+        out.append(f"measured read bandwidth {result['bandwidth_bytes_s'] / 1e9:.1f} GB/s ({where})")
     if result["tg_roofline_fraction"] is not None:
         out.append(f"decode roofline {result['tg_roofline_tok_s']:.1f} tok/s; tg reaches "
                    f"{100 * result['tg_roofline_fraction']:.0f}% of it")
