@@ -44,20 +44,15 @@ class GraphDecoder:
         self.model, self.cache = model, cache
         self.host_lengths = [int(n) for n in cache.lengths.tolist()]
         self.token_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
-        _warm_up(model, cache.batch_size)
         self._capture(max(int(capacity), max(self.host_lengths, default=0) + 1))
 
     def _capture(self, capacity: int) -> None:
         cache = self.cache
         self.capacity = capacity
         with torch.inference_mode():
-            cache.reserve(rows=cache.batch_size, tokens=capacity)
-            for layer in cache.layers:
-                if isinstance(layer, DeltaNetState) and not layer.in_place:
-                    layer.conv, layer.recurrent = layer.conv.clone(), layer.recurrent.clone()
-                    layer.in_place = True
+            _pin(cache, capacity)
             cache.lengths, cache.next_positions = cache.lengths.clone(), cache.next_positions.clone()
-        cache.static_length = capacity
+        _warm_up(self.model, cache.batch_size, capacity)
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
             self.logits = self.model.network(self.token_ids, cache)
@@ -88,22 +83,34 @@ class GraphDecoder:
         return cache
 
 
-_warmed: set[tuple[int, int]] = set()
+def _pin(cache: HybridCache, capacity: int) -> None:
+    """K/V room for `capacity` tokens a row, attention over all of it, DeltaNet states of its own updated in place."""
+    cache.reserve(rows=cache.batch_size, tokens=capacity)
+    for layer in cache.layers:
+        if isinstance(layer, DeltaNetState) and not layer.in_place:
+            layer.conv, layer.recurrent = layer.conv.clone(), layer.recurrent.clone()
+            layer.in_place = True
+    cache.static_length = capacity
 
 
-def _warm_up(model, batch_size: int) -> None:
-    """Run the decode step once eagerly on a scratch cache: Triton compiles its kernels and cuBLAS
-    makes its handles there, which must not happen inside a capture."""
-    key = (id(model.network), batch_size)
+_warmed: set[tuple[int, int, int]] = set()
+
+
+def _warm_up(model, batch_size: int, capacity: int) -> None:
+    """Run the step eagerly on a scratch cache pinned like the real one: Triton compiles its kernels for
+    these shapes and cuBLAS makes its handles there; neither may happen inside a capture."""
+    key = (id(model.network), batch_size, capacity)
     if key in _warmed:
         return
-    scratch = model.make_cache(batch_size)
-    tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode():
-        for _ in range(2):
-            model.network(tokens, scratch)
-    torch.cuda.current_stream().wait_stream(side)
+    with torch.inference_mode():
+        scratch = model.make_cache(batch_size)
+        _pin(scratch, capacity)
+        tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.network(tokens, scratch)
+        torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     _warmed.add(key)
