@@ -99,7 +99,9 @@ def _check_expert_count(config, path) -> None:
 
 def _build(config, weights: dict, mtp: dict, precision: str, split: Split, generation_defaults, source,
            progress=None):
-    weights, mtp = split.place(config, weights, mtp)
+    # Moving weights to a GPU reads the file once; its pages are dropped behind (not read again).
+    weights, mtp = split.place(config, weights, mtp, release=getattr(source, "release_tensor_pages", None),
+                               progress=progress)
     network = Qwen35Network(config, weights, mtp)
     if precision == "fast":
         # Registers the kernels of each device used (the C++ ones are built once, then cached);
@@ -112,7 +114,10 @@ def _build(config, weights: dict, mtp: dict, precision: str, split: Split, gener
             from qwen35.kernels import fast_cuda
 
             fast_cuda.install()
-    _set_mode_releasing_file_pages(network, "reference" if precision == "reference" else "fast", source, progress)
+    # (The progress shown is the move to the GPU, or the CPU kernels' packing where the CPU holds layers.)
+    packing_progress = progress if "cpu" in split.device_types(config) else None
+    _set_mode_releasing_file_pages(network, "reference" if precision == "reference" else "fast", source,
+                                   packing_progress)
     if precision == "fast":
         network.fuse_for_gpu()
     model = Model(network, config, generation_defaults, precision, source=source)

@@ -75,10 +75,15 @@ class Split:
             return self.expert_device(config, index)
         return self.layer_device(config, index)
 
-    def place(self, config, weights: dict, mtp: dict) -> tuple[dict, dict]:
+    def place(self, config, weights: dict, mtp: dict, release=None, progress=None) -> tuple[dict, dict]:
         """The weights moved to their devices. A module shared by two names that land on two devices
-        (a tied embedding and lm_head) gets a copy on the second."""
+        (a tied embedding and lm_head) gets a copy on the second. `release(tensor)` is called with the
+        file bytes a module leaves behind on the CPU (to drop the map's pages: they are not read again);
+        `progress(done, total)` with the bytes moved to a GPU so far."""
         placed_on: dict[int, torch.device] = {}
+        moving = [w for group in (weights, mtp) for name, w in group.items()
+                  if isinstance(w, nn.Module) and self.device_of(config, name).type != "cpu"]
+        total, done = sum(w.blocks.nbytes for w in {id(w): w for w in moving}.values()), 0
         result = []
         for group in (weights, mtp):
             moved = {}
@@ -86,10 +91,19 @@ class Split:
                 device = self.device_of(config, name)
                 if not isinstance(weight, nn.Module):
                     moved[name] = weight.to(device)
-                elif placed_on.setdefault(id(weight), device) == device:
-                    moved[name] = weight.to(device)  # a module moves in place
-                else:
+                    continue
+                first = id(weight) not in placed_on
+                if placed_on.setdefault(id(weight), device) != device:
                     moved[name] = _copy_linear(weight, device)
+                    continue
+                file_bytes = weight.blocks
+                moved[name] = weight.to(device)  # a module moves in place
+                if first and device.type != "cpu":
+                    if release is not None:
+                        release(file_bytes)
+                    done += file_bytes.nbytes
+                    if progress is not None:
+                        progress(done, total)
             result.append(moved)
         return result[0], result[1]
 
