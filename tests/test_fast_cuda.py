@@ -110,7 +110,17 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     cache = model.make_cache(1)
     assert cache.layers[model.config.layer_types.index("full_attention")].storage[0].dtype == torch.bfloat16
     prefill = model.forward(torch.tensor([ids[:split]]), cache)[0].numpy()
+    pinned = cache.select([0])
     decoded = np.stack([model.forward(torch.tensor([[t]]), cache)[0, -1].numpy() for t in ids[split:]])
+    # The same steps over a cache pinned as a CUDA graph pins it (fixed K/V span, states and counters
+    # updated in place), run eagerly: what a capture records.
+    from qwen35.engine.cuda_graphs import _pin
+
+    with torch.inference_mode():
+        _pin(pinned, 64)
+        replayed = np.stack([model.network(torch.tensor([[t]]), pinned)[0, -1].numpy() for t in ids[split:]])
+    assert pinned.lengths.tolist() == [length]
+    np.testing.assert_allclose(replayed, decoded, rtol=0, atol=1e-4)
     logits = np.concatenate([prefill, decoded])
     kl = mean_kl(exact, logits)
     assert kl <= KL_LIMIT[name], f"{name}: mean KL {kl:.5f} vs exact"
