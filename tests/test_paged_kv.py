@@ -3,6 +3,11 @@ the network already uses, through the same operations; and the paged decode kern
 (kernels/triton_paged_attention.py) against attention_decode_ (kernels/triton_attention.py) on the same
 K/V laid out contiguously. Without a GPU the kernels run in Triton's interpreter."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -167,6 +172,15 @@ def test_reserve_pins_the_pool_and_table_for_a_graph():
     twins.assert_same()
     assert [t.data_ptr() for t in (*twins.paged.page_pool, twins.paged.page_table)] == addresses
 
+    # The table's width (which the kernel's split count follows) is what reserve asked for, however wide
+    # the table had grown: a graph's scratch cache reserved alike gets the same.
+    grown = PagedAttentionKV(2, N_KV, HEAD_DIM, torch.bfloat16, "cpu", page_size=PAGE)
+    grown.make_room(torch.tensor([0, 0]), 90)
+    scratch = PagedAttentionKV(2, N_KV, HEAD_DIM, torch.bfloat16, "cpu", page_size=PAGE)
+    for kv in (grown, scratch):
+        kv.reserve(rows=2, tokens=128)
+    assert grown.page_table.shape == scratch.page_table.shape == (2, 128 // PAGE)
+
 
 def test_bad_page_sizes_and_mixed_stores_give_a_clear_error():
     with pytest.raises(Qwen35Error, match="power of two"):
@@ -318,3 +332,62 @@ def test_bad_pools_and_tables_give_a_clear_error(kernels, device):
         paged_attention_decode_(*step, pool, pool, table[:1], starts, *shape_args)
     with pytest.raises(Qwen35Error, match="starts must be int64"):
         paged_attention_decode_(*step, pool, pool, table, starts.int(), *shape_args)
+
+
+# Compiles the paged kernel for an H100 (sm_90) with Triton's own compiler, no GPU needed: the interpreter
+# never runs the GPU's branch (the loop to a loaded bound, each tile's page id loaded in it). Run apart,
+# without TRITON_INTERPRET, which swaps the kernels for interpreted ones when they are defined.
+SM90_COMPILE = r"""
+import json, os, re, subprocess, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qwen35.kernels import triton_attention as ta, triton_paged_attention as tpa
+
+ALIGNED = {"q_gate_s0", "k_s0", "v_s0", "pool_s0", "pool_s1", "pool_s2"}  # what torch's tensors give
+results = {}
+for storage, pointer, splits in ((torch.bfloat16, "*bf16", 32), (torch.float16, "*fp16", 1)):
+    constants, _ = ta._attend_config(16, 2, 256, 64, storage, 4096, splits)
+    num_warps = constants.pop("num_warps")
+    constants["P"] = 64
+    fn = tpa._paged_attend_kernel
+    pointers = {"keys_ptr": pointer, "values_ptr": pointer, "starts_ptr": "*i64", "table_ptr": "*i32"}
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointers.get(name, "*fp32")
+        else:
+            signature[name] = "fp32" if name in ("eps", "qk_scale") else "i32"
+        if name.endswith("_ptr") or name in ALIGNED:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    constexprs = {(fn.arg_names.index(name),): value for name, value in constants.items()}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    results[pointer] = {"stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+                        "mma": sorted(set(re.findall(r"mma\.sync\S*", kernel.asm["ptx"])))}
+print(json.dumps(results))
+"""
+
+
+def test_the_paged_kernel_compiles_for_sm90_without_spilling():
+    """The 35B model's shapes (16 query heads, 2 kv heads of 256, 64 rotated) in pages of 64: a bf16 pool
+    split 32 ways (bf16 tensor cores) and an fp16 pool in one launch (tf32x3); neither may spill."""
+    triton = pytest.importorskip("triton")
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(tools, tool)) for tool in ("ptxas", "cuobjdump")):
+        pytest.skip("Triton's NVIDIA tools (ptxas, cuobjdump) are not installed")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], capture_output=True, text=True, env=environment,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {name: result["stack"] for name, result in results.items()} == {"*bf16": 0, "*fp16": 0}
+    assert results["*bf16"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"]
+    assert results["*fp16"]["mma"] == ["mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"]

@@ -167,7 +167,7 @@ class PagedAttentionKV:
             self._grow_pool(missing - len(self._free), doubling=False)
         for pages in self._row_pages:
             pages += self._take_pages(count - len(pages))
-        self._upload_table(min_rows=rows, min_width=count)
+        self._upload_table(min_rows=rows, width=count if tokens else None)
 
     def _take_pages(self, count: int) -> list[int]:
         if count <= 0:
@@ -199,14 +199,19 @@ class PagedAttentionKV:
                                                [len(pages) for pages in self._row_pages])
             self.__dict__.update(mine.__dict__)
 
-    def _upload_table(self, min_rows: int = 0, min_width: int = 0) -> None:
+    def _upload_table(self, min_rows: int = 0, width: int | None = None) -> None:
         """The device table from the host's page lists: in place when it still fits, else a bigger one
-        (doubling, as a list grows; exactly `min_rows` x `min_width` when asked for more)."""
+        (doubling, as a list grows). `width`: exactly that many pages a row (or the most a row holds), as
+        `reserve` pins it: the kernel's split count follows the width, and a graph's warm-up on a scratch
+        cache reserved alike must see the same."""
         held_rows, held_width = self._page_table.shape
         widest = max([len(pages) for pages in self._row_pages] + [1])
         rows = held_rows if self.rows <= held_rows else max(self.rows, 2 * held_rows)
-        width = held_width if widest <= held_width else max(widest, 2 * held_width)
-        rows, width = max(rows, min_rows), max(width, min_width)
+        rows = max(rows, min_rows)
+        if width is not None:
+            width = max(width, widest)
+        else:
+            width = held_width if widest <= held_width else max(widest, 2 * held_width)
         host = torch.zeros((rows, width), dtype=torch.int32)
         for row, pages in enumerate(self._row_pages):
             host[row, :len(pages)] = torch.tensor(pages, dtype=torch.int32)

@@ -41,7 +41,9 @@ def _attend_page_tile(q_high, q_mid, q_low, maximum, total, acc, keys_ptr, value
                         slot_stride, first - page_start, local_end, slots, cols, col_mask, DOT_MODE, INTERPRETED)
 
 
-@triton.jit
+# The table's width and the pool's size vary from cache to cache: specialized (Triton compiles apart for
+# values divisible by 16), a graph's warm-up on a scratch cache might not compile what its capture runs.
+@triton.jit(do_not_specialize=["table_s0", "table_width", "n_pages"])
 def _paged_attend_kernel(
     q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, table_ptr, starts_ptr,
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
