@@ -3,10 +3,12 @@ the network already uses, through the same operations; and the paged decode kern
 (kernels/triton_paged_attention.py) against attention_decode_ (kernels/triton_attention.py) on the same
 K/V laid out contiguously. Without a GPU the kernels run in Triton's interpreter."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -133,7 +135,8 @@ def test_a_shared_snapshot_stays_valid_while_its_owner_is_fed():
 def test_growing_moves_no_page_and_removed_pages_are_reused():
     generator = torch.Generator().manual_seed(3)
     kv = PagedAttentionKV(2, N_KV, HEAD_DIM, torch.float32, "cpu", page_size=PAGE)
-    kv.write(torch.tensor([0, 0]), *random_tokens(generator, 2, 21, torch.float32))
+    tokens = random_tokens(generator, 2, 21, torch.float32)
+    kv.write(torch.tensor([0, 0]), *tokens)
     pages = kv.page_table[:2, :2].clone()
     held = [kv.page_pool[0][pages[row]].clone() for row in range(2)]
     pool_pages = [kv.page_pool[0].shape[0]]
@@ -152,6 +155,12 @@ def test_growing_moves_no_page_and_removed_pages_are_reused():
     kv.append(kv.select([0], 221), 0, 221)
     assert set(kv.page_table[1, :pages_held(kv, 1)].tolist()) <= freed
     assert kv.page_pool[0].shape[0] == pool_pages
+
+    # Told the rows hold 21 tokens at most, remove frees the pages far past them and the pool shrinks.
+    kv.remove(1, 221, 21)
+    assert kv.page_pool[0].shape[0] < pool_pages and kv.capacity < 221
+    for ours, written in zip(kv.view(21), tokens):
+        assert torch.equal(ours[0], written[1])
 
 
 def pages_held(kv, row):
@@ -180,6 +189,39 @@ def test_reserve_pins_the_pool_and_table_for_a_graph():
     for kv in (grown, scratch):
         kv.reserve(rows=2, tokens=128)
     assert grown.page_table.shape == scratch.page_table.shape == (2, 128 // PAGE)
+
+
+@torch.inference_mode()
+def test_only_make_room_reads_a_tensor_on_the_host():
+    """On a GPU a tensor read on the host waits for it: AttentionKV reads one in make_room (starts.max()),
+    the paged store reads `starts` there and nowhere else (page lists live on the host)."""
+    generator = torch.Generator().manual_seed(5)
+    kv = PagedAttentionKV(2, N_KV, HEAD_DIM, torch.float32, "cpu", page_size=PAGE)
+    reads = []
+
+    def spied(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(tensor, *args, **kwargs):
+            reads.append(name)
+            return original(tensor, *args, **kwargs)
+        return read
+
+    names = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "numpy")
+    with contextlib.ExitStack() as patches:
+        for name in names:
+            patches.enter_context(mock.patch.object(torch.Tensor, name, spied(name)))
+        kv.write(torch.tensor([0, 0]), *random_tokens(generator, 2, 20, torch.float32))
+        assert reads == ["tolist"]
+        kv.reserve(rows=4, tokens=64)
+        kv.append(kv.select([1], 20, capacity=30), 0, 20)
+        merged = PagedAttentionKV.merge([kv, kv.shared(20)], 20)
+        merged.remove(0, 20, 20)
+        merged.view(20)
+        PagedAttentionKV.empty_like(merged, 3)
+        assert reads == ["tolist"]
+        kv.make_room(torch.tensor([20, 20, 20]), 1)
+        assert reads == ["tolist", "tolist"]
 
 
 def test_bad_page_sizes_and_mixed_stores_give_a_clear_error():

@@ -233,9 +233,12 @@ class PagedAttentionKV:
     def merge(parts: list[PagedAttentionKV], length: int) -> PagedAttentionKV:
         """One store of all rows of `parts` in order, each with copies of its pages within `length` slots."""
         first = parts[0]
+
+        def layout(part):
+            return part.page_size, part._key_pool.shape[1:], part._key_pool.dtype
+
         for part in parts:
-            if not isinstance(part, PagedAttentionKV) or part.page_size != first.page_size \
-                    or part._key_pool.shape[1:] != first._key_pool.shape[1:] or part._key_pool.dtype != first._key_pool.dtype:
+            if not isinstance(part, PagedAttentionKV) or layout(part) != layout(first):
                 raise Qwen35Error("only paged K/V stores of one page size, shape and type can be merged")
         count = pages_for(length, first.page_size)
         sources = [(part, pages[:count]) for part in parts for pages in part._row_pages[:part.rows]]
