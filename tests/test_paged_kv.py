@@ -114,21 +114,27 @@ def test_the_same_tokens_as_attention_kv_through_every_operation(dtype):
 def test_a_shared_snapshot_stays_valid_while_its_owner_is_fed():
     generator = torch.Generator().manual_seed(2)
     owner = Twins.prefilled([21], torch.float32, generator)
+    owner.plain.reserve(tokens=40)
+    owner.paged.reserve(tokens=40)
     snapshot = Twins(owner.plain.shared(21), owner.paged.shared(21), [21])
-    pool_bytes = owner.paged.nbytes()
     assert snapshot.paged.page_pool[0] is owner.paged.page_pool[0]  # nothing copied
-    for _ in range(3):
-        owner.write(generator, 6)  # into the snapshot's last page, then new pages, the pool growing
-    owner.assert_same()
+    owner.write(generator, 3)  # into the page the snapshot ends in, past its slots
     snapshot.assert_same()
-    assert snapshot.paged.nbytes() >= pool_bytes  # it keeps its owner's old pool alive
-
-    restored = Twins(snapshot.plain.select([0], 21, capacity=40), snapshot.paged.select([0], 21, capacity=40), [21])
-    restored.write(generator, 4)
-    restored.assert_same()
     snapshot.write(generator, 2)  # fed itself, a snapshot copies its pages first
     snapshot.assert_same()
     owner.assert_same()
+
+    snapshot = Twins(owner.plain.shared(24), owner.paged.shared(24), [24])
+    pool_bytes = sum(pool.untyped_storage().nbytes() for pool in owner.paged.page_pool)
+    for _ in range(3):
+        owner.write(generator, 9)  # new pages, the pool growing
+    owner.assert_same()
+    snapshot.assert_same()
+    assert snapshot.paged.nbytes() >= pool_bytes  # it keeps its owner's old pool alive
+    restored = Twins(snapshot.plain.select([0], 24, capacity=40), snapshot.paged.select([0], 24, capacity=40), [24])
+    restored.write(generator, 4)
+    restored.assert_same()
+    snapshot.assert_same()
 
 
 @torch.inference_mode()

@@ -139,10 +139,10 @@ class PagedAttentionKV:
         """Pages for `length` more tokens after each row's `starts`."""
         if _capturing():
             return  # a graph's cache is given its pages before capture (engine/cuda_graphs.py)
+        self._own_pool()  # a snapshot's writes would land in its owner's pages
         needed = (starts[:self.rows] + length).tolist()  # the one device read, as AttentionKV's starts.max()
         if all(pages_for(tokens, self.page_size) <= len(pages) for tokens, pages in zip(needed, self._row_pages)):
             return
-        self._own_pool()
         for pages, tokens in zip(self._row_pages, needed):
             pages += self._take_pages(pages_for(tokens, self.page_size) - len(pages))
         self._upload_table()
