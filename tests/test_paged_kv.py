@@ -198,6 +198,25 @@ def test_reserve_pins_the_pool_and_table_for_a_graph():
 
 
 @torch.inference_mode()
+def test_rows_take_free_pages_in_place_when_they_fit():
+    """make_room_for (lengths the host knows) says whether the pool and the table stayed put: a graph
+    captured over them then stays valid, its rows' new pages written into the table in place."""
+    generator = torch.Generator().manual_seed(6)
+    kv = PagedAttentionKV(1, N_KV, HEAD_DIM, torch.float32, "cpu", capacity=64, page_size=PAGE)
+    short = PagedAttentionKV(1, N_KV, HEAD_DIM, torch.float32, "cpu", page_size=PAGE)
+    tokens = random_tokens(generator, 1, 10, torch.float32)
+    short.write(torch.tensor([0]), *tokens)
+    kv.append(short, 0, 10)  # row 1: one page of four the table has room for; the pool keeps spare pages
+    addresses = [t.data_ptr() for t in (*kv.page_pool, kv.page_table)]
+    assert kv.make_room_for([64, 60])
+    assert [t.data_ptr() for t in (*kv.page_pool, kv.page_table)] == addresses
+    assert pages_held(kv, 1) == 4 and kv.capacity == 64
+    assert torch.equal(kv.view(10)[0][1], tokens[0][0])
+    assert not kv.make_room_for([64, 200])  # past the table's width: a new table
+    assert torch.equal(kv.view(10)[0][1], tokens[0][0])
+
+
+@torch.inference_mode()
 def test_only_make_room_reads_a_tensor_on_the_host():
     """On a GPU a tensor read on the host waits for it: AttentionKV reads one in make_room (starts.max()),
     the paged store reads `starts` there and nowhere else (page lists live on the host)."""

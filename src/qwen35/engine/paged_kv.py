@@ -139,13 +139,20 @@ class PagedAttentionKV:
         """Pages for `length` more tokens after each row's `starts`."""
         if _capturing():
             return  # a graph's cache is given its pages before capture (engine/cuda_graphs.py)
+        self.make_room_for((starts[:self.rows] + length).tolist())  # the one device read, as AttentionKV's
+
+    def make_room_for(self, tokens: list[int]) -> bool:
+        """Pages for `tokens[b]` slots in row b, from lengths the host knows (a graph's decoder keeps them):
+        whether the pool and the table stayed where they were, so that a captured graph reading them is
+        still valid (the table's contents change in place)."""
         self._own_pool()  # a snapshot's writes would land in its owner's pages
-        needed = (starts[:self.rows] + length).tolist()  # the one device read, as AttentionKV's starts.max()
-        if all(pages_for(tokens, self.page_size) <= len(pages) for tokens, pages in zip(needed, self._row_pages)):
-            return
-        for pages, tokens in zip(self._row_pages, needed):
-            pages += self._take_pages(pages_for(tokens, self.page_size) - len(pages))
+        addresses = self._key_pool.data_ptr(), self._page_table.data_ptr()
+        if all(pages_for(count, self.page_size) <= len(pages) for count, pages in zip(tokens, self._row_pages)):
+            return True
+        for pages, count in zip(self._row_pages, tokens):
+            pages += self._take_pages(pages_for(count, self.page_size) - len(pages))
         self._upload_table()
+        return (self._key_pool.data_ptr(), self._page_table.data_ptr()) == addresses
 
     def write(self, starts: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put T new tokens of each row at that row's own offset: keys/values [B, T, n_kv, d]."""
