@@ -170,7 +170,7 @@ class RecordingMixer:
         mixer.qkv_proj = lambda h: seen.setdefault("qkv", project(h))
         mixer.o_proj = lambda gated: out_proj(seen.setdefault("gated", gated.clone()))
         try:
-            with mock.patch.object(network_module, "fast_ops", lambda: None):
+            with mock.patch.object(network_module, "fused_steps", lambda x: None):
                 result = mixer(x, kv, starts, rope, mask)
         finally:
             mixer.qkv_proj, mixer.o_proj = project, out_proj

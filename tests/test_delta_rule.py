@@ -223,7 +223,7 @@ def test_fast_layer_matches_plain_layer_over_prefill_and_decode(monkeypatch):
         return [layer(x, state) for x in inputs], state
 
     fast_outputs, fast_state = run()
-    monkeypatch.setattr(model_module, "fast_ops", lambda: None)
+    monkeypatch.setattr(model_module, "fused_steps", lambda x: None)
     plain_outputs, plain_state = run()
     for fast_out, plain_out in zip(fast_outputs, plain_outputs):
         torch.testing.assert_close(fast_out, plain_out, atol=1e-5, rtol=1e-4)

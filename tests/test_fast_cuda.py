@@ -73,11 +73,11 @@ def test_embedding_rows_are_bit_equal(fixtures):
 def gpu_paths_on_cpu(monkeypatch):
     """The model's GPU paths (fast_cuda's products, the Triton DeltaNet step and fused steps) taken by
     CPU tensors, in Triton's interpreter: what the GPU runs, checked where CI runs."""
-    from qwen35.model import qwen35 as network_module
+    from qwen35.model import fused
 
     if DEVICE != "cpu":
         pytest.skip("on a GPU, tests/test_cuda.py runs the model there")
-    monkeypatch.setattr(network_module, "GPU_DEVICE_TYPES", {"cuda", "cpu"})
+    monkeypatch.setattr(fused, "GPU_DEVICE_TYPES", {"cuda", "cpu"})
     monkeypatch.setattr(fast_cuda, "available", lambda: True)
     monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
     monkeypatch.setattr(quant_linear, "_FAST_EXPERT_KERNELS", {})

@@ -72,7 +72,7 @@ def plain_step(layer, x, starts, rope, keys, values):
     project = layer.qkv_proj
     layer.qkv_proj = lambda h: seen.setdefault("qkv", project(h))
     try:
-        with mock.patch.object(network_module, "fast_ops", lambda: None):
+        with mock.patch.object(network_module, "fused_steps", lambda x: None):
             gated = layer(x, kv, starts, rope, mask)
     finally:
         layer.qkv_proj = project

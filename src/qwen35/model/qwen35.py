@@ -21,12 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
-from qwen35.kernels import fast_cpu, fast_cuda
-from qwen35.kernels.delta_rule import fast_ops, gated_delta_rule
+from qwen35.kernels.delta_rule import gated_delta_rule
 from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup
+from qwen35.model import fused
 from qwen35.model.config import FULL_ATTENTION, ModelConfig
-
-L2_NORM_EPS = 1e-6
+from qwen35.model.fused import L2_NORM_EPS, fused_steps
 
 
 @dataclass(frozen=True)
@@ -133,42 +132,17 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), scale, eps)
 
 
-# Tensors on these device types take the GPU paths (Triton kernels). Tests add "cpu" to run those
-# paths in Triton's interpreter on a machine without a GPU (tests/test_fast_cuda.py).
-GPU_DEVICE_TYPES = {"cuda"}
-
-
-def on_gpu_path(x: torch.Tensor) -> bool:
-    return x.device.type in GPU_DEVICE_TYPES and fast_cuda.available()
-
-
-def gpu_steps(x: torch.Tensor):
-    """kernels/triton_decode.py (the steps between the matmuls, one launch each) where x takes the
-    GPU paths, else None."""
-    if not on_gpu_path(x):
-        return None
-    from qwen35.kernels import triton_decode
-
-    return triton_decode
-
-
 def layer_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """rms_norm as one C++ call (CPU) or one Triton launch (GPU) where those run (torch composes it of five ops)."""
-    gpu = gpu_steps(x)
-    if gpu is not None:
-        return gpu.rms_norm(x, scale, eps)
-    fast = fast_ops() if x.device.type == "cpu" else None
-    return fast.rms_norm(x.float(), scale, eps) if fast is not None else rms_norm(x, scale, eps)
+    """rms_norm as one fused call where one runs (torch composes it of five ops)."""
+    steps = fused_steps(x)
+    return steps.rms_norm(x, scale, eps) if steps is not None else rms_norm(x, scale, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, eps: float):
-    """(x + residual, rms_norm(x + residual)), one call where the kernels run."""
-    gpu = gpu_steps(x)
-    if gpu is not None:
-        return gpu.add_rms_norm(x, residual, scale, eps)
-    fast = fast_ops() if x.device.type == "cpu" else None
-    if fast is not None:
-        return fast.add_rms_norm(x.float(), residual.float(), scale, eps)
+    """(x + residual, rms_norm(x + residual)), one fused call where one runs."""
+    steps = fused_steps(x)
+    if steps is not None:
+        return steps.add_rms_norm(x, residual, scale, eps)
     x = x + residual
     return x, rms_norm(x, scale, eps)
 
@@ -208,8 +182,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention:
     """Gated full attention: per-head q/gate split, q/k norms, partial M-RoPE, GQA, sigmoid gate.
 
-    Decoding on the CPU, the steps between the matmuls are one C++ call; the lines after it are
-    its plain reference (tests/test_attention_decode.py pins them together)."""
+    Decoding, the steps between the matmuls are one fused call where one runs (model/fused.py);
+    the lines after it are its plain reference (tests/test_attention_decode.py and
+    tests/test_triton_attention.py pin them together)."""
 
     def __init__(self, c: ModelConfig, w: dict, prefix: str):
         self.c = c
@@ -221,21 +196,11 @@ class Attention:
         c = self.c
         batch, length, _ = x.shape
         q_gate, k, v = self.qkv_proj(x)
-        if length == 1 and on_gpu_path(x):  # decode: the same steps as Triton launches (kernels/triton_attention.py)
-            from qwen35.kernels.triton_attention import attention_decode_
-
+        steps = fused_steps(x) if length == 1 else None
+        if steps is not None:
             kv.make_room(starts, 1)
-            out = attention_decode_(
+            out = steps.attention_decode(
                 q_gate, k, v, self.q_norm, self.k_norm, *rope, *kv.storage, starts,
-                c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5,
-            )
-            return self.o_proj(out)
-        fast = fast_ops() if length == 1 and x.device.type == "cpu" else None
-        if fast is not None:  # decode: everything between the matmuls in one C++ call (csrc/attention_decode.cpp)
-            kv.make_room(starts, 1)
-            keys, values = kv.storage
-            out = fast.attention_decode(
-                q_gate.float(), k.float(), v.float(), self.q_norm, self.k_norm, *rope, keys, values, starts,
                 c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5,
             )
             return self.o_proj(out)
@@ -278,10 +243,10 @@ def _single_query_attention(q, keys, values, mask, scale):
 class GatedDeltaNet:
     """Linear attention with the gated delta rule, a short causal conv and a gated output norm.
 
-    `causal_conv`, `delta_rule_inputs` and `gated_norm` are the plain maths; where the fast CPU
-    kernels are available each runs as one C++ call instead (csrc/deltanet_cpu.cpp, pinned to
-    these methods by tests/test_delta_rule.py), and a decode step runs all of them and the
-    delta rule as one call (csrc/deltanet_decode.cpp, tests/test_deltanet_decode.py).
+    `causal_conv`, `delta_rule_inputs` and `gated_norm` are the plain maths. Where fused forms
+    run (model/fused.py), a decode step is one C++ call on the CPU or two Triton launches on a
+    GPU, and prefill fuses its steps too; tests/test_delta_rule.py, test_deltanet_decode.py and
+    test_triton_deltanet.py pin them to these methods.
     """
 
     def __init__(self, c: ModelConfig, w: dict, prefix: str):
@@ -338,49 +303,14 @@ class GatedDeltaNet:
         return out.reshape(batch, length, heads * dim)
 
     def __call__(self, x, state: DeltaNetState):
-        c = self.c
         projected, a, b, z = self.in_proj(x)
-        if x.shape[1] == 1 and on_gpu_path(x):
-            return self.out_proj(self._decode_on_gpu(projected, a, b, z, state))
-        fast = fast_ops() if x.device.type == "cpu" else None
-        if fast is not None and x.shape[1] == 1:  # decode: all of it in one call (csrc/deltanet_decode.cpp)
-            y, state.conv, state.recurrent = fast.deltanet_decode(
-                projected, a, b, z, state.conv, self.conv_weight, self.dt_bias, self.decay_rate, self.norm,
-                state.recurrent, c.linear_num_key_heads, c.linear_key_head_dim, c.linear_num_value_heads,
-                c.linear_value_head_dim, c.value_head_order == "grouped", L2_NORM_EPS, c.rms_norm_eps,
-            )
-            return self.out_proj(y)
-        if fast is None:
-            q, k, v, g, beta = self.delta_rule_inputs(self.causal_conv(projected, state), a, b)
-        else:
-            mixed, state.conv = fast.causal_conv_silu(projected, state.conv, self.conv_weight)
-            q, k, v, g, beta = fast.deltanet_inputs(
-                mixed, a, b, self.dt_bias, self.decay_rate, c.linear_num_key_heads, c.linear_key_head_dim,
-                c.linear_num_value_heads, c.linear_value_head_dim, c.value_head_order == "grouped", L2_NORM_EPS,
-            )
-        if on_gpu_path(x):  # the chunk loop as one Triton launch (kernels/triton_chunked.py)
-            from qwen35.kernels.triton_chunked import chunked_delta_rule
-
-            out, state.recurrent = chunked_delta_rule(q, k, v, g, beta, state.recurrent)
-        else:
-            out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
-        if fast is None:
-            return self.out_proj(self.gated_norm(out, z))
-        return self.out_proj(fast.gated_rms_norm(out, z, self.norm, c.rms_norm_eps))
-
-
-    def _decode_on_gpu(self, projected, a, b, z, state: DeltaNetState) -> torch.Tensor:
-        """One token per row as Triton kernels (kernels/triton_deltanet.py) that update the state in place."""
-        from qwen35.kernels.triton_deltanet import deltanet_decode_
-
-        c = self.c
-        if not state.in_place:  # a snapshot may hold these tensors: write into copies
-            state.conv, state.recurrent = state.conv.clone(), state.recurrent.clone()
-        return deltanet_decode_(
-            projected, a, b, z, state.conv, self.conv_weight, self.dt_bias, self.decay_rate, self.norm,
-            state.recurrent, c.linear_num_key_heads, c.linear_key_head_dim, c.linear_num_value_heads,
-            c.linear_value_head_dim, c.value_head_order == "grouped", L2_NORM_EPS, c.rms_norm_eps,
-        )
+        steps = fused_steps(x)
+        if steps is not None:
+            run = steps.deltanet_decode if x.shape[1] == 1 else steps.deltanet_prefill
+            return self.out_proj(run(self, projected, a, b, z, state))
+        q, k, v, g, beta = self.delta_rule_inputs(self.causal_conv(projected, state), a, b)
+        out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        return self.out_proj(self.gated_norm(out, z))
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -398,20 +328,20 @@ class MLP:
         self.gate_up_proj = LinearGroup(self.gate_proj, self.up_proj)
 
     def __call__(self, x):
-        if x.device.type == "cpu":  # one C++ call where the weights are packed (fast_cpu.dense_mlp)
-            fused = fast_cpu.dense_mlp(x.reshape(-1, x.shape[-1]).float(), self.gate_proj, self.up_proj, self.down_proj)
-            if fused is not None:
-                return fused.reshape(*x.shape[:-1], -1)
+        steps = fused_steps(x)
+        out = steps.mlp(self, x) if steps is not None else None
+        if out is not None:
+            return out
         gate, up = self.gate_up_proj(x)
-        gpu = gpu_steps(x)
-        return self.down_proj(gpu.silu_mul(gate, up) if gpu is not None else F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class SparseMoE:
     """Softmax router, top-k renormalised, plus a sigmoid-gated shared expert.
 
-    With packed fast weights on the CPU, everything after the router is one C++ call
-    (fast_cpu.sparse_moe); the lines below are its plain reference."""
+    Where fused forms run (model/fused.py), everything after the router is one C++ call on the
+    CPU (packed weights) or a few Triton launches on a GPU; `_routed`'s plain lines are their
+    reference."""
 
     def __init__(self, c: ModelConfig, w: dict, prefix: str):
         self.top_k = c.num_experts_per_tok
@@ -432,21 +362,11 @@ class SparseMoE:
         return self._routed(x, logits, with_shared=True).reshape(shape)
 
     def _routed(self, x, logits, with_shared: bool):
+        steps = fused_steps(x)
+        out = steps.moe(self, x, logits, with_shared) if steps is not None else None
+        if out is not None:
+            return out
         shared = self.shared is not None and with_shared
-        gpu = gpu_steps(x)
-        if gpu is not None:  # the same maths as below, in fewer launches (kernels/triton_decode.py)
-            top_weights, top_experts = gpu.moe_route(logits, self.top_k)
-            gate, up = self.gates_ups(x, top_experts)
-            down = self.downs(gpu.silu_mul(gate, up), top_experts)
-            if shared:
-                return gpu.moe_combine(down, top_weights, self.shared(x), x, self.shared_gate)
-            return gpu.moe_combine(down, top_weights)
-        if x.device.type == "cpu":
-            layers = (self.shared.gate_proj, self.shared.up_proj, self.shared.down_proj) if shared else None
-            fused = fast_cpu.sparse_moe(x, logits, self.top_k, (self.gates, self.ups, self.downs), layers,
-                                        self.shared_gate if shared else None)
-            if fused is not None:
-                return fused
         probs = logits.softmax(dim=-1)
         top_weights, top_experts = probs.topk(self.top_k, dim=-1)
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
@@ -515,12 +435,12 @@ class Qwen35Network(nn.Module):
         """Layers that read one input share one block tensor per block type (LinearGroup/ExpertGroup.fuse),
         on the GPU layers: fewer, larger launches per step there. The CPU's kernels group by themselves."""
         for layer in self.layers:
-            if layer.device.type not in GPU_DEVICE_TYPES:
+            if layer.device.type not in fused.GPU_DEVICE_TYPES:
                 continue
             mixer, mlp = layer.mixer, layer.mlp
             groups = [mixer.qkv_proj if layer.is_attention else mixer.in_proj]
             if isinstance(mlp, SparseMoE):
-                if mlp.gates.blocks.device.type in GPU_DEVICE_TYPES:
+                if mlp.gates.blocks.device.type in fused.GPU_DEVICE_TYPES:
                     groups.append(mlp.gates_ups)
                 if mlp.shared is not None:
                     groups.append(mlp.shared.gate_up_proj)
@@ -551,7 +471,7 @@ class Qwen35Network(nn.Module):
         for layer_type, layer in zip(c.layer_types, self.layers):
             device = layer.device
             if layer_type == FULL_ATTENTION:
-                on_gpu = gpu_kv_dtype is not None and device.type in GPU_DEVICE_TYPES
+                on_gpu = gpu_kv_dtype is not None and device.type in fused.GPU_DEVICE_TYPES
                 layers.append(AttentionKV(batch_size, c.num_key_value_heads, c.head_dim,
                                           gpu_kv_dtype if on_gpu else dtype, device))
             else:

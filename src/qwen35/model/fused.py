@@ -1,0 +1,133 @@
+"""The network's steps fused per device, behind one interface.
+
+`fused_steps(x)` gives the fused forms for the device `x` is on: the C++ calls on the CPU
+(kernels/csrc, through torch.ops.qwen35_ggml and kernels/fast_cpu.py) or the Triton launches
+on a GPU (kernels/triton_*.py); None where neither runs, and then the model file's plain maths
+runs. That plain maths is each fused form's reference (the tests pin them together). A
+method may also return None to decline one call (the CPU's MLP kernels need packed weights).
+
+Both forms of a step take the same arguments. They differ in what they leave behind: the CPU's
+DeltaNet step gives new state tensors, the GPU's writes them in place (a CUDA graph replays over
+fixed addresses), into copies unless the cache is pinned (`DeltaNetState.in_place`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen35.kernels import fast_cpu, fast_cuda
+from qwen35.kernels.delta_rule import fast_ops, gated_delta_rule
+
+# Tensors on these device types take the GPU's steps. Tests add "cpu" to run them in Triton's
+# interpreter on a machine without a GPU (tests/test_fast_cuda.py).
+GPU_DEVICE_TYPES = {"cuda"}
+L2_NORM_EPS = 1e-6
+
+
+def fused_steps(x: torch.Tensor):
+    if x.device.type in GPU_DEVICE_TYPES and fast_cuda.available():
+        return GPU_STEPS
+    if x.device.type == "cpu" and fast_ops() is not None:
+        return CPU_STEPS
+    return None
+
+
+def _deltanet_shape(c) -> tuple:
+    return (c.linear_num_key_heads, c.linear_key_head_dim, c.linear_num_value_heads, c.linear_value_head_dim,
+            c.value_head_order == "grouped")
+
+
+class CpuSteps:
+    """One C++ call per step (csrc/layer_ops.cpp, attention_decode.cpp, deltanet_*.cpp, mlp_cpu.cpp)."""
+
+    def rms_norm(self, x, scale, eps):
+        return fast_ops().rms_norm(x.float(), scale, eps)
+
+    def add_rms_norm(self, x, residual, scale, eps):
+        return fast_ops().add_rms_norm(x.float(), residual.float(), scale, eps)
+
+    def attention_decode(self, q_gate, k, v, *rest):
+        return fast_ops().attention_decode(q_gate.float(), k.float(), v.float(), *rest)
+
+    def deltanet_decode(self, layer, projected, a, b, z, state):
+        c = layer.c
+        y, state.conv, state.recurrent = fast_ops().deltanet_decode(
+            projected, a, b, z, state.conv, layer.conv_weight, layer.dt_bias, layer.decay_rate, layer.norm,
+            state.recurrent, *_deltanet_shape(c), L2_NORM_EPS, c.rms_norm_eps,
+        )
+        return y
+
+    def deltanet_prefill(self, layer, projected, a, b, z, state):
+        c = layer.c
+        ops = fast_ops()
+        mixed, state.conv = ops.causal_conv_silu(projected, state.conv, layer.conv_weight)
+        n_k, d_k, n_v, d_v, grouped = _deltanet_shape(c)
+        q, k, v, g, beta = ops.deltanet_inputs(mixed, a, b, layer.dt_bias, layer.decay_rate, n_k, d_k, n_v, d_v,
+                                               grouped, L2_NORM_EPS)
+        out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        return ops.gated_rms_norm(out, z, layer.norm, c.rms_norm_eps)
+
+    def mlp(self, mlp, x):
+        fused = fast_cpu.dense_mlp(x.reshape(-1, x.shape[-1]).float(), mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        return None if fused is None else fused.reshape(*x.shape[:-1], -1)
+
+    def moe(self, moe, x, logits, with_shared: bool):
+        shared = moe.shared is not None and with_shared
+        layers = (moe.shared.gate_proj, moe.shared.up_proj, moe.shared.down_proj) if shared else None
+        return fast_cpu.sparse_moe(x, logits, moe.top_k, (moe.gates, moe.ups, moe.downs), layers,
+                                   moe.shared_gate if shared else None)
+
+
+class GpuSteps:
+    """One or two Triton launches per step (kernels/triton_*.py); products through fast_cuda's kernels."""
+
+    @staticmethod
+    def _kernels():
+        from qwen35.kernels import triton_decode
+
+        return triton_decode
+
+    def rms_norm(self, x, scale, eps):
+        return self._kernels().rms_norm(x, scale, eps)
+
+    def add_rms_norm(self, x, residual, scale, eps):
+        return self._kernels().add_rms_norm(x, residual, scale, eps)
+
+    def attention_decode(self, *args):
+        from qwen35.kernels.triton_attention import attention_decode_
+
+        return attention_decode_(*args)
+
+    def deltanet_decode(self, layer, projected, a, b, z, state):
+        from qwen35.kernels.triton_deltanet import deltanet_decode_
+
+        c = layer.c
+        if not state.in_place:  # a snapshot may hold these tensors: write into copies
+            state.conv, state.recurrent = state.conv.clone(), state.recurrent.clone()
+        return deltanet_decode_(
+            projected, a, b, z, state.conv, layer.conv_weight, layer.dt_bias, layer.decay_rate, layer.norm,
+            state.recurrent, *_deltanet_shape(c), L2_NORM_EPS, c.rms_norm_eps,
+        )
+
+    def deltanet_prefill(self, layer, projected, a, b, z, state):
+        from qwen35.kernels.triton_chunked import chunked_delta_rule
+
+        q, k, v, g, beta = layer.delta_rule_inputs(layer.causal_conv(projected, state), a, b)
+        out, state.recurrent = chunked_delta_rule(q, k, v, g, beta, state.recurrent)
+        return layer.gated_norm(out, z)
+
+    def mlp(self, mlp, x):
+        gate, up = mlp.gate_up_proj(x)
+        return mlp.down_proj(self._kernels().silu_mul(gate, up))
+
+    def moe(self, moe, x, logits, with_shared: bool):
+        kernels = self._kernels()
+        top_weights, top_experts = kernels.moe_route(logits, moe.top_k)
+        gate, up = moe.gates_ups(x, top_experts)
+        down = moe.downs(kernels.silu_mul(gate, up), top_experts)
+        if moe.shared is not None and with_shared:
+            return kernels.moe_combine(down, top_weights, moe.shared(x), x, moe.shared_gate)
+        return kernels.moe_combine(down, top_weights)
+
+
+CPU_STEPS, GPU_STEPS = CpuSteps(), GpuSteps()
