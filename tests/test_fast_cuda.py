@@ -108,7 +108,7 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     group = first.gates_ups if name == "moe" else first.gate_up_proj
     assert group.fused is not None  # gate and up read in one launch
     cache = model.make_cache(1)
-    assert cache.layers[model.config.layer_types.index("full_attention")].storage[0].dtype == torch.bfloat16
+    assert cache.layers[model.config.layer_types.index("full_attention")].page_pool[0].dtype == torch.bfloat16
     prefill = model.forward(torch.tensor([ids[:split]]), cache)[0].numpy()
     pinned = cache.select([0])
     decoded = np.stack([model.forward(torch.tensor([[t]]), cache)[0, -1].numpy() for t in ids[split:]])

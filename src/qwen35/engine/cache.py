@@ -188,6 +188,12 @@ class AttentionKV:
             values[:self.rows, :longest] = self._values[:self.rows, :longest]
             self._keys, self._values = keys, values
 
+    @staticmethod
+    def empty_like(kv: AttentionKV, reserve_rows: int = 1) -> AttentionKV:
+        """No rows, storage for `reserve_rows` rows of no slots, shaped like `kv`'s."""
+        shape = (max(reserve_rows, 1), 0, *kv._keys.shape[2:])
+        return AttentionKV._wrap(kv._keys.new_zeros(shape), kv._values.new_zeros(shape), rows=0)
+
     def shared(self, length: int) -> AttentionKV:
         """The first row's first `length` slots, not copied: valid while its owner only appends."""
         return AttentionKV._wrap(self._keys[:1, :length], self._values[:1, :length])
@@ -197,7 +203,8 @@ class AttentionKV:
 
 
 class HybridCache:
-    """Per-layer states (DeltaNetState or AttentionKV) plus per-row token counts and positions.
+    """Per-layer states (DeltaNetState, or AttentionKV / PagedAttentionKV (engine/paged_kv.py) with one
+    interface) plus per-row token counts and positions.
 
     Its tensors are made and written in inference mode (the model's forward runs in it, and an
     inference tensor can only be written in place there), so are the row operations."""
@@ -259,7 +266,7 @@ class HybridCache:
             if isinstance(first, DeltaNetState):
                 layers.append(DeltaNetState.merge(parts))
             else:
-                layers.append(AttentionKV.merge(parts, length))
+                layers.append(type(first).merge(parts, length))
         return HybridCache(
             layers, torch.cat([c.lengths for c in caches]), torch.cat([c.next_positions for c in caches])
         )
@@ -274,10 +281,8 @@ class HybridCache:
         for layer in cache.layers:
             if isinstance(layer, DeltaNetState):
                 layers.append(DeltaNetState(layer.conv[:0].clone(), layer.recurrent[:0].clone()))
-            else:
-                shape = (max(reserve_rows, 1), 0, *layer._keys.shape[2:])
-                kv = AttentionKV._wrap(layer._keys.new_zeros(shape), layer._values.new_zeros(shape), rows=0)
-                layers.append(kv)
+            else:  # AttentionKV, or engine/paged_kv.py's PagedAttentionKV
+                layers.append(type(layer).empty_like(layer, reserve_rows))
         return HybridCache(layers, cache.lengths[:0].clone(), cache.next_positions[:0].clone())
 
     @torch.inference_mode()
@@ -285,7 +290,7 @@ class HybridCache:
         """K/V storage for `rows` rows of `tokens` slots, so that appends and prefills up to that size
         do not move the K/V already held."""
         for layer in self.layers:
-            if isinstance(layer, AttentionKV):
+            if not isinstance(layer, DeltaNetState):
                 layer.reserve(rows, tokens)
 
     @torch.inference_mode()

@@ -46,8 +46,9 @@ class CpuSteps:
     def add_rms_norm(self, x, residual, scale, eps):
         return fast_ops().add_rms_norm(x.float(), residual.float(), scale, eps)
 
-    def attention_decode(self, q_gate, k, v, *rest):
-        return fast_ops().attention_decode(q_gate.float(), k.float(), v.float(), *rest)
+    def attention_decode(self, kv, q_gate, k, v, q_norm, k_norm, cos, sin, *rest):
+        return fast_ops().attention_decode(q_gate.float(), k.float(), v.float(), q_norm, k_norm, cos, sin,
+                                           *kv.storage, *rest)
 
     def deltanet_decode(self, layer, projected, a, b, z, state):
         c = layer.c
@@ -93,10 +94,15 @@ class GpuSteps:
     def add_rms_norm(self, x, residual, scale, eps):
         return self._kernels().add_rms_norm(x, residual, scale, eps)
 
-    def attention_decode(self, *args):
+    def attention_decode(self, kv, q_gate, k, v, q_norm, k_norm, cos, sin, *rest):
+        if hasattr(kv, "page_table"):  # engine/paged_kv.py
+            from qwen35.kernels.triton_paged_attention import paged_attention_decode_
+
+            return paged_attention_decode_(q_gate, k, v, q_norm, k_norm, cos, sin, *kv.page_pool, kv.page_table,
+                                           *rest)
         from qwen35.kernels.triton_attention import attention_decode_
 
-        return attention_decode_(*args)
+        return attention_decode_(q_gate, k, v, q_norm, k_norm, cos, sin, *kv.storage, *rest)
 
     def deltanet_decode(self, layer, projected, a, b, z, state):
         from qwen35.kernels.triton_deltanet import deltanet_decode_

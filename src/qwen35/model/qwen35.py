@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
+from qwen35.engine.paged_kv import PagedAttentionKV
 from qwen35.kernels.delta_rule import gated_delta_rule
 from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup
 from qwen35.model import fused
@@ -200,7 +201,7 @@ class Attention:
         if steps is not None:
             kv.make_room(starts, 1)
             out = steps.attention_decode(
-                q_gate, k, v, self.q_norm, self.k_norm, *rope, *kv.storage, starts,
+                kv, q_gate, k, v, self.q_norm, self.k_norm, *rope, starts,
                 c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5,
             )
             return self.o_proj(out)
@@ -465,15 +466,17 @@ class Qwen35Network(nn.Module):
     def make_cache(self, batch_size: int = 1, dtype: torch.dtype = torch.float32,
                    gpu_kv_dtype: torch.dtype | None = None) -> HybridCache:
         """Each layer's state on that layer's device; the lengths where the token ids go in.
-        `gpu_kv_dtype`: the K/V storage of layers on a GPU, if not `dtype`."""
+        `gpu_kv_dtype`: the K/V storage of layers on a GPU (paged there), if not `dtype`."""
         c = self.config
         layers = []
         for layer_type, layer in zip(c.layer_types, self.layers):
             device = layer.device
             if layer_type == FULL_ATTENTION:
-                on_gpu = gpu_kv_dtype is not None and device.type in fused.GPU_DEVICE_TYPES
-                layers.append(AttentionKV(batch_size, c.num_key_value_heads, c.head_dim,
-                                          gpu_kv_dtype if on_gpu else dtype, device))
+                if device.type in fused.GPU_DEVICE_TYPES:  # pages: rows grow without moving K/V
+                    layers.append(PagedAttentionKV(batch_size, c.num_key_value_heads, c.head_dim,
+                                                   gpu_kv_dtype or dtype, device))
+                else:
+                    layers.append(AttentionKV(batch_size, c.num_key_value_heads, c.head_dim, dtype, device))
             else:
                 layers.append(DeltaNetState(
                     torch.zeros(batch_size, c.linear_conv_dim, c.linear_conv_kernel - 1, dtype=dtype, device=device),
