@@ -146,6 +146,65 @@ def _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at, 
 
 
 @triton.jit
+def _new_token(q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, q_gate_s0, k_s0, v_s0,
+               cos_s0, sin_s0, row64, kv_head, eps, qk_scale, GROUP: tl.constexpr, D: tl.constexpr,
+               ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BF16_STORAGE: tl.constexpr):
+    """The group's query heads [BLOCK_G, BLOCK_D] (normed, rotated, scaled; padding rows zeros) and the
+    new token's K and V as the cache stores them."""
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < D
+    half: tl.constexpr = ROTARY // 2
+    rotary_mask = cols < ROTARY
+    partner = tl.where(cols < half, cols + half, tl.where(rotary_mask, cols - half, cols))
+    cos = tl.load(cos_ptr + row64 * cos_s0 + cols, mask=rotary_mask, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + row64 * sin_s0 + cols, mask=rotary_mask, other=0.0).to(tl.float32)
+    sign_sin = tl.where(cols < half, -sin, sin)
+
+    group_rows = tl.arange(0, BLOCK_G)
+    group_mask = group_rows < GROUP
+    heads = kv_head * GROUP + group_rows
+    q_at = q_gate_ptr + row64 * q_gate_s0 + heads * (2 * D)
+    q = _norm_rotate(q_at, group_mask, q_norm_ptr, cols, partner, col_mask, cos, sign_sin, D, eps) * qk_scale
+    one_row = tl.arange(0, 1)
+    k_at = k_ptr + row64 * k_s0 + kv_head * D + one_row
+    k_new = _norm_rotate(k_at, one_row < 1, k_norm_ptr, cols, partner, col_mask, cos, sign_sin, D, eps)
+    v_new = tl.load(v_ptr + row64 * v_s0 + kv_head * D + cols, mask=col_mask, other=0.0).to(tl.float32)
+    storage_type: tl.constexpr = keys_ptr.dtype.element_ty
+    k_stored = _to_storage(k_new, storage_type, BF16_STORAGE)  # [1, BLOCK_D]
+    v_stored = _to_storage(v_new, storage_type, BF16_STORAGE)
+    return cols, col_mask, group_mask, heads, q, k_stored, v_stored
+
+
+@triton.jit
+def _softmax_start(q, k_stored, v_stored, owns_new_token, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Split 0's softmax begins with the new token, the others' with nothing: (maximum, total, acc)."""
+    new_score = tl.sum(q * k_stored.to(tl.float32), axis=1)
+    maximum = tl.where(owns_new_token, new_score, float("-inf"))
+    total = tl.where(owns_new_token, 1.0, 0.0) + tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.where(owns_new_token, v_stored.to(tl.float32)[None, :], 0.0) + tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    return maximum, total, acc
+
+
+@triton.jit
+def _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0, row64, split,
+            heads, group_mask, cols, col_mask, maximum, total, acc, N_KV: tl.constexpr, GROUP: tl.constexpr,
+            D: tl.constexpr, SPLITS: tl.constexpr):
+    """One split: the gated output, or its partial softmax for the merge."""
+    head_rows = row64 * (N_KV * GROUP) + heads  # (row, query head) pairs
+    tile_mask = group_mask[:, None] & col_mask[None, :]
+    if SPLITS == 1:
+        gate_at = q_gate_ptr + row64 * q_gate_s0 + heads[:, None] * (2 * D) + D + cols[None, :]
+        gate = tl.load(gate_at, mask=tile_mask, other=0.0).to(tl.float32)
+        out = acc / total[:, None] * tl.sigmoid(gate)
+        tl.store(out_ptr + head_rows[:, None] * D + cols[None, :], out, mask=tile_mask)
+    else:
+        pieces = head_rows * SPLITS + split
+        tl.store(partial_acc_ptr + pieces[:, None] * D + cols[None, :], acc, mask=tile_mask)
+        tl.store(partial_max_ptr + pieces, maximum, mask=group_mask)
+        tl.store(partial_sum_ptr + pieces, total, mask=group_mask)
+
+
+@triton.jit
 def _attend_kernel(
     q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, starts_ptr,
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
@@ -164,39 +223,16 @@ def _attend_kernel(
     start_in_range = (start >= 0) & (start < capacity)
     cached = tl.minimum(tl.maximum(start, 0), capacity).to(tl.int32)
 
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < D
-    half: tl.constexpr = ROTARY // 2
-    rotary_mask = cols < ROTARY
-    partner = tl.where(cols < half, cols + half, tl.where(rotary_mask, cols - half, cols))
-    cos = tl.load(cos_ptr + row64 * cos_s0 + cols, mask=rotary_mask, other=1.0).to(tl.float32)
-    sin = tl.load(sin_ptr + row64 * sin_s0 + cols, mask=rotary_mask, other=0.0).to(tl.float32)
-    sign_sin = tl.where(cols < half, -sin, sin)
-
-    # The group's query heads [BLOCK_G, BLOCK_D] (padding rows are zeros) and the new K, V.
-    group_rows = tl.arange(0, BLOCK_G)
-    group_mask = group_rows < GROUP
-    heads = kv_head * GROUP + group_rows
-    q_at = q_gate_ptr + row64 * q_gate_s0 + heads * (2 * D)
-    q = _norm_rotate(q_at, group_mask, q_norm_ptr, cols, partner, col_mask, cos, sign_sin, D, eps) * qk_scale
-    one_row = tl.arange(0, 1)
-    k_at = k_ptr + row64 * k_s0 + kv_head * D + one_row
-    k_new = _norm_rotate(k_at, one_row < 1, k_norm_ptr, cols, partner, col_mask, cos, sign_sin, D, eps)
-    v_new = tl.load(v_ptr + row64 * v_s0 + kv_head * D + cols, mask=col_mask, other=0.0).to(tl.float32)
-    storage_type: tl.constexpr = keys_ptr.dtype.element_ty
-    k_stored = _to_storage(k_new, storage_type, BF16_STORAGE)  # [1, BLOCK_D]
-    v_stored = _to_storage(v_new, storage_type, BF16_STORAGE)
+    cols, col_mask, group_mask, heads, q, k_stored, v_stored = _new_token(
+        q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, q_gate_s0, k_s0, v_s0, cos_s0,
+        sin_s0, row64, kv_head, eps, qk_scale, GROUP, D, ROTARY, BLOCK_G, BLOCK_D, BF16_STORAGE)
     row_at = row64 * cache_s0 + kv_head * cache_s2
     slot_at = row_at + start * cache_s1 + cols
     owns_new_token = split == 0
     tl.store(keys_ptr + slot_at[None, :], k_stored, mask=(col_mask & start_in_range & owns_new_token)[None, :])
     tl.store(values_ptr + slot_at, v_stored, mask=col_mask & start_in_range & owns_new_token)
 
-    # Split 0's softmax begins with the new token, the others' with nothing.
-    new_score = tl.sum(q * k_stored.to(tl.float32), axis=1)
-    maximum = tl.where(owns_new_token, new_score, float("-inf"))
-    total = tl.where(owns_new_token, 1.0, 0.0) + tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.where(owns_new_token, v_stored.to(tl.float32)[None, :], 0.0) + tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    maximum, total, acc = _softmax_start(q, k_stored, v_stored, owns_new_token, BLOCK_G, BLOCK_D)
 
     # This split's share of the cached slots 0 .. start - 1, whole tiles of them.
     share = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_N) * BLOCK_N
@@ -217,18 +253,8 @@ def _attend_kernel(
             maximum, total, acc = _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at,
                                                cache_s1, begin + offset, end, slots, cols, col_mask, DOT_MODE, True)
 
-    head_rows = row64 * (N_KV * GROUP) + heads  # (row, query head) pairs
-    tile_mask = group_mask[:, None] & col_mask[None, :]
-    if SPLITS == 1:
-        gate_at = q_gate_ptr + row64 * q_gate_s0 + heads[:, None] * (2 * D) + D + cols[None, :]
-        gate = tl.load(gate_at, mask=tile_mask, other=0.0).to(tl.float32)
-        out = acc / total[:, None] * tl.sigmoid(gate)
-        tl.store(out_ptr + head_rows[:, None] * D + cols[None, :], out, mask=tile_mask)
-    else:
-        pieces = head_rows * SPLITS + split
-        tl.store(partial_acc_ptr + pieces[:, None] * D + cols[None, :], acc, mask=tile_mask)
-        tl.store(partial_max_ptr + pieces, maximum, mask=group_mask)
-        tl.store(partial_sum_ptr + pieces, total, mask=group_mask)
+    _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0, row64, split,
+            heads, group_mask, cols, col_mask, maximum, total, acc, N_KV, GROUP, D, SPLITS)
 
 
 @triton.jit

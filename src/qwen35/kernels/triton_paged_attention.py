@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from qwen35.kernels.triton_attention import (
-    _LOG2_E, _attend_config, _attend_tile, _check_inputs, _merge_kernel, _norm_rotate, _sm_count, _split_bf16,
-    _to_storage, split_count,
+    _LOG2_E, _attend_config, _attend_tile, _check_inputs, _finish, _merge_kernel, _new_token, _sm_count,
+    _softmax_start, _split_bf16, split_count,
 )
 from qwen35.kernels.triton_checks import require
 
@@ -63,27 +63,9 @@ def _paged_attend_kernel(
     cached = tl.minimum(tl.maximum(start, 0), capacity).to(tl.int32)
     table_row_at = table_ptr + row64 * table_s0
 
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < D
-    half: tl.constexpr = ROTARY // 2
-    rotary_mask = cols < ROTARY
-    partner = tl.where(cols < half, cols + half, tl.where(rotary_mask, cols - half, cols))
-    cos = tl.load(cos_ptr + row64 * cos_s0 + cols, mask=rotary_mask, other=1.0).to(tl.float32)
-    sin = tl.load(sin_ptr + row64 * sin_s0 + cols, mask=rotary_mask, other=0.0).to(tl.float32)
-    sign_sin = tl.where(cols < half, -sin, sin)
-
-    group_rows = tl.arange(0, BLOCK_G)
-    group_mask = group_rows < GROUP
-    heads = kv_head * GROUP + group_rows
-    q_at = q_gate_ptr + row64 * q_gate_s0 + heads * (2 * D)
-    q = _norm_rotate(q_at, group_mask, q_norm_ptr, cols, partner, col_mask, cos, sign_sin, D, eps) * qk_scale
-    one_row = tl.arange(0, 1)
-    k_at = k_ptr + row64 * k_s0 + kv_head * D + one_row
-    k_new = _norm_rotate(k_at, one_row < 1, k_norm_ptr, cols, partner, col_mask, cos, sign_sin, D, eps)
-    v_new = tl.load(v_ptr + row64 * v_s0 + kv_head * D + cols, mask=col_mask, other=0.0).to(tl.float32)
-    storage_type: tl.constexpr = keys_ptr.dtype.element_ty
-    k_stored = _to_storage(k_new, storage_type, BF16_STORAGE)  # [1, BLOCK_D]
-    v_stored = _to_storage(v_new, storage_type, BF16_STORAGE)
+    cols, col_mask, group_mask, heads, q, k_stored, v_stored = _new_token(
+        q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, q_gate_s0, k_s0, v_s0, cos_s0,
+        sin_s0, row64, kv_head, eps, qk_scale, GROUP, D, ROTARY, BLOCK_G, BLOCK_D, BF16_STORAGE)
 
     # The new token goes to slot start % P of the row's page start // P (split 0 writes it; nobody reads it).
     owns_new_token = split == 0
@@ -94,10 +76,7 @@ def _paged_attend_kernel(
     tl.store(keys_ptr + slot_at[None, :], k_stored, mask=(col_mask & writes)[None, :])
     tl.store(values_ptr + slot_at, v_stored, mask=col_mask & writes)
 
-    new_score = tl.sum(q * k_stored.to(tl.float32), axis=1)
-    maximum = tl.where(owns_new_token, new_score, float("-inf"))
-    total = tl.where(owns_new_token, 1.0, 0.0) + tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.where(owns_new_token, v_stored.to(tl.float32)[None, :], 0.0) + tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    maximum, total, acc = _softmax_start(q, k_stored, v_stored, owns_new_token, BLOCK_G, BLOCK_D)
 
     share = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_N) * BLOCK_N
     begin = split * share
@@ -118,18 +97,8 @@ def _paged_attend_kernel(
                 q_high, q_mid, q_low, maximum, total, acc, keys_ptr, values_ptr, table_row_at, head_at, pool_s0,
                 pool_s1, n_pages, begin + offset, end, slots, cols, col_mask, P, DOT_MODE, True)
 
-    head_rows = row64 * (N_KV * GROUP) + heads
-    tile_mask = group_mask[:, None] & col_mask[None, :]
-    if SPLITS == 1:
-        gate_at = q_gate_ptr + row64 * q_gate_s0 + heads[:, None] * (2 * D) + D + cols[None, :]
-        gate = tl.load(gate_at, mask=tile_mask, other=0.0).to(tl.float32)
-        out = acc / total[:, None] * tl.sigmoid(gate)
-        tl.store(out_ptr + head_rows[:, None] * D + cols[None, :], out, mask=tile_mask)
-    else:
-        pieces = head_rows * SPLITS + split
-        tl.store(partial_acc_ptr + pieces[:, None] * D + cols[None, :], acc, mask=tile_mask)
-        tl.store(partial_max_ptr + pieces, maximum, mask=group_mask)
-        tl.store(partial_sum_ptr + pieces, total, mask=group_mask)
+    _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0, row64, split,
+            heads, group_mask, cols, col_mask, maximum, total, acc, N_KV, GROUP, D, SPLITS)
 
 
 def _check_paged_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, key_pool, value_pool, page_table, starts,
