@@ -4,16 +4,13 @@ the network already uses, through the same operations; and the paged decode kern
 K/V laid out contiguously. Without a GPU the kernels run in Triton's interpreter."""
 
 import contextlib
-import json
-import os
-import subprocess
-import sys
 from unittest import mock
 
 import pytest
 import torch
 
 from conftest import triton_devices
+from sm90 import run_compile_script
 
 from qwen35.engine.cache import AttentionKV
 from qwen35.engine.paged_kv import PagedAttentionKV
@@ -401,44 +398,21 @@ def test_bad_pools_and_tables_give_a_clear_error(kernels, device):
         paged_attention_decode_(*step, pool, pool, table, starts.int(), *shape_args)
 
 
-# Compiles the paged kernel for an H100 (sm_90) with Triton's own compiler, no GPU needed: the interpreter
-# never runs the GPU's branch (the loop to a loaded bound, each tile's page id loaded in it). Run apart,
-# without TRITON_INTERPRET, which swaps the kernels for interpreted ones when they are defined.
+# The paged kernel's GPU-only branch (each tile's page id loaded in a loop to a loaded bound),
+# compiled for an H100 (tests/sm90.py).
 SM90_COMPILE = r"""
-import json, os, re, subprocess, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
+import torch
+from sm90 import compile_report
 from qwen35.kernels import triton_attention as ta, triton_paged_attention as tpa
 
 ALIGNED = {"q_gate_s0", "k_s0", "v_s0", "pool_s0", "pool_s1", "pool_s2"}  # what torch's tensors give
 results = {}
 for storage, pointer, splits in ((torch.bfloat16, "*bf16", 32), (torch.float16, "*fp16", 1)):
     constants, _ = ta._attend_config(16, 2, 256, 64, storage, 4096, splits)
-    num_warps = constants.pop("num_warps")
     constants["P"] = 64
-    fn = tpa._paged_attend_kernel
     pointers = {"keys_ptr": pointer, "values_ptr": pointer, "starts_ptr": "*i64", "table_ptr": "*i32"}
-    signature, attrs = {}, {}
-    for index, name in enumerate(fn.arg_names):
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = pointers.get(name, "*fp32")
-        else:
-            signature[name] = "fp32" if name in ("eps", "qk_scale") else "i32"
-        if name.endswith("_ptr") or name in ALIGNED:
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    constexprs = {(fn.arg_names.index(name),): value for name, value in constants.items()}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
-    results[pointer] = {"stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
-                        "mma": sorted(set(re.findall(r"mma\.sync\S*", kernel.asm["ptx"])))}
+    results[pointer] = compile_report(tpa._paged_attend_kernel, constants, pointers, ALIGNED)
 print(json.dumps(results))
 """
 
@@ -446,15 +420,7 @@ print(json.dumps(results))
 def test_the_paged_kernel_compiles_for_sm90_without_spilling():
     """The 35B model's shapes (16 query heads, 2 kv heads of 256, 64 rotated) in pages of 64: a bf16 pool
     split 32 ways (bf16 tensor cores) and an fp16 pool in one launch (tf32x3); neither may spill."""
-    triton = pytest.importorskip("triton")
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(tools, tool)) for tool in ("ptxas", "cuobjdump")):
-        pytest.skip("Triton's NVIDIA tools (ptxas, cuobjdump) are not installed")
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], capture_output=True, text=True, env=environment,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_compile_script(SM90_COMPILE)
     assert {name: result["stack"] for name, result in results.items()} == {"*bf16": 0, "*fp16": 0}
     assert results["*bf16"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"]
     assert results["*fp16"]["mma"] == ["mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"]

@@ -4,10 +4,6 @@ apply_rotary, AttentionKV.write, _single_query_attention, the sigmoid gate), fed
 qkv_proj (column slices of one output) and RotaryEmbedding. Without a GPU the kernels run in Triton's
 interpreter."""
 
-import json
-import os
-import subprocess
-import sys
 from unittest import mock
 
 import pytest
@@ -15,7 +11,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import triton_devices  # noqa: E402
+from conftest import triton_devices
+from sm90 import run_compile_script  # noqa: E402
 
 from qwen35.engine.cache import AttentionKV  # noqa: E402
 from qwen35.errors import Qwen35Error  # noqa: E402
@@ -220,67 +217,32 @@ def test_bad_inputs_give_a_clear_error(device):
         call(k_norm=args["k_norm"][:16])
 
 
-# Compiles the kernels for an H100 (sm_90) with Triton's own compiler, no GPU needed: the interpreter never
-# runs the GPU's branches (the loop to a loaded bound, bf16 tensor-core products). Run apart, without
-# TRITON_INTERPRET, which swaps the kernels for interpreted ones when they are defined.
+# The GPU-only branches compiled for an H100 (tests/sm90.py).
 SM90_COMPILE = r"""
-import json, os, re, subprocess, sys, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
+import torch
+from sm90 import compile_report
 from qwen35.kernels import triton_attention as ta
 
-# What Triton's launcher assumes of torch's tensors: 16-byte aligned pointers, strides that are multiples of 16.
 ALIGNED = {"q_gate_s0", "k_s0", "v_s0", "cache_s0", "cache_s1", "cache_s2"}
-
-def compile_for_sm90(fn, constants, pointer_types):
-    constants = dict(constants)
-    num_warps = constants.pop("num_warps")
-    signature, attrs = {}, {}
-    for index, name in enumerate(fn.arg_names):
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = pointer_types.get(name, "*fp32")
-        else:
-            signature[name] = "fp32" if name in ("eps", "qk_scale") else "i32"
-        if name.endswith("_ptr") or name in ALIGNED:
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    constexprs = {(fn.arg_names.index(name),): value for name, value in constants.items()}
-    kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    return {"stack": stack, "mma": sorted(set(re.findall(r"mma\.sync\S*", kernel.asm["ptx"])))}
-
 results = {}
 for storage, pointer, splits in ((torch.bfloat16, "*bf16", 32), (torch.float16, "*fp16", 1)):
     attend, merge = ta._attend_config(16, 2, 256, 64, storage, 4096, splits)
     pointers = {"keys_ptr": pointer, "values_ptr": pointer, "starts_ptr": "*i64"}
-    results[pointer] = compile_for_sm90(ta._attend_kernel, attend, pointers)
+    results[pointer] = compile_report(ta._attend_kernel, attend, pointers, ALIGNED)
     if splits > 1:
-        results["merge"] = compile_for_sm90(ta._merge_kernel, merge, {})
+        results["merge"] = compile_report(ta._merge_kernel, merge, {}, ALIGNED)
 print(json.dumps(results))
 """
+
+
 
 
 def test_the_gpu_kernels_compile_for_sm90_without_spilling():
     """The 35B model's shapes (16 query heads, 2 kv heads of 256, 64 rotated): a bf16 cache split 32 ways
     (launch 1 on bf16 tensor cores, launch 2) and an fp16 cache in one launch (tf32x3), each compiled with
     the tiles and warps a call would use; none may keep a stack (spilled registers)."""
-    triton = pytest.importorskip("triton")
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(tools, tool)) for tool in ("ptxas", "cuobjdump")):
-        pytest.skip("Triton's NVIDIA tools (ptxas, cuobjdump) are not installed")
-    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", SM90_COMPILE], capture_output=True, text=True, env=environment,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_compile_script(SM90_COMPILE)
     assert {name: result["stack"] for name, result in results.items()} == {"*bf16": 0, "*fp16": 0, "merge": 0}
     assert results["*bf16"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"]
     assert results["*fp16"]["mma"] == ["mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"]

@@ -371,6 +371,15 @@ def _attend_config(n_q, n_kv, head_dim, rotary_dim, storage_dtype, capacity, spl
     return attend, merge
 
 
+def _partials(out: torch.Tensor, n_q: int, head_dim: int, splits: int):
+    """Each split's softmax pieces for the merge (with one split, nothing: `out` stands in, untouched)."""
+    if splits == 1:
+        return out, out, out
+    pieces = out.shape[0] * n_q * splits
+    partial_max = torch.empty(pieces, dtype=torch.float32, device=out.device)
+    return torch.empty(pieces, head_dim, dtype=torch.float32, device=out.device), partial_max, torch.empty_like(partial_max)
+
+
 def _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim, eps, scale,
             splits, block_n=None, num_warps=None, dot_mode=None):
     """The two launches (one with a single split), inputs already checked."""
@@ -380,12 +389,7 @@ def _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n
     out = torch.empty(batch, 1, n_q * head_dim, dtype=torch.float32, device=device)
     if batch == 0:
         return out
-    if splits > 1:
-        partial_acc = torch.empty(batch * n_q * splits, head_dim, dtype=torch.float32, device=device)
-        partial_max = torch.empty(batch * n_q * splits, dtype=torch.float32, device=device)
-        partial_sum = torch.empty_like(partial_max)
-    else:
-        partial_acc = partial_max = partial_sum = out  # not touched
+    partial_acc, partial_max, partial_sum = _partials(out, n_q, head_dim, splits)
     _attend_kernel[(batch * n_kv, splits)](
         q_gate, k, v, q_norm.contiguous(), k_norm.contiguous(), cos, sin, keys, values, starts, out,
         partial_acc, partial_max, partial_sum,

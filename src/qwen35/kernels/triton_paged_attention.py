@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from qwen35.kernels.triton_attention import (
-    _LOG2_E, _attend_config, _attend_tile, _check_inputs, _finish, _merge_kernel, _new_token, _sm_count,
+    _LOG2_E, _attend_config, _attend_tile, _check_inputs, _finish, _merge_kernel, _new_token, _partials, _sm_count,
     _softmax_start, _split_bf16, split_count,
 )
 from qwen35.kernels.triton_checks import require
@@ -145,12 +145,7 @@ def _launch_paged(q_gate, k, v, q_norm, k_norm, cos, sin, key_pool, value_pool, 
     out = torch.empty(batch, 1, n_q * head_dim, dtype=torch.float32, device=device)
     if batch == 0:
         return out
-    if splits > 1:
-        partial_acc = torch.empty(batch * n_q * splits, head_dim, dtype=torch.float32, device=device)
-        partial_max = torch.empty(batch * n_q * splits, dtype=torch.float32, device=device)
-        partial_sum = torch.empty_like(partial_max)
-    else:
-        partial_acc = partial_max = partial_sum = out  # not touched
+    partial_acc, partial_max, partial_sum = _partials(out, n_q, head_dim, splits)
     _paged_attend_kernel[(batch * n_kv, splits)](
         q_gate, k, v, q_norm.contiguous(), k_norm.contiguous(), cos, sin, key_pool, value_pool, page_table, starts,
         out, partial_acc, partial_max, partial_sum,
