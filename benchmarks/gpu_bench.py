@@ -131,6 +131,24 @@ def decode_speed(model, batch: int, steps: int, context: int, generator, graphs:
     return batch * steps / seconds
 
 
+def planner_estimate(path: Path, context: int) -> dict:
+    """What `qwen35 plan` predicts for this file on this machine's GPU, to hold against the measurement."""
+    from qwen35.plan.advisor import evaluate
+    from qwen35.plan.estimator import Request
+    from qwen35.plan.hardware import build_hardware
+    from qwen35.plan.sources import load_gguf
+
+    try:
+        loaded = load_gguf([str(path)])
+        speed = evaluate(loaded.spec, loaded.weights, loaded.mix, Request(ctx=max(context, 4096)),
+                         build_hardware()).speed
+    except Exception as error:  # an unknown card: the measurement stands alone
+        return {"planner_error": f"{type(error).__name__}: {error}"}
+    if speed is None:
+        return {}
+    return {"planner_decode_tok/s": speed.decode_tok_s, "planner_prefill_tok/s": speed.prefill_tok_s}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--size", default="35b-a3b")
@@ -179,6 +197,7 @@ def main(argv=None) -> int:
     for batch in args.batch:
         results[f"decode_b{batch}_tok/s"] = decode_speed(model, batch, args.steps, args.context, generator, graphs)
         print(f"decode graphs b{batch}: {results[f'decode_b{batch}_tok/s']:.1f} tok/s", flush=True)
+    results.update(planner_estimate(path, args.context))
     floor = per_token / bandwidth
     results["roofline_b1"] = results["decode_b1_tok/s"] * floor if "decode_b1_tok/s" in results else None
     results["peak_gpu_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9 if graphs else 0.0
@@ -189,6 +208,9 @@ def main(argv=None) -> int:
     print(f"| decode, batch 1, eager | {results['decode_eager_b1_tok/s']:.1f} tok/s |")
     for batch in args.batch:
         print(f"| decode, batch {batch}, {'CUDA graph' if graphs else 'eager'} | {results[f'decode_b{batch}_tok/s']:.1f} tok/s |")
+    if results.get("planner_decode_tok/s"):
+        print(f"| the planner's estimate for this card: decode / prefill | "
+              f"{results['planner_decode_tok/s']:.1f} / {results['planner_prefill_tok/s']:.0f} tok/s |")
     if results["roofline_b1"] is not None:
         print(f"| batch-1 decode vs roofline ({per_token / 1e9:.2f} GB/token) | {100 * results['roofline_b1']:.0f}% |")
     if args.json:
