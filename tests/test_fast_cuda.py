@@ -114,10 +114,12 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     decoded = np.stack([model.forward(torch.tensor([[t]]), cache)[0, -1].numpy() for t in ids[split:]])
     # The same steps over a cache pinned as a CUDA graph pins it (fixed K/V span, states and counters
     # updated in place), run eagerly: what a capture records.
-    from qwen35.engine.cuda_graphs import _pin
+    from qwen35.engine.cuda_graphs import _page_slots, _pin
 
     with torch.inference_mode():
         _pin(pinned, 64)
+    assert _page_slots(pinned) == 64  # one page of 64 slots: the span the graph's warm-up copies
+    with torch.inference_mode():
         replayed = np.stack([model.network(torch.tensor([[t]]), pinned)[0, -1].numpy() for t in ids[split:]])
     assert pinned.lengths.tolist() == [length]
     np.testing.assert_allclose(replayed, decoded, rtol=0, atol=1e-4)

@@ -52,7 +52,7 @@ class GraphDecoder:
         with torch.inference_mode():
             _pin(cache, capacity)
             cache.lengths, cache.next_positions = cache.lengths.clone(), cache.next_positions.clone()
-        _warm_up(self.model, cache.batch_size, capacity)
+        _warm_up(self.model, cache, capacity)
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
             self.logits = self.model.network(self.token_ids, cache)
@@ -93,18 +93,26 @@ def _pin(cache: HybridCache, capacity: int) -> None:
     cache.static_length = capacity
 
 
-_warmed: set[tuple[int, int, int]] = set()
+_warmed: set[tuple] = set()
 
 
-def _warm_up(model, batch_size: int, capacity: int) -> None:
-    """Run the step eagerly on a scratch cache pinned like the real one: Triton compiles its kernels for
-    these shapes and cuBLAS makes its handles there; neither may happen inside a capture."""
-    key = (id(model.network), batch_size, capacity)
+def _page_slots(cache: HybridCache) -> int:
+    """The slots a paged K/V table spans (its width decides the attention kernel's split count), or 0."""
+    return max((layer.page_table.shape[1] * layer.page_pool[0].shape[1] for layer in cache.layers
+                if hasattr(layer, "page_table")), default=0)
+
+
+def _warm_up(model, cache: HybridCache, capacity: int) -> None:
+    """Run the step eagerly on a scratch cache pinned like `cache`: Triton compiles its kernels for these
+    shapes and cuBLAS makes its handles there; neither may happen inside a capture."""
+    batch_size, span = cache.batch_size, max(capacity, _page_slots(cache))
+    key = (id(model.network), batch_size, capacity, span)
     if key in _warmed:
         return
     with torch.inference_mode():
         scratch = model.make_cache(batch_size)
         _pin(scratch, capacity)
+        scratch.reserve(rows=batch_size, tokens=span)  # as wide a page table as the real one's
         tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
