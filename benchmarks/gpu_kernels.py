@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     for type_id, rows, width in GEMV_SHAPES:
         for m in (1, 8):
             record(f"gemv {type_id.name} {rows}x{width} M={m}", triton_gguf.benchmark_gemv(int(type_id), rows, width, rows=m))
+    for m in (1, 2, 4, 8, 16):  # where fast_cuda.GEMV_MAX_ROWS should sit
+        record(f"Q4_K 8192x2048 M={m}: gemv vs dequantize + cuBLAS", gemv_or_dequantize(m))
     if not args.quick:
         record("grouped experts 4096 tokens", triton_moe.benchmark())
         record("chunked delta rule 8K", triton_chunked.benchmark())
@@ -43,6 +45,26 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
+
+
+def gemv_or_dequantize(m: int, rows: int = 8192, width: int = 2048) -> dict:
+    """fast_cuda.matmul's two paths for m rows of x over one Q4_K weight, timed (median of do_bench, ms)."""
+    import torch
+    import triton
+
+    from qwen35.kernels import fast_cuda, triton_gguf
+
+    blocks = triton_gguf.random_blocks(int(T.Q4_K), (rows,), width, device="cuda")
+    x = torch.randn(m, width, device="cuda")
+    gemv = triton.testing.do_bench(lambda: triton_gguf.gemv(blocks, int(T.Q4_K), x, width), return_mode="median")
+    saved = fast_cuda.GEMV_MAX_ROWS
+    fast_cuda.GEMV_MAX_ROWS = 0
+    try:
+        dense = triton.testing.do_bench(lambda: fast_cuda.matmul(blocks, int(T.Q4_K), x, width, rows),
+                                        return_mode="median")
+    finally:
+        fast_cuda.GEMV_MAX_ROWS = saved
+    return {"gemv_ms": gemv, "dequantize_cublas_ms": dense}
 
 
 def _plain(value) -> bool:
