@@ -4,8 +4,8 @@ A decode step is hundreds of small kernels. Launched one by one from Python, the
 launch costs exceed their run time on a GPU; a captured graph replays them with none
 of that. A graph reads and writes fixed addresses, so `GraphDecoder` first pins the
 cache it decodes into:
-- K/V storage gets its whole capacity up front, and attention spans all of it (slots
-  past a row's length are masked), so no shape depends on the lengths;
+- K/V gets its whole capacity up front (pages, on GPU layers), so no shape or address
+  depends on the lengths; attention reads each row's own length on the device;
 - DeltaNet states are updated in place (the cache's own copies: a snapshot may have
   shared the old tensors), and the lengths and positions are advanced in place;
 - the token ids go in through a fixed buffer, the logits come out of another.
