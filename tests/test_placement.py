@@ -97,3 +97,19 @@ def test_device_flags_without_a_gpu(fixtures, capsys):
         resolve_device("gpu0")
     with pytest.raises(Qwen35Error, match="negative"):
         load_options(parser.parse_args(["--n-cpu-moe", "-2"]), model)
+
+
+def test_a_gpu_too_small_is_one_clear_error(configs, monkeypatch):
+    """Weights that do not fit: a Qwen35Error naming the flags that split the model, not a CUDA traceback."""
+    from torch import nn
+
+    from qwen35.kernels.quant_linear import QuantLinear
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(nn.Module, "to", out_of_memory)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 << 30, 24 << 30))
+    weights = {"embed_tokens": QuantLinear.from_dense(torch.zeros(4, 8))}
+    with pytest.raises(Qwen35Error, match=r"does not fit the GPU's memory \(2.0 of 24.0 GiB free\).*-ngl"):
+        Split(CUDA).place(configs["dense"], weights, {})

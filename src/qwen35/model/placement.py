@@ -79,7 +79,17 @@ class Split:
         """The weights moved to their devices. A module shared by two names that land on two devices
         (a tied embedding and lm_head) gets a copy on the second. `release(tensor)` is called with the
         file bytes a module leaves behind on the CPU (to drop the map's pages: they are not read again);
-        `progress(done, total)` with the bytes moved to a GPU so far."""
+        `progress(done, total)` with the bytes moved to a GPU so far. A GPU too small is a Qwen35Error."""
+        try:
+            return self._place(config, weights, mtp, release, progress)
+        except torch.OutOfMemoryError:
+            free, total = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else (0, 0)
+            raise Qwen35Error(
+                f"the model does not fit the GPU's memory ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free): "
+                "keep part of it in RAM with -ngl N or --n-cpu-moe N (`qwen35 plan` shows a split that fits)"
+            ) from None
+
+    def _place(self, config, weights: dict, mtp: dict, release, progress) -> tuple[dict, dict]:
         placed_on: dict[int, torch.device] = {}
         moving = [w for group in (weights, mtp) for name, w in group.items()
                   if isinstance(w, nn.Module) and self.device_of(config, name).type != "cpu"]
