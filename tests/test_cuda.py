@@ -149,12 +149,15 @@ def test_split_models_prefill_and_decode_like_exact(fixtures, name, split):
     assert mean_kl(exact[split_at:], decoded) <= 1.15 * mean_kl(exact[split_at:], native)
 
 
-def test_the_server_engine_decodes_a_batch_on_cuda_like_solo_generation(fixtures):
+def test_the_server_engine_decodes_a_batch_on_cuda_like_solo_generation(fixtures, monkeypatch):
     """EngineService's running batch through the CUDA-graph decoder (captured again as rows come and go)."""
     import asyncio
 
+    from qwen35.engine import service as service_module
     from qwen35.engine.generate import resolve_sampling
     from qwen35.engine.service import EngineService, GenerationRequest
+
+    monkeypatch.setattr(service_module, "GRAPH_AFTER_STEADY_STEPS", 1)  # capture early: the test's batches are short
 
     model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", device="cuda")
     ids = _prompt(fixtures, "moe")

@@ -144,6 +144,12 @@ class PrefixJob:
 JOB_PIECE_S = 0.025  # a prefix job's piece of prefill takes about this long (at least one forward)
 
 
+# Decode steps a batch runs eagerly with unchanged rows before its step is captured in a CUDA graph:
+# capturing costs about as much as a few dozen eager steps, so a batch whose rows change every few
+# tokens (clients coming and going) is not recaptured at each change.
+GRAPH_AFTER_STEADY_STEPS = 8
+
+
 class EngineService:
     """Continuous batching over `model.forward` with a bounded queue and a prefix store."""
 
@@ -160,6 +166,7 @@ class EngineService:
         self._job_piece = min(16, prefill_chunk)  # tokens per prefix-job piece, adapted to the prefill speed
         self._batch_cache = None
         self._decoder = None  # on a GPU: a CUDA-graph decoder over _batch_cache while its rows stay the same
+        self._steady_steps = 0  # decode steps since the batch's rows last changed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -368,12 +375,16 @@ class EngineService:
         one replay of a captured step, captured again when the batch's rows change)."""
         from qwen35.engine.cuda_graphs import GraphDecoder, graphs_supported
 
-        if self._decoder is not None and {id(s) for s in sequences} != {id(m) for m in self._batch}:
-            self._decoder.release()
-            self._decoder = None
+        if {id(s) for s in sequences} != {id(m) for m in self._batch}:
+            self._steady_steps = 0
+            if self._decoder is not None:
+                self._decoder.release()
+                self._decoder = None
         self._regroup(sequences)
         ids = torch.tensor([[member.output_ids[-1]] for member in self._batch], dtype=torch.long)
-        if self._decoder is None and graphs_supported(self.model):
+        self._steady_steps += 1
+        # A capture costs many steps' time: only a batch that has kept its rows for a while gets one.
+        if self._decoder is None and self._steady_steps > GRAPH_AFTER_STEADY_STEPS and graphs_supported(self.model):
             longest = int(self._batch_cache.lengths.max())
             self._decoder = GraphDecoder(self.model, self._batch_cache, -(-(longest + 256) // 256) * 256)
         if self._decoder is not None:
