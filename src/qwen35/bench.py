@@ -123,9 +123,7 @@ def time_prefill(model, prompt, all_logits: bool = False) -> float:
     """
     import torch
 
-    from qwen35.model.api import GPU_PREFILL_CHUNK, PREFILL_CHUNK
-
-    chunk = GPU_PREFILL_CHUNK if model.device.type == "cuda" else PREFILL_CHUNK
+    chunk = model.prefill_chunk
     cache = model.make_cache(1)
     _synchronize(model)
     started = time.perf_counter()

@@ -391,8 +391,9 @@ class ChatSession:
 
         network = getattr(self.model, "network", None)
         with torch.inference_mode():
-            for start in range(0, len(token_ids), DEFAULT_PREFILL_CHUNK):
-                chunk = torch.tensor([token_ids[start:start + DEFAULT_PREFILL_CHUNK]], dtype=torch.long)
+            step = getattr(self.model, "prefill_chunk", DEFAULT_PREFILL_CHUNK)
+            for start in range(0, len(token_ids), step):
+                chunk = torch.tensor([token_ids[start:start + step]], dtype=torch.long)
                 if network is None:
                     self.model.forward(chunk, cache)
                 else:

@@ -99,7 +99,7 @@ def generation_steps(
     token_ids,
     params: SamplingParams,
     tokenizer=None,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefill_chunk: int | None = None,
     images=None,
     cache=None,
 ) -> Iterator[Generation]:
@@ -119,6 +119,8 @@ def generation_steps(
     prepared = model.prepare_prompt(prompt, images) if images else None
     if prepared is not None:
         prompt = prepared.token_ids
+    if prefill_chunk is None:  # the model's own: longer pieces on a GPU
+        prefill_chunk = getattr(model, "prefill_chunk", DEFAULT_PREFILL_CHUNK)
     if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
         raise Qwen35Error(f"prefill_chunk must be a whole number >= 1, got {prefill_chunk!r}")
     if params.stop and tokenizer is None:
@@ -246,7 +248,7 @@ def stream_generations(
     token_ids,
     max_new_tokens: int | None = None,
     tokenizer=None,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefill_chunk: int | None = None,
     images=None,
     **sampling,
 ) -> Iterator[Generation]:
@@ -260,7 +262,7 @@ def stream_generate(
     token_ids,
     max_new_tokens: int | None = None,
     tokenizer=None,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefill_chunk: int | None = None,
     images=None,
     **sampling,
 ) -> Iterator[int]:
@@ -274,7 +276,7 @@ def generate(
     token_ids,
     max_new_tokens: int | None = None,
     tokenizer=None,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefill_chunk: int | None = None,
     images=None,
     **sampling,
 ) -> list[int]:
@@ -287,7 +289,7 @@ def generate_result(
     token_ids,
     max_new_tokens: int | None = None,
     tokenizer=None,
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    prefill_chunk: int | None = None,
     images=None,
     **sampling,
 ) -> GenerationResult:

@@ -35,6 +35,11 @@ class Model:
         self.device = torch.device("cpu")
         self._source = source  # keeps the GGUF memory map (or safetensors handles) open
 
+    @property
+    def prefill_chunk(self) -> int:
+        """Tokens a prompt goes through the network at once."""
+        return GPU_PREFILL_CHUNK if self.device.type == "cuda" else PREFILL_CHUNK
+
     def make_cache(self, batch_size: int = 1) -> HybridCache:
         if batch_size < 1:
             raise Qwen35Error(f"batch size must be at least 1, got {batch_size}")
@@ -58,7 +63,7 @@ class Model:
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise Qwen35Error(f"token ids must lie in 0..{self.config.vocab_size - 1}")
         pieces = []
-        chunk = GPU_PREFILL_CHUNK if self.device.type == "cuda" else PREFILL_CHUNK
+        chunk = self.prefill_chunk
         for start in range(0, input_ids.shape[1], chunk):
             stop = start + chunk
             piece_positions = None if positions is None else positions[:, :, start:stop]
