@@ -180,3 +180,18 @@ def test_the_server_engine_decodes_a_batch_on_cuda_like_solo_generation(fixtures
             service.close()
 
     assert asyncio.run(served()) == solo
+
+
+def test_bench_and_its_flags_on_the_gpu(fixtures, capsys):
+    """`qwen35 bench` on the GPU (device auto), and split with -ngl: llama-bench's counts, the card as the
+    backend, the GPU's copy bandwidth as the roofline."""
+    import json as json_module
+
+    from qwen35.cli import main
+
+    model = fixtures / "tiny" / "moe-Q4_K_M.gguf"
+    for extra in ([], ["-ngl", "2"]):
+        assert main(["bench", str(model), "-p", "64", "-n", "16", "-r", "1", "--json", *extra]) == 0
+        report = json_module.loads(capsys.readouterr().out)
+        assert report["backend"].startswith("CUDA") and report["pp_tok_s"] > 0 and report["tg_tok_s"] > 0
+        assert report["bandwidth_bytes_s"] > 1e11  # an HBM copy, not the CPU's read probe
