@@ -269,11 +269,22 @@ def _result(args, path, model, threads, pp_samples, tg_samples, bandwidth, peak_
         "tg_roofline_tok_s": roofline,
         "tg_roofline_fraction": tg / roofline if tg and roofline else None,
         "torch": torch.__version__,
-        "backend": (f"CUDA {torch.cuda.get_device_name(model.device)}" if model.device.type == "cuda"
-                    else f"torch {torch.backends.cpu.get_cpu_capability()}"),
+        "backend": _backend(model),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }
+
+
+def _backend(model) -> str:
+    """The card, or the CPU's vector extensions, or both for a split model (-ngl / --n-cpu-moe)."""
+    import torch
+
+    devices = model.network.devices
+    gpus = sorted({torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"})
+    cpu = f"torch {torch.backends.cpu.get_cpu_capability()}"
+    if not gpus:
+        return cpu
+    return " + ".join([f"CUDA {name}" for name in gpus] + (["CPU"] if any(d.type == "cpu" for d in devices) else []))
 
 
 def _model_bytes(path: Path) -> int:
