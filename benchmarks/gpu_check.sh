@@ -5,7 +5,7 @@
 # and triton; packages it lacks travel as wheels in .gpu/whl, the fixtures it needs in
 # .gpu/fixtures (or QWEN35_FIXTURES): benchmarks/gpu_prepare.sh gathers both here, and the
 # device tool carries them (carry: [".gpu"]). Logs and the benchmark's JSON go to $OUT (or /tmp).
-# Extra arguments go to gpu_bench.py.
+# Extra arguments go to gpu_bench.py; WITH_KERNELS=1 adds gpu_kernels.py --quick at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/qwen35-gpu-check}"
@@ -29,5 +29,9 @@ tests=${PIPESTATUS[0]}
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/gpu_bench.py --size 35b-a3b --type Q4_K_M --batch 1 8 \
     --json "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
+if [ -n "${WITH_KERNELS:-}" ]; then  # each kernel's own timings, for tuning launch shapes (about a minute)
+    timeout "${KERNELS_TIMEOUT:-120}" python3 benchmarks/gpu_kernels.py --quick --json "$out/kernels.json" 2>&1 \
+        | tee "$out/kernels.log"
+fi
 echo "tests exit $tests, benchmark exit $bench"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
