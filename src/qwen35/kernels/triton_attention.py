@@ -205,6 +205,26 @@ def _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_p
 
 
 @triton.jit
+def _split_range(cached, split, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This split's share of the cached slots 0 .. cached - 1, in whole tiles: (begin, end, tile slots)."""
+    share = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_N) * BLOCK_N
+    begin = split * share
+    end = tl.minimum(begin + share, cached)
+    slots = tl.arange(0, BLOCK_N)
+    return begin, end, slots
+
+
+@triton.jit
+def _query_parts(q, DOT_MODE: tl.constexpr):
+    """q as the dot mode multiplies it: three bf16 parts for split_bf16, else q itself three times."""
+    if DOT_MODE == "split_bf16":
+        q_high, q_mid, q_low = _split_bf16(q)
+    else:
+        q_high, q_mid, q_low = q, q, q
+    return q_high, q_mid, q_low
+
+
+@triton.jit
 def _attend_kernel(
     q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, starts_ptr,
     out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
@@ -235,15 +255,9 @@ def _attend_kernel(
     maximum, total, acc = _softmax_start(q, k_stored, v_stored, owns_new_token, BLOCK_G, BLOCK_D)
 
     # This split's share of the cached slots 0 .. start - 1, whole tiles of them.
-    share = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_N) * BLOCK_N
-    begin = split * share
-    end = tl.minimum(begin + share, cached)
-    slots = tl.arange(0, BLOCK_N)
+    begin, end, slots = _split_range(cached, split, SPLITS, BLOCK_N)
     keys_at, values_at = keys_ptr + row_at, values_ptr + row_at
-    if DOT_MODE == "split_bf16":
-        q_high, q_mid, q_low = _split_bf16(q)
-    else:
-        q_high, q_mid, q_low = q, q, q
+    q_high, q_mid, q_low = _query_parts(q, DOT_MODE)
     if INTERPRETED_SPAN == 0:
         for first in tl.range(begin, end, BLOCK_N):
             maximum, total, acc = _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at,

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 
 from qwen35.kernels.triton_attention import (
-    _LOG2_E, _attend_config, _attend_tile, _check_inputs, _finish, _merge_kernel, _new_token, _partials, _sm_count,
-    _softmax_start, _split_bf16, split_count,
+    _LOG2_E, _attend_config, _attend_tile, _check_inputs, _finish, _merge_kernel, _new_token, _partials,
+    _query_parts, _sm_count, _softmax_start, _split_range, split_count,
 )
 from qwen35.kernels.triton_checks import require
 
@@ -78,14 +78,8 @@ def _paged_attend_kernel(
 
     maximum, total, acc = _softmax_start(q, k_stored, v_stored, owns_new_token, BLOCK_G, BLOCK_D)
 
-    share = tl.cdiv(tl.cdiv(cached, SPLITS), BLOCK_N) * BLOCK_N
-    begin = split * share
-    end = tl.minimum(begin + share, cached)
-    slots = tl.arange(0, BLOCK_N)
-    if DOT_MODE == "split_bf16":
-        q_high, q_mid, q_low = _split_bf16(q)
-    else:
-        q_high, q_mid, q_low = q, q, q
+    begin, end, slots = _split_range(cached, split, SPLITS, BLOCK_N)
+    q_high, q_mid, q_low = _query_parts(q, DOT_MODE)
     if INTERPRETED_SPAN == 0:
         for first in tl.range(begin, end, BLOCK_N):
             maximum, total, acc = _attend_page_tile(
