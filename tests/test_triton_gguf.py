@@ -205,3 +205,79 @@ def test_gemv_over_several_row_programs(device, qtype):
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(11))
     ours = triton_gguf.gemv(blocks.to(device), qtype, x.to(device), 256)
     assert_within_bound(ours, x, reference_weight(blocks, qtype, 256))
+
+
+# ---------------------------------------------------------------- SwiGLU input, split-K
+
+
+def _silu_times_up(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("qtype", (T.Q4_K, T.Q6_K), ids=lambda t: t.name)
+@pytest.mark.parametrize("m", (1, 3))
+def test_gemv_takes_gate_and_up_for_a_down_projection(device, qtype, m):
+    in_features = 512
+    blocks = weight_blocks(qtype, (37,), in_features, seed=12)
+    gate_up = torch.randn(m, 2 * in_features, generator=torch.Generator().manual_seed(13)) * 2
+    ours = triton_gguf.gemv(blocks.to(device), qtype, gate_up.to(device), in_features, swiglu=True)
+    assert_within_bound(ours, _silu_times_up(gate_up), reference_weight(blocks, qtype, in_features))
+
+
+def test_expert_gemv_takes_gate_and_up_per_slot(device):
+    n_experts, out_features, in_features = 4, 19, 256
+    blocks = weight_blocks(T.Q6_K, (n_experts, out_features), in_features, seed=14)
+    weights = reference_weight(blocks, T.Q6_K, in_features)
+    ids = [2, 0, 2]
+    gate_up = torch.randn(len(ids), 2 * in_features, generator=torch.Generator().manual_seed(15))
+    ours = triton_gguf.expert_gemv(blocks.to(device), T.Q6_K, gate_up.to(device),
+                                   torch.tensor(ids, device=device), in_features, swiglu=True)
+    x = _silu_times_up(gate_up)
+    for slot, expert in enumerate(ids):
+        assert_within_bound(ours[slot : slot + 1], x[slot : slot + 1], weights[expert])
+
+
+def test_split_k_sums_in_one_launch_and_leaves_its_counters_at_zero(device):
+    blocks = weight_blocks(T.Q4_K, (37,), 2048, seed=16).to(device)  # 8 steps over one row program: split
+    n_steps = 2048 // triton_gguf.STEP_ELEMENTS
+    splits, _ = triton_gguf._plan(37, n_steps, 1, triton_gguf.GEMV_CONFIG[T.Q4_K][0], blocks.device)
+    assert splits > 1
+    x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(17))
+    first = triton_gguf.gemv(blocks, T.Q4_K, x.to(device), 2048)
+    assert_within_bound(first, x, reference_weight(blocks, T.Q4_K, 2048))
+    assert int(triton_gguf._SPLIT_COUNTERS[blocks.device].abs().sum()) == 0  # ready for the next call
+    again = triton_gguf.gemv(blocks, T.Q4_K, x.to(device), 2048)
+    assert torch.equal(first, again)  # the partials are added in split order, whoever finishes last
+
+
+# What the interpreter never runs: the GEMV as compiled for an H100 (tests/sm90.py), split-K's atomic
+# count included. For each type at one row of x (Q4_K also fed gate and up, and at 8 rows), no spills.
+SM90_COMPILE = r"""
+import json
+from gguf import GGMLQuantizationType as T
+from sm90 import compile_report
+from qwen35.kernels import triton_gguf as tg
+from qwen35.kernels.triton_gguf_blocks import TILES
+
+POINTERS = {"w_ptr": "*u8", "counter_ptr": "*i32", "ids_ptr": "*i64"}
+results = {}
+for name, rows, swiglu in (("Q4_K", 1, False), ("Q4_K", 1, True), ("Q6_K", 1, False), ("Q8_0", 1, False),
+                           ("Q4_K", 8, False)):
+    qtype = T[name]
+    groups, length, planes = TILES[qtype]
+    block_n, warps, stages = tg.GEMV_CONFIG[qtype] if rows == 1 else (tg.GEMV_BLOCK_N[rows], 4, 1)
+    constants = dict(QTYPE=int(qtype), HAS_MIN=qtype in tg.HAS_MIN_TYPES, G=groups, L=length, P=planes,
+                     BLOCK_N=block_n, BLOCK_M=rows, HAS_IDS=False, STEPS=2, SPLITS=4, SWIGLU=swiglu,
+                     NUM_STAGES=stages, num_warps=warps)
+    results[f"{name} x{rows}{' swiglu' if swiglu else ''}"] = compile_report(tg._gemv_kernel, constants, POINTERS,
+                                                                              {"row_bytes", "in_features"})
+print(json.dumps(results))
+"""
+
+
+def test_the_gemv_compiles_for_sm90_without_spilling(device):
+    from sm90 import run_compile_script
+
+    results = run_compile_script(SM90_COMPILE)
+    assert {name: result["stack"] for name, result in results.items()} == dict.fromkeys(results, 0), results

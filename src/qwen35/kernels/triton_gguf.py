@@ -9,8 +9,8 @@ by an exponent trick instead of integer conversions, with one row of x the produ
 accumulate element-wise and are reduced once at the end (offsets contribute -b * sum(x)
 per group), and a program covers 32 or 64 rows so that each thread reuses its x values.
 Many programs run over output rows, with split-K when the matrix is too skinny to fill the
-machine (partial sums go to a [splits, M, out] buffer summed afterwards, so results are
-deterministic); accumulation is fp32; nothing syncs with the host (expert ids are read
+machine (each split stores its partial sums, and the last program of a tile to finish adds
+them in split order, so results are deterministic and there is no second launch); accumulation is fp32; nothing syncs with the host (expert ids are read
 inside the kernel), so the calls can be captured in CUDA graphs. Without a GPU, Triton's interpreter runs them on
 CPU tensors (set TRITON_INTERPRET=1 before importing this module).
 """
@@ -79,14 +79,27 @@ def _dequantize_kernel(
 
 
 @triton.jit
+def _load_x(x_rows, mi, col, n_x_rows, in_features, SWIGLU: tl.constexpr):
+    """Row mi of x at columns col; with SWIGLU, x's rows are [gate | up] and x = silu(gate) * up."""
+    mask = (mi < n_x_rows) & (col < in_features)
+    if SWIGLU:
+        row = x_rows + mi * 2 * in_features
+        gate = tl.load(row + col, mask=mask, other=0.0)
+        up = tl.load(row + in_features + col, mask=mask, other=0.0)
+        return gate / (1.0 + tl.exp(-gate)) * up  # triton_decode.silu_mul's form
+    return tl.load(x_rows + mi * in_features + col, mask=mask, other=0.0)
+
+
+@triton.jit
 def _accumulate(acc, acc_min, q0, q1, q2, q3, scale, offset, x_rows, col, n_x_rows, in_features, which_m,
-                G: tl.constexpr, L: tl.constexpr, P: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr):
+                G: tl.constexpr, L: tl.constexpr, P: tl.constexpr, HAS_MIN: tl.constexpr, BLOCK_M: tl.constexpr,
+                SWIGLU: tl.constexpr):
     """Adds one part's products with every row of x (weights stay in registers for all rows)."""
     for mi in tl.static_range(BLOCK_M):
         # x is loaded as a contiguous [G, L] tile, split into its P planes [G, L / P] and broadcast
         # over the rows: of lower rank, the planes take the weight tile's layout (a small
         # conversion), never the reverse.
-        x = tl.load(x_rows + mi * in_features + col, mask=(mi < n_x_rows) & (col < in_features), other=0.0)
+        x = _load_x(x_rows, mi, col, n_x_rows, in_features, SWIGLU)
         if P == 4:
             even, odd = tl.split(tl.reshape(x, (G, L // 4, 2, 2)))  # element 4w + 2a + b: by b, then a
             x0, x2 = tl.split(even)
@@ -112,14 +125,31 @@ def _accumulate(acc, acc_min, q0, q1, q2, q3, scale, offset, x_rows, col, n_x_ro
 
 
 @triton.jit
+def _sum_splits(acc, partial_ptr, out_ptr, counter_ptr, tile, split, offsets, ok, plane, SPLITS: tl.constexpr):
+    """Split-K without a second launch: every split stores its partial sums and counts itself in;
+    the last to arrive adds the partials in split order (the same sum whichever program is last)
+    and writes the output, then sets the count back to 0 for the next call."""
+    tl.store(partial_ptr + split * plane + offsets, acc, mask=ok)
+    tl.debug_barrier()  # all of this program's partials are written before its count is
+    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLITS - 1:
+        total = tl.zeros_like(acc)
+        for s in range(SPLITS):
+            # .cg: from L2, where the other programs' stores are, never a stale L1 line.
+            total += tl.load(partial_ptr + s * plane + offsets, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + offsets, total, mask=ok)
+        tl.atomic_xchg(counter_ptr + tile, 0)
+
+
+@triton.jit
 def _gemv_kernel(
-    w_ptr, x_ptr, out_ptr, ids_ptr,
+    w_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr,
     n_out, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows, slots_per_x,
     QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDS: tl.constexpr, STEPS: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    SPLITS: tl.constexpr, SWIGLU: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
-    """out[split, m, n] = sum over this split's steps of x[m] . W[n] (or, with ids, one slot per program)."""
+    """out[m, n] = x[m] . W[n] (or, with ids, one slot per program), over SPLITS programs along K."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     slot = tl.program_id(2)
@@ -134,7 +164,7 @@ def _gemv_kernel(
         x_first = slot // slots_per_x
     else:
         x_first = 0
-    x_rows = x_ptr + x_first.to(tl.int64) * in_features
+    x_rows = x_ptr + x_first.to(tl.int64) * (2 * in_features if SWIGLU else in_features)
     element = part_elements(QTYPE, G, L)
     which_m = tl.arange(0, BLOCK_M)[:, None, None]
     # One x row: products accumulate element-wise in the weight tile's shape and are summed
@@ -158,11 +188,11 @@ def _gemv_kernel(
             for quarter in tl.static_range(4):
                 q0, q1, q2, q3, scale, offset = q6_k_quarter(low_a, low_b, high, d, block, mask, quarter, G)
                 acc, acc_min = _accumulate(acc, acc_min, q0, q1, q2, q3, scale, offset, x_rows, col + 32 * quarter,
-                                           n_x_rows, in_features, which_m, G, L, P, HAS_MIN, BLOCK_M)
+                                           n_x_rows, in_features, which_m, G, L, P, HAS_MIN, BLOCK_M, SWIGLU)
         else:
             q0, q1, q2, q3, scale, offset = load_step(rows, step, n_blocks, row_ok, QTYPE, G, L)
             acc, acc_min = _accumulate(acc, acc_min, q0, q1, q2, q3, scale, offset, x_rows, col,
-                                       n_x_rows, in_features, which_m, G, L, P, HAS_MIN, BLOCK_M)
+                                       n_x_rows, in_features, which_m, G, L, P, HAS_MIN, BLOCK_M, SWIGLU)
     if BLOCK_M == 1:
         acc = tl.sum(tl.sum(acc, axis=2) - tl.sum(acc_min, axis=2), axis=1)[None, :]
     else:
@@ -176,8 +206,14 @@ def _gemv_kernel(
         out_m += slot
     else:
         out_rows = n_x_rows
-    out_ptrs = out_ptr + (split.to(tl.int64) * out_rows + out_m) * n_out + out_n
-    tl.store(out_ptrs, acc, mask=(tl.arange(0, BLOCK_M)[:, None] < n_x_rows) & (out_n < n_out))
+    offsets = out_m.to(tl.int64) * n_out + out_n
+    ok = (tl.arange(0, BLOCK_M)[:, None] < n_x_rows) & (out_n < n_out)
+    if SPLITS == 1:
+        tl.store(out_ptr + offsets, acc, mask=ok)
+    else:
+        tile = slot * tl.num_programs(0) + pid_n
+        _sum_splits(acc, partial_ptr, out_ptr, counter_ptr, tile, split, offsets, ok,
+                    out_rows.to(tl.int64) * n_out, SPLITS)
 
 
 # ---------------------------------------------------------------- host side
@@ -262,7 +298,21 @@ def dequantize(
     return out
 
 
-def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_experts, expert_bytes, block_m, n_x_rows):
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The device's zeroed arrival counts for split-K (each call leaves them at 0 again): allocated
+    once, so that a CUDA graph's kernels and later calls use the same buffer."""
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[device] = counters  # the plan keeps tiles < 4 x processors: in practice never regrown
+    return counters
+
+
+def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_experts, expert_bytes, block_m,
+                 n_x_rows, swiglu):
     n_blocks, row_bytes, (groups, length, planes) = check_blocks(blocks, type_id, in_features, 2, 3)
     n_steps = triton.cdiv(in_features, STEP_ELEMENTS)
     if block_m == 1:
@@ -271,39 +321,49 @@ def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_ex
         block_n, num_warps, num_stages = GEMV_BLOCK_N[block_m], 4, 1
     splits, steps_per_split = _plan(n_out, n_steps, slots, block_n, blocks.device)
     out_rows = slots if expert_ids is not None else n_x_rows
-    partial = torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
+    out = torch.empty((out_rows, n_out), dtype=torch.float32, device=blocks.device)
     grid = (triton.cdiv(n_out, block_n), splits, slots)
+    if splits > 1:
+        partial = torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
+        counters = _split_counters(blocks.device, grid[0] * slots)
+    else:
+        partial = counters = out
     qtype = int(type_id)
     _gemv_kernel[grid](
-        aligned(blocks, type_id), x, partial, expert_ids if expert_ids is not None else x,
+        aligned(blocks, type_id), x, out, partial, counters, expert_ids if expert_ids is not None else x,
         n_out, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows,
         max(slots // max(x.shape[0], 1), 1),
         QTYPE=qtype, HAS_MIN=qtype in HAS_MIN_TYPES, G=groups, L=length, P=planes, BLOCK_N=block_n,
-        BLOCK_M=block_m, HAS_IDS=expert_ids is not None, STEPS=steps_per_split,
-        NUM_STAGES=num_stages, num_warps=num_warps,
+        BLOCK_M=block_m, HAS_IDS=expert_ids is not None, STEPS=steps_per_split, SPLITS=splits,
+        SWIGLU=swiglu, NUM_STAGES=num_stages, num_warps=num_warps,
     )
-    return partial[0] if splits == 1 else partial.sum(dim=0)
+    return out
 
 
-def gemv(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """x [M, in_features] float32 (M <= 16) times W^T -> [M, out_features] float32; W is read once."""
+def gemv(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, swiglu: bool = False) -> torch.Tensor:
+    """x [M, in_features] float32 (M <= 16) times W^T -> [M, out_features] float32; W is read once.
+
+    With swiglu, x is [M, 2 * in_features], gate then up, and the product is silu(gate) * up times W^T
+    (an MLP's down projection without a launch for the SwiGLU)."""
     check_blocks(blocks, type_id, in_features, 2, 2)
-    _check_x(x, in_features, blocks, MAX_GEMV_ROWS)
+    _check_x(x, in_features * (2 if swiglu else 1), blocks, MAX_GEMV_ROWS)
     x = x.contiguous()
     block_m = triton.next_power_of_2(x.shape[0])
-    return _launch_gemv(blocks, type_id, x, in_features, blocks.shape[0], 1, None, 0, 0, block_m, x.shape[0])
+    return _launch_gemv(blocks, type_id, x, in_features, blocks.shape[0], 1, None, 0, 0, block_m, x.shape[0], swiglu)
 
 
 def expert_gemv(
-    blocks: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int
+    blocks: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int,
+    swiglu: bool = False,
 ) -> torch.Tensor:
     """Slot s computes x[s // (S // R)] . W[expert_ids[s]]^T: blocks [E, out, row_bytes], x [R, in],
     expert_ids [S] (on the device; read by the kernel, never by the host) -> [S, out] float32.
+    With swiglu, x is [R, 2 * in] (gate, up) and silu(gate) * up is the input, as for gemv.
 
     An expert id outside [0, E) gives NaNs in its slot instead of reading out of bounds.
     """
     check_blocks(blocks, type_id, in_features, 3, 3)
-    _check_x(x, in_features, blocks, None)
+    _check_x(x, in_features * (2 if swiglu else 1), blocks, None)
     if (not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 1
             or expert_ids.dtype not in (torch.int32, torch.int64)):
         raise Qwen35Error("expert_ids must be a 1-D int32 or int64 tensor")
@@ -316,7 +376,7 @@ def expert_gemv(
     x = x.contiguous()
     return _launch_gemv(
         blocks, type_id, x, in_features, n_out, slots, expert_ids.contiguous(), n_experts,
-        n_out * blocks.shape[2], 1, 1,
+        n_out * blocks.shape[2], 1, 1, swiglu,
     )
 
 
