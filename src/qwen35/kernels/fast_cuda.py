@@ -84,6 +84,34 @@ def expert_matmul(weights: torch.Tensor, type_id: int, x: torch.Tensor, expert_i
     return triton_moe.grouped_expert_matmul(x, experts, expert_ids)
 
 
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    from qwen35.kernels import triton_decode
+
+    return triton_decode.silu_mul(*gate_up.chunk(2, dim=-1))
+
+
+def swiglu_linear(layer: quant_linear.QuantLinear, gate_up: torch.Tensor) -> torch.Tensor:
+    """layer(silu(gate) * up) for gate_up [..., 2 * in] (gate, then up): an MLP's down projection.
+    Read from the blocks, the SwiGLU is part of the product's launch; otherwise it is one launch before."""
+    rows = gate_up.reshape(-1, gate_up.shape[-1])
+    if layer.mode == "fast" and _gguf().supports(layer.type_id) and rows.shape[0] <= GEMV_MAX_ROWS:
+        out = _gguf().gemv(layer.blocks, layer.type_id, rows.float(), layer.in_features, swiglu=True)
+        return out.reshape(*gate_up.shape[:-1], layer.out_features)
+    return layer(_silu_mul(gate_up))
+
+
+def swiglu_experts(experts: quant_linear.QuantExperts, gate_up: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """experts(silu(gate) * up, expert_ids) for gate_up [N, k, 2 * in], one row per slot: the routed
+    experts' down projection, with the SwiGLU in the product's launch where the slots read blocks."""
+    slots = expert_ids.numel()
+    if (experts.mode == "fast" and _gguf().supports(experts.type_id)
+            and slots <= EXPERT_GEMV_SLOTS_PER_EXPERT * experts.n_experts):
+        out = _gguf().expert_gemv(experts.blocks, experts.type_id, gate_up.reshape(slots, -1).float(),
+                                  expert_ids.reshape(-1), experts.in_features, swiglu=True)
+        return out.reshape(*expert_ids.shape, experts.out_features)
+    return experts(_silu_mul(gate_up), expert_ids)
+
+
 def dequantize_rows(blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor | None:
     """Embedding rows [N, row_bytes] -> [N, in] float32, bit-equal to the reference; None for other types."""
     if type_id in _DENSE:

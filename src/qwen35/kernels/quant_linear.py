@@ -282,6 +282,15 @@ class LinearGroup:
             whole.mode = run[0].mode
             self.fused.append((whole, [layer.out_features for layer in run]))
 
+    def joined(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The outputs side by side, [..., sum(out)], when fuse() made the whole group one block tensor
+        (one launch, whose output a kernel can read as a whole); None otherwise."""
+        if self.fused is None or len(self.fused) != 1:
+            return None
+        whole, _ = self.fused[0]
+        whole.mode = self.layers[0].mode
+        return whole(x)
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fused is not None:
             outputs = []
@@ -454,6 +463,13 @@ class ExpertGroup:
             start += e.out_features
         self.fused = QuantExperts(blocks, first.type_id, first.n_experts, start, first.in_features)
         self.fused.mode = first.mode
+
+    def joined(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor | None:
+        """The members' outputs side by side, [..., sum(out)], after fuse(); None otherwise."""
+        if self.fused is None:
+            return None
+        self.fused.mode = self.experts[0].mode
+        return self.fused(x, expert_ids)
 
     def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.fused is not None:

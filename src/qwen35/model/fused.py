@@ -123,14 +123,21 @@ class GpuSteps:
         return layer.gated_norm(out, z)
 
     def mlp(self, mlp, x):
-        gate, up = mlp.gate_up_proj(x)
-        return mlp.down_proj(self._kernels().silu_mul(gate, up))
+        gate_up = mlp.gate_up_proj.joined(x)  # gate and up in one launch (fuse_for_gpu), read whole by down
+        if gate_up is None:
+            gate, up = mlp.gate_up_proj(x)
+            return mlp.down_proj(self._kernels().silu_mul(gate, up))
+        return fast_cuda.swiglu_linear(mlp.down_proj, gate_up)
 
     def moe(self, moe, x, logits, with_shared: bool):
         kernels = self._kernels()
         top_weights, top_experts = kernels.moe_route(logits, moe.top_k)
-        gate, up = moe.gates_ups(x, top_experts)
-        down = moe.downs(kernels.silu_mul(gate, up), top_experts)
+        gate_up = moe.gates_ups.joined(x, top_experts)
+        if gate_up is None:
+            gate, up = moe.gates_ups(x, top_experts)
+            down = moe.downs(kernels.silu_mul(gate, up), top_experts)
+        else:
+            down = fast_cuda.swiglu_experts(moe.downs, gate_up, top_experts)
         if moe.shared is not None and with_shared:
             return kernels.moe_combine(down, top_weights, moe.shared(x), x, moe.shared_gate)
         return kernels.moe_combine(down, top_weights)

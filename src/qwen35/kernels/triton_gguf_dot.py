@@ -1,0 +1,308 @@
+"""Tensor-core matrix products that read GGUF quantized blocks directly (no bf16 copy of W).
+
+    dot_matmul:          out[m]  = x[m] @ W^T                          W: blocks [out, row_bytes]
+    grouped_dot_matmul:  out[s]  = x[s // (S // R)] @ W[expert_ids[s]]^T   W: blocks [E, out, row_bytes]
+
+The blocks are those of triton_gguf_blocks.py (the loaders there turn each 256-element step
+of BLOCK_N weight rows into P byte planes plus per-group scales); the weights are decoded
+inside the K loop and fed to tl.dot, so nothing but the raw blocks is read from memory.
+
+How: a program computes the transposed tile out^T [BLOCK_N, BLOCK_M] = W_tile @ x_tile^T,
+weight rows on the MMA's M side and tokens on its N side. Decode's 1..16 rows then pad to
+16 (an MMA's N may be 8 or 16; its M is 64 on Hopper), and the decoded weights, made in
+registers, are the operand that may stay in registers. Each byte plane is one tl.dot
+(K = 256 / planes: Q4_K/Q5_K 4 x 64, Q8_0/Q4_0 2 x 128, Q6_K 4 quarters x 2 x 32) against
+the matching columns of x: x is reordered once before the launch (torch: padded to whole
+steps, rounded to bf16, each step's columns permuted into plane order) so that the
+kernel's x loads are contiguous bf16 tiles that software pipelining can prefetch.
+When there are too few tiles to fill the processors, K is split over programs (partial
+sums to a [splits, rows, out] buffer summed afterwards, so results are deterministic).
+The grouped product reuses triton_moe's slot layout: slots sorted by expert, each
+expert's group padded to whole BLOCK_M blocks, one program per (block, N tile, split).
+
+Precision: weights are rounded to bf16 (nearest even) from the reference's float32
+values (fp contraction off, so scale * q - offset rounds twice as the reference does),
+x is rounded to bf16 by torch, products are exact in fp32 and sums fp32: the result is
+x.bfloat16() @ W_ref.bfloat16().T up to the order of fp32 summation.
+
+Graph safety: nothing reads a device value on the host; every shape follows from the
+input shapes, so calls can be captured in CUDA graphs. An expert id outside [0, E) gives
+NaN rows for its slots instead of reading another expert's (or no expert's) blocks.
+Without a GPU, Triton's interpreter runs the kernels on CPU tensors (TRITON_INTERPRET=1
+before import); its bf16 dot multiplies raw bits and its float32 -> bf16 cast truncates,
+so there the operands are rounded by hand and multiplied as bf16-valued float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from gguf import GGMLQuantizationType as T
+
+from qwen35.errors import Qwen35Error
+from qwen35.kernels.triton_gguf_blocks import (
+    HAS_MIN_TYPES, STEP, STEP_ELEMENTS, aligned, check_blocks, fetch_q6_k, load_step, q6_k_quarter, random_blocks,
+    weights_of,
+)
+from qwen35.kernels.triton_moe import _padded_group_ends, _sorted_slot_layout
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class DotTiles:
+    block_n: int  # weight rows per program (the MMA's M side)
+    block_m: int  # rows of x (or slots) per program (the MMA's N side), at least 16
+    num_warps: int
+    num_stages: int
+
+
+# Tiles by rows of x (grouped: mean slots per expert). UNMEASURED: chosen from the compiled
+# sm_90 code (no spills, tensor-core ops), not from timings. Decode: 16-row tiles waste
+# little padding and split-K fills the machine. Prefill: 128-row x tiles, because each
+# weight is decoded once per x tile: its ~8 instructions per weight are spread over 128 MMAs.
+DOT_TILES = (
+    (16, DotTiles(block_n=64, block_m=16, num_warps=4, num_stages=3)),
+    (64, DotTiles(block_n=128, block_m=64, num_warps=8, num_stages=3)),
+    (None, DotTiles(block_n=128, block_m=128, num_warps=8, num_stages=2)),
+)
+PROGRAMS_PER_PROCESSOR = 2  # split-K aims for this many programs per processor
+
+
+def pick_tiles(rows_per_weight: float) -> DotTiles:
+    for most_rows, tiles in DOT_TILES:
+        if most_rows is None or rows_per_weight <= most_rows:
+            return tiles
+    raise AssertionError("DOT_TILES ends with a catch-all entry")
+
+
+# ---------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _to_bf16(w, DOT_IN_FP32: tl.constexpr):
+    if DOT_IN_FP32:
+        # Nearest even by hand (the interpreter's cast truncates), kept as a bf16-valued float32.
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return w.to(tl.bfloat16)  # cvt.rn: nearest even
+
+
+@triton.jit
+def _plane_dot(acc, q, scale, offset, x_ptrs, x_mask,
+               HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """acc [N, M] += plane weights [N, G, K / G] (as [N, K]) @ x's matching columns [K, M]."""
+    w = _to_bf16(weights_of(q, scale, offset, HAS_MIN), DOT_IN_FP32)
+    w = tl.reshape(w, (BLOCK_N, q.shape[1] * q.shape[2]))
+    x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+    if DOT_IN_FP32:
+        return tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(w, x, acc)
+
+
+@triton.jit
+def _dot_kernel(
+    w_ptr, x_ptr, out_ptr, sorted_slots_ptr, group_counts_ptr,
+    n_out, n_blocks, n_steps, row_bytes, expert_bytes, n_experts, out_rows, slots_per_row, x_stride,
+    QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STEPS: tl.constexpr, GROUPED: tl.constexpr,
+    GROUPS: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):
+    """partial[split, r, n] = this split's steps of x_rows[r] . W[n]; grouped, r is a slot."""
+    tile_n = tl.program_id(0)
+    block = tl.program_id(1)
+    split = tl.program_id(2)
+    row = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = row < n_out
+    offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    if GROUPED:
+        ends, padded = _padded_group_ends(group_counts_ptr, BLOCK_M, GROUPS)
+        expert = tl.sum((ends <= block * BLOCK_M).to(tl.int32), 0)
+        out_row = tl.load(sorted_slots_ptr + offs_m)
+        used = out_row < out_rows
+        if expert >= n_experts:
+            # Slots with an out-of-range expert id, or a block past the used ones (nothing stored).
+            out_ptrs = out_ptr + (split * out_rows + out_row.to(tl.int64))[None, :] * n_out + row[:, None]
+            nan = tl.full((BLOCK_N, BLOCK_M), float("nan"), tl.float32)
+            tl.store(out_ptrs, nan, mask=row_ok[:, None] & used[None, :])
+            return
+        w_ptr += expert.to(tl.int64) * expert_bytes
+        x_row = out_row // slots_per_row
+    else:
+        out_row = offs_m
+        used = offs_m < out_rows
+        x_row = offs_m
+    rows = (w_ptr + row.to(tl.int64) * row_bytes)[:, None, None]
+    if QTYPE == 14:
+        KP: tl.constexpr = STEP // 8  # one Q6_K quarter's plane
+    else:
+        KP: tl.constexpr = STEP // P
+    # Offsets, not pointers: a [KP, BLOCK_M] tile of 64-bit pointers held across the loop costs
+    # twice the registers (the host makes sure the offsets fit).
+    x_offsets = (x_row * x_stride)[None, :] + tl.arange(0, KP)[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # STEPS (steps per split) is a compile-time constant: Triton's interpreter cannot loop to
+    # a runtime bound. Steps past the row's end (a short last split) load as zeros.
+    first = split * STEPS
+    for i in tl.range(0, STEPS, num_stages=NUM_STAGES):
+        step = first + i
+        x_step = x_ptr + (x_offsets + step * STEP)
+        x_mask = used[None, :] & (step < n_steps)
+        if QTYPE == 14:
+            low_a, low_b, high, d, block_ptr, mask = fetch_q6_k(rows, step, n_blocks, row_ok[:, None, None], G, L)
+            for quarter in tl.static_range(4):
+                q0, q1, _, _, scale, offset = q6_k_quarter(low_a, low_b, high, d, block_ptr, mask, quarter, G)
+                acc = _plane_dot(acc, q0, scale, offset, x_step + 2 * quarter * KP, x_mask,
+                                 HAS_MIN, BLOCK_N, DOT_IN_FP32)
+                acc = _plane_dot(acc, q1, scale, offset, x_step + (2 * quarter + 1) * KP, x_mask,
+                                 HAS_MIN, BLOCK_N, DOT_IN_FP32)
+        else:
+            q0, q1, q2, q3, scale, offset = load_step(rows, step, n_blocks, row_ok[:, None, None], QTYPE, G, L)
+            acc = _plane_dot(acc, q0, scale, offset, x_step, x_mask, HAS_MIN, BLOCK_N, DOT_IN_FP32)
+            acc = _plane_dot(acc, q1, scale, offset, x_step + KP, x_mask, HAS_MIN, BLOCK_N, DOT_IN_FP32)
+            if P == 4:
+                acc = _plane_dot(acc, q2, scale, offset, x_step + 2 * KP, x_mask, HAS_MIN, BLOCK_N, DOT_IN_FP32)
+                acc = _plane_dot(acc, q3, scale, offset, x_step + 3 * KP, x_mask, HAS_MIN, BLOCK_N, DOT_IN_FP32)
+    out_ptrs = out_ptr + (split * out_rows + out_row.to(tl.int64))[None, :] * n_out + row[:, None]
+    tl.store(out_ptrs, acc, mask=row_ok[:, None] & used[None, :])
+
+
+# ---------------------------------------------------------------- host side
+
+
+def _plane_ordered_x(x: torch.Tensor, type_id: int, tile: tuple[int, int, int], n_steps: int) -> torch.Tensor:
+    """x [R, in] -> bf16 [R, n_steps * 256], each step's columns in the kernel's plane order."""
+    rows = x.shape[0]
+    padded = torch.nn.functional.pad(x.to(torch.bfloat16), (0, n_steps * STEP_ELEMENTS - x.shape[1]))
+    if T(type_id) == T.Q6_K:
+        # Element 128 h + 32 quarter + 16 lane + 2 w + plane -> (quarter, plane, h, lane, w).
+        planes = padded.view(rows, n_steps, 2, 4, 2, 8, 2).permute(0, 1, 3, 6, 2, 4, 5)
+    else:
+        groups, length, n_planes = tile  # element g L + P w + plane -> (plane, g, w)
+        planes = padded.view(rows, n_steps, groups, length // n_planes, n_planes).permute(0, 1, 4, 2, 3)
+    return planes.reshape(rows, n_steps * STEP_ELEMENTS)
+
+
+def _check_x(x: torch.Tensor, in_features: int, blocks: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features:
+        shape = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise Qwen35Error(f"x must be a float32 tensor [rows, {in_features}], got {shape}")
+    if x.device != blocks.device:
+        raise Qwen35Error(f"x is on {x.device} but the weight blocks are on {blocks.device}")
+    if x.device.type != "cuda" and not _INTERPRETED:
+        raise Qwen35Error(
+            f"the GGUF tensor-core products run on a CUDA device (or in Triton's interpreter with "
+            f"TRITON_INTERPRET=1), not on {x.device}"
+        )
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _processors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2  # the interpreter: a little splitting, so tests exercise split-K
+
+
+def _launch(blocks, type_id, x, in_features, n_out, out_rows, m_blocks, busy_m_blocks, tiles,
+            grouping=None, n_experts=0, slots_per_row=1):
+    """Runs the kernel over (N tiles, x blocks, K splits) and sums the splits: [out_rows, n_out] float32."""
+    n_blocks, row_bytes, tile = check_blocks(blocks, type_id, in_features, 2, 3)
+    groups, length, planes = tile
+    n_steps = triton.cdiv(in_features, STEP_ELEMENTS)
+    n_tiles = triton.cdiv(n_out, tiles.block_n)
+    target = PROGRAMS_PER_PROCESSOR * _processors(blocks.device)
+    splits = max(1, min(n_steps, target // max(n_tiles * busy_m_blocks, 1)))
+    steps_per_split = triton.cdiv(n_steps, splits)
+    splits = triton.cdiv(n_steps, steps_per_split)
+    partial = torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
+    x_planes = _plane_ordered_x(x, type_id, tile, n_steps)
+    sorted_slots, group_counts = grouping if grouping is not None else (x_planes, x_planes)
+    qtype = int(type_id)
+    _dot_kernel[(n_tiles, m_blocks, splits)](
+        aligned(blocks, type_id), x_planes, partial, sorted_slots, group_counts,
+        n_out, n_blocks, n_steps, row_bytes, n_out * row_bytes, n_experts, out_rows, slots_per_row,
+        x_planes.shape[1],
+        QTYPE=qtype, HAS_MIN=qtype in HAS_MIN_TYPES, G=groups, L=length, P=planes,
+        BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, STEPS=steps_per_split, GROUPED=grouping is not None,
+        GROUPS=group_counts.shape[0] if grouping is not None else 1, NUM_STAGES=tiles.num_stages,
+        DOT_IN_FP32=_INTERPRETED, num_warps=tiles.num_warps,
+        enable_fp_fusion=False,  # scale * q - offset rounded twice, as the reference does
+    )
+    return partial[0] if splits == 1 else partial.sum(dim=0)
+
+
+def dot_matmul(
+    blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, tiles: DotTiles | None = None
+) -> torch.Tensor:
+    """x [M, in_features] float32 times W^T, W the blocks [out, row_bytes] -> [M, out] float32.
+
+    Computes x.bfloat16() @ W.bfloat16().T with fp32 sums; `tiles` overrides pick_tiles.
+    """
+    check_blocks(blocks, type_id, in_features, 2, 2)
+    _check_x(x, in_features, blocks)
+    rows, n_out = x.shape[0], blocks.shape[0]
+    if rows == 0 or n_out == 0:
+        return torch.zeros((rows, n_out), dtype=torch.float32, device=x.device)
+    tiles = tiles or pick_tiles(rows)
+    m_blocks = triton.cdiv(rows, tiles.block_m)
+    return _launch(blocks, type_id, x, in_features, n_out, rows, m_blocks, m_blocks, tiles)
+
+
+def grouped_dot_matmul(
+    blocks: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int,
+    tiles: DotTiles | None = None,
+) -> torch.Tensor:
+    """Slot s computes x[s // (S // R)] @ W[expert_ids[s]]^T: blocks [E, out, row_bytes], x [R, in]
+    float32, expert_ids [S] int32/int64 on the device (never read by the host) -> [S, out] float32.
+
+    An expert id outside [0, E) gives NaNs in its slot instead of reading out of bounds.
+    """
+    check_blocks(blocks, type_id, in_features, 3, 3)
+    _check_x(x, in_features, blocks)
+    if (not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 1
+            or expert_ids.dtype not in (torch.int32, torch.int64)):
+        raise Qwen35Error("expert_ids must be a 1-D int32 or int64 tensor")
+    if expert_ids.device != blocks.device:
+        raise Qwen35Error(f"expert_ids are on {expert_ids.device} but the weight blocks are on {blocks.device}")
+    slots, rows = expert_ids.shape[0], x.shape[0]
+    if slots == 0 or rows == 0 or slots % rows:
+        raise Qwen35Error(f"the {slots} expert slots must be a positive multiple of the {rows} rows of x")
+    n_experts, n_out = blocks.shape[0], blocks.shape[1]
+    if n_experts == 0:
+        raise Qwen35Error("the expert blocks hold no experts")
+    if n_out == 0:
+        return torch.zeros((slots, 0), dtype=torch.float32, device=x.device)
+    tiles = tiles or pick_tiles(slots / n_experts)
+    sorted_slots, group_counts = _sorted_slot_layout(expert_ids, n_experts, tiles.block_m)
+    m_blocks = sorted_slots.shape[0] // tiles.block_m
+    # Most blocks of the worst-case layout stay empty: split K by the blocks that can be busy.
+    busy_m_blocks = min(m_blocks, triton.cdiv(slots, tiles.block_m) + min(n_experts, slots))
+    return _launch(blocks, type_id, x, in_features, n_out, slots, m_blocks, busy_m_blocks, tiles,
+                   (sorted_slots, group_counts), n_experts, slots // rows)
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def benchmark_dot(type_id: int, out_features: int, in_features: int, rows: int, device: str = "cuda") -> dict:
+    """Median time of one dot_matmul over random valid blocks (triton.testing.do_bench), the bytes
+    it must read per second (blocks, x, out) and its TFLOP/s (2 rows out in)."""
+    blocks = random_blocks(type_id, (out_features,), in_features, device=device)
+    x = torch.randn(rows, in_features, dtype=torch.float32, device=device)
+    ms = triton.testing.do_bench(lambda: dot_matmul(blocks, type_id, x, in_features), return_mode="median")
+    bytes_moved = blocks.numel() + x.numel() * 4 + rows * out_features * 4
+    return {"ms": ms, "GB/s": bytes_moved / (ms * 1e-3) / 1e9,
+            "TFLOP/s": 2.0 * rows * out_features * in_features / (ms * 1e-3) / 1e12,
+            "tiles": pick_tiles(rows)}
