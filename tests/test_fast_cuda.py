@@ -92,8 +92,9 @@ def gpu_paths_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu, name):
-    """Prefill (dequantize + bf16 products, grouped experts) and decode (products from the blocks,
-    the fused DeltaNet step, fused norms and MoE routing) against the fixtures' exact logits."""
+    """Prefill (dequantize + bf16 products, grouped experts) and decode (products from the blocks, SwiGLU
+    inside the down products, the shared expert as one more expert slot, the fused DeltaNet step, fused
+    norms and MoE routing) against the fixtures' exact logits."""
     import qwen35
 
     sequences = json.loads((fixtures / "ref" / f"{name}.json").read_text())["sequences"]
@@ -107,6 +108,8 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     first = model.network.layers[0].mlp
     group = first.gates_ups if name == "moe" else first.gate_up_proj
     assert group.fused is not None  # gate and up read in one launch
+    if name == "moe":  # the shared expert stacked after the routed ones: one token's experts in two launches
+        assert first.shared_expert == first.gates.n_experts == group.fused.n_experts - 1
     cache = model.make_cache(1)
     assert cache.layers[model.config.layer_types.index("full_attention")].page_pool[0].dtype == torch.bfloat16
     prefill = model.forward(torch.tensor([ids[:split]]), cache)[0].numpy()

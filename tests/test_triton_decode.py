@@ -54,6 +54,20 @@ def test_moe_route_picks_and_weighs_like_softmax_topk(device, experts, top_k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_moe_route_adds_the_shared_expert_as_a_last_slot(device):
+    generator = torch.Generator().manual_seed(5)
+    logits, x = torch.randn(3, 16, generator=generator), torch.randn(3, 300, generator=generator)
+    gate_weight = torch.randn(300, generator=generator) * 0.1
+    weights, ids = td.moe_route(logits.to(device), 4, x.to(device), gate_weight.to(device), shared_expert=16)
+    expected_weights, expected_ids = td.moe_route_reference(logits, 4, x, gate_weight, 16)
+    assert weights.shape == ids.shape == (3, 5) and torch.equal(ids.cpu(), expected_ids)
+    assert torch.equal(ids[:, 4].cpu(), torch.full((3,), 16))
+    _close(weights, expected_weights)
+    with pytest.raises(Qwen35Error, match="shared expert"):
+        td.moe_route(logits, 4, x[:, :10], gate_weight, shared_expert=16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared", [False, True])
 def test_moe_combine(device, shared):
     generator = torch.Generator().manual_seed(int(shared))

@@ -265,9 +265,16 @@ class LinearGroup:
         self.out_features = [layer.out_features for layer in layers]
         self.fused: list[tuple[QuantLinear, list[int]]] | None = None  # see fuse()
 
-    def fuse(self) -> None:
+    def fuse(self, into: torch.Tensor | None = None) -> None:
         """Give each run of consecutive layers of one block type one block tensor, of which the layers'
-        blocks become row slices (no extra memory), so that a GPU reads each run in one launch."""
+        blocks become row slices (no extra memory), so that a GPU reads each run in one launch.
+        `into`: a [sum(out), row_bytes] tensor whose row slices the layers' blocks already are, in order
+        (ExpertGroup.fuse's shared expert), used as the whole as it is."""
+        if into is not None:
+            whole = QuantLinear(into, self.layers[0].type_id, into.shape[0], self.in_features)
+            whole.mode = self.layers[0].mode
+            self.fused = [(whole, list(self.out_features))]
+            return
         self.fused = []
         for run in _runs_of_one_type(self.layers):
             if len(run) == 1:
@@ -449,20 +456,37 @@ class ExpertGroup:
         self.out_features = [e.out_features for e in experts]
         self.fused: QuantExperts | None = None  # see fuse()
 
-    def fuse(self) -> None:
+    def fuse(self, shared: tuple[QuantLinear, ...] | None = None) -> bool:
         """One [E, sum(out), row] block tensor for members of one block type, the members' blocks becoming
         views of it (no extra memory): a GPU then reads every chosen expert's gate and up in one launch.
-        The members' own kernels are not used afterwards (their views are strided)."""
-        if len({e.type_id for e in self.experts}) != 1:
-            return
+        The members' own kernels are not used afterwards (their views are strided).
+
+        `shared`: one layer per member (an MoE's shared expert), appended as expert E (their blocks become
+        rows of it), so that one launch computes the routed experts and the shared one. False, and
+        nothing changed, where the members or the shared layers differ in block type or shape."""
         first = self.experts[0]
-        blocks = torch.cat([e.blocks for e in self.experts], dim=1)
+        if len({e.type_id for e in self.experts}) != 1:
+            return False
+        if shared is not None and (len(shared) != len(self.experts) or any(
+                (layer.type_id, layer.out_features, layer.in_features) != (e.type_id, e.out_features, e.in_features)
+                or layer.blocks.device != e.blocks.device for layer, e in zip(shared, self.experts))):
+            return False
+        n_experts = first.n_experts + (shared is not None)
+        row_bytes = first.blocks.shape[-1]
+        blocks = torch.empty((n_experts, sum(self.out_features), row_bytes), dtype=torch.uint8,
+                             device=first.blocks.device)
         start = 0
-        for e in self.experts:
-            e.blocks = blocks[:, start:start + e.out_features]
-            start += e.out_features
-        self.fused = QuantExperts(blocks, first.type_id, first.n_experts, start, first.in_features)
+        for index, e in enumerate(self.experts):
+            stop = start + e.out_features
+            blocks[:first.n_experts, start:stop] = e.blocks
+            e.blocks = blocks[:first.n_experts, start:stop]
+            if shared is not None:
+                blocks[first.n_experts, start:stop] = shared[index].blocks
+                shared[index].blocks = blocks[first.n_experts, start:stop]
+            start = stop
+        self.fused = QuantExperts(blocks, first.type_id, n_experts, start, first.in_features)
         self.fused.mode = first.mode
+        return True
 
     def joined(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor | None:
         """The members' outputs side by side, [..., sum(out)], after fuse(); None otherwise."""

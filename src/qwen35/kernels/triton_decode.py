@@ -118,8 +118,9 @@ def silu_mul_reference(gate, up):
 
 
 @triton.jit
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, experts, K: tl.constexpr, K_BLOCK: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, experts, width, shared_expert,
+                  K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK: tl.constexpr, HAS_SHARED: tl.constexpr,
+                  WIDTH_BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offsets = tl.arange(0, BLOCK)
     logits = tl.load(logits_ptr + row * experts + offsets, mask=offsets < experts, other=float("-inf")).to(tl.float32)
@@ -136,29 +137,53 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, experts, K: tl.constexpr, K_
     # Renormalised top-k of a softmax = a softmax over the chosen logits.
     weights = tl.exp(chosen - tl.max(chosen, axis=0))
     weights = weights / tl.sum(weights, axis=0)
-    tl.store(weights_ptr + row * K + picks, weights, mask=picks < K)
-    tl.store(ids_ptr + row * K + picks, chosen_ids, mask=picks < K)
+    slots = K + HAS_SHARED
+    tl.store(weights_ptr + row * slots + picks, weights, mask=picks < K)
+    tl.store(ids_ptr + row * slots + picks, chosen_ids, mask=picks < K)
+    if HAS_SHARED:  # one more slot: the shared expert, weighted by its sigmoid gate
+        columns = tl.arange(0, WIDTH_BLOCK)
+        x = tl.load(x_ptr + row * width + columns, mask=columns < width, other=0.0)
+        gate = tl.sum(x * tl.load(gate_weight_ptr + columns, mask=columns < width, other=0.0), axis=0)
+        tl.store(weights_ptr + row * slots + K, 1.0 / (1.0 + tl.exp(-gate)))
+        tl.store(ids_ptr + row * slots + K, shared_expert.to(tl.int64))
 
 
-def moe_route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [N, E] -> (weights [N, k] float32 summing to 1, expert ids [N, k] int64), best first."""
+def moe_route(logits: torch.Tensor, top_k: int, x: torch.Tensor | None = None,
+              shared_gate: torch.Tensor | None = None, shared_expert: int | None = None):
+    """Router logits [N, E] -> (weights [N, k] float32 summing to 1, expert ids [N, k] int64), best first.
+
+    With x [N, H], the shared expert's gate weight [H] (or [1, H]) and its id, one more slot per row:
+    the shared expert, weighted sigmoid(x . shared_gate) (an MoE whose shared expert is stacked
+    after the routed ones, ExpertGroup.fuse)."""
     if logits.dim() != 2 or not 1 <= top_k <= logits.shape[1]:
         raise Qwen35Error(f"cannot pick {top_k} of router logits shaped {list(logits.shape)}")
     rows = logits.contiguous()
-    weights = torch.empty(rows.shape[0], top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(rows.shape[0], top_k, dtype=torch.int64, device=logits.device)
+    has_shared = shared_expert is not None
+    if has_shared and (x is None or shared_gate is None or x.shape != (rows.shape[0], shared_gate.numel())):
+        raise Qwen35Error("the shared expert's slot needs the input rows [N, H] and its gate weight [H]")
+    width = shared_gate.numel() if has_shared else 1
+    x_rows = x.float().contiguous() if has_shared else rows
+    gate_weight = shared_gate.float().contiguous() if has_shared else rows
+    weights = torch.empty(rows.shape[0], top_k + has_shared, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(rows.shape[0], top_k + has_shared, dtype=torch.int64, device=logits.device)
     block = triton.next_power_of_2(rows.shape[1])
     if rows.shape[0]:
-        _route_kernel[(rows.shape[0],)](rows, weights, ids, rows.shape[1], K=top_k,
-                                        K_BLOCK=triton.next_power_of_2(top_k), BLOCK=block,
-                                        num_warps=_warps(block))
+        _route_kernel[(rows.shape[0],)](rows, weights, ids, x_rows, gate_weight, rows.shape[1], width,
+                                        shared_expert if has_shared else 0, K=top_k,
+                                        K_BLOCK=triton.next_power_of_2(top_k), BLOCK=block, HAS_SHARED=has_shared,
+                                        WIDTH_BLOCK=triton.next_power_of_2(width),
+                                        num_warps=_warps(max(block, triton.next_power_of_2(width))))
     return weights, ids
 
 
-def moe_route_reference(logits, top_k):
+def moe_route_reference(logits, top_k, x=None, shared_gate=None, shared_expert=None):
     probs = logits.float().softmax(dim=-1)
     weights, ids = probs.topk(top_k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), ids
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    if shared_expert is None:
+        return weights, ids
+    gate = torch.sigmoid(F.linear(x.float(), shared_gate.float().reshape(1, -1)))
+    return torch.cat([weights, gate], dim=1), torch.cat([ids, torch.full_like(ids[:, :1], shared_expert)], dim=1)
 
 
 @triton.jit

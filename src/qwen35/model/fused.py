@@ -131,6 +131,12 @@ class GpuSteps:
 
     def moe(self, moe, x, logits, with_shared: bool):
         kernels = self._kernels()
+        if moe.shared_expert is not None and with_shared and x.shape[0] == 1:
+            # One token: the shared expert is one more slot of the routed experts' launches. (For more
+            # tokens, each slot reads its expert once, so the shared one is read once as a plain MLP.)
+            weights, ids = kernels.moe_route(logits, moe.top_k, x, moe.shared_gate, moe.shared_expert)
+            gate_up = moe.gates_ups.joined(x, ids)
+            return kernels.moe_combine(fast_cuda.swiglu_experts(moe.downs_group.fused, gate_up, ids), weights)
         top_weights, top_experts = kernels.moe_route(logits, moe.top_k)
         gate_up = moe.gates_ups.joined(x, top_experts)
         if gate_up is None:

@@ -348,9 +348,27 @@ class SparseMoE:
         self.top_k = c.num_experts_per_tok
         self.router = w[f"{prefix}.gate"]
         self.gates, self.ups, self.downs = (w[f"{prefix}.experts.{n}"] for n in ("gate", "up", "down"))
-        self.gates_ups = ExpertGroup(self.gates, self.ups)
+        self.gates_ups, self.downs_group = ExpertGroup(self.gates, self.ups), ExpertGroup(self.downs)
         self.shared = MLP(w, f"{prefix}.shared_expert") if f"{prefix}.shared_expert_gate" in w else None
         self.shared_gate = w.get(f"{prefix}.shared_expert_gate")
+        self.shared_expert: int | None = None  # the shared expert's id, once stacked after the routed ones
+
+    def fuse(self) -> None:
+        """On a GPU: gate and up in one block tensor, and the shared expert, where its block types and
+        shapes are the routed experts', stacked after them as expert E, so that a one-token step runs the
+        routed and shared experts in the same two launches (model/fused.py)."""
+        if self.shared is None:
+            self.gates_ups.fuse()
+            return
+        mlp = self.shared
+        if (self.gates_ups.fuse(shared=(mlp.gate_proj, mlp.up_proj))
+                and self.downs_group.fuse(shared=(mlp.down_proj,))):
+            self.shared_expert = self.gates.n_experts
+            mlp.gate_up_proj.fuse(into=self.gates_ups.fused.blocks[self.shared_expert])
+            return
+        if self.gates_ups.fused is None:
+            self.gates_ups.fuse()
+        mlp.gate_up_proj.fuse()
 
     def __call__(self, x):
         shape = x.shape
@@ -439,16 +457,13 @@ class Qwen35Network(nn.Module):
             if layer.device.type not in fused.GPU_DEVICE_TYPES:
                 continue
             mixer, mlp = layer.mixer, layer.mlp
-            groups = [mixer.qkv_proj if layer.is_attention else mixer.in_proj]
-            if isinstance(mlp, SparseMoE):
-                if mlp.gates.blocks.device.type in fused.GPU_DEVICE_TYPES:
-                    groups.append(mlp.gates_ups)
-                if mlp.shared is not None:
-                    groups.append(mlp.shared.gate_up_proj)
-            else:
-                groups.append(mlp.gate_up_proj)
-            for group in groups:
-                group.fuse()
+            (mixer.qkv_proj if layer.is_attention else mixer.in_proj).fuse()
+            if not isinstance(mlp, SparseMoE):
+                mlp.gate_up_proj.fuse()
+            elif mlp.gates.blocks.device.type in fused.GPU_DEVICE_TYPES:
+                mlp.fuse()
+            elif mlp.shared is not None:  # --n-cpu-moe: the routed experts stay on the CPU
+                mlp.shared.gate_up_proj.fuse()
 
     @property
     def input_device(self) -> torch.device:
