@@ -78,6 +78,17 @@ def test_dot_matmul_matches_the_bf16_product(device, qtype, m):
 
 
 @devices
+@pytest.mark.parametrize("qtype", (T.Q5_K, T.Q6_K), ids=lambda t: t.name)
+def test_dot_matmul_with_prefill_tiles(device, qtype):
+    """150 rows of x: the largest tiles, two x blocks (the second partial)."""
+    blocks = weight_blocks(qtype, (37,), 256, seed=16)
+    x = random_x(150, 256, seed=17)
+    assert triton_gguf_dot.pick_tiles(150).block_m == 128
+    ours = triton_gguf_dot.dot_matmul(blocks.to(device), qtype, x.to(device), 256)
+    assert_bf16_product(ours, x, reference_weight(blocks, qtype, 256))
+
+
+@devices
 @pytest.mark.parametrize("qtype", (T.Q4_K, T.Q6_K), ids=lambda t: t.name)
 def test_dot_matmul_over_many_tiles(device, qtype):
     """Small tiles over 131 rows and 40 rows of x: three N tiles, three x blocks (the last partial)."""
@@ -125,7 +136,7 @@ def test_grouped_dot_matmul_with_prefill_tiles(device):
     ids = torch.rand(40, n_experts, generator=generator).argsort(dim=1).reshape(-1)[: 40 * 3]
     ids[::7] = 1  # uneven groups
     x = random_x(40, in_features, seed=14)
-    assert triton_gguf_dot.pick_tiles(len(ids) / n_experts).block_m == 64
+    assert triton_gguf_dot.pick_tiles(len(ids) / n_experts, grouped=True).block_m == 64
     ours = triton_gguf_dot.grouped_dot_matmul(blocks.to(device), T.Q4_K, x.to(device), ids.to(device), in_features)
     assert_slots(ours, x, ids.tolist(), weights)
 
@@ -216,8 +227,7 @@ def test_empty_products(device):
 
 
 # sm90.compile_report reports mma.sync only; on sm_90 these kernels use Hopper's wgmma, so the
-# script also keeps the compiled kernel (by wrapping triton.compile) to read its PTX, and compiles
-# with fp contraction off, as the launches do.
+# script also keeps the compiled kernel (by wrapping triton.compile) to read its PTX.
 SM90_COMPILE = r"""
 import json, re
 import triton
@@ -229,7 +239,7 @@ from qwen35.kernels.triton_gguf_blocks import HAS_MIN_TYPES, TILES
 compiled = []
 plain_compile = triton.compile
 def keep(src, target=None, options=None):
-    kernel = plain_compile(src, target=target, options={**options, "enable_fp_fusion": False})
+    kernel = plain_compile(src, target=target, options=options)
     compiled.append(kernel)
     return kernel
 triton.compile = keep
@@ -241,8 +251,8 @@ results = {}
 for qtype in (T.Q4_K, T.Q6_K):
     groups, length, planes = TILES[qtype]
     for rows in (1, 4096):
-        tiles = dot.pick_tiles(rows)
         for grouped in (False, True):
+            tiles = dot.pick_tiles(rows, grouped)
             constants = dict(QTYPE=int(qtype), HAS_MIN=int(qtype) in HAS_MIN_TYPES, G=groups, L=length, P=planes,
                              BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, STEPS=8, GROUPED=grouped,
                              GROUPS=512 if grouped else 1, NUM_STAGES=tiles.num_stages, DOT_IN_FP32=False,
@@ -257,10 +267,12 @@ print(json.dumps(results))
 
 def test_the_kernels_compile_for_sm90_with_tensor_cores_and_without_spilling():
     """Q4_K and Q6_K at the decode and prefill tiles, plain and grouped (256 experts): no spills, and
-    the products on Hopper's warpgroup tensor cores (bf16 in, fp32 accumulation)."""
+    the products on Hopper's warpgroup tensor cores (bf16 in, fp32 accumulation), 16 tokens wide
+    for decode."""
     results = run_compile_script(SM90_COMPILE)
     assert len(results) == 8
     for name, report in results.items():
         assert report["stack"] == 0, f"{name} spills {report['stack']} bytes"
         assert report["mma"] and all(re.match(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.bf16\.bf16$", op)
                                      for op in report["mma"]), f"{name}: {report['mma']}"
+    assert results["Q4_K rows=1 grouped=False"]["mma"] == ["wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16"]

@@ -8,22 +8,26 @@ of BLOCK_N weight rows into P byte planes plus per-group scales); the weights ar
 inside the K loop and fed to tl.dot, so nothing but the raw blocks is read from memory.
 
 How: a program computes the transposed tile out^T [BLOCK_N, BLOCK_M] = W_tile @ x_tile^T,
-weight rows on the MMA's M side and tokens on its N side. Decode's 1..16 rows then pad to
-16 (an MMA's N may be 8 or 16; its M is 64 on Hopper), and the decoded weights, made in
-registers, are the operand that may stay in registers. Each byte plane is one tl.dot
-(K = 256 / planes: Q4_K/Q5_K 4 x 64, Q8_0/Q4_0 2 x 128, Q6_K 4 quarters x 2 x 32) against
-the matching columns of x: x is reordered once before the launch (torch: padded to whole
-steps, rounded to bf16, each step's columns permuted into plane order) so that the
-kernel's x loads are contiguous bf16 tiles that software pipelining can prefetch.
+weight rows on the MMA's M side and tokens on its N side: decode's 1..16 rows then pad to
+16, not 64 (on Hopper a warpgroup MMA is 64 x N x 16 with N a multiple of 8), and the
+decoded weights, made in registers, are the operand that may stay there (sm_90: wgmma
+with A in registers; x, the B operand, is streamed to shared memory). The loop runs over
+256-element steps; each step's byte planes are joined back into element order in
+registers (tl.join, as triton_gguf.dequantize does) and multiplied in one tl.dot of
+K = 256 (Q6_K: four of K = 64, one per quarter). x is rounded to bf16 once by torch before
+the launch (and zero-padded to whole steps; for Q6_K each quarter's columns made
+contiguous), so its loads are contiguous bf16 tiles that software pipelining prefetches.
 When there are too few tiles to fill the processors, K is split over programs (partial
 sums to a [splits, rows, out] buffer summed afterwards, so results are deterministic).
 The grouped product reuses triton_moe's slot layout: slots sorted by expert, each
-expert's group padded to whole BLOCK_M blocks, one program per (block, N tile, split).
+expert's group padded to whole BLOCK_M blocks, one program per (N tile, block, split).
 
 Precision: weights are rounded to bf16 (nearest even) from the reference's float32
-values (fp contraction off, so scale * q - offset rounds twice as the reference does),
-x is rounded to bf16 by torch, products are exact in fp32 and sums fp32: the result is
-x.bfloat16() @ W_ref.bfloat16().T up to the order of fp32 summation.
+values, x is rounded to bf16 by torch, products are exact in fp32 and sums are fp32: the
+result is x.bfloat16() @ W_ref.bfloat16().T up to the order of fp32 summation. (The
+compiler may fuse scale * q - offset into one FMA: scale * q is exact in fp32 for every
+type, at most 11 + 8 + 6 significant bits, so the fused and the reference's twice-rounded
+forms agree.)
 
 Graph safety: nothing reads a device value on the host; every shape follows from the
 input shapes, so calls can be captured in CUDA graphs. An expert id outside [0, E) gives
@@ -62,23 +66,28 @@ class DotTiles:
     num_stages: int
 
 
-# Tiles by rows of x (grouped: mean slots per expert). UNMEASURED: chosen from the compiled
-# sm_90 code (no spills, tensor-core ops), not from timings. Decode: 16-row tiles waste
-# little padding and split-K fills the machine. Prefill: 128-row x tiles, because each
-# weight is decoded once per x tile: its ~8 instructions per weight are spread over 128 MMAs.
+# Tiles by rows of x (grouped: mean slots per expert), module-level so a benchmark can try
+# others. UNMEASURED: chosen from the compiled sm_90 code (Triton 3.6: no spills, wgmma,
+# shared memory within 227 KB), not from timings. Decoding costs ~9 instructions per weight
+# and is done once per x tile, so larger x tiles spread it over more MMAs: decode-sized
+# batches take 16-row tiles (little padding; split-K fills the machine), prefill 64 or 128.
 DOT_TILES = (
     (16, DotTiles(block_n=64, block_m=16, num_warps=4, num_stages=3)),
     (32, DotTiles(block_n=64, block_m=32, num_warps=4, num_stages=3)),
-    (None, DotTiles(block_n=128, block_m=64, num_warps=8, num_stages=3)),
+    (128, DotTiles(block_n=128, block_m=64, num_warps=8, num_stages=3)),
+    (None, DotTiles(block_n=128, block_m=128, num_warps=8, num_stages=2)),
 )
+GROUPED_MAX_BLOCK_M = 64  # 128-slot tiles spill in the grouped kernel (its gathered x offsets)
 PROGRAMS_PER_PROCESSOR = 2  # split-K aims for this many programs per processor
 
 
-def pick_tiles(rows_per_weight: float) -> DotTiles:
-    for most_rows, tiles in DOT_TILES:
+def pick_tiles(rows_per_weight: float, grouped: bool = False) -> DotTiles:
+    """Tiles from the rows of x per weight (shapes only, no data)."""
+    allowed = [(most, tiles) for most, tiles in DOT_TILES if not grouped or tiles.block_m <= GROUPED_MAX_BLOCK_M]
+    for most_rows, tiles in allowed:
         if most_rows is None or rows_per_weight <= most_rows:
             return tiles
-    raise AssertionError("DOT_TILES ends with a catch-all entry")
+    return allowed[-1][1]
 
 
 # ---------------------------------------------------------------- kernel
@@ -96,11 +105,9 @@ def _to_bf16(w, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def _plane_dot(acc, q, scale, offset, x_ptrs, x_mask,
-               HAS_MIN: tl.constexpr, BLOCK_N: tl.constexpr, DOT_IN_FP32: tl.constexpr):
-    """acc [N, M] += plane weights [N, G, K / G] (as [N, K]) @ x's matching columns [K, M]."""
-    w = _to_bf16(weights_of(q, scale, offset, HAS_MIN), DOT_IN_FP32)
-    w = tl.reshape(w, (BLOCK_N, q.shape[1] * q.shape[2]))
+def _dot_part(acc, w, x_ptrs, x_mask, BLOCK_N: tl.constexpr, K: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """acc [N, M] += weights [N, ..., 2] (the planes joined into element order, as [N, K]) @ x [K, M]."""
+    w = tl.reshape(_to_bf16(w, DOT_IN_FP32), (BLOCK_N, K))
     x = tl.load(x_ptrs, mask=x_mask, other=0.0)
     if DOT_IN_FP32:
         return tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
@@ -141,13 +148,14 @@ def _dot_kernel(
         used = offs_m < out_rows
         x_row = offs_m
     rows = (w_ptr + row.to(tl.int64) * row_bytes)[:, None, None]
+    # A part is one step (Q6_K: one quarter of a step, whose 64 elements x holds contiguously).
     if QTYPE == 14:
-        KP: tl.constexpr = STEP // 8  # one Q6_K quarter's plane
+        K: tl.constexpr = STEP // 4
     else:
-        KP: tl.constexpr = STEP // P
-    # Offsets, not pointers: a [KP, BLOCK_M] tile of 64-bit pointers held across the loop costs
+        K: tl.constexpr = STEP
+    # Offsets, not pointers: a [K, BLOCK_M] tile of 64-bit pointers held across the loop costs
     # twice the registers (the host makes sure the offsets fit).
-    x_offsets = (x_row * x_stride)[None, :] + tl.arange(0, KP)[:, None]
+    x_offsets = (x_row * x_stride)[None, :] + tl.arange(0, K)[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # STEPS (steps per split) is a compile-time constant: Triton's interpreter cannot loop to
     # a runtime bound. Steps past the row's end (a short last split) load as zeros.
@@ -159,18 +167,18 @@ def _dot_kernel(
         if QTYPE == 14:
             low_a, low_b, high, d, block_ptr, mask = fetch_q6_k(rows, step, n_blocks, row_ok[:, None, None], G, L)
             for quarter in tl.static_range(4):
-                q0, q1, _, _, scale, offset = q6_k_quarter(low_a, low_b, high, d, block_ptr, mask, quarter, G)
-                acc = _plane_dot(acc, q0, scale, offset, x_step + 2 * quarter * KP, x_mask,
-                                 HAS_MIN, BLOCK_N, DOT_IN_FP32)
-                acc = _plane_dot(acc, q1, scale, offset, x_step + (2 * quarter + 1) * KP, x_mask,
-                                 HAS_MIN, BLOCK_N, DOT_IN_FP32)
+                q0, q1, q2, q3, scale, offset = q6_k_quarter(low_a, low_b, high, d, block_ptr, mask, quarter, G)
+                w = tl.join(weights_of(q0, scale, offset, HAS_MIN), weights_of(q1, scale, offset, HAS_MIN))
+                acc = _dot_part(acc, w, x_step + quarter * K, x_mask, BLOCK_N, K, DOT_IN_FP32)
         else:
             q0, q1, q2, q3, scale, offset = load_step(rows, step, n_blocks, row_ok[:, None, None], QTYPE, G, L)
-            acc = _plane_dot(acc, q0, scale, offset, x_step, x_mask, HAS_MIN, BLOCK_N, DOT_IN_FP32)
-            acc = _plane_dot(acc, q1, scale, offset, x_step + KP, x_mask, HAS_MIN, BLOCK_N, DOT_IN_FP32)
-            if P == 4:
-                acc = _plane_dot(acc, q2, scale, offset, x_step + 2 * KP, x_mask, HAS_MIN, BLOCK_N, DOT_IN_FP32)
-                acc = _plane_dot(acc, q3, scale, offset, x_step + 3 * KP, x_mask, HAS_MIN, BLOCK_N, DOT_IN_FP32)
+            if P == 4:  # element 4w + 2a + b is plane 2a + b: join by a, then by b
+                even = tl.join(weights_of(q0, scale, offset, HAS_MIN), weights_of(q2, scale, offset, HAS_MIN))
+                odd = tl.join(weights_of(q1, scale, offset, HAS_MIN), weights_of(q3, scale, offset, HAS_MIN))
+                w = tl.join(even, odd)
+            else:
+                w = tl.join(weights_of(q0, scale, offset, HAS_MIN), weights_of(q1, scale, offset, HAS_MIN))
+            acc = _dot_part(acc, w, x_step, x_mask, BLOCK_N, K, DOT_IN_FP32)
     out_ptrs = out_ptr + (split * out_rows + out_row.to(tl.int64))[None, :] * n_out + row[:, None]
     tl.store(out_ptrs, acc, mask=row_ok[:, None] & used[None, :])
 
@@ -178,17 +186,16 @@ def _dot_kernel(
 # ---------------------------------------------------------------- host side
 
 
-def _plane_ordered_x(x: torch.Tensor, type_id: int, tile: tuple[int, int, int], n_steps: int) -> torch.Tensor:
-    """x [R, in] -> bf16 [R, n_steps * 256], each step's columns in the kernel's plane order."""
+def _bf16_x(x: torch.Tensor, type_id: int, n_steps: int) -> torch.Tensor:
+    """x [R, in] -> bf16 [R, n_steps * 256] (zero-padded); for Q6_K each step's quarters contiguous."""
     rows = x.shape[0]
-    padded = torch.nn.functional.pad(x.to(torch.bfloat16), (0, n_steps * STEP_ELEMENTS - x.shape[1]))
-    if T(type_id) == T.Q6_K:
-        # Element 128 h + 32 quarter + 16 lane + 2 w + plane -> (quarter, plane, h, lane, w).
-        planes = padded.view(rows, n_steps, 2, 4, 2, 8, 2).permute(0, 1, 3, 6, 2, 4, 5)
-    else:
-        groups, length, n_planes = tile  # element g L + P w + plane -> (plane, g, w)
-        planes = padded.view(rows, n_steps, groups, length // n_planes, n_planes).permute(0, 1, 4, 2, 3)
-    return planes.reshape(rows, n_steps * STEP_ELEMENTS)
+    x = x.to(torch.bfloat16)
+    if x.shape[1] != n_steps * STEP_ELEMENTS:
+        x = torch.nn.functional.pad(x, (0, n_steps * STEP_ELEMENTS - x.shape[1]))
+    if T(type_id) != T.Q6_K:
+        return x
+    # Q6_K quarter q covers elements 128 h + 32 q + t (h < 2, t < 32): (h, q, t) -> (q, h, t).
+    return x.view(rows, n_steps, 2, 4, 32).transpose(2, 3).reshape(rows, n_steps * STEP_ELEMENTS)
 
 
 def _check_x(x: torch.Tensor, in_features: int, blocks: torch.Tensor) -> None:
@@ -229,18 +236,17 @@ def _launch(blocks, type_id, x, in_features, n_out, out_rows, m_blocks, busy_m_b
     steps_per_split = triton.cdiv(n_steps, splits)
     splits = triton.cdiv(n_steps, steps_per_split)
     partial = torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
-    x_planes = _plane_ordered_x(x, type_id, tile, n_steps)
-    sorted_slots, group_counts = grouping if grouping is not None else (x_planes, x_planes)
+    x_bf16 = _bf16_x(x, type_id, n_steps)
+    sorted_slots, group_counts = grouping if grouping is not None else (x_bf16, x_bf16)
     qtype = int(type_id)
     _dot_kernel[(n_tiles, m_blocks, splits)](
-        aligned(blocks, type_id), x_planes, partial, sorted_slots, group_counts,
+        aligned(blocks, type_id), x_bf16, partial, sorted_slots, group_counts,
         n_out, n_blocks, n_steps, row_bytes, n_out * row_bytes, n_experts, out_rows, slots_per_row,
-        x_planes.shape[1],
+        x_bf16.shape[1],
         QTYPE=qtype, HAS_MIN=qtype in HAS_MIN_TYPES, G=groups, L=length, P=planes,
         BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, STEPS=steps_per_split, GROUPED=grouping is not None,
         GROUPS=group_counts.shape[0] if grouping is not None else 1, NUM_STAGES=tiles.num_stages,
         DOT_IN_FP32=_INTERPRETED, num_warps=tiles.num_warps,
-        enable_fp_fusion=False,  # scale * q - offset rounded twice, as the reference does
     )
     return partial[0] if splits == 1 else partial.sum(dim=0)
 
@@ -286,7 +292,7 @@ def grouped_dot_matmul(
         raise Qwen35Error("the expert blocks hold no experts")
     if n_out == 0:
         return torch.zeros((slots, 0), dtype=torch.float32, device=x.device)
-    tiles = tiles or pick_tiles(slots / n_experts)
+    tiles = tiles or pick_tiles(slots / n_experts, grouped=True)
     sorted_slots, group_counts = _sorted_slot_layout(expert_ids, n_experts, tiles.block_m)
     m_blocks = sorted_slots.shape[0] // tiles.block_m
     # Most blocks of the worst-case layout stay empty: split K by the blocks that can be busy.
