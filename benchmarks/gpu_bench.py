@@ -131,6 +131,75 @@ def decode_speed(model, batch: int, steps: int, context: int, generator, graphs:
     return batch * steps / seconds
 
 
+# GEMV launch shapes tried by --sweep-gemv, each over the whole batch-1 decode step (what matters is
+# the step, not one kernel): (name, {type: (rows per program, warps, stages)}, programs per processor).
+GEMV_SWEEP = [
+    ("default", {}, None),
+    ("more splits", {}, 8),
+    ("fewer splits", {}, 2),
+    ("32 rows", {T.Q4_K: (32, 4, 2), T.Q6_K: (32, 4, 1), T.Q8_0: (16, 4, 1)}, None),
+    ("128 rows, 8 warps", {T.Q4_K: (128, 8, 2), T.Q6_K: (128, 8, 1), T.Q8_0: (64, 8, 1)}, None),
+    ("deeper prefetch", {T.Q4_K: (64, 4, 3), T.Q6_K: (64, 4, 2)}, None),
+    ("8 warps", {T.Q4_K: (64, 8, 2), T.Q6_K: (64, 8, 1), T.Q8_0: (32, 8, 1)}, None),
+]
+
+
+def use_gemv_shapes(shapes: dict, programs_per_processor: int | None, defaults: tuple) -> None:
+    from qwen35.kernels import triton_gguf
+
+    triton_gguf.GEMV_CONFIG = {**defaults[0], **shapes}
+    triton_gguf.PROGRAMS_PER_PROCESSOR = programs_per_processor or defaults[1]
+
+
+def sweep_gemv_shapes(model, context: int, generator) -> list[dict]:
+    """Batch-1 graph decode speed under each GEMV_SWEEP entry; leaves the fastest in place."""
+    from qwen35.kernels import triton_gguf
+
+    defaults = (dict(triton_gguf.GEMV_CONFIG), triton_gguf.PROGRAMS_PER_PROCESSOR)
+    rows = []
+    for name, shapes, programs in GEMV_SWEEP:
+        use_gemv_shapes(shapes, programs, defaults)
+        try:
+            speed = decode_speed(model, 1, 48, context, generator)
+        except Exception as error:  # noqa: BLE001  (a shape that does not compile: the others still count)
+            speed = 0.0
+            print(f"gemv shapes '{name}' failed: {type(error).__name__}: {error}", flush=True)
+        rows.append({"shapes": name, "decode_b1_tok/s": speed})
+        print(f"gemv shapes '{name}': decode b1 {speed:.1f} tok/s", flush=True)
+    best = max(range(len(rows)), key=lambda i: rows[i]["decode_b1_tok/s"])
+    use_gemv_shapes(GEMV_SWEEP[best][1], GEMV_SWEEP[best][2], defaults)
+    print(f"gemv shapes: using '{GEMV_SWEEP[best][0]}'", flush=True)
+    return rows
+
+
+def kernel_profile(model, context: int, generator, top: int = 14) -> list[dict]:
+    """GPU time per kernel name over 8 eager batch-1 decode steps: where a step's time goes (on the CPU,
+    where the script checks itself, the ops' CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.make_cache(1)
+    model.forward(torch.randint(0, model.config.vocab_size, (1, context), generator=generator, device=model.device),
+                  cache)
+    ids = torch.randint(0, model.config.vocab_size, (1, 1), generator=generator, device=model.device)
+    model.forward(ids, cache)
+    synchronize(model.device)
+    on_gpu = model.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(8):
+            model.forward(ids, cache)
+        synchronize(model.device)
+    time_of = (lambda e: e.self_device_time_total) if on_gpu else (lambda e: e.self_cpu_time_total)
+    rows = sorted(({"kernel": e.key[:70], "calls_per_step": e.count / 8, "us_per_step": time_of(e) / 8}
+                   for e in prof.key_averages() if time_of(e) > 0), key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"\n{'GPU' if on_gpu else 'CPU'} time per eager decode step: {total:.0f} us in {sum(r['calls_per_step'] for r in rows):.0f} launches")
+    print("| kernel | launches per step | us per step |\n|---|---|---|")
+    for r in rows[:top]:
+        print(f"| {r['kernel']} | {r['calls_per_step']:.0f} | {r['us_per_step']:.0f} |")
+    return rows[:top] + [{"kernel": "total", "calls_per_step": sum(r["calls_per_step"] for r in rows),
+                          "us_per_step": total}]
+
+
 def planner_estimate(path: Path, context: int) -> dict:
     """What `qwen35 plan` predicts for this file on this machine's GPU, to hold against the measurement."""
     from qwen35.plan.advisor import evaluate
@@ -161,6 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/qwen35-bench"))
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--device", default="cuda", help="cuda (the point); cpu checks the script itself")
+    parser.add_argument("--sweep-gemv", action="store_true",
+                        help="first try each GEMV launch shape in GEMV_SWEEP at batch 1, then keep the fastest")
+    parser.add_argument("--profile", action="store_true", help="GPU time per kernel of an eager decode step")
     args = parser.parse_args(argv)
 
     spec = benchmark_spec(args.size, args.layers)
@@ -194,6 +266,15 @@ def main(argv=None) -> int:
     print(f"prefill {args.prompt} tokens: {results['prefill_tok/s']:.0f} tok/s", flush=True)
     results["decode_eager_b1_tok/s"] = decode_speed(model, 1, 16, args.context, generator, graphs=False)
     print(f"decode eager b1: {results['decode_eager_b1_tok/s']:.1f} tok/s", flush=True)
+    # Diagnostics for tuning: a failure there is reported and the benchmark goes on.
+    for wanted, key, run in ((args.profile, "profile", kernel_profile), (args.sweep_gemv and graphs, "gemv_sweep",
+                                                                       sweep_gemv_shapes)):
+        if wanted:
+            try:
+                results[key] = run(model, args.context, generator)
+            except Exception as error:  # noqa: BLE001
+                results[key] = f"{type(error).__name__}: {error}"
+                print(f"{key} failed: {results[key]}", flush=True)
     for batch in args.batch:
         results[f"decode_b{batch}_tok/s"] = decode_speed(model, batch, args.steps, args.context, generator, graphs)
         print(f"decode graphs b{batch}: {results[f'decode_b{batch}_tok/s']:.1f} tok/s", flush=True)
