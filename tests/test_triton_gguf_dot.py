@@ -91,11 +91,15 @@ def test_dot_matmul_with_prefill_tiles(device, qtype):
 @devices
 @pytest.mark.parametrize("qtype", (T.Q4_K, T.Q6_K), ids=lambda t: t.name)
 def test_dot_matmul_over_many_tiles(device, qtype):
-    """Small tiles over 131 rows and 40 rows of x: three N tiles, three x blocks (the last partial)."""
+    """Small tiles over 131 rows and 40 rows of x: three N tiles, three x blocks (the last partial);
+    the blocks start one byte past an aligned address and x is a transposed view."""
     blocks = weight_blocks(qtype, (131,), 512, seed=10)
-    x = random_x(40, 512, seed=11)
+    buffer = torch.zeros(blocks.numel() + 1, dtype=torch.uint8, device=device)
+    buffer[1:] = blocks.reshape(-1).to(device)
+    unaligned = buffer[1:].view(blocks.shape)
+    x = random_x(512, 40, seed=11).T
     tiles = triton_gguf_dot.DotTiles(block_n=64, block_m=16, num_warps=4, num_stages=1)
-    ours = triton_gguf_dot.dot_matmul(blocks.to(device), qtype, x.to(device), 512, tiles=tiles)
+    ours = triton_gguf_dot.dot_matmul(unaligned, qtype, x.to(device), 512, tiles=tiles)
     assert_bf16_product(ours, x, reference_weight(blocks, qtype, 512))
 
 

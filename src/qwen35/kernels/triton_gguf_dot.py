@@ -131,8 +131,9 @@ def _dot_kernel(
     row_ok = row < n_out
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     if GROUPED:
-        ends, padded = _padded_group_ends(group_counts_ptr, BLOCK_M, GROUPS)
-        expert = tl.sum((ends <= block * BLOCK_M).to(tl.int32), 0)
+        # The block's expert: the number of groups whose padded run ends at or before it.
+        group_ends = _padded_group_ends(group_counts_ptr, BLOCK_M, GROUPS)[0]
+        expert = tl.sum((group_ends <= block * BLOCK_M).to(tl.int32), 0)
         out_row = tl.load(sorted_slots_ptr + offs_m)
         used = out_row < out_rows
         if expert >= n_experts:
@@ -189,7 +190,7 @@ def _dot_kernel(
 def _bf16_x(x: torch.Tensor, type_id: int, n_steps: int) -> torch.Tensor:
     """x [R, in] -> bf16 [R, n_steps * 256] (zero-padded); for Q6_K each step's quarters contiguous."""
     rows = x.shape[0]
-    x = x.to(torch.bfloat16)
+    x = x.to(torch.bfloat16, memory_format=torch.contiguous_format)  # the kernel takes rows of x_stride
     if x.shape[1] != n_steps * STEP_ELEMENTS:
         x = torch.nn.functional.pad(x, (0, n_steps * STEP_ELEMENTS - x.shape[1]))
     if T(type_id) != T.Q6_K:
