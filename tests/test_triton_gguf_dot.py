@@ -250,7 +250,7 @@ triton.compile = keep
 
 POINTERS = {"w_ptr": "*u8", "x_ptr": "*bf16", "out_ptr": "*fp32", "sorted_slots_ptr": "*i32",
             "group_counts_ptr": "*i32"}
-ALIGNED = {"row_bytes", "expert_bytes", "x_stride", "n_out"}  # in_features 2048, out_features 512
+ALIGNED = {"row_bytes", "expert_bytes", "in_features", "n_out"}  # in_features 2048, out_features 512
 results = {}
 for qtype in (T.Q4_K, T.Q6_K):
     groups, length, planes = TILES[qtype]
@@ -259,7 +259,7 @@ for qtype in (T.Q4_K, T.Q6_K):
             tiles = dot.pick_tiles(rows, grouped)
             constants = dict(QTYPE=int(qtype), HAS_MIN=int(qtype) in HAS_MIN_TYPES, G=groups, L=length, P=planes,
                              BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, STEPS=8, GROUPED=grouped,
-                             GROUPS=512 if grouped else 1, NUM_STAGES=tiles.num_stages, DOT_IN_FP32=False,
+                             GROUPS=512 if grouped else 1, NUM_STAGES=tiles.num_stages, EVEN_K=True, DOT_IN_FP32=False,
                              num_warps=tiles.num_warps)
             report = compile_report(dot._dot_kernel, constants, POINTERS, ALIGNED)
             ptx = compiled[-1].asm["ptx"]

@@ -14,9 +14,9 @@ decoded weights, made in registers, are the operand that may stay there (sm_90: 
 with A in registers; x, the B operand, is streamed to shared memory). The loop runs over
 256-element steps; each step's byte planes are joined back into element order in
 registers (tl.join, as triton_gguf.dequantize does) and multiplied in one tl.dot of
-K = 256 (Q6_K: four of K = 64, one per quarter). x is rounded to bf16 once by torch before
-the launch (and zero-padded to whole steps; for Q6_K each quarter's columns made
-contiguous), so its loads are contiguous bf16 tiles that software pipelining prefetches.
+K = 256 (Q6_K: four of K = 64, one per quarter, against x's matching columns). x is
+rounded to bf16 once by torch before the launch, so its loads are bf16 tiles of whole
+64-byte runs that software pipelining prefetches into shared memory.
 When there are too few tiles to fill the processors, K is split over programs (partial
 sums to a [splits, rows, out] buffer summed afterwards, so results are deterministic).
 The grouped product reuses triton_moe's slot layout: slots sorted by expert, each
@@ -118,10 +118,10 @@ def _dot_part(acc, w, x_ptrs, x_mask, BLOCK_N: tl.constexpr, K: tl.constexpr, DO
 @triton.jit
 def _dot_kernel(
     w_ptr, x_ptr, out_ptr, sorted_slots_ptr, group_counts_ptr,
-    n_out, n_blocks, n_steps, row_bytes, expert_bytes, n_experts, out_rows, slots_per_row, x_stride,
+    n_out, in_features, n_blocks, n_steps, row_bytes, expert_bytes, n_experts, out_rows, slots_per_row,
     QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STEPS: tl.constexpr, GROUPED: tl.constexpr,
-    GROUPS: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    GROUPS: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
 ):
     """partial[split, r, n] = this split's steps of x_rows[r] . W[n]; grouped, r is a slot."""
     tile_n = tl.program_id(0)
@@ -149,14 +149,16 @@ def _dot_kernel(
         used = offs_m < out_rows
         x_row = offs_m
     rows = (w_ptr + row.to(tl.int64) * row_bytes)[:, None, None]
-    # A part is one step (Q6_K: one quarter of a step, whose 64 elements x holds contiguously).
+    # A part is one step, or one quarter of a Q6_K step (two runs of 32 elements, 128 apart).
     if QTYPE == 14:
         K: tl.constexpr = STEP // 4
+        part_cols = (128 * (tl.arange(0, K) // 32) + tl.arange(0, K) % 32)[:, None]
     else:
         K: tl.constexpr = STEP
+        part_cols = tl.arange(0, K)[:, None]
     # Offsets, not pointers: a [K, BLOCK_M] tile of 64-bit pointers held across the loop costs
     # twice the registers (the host makes sure the offsets fit).
-    x_offsets = (x_row * x_stride)[None, :] + tl.arange(0, K)[:, None]
+    x_offsets = (x_row * in_features)[None, :] + part_cols
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # STEPS (steps per split) is a compile-time constant: Triton's interpreter cannot loop to
     # a runtime bound. Steps past the row's end (a short last split) load as zeros.
@@ -165,12 +167,14 @@ def _dot_kernel(
         step = first + i
         x_step = x_ptr + (x_offsets + step * STEP)
         x_mask = used[None, :] & (step < n_steps)
+        if not EVEN_K:  # Q8_0/Q4_0 rows may end inside a step
+            x_mask = x_mask & (step * STEP + part_cols < in_features)
         if QTYPE == 14:
             low_a, low_b, high, d, block_ptr, mask = fetch_q6_k(rows, step, n_blocks, row_ok[:, None, None], G, L)
             for quarter in tl.static_range(4):
                 q0, q1, q2, q3, scale, offset = q6_k_quarter(low_a, low_b, high, d, block_ptr, mask, quarter, G)
                 w = tl.join(weights_of(q0, scale, offset, HAS_MIN), weights_of(q1, scale, offset, HAS_MIN))
-                acc = _dot_part(acc, w, x_step + quarter * K, x_mask, BLOCK_N, K, DOT_IN_FP32)
+                acc = _dot_part(acc, w, x_step + 32 * quarter, x_mask, BLOCK_N, K, DOT_IN_FP32)
         else:
             q0, q1, q2, q3, scale, offset = load_step(rows, step, n_blocks, row_ok[:, None, None], QTYPE, G, L)
             if P == 4:  # element 4w + 2a + b is plane 2a + b: join by a, then by b
@@ -185,18 +189,6 @@ def _dot_kernel(
 
 
 # ---------------------------------------------------------------- host side
-
-
-def _bf16_x(x: torch.Tensor, type_id: int, n_steps: int) -> torch.Tensor:
-    """x [R, in] -> bf16 [R, n_steps * 256] (zero-padded); for Q6_K each step's quarters contiguous."""
-    rows = x.shape[0]
-    x = x.to(torch.bfloat16, memory_format=torch.contiguous_format)  # the kernel takes rows of x_stride
-    if x.shape[1] != n_steps * STEP_ELEMENTS:
-        x = torch.nn.functional.pad(x, (0, n_steps * STEP_ELEMENTS - x.shape[1]))
-    if T(type_id) != T.Q6_K:
-        return x
-    # Q6_K quarter q covers elements 128 h + 32 q + t (h < 2, t < 32): (h, q, t) -> (q, h, t).
-    return x.view(rows, n_steps, 2, 4, 32).transpose(2, 3).reshape(rows, n_steps * STEP_ELEMENTS)
 
 
 def _check_x(x: torch.Tensor, in_features: int, blocks: torch.Tensor) -> None:
@@ -229,7 +221,7 @@ def _launch(blocks, type_id, x, in_features, n_out, out_rows, m_blocks, busy_m_b
     n_blocks, row_bytes, tile = check_blocks(blocks, type_id, in_features, 2, 3)
     groups, length, planes = tile
     n_steps = triton.cdiv(in_features, STEP_ELEMENTS)
-    if (x.shape[0] + tiles.block_m) * n_steps * STEP_ELEMENTS >= 2**31:
+    if (x.shape[0] + tiles.block_m) * in_features >= 2**31:
         raise Qwen35Error(f"x has too many rows ({x.shape[0]}) for one product: split it into smaller chunks")
     n_tiles = triton.cdiv(n_out, tiles.block_n)
     target = PROGRAMS_PER_PROCESSOR * _processors(blocks.device)
@@ -237,16 +229,16 @@ def _launch(blocks, type_id, x, in_features, n_out, out_rows, m_blocks, busy_m_b
     steps_per_split = triton.cdiv(n_steps, splits)
     splits = triton.cdiv(n_steps, steps_per_split)
     partial = torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
-    x_bf16 = _bf16_x(x, type_id, n_steps)
+    x_bf16 = x.to(torch.bfloat16, memory_format=torch.contiguous_format)  # rounded once, not per N tile
     sorted_slots, group_counts = grouping if grouping is not None else (x_bf16, x_bf16)
     qtype = int(type_id)
     _dot_kernel[(n_tiles, m_blocks, splits)](
         aligned(blocks, type_id), x_bf16, partial, sorted_slots, group_counts,
-        n_out, n_blocks, n_steps, row_bytes, n_out * row_bytes, n_experts, out_rows, slots_per_row,
-        x_bf16.shape[1],
+        n_out, in_features, n_blocks, n_steps, row_bytes, n_out * row_bytes, n_experts, out_rows, slots_per_row,
         QTYPE=qtype, HAS_MIN=qtype in HAS_MIN_TYPES, G=groups, L=length, P=planes,
         BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, STEPS=steps_per_split, GROUPED=grouping is not None,
         GROUPS=group_counts.shape[0] if grouping is not None else 1, NUM_STAGES=tiles.num_stages,
+        EVEN_K=in_features % STEP_ELEMENTS == 0,
         DOT_IN_FP32=_INTERPRETED, num_warps=tiles.num_warps,
     )
     return partial[0] if splits == 1 else partial.sum(dim=0)
@@ -305,13 +297,25 @@ def grouped_dot_matmul(
 # ---------------------------------------------------------------- benchmark
 
 
-def benchmark_dot(type_id: int, out_features: int, in_features: int, rows: int, device: str = "cuda") -> dict:
-    """Median time of one dot_matmul over random valid blocks (triton.testing.do_bench), the bytes
-    it must read per second (blocks, x, out) and its TFLOP/s (2 rows out in)."""
+def benchmark_dot(type_id: int, out_features: int, in_features: int, rows: int, device: str = "cuda",
+                  tiles: DotTiles | None = None) -> dict:
+    """Median time of one dot_matmul over random valid blocks, the bytes it must move per second
+    (blocks, x, out) and its TFLOP/s (2 rows out in).
+
+    "ms" is triton.testing.do_bench's median (launch overheads included: the bf16 cast of x and,
+    with split-K, the sum of the splits); "graph_ms" replays the call from a CUDA graph, which
+    also checks that it captures without a host sync.
+    """
     blocks = random_blocks(type_id, (out_features,), in_features, device=device)
     x = torch.randn(rows, in_features, dtype=torch.float32, device=device)
-    ms = triton.testing.do_bench(lambda: dot_matmul(blocks, type_id, x, in_features), return_mode="median")
     bytes_moved = blocks.numel() + x.numel() * 4 + rows * out_features * 4
-    return {"ms": ms, "GB/s": bytes_moved / (ms * 1e-3) / 1e9,
-            "TFLOP/s": 2.0 * rows * out_features * in_features / (ms * 1e-3) / 1e12,
-            "tiles": pick_tiles(rows)}
+    flops = 2.0 * rows * out_features * in_features
+
+    def call():
+        return dot_matmul(blocks, type_id, x, in_features, tiles=tiles)
+
+    ms = triton.testing.do_bench(call, return_mode="median")
+    graph_ms = triton.testing.do_bench_cudagraph(call, return_mode="median")
+    return {"ms": ms, "GB/s": bytes_moved / (ms * 1e-3) / 1e9, "TFLOP/s": flops / (ms * 1e-3) / 1e12,
+            "graph_ms": graph_ms, "graph_GB/s": bytes_moved / (graph_ms * 1e-3) / 1e9,
+            "tiles": tiles or pick_tiles(rows)}
