@@ -69,6 +69,25 @@ def test_moe_route_adds_the_shared_expert_as_a_last_slot(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("router_dtype", [torch.float32, torch.bfloat16])
+def test_router_product_and_routing_in_one_launch(device, shared, router_dtype):
+    generator = torch.Generator().manual_seed(7)
+    rows, experts, width, top_k = 3, 22, 600, 4  # experts and width not multiples of the program's tiles
+    x = torch.randn(rows, width, generator=generator)
+    router = (torch.randn(experts, width, generator=generator) * 0.05).to(router_dtype)
+    gate_weight = torch.randn(width, generator=generator) * 0.05
+    extra = (gate_weight, experts) if shared else ()
+    for _ in range(2):  # the second call finds the arrival counts back at zero
+        weights, ids = td.moe_router_route(x.to(device), router.to(device), top_k,
+                                           *(t.to(device) if torch.is_tensor(t) else t for t in extra))
+        logits = x.double() @ router.double().T
+        expected_weights, expected_ids = td.moe_route_reference(logits, top_k, *((x,) + extra if shared else ()))
+        assert torch.equal(ids.cpu(), expected_ids)
+        _close(weights, expected_weights)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shared", [False, True])
 def test_moe_combine(device, shared):
     generator = torch.Generator().manual_seed(int(shared))
     rows, top_k, width = 3, 4, 96

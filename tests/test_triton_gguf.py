@@ -18,6 +18,7 @@ from conftest import triton_devices
 from qwen35.errors import Qwen35Error
 from qwen35.formats.gguf import GGUFModel
 from qwen35.kernels.dequant import dequantize as reference_dequantize
+from qwen35.kernels.triton_checks import arrival_counters
 from test_dequant import random_blocks as random_block_bytes
 
 pytest.importorskip("triton")
@@ -246,7 +247,7 @@ def test_split_k_sums_in_one_launch_and_leaves_its_counters_at_zero(device):
     x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(17))
     first = triton_gguf.gemv(blocks, T.Q4_K, x.to(device), 2048)
     assert_within_bound(first, x, reference_weight(blocks, T.Q4_K, 2048))
-    assert int(triton_gguf._SPLIT_COUNTERS[blocks.device].abs().sum()) == 0  # ready for the next call
+    assert int(arrival_counters(blocks.device, 1).abs().sum()) == 0  # ready for the next call
     again = triton_gguf.gemv(blocks, T.Q4_K, x.to(device), 2048)
     assert torch.equal(first, again)  # the partials are added in split order, whoever finishes last
 

@@ -75,6 +75,8 @@ def test_dot_matmul_matches_the_bf16_product(device, qtype, m):
     # The bound tells roundings apart: against truncated bf16 weights or unrounded x, it fails.
     assert bound_excess(ours, x.bfloat16(), truncated_bf16(weight)) > 0.0
     assert bound_excess(ours, x, weight.bfloat16()) > 0.0
+    as_bf16 = triton_gguf_dot.dot_matmul(blocks.to(device), qtype, x.bfloat16().to(device), in_features)
+    assert torch.equal(as_bf16, ours)  # bf16 x is what the kernel multiplies anyway
 
 
 @devices
@@ -204,9 +206,9 @@ def test_bad_arguments_are_named(device):
         dot(blocks, T.Q4_K, torch.zeros(1, 512, device=device), 512)
     with pytest.raises(Qwen35Error, match="multiple of the Q4_K block size"):
         dot(blocks, T.Q4_K, x, 100)
-    with pytest.raises(Qwen35Error, match=r"float32 tensor \[rows, 256\]"):
+    with pytest.raises(Qwen35Error, match=r"float32 \(or bfloat16\) tensor \[rows, 256\], got torch.float64"):
         dot(blocks, T.Q4_K, x.double(), 256)
-    with pytest.raises(Qwen35Error, match=r"float32 tensor \[rows, 256\]"):
+    with pytest.raises(Qwen35Error, match=r"float32 \(or bfloat16\) tensor \[rows, 256\], got torch.float32 \[1, 512\]"):
         dot(blocks, T.Q4_K, torch.zeros(1, 512, device=device), 256)
     with pytest.raises(Qwen35Error, match="2 to 2 dimensions"):
         dot(blocks.reshape(2, 2, -1), T.Q4_K, x, 256)

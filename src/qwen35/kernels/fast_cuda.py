@@ -84,6 +84,13 @@ def expert_matmul(weights: torch.Tensor, type_id: int, x: torch.Tensor, expert_i
     return triton_moe.grouped_expert_matmul(x, experts, expert_ids)
 
 
+def dense_weight(layer: quant_linear.QuantLinear) -> torch.Tensor | None:
+    """A float32/float16/bfloat16 layer's weight [out, in] as it is stored; None for block types."""
+    if layer.type_id not in _DENSE:
+        return None
+    return _dense_weight(layer.blocks, layer.type_id, layer.in_features)
+
+
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     from qwen35.kernels import triton_decode
 

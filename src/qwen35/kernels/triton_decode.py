@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from qwen35.errors import Qwen35Error
+from qwen35.kernels.triton_checks import arrival_counters
 
 
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -118,12 +119,13 @@ def silu_mul_reference(gate, up):
 
 
 @triton.jit
-def _route_kernel(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, experts, width, shared_expert,
+def _pick_experts(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, row, experts, width, shared_expert,
                   K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK: tl.constexpr, HAS_SHARED: tl.constexpr,
                   WIDTH_BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+    """Row `row`'s top-k of its router logits, weighted by a softmax over the chosen (and the shared slot)."""
     offsets = tl.arange(0, BLOCK)
-    logits = tl.load(logits_ptr + row * experts + offsets, mask=offsets < experts, other=float("-inf")).to(tl.float32)
+    logits = tl.load(logits_ptr + row * experts + offsets, mask=offsets < experts, other=float("-inf"),
+                     cache_modifier=".cg").to(tl.float32)  # .cg: written by other programs of the router kernel
     picks = tl.arange(0, K_BLOCK)
     chosen = tl.full([K_BLOCK], float("-inf"), dtype=tl.float32)
     chosen_ids = tl.zeros([K_BLOCK], dtype=tl.int64)
@@ -148,6 +150,53 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, expe
         tl.store(ids_ptr + row * slots + K, shared_expert.to(tl.int64))
 
 
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, experts, width, shared_expert,
+                  K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK: tl.constexpr, HAS_SHARED: tl.constexpr,
+                  WIDTH_BLOCK: tl.constexpr):
+    _pick_experts(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, tl.program_id(0).to(tl.int64), experts,
+                  width, shared_expert, K, K_BLOCK, BLOCK, HAS_SHARED, WIDTH_BLOCK)
+
+
+@triton.jit
+def _router_route_kernel(x_ptr, router_ptr, logits_ptr, counter_ptr, weights_ptr, ids_ptr, gate_weight_ptr,
+                         experts, width, shared_expert, K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
+                         HAS_SHARED: tl.constexpr, WIDTH_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_H: tl.constexpr, H_STEPS: tl.constexpr):
+    """Router logits of BLOCK_E experts for one row; the row's last program to finish then routes it."""
+    block, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    expert = block * BLOCK_E + tl.arange(0, BLOCK_E)[:, None]
+    acc = tl.zeros([BLOCK_E, BLOCK_H], dtype=tl.float32)
+    for step in range(H_STEPS):  # a compile-time count: Triton's interpreter cannot loop to a runtime bound
+        columns = step * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+        x = tl.load(x_ptr + row * width + columns, mask=columns < width, other=0.0)
+        w = tl.load(router_ptr + expert.to(tl.int64) * width + columns, mask=(expert < experts) & (columns < width),
+                    other=0.0).to(tl.float32)
+        acc += w * x
+    tl.store(logits_ptr + row * experts + expert, tl.sum(acc, axis=1)[:, None], mask=expert < experts)
+    tl.debug_barrier()  # this program's logits are written before its count is (see triton_gguf._sum_splits)
+    if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+        _pick_experts(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, row, experts, width, shared_expert,
+                      K, K_BLOCK, BLOCK, HAS_SHARED, WIDTH_BLOCK)
+        tl.atomic_xchg(counter_ptr + row, 0)
+
+
+def _route_arguments(rows: torch.Tensor, top_k: int, x, shared_gate, shared_expert) -> tuple:
+    if rows.dim() != 2 or not 1 <= top_k <= rows.shape[1]:
+        raise Qwen35Error(f"cannot pick {top_k} of router logits shaped {list(rows.shape)}")
+    has_shared = shared_expert is not None
+    if has_shared and (x is None or shared_gate is None or x.shape != (rows.shape[0], shared_gate.numel())):
+        raise Qwen35Error("the shared expert's slot needs the input rows [N, H] and its gate weight [H]")
+    weights = torch.empty(rows.shape[0], top_k + has_shared, dtype=torch.float32, device=rows.device)
+    ids = torch.empty(rows.shape[0], top_k + has_shared, dtype=torch.int64, device=rows.device)
+    width = shared_gate.numel() if has_shared else 1
+    block = triton.next_power_of_2(rows.shape[1])
+    shapes = dict(K=top_k, K_BLOCK=triton.next_power_of_2(top_k), BLOCK=block, HAS_SHARED=has_shared,
+                  WIDTH_BLOCK=triton.next_power_of_2(width))
+    gate_weight = shared_gate.float().contiguous() if has_shared else weights
+    return weights, ids, gate_weight, shared_expert if has_shared else 0, shapes
+
+
 def moe_route(logits: torch.Tensor, top_k: int, x: torch.Tensor | None = None,
               shared_gate: torch.Tensor | None = None, shared_expert: int | None = None):
     """Router logits [N, E] -> (weights [N, k] float32 summing to 1, expert ids [N, k] int64), best first.
@@ -155,24 +204,35 @@ def moe_route(logits: torch.Tensor, top_k: int, x: torch.Tensor | None = None,
     With x [N, H], the shared expert's gate weight [H] (or [1, H]) and its id, one more slot per row:
     the shared expert, weighted sigmoid(x . shared_gate) (an MoE whose shared expert is stacked
     after the routed ones, ExpertGroup.fuse)."""
-    if logits.dim() != 2 or not 1 <= top_k <= logits.shape[1]:
-        raise Qwen35Error(f"cannot pick {top_k} of router logits shaped {list(logits.shape)}")
     rows = logits.contiguous()
-    has_shared = shared_expert is not None
-    if has_shared and (x is None or shared_gate is None or x.shape != (rows.shape[0], shared_gate.numel())):
-        raise Qwen35Error("the shared expert's slot needs the input rows [N, H] and its gate weight [H]")
-    width = shared_gate.numel() if has_shared else 1
-    x_rows = x.float().contiguous() if has_shared else rows
-    gate_weight = shared_gate.float().contiguous() if has_shared else rows
-    weights = torch.empty(rows.shape[0], top_k + has_shared, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(rows.shape[0], top_k + has_shared, dtype=torch.int64, device=logits.device)
-    block = triton.next_power_of_2(rows.shape[1])
+    weights, ids, gate_weight, shared_id, shapes = _route_arguments(rows, top_k, x, shared_gate, shared_expert)
+    x_rows = x.float().contiguous() if shared_expert is not None else rows
     if rows.shape[0]:
-        _route_kernel[(rows.shape[0],)](rows, weights, ids, x_rows, gate_weight, rows.shape[1], width,
-                                        shared_expert if has_shared else 0, K=top_k,
-                                        K_BLOCK=triton.next_power_of_2(top_k), BLOCK=block, HAS_SHARED=has_shared,
-                                        WIDTH_BLOCK=triton.next_power_of_2(width),
-                                        num_warps=_warps(max(block, triton.next_power_of_2(width))))
+        _route_kernel[(rows.shape[0],)](rows, weights, ids, x_rows, gate_weight, rows.shape[1], gate_weight.numel(),
+                                        shared_id, **shapes,
+                                        num_warps=_warps(max(shapes["BLOCK"], shapes["WIDTH_BLOCK"])))
+    return weights, ids
+
+
+ROUTER_EXPERTS_PER_PROGRAM = 4  # 64 programs share a 256-expert router's 2 MB (fp32, 2048 wide)
+
+
+def moe_router_route(x: torch.Tensor, router: torch.Tensor, top_k: int, shared_gate: torch.Tensor | None = None,
+                     shared_expert: int | None = None):
+    """moe_route(x @ router.T, top_k, x, shared_gate, shared_expert) in one launch: x [N, H] float32,
+    router [E, H] float32/bfloat16/float16. The programs of a row each compute some experts' logits;
+    the last of them to finish picks the row's experts."""
+    if router.dim() != 2 or x.dim() != 2 or x.shape[1] != router.shape[1]:
+        raise Qwen35Error(f"router weight {list(router.shape)} does not fit input rows {list(x.shape)}")
+    x_rows, router = x.float().contiguous(), router.contiguous()
+    logits = torch.empty(x.shape[0], router.shape[0], dtype=torch.float32, device=x.device)
+    weights, ids, gate_weight, shared_id, shapes = _route_arguments(logits, top_k, x_rows, shared_gate, shared_expert)
+    if x.shape[0]:
+        grid = (triton.cdiv(router.shape[0], ROUTER_EXPERTS_PER_PROGRAM), x.shape[0])
+        _router_route_kernel[grid](x_rows, router, logits, arrival_counters(x.device, x.shape[0]), weights, ids,
+                                   gate_weight, router.shape[0], x.shape[1], shared_id, **shapes,
+                                   BLOCK_E=ROUTER_EXPERTS_PER_PROGRAM, BLOCK_H=256,
+                                   H_STEPS=triton.cdiv(x.shape[1], 256), num_warps=4)
     return weights, ids
 
 

@@ -25,6 +25,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from qwen35.errors import Qwen35Error
+from qwen35.kernels.triton_checks import arrival_counters
 from qwen35.kernels.triton_gguf_blocks import (  # noqa: F401  (SUPPORTED_TYPES, supports, random_blocks: this module's API too)
     HAS_MIN_TYPES, STEP, STEP_ELEMENTS, SUPPORTED_TYPES, aligned, check_blocks, fetch_q6_k, load_step, part_elements,
     q6_k_quarter, random_blocks, supports, weights_of,
@@ -298,19 +299,6 @@ def dequantize(
     return out
 
 
-_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The device's zeroed arrival counts for split-K (each call leaves them at 0 again): allocated
-    once, so that a CUDA graph's kernels and later calls use the same buffer."""
-    counters = _SPLIT_COUNTERS.get(device)
-    if counters is None or counters.numel() < tiles:
-        counters = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        _SPLIT_COUNTERS[device] = counters  # the plan keeps tiles < 4 x processors: in practice never regrown
-    return counters
-
-
 def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_experts, expert_bytes, block_m,
                  n_x_rows, swiglu):
     n_blocks, row_bytes, (groups, length, planes) = check_blocks(blocks, type_id, in_features, 2, 3)
@@ -325,7 +313,7 @@ def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_ex
     grid = (triton.cdiv(n_out, block_n), splits, slots)
     if splits > 1:
         partial = torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
-        counters = _split_counters(blocks.device, grid[0] * slots)
+        counters = arrival_counters(blocks.device, grid[0] * slots)  # tiles < 4 x processors when split
     else:
         partial = counters = out
     qtype = int(type_id)

@@ -78,7 +78,10 @@ DOT_TILES = (
     (None, DotTiles(block_n=128, block_m=128, num_warps=8, num_stages=2)),
 )
 GROUPED_MAX_BLOCK_M = 64  # 128-slot tiles spill in the grouped kernel (its gathered x offsets)
-PROGRAMS_PER_PROCESSOR = 2  # split-K aims for this many programs per processor
+# Split-K aims for this many programs per processor: about what one holds at the decode tiles
+# (60 KB of shared memory and ~128 registers a thread for Q4_K: 3 to 4), so that one wave
+# streams the weights with every processor busy.
+PROGRAMS_PER_PROCESSOR = 4
 
 
 def pick_tiles(rows_per_weight: float, grouped: bool = False) -> DotTiles:
@@ -192,9 +195,10 @@ def _dot_kernel(
 
 
 def _check_x(x: torch.Tensor, in_features: int, blocks: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != in_features:
+    if (not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2
+            or x.shape[1] != in_features):
         shape = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise Qwen35Error(f"x must be a float32 tensor [rows, {in_features}], got {shape}")
+        raise Qwen35Error(f"x must be a float32 (or bfloat16) tensor [rows, {in_features}], got {shape}")
     if x.device != blocks.device:
         raise Qwen35Error(f"x is on {x.device} but the weight blocks are on {blocks.device}")
     if x.device.type != "cuda" and not _INTERPRETED:
@@ -249,7 +253,8 @@ def dot_matmul(
 ) -> torch.Tensor:
     """x [M, in_features] float32 times W^T, W the blocks [out, row_bytes] -> [M, out] float32.
 
-    Computes x.bfloat16() @ W.bfloat16().T with fp32 sums; `tiles` overrides pick_tiles.
+    Computes x.bfloat16() @ W.bfloat16().T with fp32 sums (bfloat16 x is taken as it is);
+    `tiles` overrides pick_tiles.
     """
     check_blocks(blocks, type_id, in_features, 2, 2)
     _check_x(x, in_features, blocks)

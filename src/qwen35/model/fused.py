@@ -73,6 +73,7 @@ class CpuSteps:
         return None if fused is None else fused.reshape(*x.shape[:-1], -1)
 
     def moe(self, moe, x, logits, with_shared: bool):
+        logits = moe.router(x) if logits is None else logits
         shared = moe.shared is not None and with_shared
         layers = (moe.shared.gate_proj, moe.shared.up_proj, moe.shared.down_proj) if shared else None
         return fast_cpu.sparse_moe(x, logits, moe.top_k, (moe.gates, moe.ups, moe.downs), layers,
@@ -129,15 +130,26 @@ class GpuSteps:
             return mlp.down_proj(self._kernels().silu_mul(gate, up))
         return fast_cuda.swiglu_linear(mlp.down_proj, gate_up)
 
+    def _route(self, moe, x, logits, with_shared_slot: bool):
+        """(weights, ids) of each row's experts: with logits None, the router's product and the routing
+        in one launch where the router is a plain float weight; with_shared_slot adds the shared expert."""
+        kernels = self._kernels()
+        shared = (moe.shared_gate, moe.shared_expert) if with_shared_slot else ()
+        router = fast_cuda.dense_weight(moe.router) if logits is None else None
+        if router is not None:
+            return kernels.moe_router_route(x, router, moe.top_k, *shared)
+        logits = moe.router(x) if logits is None else logits
+        return kernels.moe_route(logits, moe.top_k, *((x,) + shared if shared else ()))
+
     def moe(self, moe, x, logits, with_shared: bool):
         kernels = self._kernels()
         if moe.shared_expert is not None and with_shared and x.shape[0] == 1:
             # One token: the shared expert is one more slot of the routed experts' launches. (For more
             # tokens, each slot reads its expert once, so the shared one is read once as a plain MLP.)
-            weights, ids = kernels.moe_route(logits, moe.top_k, x, moe.shared_gate, moe.shared_expert)
+            weights, ids = self._route(moe, x, logits, with_shared_slot=True)
             gate_up = moe.gates_ups.joined(x, ids)
             return kernels.moe_combine(fast_cuda.swiglu_experts(moe.downs_group.fused, gate_up, ids), weights)
-        top_weights, top_experts = kernels.moe_route(logits, moe.top_k)
+        top_weights, top_experts = self._route(moe, x, logits, with_shared_slot=False)
         gate_up = moe.gates_ups.joined(x, top_experts)
         if gate_up is None:
             gate, up = moe.gates_ups(x, top_experts)

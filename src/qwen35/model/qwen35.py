@@ -373,18 +373,21 @@ class SparseMoE:
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1]).float()
-        logits = self.router(x)
         experts_device = self.gates.blocks.device
         if experts_device != x.device:  # --n-cpu-moe: the routed experts stay in system RAM
-            routed = self._routed(x.to(experts_device), logits.to(experts_device), with_shared=False).to(x.device)
+            logits = self.router(x).to(experts_device)
+            routed = self._routed(x.to(experts_device), logits, with_shared=False).to(x.device)
             return (routed + self._shared(x)).reshape(shape)
-        return self._routed(x, logits, with_shared=True).reshape(shape)
+        return self._routed(x, None, with_shared=True).reshape(shape)
 
     def _routed(self, x, logits, with_shared: bool):
+        """The experts' part; `logits` None: the router's product is still to be done (fused with the
+        routing where a fused form takes it)."""
         steps = fused_steps(x)
         out = steps.moe(self, x, logits, with_shared) if steps is not None else None
         if out is not None:
             return out
+        logits = self.router(x) if logits is None else logits
         shared = self.shared is not None and with_shared
         probs = logits.softmax(dim=-1)
         top_weights, top_experts = probs.topk(self.top_k, dim=-1)
