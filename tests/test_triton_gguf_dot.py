@@ -208,7 +208,7 @@ def test_bad_arguments_are_named(device):
         dot(blocks, T.Q4_K, x, 100)
     with pytest.raises(Qwen35Error, match=r"float32 \(or bfloat16\) tensor \[rows, 256\], got torch.float64"):
         dot(blocks, T.Q4_K, x.double(), 256)
-    with pytest.raises(Qwen35Error, match=r"float32 \(or bfloat16\) tensor \[rows, 256\], got torch.float32 \[1, 512\]"):
+    with pytest.raises(Qwen35Error, match=r"tensor \[rows, 256\], got torch.float32 \[1, 512\]"):
         dot(blocks, T.Q4_K, torch.zeros(1, 512, device=device), 256)
     with pytest.raises(Qwen35Error, match="2 to 2 dimensions"):
         dot(blocks.reshape(2, 2, -1), T.Q4_K, x, 256)

@@ -213,10 +213,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _processors(device: torch.device) -> int:
+def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 1  # the interpreter: a little splitting, so tests exercise split-K (and a short last split)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return PROGRAMS_PER_PROCESSOR * _sm_count(index)
+    return 2  # the interpreter: a little splitting, so tests exercise split-K (with a short last split)
 
 
 def _launch(blocks, type_id, x, in_features, n_out, out_rows, m_blocks, busy_m_blocks, tiles,
@@ -228,7 +229,7 @@ def _launch(blocks, type_id, x, in_features, n_out, out_rows, m_blocks, busy_m_b
     if (x.shape[0] + tiles.block_m) * in_features >= 2**31:
         raise Qwen35Error(f"x has too many rows ({x.shape[0]}) for one product: split it into smaller chunks")
     n_tiles = triton.cdiv(n_out, tiles.block_n)
-    target = PROGRAMS_PER_PROCESSOR * _processors(blocks.device)
+    target = _target_programs(blocks.device)
     splits = max(1, min(n_steps, target // max(n_tiles * busy_m_blocks, 1)))
     steps_per_split = triton.cdiv(n_steps, splits)
     splits = triton.cdiv(n_steps, steps_per_split)
@@ -271,7 +272,7 @@ def grouped_dot_matmul(
     tiles: DotTiles | None = None,
 ) -> torch.Tensor:
     """Slot s computes x[s // (S // R)] @ W[expert_ids[s]]^T: blocks [E, out, row_bytes], x [R, in]
-    float32, expert_ids [S] int32/int64 on the device (never read by the host) -> [S, out] float32.
+    float32 (or bfloat16), expert_ids [S] int32/int64 on the device (never read by the host) -> [S, out] float32.
 
     An expert id outside [0, E) gives NaNs in its slot instead of reading out of bounds.
     """
