@@ -25,9 +25,8 @@ expert's group padded to whole BLOCK_M blocks, one program per (N tile, block, s
 Precision: weights are rounded to bf16 (nearest even) from the reference's float32
 values, x is rounded to bf16 by torch, products are exact in fp32 and sums are fp32: the
 result is x.bfloat16() @ W_ref.bfloat16().T up to the order of fp32 summation. (The
-compiler may fuse scale * q - offset into one FMA: scale * q is exact in fp32 for every
-type, at most 11 + 8 + 6 significant bits, so the fused and the reference's twice-rounded
-forms agree.)
+compiler may fuse Q4_K/Q5_K's scale * q - offset into one FMA: scale * q is exact in fp32,
+at most 11 + 6 + 5 significant bits, so the fused form rounds as the reference does.)
 
 Graph safety: nothing reads a device value on the host; every shape follows from the
 input shapes, so calls can be captured in CUDA graphs. An expert id outside [0, E) gives
@@ -77,7 +76,9 @@ DOT_TILES = (
     (128, DotTiles(block_n=128, block_m=64, num_warps=8, num_stages=3)),
     (None, DotTiles(block_n=128, block_m=128, num_warps=8, num_stages=2)),
 )
-GROUPED_MAX_BLOCK_M = 64  # 128-slot tiles spill in the grouped kernel (its gathered x offsets)
+# The grouped kernel stops at 64-slot tiles: at 128 its Q4_K code spills (gathered x rows cost
+# registers), and every expert's group is padded to whole tiles.
+GROUPED_MAX_BLOCK_M = 64
 # Split-K aims for this many programs per processor: about what one holds at the decode tiles
 # (60 KB of shared memory and ~128 registers a thread for Q4_K: 3 to 4), so that one wave
 # streams the weights with every processor busy.
