@@ -239,6 +239,32 @@ def test_expert_gemv_takes_gate_and_up_per_slot(device):
         assert_within_bound(ours[slot : slot + 1], x[slot : slot + 1], weights[expert])
 
 
+# 1100 outputs: three passes of the combining loop; 40 outputs over 2048 inputs: split-K in the interpreter
+@pytest.mark.parametrize("out_features, in_features", ((1100, 256), (40, 2048)))
+def test_expert_gemv_combines_each_tokens_slots_in_the_same_launch(device, out_features, in_features):
+    n_experts, slots_per_token, tokens = 5, 3, 2
+    blocks = weight_blocks(T.Q4_K, (n_experts, out_features), in_features, seed=18)
+    weights = reference_weight(blocks, T.Q4_K, in_features).double()
+    ids = torch.tensor([4, 0, 2, 2, 1, 4])
+    generator = torch.Generator().manual_seed(19)
+    gate_up = torch.randn(len(ids), 2 * in_features, generator=generator)
+    slot_weights = torch.rand(tokens, slots_per_token, generator=generator)
+    for _ in range(2):  # the second call finds the arrival counts back at zero
+        ours = triton_gguf.expert_gemv(blocks.to(device), T.Q4_K, gate_up.to(device), ids.to(device), in_features,
+                                       swiglu=True, slot_weights=slot_weights.to(device))
+        x = _silu_times_up(gate_up)
+        per_slot = torch.stack([x[s] @ weights[e].T for s, e in enumerate(ids.tolist())])
+        expected = (per_slot.reshape(tokens, slots_per_token, -1) * slot_weights.double()[..., None]).sum(dim=1)
+        magnitude = torch.stack([x[s].abs() @ weights[e].abs().T for s, e in enumerate(ids.tolist())])
+        bound = RELATIVE_BOUND * (magnitude.reshape(tokens, slots_per_token, -1) * slot_weights.double()[..., None]).sum(1)
+        assert ours.shape == (tokens, out_features)
+        assert bool(((ours.cpu().double() - expected).abs() <= bound).all())
+    assert int(arrival_counters(torch.device(device), 1).abs().sum()) == 0
+    with pytest.raises(Qwen35Error, match="slot_weights"):
+        triton_gguf.expert_gemv(blocks.to(device), T.Q4_K, gate_up.to(device), ids.to(device), in_features,
+                                swiglu=True, slot_weights=slot_weights[:1].to(device))
+
+
 def test_split_k_sums_in_one_launch_and_leaves_its_counters_at_zero(device):
     blocks = weight_blocks(T.Q4_K, (37,), 2048, seed=16).to(device)  # 8 steps over one row program: split
     n_steps = 2048 // triton_gguf.STEP_ELEMENTS
@@ -253,7 +279,9 @@ def test_split_k_sums_in_one_launch_and_leaves_its_counters_at_zero(device):
 
 
 # What the interpreter never runs: the GEMV as compiled for an H100 (tests/sm90.py), split-K's atomic
-# count included. For each type at one row of x (Q4_K also fed gate and up, and at 8 rows), no spills.
+# count included. For each type at one row of x (Q4_K also fed gate and up, and at 8 rows; Q6_K as the
+# MoE's down product with its combining), no spills. (Q6_K fed gate and up per expert slot and split
+# along K spills 8 bytes; no Qwen 3.5 size's down product splits.)
 SM90_COMPILE = r"""
 import json
 from gguf import GGMLQuantizationType as T
@@ -264,14 +292,16 @@ from qwen35.kernels.triton_gguf_blocks import TILES
 POINTERS = {"w_ptr": "*u8", "counter_ptr": "*i32", "ids_ptr": "*i64"}
 results = {}
 for name, rows, swiglu in (("Q4_K", 1, False), ("Q4_K", 1, True), ("Q6_K", 1, False), ("Q8_0", 1, False),
-                           ("Q4_K", 8, False)):
+                           ("Q4_K", 8, False), ("Q6_K", 1, "combine")):
     qtype = T[name]
     groups, length, planes = TILES[qtype]
     block_n, warps, stages = tg.GEMV_CONFIG[qtype] if rows == 1 else (tg.GEMV_BLOCK_N[rows], 4, 1)
     constants = dict(QTYPE=int(qtype), HAS_MIN=qtype in tg.HAS_MIN_TYPES, G=groups, L=length, P=planes,
-                     BLOCK_N=block_n, BLOCK_M=rows, HAS_IDS=False, STEPS=2, SPLITS=4, SWIGLU=swiglu,
-                     NUM_STAGES=stages, num_warps=warps)
-    results[f"{name} x{rows}{' swiglu' if swiglu else ''}"] = compile_report(tg._gemv_kernel, constants, POINTERS,
+                     BLOCK_N=block_n, BLOCK_M=rows, HAS_IDS=swiglu == "combine", STEPS=2,
+                     SPLITS=1 if swiglu == "combine" else 4,  # the 35B's down product: 2 steps, no split
+                     SWIGLU=bool(swiglu), NUM_STAGES=stages, COMBINE=swiglu == "combine", SLOTS_PER_TOKEN=9,
+                     COMBINE_STEPS=2, num_warps=warps)
+    results[f"{name} x{rows} {swiglu}"] = compile_report(tg._gemv_kernel, constants, POINTERS,
                                                                               {"row_bytes", "in_features"})
 print(json.dumps(results))
 """

@@ -107,16 +107,25 @@ def swiglu_linear(layer: quant_linear.QuantLinear, gate_up: torch.Tensor) -> tor
     return layer(_silu_mul(gate_up))
 
 
-def swiglu_experts(experts: quant_linear.QuantExperts, gate_up: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+def swiglu_experts(experts: quant_linear.QuantExperts, gate_up: torch.Tensor, expert_ids: torch.Tensor,
+                   slot_weights: torch.Tensor | None = None) -> torch.Tensor:
     """experts(silu(gate) * up, expert_ids) for gate_up [N, k, 2 * in], one row per slot: the routed
-    experts' down projection, with the SwiGLU in the product's launch where the slots read blocks."""
+    experts' down projection, with the SwiGLU in the product's launch where the slots read blocks.
+    With slot_weights [N, k]: each token's slots weighted and summed, [N, out] (the MoE's output), also
+    in that launch."""
     slots = expert_ids.numel()
     if (experts.mode == "fast" and _gguf().supports(experts.type_id)
             and slots <= EXPERT_GEMV_SLOTS_PER_EXPERT * experts.n_experts):
         out = _gguf().expert_gemv(experts.blocks, experts.type_id, gate_up.reshape(slots, -1).float(),
-                                  expert_ids.reshape(-1), experts.in_features, swiglu=True)
-        return out.reshape(*expert_ids.shape, experts.out_features)
-    return experts(_silu_mul(gate_up), expert_ids)
+                                  expert_ids.reshape(-1), experts.in_features, swiglu=True,
+                                  slot_weights=None if slot_weights is None else slot_weights.float())
+        return out if slot_weights is not None else out.reshape(*expert_ids.shape, experts.out_features)
+    down = experts(_silu_mul(gate_up), expert_ids)
+    if slot_weights is None:
+        return down
+    from qwen35.kernels import triton_decode
+
+    return triton_decode.moe_combine(down, slot_weights)
 
 
 def dequantize_rows(blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor | None:

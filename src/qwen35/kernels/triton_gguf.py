@@ -140,17 +140,39 @@ def _sum_splits(acc, partial_ptr, out_ptr, counter_ptr, tile, split, offsets, ok
             total += tl.load(partial_ptr + s * plane + offsets, mask=ok, other=0.0, cache_modifier=".cg")
         tl.store(out_ptr + offsets, total, mask=ok)
         tl.atomic_xchg(counter_ptr + tile, 0)
+    return arrived == SPLITS - 1  # whether this program finished the tile
+
+
+@triton.jit
+def _combine_token(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, token, n_out, tiles_per_token,
+                   SLOTS_PER_TOKEN: tl.constexpr, COMBINE_STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Counts a finished output tile in for its token; the token's last tile then writes the weighted sum
+    of the token's slots, sum_s weight[s] * out[s] (triton_decode.moe_combine's loop, without its launch)."""
+    tl.debug_barrier()
+    if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == tiles_per_token - 1:
+        first_slot = token.to(tl.int64) * SLOTS_PER_TOKEN
+        for step in range(COMBINE_STEPS):
+            columns = step * BLOCK_C + tl.arange(0, BLOCK_C)
+            total = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for s in range(SLOTS_PER_TOKEN):
+                weight = tl.load(slot_weights_ptr + first_slot + s)
+                total += weight * tl.load(out_ptr + (first_slot + s) * n_out + columns, mask=columns < n_out,
+                                          other=0.0, cache_modifier=".cg")
+            tl.store(combined_ptr + token * n_out + columns, total, mask=columns < n_out)
+        tl.atomic_xchg(counter_ptr, 0)
 
 
 @triton.jit
 def _gemv_kernel(
-    w_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr,
+    w_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr,
     n_out, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows, slots_per_x,
     QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDS: tl.constexpr, STEPS: tl.constexpr,
     SPLITS: tl.constexpr, SWIGLU: tl.constexpr, NUM_STAGES: tl.constexpr,
+    COMBINE: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, COMBINE_STEPS: tl.constexpr,
 ):
-    """out[m, n] = x[m] . W[n] (or, with ids, one slot per program), over SPLITS programs along K."""
+    """out[m, n] = x[m] . W[n] (or, with ids, one slot per program), over SPLITS programs along K.
+    COMBINE (with ids): also combined[t] = sum over token t's SLOTS_PER_TOKEN slots of weight * out."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     slot = tl.program_id(2)
@@ -209,12 +231,20 @@ def _gemv_kernel(
         out_rows = n_x_rows
     offsets = out_m.to(tl.int64) * n_out + out_n
     ok = (tl.arange(0, BLOCK_M)[:, None] < n_x_rows) & (out_n < n_out)
+    tiles = tl.num_programs(0) * tl.num_programs(2)
+    token = slot // SLOTS_PER_TOKEN
     if SPLITS == 1:
         tl.store(out_ptr + offsets, acc, mask=ok)
+        if COMBINE:
+            _combine_token(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr + tiles + token, token, n_out,
+                           tl.num_programs(0) * SLOTS_PER_TOKEN, SLOTS_PER_TOKEN, COMBINE_STEPS, _COMBINE_BLOCK)
     else:
         tile = slot * tl.num_programs(0) + pid_n
-        _sum_splits(acc, partial_ptr, out_ptr, counter_ptr, tile, split, offsets, ok,
-                    out_rows.to(tl.int64) * n_out, SPLITS)
+        if _sum_splits(acc, partial_ptr, out_ptr, counter_ptr, tile, split, offsets, ok,
+                       out_rows.to(tl.int64) * n_out, SPLITS):
+            if COMBINE:
+                _combine_token(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr + tiles + token, token, n_out,
+                               tl.num_programs(0) * SLOTS_PER_TOKEN, SLOTS_PER_TOKEN, COMBINE_STEPS, _COMBINE_BLOCK)
 
 
 # ---------------------------------------------------------------- host side
@@ -299,8 +329,11 @@ def dequantize(
     return out
 
 
+_COMBINE_BLOCK = tl.constexpr(512)  # columns the combining program sums at a time
+
+
 def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_experts, expert_bytes, block_m,
-                 n_x_rows, swiglu):
+                 n_x_rows, swiglu, slot_weights=None):
     n_blocks, row_bytes, (groups, length, planes) = check_blocks(blocks, type_id, in_features, 2, 3)
     n_steps = triton.cdiv(in_features, STEP_ELEMENTS)
     if block_m == 1:
@@ -311,21 +344,25 @@ def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_ex
     out_rows = slots if expert_ids is not None else n_x_rows
     out = torch.empty((out_rows, n_out), dtype=torch.float32, device=blocks.device)
     grid = (triton.cdiv(n_out, block_n), splits, slots)
-    if splits > 1:
-        partial = torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
-        counters = arrival_counters(blocks.device, grid[0] * slots)  # tiles < 4 x processors when split
-    else:
-        partial = counters = out
+    partial = (torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
+               if splits > 1 else out)
+    # Split tiles count at [0, tiles), combined tokens after them (tiles < 4 x processors when split).
+    tokens = slot_weights.shape[0] if slot_weights is not None else 0
+    counters = arrival_counters(blocks.device, grid[0] * slots + tokens) if splits > 1 or tokens else out
+    combined = torch.empty((tokens, n_out), dtype=torch.float32, device=blocks.device) if tokens else out
     qtype = int(type_id)
     _gemv_kernel[grid](
         aligned(blocks, type_id), x, out, partial, counters, expert_ids if expert_ids is not None else x,
+        combined, slot_weights if tokens else out,
         n_out, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows,
         max(slots // max(x.shape[0], 1), 1),
         QTYPE=qtype, HAS_MIN=qtype in HAS_MIN_TYPES, G=groups, L=length, P=planes, BLOCK_N=block_n,
         BLOCK_M=block_m, HAS_IDS=expert_ids is not None, STEPS=steps_per_split, SPLITS=splits,
-        SWIGLU=swiglu, NUM_STAGES=num_stages, num_warps=num_warps,
+        SWIGLU=swiglu, NUM_STAGES=num_stages, COMBINE=bool(tokens),
+        SLOTS_PER_TOKEN=slot_weights.shape[1] if tokens else 1,
+        COMBINE_STEPS=triton.cdiv(n_out, _COMBINE_BLOCK.value) if tokens else 1, num_warps=num_warps,
     )
-    return out
+    return combined if tokens else out
 
 
 def gemv(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, swiglu: bool = False) -> torch.Tensor:
@@ -342,11 +379,13 @@ def gemv(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, 
 
 def expert_gemv(
     blocks: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int,
-    swiglu: bool = False,
+    swiglu: bool = False, slot_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Slot s computes x[s // (S // R)] . W[expert_ids[s]]^T: blocks [E, out, row_bytes], x [R, in],
     expert_ids [S] (on the device; read by the kernel, never by the host) -> [S, out] float32.
     With swiglu, x is [R, 2 * in] (gate, up) and silu(gate) * up is the input, as for gemv.
+    With slot_weights [N, S / N] (float32, each token's consecutive slots), the slots are also combined
+    in the same launch: -> [N, out], sum_j slot_weights[t, j] * (slot t * S / N + j) (an MoE's output).
 
     An expert id outside [0, E) gives NaNs in its slot instead of reading out of bounds.
     """
@@ -360,11 +399,16 @@ def expert_gemv(
     slots, x_rows = expert_ids.shape[0], x.shape[0]
     if slots == 0 or x_rows == 0 or slots % x_rows:
         raise Qwen35Error(f"the {slots} expert slots must be a positive multiple of the {x_rows} rows of x")
+    if slot_weights is not None and (
+            not isinstance(slot_weights, torch.Tensor) or slot_weights.dtype != torch.float32
+            or slot_weights.dim() != 2 or slot_weights.numel() != slots or slot_weights.device != blocks.device):
+        raise Qwen35Error(f"slot_weights must be a float32 tensor [tokens, slots per token] holding the {slots} "
+                          f"slots' weights, on {blocks.device}")
     n_experts, n_out = blocks.shape[0], blocks.shape[1]
     x = x.contiguous()
     return _launch_gemv(
         blocks, type_id, x, in_features, n_out, slots, expert_ids.contiguous(), n_experts,
-        n_out * blocks.shape[2], 1, 1, swiglu,
+        n_out * blocks.shape[2], 1, 1, swiglu, None if slot_weights is None else slot_weights.contiguous(),
     )
 
 

@@ -148,7 +148,7 @@ class GpuSteps:
             # tokens, each slot reads its expert once, so the shared one is read once as a plain MLP.)
             weights, ids = self._route(moe, x, logits, with_shared_slot=True)
             gate_up = moe.gates_ups.joined(x, ids)
-            return kernels.moe_combine(fast_cuda.swiglu_experts(moe.downs_group.fused, gate_up, ids), weights)
+            return fast_cuda.swiglu_experts(moe.downs_group.fused, gate_up, ids, slot_weights=weights)
         top_weights, top_experts = self._route(moe, x, logits, with_shared_slot=False)
         gate_up = moe.gates_ups.joined(x, top_experts)
         if gate_up is None:
