@@ -4,7 +4,8 @@
 
 Prints one JSON line per measurement and writes them all to --json. The shapes are the
 35B-A3B model's: GEMV over Q4_K/Q6_K/Q8_0 weights (the 248K-row head, 2048-wide
-projections) at 1 and 8 rows, the grouped expert product, the chunked delta rule at 8K
+projections) at 1 and 8 rows, each product's candidate paths by rows of x (GEMV, tensor-core
+product from the blocks, dequantize + cuBLAS) and by tokens for the experts, the grouped expert product, the chunked delta rule at 8K
 tokens and attention decode at a 4K context.
 """
 
@@ -36,8 +37,11 @@ def main(argv=None) -> int:
     for type_id, rows, width in GEMV_SHAPES:
         for m in (1, 8):
             record(f"gemv {type_id.name} {rows}x{width} M={m}", triton_gguf.benchmark_gemv(int(type_id), rows, width, rows=m))
-    for m in (1, 2, 4, 8, 16):  # where fast_cuda.GEMV_MAX_ROWS should sit
-        record(f"Q4_K 8192x2048 M={m}: gemv vs dequantize + cuBLAS", gemv_or_dequantize(m))
+    for m in (1, 2, 4, 8, 16, 64, 512, 4096):  # where fast_cuda.GEMV_MAX_ROWS should sit, and the dot's place
+        record(f"Q4_K 8192x2048 M={m}: gemv / dot from blocks / dequantize + cuBLAS", dense_paths(m))
+    for tokens in (8, 64, 512, 4096):  # where fast_cuda.EXPERT_GEMV_SLOTS_PER_EXPERT should sit
+        record(f"35B gate+up experts, {tokens} tokens: per-slot gemv / grouped dot / dequantize + grouped",
+               expert_paths(tokens))
     if not args.quick:
         record("grouped experts 4096 tokens", triton_moe.benchmark())
         record("chunked delta rule 8K", triton_chunked.benchmark())
@@ -47,24 +51,50 @@ def main(argv=None) -> int:
     return 0
 
 
-def gemv_or_dequantize(m: int, rows: int = 8192, width: int = 2048) -> dict:
-    """fast_cuda.matmul's two paths for m rows of x over one Q4_K weight, timed (median of do_bench, ms)."""
-    import torch
+def _median_ms(fn) -> float:
     import triton
 
-    from qwen35.kernels import fast_cuda, triton_gguf
+    return triton.testing.do_bench(fn, return_mode="median")
 
-    blocks = triton_gguf.random_blocks(int(T.Q4_K), (rows,), width, device="cuda")
+
+def dense_paths(m: int, rows: int = 8192, width: int = 2048) -> dict:
+    """fast_cuda.matmul's candidates for m rows of x over one Q4_K weight (median ms): the GEMV from
+    blocks (m <= 16), the tensor-core product from blocks, and dequantize to bf16 + cuBLAS."""
+    import torch
+
+    from qwen35.kernels import triton_gguf, triton_gguf_dot
+
+    q4_k = int(T.Q4_K)
+    blocks = triton_gguf.random_blocks(q4_k, (rows,), width, device="cuda")
     x = torch.randn(m, width, device="cuda")
-    gemv = triton.testing.do_bench(lambda: triton_gguf.gemv(blocks, int(T.Q4_K), x, width), return_mode="median")
-    saved = fast_cuda.GEMV_MAX_ROWS
-    fast_cuda.GEMV_MAX_ROWS = 0
-    try:
-        dense = triton.testing.do_bench(lambda: fast_cuda.matmul(blocks, int(T.Q4_K), x, width, rows),
-                                        return_mode="median")
-    finally:
-        fast_cuda.GEMV_MAX_ROWS = saved
-    return {"gemv_ms": gemv, "dequantize_cublas_ms": dense}
+    result = {"dot_ms": _median_ms(lambda: triton_gguf_dot.dot_matmul(blocks, q4_k, x, width)),
+              "dequantize_cublas_ms": _median_ms(
+                  lambda: x.bfloat16() @ triton_gguf.dequantize(blocks, q4_k, width).t())}
+    if m <= triton_gguf.MAX_GEMV_ROWS:
+        result["gemv_ms"] = _median_ms(lambda: triton_gguf.gemv(blocks, q4_k, x, width))
+    return result
+
+
+def expert_paths(tokens: int, experts: int = 256, top_k: int = 8, rows: int = 1024, width: int = 2048) -> dict:
+    """fast_cuda.expert_matmul's candidates for the 35B's gate+up experts (Q4_K) at `tokens` tokens
+    (median ms): a GEMV per slot, the grouped tensor-core product from blocks, and every expert
+    dequantized to bf16 + the grouped bf16 product."""
+    import torch
+
+    from qwen35.kernels import triton_gguf, triton_gguf_dot, triton_moe
+
+    q4_k = int(T.Q4_K)
+    blocks = triton_gguf.random_blocks(q4_k, (experts, rows), width, device="cuda")
+    x = torch.randn(tokens, width, device="cuda")
+    ids = torch.randint(0, experts, (tokens * top_k,), device="cuda")
+    result = {
+        "grouped_dot_ms": _median_ms(lambda: triton_gguf_dot.grouped_dot_matmul(blocks, q4_k, x, ids, width)),
+        "dequantize_grouped_ms": _median_ms(lambda: triton_moe.grouped_expert_matmul(
+            x, triton_gguf.dequantize(blocks, q4_k, width), ids)),
+    }
+    if tokens * top_k <= 4 * experts:
+        result["expert_gemv_ms"] = _median_ms(lambda: triton_gguf.expert_gemv(blocks, q4_k, x, ids, width))
+    return result
 
 
 def _plain(value) -> bool:

@@ -6,8 +6,9 @@
   dequantized to bf16 by a Triton kernel, then a cuBLAS product; F32/F16/BF16 weights
   are used as they are;
 - QuantExperts: for a few slots, one launch that reads each slot's expert from the
-  blocks (expert ids stay on the device); for more, every expert dequantized to bf16
-  and one grouped Triton product over the slots sorted by expert;
+  blocks (expert ids stay on the device); for more, one grouped tensor-core product over
+  the slots sorted by expert that decodes the blocks in its K loop (triton_gguf_dot.py:
+  no bf16 copy of the experts, which for the 35B's 256 experts would be 1.6 GB a layer);
 - the embedding rows, dequantized bit-equal to the reference.
 
 Decode's kernels never read device values on the host, so a whole decode step can be
@@ -29,9 +30,8 @@ from qwen35.kernels import quant_linear
 # beyond, dequantizing it once and running a matrix product is faster.
 GEMV_MAX_ROWS = 16
 # Expert slots (tokens x experts per token) per expert up to which each slot reads its expert's
-# blocks (an expert chosen twice is read twice); beyond, every expert is dequantized to bf16 once
-# (its blocks read, 3.5x their bytes written and read again) for one grouped product. By bytes
-# the two meet near 4 slots per expert; tensor cores favour the grouped product a little sooner.
+# blocks (an expert chosen twice is read twice); beyond, the grouped tensor-core product reads each
+# used expert's blocks once per 16 to 64 of its slots. Unmeasured: benchmarks/gpu_kernels.py times both.
 EXPERT_GEMV_SLOTS_PER_EXPERT = 2
 
 _DENSE = {int(T.F32): torch.float32, int(T.F16): torch.float16, int(T.BF16): torch.bfloat16}
@@ -80,8 +80,9 @@ def expert_matmul(weights: torch.Tensor, type_id: int, x: torch.Tensor, expert_i
         return triton_moe.grouped_expert_matmul(x, experts, expert_ids)
     if expert_ids.numel() <= EXPERT_GEMV_SLOTS_PER_EXPERT * weights.shape[0]:
         return _gguf().expert_gemv(weights, type_id, x, expert_ids, in_features)
-    experts = _gguf().dequantize(weights, type_id, in_features, torch.bfloat16)  # [E, out, in]
-    return triton_moe.grouped_expert_matmul(x, experts, expert_ids)
+    from qwen35.kernels import triton_gguf_dot
+
+    return triton_gguf_dot.grouped_dot_matmul(weights, type_id, x, expert_ids, in_features)
 
 
 def dense_weight(layer: quant_linear.QuantLinear) -> torch.Tensor | None:
