@@ -83,6 +83,7 @@ def gpu_paths_on_cpu(monkeypatch):
     monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
     monkeypatch.setattr(quant_linear, "_FAST_EXPERT_KERNELS", {})
     monkeypatch.setattr(quant_linear, "_FAST_GROUP_KERNEL", {})
+    monkeypatch.setattr(quant_linear, "_FAST_PAIR_KERNEL", {"cpu": fast_cuda.linear_pair})
     monkeypatch.setattr(quant_linear, "_FAST_EXPERT_GROUP_KERNEL", {})
     monkeypatch.setattr(quant_linear, "_WEIGHT_PREPS", {})
     monkeypatch.setattr(quant_linear, "_FAST_DEQUANTIZER", {"cpu": fast_cuda.dequantize_rows})
@@ -110,6 +111,9 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     first = model.network.layers[0].mlp
     group = first.gates_ups if name == "moe" else first.gate_up_proj
     assert group.fused is not None  # gate and up read in one launch
+    pairs = [g for layer in model.network.layers for g in [layer.mixer.qkv_proj if layer.is_attention
+                                                          else layer.mixer.in_proj] if len(g.fused) == 2]
+    assert pairs  # projections of two block types: one launch (fast_cuda.linear_pair)
     if name == "moe":  # the shared expert stacked after the routed ones: one token's experts in two launches
         assert first.shared_expert == first.gates.n_experts == group.fused.n_experts - 1
     cache = model.make_cache(1)

@@ -208,6 +208,19 @@ def test_gemv_over_several_row_programs(device, qtype):
     assert_within_bound(ours, x, reference_weight(blocks, qtype, 256))
 
 
+@pytest.mark.parametrize("first, second", ((T.Q6_K, T.Q4_K), (T.Q4_K, T.Q8_0)), ids=lambda t: t.name)
+@pytest.mark.parametrize("m", (1, 3))
+def test_gemv_takes_a_second_weight_of_another_type_in_the_same_launch(device, first, second, m):
+    in_features = 1024  # four steps: split along K in the interpreter
+    blocks, blocks2 = weight_blocks(first, (70,), in_features, seed=20), weight_blocks(second, (37,), in_features, seed=21)
+    x = torch.randn(m, in_features, generator=torch.Generator().manual_seed(22))
+    ours = triton_gguf.gemv(blocks.to(device), first, x.to(device), in_features, second=(blocks2.to(device), second))
+    both = torch.cat([reference_weight(blocks, first, in_features), reference_weight(blocks2, second, in_features)])
+    assert_within_bound(ours, x, both)
+    with pytest.raises(Qwen35Error, match="second"):
+        triton_gguf.gemv(blocks.to(device), first, x.to(device), in_features, second=blocks2)
+
+
 # ---------------------------------------------------------------- SwiGLU input, split-K
 
 
@@ -279,8 +292,8 @@ def test_split_k_sums_in_one_launch_and_leaves_its_counters_at_zero(device):
 
 
 # What the interpreter never runs: the GEMV as compiled for an H100 (tests/sm90.py), split-K's atomic
-# count included. For each type at one row of x (Q4_K also fed gate and up, and at 8 rows; Q6_K as the
-# MoE's down product with its combining), no spills. (Q6_K fed gate and up per expert slot and split
+# count included. For each type at one row of x (Q4_K also fed gate and up, and at 8 rows; a Q6_K + Q4_K
+# pair; Q6_K as the MoE's down product with its combining), no spills. (Q6_K fed gate and up per expert slot and split
 # along K spills 8 bytes; no Qwen 3.5 size's down product splits.)
 SM90_COMPILE = r"""
 import json
@@ -289,21 +302,35 @@ from sm90 import compile_report
 from qwen35.kernels import triton_gguf as tg
 from qwen35.kernels.triton_gguf_blocks import TILES
 
-POINTERS = {"w_ptr": "*u8", "counter_ptr": "*i32", "ids_ptr": "*i64"}
-results = {}
-for name, rows, swiglu in (("Q4_K", 1, False), ("Q4_K", 1, True), ("Q6_K", 1, False), ("Q8_0", 1, False),
-                           ("Q4_K", 8, False), ("Q6_K", 1, "combine")):
-    qtype = T[name]
+POINTERS = {"w_ptr": "*u8", "w2_ptr": "*u8", "counter_ptr": "*i32", "ids_ptr": "*i64"}
+
+
+def constants(name, second=None, **launch):
+    qtype, qtype2 = T[name], T[second or name]
     groups, length, planes = TILES[qtype]
-    block_n, warps, stages = tg.GEMV_CONFIG[qtype] if rows == 1 else (tg.GEMV_BLOCK_N[rows], 4, 1)
-    constants = dict(QTYPE=int(qtype), HAS_MIN=qtype in tg.HAS_MIN_TYPES, G=groups, L=length, P=planes,
-                     BLOCK_N=block_n, BLOCK_M=rows, HAS_IDS=swiglu == "combine", STEPS=2,
-                     SPLITS=1 if swiglu == "combine" else 4,  # the 35B's down product: 2 steps, no split
-                     SWIGLU=bool(swiglu), NUM_STAGES=stages, COMBINE=swiglu == "combine", SLOTS_PER_TOKEN=9,
-                     COMBINE_STEPS=2, num_warps=warps)
-    results[f"{name} x{rows} {swiglu}"] = compile_report(tg._gemv_kernel, constants, POINTERS,
-                                                                              {"row_bytes", "in_features"})
-print(json.dumps(results))
+    groups2, length2, planes2 = TILES[qtype2]
+    block_n, warps, stages = tg.GEMV_CONFIG[qtype]
+    if launch.get("BLOCK_M", 1) > 1:
+        block_n, warps, stages = tg.GEMV_BLOCK_N[launch["BLOCK_M"]], 4, 1
+    values = dict(QTYPE=int(qtype), HAS_MIN=qtype in tg.HAS_MIN_TYPES, G=groups, L=length, P=planes,
+                  NUM_STAGES=stages, QTYPE2=int(qtype2), HAS_MIN2=qtype2 in tg.HAS_MIN_TYPES, G2=groups2, L2=length2,
+                  P2=planes2, NUM_STAGES2=tg.GEMV_CONFIG[qtype2][2], PAIR=second is not None, BLOCK_N=block_n,
+                  BLOCK_M=1, HAS_IDS=False, STEPS=2, SPLITS=4, SWIGLU=False, COMBINE=False, SLOTS_PER_TOKEN=1,
+                  COMBINE_STEPS=1, num_warps=warps)
+    values.update(launch)
+    return values
+
+
+LAUNCHES = {
+    "Q4_K": constants("Q4_K"), "Q4_K swiglu": constants("Q4_K", SWIGLU=True), "Q6_K": constants("Q6_K"),
+    "Q8_0": constants("Q8_0"), "Q4_K x8": constants("Q4_K", BLOCK_M=8),
+    "Q6_K + Q4_K": constants("Q6_K", "Q4_K"),  # a DeltaNet layer's two projections in one launch
+    # the 35B's MoE down product with its combining: 2 steps, no split
+    "Q6_K experts combine": constants("Q6_K", HAS_IDS=True, SWIGLU=True, SPLITS=1, COMBINE=True, SLOTS_PER_TOKEN=9,
+                                      COMBINE_STEPS=4),
+}
+print(json.dumps({name: compile_report(tg._gemv_kernel, values, POINTERS, {"row_bytes", "row_bytes2", "in_features"})
+                  for name, values in LAUNCHES.items()}))
 """
 
 

@@ -85,6 +85,15 @@ def expert_matmul(weights: torch.Tensor, type_id: int, x: torch.Tensor, expert_i
     return triton_gguf_dot.grouped_dot_matmul(weights, type_id, x, expert_ids, in_features)
 
 
+def linear_pair(first: quant_linear.QuantLinear, second: quant_linear.QuantLinear, x: torch.Tensor):
+    """first(x) and second(x) side by side from one matrix-vector launch (two block types, as a DeltaNet
+    layer's Q6_K qkv and Q4_K gate projections); None where the blocks are not read that way."""
+    gguf = _gguf()
+    if x.shape[0] > GEMV_MAX_ROWS or not (gguf.supports(first.type_id) and gguf.supports(second.type_id)):
+        return None
+    return gguf.gemv(first.blocks, first.type_id, x, first.in_features, second=(second.blocks, second.type_id))
+
+
 def dense_weight(layer: quant_linear.QuantLinear) -> torch.Tensor | None:
     """A float32/float16/bfloat16 layer's weight [out, in] as it is stored; None for block types."""
     if layer.type_id not in _DENSE:
@@ -144,6 +153,7 @@ def install() -> bool:
         return False
     gguf_kernels = _gguf()
     quant_linear.register_fast_dequantizer(dequantize_rows, device="cuda")
+    quant_linear.register_fast_pair_kernel(linear_pair, device="cuda")
     for type_id in (*_DENSE, *gguf_kernels.SUPPORTED_TYPES):
         quant_linear.register_fast_kernel(type_id, matmul, device="cuda")
         quant_linear.register_fast_expert_kernel(type_id, expert_matmul, device="cuda")

@@ -61,6 +61,9 @@ _FAST_EXPERT_KERNELS: dict[tuple[str, int], FastExpertKernel] = {}
 #   kernel([weights], [type_id], x [M, in] float32, in_features, [out_features]) -> [M, sum(out)] | None
 FastGroupKernel = Callable[[list, list, torch.Tensor, int, list], torch.Tensor | None]
 _FAST_GROUP_KERNEL: dict[str, FastGroupKernel] = {}  # by device type
+# (first, second, x [M, in]) -> [M, out1 + out2], or None to decline: a fused LinearGroup's two block tensors
+# of different types in one call, by device type.
+_FAST_PAIR_KERNEL: dict[str, Callable] = {}
 
 # The same for several QuantExperts on one input per slot (gate and up):
 #   kernel([weights], [type_id], x [R, in] (as above), expert_ids [S], in_features, [out_features]) -> [S, sum(out)] | None
@@ -102,6 +105,11 @@ def fast_kernel_for(type_id: int, device: str = "cpu") -> FastKernel | None:
 def register_fast_group_kernel(kernel: FastGroupKernel, device: str = "cpu") -> None:
     """Let `kernel` take whole LinearGroup calls whose layers are all in "fast" mode."""
     _FAST_GROUP_KERNEL[device] = kernel
+
+
+def register_fast_pair_kernel(kernel, device: str = "cpu") -> None:
+    """Let `kernel` take fused LinearGroup calls of two block tensors (two block types) in "fast" mode."""
+    _FAST_PAIR_KERNEL[device] = kernel
 
 
 def register_fast_expert_group_kernel(kernel: FastExpertGroupKernel, device: str = "cpu") -> None:
@@ -299,6 +307,13 @@ class LinearGroup:
         return whole(x)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused is not None and len(self.fused) == 2 and self.layers[0].mode == "fast":
+            pair = _FAST_PAIR_KERNEL.get(self.layers[0].device_type)
+            if pair is not None:
+                flat = _as_float32(x.reshape(-1, self.in_features))
+                out = pair(self.fused[0][0], self.fused[1][0], flat)
+                if out is not None:
+                    return out.reshape(*x.shape[:-1], -1).split(self.out_features, dim=-1)
         if self.fused is not None:
             outputs = []
             for whole, sizes in self.fused:

@@ -163,17 +163,17 @@ def _combine_token(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, token, 
 
 
 @triton.jit
-def _gemv_kernel(
-    w_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr,
-    n_out, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows, slots_per_x,
+def _gemv_tile(
+    w_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr, pid_n, tile,
+    n_out, out_width, out_column, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows, slots_per_x,
     QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDS: tl.constexpr, STEPS: tl.constexpr,
     SPLITS: tl.constexpr, SWIGLU: tl.constexpr, NUM_STAGES: tl.constexpr,
     COMBINE: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, COMBINE_STEPS: tl.constexpr,
 ):
-    """out[m, n] = x[m] . W[n] (or, with ids, one slot per program), over SPLITS programs along K.
-    COMBINE (with ids): also combined[t] = sum over token t's SLOTS_PER_TOKEN slots of weight * out."""
-    pid_n = tl.program_id(0)
+    """Output rows pid_n * BLOCK_N.. of one weight (or, with ids, one slot's), written at columns
+    out_column.. of out's rows of out_width: this split's share of x[m] . W[n], the whole sum once
+    the last split is in. COMBINE (with ids): also combined[t] = sum over token t's slots of weight * out."""
     split = tl.program_id(1)
     slot = tl.program_id(2)
     row = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None, None]
@@ -229,7 +229,7 @@ def _gemv_kernel(
         out_m += slot
     else:
         out_rows = n_x_rows
-    offsets = out_m.to(tl.int64) * n_out + out_n
+    offsets = out_m.to(tl.int64) * out_width + out_column + out_n
     ok = (tl.arange(0, BLOCK_M)[:, None] < n_x_rows) & (out_n < n_out)
     tiles = tl.num_programs(0) * tl.num_programs(2)
     token = slot // SLOTS_PER_TOKEN
@@ -239,12 +239,41 @@ def _gemv_kernel(
             _combine_token(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr + tiles + token, token, n_out,
                            tl.num_programs(0) * SLOTS_PER_TOKEN, SLOTS_PER_TOKEN, COMBINE_STEPS, _COMBINE_BLOCK)
     else:
-        tile = slot * tl.num_programs(0) + pid_n
         if _sum_splits(acc, partial_ptr, out_ptr, counter_ptr, tile, split, offsets, ok,
-                       out_rows.to(tl.int64) * n_out, SPLITS):
+                       out_rows.to(tl.int64) * out_width, SPLITS):
             if COMBINE:
                 _combine_token(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr + tiles + token, token, n_out,
                                tl.num_programs(0) * SLOTS_PER_TOKEN, SLOTS_PER_TOKEN, COMBINE_STEPS, _COMBINE_BLOCK)
+
+
+@triton.jit
+def _gemv_kernel(
+    w_ptr, w2_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr,
+    n_out, n_out2, in_features, n_blocks, n_blocks2, row_bytes, row_bytes2, expert_bytes, n_experts, n_x_rows,
+    slots_per_x,
+    QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
+    NUM_STAGES: tl.constexpr, QTYPE2: tl.constexpr, HAS_MIN2: tl.constexpr, G2: tl.constexpr, L2: tl.constexpr,
+    P2: tl.constexpr, NUM_STAGES2: tl.constexpr, PAIR: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDS: tl.constexpr, STEPS: tl.constexpr,
+    SPLITS: tl.constexpr, SWIGLU: tl.constexpr,
+    COMBINE: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, COMBINE_STEPS: tl.constexpr,
+):
+    """out[m, n] = x[m] . W[n] (or, with ids, one slot per program), over SPLITS programs along K. With
+    PAIR, a second weight of another block type (w2, n_out2 rows) on the same x: its rows are the
+    programs after the first's, its outputs the columns after the first's (two products, one launch)."""
+    pid_n = tl.program_id(0)
+    tile = tl.program_id(2) * tl.num_programs(0) + pid_n
+    first_programs = tl.cdiv(n_out, BLOCK_N)
+    if PAIR and pid_n >= first_programs:
+        _gemv_tile(w2_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr,
+                   pid_n - first_programs, tile, n_out2, n_out + n_out2, n_out, in_features, n_blocks2, row_bytes2,
+                   expert_bytes, n_experts, n_x_rows, slots_per_x, QTYPE2, HAS_MIN2, G2, L2, P2, BLOCK_N, BLOCK_M,
+                   HAS_IDS, STEPS, SPLITS, SWIGLU, NUM_STAGES2, COMBINE, SLOTS_PER_TOKEN, COMBINE_STEPS)
+    else:
+        _gemv_tile(w_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr,
+                   pid_n, tile, n_out, n_out + n_out2, 0, in_features, n_blocks, row_bytes,
+                   expert_bytes, n_experts, n_x_rows, slots_per_x, QTYPE, HAS_MIN, G, L, P, BLOCK_N, BLOCK_M,
+                   HAS_IDS, STEPS, SPLITS, SWIGLU, NUM_STAGES, COMBINE, SLOTS_PER_TOKEN, COMBINE_STEPS)
 
 
 # ---------------------------------------------------------------- host side
@@ -333,48 +362,69 @@ _COMBINE_BLOCK = tl.constexpr(512)  # columns the combining program sums at a ti
 
 
 def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_experts, expert_bytes, block_m,
-                 n_x_rows, swiglu, slot_weights=None):
+                 n_x_rows, swiglu, slot_weights=None, second=None):
+    """One launch of _gemv_kernel; `second`: (blocks, type id) of a pair's second weight [n_out2, row_bytes2]."""
     n_blocks, row_bytes, (groups, length, planes) = check_blocks(blocks, type_id, in_features, 2, 3)
-    n_steps = triton.cdiv(in_features, STEP_ELEMENTS)
+    types = [int(type_id)] + ([int(second[1])] if second is not None else [])
     if block_m == 1:
-        block_n, num_warps, num_stages = GEMV_CONFIG[T(type_id)]
+        configs = [GEMV_CONFIG[T(t)] for t in types]
+        # A pair shares its programs' shape: the smaller row tile, the larger warp count; stages are per type.
+        block_n, num_warps, num_stages = min(c[0] for c in configs), max(c[1] for c in configs), configs[0][2]
+        second_stages = configs[-1][2]
     else:
-        block_n, num_warps, num_stages = GEMV_BLOCK_N[block_m], 4, 1
-    splits, steps_per_split = _plan(n_out, n_steps, slots, block_n, blocks.device)
+        block_n, num_warps, num_stages, second_stages = GEMV_BLOCK_N[block_m], 4, 1, 1
+    if second is not None:
+        second_blocks, second_type = second
+        n_blocks2, row_bytes2, (groups2, length2, planes2) = check_blocks(second_blocks, second_type, in_features, 2, 2)
+        n_out2 = second_blocks.shape[0]
+        second_blocks = aligned(second_blocks, second_type)
+    else:
+        second_blocks, n_out2, n_blocks2, row_bytes2, (groups2, length2, planes2) = blocks, 0, 1, 1, (1, 1, 1)
+    width = n_out + n_out2
+    n_steps = triton.cdiv(in_features, STEP_ELEMENTS)
+    row_programs = triton.cdiv(n_out, block_n) + triton.cdiv(n_out2, block_n)
+    splits, steps_per_split = _plan(row_programs * block_n, n_steps, slots, block_n, blocks.device)
     out_rows = slots if expert_ids is not None else n_x_rows
-    out = torch.empty((out_rows, n_out), dtype=torch.float32, device=blocks.device)
-    grid = (triton.cdiv(n_out, block_n), splits, slots)
-    partial = (torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
+    out = torch.empty((out_rows, width), dtype=torch.float32, device=blocks.device)
+    grid = (row_programs, splits, slots)
+    partial = (torch.empty((splits, out_rows, width), dtype=torch.float32, device=blocks.device)
                if splits > 1 else out)
     # Split tiles count at [0, tiles), combined tokens after them (tiles < 4 x processors when split).
     tokens = slot_weights.shape[0] if slot_weights is not None else 0
     counters = arrival_counters(blocks.device, grid[0] * slots + tokens) if splits > 1 or tokens else out
-    combined = torch.empty((tokens, n_out), dtype=torch.float32, device=blocks.device) if tokens else out
-    qtype = int(type_id)
+    combined = torch.empty((tokens, width), dtype=torch.float32, device=blocks.device) if tokens else out
     _gemv_kernel[grid](
-        aligned(blocks, type_id), x, out, partial, counters, expert_ids if expert_ids is not None else x,
-        combined, slot_weights if tokens else out,
-        n_out, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows,
+        aligned(blocks, type_id), second_blocks, x, out, partial, counters,
+        expert_ids if expert_ids is not None else x, combined, slot_weights if tokens else out,
+        n_out, n_out2, in_features, n_blocks, n_blocks2, row_bytes, row_bytes2, expert_bytes, n_experts, n_x_rows,
         max(slots // max(x.shape[0], 1), 1),
-        QTYPE=qtype, HAS_MIN=qtype in HAS_MIN_TYPES, G=groups, L=length, P=planes, BLOCK_N=block_n,
-        BLOCK_M=block_m, HAS_IDS=expert_ids is not None, STEPS=steps_per_split, SPLITS=splits,
-        SWIGLU=swiglu, NUM_STAGES=num_stages, COMBINE=bool(tokens),
-        SLOTS_PER_TOKEN=slot_weights.shape[1] if tokens else 1,
-        COMBINE_STEPS=triton.cdiv(n_out, _COMBINE_BLOCK.value) if tokens else 1, num_warps=num_warps,
+        QTYPE=types[0], HAS_MIN=types[0] in HAS_MIN_TYPES, G=groups, L=length, P=planes, NUM_STAGES=num_stages,
+        QTYPE2=types[-1], HAS_MIN2=types[-1] in HAS_MIN_TYPES, G2=groups2, L2=length2, P2=planes2,
+        NUM_STAGES2=second_stages, PAIR=second is not None,
+        BLOCK_N=block_n, BLOCK_M=block_m, HAS_IDS=expert_ids is not None, STEPS=steps_per_split, SPLITS=splits,
+        SWIGLU=swiglu, COMBINE=bool(tokens), SLOTS_PER_TOKEN=slot_weights.shape[1] if tokens else 1,
+        COMBINE_STEPS=triton.cdiv(width, _COMBINE_BLOCK.value) if tokens else 1, num_warps=num_warps,
     )
     return combined if tokens else out
 
 
-def gemv(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, swiglu: bool = False) -> torch.Tensor:
+def gemv(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, swiglu: bool = False,
+         second: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """x [M, in_features] float32 (M <= 16) times W^T -> [M, out_features] float32; W is read once.
 
     With swiglu, x is [M, 2 * in_features], gate then up, and the product is silu(gate) * up times W^T
-    (an MLP's down projection without a launch for the SwiGLU)."""
+    (an MLP's down projection without a launch for the SwiGLU).
+    With second = (blocks2, type_id2), a second weight (of any supported type) on the same x, in the
+    same launch: -> [M, out_features + out_features2], its outputs after the first's."""
     check_blocks(blocks, type_id, in_features, 2, 2)
     _check_x(x, in_features * (2 if swiglu else 1), blocks, MAX_GEMV_ROWS)
+    if second is not None and (not isinstance(second, tuple) or len(second) != 2
+                               or not isinstance(second[0], torch.Tensor) or second[0].device != blocks.device):
+        raise Qwen35Error(f"second must be (blocks, type id) with the blocks on {blocks.device}")
     x = x.contiguous()
     block_m = triton.next_power_of_2(x.shape[0])
-    return _launch_gemv(blocks, type_id, x, in_features, blocks.shape[0], 1, None, 0, 0, block_m, x.shape[0], swiglu)
+    return _launch_gemv(blocks, type_id, x, in_features, blocks.shape[0], 1, None, 0, 0, block_m, x.shape[0], swiglu,
+                        second=second)
 
 
 def expert_gemv(
