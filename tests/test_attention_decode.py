@@ -160,21 +160,25 @@ class RecordingMixer:
         self.mixer = mixer
         self.steps = []
 
-    def __call__(self, x, kv, starts, rope, mask):
+    @property
+    def output_projection(self):
+        return self.mixer.o_proj
+
+    def mix(self, x, kv, starts, rope, mask):
         if x.shape[1] != 1:
-            return self.mixer(x, kv, starts, rope, mask)
+            return self.mixer.mix(x, kv, starts, rope, mask)
         mixer, seen = self.mixer, {}
         kv.reserve(tokens=int(starts.max()) + 1)  # what a caller of the fused op does first
         seen["before"] = (kv._keys.clone(), kv._values.clone())
-        project, out_proj = mixer.qkv_proj, mixer.o_proj
+        project = mixer.qkv_proj
         mixer.qkv_proj = lambda h: seen.setdefault("qkv", project(h))
-        mixer.o_proj = lambda gated: out_proj(seen.setdefault("gated", gated.clone()))
         try:
             with mock.patch.object(network_module, "fused_steps", lambda x: None):
-                result = mixer(x, kv, starts, rope, mask)
+                result = mixer.mix(x, kv, starts, rope, mask)
         finally:
-            mixer.qkv_proj, mixer.o_proj = project, out_proj
-        seen.update(after=(kv._keys.clone(), kv._values.clone()), starts=starts.clone(), rope=rope)
+            mixer.qkv_proj = project
+        seen.update(gated=result.clone(), after=(kv._keys.clone(), kv._values.clone()), starts=starts.clone(),
+                    rope=rope)
         self.steps.append(seen)
         return result
 

@@ -142,6 +142,10 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     # (its argument types, constants and alignments), and without spilling registers. (Where a wrapper
     # picks other constants on a GPU, such as larger tiles or tensor-core precision, the kernel files'
     # own sm_90 tests compile those.)
+    fused_ends = {(launch["constants"].get("COMBINE"), launch["constants"].get("ADD_NORM")) for launch in launches.values()
+                  if launch["name"] == "_gemv_kernel"}
+    # Decoding, products take the residual add and next norm (and the MoE's combining) into their launch.
+    assert (False, True) in fused_ends and (name == "dense" or (True, True) in fused_ends), fused_ends
     compiled = compile_launches(launches)
     assert len(compiled) == len(launches) >= 10
     assert {label: result for label, result in compiled.items() if result != {"stack": 0}} == {}

@@ -278,6 +278,56 @@ def test_expert_gemv_combines_each_tokens_slots_in_the_same_launch(device, out_f
                                 swiglu=True, slot_weights=slot_weights[:1].to(device))
 
 
+def _assert_add_norm(total, normed, product, magnitude, residual, weight, eps=1e-6):
+    """total = product + residual within the GEMV bound; normed = RMS norm of our total, to fp32 rounding."""
+    total, normed = total.cpu().double(), normed.cpu().double()
+    assert bool(((total - product - residual.double()).abs() <= RELATIVE_BOUND * magnitude + 1e-6).all())
+    expected = total * torch.rsqrt((total * total).mean(dim=-1, keepdim=True) + eps) * weight.double()
+    torch.testing.assert_close(normed, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("m, in_features", ((1, 2048), (3, 256)))  # split along K, or not
+def test_gemv_adds_the_residual_and_norms_in_the_same_launch(device, m, in_features):
+    out_features = 600  # two passes of the finishing loop
+    blocks = weight_blocks(T.Q4_K, (out_features,), in_features, seed=23)
+    generator = torch.Generator().manual_seed(24)
+    x, residual = torch.randn(m, in_features, generator=generator), torch.randn(m, out_features, generator=generator)
+    weight = torch.rand(out_features, generator=generator) + 0.5
+    for _ in range(2):  # the second call finds the arrival counts back at zero
+        total, normed = triton_gguf.gemv(blocks.to(device), T.Q4_K, x.to(device), in_features,
+                                         add_norm=(residual.to(device), weight.to(device), 1e-6))
+        w = reference_weight(blocks, T.Q4_K, in_features).double()
+        _assert_add_norm(total, normed, x.double() @ w.T, x.double().abs() @ w.abs().T, residual, weight)
+    assert int(arrival_counters(torch.device(device), 1).abs().sum()) == 0
+    with pytest.raises(Qwen35Error, match="add_norm"):
+        triton_gguf.gemv(blocks.to(device), T.Q4_K, x.to(device), in_features,
+                         add_norm=(residual[:, :5].to(device), weight.to(device), 1e-6))
+
+
+def test_expert_gemv_combines_adds_and_norms_in_the_same_launch(device):
+    n_experts, out_features, in_features, slots_per_token, tokens = 5, 700, 256, 3, 2
+    blocks = weight_blocks(T.Q6_K, (n_experts, out_features), in_features, seed=25)
+    weights = reference_weight(blocks, T.Q6_K, in_features).double()
+    ids = torch.tensor([4, 0, 2, 2, 1, 4])
+    generator = torch.Generator().manual_seed(26)
+    gate_up = torch.randn(len(ids), 2 * in_features, generator=generator)
+    slot_weights = torch.rand(tokens, slots_per_token, generator=generator)
+    residual, norm_weight = torch.randn(tokens, out_features, generator=generator), torch.rand(out_features) + 0.5
+    total, normed = triton_gguf.expert_gemv(
+        blocks.to(device), T.Q6_K, gate_up.to(device), ids.to(device), in_features, swiglu=True,
+        slot_weights=slot_weights.to(device), add_norm=(residual.to(device), norm_weight.to(device), 1e-6))
+    x = _silu_times_up(gate_up)
+    per_slot = torch.stack([x[s] @ weights[e].T for s, e in enumerate(ids.tolist())])
+    magnitude = torch.stack([x[s].abs() @ weights[e].abs().T for s, e in enumerate(ids.tolist())])
+    weighted = slot_weights.double()[..., None]
+    combined = (per_slot.reshape(tokens, slots_per_token, -1) * weighted).sum(dim=1)
+    bound = (magnitude.reshape(tokens, slots_per_token, -1) * weighted).sum(dim=1)
+    _assert_add_norm(total, normed, combined, bound, residual, norm_weight)
+    with pytest.raises(Qwen35Error, match="slot_weights"):
+        triton_gguf.expert_gemv(blocks.to(device), T.Q6_K, gate_up.to(device), ids.to(device), in_features,
+                                swiglu=True, add_norm=(residual.to(device), norm_weight.to(device), 1e-6))
+
+
 def test_split_k_sums_in_one_launch_and_leaves_its_counters_at_zero(device):
     blocks = weight_blocks(T.Q4_K, (37,), 2048, seed=16).to(device)  # 8 steps over one row program: split
     n_steps = 2048 // triton_gguf.STEP_ELEMENTS
@@ -316,7 +366,7 @@ def constants(name, second=None, **launch):
                   NUM_STAGES=stages, QTYPE2=int(qtype2), HAS_MIN2=qtype2 in tg.HAS_MIN_TYPES, G2=groups2, L2=length2,
                   P2=planes2, NUM_STAGES2=tg.GEMV_CONFIG[qtype2][2], PAIR=second is not None, BLOCK_N=block_n,
                   BLOCK_M=1, HAS_IDS=False, STEPS=2, SPLITS=4, SWIGLU=False, COMBINE=False, SLOTS_PER_TOKEN=1,
-                  COMBINE_STEPS=1, num_warps=warps)
+                  ADD_NORM=False, WIDTH_STEPS=1, num_warps=warps)
     values.update(launch)
     return values
 
@@ -325,9 +375,11 @@ LAUNCHES = {
     "Q4_K": constants("Q4_K"), "Q4_K swiglu": constants("Q4_K", SWIGLU=True), "Q6_K": constants("Q6_K"),
     "Q8_0": constants("Q8_0"), "Q4_K x8": constants("Q4_K", BLOCK_M=8),
     "Q6_K + Q4_K": constants("Q6_K", "Q4_K"),  # a DeltaNet layer's two projections in one launch
-    # the 35B's MoE down product with its combining: 2 steps, no split
+    # an output projection with the residual add and the next norm (the 35B's: 16 steps, split)
+    "Q4_K add norm": constants("Q4_K", ADD_NORM=True, WIDTH_STEPS=4),
+    # the 35B's MoE down product with its combining, add and norm: 2 steps, no split
     "Q6_K experts combine": constants("Q6_K", HAS_IDS=True, SWIGLU=True, SPLITS=1, COMBINE=True, SLOTS_PER_TOKEN=9,
-                                      COMBINE_STEPS=4),
+                                      ADD_NORM=True, WIDTH_STEPS=4),
 }
 print(json.dumps({name: compile_report(tg._gemv_kernel, values, POINTERS, {"row_bytes", "row_bytes2", "in_features"})
                   for name, values in LAUNCHES.items()}))

@@ -107,35 +107,65 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return triton_decode.silu_mul(*gate_up.chunk(2, dim=-1))
 
 
-def swiglu_linear(layer: quant_linear.QuantLinear, gate_up: torch.Tensor) -> torch.Tensor:
+def _reads_blocks(layer, rows: int) -> bool:
+    """Whether the matrix-vector kernel takes `rows` rows of x for this layer (fast mode, a block type it reads)."""
+    return layer.mode == "fast" and _gguf().supports(layer.type_id) and rows <= GEMV_MAX_ROWS
+
+
+def _add_norm(add_norm, out: torch.Tensor):
+    """(residual + out, its RMS norm) for add_norm = (residual, norm weight, eps), as its own launch."""
+    from qwen35.kernels import triton_decode
+
+    residual, weight, eps = add_norm
+    return triton_decode.add_rms_norm(residual, out.reshape(residual.shape), weight, eps)
+
+
+def linear_add_norm(layer: quant_linear.QuantLinear, y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                    eps: float):
+    """(residual + layer(y), its RMS norm) in the layer's matrix-vector launch, for y [M, in], residual
+    [M, out]; None where the layer is not read that way."""
+    if not _reads_blocks(layer, y.shape[0]):
+        return None
+    return _gguf().gemv(layer.blocks, layer.type_id, y.float(), layer.in_features,
+                        add_norm=(residual.float().contiguous(), weight.float(), eps))
+
+
+def swiglu_linear(layer: quant_linear.QuantLinear, gate_up: torch.Tensor, add_norm=None):
     """layer(silu(gate) * up) for gate_up [..., 2 * in] (gate, then up): an MLP's down projection.
-    Read from the blocks, the SwiGLU is part of the product's launch; otherwise it is one launch before."""
+    Read from the blocks, the SwiGLU is part of the product's launch; otherwise it is one launch before.
+    With add_norm = (residual [M, out], norm weight, eps): (residual + that, its RMS norm), also in the
+    product's launch where it reads blocks."""
     rows = gate_up.reshape(-1, gate_up.shape[-1])
-    if layer.mode == "fast" and _gguf().supports(layer.type_id) and rows.shape[0] <= GEMV_MAX_ROWS:
-        out = _gguf().gemv(layer.blocks, layer.type_id, rows.float(), layer.in_features, swiglu=True)
-        return out.reshape(*gate_up.shape[:-1], layer.out_features)
-    return layer(_silu_mul(gate_up))
+    if _reads_blocks(layer, rows.shape[0]):
+        norm = None if add_norm is None else (add_norm[0].float().contiguous(), add_norm[1].float(), add_norm[2])
+        out = _gguf().gemv(layer.blocks, layer.type_id, rows.float(), layer.in_features, swiglu=True, add_norm=norm)
+        return out if add_norm is not None else out.reshape(*gate_up.shape[:-1], layer.out_features)
+    out = layer(_silu_mul(gate_up))
+    return out if add_norm is None else _add_norm(add_norm, out)
 
 
 def swiglu_experts(experts: quant_linear.QuantExperts, gate_up: torch.Tensor, expert_ids: torch.Tensor,
-                   slot_weights: torch.Tensor | None = None) -> torch.Tensor:
+                   slot_weights: torch.Tensor | None = None, add_norm=None):
     """experts(silu(gate) * up, expert_ids) for gate_up [N, k, 2 * in], one row per slot: the routed
     experts' down projection, with the SwiGLU in the product's launch where the slots read blocks.
-    With slot_weights [N, k]: each token's slots weighted and summed, [N, out] (the MoE's output), also
+    With slot_weights [N, k]: each token's slots weighted and summed, [N, out] (the MoE's output), and
+    with add_norm = (residual [N, out], norm weight, eps) as well: (residual + that, its RMS norm), all
     in that launch."""
     slots = expert_ids.numel()
     if (experts.mode == "fast" and _gguf().supports(experts.type_id)
             and slots <= EXPERT_GEMV_SLOTS_PER_EXPERT * experts.n_experts):
+        norm = None if add_norm is None else (add_norm[0].float().contiguous(), add_norm[1].float(), add_norm[2])
         out = _gguf().expert_gemv(experts.blocks, experts.type_id, gate_up.reshape(slots, -1).float(),
                                   expert_ids.reshape(-1), experts.in_features, swiglu=True,
-                                  slot_weights=None if slot_weights is None else slot_weights.float())
+                                  slot_weights=None if slot_weights is None else slot_weights.float(), add_norm=norm)
         return out if slot_weights is not None else out.reshape(*expert_ids.shape, experts.out_features)
     down = experts(_silu_mul(gate_up), expert_ids)
     if slot_weights is None:
         return down
     from qwen35.kernels import triton_decode
 
-    return triton_decode.moe_combine(down, slot_weights)
+    combined = triton_decode.moe_combine(down, slot_weights)
+    return combined if add_norm is None else _add_norm(add_norm, combined)
 
 
 def dequantize_rows(blocks: torch.Tensor, type_id: int, in_features: int) -> torch.Tensor | None:

@@ -143,33 +143,78 @@ def _sum_splits(acc, partial_ptr, out_ptr, counter_ptr, tile, split, offsets, ok
     return arrived == SPLITS - 1  # whether this program finished the tile
 
 
+_ROW_BLOCK = tl.constexpr(512)  # columns a finishing program (combine, add and norm) takes at a time
+
+
 @triton.jit
-def _combine_token(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, token, n_out, tiles_per_token,
-                   SLOTS_PER_TOKEN: tl.constexpr, COMBINE_STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Counts a finished output tile in for its token; the token's last tile then writes the weighted sum
-    of the token's slots, sum_s weight[s] * out[s] (triton_decode.moe_combine's loop, without its launch)."""
-    tl.debug_barrier()
-    if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == tiles_per_token - 1:
-        first_slot = token.to(tl.int64) * SLOTS_PER_TOKEN
-        for step in range(COMBINE_STEPS):
-            columns = step * BLOCK_C + tl.arange(0, BLOCK_C)
-            total = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for s in range(SLOTS_PER_TOKEN):
-                weight = tl.load(slot_weights_ptr + first_slot + s)
-                total += weight * tl.load(out_ptr + (first_slot + s) * n_out + columns, mask=columns < n_out,
-                                          other=0.0, cache_modifier=".cg")
-            tl.store(combined_ptr + token * n_out + columns, total, mask=columns < n_out)
-        tl.atomic_xchg(counter_ptr, 0)
+def _add_rms_norm_row(source_ptr, residual_ptr, norm_weight_ptr, total_ptr, normed_ptr, width, eps,
+                      STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """total = source + residual and normed = total * rsqrt(mean(total^2) + eps) * weight over one row
+    (triton_decode.add_rms_norm's maths, in chunks: one program does it after the row's product)."""
+    squares = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for step in range(STEPS):
+        columns = step * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = columns < width
+        total = (tl.load(source_ptr + columns, mask=mask, other=0.0, cache_modifier=".cg")
+                 + tl.load(residual_ptr + columns, mask=mask, other=0.0))
+        tl.store(total_ptr + columns, total, mask=mask)
+        squares += total * total
+    scale = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / width + eps)
+    for step in range(STEPS):  # each thread reads back the columns it wrote
+        columns = step * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = columns < width
+        total = tl.load(total_ptr + columns, mask=mask, other=0.0)
+        weight = tl.load(norm_weight_ptr + columns, mask=mask, other=0.0)
+        tl.store(normed_ptr + columns, total * scale * weight, mask=mask)
+
+
+@triton.jit
+def _finish_tile(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, residual_ptr, norm_weight_ptr, total_ptr,
+                 normed_ptr, eps, slot, n_out, n_x_rows, BLOCK_M: tl.constexpr, COMBINE: tl.constexpr,
+                 SLOTS_PER_TOKEN: tl.constexpr, ADD_NORM: tl.constexpr, WIDTH_STEPS: tl.constexpr):
+    """After a program has finished its output tile. COMBINE: it counts in for its token, and the token's
+    last tile writes the weighted sum of the token's slots, sum_s weight[s] * out[s] (triton_decode.
+    moe_combine's loop without its launch). ADD_NORM: the last tile of a row (of a token, with COMBINE)
+    then adds the residual and applies the next RMS norm (no launch for add_rms_norm either)."""
+    tiles = tl.num_programs(0) * tl.num_programs(2)
+    tl.debug_barrier()  # this program's outputs are written before its count is (see _sum_splits)
+    if COMBINE:
+        token = (slot // SLOTS_PER_TOKEN).to(tl.int64)
+        counter = counter_ptr + tiles + token
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) * SLOTS_PER_TOKEN - 1:
+            first_slot = token * SLOTS_PER_TOKEN
+            for step in range(WIDTH_STEPS):
+                columns = step * _ROW_BLOCK + tl.arange(0, _ROW_BLOCK)
+                total = tl.zeros([_ROW_BLOCK], dtype=tl.float32)
+                for s in range(SLOTS_PER_TOKEN):
+                    weight = tl.load(slot_weights_ptr + first_slot + s)
+                    total += weight * tl.load(out_ptr + (first_slot + s) * n_out + columns, mask=columns < n_out,
+                                              other=0.0, cache_modifier=".cg")
+                tl.store(combined_ptr + token * n_out + columns, total, mask=columns < n_out)
+            if ADD_NORM:
+                _add_rms_norm_row(combined_ptr + token * n_out, residual_ptr + token * n_out, norm_weight_ptr,
+                                  total_ptr + token * n_out, normed_ptr + token * n_out, n_out, eps, WIDTH_STEPS,
+                                  _ROW_BLOCK)
+            tl.atomic_xchg(counter, 0)
+    elif ADD_NORM:  # one count for the launch: every row of x is in every tile
+        if tl.atomic_add(counter_ptr + tiles, 1, sem="acq_rel", scope="gpu") == tiles - 1:
+            for m in tl.static_range(BLOCK_M):
+                if m < n_x_rows:
+                    _add_rms_norm_row(out_ptr + m * n_out, residual_ptr + m * n_out, norm_weight_ptr,
+                                      total_ptr + m * n_out, normed_ptr + m * n_out, n_out, eps, WIDTH_STEPS,
+                                      _ROW_BLOCK)
+            tl.atomic_xchg(counter_ptr + tiles, 0)
 
 
 @triton.jit
 def _gemv_tile(
-    w_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr, pid_n, tile,
+    w_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr,
+    residual_ptr, norm_weight_ptr, total_ptr, normed_ptr, eps, pid_n, tile,
     n_out, out_width, out_column, in_features, n_blocks, row_bytes, expert_bytes, n_experts, n_x_rows, slots_per_x,
     QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDS: tl.constexpr, STEPS: tl.constexpr,
     SPLITS: tl.constexpr, SWIGLU: tl.constexpr, NUM_STAGES: tl.constexpr,
-    COMBINE: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, COMBINE_STEPS: tl.constexpr,
+    COMBINE: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, ADD_NORM: tl.constexpr, WIDTH_STEPS: tl.constexpr,
 ):
     """Output rows pid_n * BLOCK_N.. of one weight (or, with ids, one slot's), written at columns
     out_column.. of out's rows of out_width: this split's share of x[m] . W[n], the whole sum once
@@ -231,32 +276,32 @@ def _gemv_tile(
         out_rows = n_x_rows
     offsets = out_m.to(tl.int64) * out_width + out_column + out_n
     ok = (tl.arange(0, BLOCK_M)[:, None] < n_x_rows) & (out_n < n_out)
-    tiles = tl.num_programs(0) * tl.num_programs(2)
-    token = slot // SLOTS_PER_TOKEN
     if SPLITS == 1:
         tl.store(out_ptr + offsets, acc, mask=ok)
-        if COMBINE:
-            _combine_token(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr + tiles + token, token, n_out,
-                           tl.num_programs(0) * SLOTS_PER_TOKEN, SLOTS_PER_TOKEN, COMBINE_STEPS, _COMBINE_BLOCK)
+        if COMBINE or ADD_NORM:
+            _finish_tile(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, residual_ptr, norm_weight_ptr,
+                         total_ptr, normed_ptr, eps, slot, n_out, n_x_rows, BLOCK_M, COMBINE, SLOTS_PER_TOKEN,
+                         ADD_NORM, WIDTH_STEPS)
     else:
         if _sum_splits(acc, partial_ptr, out_ptr, counter_ptr, tile, split, offsets, ok,
                        out_rows.to(tl.int64) * out_width, SPLITS):
-            if COMBINE:
-                _combine_token(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr + tiles + token, token, n_out,
-                               tl.num_programs(0) * SLOTS_PER_TOKEN, SLOTS_PER_TOKEN, COMBINE_STEPS, _COMBINE_BLOCK)
+            if COMBINE or ADD_NORM:
+                _finish_tile(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, residual_ptr, norm_weight_ptr,
+                             total_ptr, normed_ptr, eps, slot, n_out, n_x_rows, BLOCK_M, COMBINE, SLOTS_PER_TOKEN,
+                             ADD_NORM, WIDTH_STEPS)
 
 
 @triton.jit
 def _gemv_kernel(
     w_ptr, w2_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr,
-    n_out, n_out2, in_features, n_blocks, n_blocks2, row_bytes, row_bytes2, expert_bytes, n_experts, n_x_rows,
+    residual_ptr, norm_weight_ptr, total_ptr, normed_ptr, eps, n_out, n_out2, in_features, n_blocks, n_blocks2, row_bytes, row_bytes2, expert_bytes, n_experts, n_x_rows,
     slots_per_x,
     QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
     NUM_STAGES: tl.constexpr, QTYPE2: tl.constexpr, HAS_MIN2: tl.constexpr, G2: tl.constexpr, L2: tl.constexpr,
     P2: tl.constexpr, NUM_STAGES2: tl.constexpr, PAIR: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDS: tl.constexpr, STEPS: tl.constexpr,
     SPLITS: tl.constexpr, SWIGLU: tl.constexpr,
-    COMBINE: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, COMBINE_STEPS: tl.constexpr,
+    COMBINE: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, ADD_NORM: tl.constexpr, WIDTH_STEPS: tl.constexpr,
 ):
     """out[m, n] = x[m] . W[n] (or, with ids, one slot per program), over SPLITS programs along K. With
     PAIR, a second weight of another block type (w2, n_out2 rows) on the same x: its rows are the
@@ -266,14 +311,14 @@ def _gemv_kernel(
     first_programs = tl.cdiv(n_out, BLOCK_N)
     if PAIR and pid_n >= first_programs:
         _gemv_tile(w2_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr,
-                   pid_n - first_programs, tile, n_out2, n_out + n_out2, n_out, in_features, n_blocks2, row_bytes2,
+                   residual_ptr, norm_weight_ptr, total_ptr, normed_ptr, eps, pid_n - first_programs, tile, n_out2, n_out + n_out2, n_out, in_features, n_blocks2, row_bytes2,
                    expert_bytes, n_experts, n_x_rows, slots_per_x, QTYPE2, HAS_MIN2, G2, L2, P2, BLOCK_N, BLOCK_M,
-                   HAS_IDS, STEPS, SPLITS, SWIGLU, NUM_STAGES2, COMBINE, SLOTS_PER_TOKEN, COMBINE_STEPS)
+                   HAS_IDS, STEPS, SPLITS, SWIGLU, NUM_STAGES2, COMBINE, SLOTS_PER_TOKEN, ADD_NORM, WIDTH_STEPS)
     else:
         _gemv_tile(w_ptr, x_ptr, out_ptr, partial_ptr, counter_ptr, ids_ptr, combined_ptr, slot_weights_ptr,
-                   pid_n, tile, n_out, n_out + n_out2, 0, in_features, n_blocks, row_bytes,
+                   residual_ptr, norm_weight_ptr, total_ptr, normed_ptr, eps, pid_n, tile, n_out, n_out + n_out2, 0, in_features, n_blocks, row_bytes,
                    expert_bytes, n_experts, n_x_rows, slots_per_x, QTYPE, HAS_MIN, G, L, P, BLOCK_N, BLOCK_M,
-                   HAS_IDS, STEPS, SPLITS, SWIGLU, NUM_STAGES, COMBINE, SLOTS_PER_TOKEN, COMBINE_STEPS)
+                   HAS_IDS, STEPS, SPLITS, SWIGLU, NUM_STAGES, COMBINE, SLOTS_PER_TOKEN, ADD_NORM, WIDTH_STEPS)
 
 
 # ---------------------------------------------------------------- host side
@@ -358,12 +403,10 @@ def dequantize(
     return out
 
 
-_COMBINE_BLOCK = tl.constexpr(512)  # columns the combining program sums at a time
-
-
 def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_experts, expert_bytes, block_m,
-                 n_x_rows, swiglu, slot_weights=None, second=None):
-    """One launch of _gemv_kernel; `second`: (blocks, type id) of a pair's second weight [n_out2, row_bytes2]."""
+                 n_x_rows, swiglu, slot_weights=None, second=None, add_norm=None):
+    """One launch of _gemv_kernel; `second`: (blocks, type id) of a pair's second weight [n_out2, row_bytes2];
+    `add_norm`: (residual, norm weight, eps), and then (result + residual, its RMS norm) is returned."""
     n_blocks, row_bytes, (groups, length, planes) = check_blocks(blocks, type_id, in_features, 2, 3)
     types = [int(type_id)] + ([int(second[1])] if second is not None else [])
     if block_m == 1:
@@ -391,51 +434,80 @@ def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_ex
                if splits > 1 else out)
     # Split tiles count at [0, tiles), combined tokens after them (tiles < 4 x processors when split).
     tokens = slot_weights.shape[0] if slot_weights is not None else 0
-    counters = arrival_counters(blocks.device, grid[0] * slots + tokens) if splits > 1 or tokens else out
+    finished = tokens or (1 if add_norm is not None else 0)  # counts of finished rows, after the tiles'
+    counters = arrival_counters(blocks.device, grid[0] * slots + finished) if splits > 1 or finished else out
     combined = torch.empty((tokens, width), dtype=torch.float32, device=blocks.device) if tokens else out
+    if add_norm is not None:
+        residual, norm_weight, eps = add_norm
+        total, normed = torch.empty_like(residual), torch.empty_like(residual)
+    else:
+        residual = norm_weight = total = normed = out
+        eps = 0.0
     _gemv_kernel[grid](
         aligned(blocks, type_id), second_blocks, x, out, partial, counters,
         expert_ids if expert_ids is not None else x, combined, slot_weights if tokens else out,
-        n_out, n_out2, in_features, n_blocks, n_blocks2, row_bytes, row_bytes2, expert_bytes, n_experts, n_x_rows,
+        residual, norm_weight, total, normed, float(eps), n_out, n_out2, in_features, n_blocks, n_blocks2, row_bytes, row_bytes2, expert_bytes, n_experts, n_x_rows,
         max(slots // max(x.shape[0], 1), 1),
         QTYPE=types[0], HAS_MIN=types[0] in HAS_MIN_TYPES, G=groups, L=length, P=planes, NUM_STAGES=num_stages,
         QTYPE2=types[-1], HAS_MIN2=types[-1] in HAS_MIN_TYPES, G2=groups2, L2=length2, P2=planes2,
         NUM_STAGES2=second_stages, PAIR=second is not None,
         BLOCK_N=block_n, BLOCK_M=block_m, HAS_IDS=expert_ids is not None, STEPS=steps_per_split, SPLITS=splits,
         SWIGLU=swiglu, COMBINE=bool(tokens), SLOTS_PER_TOKEN=slot_weights.shape[1] if tokens else 1,
-        COMBINE_STEPS=triton.cdiv(width, _COMBINE_BLOCK.value) if tokens else 1, num_warps=num_warps,
+        ADD_NORM=add_norm is not None, WIDTH_STEPS=triton.cdiv(width, _ROW_BLOCK.value) if finished else 1,
+        num_warps=num_warps,
     )
+    if add_norm is not None:
+        return total, normed
     return combined if tokens else out
 
 
+def _check_add_norm(add_norm, rows: int, width: int, device: torch.device) -> None:
+    if add_norm is None:
+        return
+    residual, weight, _ = add_norm
+    if (not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32 or residual.shape != (rows, width)
+            or not residual.is_contiguous() or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32
+            or weight.numel() != width or residual.device != device or weight.device != device):
+        raise Qwen35Error(f"add_norm takes (residual, norm weight, eps): a contiguous float32 residual [{rows}, "
+                          f"{width}] and a float32 weight [{width}], on {device}")
+
+
 def gemv(blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, swiglu: bool = False,
-         second: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+         second: tuple[torch.Tensor, int] | None = None,
+         add_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None):
     """x [M, in_features] float32 (M <= 16) times W^T -> [M, out_features] float32; W is read once.
 
     With swiglu, x is [M, 2 * in_features], gate then up, and the product is silu(gate) * up times W^T
     (an MLP's down projection without a launch for the SwiGLU).
     With second = (blocks2, type_id2), a second weight (of any supported type) on the same x, in the
-    same launch: -> [M, out_features + out_features2], its outputs after the first's."""
+    same launch: -> [M, out_features + out_features2], its outputs after the first's.
+    With add_norm = (residual [M, out], norm weight [out], eps): -> (product + residual, its RMS norm),
+    also in the same launch (a layer's output projection, residual add and next norm)."""
     check_blocks(blocks, type_id, in_features, 2, 2)
     _check_x(x, in_features * (2 if swiglu else 1), blocks, MAX_GEMV_ROWS)
     if second is not None and (not isinstance(second, tuple) or len(second) != 2
                                or not isinstance(second[0], torch.Tensor) or second[0].device != blocks.device):
         raise Qwen35Error(f"second must be (blocks, type id) with the blocks on {blocks.device}")
+    if second is not None and add_norm is not None:
+        raise Qwen35Error("gemv takes a second weight or add_norm, not both")
+    _check_add_norm(add_norm, x.shape[0], blocks.shape[0], blocks.device)
     x = x.contiguous()
     block_m = triton.next_power_of_2(x.shape[0])
     return _launch_gemv(blocks, type_id, x, in_features, blocks.shape[0], 1, None, 0, 0, block_m, x.shape[0], swiglu,
-                        second=second)
+                        second=second, add_norm=add_norm)
 
 
 def expert_gemv(
     blocks: torch.Tensor, type_id: int, x: torch.Tensor, expert_ids: torch.Tensor, in_features: int,
     swiglu: bool = False, slot_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+    add_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+):
     """Slot s computes x[s // (S // R)] . W[expert_ids[s]]^T: blocks [E, out, row_bytes], x [R, in],
     expert_ids [S] (on the device; read by the kernel, never by the host) -> [S, out] float32.
     With swiglu, x is [R, 2 * in] (gate, up) and silu(gate) * up is the input, as for gemv.
     With slot_weights [N, S / N] (float32, each token's consecutive slots), the slots are also combined
-    in the same launch: -> [N, out], sum_j slot_weights[t, j] * (slot t * S / N + j) (an MoE's output).
+    in the same launch: -> [N, out], sum_j slot_weights[t, j] * (slot t * S / N + j) (an MoE's output);
+    and with add_norm = (residual [N, out], norm weight [out], eps) too: -> (that + residual, its RMS norm).
 
     An expert id outside [0, E) gives NaNs in its slot instead of reading out of bounds.
     """
@@ -455,10 +527,14 @@ def expert_gemv(
         raise Qwen35Error(f"slot_weights must be a float32 tensor [tokens, slots per token] holding the {slots} "
                           f"slots' weights, on {blocks.device}")
     n_experts, n_out = blocks.shape[0], blocks.shape[1]
+    if add_norm is not None and slot_weights is None:
+        raise Qwen35Error("expert_gemv's add_norm applies to combined slots: it needs slot_weights")
+    _check_add_norm(add_norm, 0 if slot_weights is None else slot_weights.shape[0], n_out, blocks.device)
     x = x.contiguous()
     return _launch_gemv(
         blocks, type_id, x, in_features, n_out, slots, expert_ids.contiguous(), n_experts,
         n_out * blocks.shape[2], 1, 1, swiglu, None if slot_weights is None else slot_weights.contiguous(),
+        add_norm=add_norm,
     )
 
 

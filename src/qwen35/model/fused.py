@@ -68,6 +68,12 @@ class CpuSteps:
         out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
         return ops.gated_rms_norm(out, z, layer.norm, c.rms_norm_eps)
 
+    def project_add_norm(self, projection, y, x, scale, eps):
+        return None  # the C++ add_rms_norm after the projection is already one call
+
+    def mlp_add_norm(self, mlp, h, x, scale, eps):
+        return None
+
     def mlp(self, mlp, x):
         fused = fast_cpu.dense_mlp(x.reshape(-1, x.shape[-1]).float(), mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         return None if fused is None else fused.reshape(*x.shape[:-1], -1)
@@ -122,6 +128,30 @@ class GpuSteps:
         q, k, v, g, beta = layer.delta_rule_inputs(layer.causal_conv(projected, state), a, b)
         out, state.recurrent = chunked_delta_rule(q, k, v, g, beta, state.recurrent)
         return layer.gated_norm(out, z)
+
+    def project_add_norm(self, projection, y, x, scale, eps):
+        """The projection's matrix-vector launch adds the residual and norms (decode: a few rows)."""
+        fused = fast_cuda.linear_add_norm(projection, y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]),
+                                          scale, eps)
+        return None if fused is None else tuple(t.reshape(x.shape) for t in fused)
+
+    def mlp_add_norm(self, mlp, h, x, scale, eps):
+        """A one-token MoE step (shared expert stacked) or a dense MLP's decode: the last product's launch
+        also combines, adds the residual and norms."""
+        rows, residual = h.reshape(-1, h.shape[-1]).float(), x.reshape(-1, x.shape[-1])
+        if hasattr(mlp, "gates_ups"):  # SparseMoE
+            if mlp.shared_expert is None or rows.shape[0] != 1:
+                return None
+            weights, ids = self._route(mlp, rows, None, with_shared_slot=True)
+            gate_up = mlp.gates_ups.joined(rows, ids)
+            fused = fast_cuda.swiglu_experts(mlp.downs_group.fused, gate_up, ids, slot_weights=weights,
+                                             add_norm=(residual, scale, eps))
+        else:
+            gate_up = mlp.gate_up_proj.joined(rows)
+            if gate_up is None:
+                return None
+            fused = fast_cuda.swiglu_linear(mlp.down_proj, gate_up, add_norm=(residual, scale, eps))
+        return tuple(t.reshape(x.shape) for t in fused)
 
     def mlp(self, mlp, x):
         gate_up = mlp.gate_up_proj.joined(x)  # gate and up in one launch (fuse_for_gpu), read whole by down

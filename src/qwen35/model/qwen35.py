@@ -148,6 +148,21 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, e
     return x, rms_norm(x, scale, eps)
 
 
+def project_add_norm(projection, y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float):
+    """add_rms_norm(x, projection(y), scale, eps): a mixer's output projection, the residual add and the
+    next norm, one call where a fused form takes all three (a one-token step on a GPU)."""
+    steps = fused_steps(x)
+    fused = steps.project_add_norm(projection, y, x, scale, eps) if steps is not None else None
+    return fused if fused is not None else add_rms_norm(x, projection(y), scale, eps)
+
+
+def mlp_add_norm(mlp, h: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float):
+    """add_rms_norm(x, mlp(h), scale, eps), the MLP's last product taking the add and norm where fused."""
+    steps = fused_steps(x)
+    fused = steps.mlp_add_norm(mlp, h, x, scale, eps) if steps is not None else None
+    return fused if fused is not None else add_rms_norm(x, mlp(h), scale, eps)
+
+
 class RotaryEmbedding:
     """Partial, interleaved M-RoPE: frequency j takes its position from stream j % 3 (T, H, W)."""
 
@@ -193,7 +208,15 @@ class Attention:
         self.qkv_proj = LinearGroup(self.q_proj, self.k_proj, self.v_proj)
         self.q_norm, self.k_norm = w[f"{prefix}.q_norm"], w[f"{prefix}.k_norm"]
 
+    @property
+    def output_projection(self):
+        return self.o_proj
+
     def __call__(self, x, kv: AttentionKV, starts, rope, mask):
+        return self.o_proj(self.mix(x, kv, starts, rope, mask))
+
+    def mix(self, x, kv: AttentionKV, starts, rope, mask):
+        """The gated attention output, before the output projection."""
         c = self.c
         batch, length, _ = x.shape
         q_gate, k, v = self.qkv_proj(x)
@@ -204,7 +227,7 @@ class Attention:
                 kv, q_gate, k, v, self.q_norm, self.k_norm, *rope, starts,
                 c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5,
             )
-            return self.o_proj(out)
+            return out
         q_gate = q_gate.view(batch, length, c.num_attention_heads, 2 * c.head_dim)
         q, gate = q_gate[..., : c.head_dim], q_gate[..., c.head_dim :]
         q = layer_rms_norm(q, self.q_norm, c.rms_norm_eps)
@@ -223,7 +246,7 @@ class Attention:
                 attn_mask=mask[:, None], scale=c.head_dim**-0.5, enable_gqa=True,
             )
             out = out.transpose(1, 2).reshape(batch, length, -1)
-        return self.o_proj(out * torch.sigmoid(gate.reshape(batch, length, -1)))
+        return out * torch.sigmoid(gate.reshape(batch, length, -1))
 
 
 def _single_query_attention(q, keys, values, mask, scale):
@@ -303,15 +326,23 @@ class GatedDeltaNet:
         out = rms_norm(out, self.norm, self.c.rms_norm_eps) * F.silu(z.float().view(batch, length, heads, dim))
         return out.reshape(batch, length, heads * dim)
 
+    @property
+    def output_projection(self):
+        return self.out_proj
+
     def __call__(self, x, state: DeltaNetState):
+        return self.out_proj(self.mix(x, state))
+
+    def mix(self, x, state: DeltaNetState):
+        """The gated, normed delta-rule output, before the output projection."""
         projected, a, b, z = self.in_proj(x)
         steps = fused_steps(x)
         if steps is not None:
             run = steps.deltanet_decode if x.shape[1] == 1 else steps.deltanet_prefill
-            return self.out_proj(run(self, projected, a, b, z, state))
+            return run(self, projected, a, b, z, state)
         q, k, v, g, beta = self.delta_rule_inputs(self.causal_conv(projected, state), a, b)
         out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
-        return self.out_proj(self.gated_norm(out, z))
+        return self.gated_norm(out, z)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
@@ -423,11 +454,11 @@ class DecoderLayer:
         norm): each norm is then one call with the residual add before it.
         """
         if self.is_attention:
-            mixed = self.mixer(h, layer_cache, starts, rope, mask)
+            mixed = self.mixer.mix(h, layer_cache, starts, rope, mask)
         else:
-            mixed = self.mixer(h, layer_cache)
-        x, h = add_rms_norm(x, mixed, self.post_norm, self.eps)
-        return add_rms_norm(x, self.mlp(h), next_norm, self.eps)
+            mixed = self.mixer.mix(h, layer_cache)
+        x, h = project_add_norm(self.mixer.output_projection, mixed, x, self.post_norm, self.eps)
+        return mlp_add_norm(self.mlp, h, x, next_norm, self.eps)
 
 
 class Qwen35Network(nn.Module):
