@@ -9,7 +9,14 @@
   blocks (expert ids stay on the device); for more, one grouped tensor-core product over
   the slots sorted by expert that decodes the blocks in its K loop (triton_gguf_dot.py:
   no bf16 copy of the experts, which for the 35B's 256 experts would be 1.6 GB a layer);
+- fused LinearGroups of two block types: both products in one launch (linear_pair);
 - the embedding rows, dequantized bit-equal to the reference.
+
+model/fused.py's GPU steps also call the decode forms that fold more into one launch:
+swiglu_linear / swiglu_experts (the down product reads gate and up; for experts, also the
+combining of each token's slots) and linear_add_norm (an output projection with the residual
+add and the next RMS norm); each falls back to separate launches where the blocks are not
+read by the matrix-vector kernel.
 
 Decode's kernels never read device values on the host, so a whole decode step can be
 captured in a CUDA graph (engine/cuda_graphs.py). The plain references of each kernel

@@ -9,10 +9,19 @@ by an exponent trick instead of integer conversions, with one row of x the produ
 accumulate element-wise and are reduced once at the end (offsets contribute -b * sum(x)
 per group), and a program covers 32 or 64 rows so that each thread reuses its x values.
 Many programs run over output rows, with split-K when the matrix is too skinny to fill the
-machine (each split stores its partial sums, and the last program of a tile to finish adds
-them in split order, so results are deterministic and there is no second launch); accumulation is fp32; nothing syncs with the host (expert ids are read
-inside the kernel), so the calls can be captured in CUDA graphs. Without a GPU, Triton's interpreter runs them on
-CPU tensors (set TRITON_INTERPRET=1 before importing this module).
+machine. Accumulation is fp32.
+
+A decode step is bound by its launches as much as by its bytes, so one launch does what
+would otherwise take several, with the "last program to finish" pattern: a program stores
+its results, counts itself in with an atomic add (acq_rel, after a barrier), and the one
+that completes a count does the step that needs everyone's results, then sets the count
+back to 0 for the next call. Used for: split-K (the last split of a tile adds the partials
+in split order, so results are deterministic), the MoE's combining of a token's expert
+slots, and the residual add with the next RMS norm after an output projection. Besides:
+a second weight of another block type on the same x (PAIR), and an MLP's SwiGLU read
+inside the down product (SWIGLU). Nothing syncs with the host (expert ids are read inside
+the kernel), so the calls can be captured in CUDA graphs. Without a GPU, Triton's
+interpreter runs them on CPU tensors (set TRITON_INTERPRET=1 before importing this module).
 """
 
 from __future__ import annotations
