@@ -16,6 +16,7 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 _ARRIVAL_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # kept alive: CUDA graphs captured earlier may still point at them
 
 
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
@@ -24,6 +25,8 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     back to 0. Allocated once per device (at least 4096), so that CUDA graphs and later calls share it."""
     counters = _ARRIVAL_COUNTERS.get(device)
     if counters is None or counters.numel() < count:
+        if counters is not None:
+            _OUTGROWN.append(counters)
         counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
         _ARRIVAL_COUNTERS[device] = counters
     return counters

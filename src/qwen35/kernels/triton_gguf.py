@@ -184,12 +184,13 @@ def _finish_tile(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, residual_
     """After a program has finished its output tile. COMBINE: it counts in for its token, and the token's
     last tile writes the weighted sum of the token's slots, sum_s weight[s] * out[s] (triton_decode.
     moe_combine's loop without its launch). ADD_NORM: the last tile of a row (of a token, with COMBINE)
-    then adds the residual and applies the next RMS norm (no launch for add_rms_norm either)."""
+    then adds the residual and applies the next RMS norm (no launch for add_rms_norm either).
+    counter_ptr: this launch's row counts (after split-K's tile counts, where there are those)."""
     tiles = tl.num_programs(0) * tl.num_programs(2)
     tl.debug_barrier()  # this program's outputs are written before its count is (see _sum_splits)
     if COMBINE:
         token = (slot // SLOTS_PER_TOKEN).to(tl.int64)
-        counter = counter_ptr + tiles + token
+        counter = counter_ptr + token
         if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) * SLOTS_PER_TOKEN - 1:
             first_slot = token * SLOTS_PER_TOKEN
             for step in range(WIDTH_STEPS):
@@ -206,13 +207,13 @@ def _finish_tile(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, residual_
                                   _ROW_BLOCK)
             tl.atomic_xchg(counter, 0)
     elif ADD_NORM:  # one count for the launch: every row of x is in every tile
-        if tl.atomic_add(counter_ptr + tiles, 1, sem="acq_rel", scope="gpu") == tiles - 1:
+        if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == tiles - 1:
             for m in tl.static_range(BLOCK_M):
                 if m < n_x_rows:
                     _add_rms_norm_row(out_ptr + m * n_out, residual_ptr + m * n_out, norm_weight_ptr,
                                       total_ptr + m * n_out, normed_ptr + m * n_out, n_out, eps, WIDTH_STEPS,
                                       _ROW_BLOCK)
-            tl.atomic_xchg(counter_ptr + tiles, 0)
+            tl.atomic_xchg(counter_ptr, 0)
 
 
 @triton.jit
@@ -290,12 +291,13 @@ def _gemv_tile(
         if COMBINE or ADD_NORM:
             _finish_tile(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, residual_ptr, norm_weight_ptr,
                          total_ptr, normed_ptr, eps, slot, n_out, n_x_rows, BLOCK_M, COMBINE, SLOTS_PER_TOKEN,
-                         ADD_NORM, WIDTH_STEPS)
+                         ADD_NORM, WIDTH_STEPS)  # no split-K counts: the row counts start at 0
     else:
         if _sum_splits(acc, partial_ptr, out_ptr, counter_ptr, tile, split, offsets, ok,
                        out_rows.to(tl.int64) * out_width, SPLITS):
             if COMBINE or ADD_NORM:
-                _finish_tile(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, residual_ptr, norm_weight_ptr,
+                _finish_tile(out_ptr, combined_ptr, slot_weights_ptr,
+                             counter_ptr + tl.num_programs(0) * tl.num_programs(2), residual_ptr, norm_weight_ptr,
                              total_ptr, normed_ptr, eps, slot, n_out, n_x_rows, BLOCK_M, COMBINE, SLOTS_PER_TOKEN,
                              ADD_NORM, WIDTH_STEPS)
 
@@ -441,10 +443,11 @@ def _launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_ex
     grid = (row_programs, splits, slots)
     partial = (torch.empty((splits, out_rows, width), dtype=torch.float32, device=blocks.device)
                if splits > 1 else out)
-    # Split tiles count at [0, tiles), combined tokens after them (tiles < 4 x processors when split).
+    # Split-K's tile counts (tiles < 4 x processors when split), then the finished rows' counts.
     tokens = slot_weights.shape[0] if slot_weights is not None else 0
-    finished = tokens or (1 if add_norm is not None else 0)  # counts of finished rows, after the tiles'
-    counters = arrival_counters(blocks.device, grid[0] * slots + finished) if splits > 1 or finished else out
+    finished = tokens or (1 if add_norm is not None else 0)
+    split_counts = grid[0] * slots if splits > 1 else 0
+    counters = arrival_counters(blocks.device, split_counts + finished) if split_counts or finished else out
     combined = torch.empty((tokens, width), dtype=torch.float32, device=blocks.device) if tokens else out
     if add_norm is not None:
         residual, norm_weight, eps = add_norm
