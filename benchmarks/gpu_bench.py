@@ -104,9 +104,10 @@ def timed(fn, device) -> float:
 
 def prefill_speed(model, prompt_tokens: int, generator) -> float:
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=generator, device=model.device)
-    # The first run compiles the kernels for these shapes (Triton specialises on some sizes).
-    model.forward(ids, model.make_cache(1))
-    return prompt_tokens / timed(lambda: model.forward(ids, model.make_cache(1)), model.device)
+    # The first run compiles the kernels for these shapes (Triton specialises on some sizes). As in
+    # llama-bench, the output head runs on the last position only.
+    model.forward(ids, model.make_cache(1), last_only=True)
+    return prompt_tokens / timed(lambda: model.forward(ids, model.make_cache(1), last_only=True), model.device)
 
 
 def decode_speed(model, batch: int, steps: int, context: int, generator, graphs: bool = True) -> float:

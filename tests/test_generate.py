@@ -143,7 +143,7 @@ class RuleModel:
     def make_cache(self, batch_size=1):
         return [[] for _ in range(batch_size)]
 
-    def forward(self, input_ids, cache):
+    def forward(self, input_ids, cache, last_only=False):
         batch, length = input_ids.shape
         self.calls.append(length)
         logits = torch.empty(batch, length, self.config.vocab_size)
@@ -152,7 +152,7 @@ class RuleModel:
             for step in range(length):
                 cache[row].append(int(input_ids[row, step]))
                 logits[row, step] = -(positions - self.rule(cache[row])).abs()
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def history_rule(history):
@@ -299,8 +299,9 @@ class TransformersAdapter:
 
         return DynamicCache(config=self.hf_model.config)
 
-    def forward(self, input_ids, cache):
-        return self.hf_model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits.float()
+    def forward(self, input_ids, cache, last_only=False):
+        logits = self.hf_model(input_ids=input_ids, past_key_values=cache, use_cache=True).logits.float()
+        return logits[:, -1:] if last_only else logits
 
 
 @pytest.fixture(scope="module")
@@ -462,3 +463,21 @@ def test_seeded_sampling_on_the_real_model_is_reproducible(fixtures, fixture_mod
     first = model.generate(prompt, 6, seed=42, temperature=1.5, ignore_eos=True)
     assert list(model.stream_generate(prompt, 6, seed=42, temperature=1.5, ignore_eos=True)) == first
     assert model.generate(prompt, 6, seed=43, temperature=1.5, ignore_eos=True) != first
+
+
+def test_a_prompts_prefill_makes_the_last_positions_logits_only(fixtures, monkeypatch):
+    """Model.forward(last_only=True) over several prefill pieces: the full forward's last row, without
+    the output head's [T, vocab] product for the other positions (what generation's prefill uses)."""
+    import qwen35
+    import qwen35.model.api
+
+    model = qwen35.load_model(fixtures / "tiny" / "dense-Q8_0.gguf", precision="reference")
+    monkeypatch.setattr(qwen35.model.api, "PREFILL_CHUNK", 16)  # pieces of 16 on the CPU
+    prompt = torch.arange(1, 41).reshape(1, 40) * 37 % model.config.vocab_size
+    full = model.forward(prompt, model.make_cache(1))
+    heads = []
+    original = model.network.lm_head.forward
+    model.network.lm_head.forward = lambda x: heads.append(x.shape[1]) or original(x)
+    last = model.forward(prompt, model.make_cache(1), last_only=True)
+    assert heads == [1] and last.shape == (1, 1, model.config.vocab_size)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=0, atol=1e-4)

@@ -137,7 +137,7 @@ class ScriptedModel:
             return self.config.eos_token_ids[0]
         return self.tokenizer.encode(target[len(text):])[0]
 
-    def forward(self, input_ids: torch.Tensor, cache: FakeCache) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: FakeCache, last_only: bool = False) -> torch.Tensor:
         self.forward_calls += 1
         self.forward_batch_sizes.append(input_ids.shape[0])
         if self.delay_s:
@@ -150,7 +150,7 @@ class ScriptedModel:
         for row in range(batch):
             cache.rows[row].extend(input_ids[row].tolist())
             logits[row, -1, self._next_token(cache.rows[row])] = 20.0
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def wait_for_prefix_jobs(state, timeout_s: float = 30.0) -> None:

@@ -118,21 +118,12 @@ def time_prefill(model, prompt, all_logits: bool = False) -> float:
     """Seconds to take the whole prompt into a fresh cache.
 
     As llama-bench (and the server's prefill) does, the output head runs on the last
-    position only, in the model's prefill chunks; `all_logits` times Model.forward,
-    which returns logits for every position.
+    position only, in the model's prefill chunks; `all_logits` times logits for every position.
     """
-    import torch
-
-    chunk = model.prefill_chunk
     cache = model.make_cache(1)
     _synchronize(model)
     started = time.perf_counter()
-    if all_logits:
-        model.forward(prompt, cache)
-    else:
-        with torch.inference_mode():
-            for start in range(0, prompt.shape[1], chunk):
-                model.network.forward(prompt[:, start:start + chunk], cache, last_only=True)
+    model.forward(prompt, cache, last_only=not all_logits)
     _synchronize(model)
     return time.perf_counter() - started
 

@@ -224,14 +224,14 @@ def _prefill_and_sample(model, cache, prompt: list[int], chunk: int, sampler: Sa
     continues from its last position, which is what decoding needs after an image.
     The first ``cached`` tokens are already in the cache.
     """
+    # Only the prompt's last position needs logits: the output head runs there alone.
     for start in range(cached, len(prompt), chunk):
         if prepared is not None:
-            logits = model.forward_prompt(prepared, cache, start, min(start + chunk, len(prompt)))
+            logits = model.forward_prompt(prepared, cache, start, min(start + chunk, len(prompt)), last_only=True)
         else:
-            logits = model.forward(torch.tensor([prompt[start : start + chunk]], dtype=torch.long), cache)
-        # Copy the last row out so the chunk's [1, T, vocab] logits can be freed.
-        logits = logits[:, -1, :].clone()
-    return int(sample(logits, [sampler])[0])
+            logits = model.forward(torch.tensor([prompt[start : start + chunk]], dtype=torch.long), cache,
+                                   last_only=True)
+    return int(sample(logits[:, -1, :], [sampler])[0])
 
 
 @torch.inference_mode()

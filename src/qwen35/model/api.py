@@ -48,12 +48,15 @@ class Model:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,
-                embeddings: torch.Tensor | None = None) -> torch.Tensor:
+                embeddings: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Append input_ids [B, T] to the B rows of `cache`; logits [B, T, vocab] float32.
 
         `positions` [3, B, T] gives M-RoPE positions (time, height, width) for
         images; by default each row continues its own text positions.
         `embeddings` [B, T, hidden] replaces the token embeddings (image features).
+        `last_only`: logits [B, 1, vocab] of the last position alone, what a prompt's prefill needs
+        (the 248K-row output head then runs once, not T times: for a 4K piece of prompt on a GPU
+        that is 4 GB of logits not made).
         """
         input_ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         if input_ids.dim() != 2:
@@ -68,7 +71,12 @@ class Model:
             stop = start + chunk
             piece_positions = None if positions is None else positions[:, :, start:stop]
             piece_embeddings = None if embeddings is None else embeddings[:, start:stop]
-            pieces.append(self.network(input_ids[:, start:stop], cache, piece_positions, piece_embeddings))
+            last = last_only and stop >= input_ids.shape[1]
+            if last_only and not last:  # no logits wanted from this piece: its head is skipped as well
+                self.network.hidden_states(input_ids[:, start:stop], cache, piece_positions, piece_embeddings)
+                continue
+            pieces.append(self.network(input_ids[:, start:stop], cache, piece_positions, piece_embeddings,
+                                       last_only=last_only))
         if not pieces:
             return torch.zeros(cache.batch_size, 0, self.config.vocab_size)
         return torch.cat(pieces, dim=1)
@@ -103,12 +111,14 @@ class Model:
         image_token_id = self.image_token_id if self.image_token_id is not None else -1
         return prepare_prompt(token_ids, features, grids, image_token_id, merge, start_position, digests)
 
-    def forward_prompt(self, prompt, cache: HybridCache, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Tokens [start, stop) of a PreparedPrompt appended to a one-row cache: logits [1, n, vocab]."""
+    def forward_prompt(self, prompt, cache: HybridCache, start: int = 0, stop: int | None = None,
+                       last_only: bool = False) -> torch.Tensor:
+        """Tokens [start, stop) of a PreparedPrompt appended to a one-row cache: logits [1, n, vocab]
+        (with last_only, [1, 1, vocab])."""
         if cache.batch_size != 1:
             raise Qwen35Error(f"a prepared prompt fills one sequence, not a cache of {cache.batch_size}")
         input_ids, positions, embeddings = prompt.chunk(self.network.embed_tokens, start, stop, self.device)
-        return self.forward(input_ids, cache, positions, embeddings)
+        return self.forward(input_ids, cache, positions, embeddings, last_only=last_only)
 
     def logits(self, token_ids) -> np.ndarray:
         """One prefill of `token_ids` on a fresh cache: float32 [len, vocab_size]."""
