@@ -69,7 +69,7 @@ _POINTER_TYPES = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "
 
 
 # Constants the wrappers set only under the interpreter, and what they pass on a GPU instead.
-GPU_CONSTANTS = {"DOT_IN_FP32": False, "INTERPRETED_CHUNKS": 0}
+GPU_CONSTANTS = {"DOT_IN_FP32": False, "INTERPRETED_CHUNKS": 0, "INTERPRETED_SPAN": 0}
 
 
 def describe_launch(fn, args: tuple, kwargs: dict) -> dict:
