@@ -137,14 +137,19 @@ FIXTURE_TENSORS = (
 )
 
 
-@pytest.mark.parametrize("file_name, tensor, qtype", FIXTURE_TENSORS, ids=lambda v: getattr(v, "name", None))
-def test_fixture_tensors(device, fixtures, file_name, tensor, qtype):
+def fixture_rows(fixtures, file_name: str, tensor: str, qtype: T) -> tuple[torch.Tensor, int]:
+    """41 rows from the middle of a fixture weight (quick in the interpreter) as blocks, and its width."""
     with GGUFModel(fixtures / "tiny" / file_name) as model:
         info = model.tensors[tensor]
         assert info.type_id == qtype
         out_features, in_features = info.torch_shape
         blocks = torch.from_numpy(model.tensor_data(tensor).copy()).reshape(out_features, -1)
-    blocks = blocks[40:81]  # 41 rows from the middle keep the interpreter quick
+    return blocks[40:81], in_features
+
+
+@pytest.mark.parametrize("file_name, tensor, qtype", FIXTURE_TENSORS, ids=lambda v: getattr(v, "name", None))
+def test_fixture_tensors(device, fixtures, file_name, tensor, qtype):
+    blocks, in_features = fixture_rows(fixtures, file_name, tensor, qtype)
     weight = reference_weight(blocks, qtype, in_features)
     on_device = blocks.to(device)
     assert torch.equal(triton_gguf.dequantize(on_device, qtype, in_features, dtype=torch.float32).cpu(), weight)

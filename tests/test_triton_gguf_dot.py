@@ -20,7 +20,7 @@ from conftest import triton_devices
 from qwen35.errors import Qwen35Error
 from qwen35.formats.gguf import GGUFModel
 from sm90 import run_compile_script
-from test_triton_gguf import FIXTURE_TENSORS, GGUF_QUANTIZABLE, reference_weight, weight_blocks
+from test_triton_gguf import FIXTURE_TENSORS, GGUF_QUANTIZABLE, fixture_rows, reference_weight, weight_blocks
 
 pytest.importorskip("triton")
 from qwen35.kernels import triton_gguf_dot  # noqa: E402  (needs triton)
@@ -165,12 +165,7 @@ def test_out_of_range_expert_ids_give_nan_rows_instead_of_reading_past_the_block
 @devices
 @pytest.mark.parametrize("file_name, tensor, qtype", FIXTURE_TENSORS, ids=lambda v: getattr(v, "name", None))
 def test_fixture_tensors(device, fixtures, file_name, tensor, qtype):
-    with GGUFModel(fixtures / "tiny" / file_name) as model:
-        info = model.tensors[tensor]
-        assert info.type_id == qtype
-        out_features, in_features = info.torch_shape
-        blocks = torch.from_numpy(model.tensor_data(tensor).copy()).reshape(out_features, -1)
-    blocks = blocks[40:81]  # 41 rows from the middle keep the interpreter quick
+    blocks, in_features = fixture_rows(fixtures, file_name, tensor, qtype)
     x = random_x(3, in_features, seed=7)
     ours = triton_gguf_dot.dot_matmul(blocks.to(device), qtype, x.to(device), in_features)
     assert_bf16_product(ours, x, reference_weight(blocks, qtype, in_features))

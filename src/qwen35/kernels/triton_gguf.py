@@ -36,8 +36,8 @@ from gguf import GGMLQuantizationType as T
 from qwen35.errors import Qwen35Error
 from qwen35.kernels.triton_checks import arrival_counters
 from qwen35.kernels.triton_gguf_blocks import (  # noqa: F401  (SUPPORTED_TYPES, supports, random_blocks: this module's API too)
-    HAS_MIN_TYPES, STEP, STEP_ELEMENTS, SUPPORTED_TYPES, aligned, check_blocks, fetch_q6_k, load_step, part_elements,
-    q6_k_quarter, random_blocks, supports, weights_of,
+    HAS_MIN_TYPES, STEP, STEP_ELEMENTS, SUPPORTED_TYPES, aligned, check_blocks, check_expert_ids, fetch_q6_k,
+    load_step, part_elements, q6_k_quarter, random_blocks, supports, weights_of,
 )
 
 MAX_GEMV_ROWS = 16  # the most rows of x one gemv call takes (decode-sized batches)
@@ -525,14 +525,7 @@ def expert_gemv(
     """
     check_blocks(blocks, type_id, in_features, 3, 3)
     _check_x(x, in_features * (2 if swiglu else 1), blocks, None)
-    if (not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 1
-            or expert_ids.dtype not in (torch.int32, torch.int64)):
-        raise Qwen35Error("expert_ids must be a 1-D int32 or int64 tensor")
-    if expert_ids.device != blocks.device:
-        raise Qwen35Error(f"expert_ids are on {expert_ids.device} but the weight blocks are on {blocks.device}")
-    slots, x_rows = expert_ids.shape[0], x.shape[0]
-    if slots == 0 or x_rows == 0 or slots % x_rows:
-        raise Qwen35Error(f"the {slots} expert slots must be a positive multiple of the {x_rows} rows of x")
+    slots = check_expert_ids(expert_ids, blocks, x.shape[0])
     if slot_weights is not None and (
             not isinstance(slot_weights, torch.Tensor) or slot_weights.dtype != torch.float32
             or slot_weights.dim() != 2 or slot_weights.numel() != slots or slot_weights.device != blocks.device):

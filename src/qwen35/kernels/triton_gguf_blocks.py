@@ -277,6 +277,19 @@ def check_blocks(blocks: torch.Tensor, type_id: int, in_features: int, min_dims:
     return n_blocks, row_bytes, tile
 
 
+def check_expert_ids(expert_ids: torch.Tensor, blocks: torch.Tensor, x_rows: int) -> int:
+    """The slot count S of expert_ids [S] (int32/int64, on the blocks' device), a positive multiple of x_rows."""
+    if (not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 1
+            or expert_ids.dtype not in (torch.int32, torch.int64)):
+        raise Qwen35Error("expert_ids must be a 1-D int32 or int64 tensor")
+    if expert_ids.device != blocks.device:
+        raise Qwen35Error(f"expert_ids are on {expert_ids.device} but the weight blocks are on {blocks.device}")
+    slots = expert_ids.shape[0]
+    if slots == 0 or x_rows == 0 or slots % x_rows:
+        raise Qwen35Error(f"the {slots} expert slots must be a positive multiple of the {x_rows} rows of x")
+    return slots
+
+
 def aligned(blocks: torch.Tensor, type_id: int) -> torch.Tensor:
     """The blocks, copied (on the device, no sync) if their start is too unaligned for word loads."""
     if blocks.data_ptr() % ALIGNMENT[GGMLQuantizationType(type_id)]:

@@ -49,8 +49,8 @@ from gguf import GGMLQuantizationType as T
 
 from qwen35.errors import Qwen35Error
 from qwen35.kernels.triton_gguf_blocks import (
-    HAS_MIN_TYPES, STEP, STEP_ELEMENTS, aligned, check_blocks, fetch_q6_k, load_step, q6_k_quarter, random_blocks,
-    weights_of,
+    HAS_MIN_TYPES, STEP, STEP_ELEMENTS, aligned, check_blocks, check_expert_ids, fetch_q6_k, load_step, q6_k_quarter,
+    random_blocks, weights_of,
 )
 from qwen35.kernels.triton_moe import _padded_group_ends, _sorted_slot_layout
 
@@ -279,14 +279,7 @@ def grouped_dot_matmul(
     """
     check_blocks(blocks, type_id, in_features, 3, 3)
     _check_x(x, in_features, blocks)
-    if (not isinstance(expert_ids, torch.Tensor) or expert_ids.dim() != 1
-            or expert_ids.dtype not in (torch.int32, torch.int64)):
-        raise Qwen35Error("expert_ids must be a 1-D int32 or int64 tensor")
-    if expert_ids.device != blocks.device:
-        raise Qwen35Error(f"expert_ids are on {expert_ids.device} but the weight blocks are on {blocks.device}")
-    slots, rows = expert_ids.shape[0], x.shape[0]
-    if slots == 0 or rows == 0 or slots % rows:
-        raise Qwen35Error(f"the {slots} expert slots must be a positive multiple of the {rows} rows of x")
+    slots, rows = check_expert_ids(expert_ids, blocks, x.shape[0]), x.shape[0]
     n_experts, n_out = blocks.shape[0], blocks.shape[1]
     if n_experts == 0:
         raise Qwen35Error("the expert blocks hold no experts")
