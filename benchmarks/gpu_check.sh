@@ -6,8 +6,8 @@
 # .gpu/fixtures (or QWEN35_FIXTURES): benchmarks/gpu_prepare.sh gathers both here, and the
 # device tool carries them (carry: [".gpu"]). Logs and the benchmark's JSON go to $OUT (or /tmp).
 # Extra arguments go to gpu_bench.py. The benchmark profiles an eager decode step (GPU time per
-# kernel); SWEEP_GEMV=1 first times the GEMV launch shapes of gpu_bench.GEMV_SWEEP over the whole
-# batch-1 step and keeps the fastest; WITH_KERNELS=1 adds gpu_kernels.py --quick at the end.
+# kernel) and first times the GEMV launch shapes of gpu_bench.GEMV_SWEEP over the whole batch-1
+# step, keeping the fastest (SWEEP_GEMV=0 skips that); WITH_KERNELS=1 adds gpu_kernels.py --quick.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/qwen35-gpu-check}"
@@ -29,7 +29,7 @@ timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addop
 tests=${PIPESTATUS[0]}
 
 timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/gpu_bench.py --size 35b-a3b --type Q4_K_M --batch 1 8 \
-    --profile ${SWEEP_GEMV:+--sweep-gemv} \
+    --profile $([ "${SWEEP_GEMV:-1}" = 1 ] && echo --sweep-gemv) \
     --json "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 if [ -n "${WITH_KERNELS:-}" ]; then  # each kernel's own timings, for tuning launch shapes (about a minute)
