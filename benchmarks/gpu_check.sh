@@ -22,7 +22,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfEs \
-    tests/test_cuda.py tests/test_triton_gguf.py tests/test_triton_deltanet.py tests/test_triton_moe.py \
+    tests/test_cuda.py tests/test_triton_gguf.py tests/test_triton_gguf_dot.py tests/test_triton_deltanet.py tests/test_triton_moe.py \
     tests/test_triton_chunked.py tests/test_triton_attention.py tests/test_triton_decode.py tests/test_fast_cuda.py \
     tests/test_paged_kv.py \
     2>&1 | tee "$out/tests.log"
