@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from qwen35.kernels.triton_checks import (
-    INPUT_DTYPES, INTERPRETED, check_delta_rule, check_device, check_dtype, require,
+    INPUT_DTYPES, INTERPRETED, arrival_counters, check_delta_rule, check_device, check_dtype, require,
 )
 
 # Set (by tests/conftest.py) where there is no GPU: the kernels then run on CPU tensors.
@@ -108,60 +108,50 @@ def recurrent_delta_rule_(q, k, v, g, beta, state) -> torch.Tensor:
 
 
 @triton.jit
-def _conv_norm_kernel(
-    projected_ptr, conv_state_ptr, conv_weight_ptr, mixed_ptr,
-    projected_s0, projected_s2, conv_s0, conv_s1, conv_s2, weight_s0, weight_s1,
-    conv_dim, q_scale, l2_eps,
-    N_K: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, KEPT: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_KEPT: tl.constexpr,
-):
-    # Program (row, segment): segments 0..n_k-1 are the q heads' channels, n_k..2n_k-1 the k heads',
-    # the rest the v heads'. A channel's window is its KEPT held inputs (oldest first), then the
-    # newest; the taps are summed in that order, as GatedDeltaNet.causal_conv sums them.
-    row, segment = tl.program_id(0), tl.program_id(1)
-    is_value = segment >= 2 * N_K
-    first = tl.where(is_value, 2 * N_K * D_K + (segment - 2 * N_K) * D_V, segment * D_K)
-    offsets = tl.arange(0, BLOCK)
-    mask = offsets < tl.where(is_value, D_V, D_K)
-    channels = first + offsets
-    newest = tl.load(projected_ptr + row * projected_s0 + channels * projected_s2, mask=mask, other=0.0)
-    held_at = conv_state_ptr + row * conv_s0 + channels * conv_s1
-    weight_at = conv_weight_ptr + channels * weight_s0
-    oldest = tl.load(held_at, mask=mask, other=0.0).to(tl.float32)
-    mixed = oldest * tl.load(weight_at, mask=mask, other=0.0).to(tl.float32)
+def _convolve(projected_at, held_at, weight_at, conv_s2, weight_s1, mask, KEPT: tl.constexpr):
+    """Causal conv + SiLU of some channels, in fp32: each channel's window is its KEPT held inputs
+    (oldest first), then the newest, the taps summed in that order as GatedDeltaNet.causal_conv sums
+    them. Returns the SiLU output and the newest inputs as loaded (for the conv state)."""
+    mixed = tl.load(held_at, mask=mask, other=0.0).to(tl.float32) * tl.load(weight_at, mask=mask, other=0.0).to(tl.float32)
     for tap in tl.static_range(1, KEPT):
         held = tl.load(held_at + tap * conv_s2, mask=mask, other=0.0).to(tl.float32)
         mixed = mixed + held * tl.load(weight_at + tap * weight_s1, mask=mask, other=0.0).to(tl.float32)
-    last_weight = tl.load(weight_at + KEPT * weight_s1, mask=mask, other=0.0).to(tl.float32)
-    mixed = mixed + newest.to(tl.float32) * last_weight
-    mixed = mixed * tl.sigmoid(mixed)
-    # q and k heads are l2-normed, q then scaled by d_k^-0.5; v heads pass as they are.
-    inverse_norm = 1.0 / tl.sqrt(tl.sum(mixed * mixed, axis=0) + l2_eps)
-    normed = mixed * inverse_norm
-    normed = tl.where(segment < N_K, normed * q_scale, normed)
-    tl.store(mixed_ptr + row * conv_dim + channels, tl.where(is_value, mixed, normed), mask=mask)
+    newest = tl.load(projected_at, mask=mask, other=0.0)
+    mixed = mixed + newest.to(tl.float32) * tl.load(weight_at + KEPT * weight_s1, mask=mask, other=0.0).to(tl.float32)
+    return mixed * tl.sigmoid(mixed), newest
 
-    # The conv state moves one place (oldest out, newest in). All of it is read before the barrier:
-    # a thread may not overwrite a held input that another thread holding the same channel still reads.
+
+@triton.jit
+def _l2_normed(x, l2_eps):
+    return x * (1.0 / tl.sqrt(tl.sum(x * x, axis=0) + l2_eps))
+
+
+@triton.jit
+def _shift_conv_state(held_at, newest, mask, conv_s2, KEPT: tl.constexpr, BLOCK_KEPT: tl.constexpr):
+    """Moves some channels' conv state one place: the oldest input out, the newest in. All of it is
+    read before the barrier: a thread may not overwrite a held input that another thread holding the
+    same channel still reads."""
     taps = tl.arange(0, BLOCK_KEPT)
     kept_mask = mask[:, None] & (taps[None, :] >= 1) & (taps[None, :] < KEPT)
     tile_at = held_at[:, None] + taps[None, :] * conv_s2
     kept = tl.load(tile_at, mask=kept_mask, other=0.0)
     tl.debug_barrier()
     tl.store(tile_at - conv_s2, kept, mask=kept_mask)
-    tl.store(held_at + (KEPT - 1) * conv_s2, newest.to(conv_state_ptr.dtype.element_ty), mask=mask)
+    tl.store(held_at + (KEPT - 1) * conv_s2, newest.to(held_at.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _step_norm_kernel(
-    mixed_ptr, a_ptr, b_ptr, z_ptr, dt_bias_ptr, decay_rate_ptr, norm_weight_ptr, state_ptr, y_ptr,
-    a_s0, a_s2, b_s0, b_s2, z_s0, z_s2, state_s0, state_s1, state_s2, state_s3,
-    conv_dim, rms_eps,
-    N_K: tl.constexpr, N_V: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, GROUPED: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+def _decode_step_kernel(
+    projected_ptr, a_ptr, b_ptr, z_ptr, conv_state_ptr, conv_weight_ptr, dt_bias_ptr, decay_rate_ptr, norm_weight_ptr,
+    state_ptr, y_ptr, counter_ptr,
+    projected_s0, projected_s2, a_s0, a_s2, b_s0, b_s2, z_s0, z_s2, conv_s0, conv_s1, conv_s2, weight_s0, weight_s1,
+    state_s0, state_s1, state_s2, state_s3, q_scale, l2_eps, rms_eps,
+    N_K: tl.constexpr, N_V: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, KEPT: tl.constexpr,
+    GROUPED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_KEPT: tl.constexpr,
 ):
-    # Program row * n_v + head: the gates, one delta-rule step over the head's whole state, then the
-    # head's output RMS-normed, times the norm weight and silu(z), into y [B, 1, n_v * d_v].
+    # Program row * n_v + head: the conv of the head's q | k | v channels, the gates, one delta-rule step
+    # over the head's whole state, then the head's output RMS-normed, times the norm weight and silu(z),
+    # into y [B, 1, n_v * d_v].
     unit = tl.program_id(0)
     row, head = unit // N_V, unit % N_V
     if GROUPED:  # value head j reads key head j // (n_v / n_k)
@@ -170,16 +160,38 @@ def _step_norm_kernel(
         key_head = head % N_K
     keys, columns = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_V)
     key_mask, column_mask = keys < D_K, columns < D_V
-    tile_mask = key_mask[:, None] & column_mask[None, :]
-    mixed_row = mixed_ptr + row * conv_dim
-    q = tl.load(mixed_row + key_head * D_K + keys, mask=key_mask, other=0.0)
-    k = tl.load(mixed_row + (N_K + key_head) * D_K + keys, mask=key_mask, other=0.0)
-    v = tl.load(mixed_row + 2 * N_K * D_K + head * D_V + columns, mask=column_mask, other=0.0)
+    projected_row = projected_ptr + row * projected_s0
+    held_row = conv_state_ptr + row * conv_s0
+    q_channels = key_head * D_K + keys
+    k_channels = q_channels + N_K * D_K
+    v_channels = 2 * N_K * D_K + head * D_V + columns
+    q_held, k_held, v_held = (held_row + q_channels * conv_s1, held_row + k_channels * conv_s1,
+                              held_row + v_channels * conv_s1)
+    q, q_newest = _convolve(projected_row + q_channels * projected_s2, q_held, conv_weight_ptr + q_channels * weight_s0,
+                            conv_s2, weight_s1, key_mask, KEPT)
+    k, k_newest = _convolve(projected_row + k_channels * projected_s2, k_held, conv_weight_ptr + k_channels * weight_s0,
+                            conv_s2, weight_s1, key_mask, KEPT)
+    v, v_newest = _convolve(projected_row + v_channels * projected_s2, v_held, conv_weight_ptr + v_channels * weight_s0,
+                            conv_s2, weight_s1, column_mask, KEPT)
+    q = _l2_normed(q, l2_eps) * q_scale
+    k = _l2_normed(k, l2_eps)
+
+    # The v channels' conv state is this program's own; the q and k channels' is read by every value
+    # head of the key head, so the last of them to count itself in shifts it (it holds the newest inputs)
+    # and sets the count back to 0 for the next call.
+    tl.debug_barrier()  # every thread has read its conv state before the count says so
+    counter = counter_ptr + row * N_K + key_head
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == N_V // N_K - 1:
+        _shift_conv_state(q_held, q_newest, key_mask, conv_s2, KEPT, BLOCK_KEPT)
+        _shift_conv_state(k_held, k_newest, key_mask, conv_s2, KEPT, BLOCK_KEPT)
+        tl.atomic_xchg(counter, 0)
+    _shift_conv_state(v_held, v_newest, column_mask, conv_s2, KEPT, BLOCK_KEPT)
+
     a = tl.load(a_ptr + row * a_s0 + head * a_s2).to(tl.float32)
     b = tl.load(b_ptr + row * b_s0 + head * b_s2).to(tl.float32)
     g = tl.load(decay_rate_ptr + head).to(tl.float32) * _softplus(a + tl.load(dt_bias_ptr + head).to(tl.float32))
     beta = tl.sigmoid(b)
-
+    tile_mask = key_mask[:, None] & column_mask[None, :]
     state_at = state_ptr + row * state_s0 + head * state_s1 + keys[:, None] * state_s2 + columns[None, :] * state_s3
     state = tl.load(state_at, mask=tile_mask, other=0.0) * tl.exp(g)
     delta = beta * (v - tl.sum(state * k[:, None], axis=0))
@@ -199,7 +211,7 @@ def deltanet_decode_(
     projected, a, b, z, conv_state, conv_weight, dt_bias, decay_rate, norm_weight, recurrent,
     n_k: int, d_k: int, n_v: int, d_v: int, grouped: bool, l2_eps: float, rms_eps: float,
 ) -> torch.Tensor:
-    """One DeltaNet decode step (one token per row) between in_proj and out_proj, in two launches.
+    """One DeltaNet decode step (one token per row) between in_proj and out_proj, in one launch.
 
     projected [B, 1, 2 n_k d_k + n_v d_v] (q | k | v), a, b [B, 1, n_v], z [B, 1, n_v d_v] (fp32 or
     bf16; rows may be strided column slices); conv_state [B, conv_dim, K-1] (oldest input first) and
@@ -250,20 +262,13 @@ def deltanet_decode_(
     y = torch.empty(batch, 1, value_width, dtype=torch.float32, device=device)
     if batch == 0:
         return y
-    mixed = torch.empty(batch, conv_dim, dtype=torch.float32, device=device)  # conv output, q and k normed
-    block = triton.next_power_of_2(max(d_k, d_v))
-    _conv_norm_kernel[(batch, 2 * n_k + n_v)](
-        projected, conv_state, conv_weight, mixed, projected.stride(0), projected.stride(2), *conv_state.stride(),
-        *conv_weight.stride(), conv_dim, d_k**-0.5, l2_eps,
-        N_K=n_k, D_K=d_k, D_V=d_v, KEPT=kept, BLOCK=block, BLOCK_KEPT=triton.next_power_of_2(kept),
-        num_warps=1,  # a program convolves one head's channels: a few taps each
-    )
     block_k, block_v = triton.next_power_of_2(d_k), triton.next_power_of_2(d_v)
-    _step_norm_kernel[(batch * n_v,)](
-        mixed, a, b, z, dt_bias.contiguous(), decay_rate.contiguous(), norm_weight.contiguous(), recurrent, y,
-        a.stride(0), a.stride(2), b.stride(0), b.stride(2), z.stride(0), z.stride(2), *recurrent.stride(),
-        conv_dim, rms_eps,
-        N_K=n_k, N_V=n_v, D_K=d_k, D_V=d_v, GROUPED=bool(grouped), BLOCK_K=block_k, BLOCK_V=block_v,
-        num_warps=_warps(block_k * block_v, _STEP_VALUES_PER_THREAD),
+    _decode_step_kernel[(batch * n_v,)](
+        projected, a, b, z, conv_state, conv_weight, dt_bias.contiguous(), decay_rate.contiguous(),
+        norm_weight.contiguous(), recurrent, y, arrival_counters(device, batch * n_k),
+        projected.stride(0), projected.stride(2), a.stride(0), a.stride(2), b.stride(0), b.stride(2), z.stride(0),
+        z.stride(2), *conv_state.stride(), *conv_weight.stride(), *recurrent.stride(), d_k**-0.5, l2_eps, rms_eps,
+        N_K=n_k, N_V=n_v, D_K=d_k, D_V=d_v, KEPT=kept, GROUPED=bool(grouped), BLOCK_K=block_k, BLOCK_V=block_v,
+        BLOCK_KEPT=triton.next_power_of_2(kept), num_warps=_warps(block_k * block_v, _STEP_VALUES_PER_THREAD),
     )
     return y
