@@ -8,10 +8,12 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import random_delta_rule_inputs, triton_devices  # noqa: E402
+from sm90 import compile_launches, record_launches  # noqa: E402
 from test_deltanet_decode import deltanet_layer, random_step_inputs, reference_steps  # noqa: E402
 
 from qwen35.errors import Qwen35Error  # noqa: E402
 from qwen35.kernels.delta_rule import chunked_gated_delta_rule, recurrent_gated_delta_rule  # noqa: E402
+from qwen35.kernels.triton_checks import arrival_counters  # noqa: E402
 from qwen35.kernels.triton_deltanet import deltanet_decode_, recurrent_delta_rule_  # noqa: E402
 from qwen35.model.qwen35 import L2_NORM_EPS  # noqa: E402
 
@@ -123,6 +125,53 @@ def test_three_decode_steps_match_three_tokens_at_once(device):
     torch.testing.assert_close(torch.cat(outputs, dim=1), reference_y, **TOLERANCE)
     torch.testing.assert_close(conv, reference_conv, **TOLERANCE)
     torch.testing.assert_close(recurrent, reference_recurrent, **TOLERANCE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_consecutive_steps_leave_the_arrival_counters_at_zero(device):
+    """Three value heads read each key head (tiled, so not neighbours), three rows: the last reader of a
+    key head shifts its q and k conv state and sets its count back to 0, so the next step (as a CUDA
+    graph's replay) counts from 0 again and two steps equal the plain chain over both tokens."""
+    layer, generator = deltanet_layer("tiled", 2, 6, 16, 16, seed=4)
+    projected, a, b, z, conv, recurrent = random_step_inputs(layer, 3, 2, generator)
+    reference_y, reference_conv, reference_recurrent = reference_steps(layer, projected, a, b, z, conv, recurrent)
+    counters = arrival_counters(torch.empty(0, device=device).device, 3 * 2)
+    assert not counters.any()
+    outputs = []
+    for t in range(2):
+        token = [x[:, t : t + 1] for x in (projected, a, b, z)]
+        y, conv, recurrent = triton_step(layer, device, *token, conv, recurrent)
+        assert not counters.any(), f"step {t}: counts left at {counters.nonzero().flatten().tolist()}"
+        outputs.append(y)
+    torch.testing.assert_close(torch.cat(outputs, dim=1), reference_y, **TOLERANCE)
+    torch.testing.assert_close(conv, reference_conv, **TOLERANCE)
+    torch.testing.assert_close(recurrent, reference_recurrent, **TOLERANCE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("value_head_order", ["grouped", "tiled"])
+def test_one_value_head_per_key_head(device, value_head_order):
+    """n_v == n_k: every key head has one reader, which shifts its conv state at once."""
+    layer, generator = deltanet_layer(value_head_order, 3, 3, 16, 24, seed=6)
+    inputs = random_step_inputs(layer, 2, 1, generator)
+    assert_step_matches(triton_step(layer, device, *inputs), reference_steps(layer, *inputs))
+
+
+@pytest.mark.skipif(DEVICES != ["cpu"], reason="records the interpreter's launches; on a GPU the kernel runs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_35b_shapes_in_one_launch_that_compiles_for_sm90_without_spills(monkeypatch, dtype):
+    """The 35B model's DeltaNet (16 key heads, 32 value heads grouped, d 128, conv kernel 4): one launch
+    a step, against the plain chain, and that launch compiled for an H100 as the wrapper makes it (its
+    warps, argument types and alignments) holds the head's [128, 128] fp32 state without spilling."""
+    launches = record_launches(monkeypatch)
+    layer, generator = deltanet_layer("grouped", 16, 32, 128, 128, seed=35)
+    projected, a, b, z, conv, recurrent = random_step_inputs(layer, 1, 1, generator)
+    projected, a, b, z, conv = (x.to(dtype) for x in (projected, a, b, z, conv))
+    inputs = (projected, a, b, z, conv, recurrent)
+    assert_step_matches(triton_step(layer, "cpu", *inputs), reference_steps(layer, *inputs))
+    assert [launch["name"] for launch in launches.values()] == ["_decode_step_kernel"]
+    compiled = compile_launches(launches)
+    assert list(compiled.values()) == [{"stack": 0}], compiled
 
 
 @pytest.mark.parametrize("device", DEVICES)

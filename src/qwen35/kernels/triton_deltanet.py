@@ -3,31 +3,35 @@
 `recurrent_delta_rule_` runs the gated delta rule token by token (delta_rule.py's
 `recurrent_gated_delta_rule`, same head-major layouts) for one or a few tokens per row.
 `deltanet_decode_` runs a whole DeltaNet decode step between in_proj and out_proj
-(GatedDeltaNet's causal_conv -> delta_rule_inputs -> delta rule -> gated_norm) in two launches:
+(GatedDeltaNet's causal_conv -> delta_rule_inputs -> delta rule -> gated_norm) in one launch,
+since a decode step on the GPU is bound by its launches: one program per (row, value head).
+A program convolves (+ SiLU) the channels it needs straight from the projections and the conv
+state (its value head's v channels and the q and k channels of its key head, l2-normed), then
+computes the gates, one delta-rule step and the gated RMS norm; the RMS norm needs the head's
+whole output, so a program holds the head's whole [d_k, d_v] state.
 
-1. conv + SiLU + l2 norms, one program per (row, head-sized channel segment of q | k | v):
-   each program owns its channels, so it shifts their conv state in place with no race;
-   the normed q, k and the v go to a small fp32 scratch [B, conv_dim].
-2. gates + delta-rule step + gated RMS norm, one program per (row, value head): the RMS norm
-   needs the head's whole output, so a program holds the head's whole [d_k, d_v] state.
+The v channels' conv state is one program's own, which shifts it in place. A key head's q and k
+channels are read by n_v / n_k programs, so their conv state may move only once all of them have
+read it: the "last program to finish" pattern of triton_gguf.py. Each program, having read, counts
+itself in on its (row, key head) arrival counter (triton_checks.arrival_counters; an atomic add,
+acq_rel, after a barrier); the one that completes the count shifts those channels (it holds the
+newest inputs) and sets the count back to 0 for the next call or graph replay.
 
-Both update the given state tensors in place and never wait on the host, so a decode step can
-be captured in a CUDA graph. The recurrent state is memory-bound work: each program reads its
-slice of the state once and writes it once; everything is computed in fp32 whatever the inputs.
+Both functions update the given state tensors in place and never wait on the host, so a decode
+step can be captured in a CUDA graph. The recurrent state is memory-bound work: each program reads
+its slice of the state once and writes it once; everything is computed in fp32 whatever the inputs.
 """
 
 from __future__ import annotations
-
 
 import torch
 import triton
 import triton.language as tl
 
 from qwen35.kernels.triton_checks import (
-    INPUT_DTYPES, INTERPRETED, arrival_counters, check_delta_rule, check_device, check_dtype, require,
+    arrival_counters, check_delta_rule, check_device, check_dtype, require,
 )
 
-# Set (by tests/conftest.py) where there is no GPU: the kernels then run on CPU tensors.
 # Value columns per program of the recurrent kernel: a [d_k, 32] fp32 slice of the state in registers,
 # 64 values a thread (2 warps for d_k 128). Measured on an H200 against 8 to 128 columns and 1 to 8
 # warps: the best or within 10% of it from 1 row to 32 (narrower slices lose at large batches).
@@ -112,7 +116,8 @@ def _convolve(projected_at, held_at, weight_at, conv_s2, weight_s1, mask, KEPT: 
     """Causal conv + SiLU of some channels, in fp32: each channel's window is its KEPT held inputs
     (oldest first), then the newest, the taps summed in that order as GatedDeltaNet.causal_conv sums
     them. Returns the SiLU output and the newest inputs as loaded (for the conv state)."""
-    mixed = tl.load(held_at, mask=mask, other=0.0).to(tl.float32) * tl.load(weight_at, mask=mask, other=0.0).to(tl.float32)
+    oldest = tl.load(held_at, mask=mask, other=0.0).to(tl.float32)
+    mixed = oldest * tl.load(weight_at, mask=mask, other=0.0).to(tl.float32)
     for tap in tl.static_range(1, KEPT):
         held = tl.load(held_at + tap * conv_s2, mask=mask, other=0.0).to(tl.float32)
         mixed = mixed + held * tl.load(weight_at + tap * weight_s1, mask=mask, other=0.0).to(tl.float32)
