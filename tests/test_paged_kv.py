@@ -15,6 +15,7 @@ from sm90 import run_compile_script
 from qwen35.engine.cache import AttentionKV
 from qwen35.engine.paged_kv import PagedAttentionKV
 from qwen35.errors import Qwen35Error
+from qwen35.kernels.triton_checks import arrival_counters
 
 N_KV, HEAD_DIM, PAGE = 2, 8, 16
 
@@ -334,6 +335,7 @@ def test_the_kernel_matches_attention_decode_on_contiguous_storage(kernels, devi
         expected = contiguous._launch(*step, keys, values, starts, *shape_args, splits=splits)
         ours = paged._launch_paged(*step, key_pool, value_pool, table, starts, *shape_args, splits=splits)
     assert_output_close(ours.cpu(), expected.cpu())
+    assert not arrival_counters(key_pool.device, len(lengths) * n_kv).any()  # left at 0 for the next call
     # The new K/V went where attention_decode_ put them, bit for bit; no other page changed.
     for pool, before, storage in ((key_pool, pools_before[0], keys), (value_pool, pools_before[1], values)):
         pool, before, storage, pages = pool.cpu(), before.cpu(), storage.cpu(), table.cpu().long()
@@ -409,9 +411,9 @@ from qwen35.kernels import triton_attention as ta, triton_paged_attention as tpa
 ALIGNED = {"q_gate_s0", "k_s0", "v_s0", "pool_s0", "pool_s1", "pool_s2"}  # what torch's tensors give
 results = {}
 for storage, pointer, splits in ((torch.bfloat16, "*bf16", 32), (torch.float16, "*fp16", 1)):
-    constants, _ = ta._attend_config(16, 2, 256, 64, storage, 4096, splits)
-    constants["P"] = 64
-    pointers = {"keys_ptr": pointer, "values_ptr": pointer, "starts_ptr": "*i64", "table_ptr": "*i32"}
+    constants = dict(ta._attend_config(16, 2, 256, 64, storage, 4096, splits), P=64)
+    pointers = {"keys_ptr": pointer, "values_ptr": pointer, "starts_ptr": "*i64", "table_ptr": "*i32",
+                "counter_ptr": "*i32"}
     results[pointer] = compile_report(tpa._paged_attend_kernel, constants, pointers, ALIGNED)
 print(json.dumps(results))
 """
@@ -419,7 +421,8 @@ print(json.dumps(results))
 
 def test_the_paged_kernel_compiles_for_sm90_without_spilling():
     """The 35B model's shapes (16 query heads, 2 kv heads of 256, 64 rotated) in pages of 64: a bf16 pool
-    split 32 ways (bf16 tensor cores) and an fp16 pool in one launch (tf32x3); neither may spill."""
+    split 32 ways (bf16 tensor cores, the last split merging) and an fp16 pool in one split (tf32x3);
+    neither may spill."""
     results = run_compile_script(SM90_COMPILE)
     assert {name: result["stack"] for name, result in results.items()} == {"*bf16": 0, "*fp16": 0}
     assert results["*bf16"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"]

@@ -18,6 +18,7 @@ from qwen35.engine.cache import AttentionKV  # noqa: E402
 from qwen35.errors import Qwen35Error  # noqa: E402
 from qwen35.kernels.quant_linear import QuantLinear  # noqa: E402
 from qwen35.kernels.triton_attention import _launch, attention_decode_, split_count  # noqa: E402
+from qwen35.kernels.triton_checks import arrival_counters  # noqa: E402
 from qwen35.model import qwen35 as network_module  # noqa: E402
 from qwen35.model.config import FULL_ATTENTION, ModelConfig  # noqa: E402
 from qwen35.model.qwen35 import Attention, RotaryEmbedding  # noqa: E402
@@ -139,14 +140,33 @@ def test_matches_the_attention_layer(device, n_q, n_kv, head_dim, rotary_dim, le
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("splits", [1, 2, 5])
 def test_any_split_count_gives_the_same_result(device, splits):
-    """One split (launch 1 gates the output itself), and splits that leave some ranges empty
-    (rows of 1 and 4 cached slots) and others of several tiles."""
+    """One split (its program gates the output itself), and splits that leave some ranges empty
+    (rows of 1 and 4 cached slots) and others of several tiles, merged by each (row, kv head)'s last split."""
     layer, generator = attention_layer(4, 2, 32, 8, seed=3)
     x, starts, rope, keys, values = decode_case(layer, [150, 1, 5], 160, torch.float32, generator)
     qkv, expected, expected_storage = plain_step(layer, x, starts, rope, keys, values)
     out, our_keys, our_values = triton_step(layer, device, qkv, rope, keys, values, starts, splits=splits)
     assert_output_close(out, expected)
     assert_storage_matches((our_keys, our_values), expected_storage, starts, KEY_RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_split_path_twice_in_a_row_gives_the_same_bits_and_leaves_the_counters_at_zero(device):
+    """The last split of each (row, kv head) to arrive merges and sets its arrival counter back to 0: a
+    second call (a CUDA graph's replay) merges again. A count left behind would keep the second call
+    from merging at all, its output then never written."""
+    layer, generator = attention_layer(8, 2, 32, 8, seed=9)
+    x, starts, rope, keys, values = decode_case(layer, [150, 1, 70], 160, torch.bfloat16, generator)
+    qkv, expected, expected_storage = plain_step(layer, x, starts, rope, keys, values)
+    counters = arrival_counters(torch.device(device), 3 * 2)
+    outputs = []
+    for _ in range(2):
+        out, our_keys, our_values = triton_step(layer, device, qkv, rope, keys, values, starts, splits=4)
+        assert not counters.any()
+        assert_output_close(out, expected)
+        assert_storage_matches((our_keys, our_values), expected_storage, starts, KEY_RTOL[torch.bfloat16])
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -227,22 +247,19 @@ from qwen35.kernels import triton_attention as ta
 ALIGNED = {"q_gate_s0", "k_s0", "v_s0", "cache_s0", "cache_s1", "cache_s2"}
 results = {}
 for storage, pointer, splits in ((torch.bfloat16, "*bf16", 32), (torch.float16, "*fp16", 1)):
-    attend, merge = ta._attend_config(16, 2, 256, 64, storage, 4096, splits)
-    pointers = {"keys_ptr": pointer, "values_ptr": pointer, "starts_ptr": "*i64"}
+    attend = ta._attend_config(16, 2, 256, 64, storage, 4096, splits)
+    pointers = {"keys_ptr": pointer, "values_ptr": pointer, "starts_ptr": "*i64", "counter_ptr": "*i32"}
     results[pointer] = compile_report(ta._attend_kernel, attend, pointers, ALIGNED)
-    if splits > 1:
-        results["merge"] = compile_report(ta._merge_kernel, merge, {}, ALIGNED)
 print(json.dumps(results))
 """
 
 
-
-
 def test_the_gpu_kernels_compile_for_sm90_without_spilling():
     """The 35B model's shapes (16 query heads, 2 kv heads of 256, 64 rotated): a bf16 cache split 32 ways
-    (launch 1 on bf16 tensor cores, launch 2) and an fp16 cache in one launch (tf32x3), each compiled with
-    the tiles and warps a call would use; none may keep a stack (spilled registers)."""
+    (bf16 tensor cores, the last split of each (row, kv head) merging, its loop to the grid's split count
+    compiled as only a GPU runs it) and an fp16 cache in one split (tf32x3), each compiled with the tiles
+    and warps a call would use; neither may keep a stack (spilled registers)."""
     results = run_compile_script(SM90_COMPILE)
-    assert {name: result["stack"] for name, result in results.items()} == {"*bf16": 0, "*fp16": 0, "merge": 0}
+    assert {name: result["stack"] for name, result in results.items()} == {"*bf16": 0, "*fp16": 0}
     assert results["*bf16"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"]
     assert results["*fp16"]["mma"] == ["mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"]

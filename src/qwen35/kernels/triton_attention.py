@@ -2,17 +2,19 @@
 
 `attention_decode_` runs everything of Attention.__call__ between qkv_proj and o_proj for one new
 token per row: q/k RMS norms per head, partial rotate-half RoPE, the K/V cache write at each row's
-own slot, single-query GQA attention and the sigmoid output gate. Two launches (flash-decoding):
+own slot, single-query GQA attention and the sigmoid output gate. One launch (flash-decoding):
 
-1. One program per (row, kv head, split). It norms and rotates the query heads of its kv head's
-   group (held together: each K/V tile it loads serves all of them) and the new K, and runs an
-   online softmax over its share of the row's cached slots, in tiles of BLOCK_N slots. Each row's
-   slots 0..starts[b]-1 are cut into `splits` even ranges by the row's own length, read from
-   `starts` on the device. The new token itself is never read back from the cache: split 0 starts
-   its softmax with it (K and V rounded to the storage's type, as the reference reads them back)
-   and writes it to slot starts[b], which no program reads, so the write races with nothing.
-2. One program per (row, query head) merges the splits' maxima, sums and weighted V rows and
-   applies sigmoid(gate). With a single split, launch 1 does this itself and there is no launch 2.
+One program per (row, kv head, split). It norms and rotates the query heads of its kv head's group
+(held together: each K/V tile it loads serves all of them) and the new K, and runs an online
+softmax over its share of the row's cached slots, in tiles of BLOCK_N slots. Each row's slots
+0..starts[b]-1 are cut into `splits` even ranges by the row's own length, read from `starts` on
+the device. The new token itself is never read back from the cache: split 0 starts its softmax
+with it (K and V rounded to the storage's type, as the reference reads them back) and writes it to
+slot starts[b], which no program reads, so the write races with nothing. With a single split the
+program gates its output itself. Otherwise each split stores its partial softmax (maxima, sums,
+weighted V rows) and counts itself in on its (row, kv head)'s arrival counter; the last split to
+arrive merges the group's pieces in split order (the same bits whichever split is last), applies
+sigmoid(gate) and sets the counter back to 0 for the next call (no second launch for the merge).
 
 Nothing waits on the host, so a decode step can be captured in a CUDA graph: the split count
 depends only on the kv heads, the storage's capacity and the GPU's SM count (not on the batch: a
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from qwen35.errors import Qwen35Error
-from qwen35.kernels.triton_checks import INPUT_DTYPES, INTERPRETED, check_device, require
+from qwen35.kernels.triton_checks import INPUT_DTYPES, INTERPRETED, arrival_counters, check_device, require
 
 # Set (by tests/conftest.py) where there is no GPU: the kernels then run on CPU tensors.
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,6 +57,9 @@ _DOT_MODES = ("split_bf16", "tf32x3", "ieee")
 _MIN_SPLIT_SLOTS = 128
 _MAX_SPLITS = 64
 _WAVES = 2
+# Splits whose pieces the merging program has in flight at once (8 keeps the kernel at the main loop's
+# 128 registers a thread for a bf16 cache).
+_MERGE_UNROLL = 8
 # The interpreter has no SMs; this many makes the tests' calls split their rows.
 INTERPRETED_SM_COUNT = 4
 
@@ -186,10 +191,81 @@ def _softmax_start(q, k_stored, v_stored, owns_new_token, BLOCK_G: tl.constexpr,
 
 
 @triton.jit
-def _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0, row64, split,
-            heads, group_mask, cols, col_mask, maximum, total, acc, N_KV: tl.constexpr, GROUP: tl.constexpr,
-            D: tl.constexpr, SPLITS: tl.constexpr):
-    """One split: the gated output, or its partial softmax for the merge."""
+def _merge_some(acc, maximum, partial_acc_ptr, partial_max_ptr, first_piece, rows, rows_mask, first, cols, col_mask,
+                D: tl.constexpr, GROUP: tl.constexpr, SPLITS: tl.constexpr, MERGE_UNROLL: tl.constexpr):
+    # Splits first .. first + MERGE_UNROLL - 1 (those that exist) into acc [MERGE_G, BLOCK_D], one after
+    # the other; their loads do not wait on acc, so the GPU has them all in flight at once. A split's
+    # maxima are loaded as scalars (each thread the same words) and set into a column where the tile's
+    # rows are: a vector of them would be laid out otherwise, and moved through shared memory.
+    for step in tl.static_range(MERGE_UNROLL):
+        split = first + step
+        exists = split < SPLITS
+        piece_max = tl.zeros_like(maximum)
+        for head in tl.static_range(GROUP):
+            at = partial_max_ptr + first_piece + head * SPLITS + split
+            piece_max = tl.where(rows == head, tl.load(at, mask=exists, other=0.0, cache_modifier=".cg"), piece_max)
+        pieces = first_piece + rows * SPLITS + split
+        piece_acc = tl.load(partial_acc_ptr + pieces * D + cols[None, :], mask=(rows_mask & col_mask[None, :]) & exists,
+                            other=0.0, cache_modifier=".cg")
+        acc = tl.where(exists, acc + tl.exp2(piece_max - maximum) * piece_acc, acc)
+    return acc
+
+
+@triton.jit
+def _merge_splits(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0, row64, kv_head,
+                  cols, col_mask, N_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_G: tl.constexpr, MERGE_W: tl.constexpr,
+                  MERGE_UNROLL: tl.constexpr, INTERPRETED: tl.constexpr):
+    # Each of the group's query heads (a row of the tile, MERGE_G of them: no padding to the products'
+    # 16): its splits' softmaxes as one (split 0 holds the new token, so the largest maximum is finite;
+    # empty splits have maximum -inf and weigh 0), then the gate. The weighted V rows are summed in
+    # split order, whichever split runs this. Loads are .cg: from L2, where the other programs' stores
+    # are, never a stale L1 line.
+    rows = tl.arange(0, MERGE_G)
+    rows_mask = rows < GROUP
+    heads = kv_head * GROUP + rows
+    head_rows = row64 * (N_KV * GROUP) + heads
+    first_piece = (row64 * N_KV + kv_head) * (GROUP * SPLITS)  # the group's first head's split 0
+    splits = tl.arange(0, BLOCK_S)
+    at = first_piece + rows[:, None] * SPLITS + splits[None, :]
+    split_mask = rows_mask[:, None] & (splits < SPLITS)[None, :]
+    maxima = tl.load(partial_max_ptr + at, mask=split_mask, other=float("-inf"), cache_modifier=".cg")
+    sums = tl.load(partial_sum_ptr + at, mask=split_mask, other=0.0, cache_modifier=".cg")
+    # The sum of the splits' weighted sums over one split a lane (the order the merge summed in when it
+    # was a launch of its own).
+    maximum = tl.where(rows_mask, tl.max(maxima, axis=1), 0.0)  # padding rows: no -inf - -inf
+    total = tl.sum(tl.exp2(maxima - maximum[:, None]) * sums, axis=1)
+    # The same largest maxima for the loop, from a load as wide as the tile, which takes the tile's
+    # layout: with the narrow one's, each split's weights went through shared memory.
+    wide = tl.arange(0, MERGE_W)
+    wide_mask = rows_mask[:, None] & (wide < SPLITS)[None, :]
+    wide_maxima = tl.load(partial_max_ptr + first_piece + rows[:, None] * SPLITS + wide[None, :], mask=wide_mask,
+                          other=float("-inf"), cache_modifier=".cg")
+    row_maximum = tl.where(rows_mask, tl.max(wide_maxima, axis=1), 0.0)[:, None]
+    acc = tl.zeros([MERGE_G, BLOCK_D], tl.float32)
+    if INTERPRETED:  # the interpreter's range() takes no bound but a constant
+        for first in range(0, SPLITS, MERGE_UNROLL):
+            acc = _merge_some(acc, row_maximum, partial_acc_ptr, partial_max_ptr, first_piece, rows[:, None],
+                              rows_mask[:, None], first, cols, col_mask, D, GROUP, SPLITS, MERGE_UNROLL)
+    else:  # to a bound ptxas does not know (SPLITS, the grid's): to SPLITS, it unrolled the loop whole (150
+        # registers at 32 splits, one program an SM)
+        for first in tl.range(0, tl.num_programs(1), MERGE_UNROLL):
+            acc = _merge_some(acc, row_maximum, partial_acc_ptr, partial_max_ptr, first_piece, rows[:, None],
+                              rows_mask[:, None], first, cols, col_mask, D, GROUP, SPLITS, MERGE_UNROLL)
+    tile_mask = rows_mask[:, None] & col_mask[None, :]
+    gate_at = q_gate_ptr + row64 * q_gate_s0 + heads[:, None] * (2 * D) + D + cols[None, :]
+    gate = tl.load(gate_at, mask=tile_mask, other=0.0)
+    out = acc / tl.where(rows_mask, total, 1.0)[:, None] * tl.sigmoid(gate.to(tl.float32))
+    tl.store(out_ptr + head_rows[:, None] * D + cols[None, :], out, mask=tile_mask)
+
+
+@triton.jit
+def _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr, q_gate_s0, row64,
+            unit, split, heads, group_mask, cols, col_mask, maximum, total, acc, N_KV: tl.constexpr,
+            GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_S: tl.constexpr, MERGE_G: tl.constexpr, MERGE_UNROLL: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One split: the gated output; or its partial softmax, and the (row, kv head)'s last split to
+    arrive (counted at counter_ptr + unit) merges them all and sets the count back to 0."""
     head_rows = row64 * (N_KV * GROUP) + heads  # (row, query head) pairs
     tile_mask = group_mask[:, None] & col_mask[None, :]
     if SPLITS == 1:
@@ -202,6 +278,12 @@ def _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_p
         tl.store(partial_acc_ptr + pieces[:, None] * D + cols[None, :], acc, mask=tile_mask)
         tl.store(partial_max_ptr + pieces, maximum, mask=group_mask)
         tl.store(partial_sum_ptr + pieces, total, mask=group_mask)
+        tl.debug_barrier()  # all of this program's pieces are written before its count is
+        if tl.atomic_add(counter_ptr + unit, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            _merge_splits(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0, row64,
+                          unit % N_KV, cols, col_mask, N_KV, GROUP, D, SPLITS, BLOCK_D, BLOCK_S, MERGE_G,
+                          max(BLOCK_D, BLOCK_S), MERGE_UNROLL, INTERPRETED)
+            tl.atomic_xchg(counter_ptr + unit, 0)
 
 
 @triton.jit
@@ -227,12 +309,12 @@ def _query_parts(q, DOT_MODE: tl.constexpr):
 @triton.jit
 def _attend_kernel(
     q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, starts_ptr,
-    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
+    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr,
     q_gate_s0, k_s0, v_s0, cos_s0, sin_s0, starts_s0, cache_s0, cache_s1, cache_s2,
     capacity, eps, qk_scale,
     N_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, ROTARY: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr, BF16_STORAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    MERGE_G: tl.constexpr, MERGE_UNROLL: tl.constexpr, INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr, BF16_STORAGE: tl.constexpr,
 ):
     unit, split = tl.program_id(0), tl.program_id(1)
     row, kv_head = unit // N_KV, unit % N_KV
@@ -267,35 +349,9 @@ def _attend_kernel(
             maximum, total, acc = _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at,
                                                cache_s1, begin + offset, end, slots, cols, col_mask, DOT_MODE, True)
 
-    _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0, row64, split,
-            heads, group_mask, cols, col_mask, maximum, total, acc, N_KV, GROUP, D, SPLITS)
-
-
-@triton.jit
-def _merge_kernel(
-    q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0,
-    N_Q: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    # Program row * n_q + head: its splits' softmaxes as one (split 0 holds the new token, so the
-    # largest maximum is finite; empty splits have maximum -inf and weigh 0), then the gate.
-    head_row = tl.program_id(0).to(tl.int64)
-    row, head = head_row // N_Q, head_row % N_Q
-    splits = tl.arange(0, BLOCK_S)
-    split_mask = splits < SPLITS
-    pieces = head_row * SPLITS
-    maxima = tl.load(partial_max_ptr + pieces + splits, mask=split_mask, other=float("-inf"))
-    sums = tl.load(partial_sum_ptr + pieces + splits, mask=split_mask, other=0.0)
-    maximum = tl.max(maxima, axis=0)
-    total = tl.sum(tl.exp2(maxima - maximum) * sums, axis=0)
-    cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < D
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for split in range(SPLITS):
-        weight = tl.exp2(tl.load(partial_max_ptr + pieces + split) - maximum)
-        acc += weight * tl.load(partial_acc_ptr + (pieces + split) * D + cols, mask=col_mask, other=0.0)
-    gate = tl.load(q_gate_ptr + row * q_gate_s0 + head * (2 * D) + D + cols, mask=col_mask, other=0.0)
-    out = acc / total * tl.sigmoid(gate.to(tl.float32))
-    tl.store(out_ptr + head_row * D + cols, out, mask=col_mask)
+    _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr, q_gate_s0, row64,
+            unit, split, heads, group_mask, cols, col_mask, maximum, total, acc, N_KV, GROUP, D, SPLITS, BLOCK_D,
+            BLOCK_S, MERGE_G, MERGE_UNROLL, INTERPRETED_SPAN > 0)
 
 
 @functools.cache
@@ -363,9 +419,9 @@ def _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, 
 
 
 def _attend_config(n_q, n_kv, head_dim, rotary_dim, storage_dtype, capacity, splits, block_n=None,
-                   num_warps=None, dot_mode=None) -> tuple[dict, dict]:
-    """Launch 1's and launch 2's compile-time constants, num_warps included (the same for every call of
-    those shapes: what a captured graph and an ahead-of-time compile see)."""
+                   num_warps=None, dot_mode=None) -> dict:
+    """The kernel's compile-time constants, num_warps included (the same for every call of those shapes:
+    what a captured graph and an ahead-of-time compile see)."""
     block_d = max(_MIN_DOT_ROWS, triton.next_power_of_2(head_dim))
     if dot_mode is None:
         dot_mode = "split_bf16" if storage_dtype == torch.bfloat16 else "tf32x3"
@@ -374,46 +430,44 @@ def _attend_config(n_q, n_kv, head_dim, rotary_dim, storage_dtype, capacity, spl
     block_n = block_n or _BLOCK_N[dot_mode]
     attend = dict(
         N_KV=n_kv, GROUP=n_q // n_kv, D=head_dim, ROTARY=rotary_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(n_q // n_kv)), SPLITS=splits, DOT_MODE=dot_mode,
+        BLOCK_G=max(_MIN_DOT_ROWS, triton.next_power_of_2(n_q // n_kv)), SPLITS=splits,
+        BLOCK_S=triton.next_power_of_2(splits), MERGE_G=triton.next_power_of_2(n_q // n_kv),
+        MERGE_UNROLL=min(_MERGE_UNROLL, splits), DOT_MODE=dot_mode,
         # The interpreter's loop runs over the largest share a split can have, in whole tiles.
         INTERPRETED_SPAN=triton.cdiv(triton.cdiv(capacity, splits), block_n) * block_n if INTERPRETED else 0,
         BF16_STORAGE=storage_dtype == torch.bfloat16,
         num_warps=num_warps if num_warps is not None else 8 if block_d >= 256 else 4,
     )
-    merge = dict(N_Q=n_q, D=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), SPLITS=splits,
-                 BLOCK_S=triton.next_power_of_2(splits), num_warps=max(1, min(4, head_dim // 64)))
-    return attend, merge
+    return attend
 
 
-def _partials(out: torch.Tensor, n_q: int, head_dim: int, splits: int):
-    """Each split's softmax pieces for the merge (with one split, nothing: `out` stands in, untouched)."""
+def _partials(out: torch.Tensor, n_q: int, n_kv: int, head_dim: int, splits: int):
+    """Each split's softmax pieces for the merge and the (row, kv head) arrival counters (with one
+    split, nothing: `out` stands in, untouched)."""
     if splits == 1:
-        return out, out, out
+        return out, out, out, out
     pieces = out.shape[0] * n_q * splits
     partial_max = torch.empty(pieces, dtype=torch.float32, device=out.device)
-    return torch.empty(pieces, head_dim, dtype=torch.float32, device=out.device), partial_max, torch.empty_like(partial_max)
+    return (torch.empty(pieces, head_dim, dtype=torch.float32, device=out.device), partial_max,
+            torch.empty_like(partial_max), arrival_counters(out.device, out.shape[0] * n_kv))
 
 
 def _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim, eps, scale,
             splits, block_n=None, num_warps=None, dot_mode=None):
-    """The two launches (one with a single split), inputs already checked."""
+    """The launch, inputs already checked."""
     batch, capacity, device = q_gate.shape[0], keys.shape[1], keys.device
-    attend, merge = _attend_config(n_q, n_kv, head_dim, cos.shape[2], keys.dtype, capacity, splits, block_n,
+    attend = _attend_config(n_q, n_kv, head_dim, cos.shape[2], keys.dtype, capacity, splits, block_n,
                                    num_warps, dot_mode)
     out = torch.empty(batch, 1, n_q * head_dim, dtype=torch.float32, device=device)
     if batch == 0:
         return out
-    partial_acc, partial_max, partial_sum = _partials(out, n_q, head_dim, splits)
+    partial_acc, partial_max, partial_sum, counters = _partials(out, n_q, n_kv, head_dim, splits)
     _attend_kernel[(batch * n_kv, splits)](
         q_gate, k, v, q_norm.contiguous(), k_norm.contiguous(), cos, sin, keys, values, starts, out,
-        partial_acc, partial_max, partial_sum,
+        partial_acc, partial_max, partial_sum, counters,
         q_gate.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), starts.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), capacity, float(eps), float(scale) * _LOG2_E, **attend,
     )
-    if splits > 1:
-        _merge_kernel[(batch * n_q,)](
-            q_gate, out, partial_acc, partial_max, partial_sum, q_gate.stride(0), **merge,
-        )
     return out
 
 

@@ -3,8 +3,9 @@
 `paged_attention_decode_` is kernels/triton_attention.py's `attention_decode_` with the K/V storage
 swapped for a page pool [n_pages, P, n_kv, d] and a page table [rows, pages a row] int32: row b's
 slot s is slot s % P of page page_table[b, s // P]. The maths, the split over the context
-(flash-decoding), the merge launch and the argument checks are triton_attention's, imported: only
-the first launch differs, in where it writes the new token and where each tile of slots is read.
+(flash-decoding) with its in-launch merge (the last split of a (row, kv head) to arrive merges the
+pieces, one launch) and the argument checks are triton_attention's, imported: only where the new
+token is written and where each tile of slots is read differ.
 A tile of BLOCK_N slots (a power of two, dividing P) starts at a multiple of BLOCK_N, so it lies in
 one page; its page id is one scalar load, then the tile is triton_attention's `_attend_tile` over
 that page. A page id outside the pool (a caller's bug: checking it would wait on the GPU) reads and
@@ -19,7 +20,7 @@ import triton
 import triton.language as tl
 
 from qwen35.kernels.triton_attention import (
-    _LOG2_E, _attend_config, _attend_tile, _check_inputs, _finish, _merge_kernel, _new_token, _partials,
+    _LOG2_E, _attend_config, _attend_tile, _check_inputs, _finish, _new_token, _partials,
     _query_parts, _sm_count, _softmax_start, _split_range, split_count,
 )
 from qwen35.kernels.triton_checks import require
@@ -46,12 +47,12 @@ def _attend_page_tile(q_high, q_mid, q_low, maximum, total, acc, keys_ptr, value
 @triton.jit(do_not_specialize=["table_s0", "table_width", "n_pages"])
 def _paged_attend_kernel(
     q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, table_ptr, starts_ptr,
-    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
+    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr,
     q_gate_s0, k_s0, v_s0, cos_s0, sin_s0, starts_s0, pool_s0, pool_s1, pool_s2, table_s0,
     table_width, n_pages, eps, qk_scale,
     P: tl.constexpr, N_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, ROTARY: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-    INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr, BF16_STORAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    MERGE_G: tl.constexpr, MERGE_UNROLL: tl.constexpr, INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr, BF16_STORAGE: tl.constexpr,
 ):
     # triton_attention._attend_kernel, but for the new token's page and each tile's page.
     unit, split = tl.program_id(0), tl.program_id(1)
@@ -91,8 +92,9 @@ def _paged_attend_kernel(
                 q_high, q_mid, q_low, maximum, total, acc, keys_ptr, values_ptr, table_row_at, head_at, pool_s0,
                 pool_s1, n_pages, begin + offset, end, slots, cols, col_mask, P, DOT_MODE, True)
 
-    _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0, row64, split,
-            heads, group_mask, cols, col_mask, maximum, total, acc, N_KV, GROUP, D, SPLITS)
+    _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr, q_gate_s0, row64,
+            unit, split, heads, group_mask, cols, col_mask, maximum, total, acc, N_KV, GROUP, D, SPLITS, BLOCK_D,
+            BLOCK_S, MERGE_G, MERGE_UNROLL, INTERPRETED_SPAN > 0)
 
 
 def _check_paged_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, key_pool, value_pool, page_table, starts,
@@ -128,27 +130,25 @@ def _check_paged_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, key_pool, value_
 
 def _launch_paged(q_gate, k, v, q_norm, k_norm, cos, sin, key_pool, value_pool, page_table, starts, n_q, n_kv,
                   head_dim, eps, scale, splits, block_n=None, num_warps=None, dot_mode=None):
-    """The two launches (one with a single split), inputs already checked."""
+    """The launch, inputs already checked."""
     batch, page_size, device = q_gate.shape[0], key_pool.shape[1], key_pool.device
     capacity = page_table.shape[1] * page_size
-    attend, merge = _attend_config(n_q, n_kv, head_dim, cos.shape[2], key_pool.dtype, capacity, splits, block_n,
-                                   num_warps, dot_mode)
+    attend = _attend_config(n_q, n_kv, head_dim, cos.shape[2], key_pool.dtype, capacity, splits, block_n,
+                            num_warps, dot_mode)
     if attend["BLOCK_N"] > page_size:  # a tile must lie in one page: recount the interpreter's span for less
-        attend, merge = _attend_config(n_q, n_kv, head_dim, cos.shape[2], key_pool.dtype, capacity, splits,
-                                       page_size, num_warps, dot_mode)
+        attend = _attend_config(n_q, n_kv, head_dim, cos.shape[2], key_pool.dtype, capacity, splits, page_size,
+                                num_warps, dot_mode)
     out = torch.empty(batch, 1, n_q * head_dim, dtype=torch.float32, device=device)
     if batch == 0:
         return out
-    partial_acc, partial_max, partial_sum = _partials(out, n_q, head_dim, splits)
+    partial_acc, partial_max, partial_sum, counters = _partials(out, n_q, n_kv, head_dim, splits)
     _paged_attend_kernel[(batch * n_kv, splits)](
         q_gate, k, v, q_norm.contiguous(), k_norm.contiguous(), cos, sin, key_pool, value_pool, page_table, starts,
-        out, partial_acc, partial_max, partial_sum,
+        out, partial_acc, partial_max, partial_sum, counters,
         q_gate.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), starts.stride(0),
         key_pool.stride(0), key_pool.stride(1), key_pool.stride(2), page_table.stride(0),
         page_table.shape[1], key_pool.shape[0], float(eps), float(scale) * _LOG2_E, P=page_size, **attend,
     )
-    if splits > 1:
-        _merge_kernel[(batch * n_q,)](q_gate, out, partial_acc, partial_max, partial_sum, q_gate.stride(0), **merge)
     return out
 
 
