@@ -158,20 +158,24 @@ def test_one_value_head_per_key_head(device, value_head_order):
 
 
 @pytest.mark.skipif(DEVICES != ["cpu"], reason="records the interpreter's launches; on a GPU the kernel runs")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_35b_shapes_in_one_launch_that_compiles_for_sm90_without_spills(monkeypatch, dtype):
-    """The 35B model's DeltaNet (16 key heads, 32 value heads grouped, d 128, conv kernel 4): one launch
-    a step, against the plain chain, and that launch compiled for an H100 as the wrapper makes it (its
-    warps, argument types and alignments) holds the head's [128, 128] fp32 state without spilling."""
+def test_one_launch_a_step_that_compiles_for_sm90_without_spills(monkeypatch):
+    """The 35B model's DeltaNet (16 key heads, 32 value heads grouped, d 128, conv kernel 4; fp32 and bf16
+    inputs) and the tiny fixtures' (2 and 4 heads tiled, d 64): one launch a step, against the plain
+    chain, and each launch compiled for an H100 as the wrapper makes it (its warps, argument types and
+    alignments) holds the head's whole fp32 state without spilling registers."""
     launches = record_launches(monkeypatch)
-    layer, generator = deltanet_layer("grouped", 16, 32, 128, 128, seed=35)
-    projected, a, b, z, conv, recurrent = random_step_inputs(layer, 1, 1, generator)
-    projected, a, b, z, conv = (x.to(dtype) for x in (projected, a, b, z, conv))
-    inputs = (projected, a, b, z, conv, recurrent)
-    assert_step_matches(triton_step(layer, "cpu", *inputs), reference_steps(layer, *inputs))
-    assert [launch["name"] for launch in launches.values()] == ["_decode_step_kernel"]
+    for order, key_heads, value_heads, dim, dtype in [("grouped", 16, 32, 128, torch.float32),
+                                                      ("grouped", 16, 32, 128, torch.bfloat16),
+                                                      ("tiled", 2, 4, 64, torch.float32)]:
+        layer, generator = deltanet_layer(order, key_heads, value_heads, dim, dim, seed=dim)
+        projected, a, b, z, conv, recurrent = random_step_inputs(layer, 1, 1, generator)
+        inputs = (*(x.to(dtype) for x in (projected, a, b, z, conv)), recurrent)
+        count = len(launches)
+        assert_step_matches(triton_step(layer, "cpu", *inputs), reference_steps(layer, *inputs))
+        assert len(launches) == count + 1
+    assert {launch["name"] for launch in launches.values()} == {"_decode_step_kernel"}
     compiled = compile_launches(launches)
-    assert list(compiled.values()) == [{"stack": 0}], compiled
+    assert {label: result for label, result in compiled.items() if result != {"stack": 0}} == {}
 
 
 @pytest.mark.parametrize("device", DEVICES)

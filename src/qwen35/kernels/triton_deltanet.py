@@ -37,13 +37,20 @@ from qwen35.kernels.triton_checks import (
 # warps: the best or within 10% of it from 1 row to 32 (narrower slices lose at large batches).
 _RECURRENT_BLOCK_V = 32
 _RECURRENT_VALUES_PER_THREAD = 64
-# The decode step holds a head's whole [d_k, d_v] state: 4 warps for 128 x 128 beat 8 and 16 by 20-40%.
+# The decode step holds a head's whole [d_k, d_v] state: 4 warps for 128 x 128 beat 8 and 16 by 20-40%
+# (measured before the conv joined the step's launch; with it, 255 registers a thread and no spills).
 _STEP_VALUES_PER_THREAD = 128
 
 
 def _warps(tile_elements: int, values_per_thread: int) -> int:
     """Warps (1 to 8) for a program holding a tile of that many values, so many of them a thread."""
     return max(1, min(8, tile_elements // (32 * values_per_thread)))
+
+
+def _step_warps(block_k: int, block_v: int) -> int:
+    """Warps for a decode-step program: 2 at least, as one warp holding a 64 x 64 state and the conv's
+    q and k (replicated along the state's rows) spills registers on an H100."""
+    return max(2, _warps(block_k * block_v, _STEP_VALUES_PER_THREAD))
 
 
 @triton.jit
@@ -274,6 +281,6 @@ def deltanet_decode_(
         projected.stride(0), projected.stride(2), a.stride(0), a.stride(2), b.stride(0), b.stride(2), z.stride(0),
         z.stride(2), *conv_state.stride(), *conv_weight.stride(), *recurrent.stride(), d_k**-0.5, l2_eps, rms_eps,
         N_K=n_k, N_V=n_v, D_K=d_k, D_V=d_v, KEPT=kept, GROUPED=bool(grouped), BLOCK_K=block_k, BLOCK_V=block_v,
-        BLOCK_KEPT=triton.next_power_of_2(kept), num_warps=_warps(block_k * block_v, _STEP_VALUES_PER_THREAD),
+        BLOCK_KEPT=triton.next_power_of_2(kept), num_warps=_step_warps(block_k, block_v),
     )
     return y
