@@ -268,7 +268,7 @@ class GatedDeltaNet:
     """Linear attention with the gated delta rule, a short causal conv and a gated output norm.
 
     `causal_conv`, `delta_rule_inputs` and `gated_norm` are the plain maths. Where fused forms
-    run (model/fused.py), a decode step is one C++ call on the CPU or two Triton launches on a
+    run (model/fused.py), a decode step is one C++ call on the CPU or one Triton launch on a
     GPU, and prefill fuses its steps too; tests/test_delta_rule.py, test_deltanet_decode.py and
     test_triton_deltanet.py pin them to these methods.
     """
