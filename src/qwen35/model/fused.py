@@ -87,7 +87,8 @@ class CpuSteps:
 
 
 class GpuSteps:
-    """One or two Triton launches per step (kernels/triton_*.py); products through fast_cuda's kernels."""
+    """Triton launches (kernels/triton_*.py), products through fast_cuda's kernels. At decode the products
+    also take what follows them (SwiGLU, the MoE's combining, the residual add and next norm)."""
 
     @staticmethod
     def _kernels():
@@ -142,10 +143,7 @@ class GpuSteps:
         if hasattr(mlp, "gates_ups"):  # SparseMoE
             if mlp.shared_expert is None or rows.shape[0] != 1:
                 return None
-            weights, ids = self._route(mlp, rows, None, with_shared_slot=True)
-            gate_up = mlp.gates_ups.joined(rows, ids)
-            fused = fast_cuda.swiglu_experts(mlp.downs_group.fused, gate_up, ids, slot_weights=weights,
-                                             add_norm=(residual, scale, eps))
+            fused = self._stacked_moe(mlp, rows, add_norm=(residual, scale, eps))
         else:
             gate_up = mlp.gate_up_proj.joined(rows)
             if gate_up is None:
@@ -171,14 +169,19 @@ class GpuSteps:
         logits = moe.router(x) if logits is None else logits
         return kernels.moe_route(logits, moe.top_k, *((x,) + shared if shared else ()))
 
+    def _stacked_moe(self, moe, x, add_norm=None):
+        """One token through an MoE whose shared expert is stacked after the routed ones (SparseMoE.fuse):
+        the routing with the router's product, gate and up, and the down product that combines the
+        slots (and with add_norm adds the residual and norms): three launches. (For more tokens, each
+        slot reads its expert once, so the shared expert is better read once, as a plain MLP.)"""
+        weights, ids = self._route(moe, x, None, with_shared_slot=True)
+        gate_up = moe.gates_ups.joined(x, ids)
+        return fast_cuda.swiglu_experts(moe.downs_group.fused, gate_up, ids, slot_weights=weights, add_norm=add_norm)
+
     def moe(self, moe, x, logits, with_shared: bool):
         kernels = self._kernels()
         if moe.shared_expert is not None and with_shared and x.shape[0] == 1:
-            # One token: the shared expert is one more slot of the routed experts' launches. (For more
-            # tokens, each slot reads its expert once, so the shared one is read once as a plain MLP.)
-            weights, ids = self._route(moe, x, logits, with_shared_slot=True)
-            gate_up = moe.gates_ups.joined(x, ids)
-            return fast_cuda.swiglu_experts(moe.downs_group.fused, gate_up, ids, slot_weights=weights)
+            return self._stacked_moe(moe, x)
         top_weights, top_experts = self._route(moe, x, logits, with_shared_slot=False)
         gate_up = moe.gates_ups.joined(x, top_experts)
         if gate_up is None:
