@@ -314,7 +314,8 @@ def _attend_kernel(
     capacity, eps, qk_scale,
     N_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, ROTARY: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    MERGE_G: tl.constexpr, MERGE_UNROLL: tl.constexpr, INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr, BF16_STORAGE: tl.constexpr,
+    MERGE_G: tl.constexpr, MERGE_UNROLL: tl.constexpr, INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr,
+    BF16_STORAGE: tl.constexpr,
 ):
     unit, split = tl.program_id(0), tl.program_id(1)
     row, kv_head = unit // N_KV, unit % N_KV
@@ -456,8 +457,8 @@ def _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n
             splits, block_n=None, num_warps=None, dot_mode=None):
     """The launch, inputs already checked."""
     batch, capacity, device = q_gate.shape[0], keys.shape[1], keys.device
-    attend = _attend_config(n_q, n_kv, head_dim, cos.shape[2], keys.dtype, capacity, splits, block_n,
-                                   num_warps, dot_mode)
+    attend = _attend_config(n_q, n_kv, head_dim, cos.shape[2], keys.dtype, capacity, splits, block_n, num_warps,
+                            dot_mode)
     out = torch.empty(batch, 1, n_q * head_dim, dtype=torch.float32, device=device)
     if batch == 0:
         return out

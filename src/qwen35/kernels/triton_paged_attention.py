@@ -52,7 +52,8 @@ def _paged_attend_kernel(
     table_width, n_pages, eps, qk_scale,
     P: tl.constexpr, N_KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, ROTARY: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    MERGE_G: tl.constexpr, MERGE_UNROLL: tl.constexpr, INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr, BF16_STORAGE: tl.constexpr,
+    MERGE_G: tl.constexpr, MERGE_UNROLL: tl.constexpr, INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr,
+    BF16_STORAGE: tl.constexpr,
 ):
     # triton_attention._attend_kernel, but for the new token's page and each tile's page.
     unit, split = tl.program_id(0), tl.program_id(1)
