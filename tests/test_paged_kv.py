@@ -15,7 +15,7 @@ from sm90 import run_compile_script
 from qwen35.engine.cache import AttentionKV
 from qwen35.engine.paged_kv import PagedAttentionKV
 from qwen35.errors import Qwen35Error
-from qwen35.kernels.triton_checks import arrival_counters
+from qwen35.kernels.triton_arrivals import arrival_counters
 
 N_KV, HEAD_DIM, PAGE = 2, 8, 16
 

@@ -18,7 +18,7 @@ from qwen35.engine.cache import AttentionKV  # noqa: E402
 from qwen35.errors import Qwen35Error  # noqa: E402
 from qwen35.kernels.quant_linear import QuantLinear  # noqa: E402
 from qwen35.kernels.triton_attention import _launch, attention_decode_, split_count  # noqa: E402
-from qwen35.kernels.triton_checks import arrival_counters  # noqa: E402
+from qwen35.kernels.triton_arrivals import arrival_counters  # noqa: E402
 from qwen35.model import qwen35 as network_module  # noqa: E402
 from qwen35.model.config import FULL_ATTENTION, ModelConfig  # noqa: E402
 from qwen35.model.qwen35 import Attention, RotaryEmbedding  # noqa: E402

@@ -13,7 +13,7 @@ from test_deltanet_decode import deltanet_layer, random_step_inputs, reference_s
 
 from qwen35.errors import Qwen35Error  # noqa: E402
 from qwen35.kernels.delta_rule import chunked_gated_delta_rule, recurrent_gated_delta_rule  # noqa: E402
-from qwen35.kernels.triton_checks import arrival_counters  # noqa: E402
+from qwen35.kernels.triton_arrivals import arrival_counters  # noqa: E402
 from qwen35.kernels.triton_deltanet import deltanet_decode_, recurrent_delta_rule_  # noqa: E402
 from qwen35.model.qwen35 import L2_NORM_EPS  # noqa: E402
 

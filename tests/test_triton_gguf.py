@@ -18,7 +18,7 @@ from conftest import triton_devices
 from qwen35.errors import Qwen35Error
 from qwen35.formats.gguf import GGUFModel
 from qwen35.kernels.dequant import dequantize as reference_dequantize
-from qwen35.kernels.triton_checks import arrival_counters
+from qwen35.kernels.triton_arrivals import arrival_counters
 from test_dequant import random_blocks as random_block_bytes
 
 pytest.importorskip("triton")

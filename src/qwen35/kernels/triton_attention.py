@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from qwen35.errors import Qwen35Error
-from qwen35.kernels.triton_checks import INPUT_DTYPES, INTERPRETED, arrival_counters, check_device, require
+from qwen35.kernels.triton_arrivals import arrival_counters, last_to_arrive, reset_count
+from qwen35.kernels.triton_checks import INPUT_DTYPES, INTERPRETED, check_device, require
 
 # Set (by tests/conftest.py) where there is no GPU: the kernels then run on CPU tensors.
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -278,12 +279,11 @@ def _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_p
         tl.store(partial_acc_ptr + pieces[:, None] * D + cols[None, :], acc, mask=tile_mask)
         tl.store(partial_max_ptr + pieces, maximum, mask=group_mask)
         tl.store(partial_sum_ptr + pieces, total, mask=group_mask)
-        tl.debug_barrier()  # all of this program's pieces are written before its count is
-        if tl.atomic_add(counter_ptr + unit, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+        if last_to_arrive(counter_ptr + unit, SPLITS):
             _merge_splits(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, q_gate_s0, row64,
                           unit % N_KV, cols, col_mask, N_KV, GROUP, D, SPLITS, BLOCK_D, BLOCK_S, MERGE_G,
                           max(BLOCK_D, BLOCK_S), MERGE_UNROLL, INTERPRETED)
-            tl.atomic_xchg(counter_ptr + unit, 0)
+            reset_count(counter_ptr + unit)
 
 
 @triton.jit

@@ -15,23 +15,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-_ARRIVAL_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_OUTGROWN: list[torch.Tensor] = []  # kept alive: CUDA graphs captured earlier may still point at them
-
-
-def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counts on `device` for kernels whose last program to finish does a last step
-    (split-K sums, MoE routing after the router product): each such kernel sets the counts it used
-    back to 0. Allocated once per device (at least 4096), so that CUDA graphs and later calls share it."""
-    counters = _ARRIVAL_COUNTERS.get(device)
-    if counters is None or counters.numel() < count:
-        if counters is not None:
-            _OUTGROWN.append(counters)
-        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _ARRIVAL_COUNTERS[device] = counters
-    return counters
-
-
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise Qwen35Error(message)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from qwen35.errors import Qwen35Error
-from qwen35.kernels.triton_checks import arrival_counters
+from qwen35.kernels.triton_arrivals import arrival_counters, last_to_arrive, reset_count
 
 
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -174,11 +174,10 @@ def _router_route_kernel(x_ptr, router_ptr, logits_ptr, counter_ptr, weights_ptr
                     other=0.0).to(tl.float32)
         acc += w * x
     tl.store(logits_ptr + row * experts + expert, tl.sum(acc, axis=1)[:, None], mask=expert < experts)
-    tl.debug_barrier()  # this program's logits are written before its count is (see triton_gguf._sum_splits)
-    if tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+    if last_to_arrive(counter_ptr + row, tl.num_programs(0)):
         _pick_experts(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, row, experts, width, shared_expert,
                       K, K_BLOCK, BLOCK, HAS_SHARED, WIDTH_BLOCK)
-        tl.atomic_xchg(counter_ptr + row, 0)
+        reset_count(counter_ptr + row)
 
 
 def _route_arguments(rows: torch.Tensor, top_k: int, x, shared_gate, shared_expert) -> tuple:

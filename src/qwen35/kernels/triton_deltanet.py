@@ -13,7 +13,7 @@ whole output, so a program holds the head's whole [d_k, d_v] state.
 The v channels' conv state is one program's own, which shifts it in place. A key head's q and k
 channels are read by n_v / n_k programs, so their conv state may move only once all of them have
 read it: the "last program to finish" pattern of triton_gguf.py. Each program, having read, counts
-itself in on its (row, key head) arrival counter (triton_checks.arrival_counters; an atomic add,
+itself in on its (row, key head) arrival counter (triton_arrivals.py; an atomic add,
 acq_rel, after a barrier); the one that completes the count shifts those channels (it holds the
 newest inputs) and sets the count back to 0 for the next call or graph replay.
 
@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from qwen35.kernels.triton_arrivals import arrival_counters, last_to_arrive, reset_count
 from qwen35.kernels.triton_checks import (
-    arrival_counters, check_delta_rule, check_device, check_dtype, require,
+    check_delta_rule, check_device, check_dtype, require,
 )
 
 # Value columns per program of the recurrent kernel: a [d_k, 32] fp32 slice of the state in registers,
@@ -191,12 +192,11 @@ def _decode_step_kernel(
     # The v channels' conv state is this program's own; the q and k channels' is read by every value
     # head of the key head, so the last of them to count itself in shifts it (it holds the newest inputs)
     # and sets the count back to 0 for the next call.
-    tl.debug_barrier()  # every thread has read its conv state before the count says so
     counter = counter_ptr + row * N_K + key_head
-    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == N_V // N_K - 1:
+    if last_to_arrive(counter, N_V // N_K):  # every thread has read its conv state before the count
         _shift_conv_state(q_held, q_newest, key_mask, conv_s2, KEPT, BLOCK_KEPT)
         _shift_conv_state(k_held, k_newest, key_mask, conv_s2, KEPT, BLOCK_KEPT)
-        tl.atomic_xchg(counter, 0)
+        reset_count(counter)
     _shift_conv_state(v_held, v_newest, column_mask, conv_s2, KEPT, BLOCK_KEPT)
 
     a = tl.load(a_ptr + row * a_s0 + head * a_s2).to(tl.float32)

@@ -12,12 +12,10 @@ Many programs run over output rows, with split-K when the matrix is too skinny t
 machine. Accumulation is fp32.
 
 A decode step is bound by its launches as much as by its bytes, so one launch does what
-would otherwise take several, with the "last program to finish" pattern: a program stores
-its results, counts itself in with an atomic add (acq_rel, after a barrier), and the one
-that completes a count does the step that needs everyone's results, then sets the count
-back to 0 for the next call. Used for: split-K (the last split of a tile adds the partials
-in split order, so results are deterministic), the MoE's combining of a token's expert
-slots, and the residual add with the next RMS norm after an output projection. Besides:
+would otherwise take several, with the "last program to arrive" pattern (triton_arrivals.py):
+split-K (the last split of a tile adds the partials in split order, so results are
+deterministic), the MoE's combining of a token's expert slots, and the residual add with the
+next RMS norm after an output projection. Besides:
 a second weight of another block type on the same x (PAIR), and an MLP's SwiGLU read
 inside the down product (SWIGLU). Nothing syncs with the host (expert ids are read inside
 the kernel), so the calls can be captured in CUDA graphs. Without a GPU, Triton's
@@ -34,7 +32,7 @@ import triton.language as tl
 from gguf import GGMLQuantizationType as T
 
 from qwen35.errors import Qwen35Error
-from qwen35.kernels.triton_checks import arrival_counters
+from qwen35.kernels.triton_arrivals import arrival_counters, last_to_arrive, reset_count
 from qwen35.kernels.triton_gguf_blocks import (  # noqa: F401  (SUPPORTED_TYPES, supports, random_blocks: this module's API too)
     HAS_MIN_TYPES, STEP, STEP_ELEMENTS, SUPPORTED_TYPES, aligned, check_blocks, check_expert_ids, fetch_q6_k,
     load_step, part_elements, q6_k_quarter, random_blocks, supports, weights_of,
@@ -140,16 +138,15 @@ def _sum_splits(acc, partial_ptr, out_ptr, counter_ptr, tile, split, offsets, ok
     the last to arrive adds the partials in split order (the same sum whichever program is last)
     and writes the output, then sets the count back to 0 for the next call."""
     tl.store(partial_ptr + split * plane + offsets, acc, mask=ok)
-    tl.debug_barrier()  # all of this program's partials are written before its count is
-    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLITS - 1:
+    last = last_to_arrive(counter_ptr + tile, SPLITS)
+    if last:
         total = tl.zeros_like(acc)
         for s in range(SPLITS):
             # .cg: from L2, where the other programs' stores are, never a stale L1 line.
             total += tl.load(partial_ptr + s * plane + offsets, mask=ok, other=0.0, cache_modifier=".cg")
         tl.store(out_ptr + offsets, total, mask=ok)
-        tl.atomic_xchg(counter_ptr + tile, 0)
-    return arrived == SPLITS - 1  # whether this program finished the tile
+        reset_count(counter_ptr + tile)
+    return last  # whether this program finished the tile
 
 
 _ROW_BLOCK = tl.constexpr(512)  # columns a finishing program (combine, add and norm) takes at a time
@@ -187,11 +184,10 @@ def _finish_tile(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, residual_
     then adds the residual and applies the next RMS norm (no launch for add_rms_norm either).
     counter_ptr: this launch's row counts (after split-K's tile counts, where there are those)."""
     tiles = tl.num_programs(0) * tl.num_programs(2)
-    tl.debug_barrier()  # this program's outputs are written before its count is (see _sum_splits)
     if COMBINE:
         token = (slot // SLOTS_PER_TOKEN).to(tl.int64)
         counter = counter_ptr + token
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) * SLOTS_PER_TOKEN - 1:
+        if last_to_arrive(counter, tl.num_programs(0) * SLOTS_PER_TOKEN):
             first_slot = token * SLOTS_PER_TOKEN
             for step in range(WIDTH_STEPS):
                 columns = step * _ROW_BLOCK + tl.arange(0, _ROW_BLOCK)
@@ -205,15 +201,15 @@ def _finish_tile(out_ptr, combined_ptr, slot_weights_ptr, counter_ptr, residual_
                 _add_rms_norm_row(combined_ptr + token * n_out, residual_ptr + token * n_out, norm_weight_ptr,
                                   total_ptr + token * n_out, normed_ptr + token * n_out, n_out, eps, WIDTH_STEPS,
                                   _ROW_BLOCK)
-            tl.atomic_xchg(counter, 0)
+            reset_count(counter)
     elif ADD_NORM:  # one count for the launch: every row of x is in every tile
-        if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == tiles - 1:
+        if last_to_arrive(counter_ptr, tiles):
             for m in tl.static_range(BLOCK_M):
                 if m < n_x_rows:
                     _add_rms_norm_row(out_ptr + m * n_out, residual_ptr + m * n_out, norm_weight_ptr,
                                       total_ptr + m * n_out, normed_ptr + m * n_out, n_out, eps, WIDTH_STEPS,
                                       _ROW_BLOCK)
-            tl.atomic_xchg(counter_ptr, 0)
+            reset_count(counter_ptr)
 
 
 @triton.jit
