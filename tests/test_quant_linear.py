@@ -524,3 +524,26 @@ def test_fused_groups_give_the_same_products():
     assert expert_group.fused is not None
     for got, expected in zip(expert_group(x, ids), before):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_expert_group_stacks_a_shared_expert_only_of_the_same_type_and_shape():
+    """ExpertGroup.fuse(shared=...): the shared layers become expert E of one block stack (their blocks
+    views of it, no copy kept), and the stack's expert E computes what the shared layers did."""
+    import numpy as np
+
+    from qwen35.kernels.quant_linear import ExpertGroup, QuantExperts, QuantLinear
+
+    rng = np.random.default_rng(0)
+    gates = QuantExperts.from_dense(torch.from_numpy(rng.standard_normal((3, 8, 32)).astype(np.float32)))
+    ups = QuantExperts.from_dense(torch.from_numpy(rng.standard_normal((3, 8, 32)).astype(np.float32)))
+    shared_gate, shared_up = (QuantLinear.from_dense(torch.from_numpy(rng.standard_normal((8, 32)).astype(np.float32)))
+                              for _ in range(2))
+    x = torch.from_numpy(rng.standard_normal((1, 32)).astype(np.float32))
+    expected = torch.cat([shared_gate(x), shared_up(x)], dim=-1)
+    odd = QuantLinear.from_dense(torch.zeros(8, 32, dtype=torch.bfloat16))
+    group = ExpertGroup(gates, ups)
+    assert not group.can_stack((shared_gate, odd)) and not group.fuse(shared=(shared_gate, odd))
+    assert group.fused is None  # nothing changed
+    assert group.fuse(shared=(shared_gate, shared_up)) and group.fused.n_experts == 4
+    assert shared_gate.blocks.data_ptr() == group.fused.blocks[3].data_ptr()  # a view: no second copy
+    torch.testing.assert_close(group.joined(x, torch.tensor([[3]]))[0, 0], expected[0])

@@ -480,11 +480,7 @@ class ExpertGroup:
         rows of it), so that one launch computes the routed experts and the shared one. False, and
         nothing changed, where the members or the shared layers differ in block type or shape."""
         first = self.experts[0]
-        if len({e.type_id for e in self.experts}) != 1:
-            return False
-        if shared is not None and (len(shared) != len(self.experts) or any(
-                (layer.type_id, layer.out_features, layer.in_features) != (e.type_id, e.out_features, e.in_features)
-                or layer.blocks.device != e.blocks.device for layer, e in zip(shared, self.experts))):
+        if len({e.type_id for e in self.experts}) != 1 or (shared is not None and not self.can_stack(shared)):
             return False
         n_experts = first.n_experts + (shared is not None)
         row_bytes = first.blocks.shape[-1]
@@ -502,6 +498,12 @@ class ExpertGroup:
         self.fused = QuantExperts(blocks, first.type_id, n_experts, start, first.in_features)
         self.fused.mode = first.mode
         return True
+
+    def can_stack(self, shared: tuple[QuantLinear, ...]) -> bool:
+        """Whether `shared` (one layer per member) can be stacked as one more expert (see fuse)."""
+        return len(shared) == len(self.experts) and all(
+            (layer.type_id, layer.out_features, layer.in_features) == (e.type_id, e.out_features, e.in_features)
+            and layer.blocks.device == e.blocks.device for layer, e in zip(shared, self.experts))
 
     def joined(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor | None:
         """The members' outputs side by side, [..., sum(out)], after fuse(); None otherwise."""

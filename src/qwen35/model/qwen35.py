@@ -392,13 +392,13 @@ class SparseMoE:
             self.gates_ups.fuse()
             return
         mlp = self.shared
-        if (self.gates_ups.fuse(shared=(mlp.gate_proj, mlp.up_proj))
-                and self.downs_group.fuse(shared=(mlp.down_proj,))):
+        gate_up, down = (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)
+        if (self.gates_ups.can_stack(gate_up) and self.downs_group.can_stack(down)
+                and self.gates_ups.fuse(shared=gate_up) and self.downs_group.fuse(shared=down)):
             self.shared_expert = self.gates.n_experts
             mlp.gate_up_proj.fuse(into=self.gates_ups.fused.blocks[self.shared_expert])
             return
-        if self.gates_ups.fused is None:
-            self.gates_ups.fuse()
+        self.gates_ups.fuse()
         mlp.gate_up_proj.fuse()
 
     def __call__(self, x):
