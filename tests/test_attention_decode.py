@@ -245,3 +245,31 @@ def test_a_rows_result_is_the_same_bits_in_any_batch_and_thread_count():
     for threads in (1, 2):
         assert torch.equal(run([1], threads)[0], together[1])
         assert torch.equal(run([0], threads)[0], together[0])
+
+
+def _plain_attention(q, keys, values, mask, scale):
+    """Softmax attention in float64, query head h on kv head h // (n_q / n_kv): the definition."""
+    group = q.shape[2] // keys.shape[2]
+    k, v = (t.double().repeat_interleave(group, dim=2) for t in (keys, values))
+    scores = torch.einsum("bthd,bshd->bhts", q.double(), k) * scale
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(dim=-1), v).reshape(*q.shape[:2], -1)
+
+
+def test_prompt_attention_over_bf16_kv_runs_causal_from_the_corner_without_a_mask():
+    """A prompt piece of 7 tokens after 9 cached ones over bf16 K/V (a GPU's fast precision): SDPA's
+    bottom-right causal form in bf16 vs the definition; a span wider than the rows (a pinned cache)
+    keeps the explicit mask."""
+    from qwen35.model.qwen35 import _prompt_attention
+
+    generator = torch.Generator().manual_seed(3)
+    length, cached, n_q, n_kv, dim = 7, 9, 4, 2, 64
+    q = torch.randn(1, length, n_q, dim, generator=generator)
+    for span in (cached + length, cached + length + 5):
+        keys, values = (torch.randn(1, span, n_kv, dim, generator=generator).bfloat16() for _ in range(2))
+        mask = torch.arange(span)[None, None, :] <= (cached + torch.arange(length))[None, :, None]
+        ours = _prompt_attention(q, keys, values, mask, dim**-0.5)
+        expected = _plain_attention(q, keys.float(), values.float(), mask, dim**-0.5)
+        assert ours.dtype == torch.float32 and ours.shape == expected.shape
+        tolerance = 2e-2 if span == cached + length else 1e-5  # bf16 q and products / fp32
+        assert (ours.double() - expected).abs().max() <= tolerance * expected.abs().max()

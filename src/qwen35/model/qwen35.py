@@ -240,13 +240,32 @@ class Attention:
         if length == 1:
             out = _single_query_attention(q, keys, values, mask, c.head_dim**-0.5)
         else:
-            # SDPA's fused CPU/GPU kernels never hold the whole [T, S] score matrix per head.
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys.float().transpose(1, 2), values.float().transpose(1, 2),
-                attn_mask=mask[:, None], scale=c.head_dim**-0.5, enable_gqa=True,
-            )
-            out = out.transpose(1, 2).reshape(batch, length, -1)
+            out = _prompt_attention(q, keys, values, mask, c.head_dim**-0.5)
         return out * torch.sigmoid(gate.reshape(batch, length, -1))
+
+
+def _prompt_attention(q, keys, values, mask, scale):
+    """Attention of T prompt tokens, q [B, T, n_q, d] over keys/values [B, S, n_kv, d] -> [B, T, n_q * d].
+
+    SDPA's fused kernels never hold the whole [T, S] score matrix per head. One row continuing its
+    cache over half-precision K/V (a GPU in fast precision) is causal from the bottom-right corner,
+    which the flash kernel takes without a mask, in bf16 like the prompt's other products; an explicit
+    mask with grouped heads would make SDPA materialize the scores on a GPU. Otherwise: the mask, in fp32.
+    """
+    batch, length, n_q, _ = q.shape
+    if batch == 1 and keys.dtype in (torch.bfloat16, torch.float16) and bool(mask[0, -1, -1]):
+        from torch.nn.attention.bias import causal_lower_right
+
+        group = n_q // keys.shape[2]
+        keys, values = (t.repeat_interleave(group, dim=2).transpose(1, 2) for t in (keys, values))
+        out = F.scaled_dot_product_attention(q.to(keys.dtype).transpose(1, 2), keys, values,
+                                             attn_mask=causal_lower_right(length, keys.shape[2]), scale=scale)
+        return out.transpose(1, 2).float().reshape(batch, length, -1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.float().transpose(1, 2), values.float().transpose(1, 2),
+        attn_mask=mask[:, None], scale=scale, enable_gqa=True,
+    )
+    return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 def _single_query_attention(q, keys, values, mask, scale):
