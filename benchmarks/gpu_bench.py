@@ -173,6 +173,22 @@ def sweep_gemv_shapes(model, context: int, generator) -> list[dict]:
     return rows
 
 
+def gemv_only_decode_speed(model, batch: int, args, generator) -> float:
+    """Batch decode with fast_cuda's plain products of a few rows on the matrix-vector kernel instead of
+    the tensor-core product: which of the two PRECISE_DOT_MIN_ROWS should choose."""
+    from qwen35.kernels import fast_cuda
+
+    saved = fast_cuda.PRECISE_DOT_MIN_ROWS
+    fast_cuda.PRECISE_DOT_MIN_ROWS = fast_cuda.GEMV_MAX_ROWS + 1
+    try:
+        return decode_speed(model, batch, args.steps, args.context, generator)
+    except Exception as error:  # noqa: BLE001  (a diagnostic: the benchmark goes on)
+        print(f"decode b{batch}, matrix-vector kernel only, failed: {type(error).__name__}: {error}", flush=True)
+        return 0.0
+    finally:
+        fast_cuda.PRECISE_DOT_MIN_ROWS = saved
+
+
 def kernel_profile(model, context: int, generator, top: int = 14) -> list[dict]:
     """GPU time per kernel name over 8 eager batch-1 decode steps: where a step's time goes (on the CPU,
     where the script checks itself, the ops' CPU time)."""
@@ -279,6 +295,10 @@ def main(argv=None) -> int:
     for batch in args.batch:
         results[f"decode_b{batch}_tok/s"] = decode_speed(model, batch, args.steps, args.context, generator, graphs)
         print(f"decode graphs b{batch}: {results[f'decode_b{batch}_tok/s']:.1f} tok/s", flush=True)
+        if batch > 1 and graphs:  # the plain products of a few rows on tensor cores (the default) or not
+            results[f"decode_b{batch}_gemv_tok/s"] = gemv_only_decode_speed(model, batch, args, generator)
+            print(f"decode graphs b{batch}, matrix-vector kernel only: "
+                  f"{results[f'decode_b{batch}_gemv_tok/s']:.1f} tok/s", flush=True)
     results.update(planner_estimate(path, args.context))
     floor = per_token / bandwidth
     results["roofline_b1"] = results["decode_b1_tok/s"] * floor if "decode_b1_tok/s" in results else None
@@ -290,6 +310,8 @@ def main(argv=None) -> int:
     print(f"| decode, batch 1, eager | {results['decode_eager_b1_tok/s']:.1f} tok/s |")
     for batch in args.batch:
         print(f"| decode, batch {batch}, {'CUDA graph' if graphs else 'eager'} | {results[f'decode_b{batch}_tok/s']:.1f} tok/s |")
+        if f"decode_b{batch}_gemv_tok/s" in results:
+            print(f"| decode, batch {batch}, matrix-vector kernel only | {results[f'decode_b{batch}_gemv_tok/s']:.1f} tok/s |")
     if results.get("planner_decode_tok/s"):
         print(f"| the planner's estimate for this card: decode / prefill | "
               f"{results['planner_decode_tok/s']:.1f} / {results['planner_prefill_tok/s']:.0f} tok/s |")

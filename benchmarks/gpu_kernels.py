@@ -59,7 +59,8 @@ def _median_ms(fn) -> float:
 
 def dense_paths(m: int, rows: int = 8192, width: int = 2048) -> dict:
     """fast_cuda.matmul's candidates for m rows of x over one Q4_K weight (median ms): the GEMV from
-    blocks (m <= 16), the tensor-core product from blocks, and dequantize to bf16 + cuBLAS."""
+    blocks and the precise (tf32x3) tensor-core product (m <= 16), the bf16 tensor-core product from
+    blocks, and dequantize to bf16 + cuBLAS."""
     import torch
 
     from qwen35.kernels import triton_gguf, triton_gguf_dot
@@ -72,6 +73,7 @@ def dense_paths(m: int, rows: int = 8192, width: int = 2048) -> dict:
                   lambda: x.bfloat16() @ triton_gguf.dequantize(blocks, q4_k, width).t())}
     if m <= triton_gguf.MAX_GEMV_ROWS:
         result["gemv_ms"] = _median_ms(lambda: triton_gguf.gemv(blocks, q4_k, x, width))
+        result["precise_dot_ms"] = _median_ms(lambda: triton_gguf_dot.dot_matmul(blocks, q4_k, x, width, precise=True))
     return result
 
 

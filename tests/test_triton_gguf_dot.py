@@ -61,6 +61,21 @@ def random_x(rows: int, in_features: int, seed: int) -> torch.Tensor:
 
 @devices
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_the_precise_dot_matmul_has_float32s_accuracy(device, qtype):
+    """precise=True: float32 x and weights (three tf32 products a term on a GPU): within the GEMV's
+    float32 bound of the float64 product, which the bf16 product is not."""
+    in_features = 768 if qtype not in GGUF_QUANTIZABLE else 352
+    blocks = weight_blocks(qtype, (37,), in_features, seed=4)
+    weight = reference_weight(blocks, qtype, in_features)
+    x = random_x(8, in_features, seed=5)
+    ours = triton_gguf_dot.dot_matmul(blocks.to(device), qtype, x.to(device), in_features, precise=True)
+    assert bound_excess(ours, x, weight) <= 0.0
+    rounded = triton_gguf_dot.dot_matmul(blocks.to(device), qtype, x.to(device), in_features)
+    assert bound_excess(rounded, x, weight) > 0.0
+
+
+@devices
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("m", (1, 17, 70))
 def test_dot_matmul_matches_the_bf16_product(device, qtype, m):
     # 37 rows: not a multiple of any tile. K types: 3 steps, split so that the last split is short;
@@ -247,6 +262,7 @@ triton.compile = keep
 
 POINTERS = {"w_ptr": "*u8", "x_ptr": "*bf16", "out_ptr": "*fp32", "sorted_slots_ptr": "*i32",
             "group_counts_ptr": "*i32"}
+PRECISE_POINTERS = {**POINTERS, "x_ptr": "*fp32"}
 ALIGNED = {"row_bytes", "expert_bytes", "in_features", "n_out"}  # in_features 2048, out_features 512
 results = {}
 for qtype in (T.Q4_K, T.Q6_K):
@@ -257,11 +273,17 @@ for qtype in (T.Q4_K, T.Q6_K):
             constants = dict(QTYPE=int(qtype), HAS_MIN=int(qtype) in HAS_MIN_TYPES, G=groups, L=length, P=planes,
                              BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, STEPS=8, GROUPED=grouped,
                              GROUPS=512 if grouped else 1, NUM_STAGES=tiles.num_stages, EVEN_K=True, DOT_IN_FP32=False,
-                             num_warps=tiles.num_warps)
+                             PRECISE=False, num_warps=tiles.num_warps)
             report = compile_report(dot._dot_kernel, constants, POINTERS, ALIGNED)
             ptx = compiled[-1].asm["ptx"]
             report["mma"] += sorted(set(re.findall(r"wgmma\.mma_async\S*", ptx)))
             results[f"{qtype.name} rows={rows} grouped={grouped}"] = report
+    tiles = dot.PRECISE_TILES
+    constants.update(BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, GROUPED=False, GROUPS=1,
+                     NUM_STAGES=tiles.num_stages, PRECISE=True, num_warps=tiles.num_warps)
+    report = compile_report(dot._dot_kernel, constants, PRECISE_POINTERS, ALIGNED)
+    report["mma"] += sorted(set(re.findall(r"wgmma\.mma_async\S*", compiled[-1].asm["ptx"])))
+    results[f"{qtype.name} precise"] = report
 print(json.dumps(results))
 """
 
@@ -271,7 +293,11 @@ def test_the_kernels_compile_for_sm90_with_tensor_cores_and_without_spilling():
     the products on Hopper's warpgroup tensor cores (bf16 in, fp32 accumulation), 16 tokens wide
     for decode."""
     results = run_compile_script(SM90_COMPILE)
-    assert len(results) == 8
+    assert len(results) == 10
+    for name in ("Q4_K precise", "Q6_K precise"):  # float32 operands: tf32 tensor cores, no spills either
+        report = results.pop(name)
+        assert report["stack"] == 0, f"{name} spills {report['stack']} bytes"
+        assert report["mma"] and all("tf32" in op for op in report["mma"]), f"{name}: {report['mma']}"
     for name, report in results.items():
         assert report["stack"] == 0, f"{name} spills {report['stack']} bytes"
         assert report["mma"] and all(re.match(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.bf16\.bf16$", op)

@@ -36,6 +36,12 @@ from qwen35.kernels import quant_linear
 # Up to this many input rows, a weight is read as blocks by the matrix-vector kernel;
 # beyond, dequantizing it once and running a matrix product is faster.
 GEMV_MAX_ROWS = 16
+# From this many rows (up to GEMV_MAX_ROWS), a plain product reads the blocks on tensor cores at
+# float32's accuracy instead (triton_gguf_dot's precise form: the weights decoded once for all rows,
+# where the matrix-vector kernel pays per row); GEMV_MAX_ROWS + 1 turns that off. The fused forms
+# (pairs, SwiGLU, add and norm) stay on the matrix-vector kernel. Unmeasured: gpu_bench.py times
+# batch-8 decode both ways.
+PRECISE_DOT_MIN_ROWS = 2
 # Expert slots (tokens x experts per token) per expert up to which each slot reads its expert's
 # blocks (an expert chosen twice is read twice); beyond, the grouped tensor-core product reads each
 # used expert's blocks once per 16 to 64 of its slots. Unmeasured: benchmarks/gpu_kernels.py times both.
@@ -71,6 +77,10 @@ def matmul(weights: torch.Tensor, type_id: int, x: torch.Tensor, in_features: in
     if type_id in _DENSE:
         weight = _dense_weight(weights, type_id, in_features)
         return x @ weight.t() if weight.dtype == torch.float32 else (x.to(weight.dtype) @ weight.t()).float()
+    if PRECISE_DOT_MIN_ROWS <= x.shape[0] <= GEMV_MAX_ROWS:
+        from qwen35.kernels import triton_gguf_dot
+
+        return triton_gguf_dot.dot_matmul(weights, type_id, x, in_features, precise=True)
     if x.shape[0] <= GEMV_MAX_ROWS:
         return _gguf().gemv(weights, type_id, x, in_features)
     weight = _gguf().dequantize(weights, type_id, in_features, torch.bfloat16)

@@ -76,6 +76,9 @@ DOT_TILES = (
     (128, DotTiles(block_n=128, block_m=64, num_warps=8, num_stages=3)),
     (None, DotTiles(block_n=128, block_m=128, num_warps=8, num_stages=2)),
 )
+# The precise (tf32x3) product holds float32 weights: the decode tile with twice the warps (smaller
+# tiles, or 4 warps, spill on sm_90).
+PRECISE_TILES = DotTiles(block_n=64, block_m=16, num_warps=8, num_stages=2)
 # The grouped kernel stops at 64-slot tiles: at 128 its Q4_K code spills (gathered x rows cost
 # registers), and every expert's group is padded to whole tiles.
 GROUPED_MAX_BLOCK_M = 64
@@ -109,14 +112,23 @@ def _to_bf16(w, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def _dot_part(acc, w, x_ptrs, x_mask, BLOCK_N: tl.constexpr, K: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+def _dot_part(acc, w, x_ptrs, x_mask, BLOCK_N: tl.constexpr, K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+              PRECISE: tl.constexpr):
     """acc [N, M] += weights [N, ..., 2] (the planes joined into element order, as [N, K]) @ x [K, M]."""
-    w = tl.reshape(_to_bf16(w, DOT_IN_FP32), (BLOCK_N, K))
     x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-    if DOT_IN_FP32:
-        return tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
+    if PRECISE:  # float32 weights and x, three tf32 products a term: float32's accuracy on tensor cores
+        w = tl.reshape(w, (BLOCK_N, K))
+        if DOT_IN_FP32:
+            acc = tl.dot(w, x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, x, acc, input_precision="tf32x3")
     else:
-        return tl.dot(w, x, acc)
+        w = tl.reshape(_to_bf16(w, DOT_IN_FP32), (BLOCK_N, K))
+        if DOT_IN_FP32:
+            acc = tl.dot(w, x.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, x, acc)
+    return acc
 
 
 @triton.jit
@@ -126,6 +138,7 @@ def _dot_kernel(
     QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, STEPS: tl.constexpr, GROUPED: tl.constexpr,
     GROUPS: tl.constexpr, NUM_STAGES: tl.constexpr, EVEN_K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     """partial[split, r, n] = this split's steps of x_rows[r] . W[n]; grouped, r is a slot."""
     tile_n = tl.program_id(0)
@@ -178,7 +191,7 @@ def _dot_kernel(
             for quarter in tl.static_range(4):
                 q0, q1, q2, q3, scale, offset = q6_k_quarter(low_a, low_b, high, d, block_ptr, mask, quarter, G)
                 w = tl.join(weights_of(q0, scale, offset, HAS_MIN), weights_of(q1, scale, offset, HAS_MIN))
-                acc = _dot_part(acc, w, x_step + 32 * quarter, x_mask, BLOCK_N, K, DOT_IN_FP32)
+                acc = _dot_part(acc, w, x_step + 32 * quarter, x_mask, BLOCK_N, K, DOT_IN_FP32, PRECISE)
         else:
             q0, q1, q2, q3, scale, offset = load_step(rows, step, n_blocks, row_ok[:, None, None], QTYPE, G, L)
             if P == 4:  # element 4w + 2a + b is plane 2a + b: join by a, then by b
@@ -187,7 +200,7 @@ def _dot_kernel(
                 w = tl.join(even, odd)
             else:
                 w = tl.join(weights_of(q0, scale, offset, HAS_MIN), weights_of(q1, scale, offset, HAS_MIN))
-            acc = _dot_part(acc, w, x_step, x_mask, BLOCK_N, K, DOT_IN_FP32)
+            acc = _dot_part(acc, w, x_step, x_mask, BLOCK_N, K, DOT_IN_FP32, PRECISE)
     out_ptrs = out_ptr + (split * out_rows + out_row.to(tl.int64))[None, :] * n_out + row[:, None]
     tl.store(out_ptrs, acc, mask=row_ok[:, None] & used[None, :])
 
@@ -222,7 +235,7 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _launch(blocks, type_id, x, in_features, n_out, out_rows, m_blocks, busy_m_blocks, tiles,
-            grouping=None, n_experts=0, slots_per_row=1):
+            grouping=None, n_experts=0, slots_per_row=1, precise=False):
     """Runs the kernel over (N tiles, x blocks, K splits) and sums the splits: [out_rows, n_out] float32."""
     n_blocks, row_bytes, tile = check_blocks(blocks, type_id, in_features, 2, 3)
     groups, length, planes = tile
@@ -235,37 +248,40 @@ def _launch(blocks, type_id, x, in_features, n_out, out_rows, m_blocks, busy_m_b
     steps_per_split = triton.cdiv(n_steps, splits)
     splits = triton.cdiv(n_steps, steps_per_split)
     partial = torch.empty((splits, out_rows, n_out), dtype=torch.float32, device=blocks.device)
-    x_bf16 = x.to(torch.bfloat16, memory_format=torch.contiguous_format)  # rounded once, not per N tile
-    sorted_slots, group_counts = grouping if grouping is not None else (x_bf16, x_bf16)
+    # Rounded to bf16 once, not per N tile; kept in float32 for the precise product.
+    x_in = x.to(torch.float32 if precise else torch.bfloat16, memory_format=torch.contiguous_format)
+    sorted_slots, group_counts = grouping if grouping is not None else (x_in, x_in)
     qtype = int(type_id)
     _dot_kernel[(n_tiles, m_blocks, splits)](
-        aligned(blocks, type_id), x_bf16, partial, sorted_slots, group_counts,
+        aligned(blocks, type_id), x_in, partial, sorted_slots, group_counts,
         n_out, in_features, n_blocks, n_steps, row_bytes, n_out * row_bytes, n_experts, out_rows, slots_per_row,
         QTYPE=qtype, HAS_MIN=qtype in HAS_MIN_TYPES, G=groups, L=length, P=planes,
         BLOCK_N=tiles.block_n, BLOCK_M=tiles.block_m, STEPS=steps_per_split, GROUPED=grouping is not None,
         GROUPS=group_counts.shape[0] if grouping is not None else 1, NUM_STAGES=tiles.num_stages,
         EVEN_K=in_features % STEP_ELEMENTS == 0,
-        DOT_IN_FP32=_INTERPRETED, num_warps=tiles.num_warps,
+        DOT_IN_FP32=_INTERPRETED, PRECISE=precise, num_warps=tiles.num_warps,
     )
     return partial[0] if splits == 1 else partial.sum(dim=0)
 
 
 def dot_matmul(
-    blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, tiles: DotTiles | None = None
+    blocks: torch.Tensor, type_id: int, x: torch.Tensor, in_features: int, tiles: DotTiles | None = None,
+    precise: bool = False,
 ) -> torch.Tensor:
     """x [M, in_features] float32 times W^T, W the blocks [out, row_bytes] -> [M, out] float32.
 
     Computes x.bfloat16() @ W.bfloat16().T with fp32 sums (bfloat16 x is taken as it is);
-    `tiles` overrides pick_tiles.
+    `tiles` overrides pick_tiles. With `precise`, float32 x and weights, each term three tf32
+    tensor-core products (float32's accuracy, as the matrix-vector kernel's; decode-sized M).
     """
     check_blocks(blocks, type_id, in_features, 2, 2)
     _check_x(x, in_features, blocks)
     rows, n_out = x.shape[0], blocks.shape[0]
     if rows == 0 or n_out == 0:
         return torch.zeros((rows, n_out), dtype=torch.float32, device=x.device)
-    tiles = tiles or pick_tiles(rows)
+    tiles = tiles or (PRECISE_TILES if precise else pick_tiles(rows))
     m_blocks = triton.cdiv(rows, tiles.block_m)
-    return _launch(blocks, type_id, x, in_features, n_out, rows, m_blocks, m_blocks, tiles)
+    return _launch(blocks, type_id, x, in_features, n_out, rows, m_blocks, m_blocks, tiles, precise=precise)
 
 
 def grouped_dot_matmul(
