@@ -149,3 +149,31 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     compiled = compile_launches(launches)
     assert len(compiled) == len(launches) >= 10
     assert {label: result for label, result in compiled.items() if result != {"stack": 0}} == {}
+
+
+def test_a_batch_decodes_on_the_gpu_path_as_each_row_alone_on_the_cpus(fixtures, gpu_paths_on_cpu, monkeypatch):
+    """Two rows of different lengths decode together on the GPU's path (a batch's products on the precise
+    tensor-core form, SwiGLU and norms as their own launches, the MoE's shared expert as a plain MLP) as
+    each decodes alone on the CPU's fast path (its C++ kernels), to fp32 rounding. (The prompts are
+    prefilled on the CPU's path too: the interpreter would take minutes over them.)"""
+    import qwen35
+    from qwen35.engine.cache import HybridCache
+    from qwen35.model import fused
+
+    assert fast_cuda.PRECISE_DOT_MIN_ROWS <= 2
+    ids = json.loads((fixtures / "ref" / "moe.json").read_text())["sequences"]["text"]["ids"]
+    model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", precision="reference")
+    head = model.network.lm_head  # its first 4096 rows: enough to compare, and the interpreter is slow
+    model.network.lm_head = QuantLinear(head.blocks[:4096], head.type_id, 4096, head.in_features)
+    set_mode(model.network, "fast")
+    rows, alone = [], []
+    with monkeypatch.context() as cpu_path:
+        cpu_path.setattr(fused, "GPU_DEVICE_TYPES", {"cuda"})
+        for length in (9, 14):
+            cache = model.make_cache(1)
+            model.forward(torch.tensor([ids[:length]]), cache)
+            rows.append(cache.select([0]))
+            alone.append(model.forward(torch.tensor([[ids[length]]]), cache)[0, -1])
+    model.network.fuse_for_gpu()
+    together = model.forward(torch.tensor([[ids[9]], [ids[14]]]), HybridCache.merge(rows))[:, -1]
+    torch.testing.assert_close(together, torch.stack(alone), rtol=0, atol=1e-3)

@@ -38,9 +38,9 @@ from qwen35.kernels import quant_linear
 GEMV_MAX_ROWS = 16
 # From this many rows (up to GEMV_MAX_ROWS), a plain product reads the blocks on tensor cores at
 # float32's accuracy instead (triton_gguf_dot's precise form: the weights decoded once for all rows,
-# where the matrix-vector kernel pays per row); GEMV_MAX_ROWS + 1 turns that off. The fused forms
-# (pairs, SwiGLU, add and norm) stay on the matrix-vector kernel. Unmeasured: gpu_bench.py times
-# batch-8 decode both ways.
+# where the matrix-vector kernel pays per row), and the forms that fold more into the matrix-vector
+# launch (pairs, SwiGLU, add and norm) run as separate launches; GEMV_MAX_ROWS + 1 turns that off.
+# Unmeasured: gpu_bench.py times batch-8 decode both ways.
 PRECISE_DOT_MIN_ROWS = 2
 # Expert slots (tokens x experts per token) per expert up to which each slot reads its expert's
 # blocks (an expert chosen twice is read twice); beyond, the grouped tensor-core product reads each
@@ -105,10 +105,9 @@ def expert_matmul(weights: torch.Tensor, type_id: int, x: torch.Tensor, expert_i
 def linear_pair(first: quant_linear.QuantLinear, second: quant_linear.QuantLinear, x: torch.Tensor):
     """first(x) and second(x) side by side from one matrix-vector launch (two block types, as a DeltaNet
     layer's Q6_K qkv and Q4_K gate projections); None where the blocks are not read that way."""
-    gguf = _gguf()
-    if x.shape[0] > GEMV_MAX_ROWS or not (gguf.supports(first.type_id) and gguf.supports(second.type_id)):
+    if not (_reads_blocks(first, x.shape[0]) and _reads_blocks(second, x.shape[0])):
         return None
-    return gguf.gemv(first.blocks, first.type_id, x, first.in_features, second=(second.blocks, second.type_id))
+    return _gguf().gemv(first.blocks, first.type_id, x, first.in_features, second=(second.blocks, second.type_id))
 
 
 def dense_weight(layer: quant_linear.QuantLinear) -> torch.Tensor | None:
@@ -125,8 +124,10 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def _reads_blocks(layer, rows: int) -> bool:
-    """Whether the matrix-vector kernel takes `rows` rows of x for this layer (fast mode, a block type it reads)."""
-    return layer.mode == "fast" and _gguf().supports(layer.type_id) and rows <= GEMV_MAX_ROWS
+    """Whether the matrix-vector kernel takes `rows` rows of x for this layer (fast mode, a block type it
+    reads, and not a batch that the tensor-core product takes: see PRECISE_DOT_MIN_ROWS)."""
+    return (layer.mode == "fast" and _gguf().supports(layer.type_id)
+            and rows <= GEMV_MAX_ROWS and rows < PRECISE_DOT_MIN_ROWS)
 
 
 def _add_norm(add_norm, out: torch.Tensor):
