@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from qwen35.chat.parser import OutputParser, ParsedDelta, parse_output, prompt_ends_in_reasoning
-from qwen35.engine.generate import DEFAULT_PREFILL_CHUNK, generation_steps
+from qwen35.engine.generate import generation_steps
 from qwen35.engine.sampler import InvalidSamplingError, SamplingParams
 from qwen35.errors import Qwen35Error
 
@@ -385,19 +385,11 @@ class ChatSession:
         return cache, len(cached_ids)
 
     def _prefill(self, token_ids, cache) -> None:
-        """Feed `token_ids` to `cache`; the output head runs on each chunk's last position alone where the
-        model lets us reach its network."""
+        """Feed `token_ids` to `cache` in the model's prefill pieces (the output head runs once, at the end)."""
         import torch
 
-        network = getattr(self.model, "network", None)
-        with torch.inference_mode():
-            step = getattr(self.model, "prefill_chunk", DEFAULT_PREFILL_CHUNK)
-            for start in range(0, len(token_ids), step):
-                chunk = torch.tensor([token_ids[start:start + step]], dtype=torch.long)
-                if network is None:
-                    self.model.forward(chunk, cache)
-                else:
-                    network.forward(chunk.to(self.model.device), cache, last_only=True)
+        if token_ids:
+            self.model.forward(torch.tensor([list(token_ids)], dtype=torch.long), cache, last_only=True)
 
     def _keep_reply(self, text: str, thinking: bool) -> None:
         if not text and self.last_turn.finish_reason == "interrupted":

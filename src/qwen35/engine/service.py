@@ -356,7 +356,7 @@ class EngineService:
         model lets us reach its network (the head costs as much as a small model's layers per token)."""
         network = getattr(self.model, "network", None)
         if network is None or ids.shape[1] > self.prefill_chunk:
-            return self.model.forward(ids, cache)[0, -1].float()
+            return self.model.forward(ids, cache, last_only=True)[0, -1].float()
         return network.forward(ids.to(self.model.device), cache, last_only=True)[0, -1]
 
     def _end_job(self, job: PrefixJob, outcome: str) -> None:
