@@ -261,6 +261,15 @@ def _merge_splits(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial
 
 
 @triton.jit
+def _row_start(starts_ptr, row64, starts_s0, capacity):
+    """(start, whether it lies in the storage, slots cached before it, clamped to the storage). A start
+    outside the storage (a caller's bug: checking it here would wait on the GPU) writes nothing and
+    reads only the storage's slots."""
+    start = tl.load(starts_ptr + row64 * starts_s0)
+    return start, (start >= 0) & (start < capacity), tl.minimum(tl.maximum(start, 0), capacity).to(tl.int32)
+
+
+@triton.jit
 def _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr, q_gate_s0, row64,
             unit, split, heads, group_mask, cols, col_mask, maximum, total, acc, N_KV: tl.constexpr,
             GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -320,11 +329,7 @@ def _attend_kernel(
     unit, split = tl.program_id(0), tl.program_id(1)
     row, kv_head = unit // N_KV, unit % N_KV
     row64 = row.to(tl.int64)
-    start = tl.load(starts_ptr + row64 * starts_s0)
-    # A start outside the storage (a caller's bug: checking it here would wait on the GPU) writes
-    # nothing and reads only the storage's slots.
-    start_in_range = (start >= 0) & (start < capacity)
-    cached = tl.minimum(tl.maximum(start, 0), capacity).to(tl.int32)
+    start, start_in_range, cached = _row_start(starts_ptr, row64, starts_s0, capacity)
 
     cols, col_mask, group_mask, heads, q, k_stored, v_stored = _new_token(
         q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, q_gate_s0, k_s0, v_s0, cos_s0,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from qwen35.kernels.triton_attention import (
-    _LOG2_E, _attend_config, _attend_tile, _check_inputs, _finish, _new_token, _partials,
+    _LOG2_E, _attend_config, _attend_tile, _check_inputs, _finish, _new_token, _partials, _row_start,
     _query_parts, _sm_count, _softmax_start, _split_range, split_count,
 )
 from qwen35.kernels.triton_checks import require
@@ -59,10 +59,7 @@ def _paged_attend_kernel(
     unit, split = tl.program_id(0), tl.program_id(1)
     row, kv_head = unit // N_KV, unit % N_KV
     row64 = row.to(tl.int64)
-    capacity = table_width * P
-    start = tl.load(starts_ptr + row64 * starts_s0)
-    start_in_range = (start >= 0) & (start < capacity)
-    cached = tl.minimum(tl.maximum(start, 0), capacity).to(tl.int32)
+    start, start_in_range, cached = _row_start(starts_ptr, row64, starts_s0, table_width * P)
     table_row_at = table_ptr + row64 * table_s0
 
     cols, col_mask, group_mask, heads, q, k_stored, v_stored = _new_token(
