@@ -154,3 +154,92 @@ def test_without_a_gpu_the_plan_is_for_the_cpu(tmp_path, monkeypatch):
     hardware = build_hardware()
     assert hardware.kind == "cpu" and hardware.ram_bytes > 0
     assert any("generic guess" in note for note in hardware.notes)
+
+
+# --- forced splits (placement_for_flags), against gguf-py's own tensor sizes -------------------
+
+
+def _gguf_py_layer_bytes(path) -> tuple[dict, dict, float]:
+    """Per layer: expert bytes and all bytes of blk.<i>, and top-k / E, as gguf-py's reader gives them."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    share = reader.fields["qwen35moe.expert_used_count"].contents() / reader.fields["qwen35moe.expert_count"].contents()
+    experts: dict[int, int] = {}
+    layers: dict[int, int] = {}
+    for tensor in reader.tensors:
+        if tensor.name.startswith("blk."):
+            index = int(tensor.name.split(".")[1])
+            layers[index] = layers.get(index, 0) + int(tensor.n_bytes)
+            if "_exps." in tensor.name:
+                experts[index] = experts.get(index, 0) + int(tensor.n_bytes)
+    return experts, layers, share
+
+
+@pytest.mark.parametrize("n_cpu_moe", [1, 3, 4])
+def test_n_cpu_moe_moves_the_first_layers_experts_top_k_share_to_the_ram_side(fixtures, n_cpu_moe):
+    from qwen35.plan.estimator import estimate_memory
+    from qwen35.plan.sources import load_gguf
+    from qwen35.plan.speed import estimate_speed, placement_for_flags
+
+    path = fixtures / "tiny" / "moe-Q4_K_M.gguf"
+    loaded = load_gguf([str(path)])
+    hardware = build_hardware(gpu="h100", detect=False, ram_gb=128)
+    memory = estimate_memory(loaded.spec, loaded.weights, Request(ctx=4096))
+
+    def speed(**flags):
+        placement = placement_for_flags(loaded.spec, loaded.weights, memory, hardware, **flags)
+        return placement, estimate_speed(loaded.spec, loaded.weights, memory, hardware, placement)
+
+    whole_placement, whole = speed()
+    split_placement, split = speed(cpu_moe_layers=n_cpu_moe)
+    experts, _, share = _gguf_py_layer_bytes(path)
+    moved_per_token = sum(experts[i] for i in range(n_cpu_moe)) * share
+    assert split.ram_bytes_per_token - whole.ram_bytes_per_token == pytest.approx(moved_per_token, abs=2)
+    assert whole.fast_bytes_per_token - split.fast_bytes_per_token == pytest.approx(moved_per_token, abs=2)
+    moved = sum(experts[i] for i in range(n_cpu_moe))
+    assert split_placement.ram_bytes_used - whole_placement.ram_bytes_used == moved
+    assert split_placement.flag == f"-ngl 999 --n-cpu-moe {n_cpu_moe}"
+    assert split.decode_tok_s < whole.decode_tok_s  # RAM is slower than HBM
+    # With no flags the forced placement is the one the planner picks for a model that fits.
+    from qwen35.plan.speed import place
+
+    assert whole_placement == place(loaded.spec, loaded.weights, memory, hardware)
+
+
+def test_ngl_moves_the_first_layers_and_the_output_head_to_the_ram_side(fixtures):
+    from gguf import GGUFReader
+
+    from qwen35.plan.estimator import estimate_memory
+    from qwen35.plan.sources import load_gguf
+    from qwen35.plan.speed import estimate_speed, placement_for_flags
+
+    path = fixtures / "tiny" / "moe-Q4_K_M.gguf"
+    loaded = load_gguf([str(path)])
+    hardware = build_hardware(gpu="h100", detect=False, ram_gb=128)
+    memory = estimate_memory(loaded.spec, loaded.weights, Request(ctx=4096))
+    experts, layers, share = _gguf_py_layer_bytes(path)
+    sizes = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    head = sizes["output.weight"] + sizes["output_norm.weight"]
+    whole = estimate_speed(loaded.spec, loaded.weights, memory, hardware,
+                           placement_for_flags(loaded.spec, loaded.weights, memory, hardware, gpu_layers=5))
+    placement = placement_for_flags(loaded.spec, loaded.weights, memory, hardware, gpu_layers=2)
+    split = estimate_speed(loaded.spec, loaded.weights, memory, hardware, placement)
+    # -ngl 2 of 4 layers: blk.0 and blk.1 (experts at top-k / E) and the output head are read from RAM.
+    moved = sum(layers[i] - experts[i] + experts[i] * share for i in (0, 1)) + head
+    assert split.ram_bytes_per_token - whole.ram_bytes_per_token == pytest.approx(moved, abs=2)
+    assert (placement.mode, placement.gpu_layers, placement.output_on_gpu, placement.flag) == ("ngl", 2, False, "-ngl 2")
+    assert split.decode_tok_s < whole.decode_tok_s
+
+
+@pytest.mark.parametrize("flags", [{"gpu_layers": -1}, {"cpu_moe_layers": 1.5}, {"cpu_moe_layers": True}])
+def test_forced_split_flags_must_be_whole_numbers(fixtures, flags):
+    from qwen35.plan.estimator import estimate_memory
+    from qwen35.plan.sources import load_gguf
+    from qwen35.plan.speed import placement_for_flags
+
+    loaded = load_gguf([str(fixtures / "tiny" / "moe-Q4_K_M.gguf")])
+    memory = estimate_memory(loaded.spec, loaded.weights, Request(ctx=4096))
+    with pytest.raises(Qwen35Error, match="whole number"):
+        placement_for_flags(loaded.spec, loaded.weights, memory, build_hardware(gpu="h100", detect=False, ram_gb=64),
+                            **flags)

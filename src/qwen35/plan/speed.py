@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwen35.errors import Qwen35Error
 from qwen35.plan.catalog import TEXT, ModelSpec
 from qwen35.plan.estimator import GiB, MemoryEstimate, cache_row_bytes, padded_context
 from qwen35.plan.hardware import Hardware, usable_ram
@@ -87,6 +88,13 @@ def _layer_state_bytes(spec: ModelSpec, memory: MemoryEstimate, layer: int) -> i
     return memory.recurrent_state_bytes // n_linear
 
 
+def _fixed_gpu_bytes(memory: MemoryEstimate) -> int:
+    """With experts or layers moved out, the GPU keeps: overhead, buffers, MTP/vision if loaded."""
+    fixed = memory.compute_bytes + memory.logits_bytes + memory.overhead_bytes
+    fixed += memory.mtp_bytes if memory.mtp_loaded else 0
+    return fixed + (memory.vision_bytes if memory.vision_loaded else 0)
+
+
 def place(spec: ModelSpec, weights: Weights, memory: MemoryEstimate, hardware: Hardware) -> Placement:
     """The split that fits: everything in fast memory if it can, else llama.cpp's offload flags."""
     budget = hardware.fast_bytes - headroom_bytes(hardware.fast_bytes)
@@ -103,10 +111,7 @@ def place(spec: ModelSpec, weights: Weights, memory: MemoryEstimate, hardware: H
     ram_budget = usable_ram(hardware.ram_bytes)
     layer_bytes = weights.layer_bytes(TEXT)
     expert_bytes = weights.expert_layer_bytes(TEXT)
-    # With experts or layers moved out, the GPU keeps: overhead, buffers, MTP/vision if loaded.
-    fixed_gpu = memory.compute_bytes + memory.logits_bytes + memory.overhead_bytes
-    fixed_gpu += memory.mtp_bytes if memory.mtp_loaded else 0
-    fixed_gpu += memory.vision_bytes if memory.vision_loaded else 0
+    fixed_gpu = _fixed_gpu_bytes(memory)
     if spec.is_moe:
         on_gpu = total - embedding
         moved = embedding
@@ -130,6 +135,39 @@ def place(spec: ModelSpec, weights: Weights, memory: MemoryEstimate, hardware: H
             if used <= budget and in_ram <= ram_budget:
                 return Placement("ngl", n_gpu, 0, with_output, used, in_ram)
     return Placement("none", 0, 0, False, total, 0)
+
+
+def placement_for_flags(spec: ModelSpec, weights: Weights, memory: MemoryEstimate, hardware: Hardware,
+                        gpu_layers: int | None = None, cpu_moe_layers: int = 0) -> Placement:
+    """The Placement that llama.cpp's flags force (as model/placement.py Split applies them), fit or not,
+    with its memory counted as `place` counts it: `gpu_layers` is -ngl N (the last N layers on the
+    GPU; N above the layer count, the output head too; None: everything), `cpu_moe_layers` is
+    --n-cpu-moe N. For holding a measured split against the planner's estimate of the same split."""
+    for name, value in (("gpu_layers", gpu_layers), ("cpu_moe_layers", cpu_moe_layers)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise Qwen35Error(f"{name} must be a whole number >= 0, got {value!r}")
+    n_layers = spec.n_layers
+    if gpu_layers is not None and gpu_layers > n_layers:
+        gpu_layers = None  # every layer and the output head: the same as no -ngl
+    n_cpu_moe = min(cpu_moe_layers, n_layers) if spec.is_moe else 0
+    n_gpu = n_layers if gpu_layers is None else gpu_layers
+    outside = weights.outside_layers(TEXT)
+    embedding = outside.get("token_embd.weight", 0) if hardware.kind == "gpu" else 0
+    experts = weights.expert_layer_bytes(TEXT)
+    moved_experts = sum(experts.get(i, 0) for i in range(n_cpu_moe) if i >= n_layers - n_gpu)
+    if gpu_layers is None:
+        # place's --n-cpu-moe accounting: everything but the embedding and those experts on the GPU.
+        on_gpu = memory.total_bytes - embedding - moved_experts
+        whole = "full" if hardware.kind == "gpu" else "unified"
+        return Placement("n-cpu-moe" if n_cpu_moe else whole, n_layers, n_cpu_moe, True,
+                         on_gpu, embedding + moved_experts)
+    # place's -ngl accounting: the GPU holds its layers' weights and state, and the fixed buffers.
+    fixed_gpu = _fixed_gpu_bytes(memory)
+    layer_bytes = weights.layer_bytes(TEXT)
+    per_layer = [layer_bytes.get(i, 0) + _layer_state_bytes(spec, memory, i) for i in range(n_layers)]
+    used = fixed_gpu + sum(per_layer[n_layers - n_gpu:]) - moved_experts
+    in_ram = sum(per_layer) + sum(outside.values()) - used + fixed_gpu
+    return Placement("ngl", n_gpu, n_cpu_moe, False, used, in_ram)
 
 
 @dataclass(frozen=True)
