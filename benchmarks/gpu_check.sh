@@ -7,7 +7,8 @@
 # device tool carries them (carry: [".gpu"]). Logs and the benchmark's JSON go to $OUT (or /tmp).
 # Extra arguments go to gpu_bench.py. The benchmark profiles an eager decode step (GPU time per
 # kernel) and first times the GEMV launch shapes of gpu_bench.GEMV_SWEEP over the whole batch-1
-# step, keeping the fastest (SWEEP_GEMV=0 skips that); WITH_KERNELS=1 adds gpu_kernels.py --quick.
+# step, keeping the fastest (SWEEP_GEMV=0 skips that); WITH_KERNELS=1 adds gpu_kernels.py --quick,
+# WITH_PLACEMENTS=1 the split placements (gpu_placements.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/qwen35-gpu-check}"
@@ -21,10 +22,13 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfEs \
+# Compiling the kernels for each test's shapes is most of the tests' time: spread over processes (the
+# machine's image has pytest-xdist; each process has its own arrival counters and CUDA context).
+parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_PROCESSES:-6}")
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfEs $parallel \
     tests/test_cuda.py tests/test_triton_gguf.py tests/test_triton_gguf_dot.py tests/test_triton_deltanet.py tests/test_triton_moe.py \
     tests/test_triton_chunked.py tests/test_triton_attention.py tests/test_triton_decode.py tests/test_fast_cuda.py \
-    tests/test_paged_kv.py \
+    tests/test_paged_kv.py tests/test_triton_arrivals.py \
     2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 
@@ -35,6 +39,11 @@ bench=${PIPESTATUS[0]}
 if [ -n "${WITH_KERNELS:-}" ]; then  # each kernel's own timings, for tuning launch shapes (about a minute)
     timeout "${KERNELS_TIMEOUT:-120}" python3 benchmarks/gpu_kernels.py --quick --json "$out/kernels.json" 2>&1 \
         | tee "$out/kernels.log"
+fi
+if [ -n "${WITH_PLACEMENTS:-}" ]; then  # -ngl / --n-cpu-moe splits, measured beside the planner's numbers (~2 min)
+    timeout "${PLACEMENTS_TIMEOUT:-300}" python3 benchmarks/gpu_placements.py --size 35b-a3b --type Q4_K_M \
+        --n-cpu-moe 0 20 40 --ngl 20 --steps 16 --prompt 512 --context 64 \
+        --json "$out/placements.json" 2>&1 | tee "$out/placements.log"
 fi
 echo "tests exit $tests, benchmark exit $bench"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

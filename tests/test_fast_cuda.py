@@ -74,10 +74,14 @@ def test_embedding_rows_are_bit_equal(fixtures):
 def gpu_paths_on_cpu(monkeypatch):
     """The model's GPU paths (fast_cuda's products, the Triton DeltaNet step and fused steps) taken by
     CPU tensors, in Triton's interpreter: what the GPU runs, checked where CI runs."""
-    from qwen35.model import fused
-
     if DEVICE != "cpu":
         pytest.skip("on a GPU, tests/test_cuda.py runs the model there")
+    take_gpu_paths_on_cpu(monkeypatch)
+
+
+def take_gpu_paths_on_cpu(monkeypatch):
+    from qwen35.model import fused
+
     monkeypatch.setattr(fused, "GPU_DEVICE_TYPES", {"cuda", "cpu"})
     monkeypatch.setattr(fast_cuda, "available", lambda: True)
     monkeypatch.setattr(quant_linear, "_FAST_KERNELS", {})
@@ -151,29 +155,67 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     assert {label: result for label, result in compiled.items() if result != {"stack": 0}} == {}
 
 
-def test_a_batch_decodes_on_the_gpu_path_as_each_row_alone_on_the_cpus(fixtures, gpu_paths_on_cpu, monkeypatch):
-    """Two rows of different lengths decode together on the GPU's path (a batch's products on the precise
-    tensor-core form, SwiGLU and norms as their own launches, the MoE's shared expert as a plain MLP) as
-    each decodes alone on the CPU's fast path (its C++ kernels), to fp32 rounding. (The prompts are
-    prefilled on the CPU's path too: the interpreter would take minutes over them.)"""
+@pytest.mark.parametrize("lengths", [(15,), (9, 15)], ids=["one row", "two rows"])
+def test_captured_decode_steps_replay_like_eager_ones(fixtures, monkeypatch, lengths):
+    """engine/cuda_graphs.GraphDecoder, captured and replayed by tests/graph_replay.py's stand-ins for CUDA
+    graphs: nothing reads the device on the host while capturing, and replaying only the recorded device
+    work (none of the Python) decodes as eager steps do, across a capacity doubling (a second capture),
+    and hands back a cache holding what the eager steps' cache holds. One row takes the fused matrix-vector
+    launches; two rows of different lengths the batch's products (on the precise tensor-core form, SwiGLU
+    and norms as their own launches, the shared expert as a plain MLP), and each decodes as it does alone
+    on the CPU's path."""
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU, tests/test_cuda.py captures real graphs")
     import qwen35
+    from graph_replay import emulated_cuda_graphs
+    from qwen35.engine import cuda_graphs
     from qwen35.engine.cache import HybridCache
     from qwen35.model import fused
 
-    assert fast_cuda.PRECISE_DOT_MIN_ROWS <= 2
     ids = json.loads((fixtures / "ref" / "moe.json").read_text())["sequences"]["text"]["ids"]
     model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", precision="reference")
-    head = model.network.lm_head  # its first 4096 rows: enough to compare, and the interpreter is slow
-    model.network.lm_head = QuantLinear(head.blocks[:4096], head.type_id, 4096, head.in_features)
+    head = model.network.lm_head  # its first 1024 rows: enough to compare, and the interpreter is slow
+    model.network.lm_head = QuantLinear(head.blocks[:1024], head.type_id, 1024, head.in_features)
     set_mode(model.network, "fast")
-    rows, alone = [], []
-    with monkeypatch.context() as cpu_path:
-        cpu_path.setattr(fused, "GPU_DEVICE_TYPES", {"cuda"})
-        for length in (9, 14):
-            cache = model.make_cache(1)
+    steps = [[ids[n + t] for n in lengths] for t in range(2)]
+    # The prompts are prefilled on the CPU's path (its C++ kernels; the interpreter would take minutes), and
+    # each row's first step is decoded there too, to compare with.
+    prompts, alone = [], []
+    for length in lengths:
+        with monkeypatch.context() as paged:  # K/V in pages as on a GPU (fp32, as the CPU's path keeps them)
+            paged.setattr(fused, "GPU_DEVICE_TYPES", {"cuda", "cpu"})
+            prompts.append(model.make_cache(1))
+        on_cpu = model.make_cache(1)
+        for cache in (prompts[-1], on_cpu):
             model.forward(torch.tensor([ids[:length]]), cache)
-            rows.append(cache.select([0]))
-            alone.append(model.forward(torch.tensor([[ids[length]]]), cache)[0, -1])
+        alone.append(model.forward(torch.tensor([[ids[length]]]), on_cpu)[0, -1])
+    take_gpu_paths_on_cpu(monkeypatch)
     model.network.fuse_for_gpu()
-    together = model.forward(torch.tensor([[ids[9]], [ids[14]]]), HybridCache.merge(rows))[:, -1]
-    torch.testing.assert_close(together, torch.stack(alone), rtol=0, atol=1e-3)
+    eager_cache = HybridCache.merge([c.select([0]) for c in prompts])
+    with torch.inference_mode():
+        eager = [model.network(torch.tensor(tokens)[:, None], eager_cache)[:, -1] for tokens in steps]
+    # Warming up compiles kernels and makes cuBLAS handles on a GPU; the interpreter needs neither.
+    monkeypatch.setattr(cuda_graphs, "_warm_up", lambda model, cache, capacity: None)
+    # QuantLinear.rows checks ids only for CPU tensors; on a GPU that read is not made.
+    with emulated_cuda_graphs(monkeypatch, allowed_host_reads={"rows"}):
+        decoder = cuda_graphs.GraphDecoder(model, HybridCache.merge(prompts), capacity=16)
+        graphs = [decoder.graph]
+        with torch.inference_mode():
+            replayed = []
+            for tokens in steps:
+                replayed.append(decoder.step(tokens)[:, -1].clone())
+                graphs.append(decoder.graph)
+        released = decoder.release()
+    assert graphs[1] is graphs[0] is not graphs[2] and decoder.capacity == 32  # the step past 16 tokens recaptured
+    # A row decodes in a batch on the GPU's path as alone on the CPU's, to fp32 rounding.
+    torch.testing.assert_close(eager[0], torch.stack(alone), rtol=0, atol=1e-3)
+    for step, (got, expected) in enumerate(zip(replayed, eager)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, msg=f"step {step}")
+    assert released.lengths.tolist() == eager_cache.lengths.tolist() == [n + len(steps) for n in lengths]
+    assert released.next_positions.tolist() == eager_cache.next_positions.tolist()
+    longest = max(lengths) + len(steps)
+    for index, (got, expected) in enumerate(zip(released.layers, eager_cache.layers)):
+        pairs = ((got.conv, expected.conv), (got.recurrent, expected.recurrent)) if hasattr(got, "recurrent") \
+            else zip(got.view(longest), expected.view(longest))
+        for got_state, expected_state in pairs:
+            torch.testing.assert_close(got_state.float(), expected_state.float(), rtol=0, atol=1e-4, msg=f"layer {index}")

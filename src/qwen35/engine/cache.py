@@ -27,6 +27,11 @@ import torch
 from qwen35.errors import Qwen35Error
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream: then the host may not read the device."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _storage_bytes(*tensors: torch.Tensor) -> int:
     """Bytes of the storages behind `tensors`, each counted once (a view holds its whole storage)."""
     seen = {}
@@ -110,7 +115,7 @@ class AttentionKV:
 
     def make_room(self, starts: torch.Tensor, length: int) -> None:
         """Capacity for `length` more tokens after each row's `starts` (doubling, as a list grows)."""
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if capturing():
             return  # a graph's cache is given its whole capacity before capture (engine/cuda_graphs.py)
         needed = int(starts.max()) + length
         if needed > self.capacity:

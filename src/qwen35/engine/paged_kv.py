@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen35.engine.cache import _storage_bytes
+from qwen35.engine.cache import _storage_bytes, capturing
 from qwen35.errors import Qwen35Error
 
 PAGE_SIZE = 64
@@ -34,10 +34,6 @@ _PADDING_PAGE = 0
 
 def pages_for(tokens: int, page_size: int) -> int:
     return -(-max(tokens, 0) // page_size)
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 class PagedAttentionKV:
@@ -137,7 +133,7 @@ class PagedAttentionKV:
 
     def make_room(self, starts: torch.Tensor, length: int) -> None:
         """Pages for `length` more tokens after each row's `starts`."""
-        if _capturing():
+        if capturing():
             return  # a graph's cache is given its pages before capture (engine/cuda_graphs.py)
         self.make_room_for((starts[:self.rows] + length).tolist())  # the one device read, as AttentionKV's
 
