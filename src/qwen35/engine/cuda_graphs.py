@@ -93,9 +93,6 @@ def _pin(cache: HybridCache, capacity: int) -> None:
     cache.static_length = capacity
 
 
-_warmed: set[tuple] = set()
-
-
 def _page_slots(cache: HybridCache) -> int:
     """The slots a paged K/V table spans (its width decides the attention kernel's split count), or 0."""
     return max((layer.page_table.shape[1] * layer.page_pool[0].shape[1] for layer in cache.layers
@@ -104,11 +101,10 @@ def _page_slots(cache: HybridCache) -> int:
 
 def _warm_up(model, cache: HybridCache, capacity: int) -> None:
     """Run the step eagerly on a scratch cache pinned like `cache`: Triton compiles its kernels for these
-    shapes and cuBLAS makes its handles there; neither may happen inside a capture."""
+    shapes and cuBLAS makes its handles there; neither may happen inside a capture. Before every capture,
+    not once per shape: the kernels' launch settings (fast_cuda's row thresholds, the matrix-vector
+    launch shapes) can change between captures, and two eager steps cost little next to a capture."""
     batch_size, span = cache.batch_size, max(capacity, _page_slots(cache))
-    key = (id(model.network), batch_size, capacity, span)
-    if key in _warmed:
-        return
     with torch.inference_mode():
         scratch = model.make_cache(batch_size)
         _pin(scratch, capacity)
@@ -121,4 +117,3 @@ def _warm_up(model, cache: HybridCache, capacity: int) -> None:
                 model.network(tokens, scratch)
         torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    _warmed.add(key)
