@@ -201,9 +201,12 @@ def emulated_cuda_graphs(monkeypatch, allowed_host_reads=()):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: _Stream())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: _state.steps is not None)
-    # Only a capture needs to see a CUDA device (engine.cache.capturing); elsewhere the CPU path stays.
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: _state.steps is not None)
+    from qwen35.engine import cache, paged_kv
+
+    capturing = lambda: _state.steps is not None  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", capturing)
+    for module in (cache, paged_kv):  # (torch.cuda.is_available() stays False: the CPU's paths stay)
+        monkeypatch.setattr(module, "capturing", capturing)
     _state.allowed = frozenset(allowed_host_reads)
     try:
         yield

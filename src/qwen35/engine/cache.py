@@ -50,6 +50,18 @@ class DeltaNetState:
     # cache that a CUDA graph replays over owns its tensors, which must stay where they are).
     in_place: bool = False
 
+    def store(self, conv: torch.Tensor | None = None, recurrent: torch.Tensor | None = None) -> None:
+        """A step's new states: written into this cache's own tensors when it is pinned (`in_place`),
+        else taking their place (a snapshot may hold the old ones)."""
+        for name, new in (("conv", conv), ("recurrent", recurrent)):
+            if new is None:
+                continue
+            if self.in_place:
+                if new is not getattr(self, name):
+                    getattr(self, name).copy_(new)
+            else:
+                setattr(self, name, new)
+
     def select(self, rows: list[int]) -> DeltaNetState:
         return DeltaNetState(self.conv[rows], self.recurrent[rows])  # indexing with a list copies
 

@@ -52,20 +52,23 @@ class CpuSteps:
 
     def deltanet_decode(self, layer, projected, a, b, z, state):
         c = layer.c
-        y, state.conv, state.recurrent = fast_ops().deltanet_decode(
+        y, conv, recurrent = fast_ops().deltanet_decode(
             projected, a, b, z, state.conv, layer.conv_weight, layer.dt_bias, layer.decay_rate, layer.norm,
             state.recurrent, *_deltanet_shape(c), L2_NORM_EPS, c.rms_norm_eps,
         )
+        state.store(conv, recurrent)
         return y
 
     def deltanet_prefill(self, layer, projected, a, b, z, state):
         c = layer.c
         ops = fast_ops()
-        mixed, state.conv = ops.causal_conv_silu(projected, state.conv, layer.conv_weight)
+        mixed, conv = ops.causal_conv_silu(projected, state.conv, layer.conv_weight)
+        state.store(conv=conv)
         n_k, d_k, n_v, d_v, grouped = _deltanet_shape(c)
         q, k, v, g, beta = ops.deltanet_inputs(mixed, a, b, layer.dt_bias, layer.decay_rate, n_k, d_k, n_v, d_v,
                                                grouped, L2_NORM_EPS)
-        out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        out, recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        state.store(recurrent=recurrent)
         return ops.gated_rms_norm(out, z, layer.norm, c.rms_norm_eps)
 
     def project_add_norm(self, projection, y, x, scale, eps):
@@ -127,7 +130,8 @@ class GpuSteps:
         from qwen35.kernels.triton_chunked import chunked_delta_rule
 
         q, k, v, g, beta = layer.delta_rule_inputs(layer.causal_conv(projected, state), a, b)
-        out, state.recurrent = chunked_delta_rule(q, k, v, g, beta, state.recurrent)
+        out, recurrent = chunked_delta_rule(q, k, v, g, beta, state.recurrent)
+        state.store(recurrent=recurrent)
         return layer.gated_norm(out, z)
 
     def project_add_norm(self, projection, y, x, scale, eps):

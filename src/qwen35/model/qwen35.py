@@ -309,7 +309,7 @@ class GatedDeltaNet:
         the l2 norms' sums that follow then see the same layout in both, and give the same bits.
         """
         window = torch.cat([state.conv.float(), projected.transpose(1, 2)], dim=-1)  # [B, C, K-1+T]
-        state.conv = window[:, :, window.shape[-1] - (self.c.linear_conv_kernel - 1) :].to(state.conv.dtype).clone()
+        state.store(conv=window[:, :, window.shape[-1] - (self.c.linear_conv_kernel - 1) :].to(state.conv.dtype).clone())
         # One shifted multiply-add per tap: far faster than a depthwise F.conv1d on CPU, and the
         # taps are summed in order (for one token too), as the C++ form sums them.
         length, kernel = projected.shape[1], self.conv_weight.shape[1]
@@ -360,7 +360,8 @@ class GatedDeltaNet:
             run = steps.deltanet_decode if x.shape[1] == 1 else steps.deltanet_prefill
             return run(self, projected, a, b, z, state)
         q, k, v, g, beta = self.delta_rule_inputs(self.causal_conv(projected, state), a, b)
-        out, state.recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        out, recurrent = gated_delta_rule(q, k, v, g, beta, state.recurrent)
+        state.store(recurrent=recurrent)
         return self.gated_norm(out, z)
 
 
