@@ -146,17 +146,17 @@ GEMV_SWEEP = [
 
 
 def use_gemv_shapes(shapes: dict, programs_per_processor: int | None, defaults: tuple) -> None:
-    from qwen35.kernels import triton_gguf
+    from qwen35.kernels import triton_gguf_gemv  # the module whose launches read these globals
 
-    triton_gguf.GEMV_CONFIG = {**defaults[0], **shapes}
-    triton_gguf.PROGRAMS_PER_PROCESSOR = programs_per_processor or defaults[1]
+    triton_gguf_gemv.GEMV_CONFIG = {**defaults[0], **shapes}
+    triton_gguf_gemv.PROGRAMS_PER_PROCESSOR = programs_per_processor or defaults[1]
 
 
 def sweep_gemv_shapes(model, context: int, generator) -> list[dict]:
     """Batch-1 graph decode speed under each GEMV_SWEEP entry; leaves the fastest in place."""
-    from qwen35.kernels import triton_gguf
+    from qwen35.kernels import triton_gguf_gemv
 
-    defaults = (dict(triton_gguf.GEMV_CONFIG), triton_gguf.PROGRAMS_PER_PROCESSOR)
+    defaults = (dict(triton_gguf_gemv.GEMV_CONFIG), triton_gguf_gemv.PROGRAMS_PER_PROCESSOR)
     rows = []
     for name, shapes, programs in GEMV_SWEEP:
         use_gemv_shapes(shapes, programs, defaults)

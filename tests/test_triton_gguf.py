@@ -22,7 +22,7 @@ from qwen35.kernels.triton_arrivals import arrival_counters
 from test_dequant import random_blocks as random_block_bytes
 
 pytest.importorskip("triton")
-from qwen35.kernels import triton_gguf  # noqa: E402  (needs triton)
+from qwen35.kernels import triton_gguf, triton_gguf_gemv  # noqa: E402  (needs triton)
 
 T = GGMLQuantizationType
 TYPES = (T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.Q4_0)
@@ -336,7 +336,7 @@ def test_expert_gemv_combines_adds_and_norms_in_the_same_launch(device):
 def test_split_k_sums_in_one_launch_and_leaves_its_counters_at_zero(device):
     blocks = weight_blocks(T.Q4_K, (37,), 2048, seed=16).to(device)  # 8 steps over one row program: split
     n_steps = 2048 // triton_gguf.STEP_ELEMENTS
-    splits, _ = triton_gguf._plan(37, n_steps, 1, triton_gguf.GEMV_CONFIG[T.Q4_K][0], blocks.device)
+    splits, _ = triton_gguf_gemv._plan(37, n_steps, 1, triton_gguf_gemv.GEMV_CONFIG[T.Q4_K][0], blocks.device)
     assert splits > 1
     x = torch.randn(1, 2048, generator=torch.Generator().manual_seed(17))
     first = triton_gguf.gemv(blocks, T.Q4_K, x.to(device), 2048)
@@ -354,8 +354,8 @@ SM90_COMPILE = r"""
 import json
 from gguf import GGMLQuantizationType as T
 from sm90 import compile_report
-from qwen35.kernels import triton_gguf as tg
-from qwen35.kernels.triton_gguf_blocks import TILES
+from qwen35.kernels.triton_gguf_blocks import HAS_MIN_TYPES, TILES
+from qwen35.kernels.triton_gguf_gemv import GEMV_BLOCK_N, GEMV_CONFIG, _gemv_kernel
 
 POINTERS = {"w_ptr": "*u8", "w2_ptr": "*u8", "counter_ptr": "*i32", "ids_ptr": "*i64"}
 
@@ -364,12 +364,12 @@ def constants(name, second=None, **launch):
     qtype, qtype2 = T[name], T[second or name]
     groups, length, planes = TILES[qtype]
     groups2, length2, planes2 = TILES[qtype2]
-    block_n, warps, stages = tg.GEMV_CONFIG[qtype]
+    block_n, warps, stages = GEMV_CONFIG[qtype]
     if launch.get("BLOCK_M", 1) > 1:
-        block_n, warps, stages = tg.GEMV_BLOCK_N[launch["BLOCK_M"]], 4, 1
-    values = dict(QTYPE=int(qtype), HAS_MIN=qtype in tg.HAS_MIN_TYPES, G=groups, L=length, P=planes,
-                  NUM_STAGES=stages, QTYPE2=int(qtype2), HAS_MIN2=qtype2 in tg.HAS_MIN_TYPES, G2=groups2, L2=length2,
-                  P2=planes2, NUM_STAGES2=tg.GEMV_CONFIG[qtype2][2], PAIR=second is not None, BLOCK_N=block_n,
+        block_n, warps, stages = GEMV_BLOCK_N[launch["BLOCK_M"]], 4, 1
+    values = dict(QTYPE=int(qtype), HAS_MIN=qtype in HAS_MIN_TYPES, G=groups, L=length, P=planes,
+                  NUM_STAGES=stages, QTYPE2=int(qtype2), HAS_MIN2=qtype2 in HAS_MIN_TYPES, G2=groups2, L2=length2,
+                  P2=planes2, NUM_STAGES2=GEMV_CONFIG[qtype2][2], PAIR=second is not None, BLOCK_N=block_n,
                   BLOCK_M=1, HAS_IDS=False, STEPS=2, SPLITS=4, SWIGLU=False, COMBINE=False, SLOTS_PER_TOKEN=1,
                   ADD_NORM=False, WIDTH_STEPS=1, num_warps=warps)
     values.update(launch)
@@ -386,7 +386,7 @@ LAUNCHES = {
     "Q6_K experts combine": constants("Q6_K", HAS_IDS=True, SWIGLU=True, SPLITS=1, COMBINE=True, SLOTS_PER_TOKEN=9,
                                       ADD_NORM=True, WIDTH_STEPS=4),
 }
-print(json.dumps({name: compile_report(tg._gemv_kernel, values, POINTERS, {"row_bytes", "row_bytes2", "in_features"})
+print(json.dumps({name: compile_report(_gemv_kernel, values, POINTERS, {"row_bytes", "row_bytes2", "in_features"})
                   for name, values in LAUNCHES.items()}))
 """
 

@@ -12,7 +12,7 @@ whole output, so a program holds the head's whole [d_k, d_v] state.
 
 The v channels' conv state is one program's own, which shifts it in place. A key head's q and k
 channels are read by n_v / n_k programs, so their conv state may move only once all of them have
-read it: the "last program to finish" pattern of triton_gguf.py. Each program, having read, counts
+read it: the "last program to finish" pattern of triton_gguf_gemv.py. Each program, having read, counts
 itself in on its (row, key head) arrival counter (triton_arrivals.py; an atomic add,
 acq_rel, after a barrier); the one that completes the count shifts those channels (it holds the
 newest inputs) and sets the count back to 0 for the next call or graph replay.

@@ -11,8 +11,8 @@ Every block type is described to the kernels the same way: one step along a row 
 type's loader returns the codes as P byte planes [rows, G, L / P] (see the loaders' notes),
 a per-group scale a and, for types with minimums, a per-group offset b [rows, G, 1], so
 that W = a * q - b. Weights are read as whole 32-bit or 16-bit words, never byte by byte.
-The kernels built on these (triton_gguf.py) sum products plane by plane, or interleave
-the planes back into element order where they store weights.
+The kernels built on these sum products plane by plane (triton_gguf_gemv.py), or interleave
+the planes back into element order where they store weights (triton_gguf.dequantize).
 """
 
 from __future__ import annotations
