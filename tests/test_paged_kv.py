@@ -215,6 +215,30 @@ def test_rows_take_free_pages_in_place_when_they_fit():
 
 
 @torch.inference_mode()
+def test_a_row_installed_in_place_holds_the_source_rows_tokens_in_both_stores():
+    """install_row (a newcomer copied into a graph's idle row): the row reads back the source row's
+    tokens, the other rows keep theirs; a pinned row with room moves nothing, a row without room takes
+    more pages and says the pool or the table moved."""
+    generator = torch.Generator().manual_seed(8)
+    batch = Twins.prefilled([5, 18, 3], torch.float32, generator)
+    for store in (batch.plain, batch.paged):
+        store.reserve(rows=3, tokens=64)
+    source = Twins.prefilled([40], torch.float32, generator)
+    addresses = [t.data_ptr() for t in (*batch.paged.page_pool, batch.paged.page_table)]
+    assert batch.paged.install_row(2, source.paged, 0, 40) and batch.plain.install_row(2, source.plain, 0, 40)
+    assert [t.data_ptr() for t in (*batch.paged.page_pool, batch.paged.page_table)] == addresses
+    batch.lengths[2] = 40
+    batch.assert_same()
+    for ours, theirs in zip(batch.paged.view(40), source.paged.view(40)):
+        assert torch.equal(ours[2], theirs[0])
+    longer = Twins.prefilled([100], torch.float32, generator)
+    assert not batch.paged.install_row(0, longer.paged, 0, 100)  # 7 pages into a row of 4: the table widens
+    assert torch.equal(batch.paged.view(100)[0][0], longer.paged.view(100)[0][0])
+    with pytest.raises(Qwen35Error, match="does not fit"):
+        batch.plain.install_row(0, longer.plain, 0, 100)
+
+
+@torch.inference_mode()
 def test_only_make_room_reads_a_tensor_on_the_host():
     """On a GPU a tensor read on the host waits for it: AttentionKV reads one in make_room (starts.max()),
     the paged store reads `starts` there and nowhere else (page lists live on the host)."""

@@ -82,6 +82,15 @@ class DeltaNetState:
             self.recurrent[row] = self.recurrent[last]
         self.conv, self.recurrent = self.conv[:last], self.recurrent[:last]
 
+    def install_row(self, row: int, other: DeltaNetState, other_row: int) -> None:
+        """Row `row` takes `other`'s row `other_row`, written in place (a graph's rows stay where they are)."""
+        self.conv[row].copy_(other.conv[other_row])
+        self.recurrent[row].copy_(other.recurrent[other_row])
+
+    def clear_row(self, row: int) -> None:
+        self.conv[row].zero_()
+        self.recurrent[row].zero_()
+
     def shared(self) -> DeltaNetState:
         return DeltaNetState(self.conv, self.recurrent)
 
@@ -188,6 +197,15 @@ class AttentionKV:
         self._keys[self.rows, :length] = other._keys[row, :length]
         self._values[self.rows, :length] = other._values[row, :length]
         self.rows += 1
+
+    def install_row(self, row: int, other: AttentionKV, other_row: int, length: int) -> bool:
+        """Row `row` takes the first `length` slots of `other`'s row `other_row`, in place: whether the
+        storage stayed where it was (it must hold that many slots already)."""
+        if length > self.capacity:
+            raise Qwen35Error(f"a row of {length} tokens does not fit storage of {self.capacity}")
+        self._keys[row, :length] = other._keys[other_row, :length]
+        self._values[row, :length] = other._values[other_row, :length]
+        return True
 
     def remove(self, row: int, last_length: int, longest: int) -> None:
         """Row `row` gets the last row's first `last_length` slots; the last row is free again. Storage far
@@ -325,6 +343,36 @@ class HybridCache:
         self.lengths = torch.cat([self.lengths, other.lengths[row:row + 1]])
         self.next_positions = torch.cat([self.next_positions, other.next_positions[row:row + 1]])
         return self.batch_size - 1
+
+    @torch.inference_mode()
+    def install_row(self, row: int, other: HybridCache, other_row: int = 0) -> bool:
+        """Row `row` becomes a copy of `other`'s row `other_row`, written in place: a CUDA graph replaying
+        over this cache goes on reading the same memory. Whether every tensor stayed where it was (else
+        K/V needed more room and the graph must be captured again)."""
+        self._check_rows([row])
+        other._check_rows([other_row])
+        if len(other.layers) != len(self.layers):
+            raise Qwen35Error("cannot install a row of another model's cache")
+        length = int(other.lengths[other_row])
+        stayed = True
+        for mine, theirs in zip(self.layers, other.layers):
+            if isinstance(mine, DeltaNetState):
+                mine.install_row(row, theirs, other_row)
+            else:
+                stayed &= mine.install_row(row, theirs, other_row, length)
+        self.lengths[row] = other.lengths[other_row]
+        self.next_positions[row] = other.next_positions[other_row]
+        return stayed
+
+    @torch.inference_mode()
+    def clear_row(self, row: int) -> None:
+        """Row `row` emptied in place (no tokens, zero states), as an idle row of a graph's batch is kept."""
+        self._check_rows([row])
+        for layer in self.layers:
+            if isinstance(layer, DeltaNetState):
+                layer.clear_row(row)
+        self.lengths[row] = 0
+        self.next_positions[row] = 0
 
     @torch.inference_mode()
     def remove(self, row: int) -> int | None:

@@ -12,6 +12,11 @@ cache it decodes into:
 Nothing in the step reads a device value on the host (the kernels of fast_cuda are
 built for that). `release()` hands the cache back as an ordinary one, holding every
 token decoded.
+
+A server's batch changes as clients come and go. Its graph keeps its rows: a row whose
+sequence ended is left idle (`vacate`: emptied, fed a token that nobody reads, its length
+put back to 0 before each step), and a newcomer is copied into an idle row in place
+(`install`). The graph is captured again only when K/V needs more room.
 """
 
 from __future__ import annotations
@@ -36,15 +41,46 @@ def graphs_supported(model) -> bool:
 
 class GraphDecoder:
     """Captured decode steps over `cache` (B rows, on the model's GPU). K/V room starts at `capacity`
-    tokens a row and doubles, with a new capture, when a row fills it."""
+    tokens a row and doubles, with a new capture, when a row fills it. `idle_rows`: rows that hold no
+    sequence (yet)."""
 
-    def __init__(self, model, cache: HybridCache, capacity: int):
+    def __init__(self, model, cache: HybridCache, capacity: int, idle_rows=()):
         if not graphs_supported(model):
             raise Qwen35Error("CUDA graphs need the model on a CUDA device in fast precision")
         self.model, self.cache = model, cache
         self.host_lengths = [int(n) for n in cache.lengths.tolist()]
         self.token_ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
+        self.idle: set[int] = set()
+        self._idle_mask = torch.zeros(cache.batch_size, dtype=torch.bool, device=cache.lengths.device)
         self._capture(max(int(capacity), max(self.host_lengths, default=0) + 1))
+        for row in idle_rows:  # (after the pin: the states written in place are the cache's own by then)
+            self.vacate(row)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.host_lengths)
+
+    def vacate(self, row: int) -> None:
+        """Row `row`'s sequence is gone: the row is emptied and decodes nothing anyone reads until `install`."""
+        self.cache.clear_row(row)
+        self.host_lengths[row] = 0
+        self.idle.add(row)
+        self._idle_mask[row] = True
+
+    def install(self, row: int, source: HybridCache, source_row: int = 0) -> None:
+        """An idle row takes a copy of `source`'s row `source_row` (a newcomer's prefilled prompt), in place."""
+        if row not in self.idle:
+            raise Qwen35Error(f"row {row} of the graph's batch is not idle")
+        length = int(source.lengths[source_row])
+        stayed = self.cache.install_row(row, source, source_row)
+        self.host_lengths[row] = length
+        self.idle.discard(row)
+        self._idle_mask[row] = False
+        if not stayed or length + 1 > self.capacity:  # K/V moved or needs more room: capture again
+            capacity = self.capacity
+            while length + 1 > capacity:
+                capacity *= 2
+            self._capture(capacity)
 
     def _capture(self, capacity: int) -> None:
         cache = self.cache
@@ -67,14 +103,21 @@ class GraphDecoder:
             raise Qwen35Error(f"token ids must lie in 0..{vocab - 1}")
         if max(self.host_lengths) + 1 > self.capacity:
             self._capture(2 * self.capacity)
+        if self.idle:  # an idle row starts again at slot 0 each step: it never needs more room
+            self.cache.lengths.masked_fill_(self._idle_mask, 0)
+            self.cache.next_positions.masked_fill_(self._idle_mask, 0)
         self.token_ids.copy_(ids.reshape(-1, 1))
         self.graph.replay()
-        self.host_lengths = [n + 1 for n in self.host_lengths]
+        self.host_lengths = [0 if row in self.idle else n + 1 for row, n in enumerate(self.host_lengths)]
         return self.logits
 
     def release(self) -> HybridCache:
-        """The cache as an ordinary one again (states replaced per step, K/V grown on demand)."""
+        """The cache as an ordinary one again (states replaced per step, K/V grown on demand). Idle rows
+        stay in it, empty: the caller removes them (`self.idle`)."""
         cache = self.cache
+        if self.idle:
+            cache.lengths.masked_fill_(self._idle_mask, 0)
+            cache.next_positions.masked_fill_(self._idle_mask, 0)
         cache.static_length = None
         for layer in cache.layers:
             if isinstance(layer, DeltaNetState):

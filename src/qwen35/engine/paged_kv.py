@@ -264,6 +264,25 @@ class PagedAttentionKV:
         self.rows += 1
         self._upload_table()
 
+    def install_row(self, row: int, other: PagedAttentionKV, other_row: int, length: int) -> bool:
+        """Row `row` takes copies of the pages of `other`'s row `other_row` within its first `length` slots,
+        into its own pages (more if it has too few): whether the pool and the table stayed where they were."""
+        if not isinstance(other, PagedAttentionKV) or other.page_size != self.page_size:
+            raise Qwen35Error("only a row of a paged K/V store of the same page size can be installed")
+        self._own_pool()
+        addresses = self._key_pool.data_ptr(), self._page_table.data_ptr()
+        source = other._row_pages[other_row][:pages_for(length, self.page_size)]
+        source_keys, source_values = other._key_pool, other._value_pool  # before this pool may grow
+        pages = self._row_pages[row]
+        if len(pages) < len(source):
+            pages += self._take_pages(len(source) - len(pages))
+            self._upload_table()
+        if source:
+            to, at = (torch.tensor(ids, device=self._key_pool.device) for ids in (pages[:len(source)], source))
+            self._key_pool[to] = source_keys[at]
+            self._value_pool[to] = source_values[at]
+        return (self._key_pool.data_ptr(), self._page_table.data_ptr()) == addresses
+
     def remove(self, row: int, last_length: int, longest: int) -> None:
         """Row `row`'s pages go back to the free list and the last row's pages take its place (no K/V
         copied; `last_length` is AttentionKV's, not needed here). Pages far past what the remaining rows

@@ -1,0 +1,114 @@
+"""The server's running batch through the CUDA-graph decoder, on the CPU: tests/graph_replay.py stands in
+for capture and replay, and the tiny dense model decodes on its plain torch path (products by the CPU's
+kernels), which writes a pinned cache in place as the GPU's fused steps do. Sequences come and go; a
+leaver's row goes idle and a newcomer is copied into an idle row, with no new capture, and every sequence
+decodes as it does alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+
+from graph_replay import emulated_cuda_graphs
+
+
+@pytest.fixture
+def plain_path_model(fixtures, monkeypatch):
+    """The tiny dense model with paged K/V (as on a GPU) on its plain torch decode path."""
+    import qwen35
+    from qwen35.kernels import delta_rule
+    from qwen35.model import fused
+
+    monkeypatch.setattr(fused, "fast_ops", lambda: None)  # the C++ steps: not recorded as device work
+    monkeypatch.setattr(delta_rule, "fast_ops", lambda: None)
+    monkeypatch.setattr(fused, "GPU_DEVICE_TYPES", {"cuda", "cpu"})  # paged K/V; fast_cuda is off on a CPU
+    return qwen35.load_model(fixtures / "tiny" / "dense-Q4_K_M.gguf", precision="fast")
+
+
+def _prompt_ids(fixtures) -> list[int]:
+    return json.loads((fixtures / "ref" / "dense.json").read_text())["sequences"]["text"]["ids"]
+
+
+def test_graph_rows_vacated_and_installed_decode_as_alone(fixtures, plain_path_model, monkeypatch):
+    from qwen35.engine import cuda_graphs
+    from qwen35.engine.cache import HybridCache
+
+    model, ids = plain_path_model, _prompt_ids(fixtures)
+
+    def prefilled(length):
+        cache = model.make_cache(1)
+        model.forward(torch.tensor([ids[:length]]), cache)
+        return cache
+
+    def alone(length, steps):
+        cache = prefilled(length)
+        with torch.inference_mode():
+            return torch.stack([model.network(torch.tensor([[ids[length + t]]]), cache)[0, -1] for t in range(steps)])
+
+    expected = {9: alone(9, 6), 15: alone(15, 3), 20: alone(20, 3), 30: alone(30, 1)}
+    with emulated_cuda_graphs(monkeypatch), torch.inference_mode():
+        decoder = cuda_graphs.GraphDecoder(model, HybridCache.merge([prefilled(9), prefilled(15), model.make_cache(1)]),
+                                           capacity=32, idle_rows=[2])
+        first_graph = decoder.graph
+        got = {9: [], 15: [], 20: [], 30: []}
+        for t in range(3):
+            logits = decoder.step([ids[9 + t], ids[15 + t], 0])[:, -1]
+            got[9].append(logits[0].clone())
+            got[15].append(logits[1].clone())
+        decoder.vacate(1)  # the 15-token sequence ends; a 20-token one takes the idle row 2
+        decoder.install(2, prefilled(20))
+        for t in range(3, 6):
+            logits = decoder.step([ids[9 + t], 0, ids[20 + t - 3]])[:, -1]
+            got[9].append(logits[0].clone())
+            got[20].append(logits[2].clone())
+        assert decoder.graph is first_graph and decoder.idle == {1}
+        decoder.install(1, prefilled(30))  # 31 tokens still fit the capacity
+        got[30].append(decoder.step([ids[15], ids[30], ids[23]])[1, -1].clone())
+        assert decoder.graph is first_graph
+        released = decoder.release()
+    assert released.lengths.tolist() == [16, 31, 24]
+    for length, logits in got.items():
+        torch.testing.assert_close(torch.stack(logits), expected[length], rtol=0, atol=1e-4, msg=str(length))
+
+
+def test_the_server_batch_keeps_its_graph_as_sequences_come_and_go(fixtures, plain_path_model, monkeypatch):
+    from qwen35.engine import cuda_graphs
+    from qwen35.engine import service as service_module
+    from qwen35.engine.generate import resolve_sampling
+    from qwen35.engine.service import EngineService, GenerationRequest
+
+    model, ids = plain_path_model, _prompt_ids(fixtures)
+    prompts = [ids[: 12 + 5 * i] for i in range(7)]
+    new_tokens = [14, 4, 9, 6, 12, 3, 8]  # rows leave at different steps and the queue refills them
+    solo = [model.generate(p, max_new_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(prompts, new_tokens)]
+
+    monkeypatch.setattr(service_module, "GRAPH_AFTER_STEADY_STEPS", 1)
+    captures, installs = [], []
+    original_capture, original_install = cuda_graphs.GraphDecoder._capture, cuda_graphs.GraphDecoder.install
+    monkeypatch.setattr(cuda_graphs.GraphDecoder, "_capture",
+                        lambda self, capacity: (captures.append(self.batch_size), original_capture(self, capacity))[1])
+    monkeypatch.setattr(cuda_graphs.GraphDecoder, "install",
+                        lambda self, *args: (installs.append(args[0]), original_install(self, *args))[1])
+
+    async def served():
+        service = EngineService(model, max_running=4, context_length=512)
+        service.start(asyncio.get_running_loop())
+
+        async def one(prompt, count):
+            params = resolve_sampling(model, count, temperature=0)
+            handle = service.submit(GenerationRequest(prompt, params, count, ignore_eos=True))
+            return [t.token_id async for output in handle for t in output.tokens]
+
+        try:
+            return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, new_tokens)))
+        finally:
+            service.close()
+
+    with emulated_cuda_graphs(monkeypatch):
+        assert asyncio.run(served()) == solo
+    assert installs  # newcomers took idle rows of a captured graph
+    assert captures and max(captures) == 4
+    assert captures.count(4) == 1, captures  # the full batch's graph was captured once, however its rows changed
