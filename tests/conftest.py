@@ -47,3 +47,28 @@ def random_delta_rule_inputs(batch, heads, length, d_k, d_v, generator, max_deca
     beta = torch.sigmoid(torch.randn(batch, heads, length, generator=generator))
     state = torch.randn(batch, heads, d_k, d_v, generator=generator) * 0.3
     return q * d_k**-0.5, k, v, g, beta, state
+
+
+def serve_greedily(model, prompts, new_tokens, max_running: int, context_length: int = 512) -> list[list[int]]:
+    """Token ids EngineService gives each prompt (greedy, `new_tokens[i]` each, end-of-text ignored),
+    all submitted at once to one service: rows join and leave its running batch as they finish."""
+    import asyncio
+
+    from qwen35.engine.generate import resolve_sampling
+    from qwen35.engine.service import EngineService, GenerationRequest
+
+    async def served():
+        service = EngineService(model, max_running=max_running, context_length=context_length)
+        service.start(asyncio.get_running_loop())
+
+        async def one(prompt, count):
+            params = resolve_sampling(model, count, temperature=0)
+            handle = service.submit(GenerationRequest(prompt, params, count, ignore_eos=True))
+            return [t.token_id async for output in handle for t in output.tokens]
+
+        try:
+            return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, new_tokens)))
+        finally:
+            service.close()
+
+    return asyncio.run(served())

@@ -20,6 +20,7 @@ import torch
 
 import qwen35
 from qwen35.engine.cache import HybridCache
+from conftest import serve_greedily
 from test_model_fast_mode import KL_LIMIT, mean_kl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -150,12 +151,9 @@ def test_split_models_prefill_and_decode_like_exact(fixtures, name, split):
 
 
 def test_the_server_engine_decodes_a_batch_on_cuda_like_solo_generation(fixtures, monkeypatch):
-    """EngineService's running batch through the CUDA-graph decoder (captured again as rows come and go)."""
-    import asyncio
-
+    """EngineService's running batch through the CUDA-graph decoder (rows idle and installed as they come
+    and go)."""
     from qwen35.engine import service as service_module
-    from qwen35.engine.generate import resolve_sampling
-    from qwen35.engine.service import EngineService, GenerationRequest
 
     monkeypatch.setattr(service_module, "GRAPH_AFTER_STEADY_STEPS", 1)  # capture early: the test's batches are short
 
@@ -165,21 +163,7 @@ def test_the_server_engine_decodes_a_batch_on_cuda_like_solo_generation(fixtures
     new_tokens = [12, 5, 12, 8, 12, 3]  # rows leave at different steps
     solo = [model.generate(p, max_new_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(prompts, new_tokens)]
 
-    async def served():
-        service = EngineService(model, max_running=8, context_length=512)
-        service.start(asyncio.get_running_loop())
-
-        async def one(prompt, count):
-            params = resolve_sampling(model, count, temperature=0)
-            handle = service.submit(GenerationRequest(prompt, params, count, ignore_eos=True))
-            return [t.token_id async for output in handle for t in output.tokens]
-
-        try:
-            return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, new_tokens)))
-        finally:
-            service.close()
-
-    assert asyncio.run(served()) == solo
+    assert serve_greedily(model, prompts, new_tokens, max_running=8) == solo
 
 
 def test_bench_and_its_flags_on_the_gpu(fixtures, capsys):

@@ -6,12 +6,12 @@ decodes as it does alone."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
 import torch
 
+from conftest import serve_greedily
 from graph_replay import emulated_cuda_graphs
 
 
@@ -77,8 +77,6 @@ def test_graph_rows_vacated_and_installed_decode_as_alone(fixtures, plain_path_m
 def test_the_server_batch_keeps_its_graph_as_sequences_come_and_go(fixtures, plain_path_model, monkeypatch):
     from qwen35.engine import cuda_graphs
     from qwen35.engine import service as service_module
-    from qwen35.engine.generate import resolve_sampling
-    from qwen35.engine.service import EngineService, GenerationRequest
 
     model, ids = plain_path_model, _prompt_ids(fixtures)
     prompts = [ids[: 12 + 5 * i] for i in range(7)]
@@ -93,22 +91,8 @@ def test_the_server_batch_keeps_its_graph_as_sequences_come_and_go(fixtures, pla
     monkeypatch.setattr(cuda_graphs.GraphDecoder, "install",
                         lambda self, *args: (installs.append(args[0]), original_install(self, *args))[1])
 
-    async def served():
-        service = EngineService(model, max_running=4, context_length=512)
-        service.start(asyncio.get_running_loop())
-
-        async def one(prompt, count):
-            params = resolve_sampling(model, count, temperature=0)
-            handle = service.submit(GenerationRequest(prompt, params, count, ignore_eos=True))
-            return [t.token_id async for output in handle for t in output.tokens]
-
-        try:
-            return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, new_tokens)))
-        finally:
-            service.close()
-
     with emulated_cuda_graphs(monkeypatch):
-        assert asyncio.run(served()) == solo
+        assert serve_greedily(model, prompts, new_tokens, max_running=4) == solo
     assert installs  # newcomers took idle rows of a captured graph
     assert captures and max(captures) == 4
     assert captures.count(4) == 1, captures  # the full batch's graph was captured once, however its rows changed
