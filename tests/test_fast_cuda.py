@@ -176,10 +176,10 @@ def test_captured_decode_steps_replay_like_eager_ones(fixtures, monkeypatch, len
     model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", precision="reference")
     head = model.network.lm_head  # its first 1024 rows: enough to compare, and the interpreter is slow
     model.network.lm_head = QuantLinear(head.blocks[:1024], head.type_id, 1024, head.in_features)
-    set_mode(model.network, "fast")
     steps = [[ids[n + t] for n in lengths] for t in range(2)]
-    # The prompts are prefilled on the CPU's path (its C++ kernels; the interpreter would take minutes), and
-    # each row's first step is decoded there too, to compare with.
+    # The prompts are prefilled on the CPU's path (the interpreter would take minutes), and each row's first
+    # step is decoded there too, to compare with: fp32 products from the reference's dequantized weights
+    # and the C++ steps, where the GPU's path sums fp32 from the blocks.
     prompts, alone = [], []
     for length in lengths:
         with monkeypatch.context() as paged:  # K/V in pages as on a GPU (fp32, as the CPU's path keeps them)
@@ -190,6 +190,7 @@ def test_captured_decode_steps_replay_like_eager_ones(fixtures, monkeypatch, len
             model.forward(torch.tensor([ids[:length]]), cache)
         alone.append(model.forward(torch.tensor([[ids[length]]]), on_cpu)[0, -1])
     take_gpu_paths_on_cpu(monkeypatch)
+    set_mode(model.network, "fast")
     model.network.fuse_for_gpu()
     eager_cache = HybridCache.merge([c.select([0]) for c in prompts])
     with torch.inference_mode():
