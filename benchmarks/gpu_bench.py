@@ -78,6 +78,17 @@ def randomize_small_tensors_(network, generator: torch.Generator) -> None:
             shared_gate.copy_(torch.randn(shared_gate.shape, generator=generator, device=shared_gate.device) * 0.02)
 
 
+def sparse_model(args) -> Path:
+    """The benchmark's GGUF for --size/--layers/--experts/--vocab/--type under --dir, written (sparse) if
+    missing; gpu_placements.py finds the same file."""
+    spec = benchmark_spec(args.size, args.layers, args.experts, args.vocab)
+    shrunk = "".join(f"-{key}{value}" for key, value in (("E", args.experts), ("V", args.vocab)) if value)
+    path = args.dir / f"{args.size}-L{spec.n_layers}{shrunk}-{args.type}-sparse.gguf"
+    if not path.exists():
+        write_model(path, spec, args.type, fill=False)
+    return path
+
+
 def decode_bytes_per_token(network, config) -> int:
     """Bytes one token reads: every matrix but the embedding (one row of it), k of E experts' share."""
     total = 0
@@ -240,6 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size", default="35b-a3b")
     parser.add_argument("--type", default="Q4_K_M")
     parser.add_argument("--layers", type=int, help="cut the model to this many layers (default: all)")
+    parser.add_argument("--experts", type=int, help="routed experts per layer (the CPU self-check)")
+    parser.add_argument("--vocab", type=int, help="vocabulary size (the CPU self-check)")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt", type=int, default=8192, help="prefill prompt length")
     parser.add_argument("--context", type=int, default=512, help="prompt length before decoding")
@@ -252,11 +265,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="GPU time per kernel of an eager decode step")
     args = parser.parse_args(argv)
 
-    spec = benchmark_spec(args.size, args.layers)
-    path = args.dir / f"{args.size}-L{spec.n_layers}-{args.type}-sparse.gguf"
     started = time.perf_counter()
-    if not path.exists():
-        write_model(path, spec, args.type, fill=False)
+    path = sparse_model(args)
     made = time.perf_counter() - started
     started = time.perf_counter()
     model = qwen35.load_model(path, device=args.device, precision="reference" if args.device == "cpu" else "fast")

@@ -25,11 +25,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # Compiling the kernels for each test's shapes is most of the tests' time: spread over processes (the
 # machine's image has pytest-xdist; each process has its own arrival counters and CUDA context).
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_PROCESSES:-6}")
+cuda_tests="tests/test_cuda.py tests/test_triton_gguf.py tests/test_triton_gguf_dot.py tests/test_triton_deltanet.py
+    tests/test_triton_moe.py tests/test_triton_chunked.py tests/test_triton_attention.py tests/test_triton_decode.py
+    tests/test_fast_cuda.py tests/test_paged_kv.py tests/test_triton_arrivals.py"
+# GPU_CHECK_TESTS: other test files (tests/test_gpu_check.py runs this script on a CPU with one).
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfEs $parallel \
-    tests/test_cuda.py tests/test_triton_gguf.py tests/test_triton_gguf_dot.py tests/test_triton_deltanet.py tests/test_triton_moe.py \
-    tests/test_triton_chunked.py tests/test_triton_attention.py tests/test_triton_decode.py tests/test_fast_cuda.py \
-    tests/test_paged_kv.py tests/test_triton_arrivals.py \
-    2>&1 | tee "$out/tests.log"
+    ${GPU_CHECK_TESTS:-$cuda_tests} 2>&1 | tee "$out/tests.log"
 tests=${PIPESTATUS[0]}
 
 timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/gpu_bench.py --size 35b-a3b --type Q4_K_M --batch 1 8 \

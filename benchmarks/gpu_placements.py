@@ -31,8 +31,8 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import decode_speed, prefill_speed, randomize_blocks_, randomize_small_tensors_  # noqa: E402
-from make_model import benchmark_spec, write_model  # noqa: E402
+from gpu_bench import (decode_speed, prefill_speed, randomize_blocks_, randomize_small_tensors_,  # noqa: E402
+                       sparse_model)
 
 import qwen35  # noqa: E402
 from qwen35.bench import measure_read_bandwidth  # noqa: E402
@@ -156,12 +156,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     flags = requested_flags(args)
 
-    spec = benchmark_spec(args.size, args.layers, args.experts, args.vocab)
-    shrunk = "".join(f"-{key}{value}" for key, value in (("E", args.experts), ("V", args.vocab)) if value)
-    # The same name as gpu_bench.py's file, so a run after it reuses that file.
-    path = args.dir / f"{args.size}-L{spec.n_layers}{shrunk}-{args.type}-sparse.gguf"
-    if not path.exists():
-        write_model(path, spec, args.type, fill=False)
+    path = sparse_model(args)  # gpu_bench.py's file: a run after it reuses that file
     on_gpu = args.device != "cpu"
     loaded = load_gguf([str(path)])
     memory = estimate_memory(loaded.spec, loaded.weights, Request(ctx=max(args.context, 4096)))
