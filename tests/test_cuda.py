@@ -153,9 +153,9 @@ def test_split_models_prefill_and_decode_like_exact(fixtures, name, split):
 def test_the_server_engine_decodes_a_batch_on_cuda_like_solo_generation(fixtures, monkeypatch):
     """EngineService's running batch through the CUDA-graph decoder (rows idle and installed as they come
     and go)."""
-    from qwen35.engine import service as service_module
+    from qwen35.engine import running_batch
 
-    monkeypatch.setattr(service_module, "GRAPH_AFTER_STEADY_STEPS", 1)  # capture early: the test's batches are short
+    monkeypatch.setattr(running_batch, "GRAPH_AFTER_STEADY_STEPS", 1)  # capture early: the test's batches are short
 
     model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", device="cuda")
     ids = _prompt(fixtures, "moe")

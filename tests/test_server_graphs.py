@@ -76,14 +76,14 @@ def test_graph_rows_vacated_and_installed_decode_as_alone(fixtures, plain_path_m
 
 def test_the_server_batch_keeps_its_graph_as_sequences_come_and_go(fixtures, plain_path_model, monkeypatch):
     from qwen35.engine import cuda_graphs
-    from qwen35.engine import service as service_module
+    from qwen35.engine import running_batch
 
     model, ids = plain_path_model, _prompt_ids(fixtures)
     prompts = [ids[: 12 + 5 * i] for i in range(7)]
     new_tokens = [14, 4, 9, 6, 12, 3, 8]  # rows leave at different steps and the queue refills them
     solo = [model.generate(p, max_new_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(prompts, new_tokens)]
 
-    monkeypatch.setattr(service_module, "GRAPH_AFTER_STEADY_STEPS", 1)
+    monkeypatch.setattr(running_batch, "GRAPH_AFTER_STEADY_STEPS", 1)
     captures, installs = [], []
     original_capture, original_install = cuda_graphs.GraphDecoder._capture, cuda_graphs.GraphDecoder.install
     monkeypatch.setattr(cuda_graphs.GraphDecoder, "_capture",

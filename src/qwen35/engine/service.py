@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from qwen35.engine.cache import PrefixStore
+from qwen35.engine.running_batch import RunningBatch
 from qwen35.engine.sampler import Sampler, SamplingParams, sample
 from qwen35.engine.scheduler import QueueFullError, Scheduler, Sequence, SequenceStatus
 
@@ -144,21 +145,6 @@ class PrefixJob:
 JOB_PIECE_S = 0.025  # a prefix job's piece of prefill takes about this long (at least one forward)
 
 
-# Decode steps a batch runs eagerly with unchanged rows before its step is captured in a CUDA graph:
-# capturing costs about as much as a few dozen eager steps, so a batch whose rows change every few
-# tokens (clients coming and going) is not recaptured at each change.
-GRAPH_AFTER_STEADY_STEPS = 8
-
-
-def graph_batch_size(sequences: int, max_running: int) -> int:
-    """Rows of a server's CUDA graph for this many sequences: the next power of two (room for newcomers
-    without a new capture), no more than the server runs at once."""
-    size = 1
-    while size < sequences:
-        size *= 2
-    return max(sequences, min(size, max_running))
-
-
 class EngineService:
     """Continuous batching over `model.forward` with a bounded queue and a prefix store."""
 
@@ -171,12 +157,8 @@ class EngineService:
         self.prefix_store = PrefixStore(prefix_cache_bytes)
         self.stats = EngineStats()
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
-        self._batch: list[Sequence | None] = []  # row i of _batch_cache belongs to _batch[i] (None: a graph's idle row)
+        self.batch = RunningBatch(model, max_rows=max_running)  # the decoding sequences' rows
         self._job_piece = min(16, prefill_chunk)  # tokens per prefix-job piece, adapted to the prefill speed
-        self._batch_cache = None
-        self._decoder = None  # on a GPU: a CUDA-graph decoder over _batch_cache
-        self._steady_steps = 0  # decode steps since the batch's rows last changed
-        self._small_steps = 0  # decode steps the graph's rows have been half idle or more
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -238,7 +220,7 @@ class EngineService:
                 try:
                     self._run_step(step)
                 except Exception as error:  # a bug or out-of-memory: fail these requests, keep serving
-                    self._drop_batch()
+                    self.batch.clear()
                     for sequence in step.running:
                         if sequence.status is not SequenceStatus.FINISHED:
                             self._finish(sequence, "error", error=f"{type(error).__name__}: {error}")
@@ -269,9 +251,9 @@ class EngineService:
             if logits is not None:
                 ready.append((sequence, logits))
         if decoding:
-            ready.extend(zip(decoding, self._decode(decoding)))
-        elif self._batch:
-            self._drop_batch()
+            ready.extend(zip(decoding, self.batch.step(decoding)))
+        elif self.batch:
+            self.batch.clear()
         if ready:
             self._sample_and_deliver(ready)
         if step.background is not None:  # offered only when no request runs or waits
@@ -377,104 +359,6 @@ class EngineService:
     def _count_job(self, outcome: str) -> None:
         self.stats.prefix_jobs[outcome] = self.stats.prefix_jobs.get(outcome, 0) + 1
 
-    def _drop_batch(self) -> None:
-        self._batch, self._batch_cache, self._decoder = [], None, None
-        self._small_steps = 0
-
-    def _decode(self, sequences: list[Sequence]) -> list[torch.Tensor]:
-        """One token for every decoding sequence, in one forward over the running batch's cache (on a GPU,
-        one replay of a captured step: a newcomer takes an idle row of the graph, a leaver leaves one)."""
-        from qwen35.engine.cuda_graphs import graphs_supported
-
-        if self._decoder is not None and not self._fit_rows_into_graph(sequences):
-            self._release_graph()
-        if self._decoder is None:
-            if {id(s) for s in sequences} != {id(m) for m in self._batch}:
-                self._steady_steps = 0
-            self._regroup(sequences)
-            self._steady_steps += 1
-            # A capture costs many steps' time: only a batch that has kept its rows for a while gets one.
-            if self._steady_steps > GRAPH_AFTER_STEADY_STEPS and graphs_supported(self.model):
-                self._capture_graph()
-        ids = torch.tensor([[0 if member is None else member.output_ids[-1]] for member in self._batch],
-                           dtype=torch.long)
-        if self._decoder is not None:
-            # A copy: the graph's output buffer is written again at the next step.
-            logits = self._decoder.step(ids[:, 0])[:, -1].float().clone()
-        else:
-            logits = self.model.forward(ids, self._batch_cache)[:, -1].float()
-        row_of = {id(member): row for row, member in enumerate(self._batch) if member is not None}
-        return [logits[row_of[id(sequence)]] for sequence in sequences]
-
-    def _capture_graph(self) -> None:
-        """A CUDA-graph decoder over the batch, with idle rows up to its size bucket for newcomers."""
-        from qwen35.engine.cuda_graphs import GraphDecoder
-
-        size = graph_batch_size(len(self._batch), self.scheduler.max_running)
-        idle = list(range(len(self._batch), size))
-        for _ in idle:
-            self._batch_cache.append(self.model.make_cache(1))
-            self._batch.append(None)
-        longest = int(self._batch_cache.lengths.max())
-        self._decoder = GraphDecoder(self.model, self._batch_cache, -(-(longest + 256) // 256) * 256, idle_rows=idle)
-
-    def _fit_rows_into_graph(self, sequences: list[Sequence]) -> bool:
-        """The graph's rows made to hold `sequences`, in place: a leaver's row goes idle, a newcomer is
-        copied into an idle row. False when they do not fit its size, or have filled half of it or less
-        for a while (a smaller graph would step faster: a batch of one has its own fused launches; a dip
-        while newcomers prefill is not worth a capture)."""
-        size = self._decoder.batch_size
-        if len(sequences) > size:
-            return False
-        self._small_steps = self._small_steps + 1 if len(sequences) <= size // 2 else 0
-        if self._small_steps > GRAPH_AFTER_STEADY_STEPS:
-            return False
-        wanted = {id(sequence) for sequence in sequences}
-        for row, member in enumerate(self._batch):
-            if member is not None and id(member) not in wanted:
-                self._decoder.vacate(row)
-                self._batch[row] = None
-        present = {id(member) for member in self._batch if member is not None}
-        for sequence in sequences:
-            if id(sequence) not in present:
-                row = self._batch.index(None)
-                self._decoder.install(row, sequence.cache)
-                self._batch[row] = sequence
-                sequence.cache = None  # its row lives in the batch cache now
-        return True
-
-    def _release_graph(self) -> None:
-        """Back to eager steps over the batch cache, its idle rows removed."""
-        cache = self._decoder.release()
-        for row in sorted(self._decoder.idle, reverse=True):  # from the end: a moved-in last row is live
-            cache.remove(row)
-            moved = self._batch.pop()
-            if row < len(self._batch):
-                self._batch[row] = moved
-        self._decoder = None
-        self._steady_steps = self._small_steps = 0
-
-    def _regroup(self, sequences: list[Sequence]) -> None:
-        """Make the batch cache hold `sequences`, one row at a time: a row that left gets the last row
-        moved into it, a newcomer's row is copied in after the others (into reserved storage), so
-        nobody else's K/V is copied."""
-        wanted = {id(sequence) for sequence in sequences}
-        for row in reversed(range(len(self._batch))):
-            if id(self._batch[row]) not in wanted:
-                self._batch_cache.remove(row)
-                moved = self._batch.pop()
-                if row < len(self._batch):
-                    self._batch[row] = moved
-        present = {id(member) for member in self._batch}
-        for sequence in sequences:
-            if id(sequence) in present:
-                continue
-            if self._batch_cache is None:
-                self._batch_cache = type(sequence.cache).empty_like(sequence.cache)
-            self._batch_cache.append(sequence.cache)
-            self._batch.append(sequence)
-            sequence.cache = None  # its row lives in the batch cache now
-
     def _sample_and_deliver(self, ready: list[tuple[Sequence, torch.Tensor]]) -> None:
         raw = torch.stack([logits for _, logits in ready])
         masked = raw.clone()
@@ -524,10 +408,10 @@ class EngineService:
     def _remember_turn(self, sequence: Sequence, logits: torch.Tensor) -> None:
         """Keep the state after a reply that ended by itself: the next request of an agent loop repeats
         this reply (a tool call re-rendered as it was written) and can start after it."""
-        rows = [row for row, member in enumerate(self._batch) if member is sequence]
-        if rows:  # else it ended on its first token, before joining the batch: the prompt's snapshot covers it
+        row = self.batch.row_of(sequence)
+        if row is not None:  # else it ended on its first token, before joining the batch: the prompt's snapshot covers it
             fed = sequence.request.prefix_key + sequence.output_ids[:-1]
-            self.prefix_store.store(fed, self._batch_cache, logits, select_row=rows[0])
+            self.prefix_store.store(fed, self.batch.cache, logits, select_row=row)
 
     def _finish(self, sequence: Sequence, reason: str, last: list[TokenOutput] | None = None,
                 error: str | None = None) -> None:
