@@ -257,16 +257,22 @@ def test_expert_gemv_takes_gate_and_up_per_slot(device):
         assert_within_bound(ours[slot : slot + 1], x[slot : slot + 1], weights[expert])
 
 
+def _combining_case(type_id, out_features, in_features, seed):
+    """Five experts' blocks (and their reference weights in fp64), two tokens' three slots each, the slots'
+    gate|up inputs and the tokens' slot weights, and the generator for more."""
+    blocks = weight_blocks(type_id, (5, out_features), in_features, seed=seed)
+    weights = reference_weight(blocks, type_id, in_features).double()
+    ids = torch.tensor([4, 0, 2, 2, 1, 4])
+    generator = torch.Generator().manual_seed(seed + 1)
+    gate_up = torch.randn(len(ids), 2 * in_features, generator=generator)
+    return blocks, weights, ids, gate_up, torch.rand(2, 3, generator=generator), generator
+
+
 # 1100 outputs: three passes of the combining loop; 40 outputs over 2048 inputs: split-K in the interpreter
 @pytest.mark.parametrize("out_features, in_features", ((1100, 256), (40, 2048)))
 def test_expert_gemv_combines_each_tokens_slots_in_the_same_launch(device, out_features, in_features):
-    n_experts, slots_per_token, tokens = 5, 3, 2
-    blocks = weight_blocks(T.Q4_K, (n_experts, out_features), in_features, seed=18)
-    weights = reference_weight(blocks, T.Q4_K, in_features).double()
-    ids = torch.tensor([4, 0, 2, 2, 1, 4])
-    generator = torch.Generator().manual_seed(19)
-    gate_up = torch.randn(len(ids), 2 * in_features, generator=generator)
-    slot_weights = torch.rand(tokens, slots_per_token, generator=generator)
+    slots_per_token, tokens = 3, 2
+    blocks, weights, ids, gate_up, slot_weights, generator = _combining_case(T.Q4_K, out_features, in_features, 18)
     for _ in range(2):  # the second call finds the arrival counts back at zero
         ours = triton_gguf.expert_gemv(blocks.to(device), T.Q4_K, gate_up.to(device), ids.to(device), in_features,
                                        swiglu=True, slot_weights=slot_weights.to(device))
@@ -310,13 +316,8 @@ def test_gemv_adds_the_residual_and_norms_in_the_same_launch(device, m, in_featu
 
 
 def test_expert_gemv_combines_adds_and_norms_in_the_same_launch(device):
-    n_experts, out_features, in_features, slots_per_token, tokens = 5, 700, 256, 3, 2
-    blocks = weight_blocks(T.Q6_K, (n_experts, out_features), in_features, seed=25)
-    weights = reference_weight(blocks, T.Q6_K, in_features).double()
-    ids = torch.tensor([4, 0, 2, 2, 1, 4])
-    generator = torch.Generator().manual_seed(26)
-    gate_up = torch.randn(len(ids), 2 * in_features, generator=generator)
-    slot_weights = torch.rand(tokens, slots_per_token, generator=generator)
+    out_features, in_features, slots_per_token, tokens = 700, 256, 3, 2
+    blocks, weights, ids, gate_up, slot_weights, generator = _combining_case(T.Q6_K, out_features, in_features, 25)
     residual, norm_weight = torch.randn(tokens, out_features, generator=generator), torch.rand(out_features) + 0.5
     total, normed = triton_gguf.expert_gemv(
         blocks.to(device), T.Q6_K, gate_up.to(device), ids.to(device), in_features, swiglu=True,
