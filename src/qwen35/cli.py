@@ -19,6 +19,9 @@ SUBCOMMANDS = {
     "bench": ("qwen35.bench", "prefill and decode speed, comparable with llama-bench"),
     "run": ("qwen35.chat.command", "chat with a model: one-shot or interactive"),
     "serve": ("qwen35.server.command", "serve a model over HTTP: OpenAI- and Ollama-compatible APIs"),
+    "pull": ("qwen35.hub.pull_command", "download a model by tag (qwen3.5:35b-a3b) or hub repo"),
+    "list": ("qwen35.hub.list_command", "the models pulled so far"),
+    "rm": ("qwen35.hub.rm_command", "remove a pulled model and its files"),
 }
 
 
