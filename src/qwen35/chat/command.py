@@ -1,6 +1,7 @@
 """Chat with a model in the terminal: one answer to PROMPT, or an interactive session.
 
-  qwen35 run MODEL [PROMPT...] [-c CTX] [-n N] [--temp T] [--think | --no-think] [--hide-thinking]
+  qwen35 run MODEL [PROMPT... | -p PROMPT] [--mmproj FILE] [--image FILE]... [-c CTX] [-n N] [--temp T]
+             [--think | --no-think] [--hide-thinking]
 
 MODEL is a .gguf file (or the first shard of a split one) or an HF model directory. With a
 PROMPT (or text piped into stdin) it prints the answer and exits; otherwise it opens a chat
@@ -8,6 +9,11 @@ at the ">>> " prompt: /? lists the commands, \"\"\" begins and ends a multi-line
 Ctrl+C stops an answer, /bye or Ctrl+D exits. The reasoning is shown dimmed (with NO_COLOR
 set, or when the output is not a terminal, between "Thinking..." and "...done thinking.").
 Sampling follows the model's own generation settings unless flags override them.
+
+Images, for a model that reads them (an HF directory with a vision tower, or a GGUF file with
+--mmproj, its vision projector): --image FILE goes with the one-shot PROMPT (or the chat's first
+message), /image FILE with the next message, and a path to an image file typed in a message is
+attached and taken out of the text, as `ollama run` does (chat/attachments.py says which words count).
 """
 
 from __future__ import annotations
@@ -32,6 +38,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
     parser.add_argument("prompt", metavar="PROMPT", nargs="*",
                         help="answer this and exit (default: an interactive chat)")
+    parser.add_argument("-p", "--prompt", default=None, dest="prompt_flag", metavar="TEXT",
+                        help="the one-shot prompt, llama.cpp's spelling (instead of PROMPT; it may follow other flags)")
+    parser.add_argument("--mmproj", default=None, metavar="FILE",
+                        help="the model's vision projector GGUF, so that messages may carry images "
+                             "(an HF directory with a vision tower needs none)")
+    parser.add_argument("--image", action="append", default=[], dest="images", metavar="FILE",
+                        help="an image for the PROMPT (interactive: for the first message); repeatable")
     parser.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_CONTEXT, dest="context", metavar="N",
                         help=f"context in tokens, prompt and answers together (default {DEFAULT_CONTEXT}; "
                              "0 = the model's own)")
@@ -68,9 +81,13 @@ def run(args) -> int:
     path = Path(args.model)
     if not path.exists():
         raise Qwen35Error(f"no model at {args.model}: give the path of a .gguf file or of an HF model directory")
-    prompt = _one_shot_prompt(args.prompt)
+    _check_image_flags(args, path)
+    if args.prompt_flag is not None and args.prompt:
+        raise Qwen35Error("give the prompt once: as PROMPT or as -p TEXT")
+    prompt = _one_shot_prompt([args.prompt_flag] if args.prompt_flag is not None else args.prompt)
 
     from qwen35 import load_model, load_tokenizer
+    from qwen35.chat.attachments import check_vision
     from qwen35.chat.session import ChatSession
     from qwen35.chat.template import ChatTemplate
 
@@ -79,16 +96,34 @@ def run(args) -> int:
     tokenizer = load_tokenizer(str(path))
     options = load_options(args, path, context=args.context, command="qwen35 run")
     with byte_progress(f"loading {path.name}") as progress:
-        model = load_model(str(path), progress=progress, **options)
+        model = load_model(str(path), mmproj=args.mmproj, progress=progress, **options)
     template = None
     if template_source is not None:
         template = ChatTemplate(template_source, special_tokens=tokenizer.template_tokens)
     session = ChatSession(model, tokenizer, settings, template=template)
     session.render([{"role": "user", "content": "Hello"}])  # a broken template fails now, not mid-chat
+    if args.images:
+        check_vision(model, NO_VISION_FIX)
+    for image in args.images:
+        session.attach_image(Path(image).expanduser(), name=image)
 
     if prompt is not None:
         return _one_shot(session, prompt, args.verbose)
     return _interactive(session, path)
+
+
+NO_VISION_FIX = "give --mmproj FILE (the model's vision projector GGUF), or use an HF checkpoint with a vision tower"
+
+
+def _check_image_flags(args, path: Path) -> None:
+    """Missing files, and images for a GGUF file without its projector, fail before the model loads."""
+    if args.mmproj is not None and not Path(args.mmproj).is_file():
+        raise Qwen35Error(f"--mmproj {args.mmproj}: no such file")
+    for image in args.images:
+        if not Path(image).expanduser().is_file():
+            raise Qwen35Error(f"--image {image}: no such file")
+    if args.images and args.mmproj is None and not path.is_dir():
+        raise Qwen35Error(f"--image: a GGUF file holds no vision tower; {NO_VISION_FIX}")
 
 
 # -- flags ---------------------------------------------------------------------------------
@@ -234,8 +269,13 @@ class AnswerPrinter:
 
 
 def _one_shot(session, text: str, verbose: bool) -> int:
+    from qwen35.chat.session import ImageAdded
+
     printer = AnswerPrinter(sys.stdout, colour_enabled(sys.stdout), session.settings.hide_thinking)
     for event in session.answer(text):
+        if isinstance(event, ImageAdded):  # as Ollama does: the answer alone goes to stdout
+            print(event.text, file=sys.stderr, flush=True)
+            continue
         printer.show(event)
     printer.finish()
     if verbose:
@@ -255,7 +295,10 @@ def _interactive(session, path: Path) -> int:
     colour = colour_enabled(out)
     name = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
     hint = f"{name}: context {session.settings.context_size} tokens. Type /? for help, /bye or Ctrl + d to exit."
-    out.write(f"{DIM}{hint}{RESET}\n" if colour else f"{hint}\n")
+    lines = [hint] + [f"Added image '{image.name}' ({image.num_tokens} tokens); it goes with your first message."
+                      for image in session.pending_images]
+    for line in lines:
+        out.write(f"{DIM}{line}{RESET}\n" if colour else f"{line}\n")
     assembler = LineAssembler()
     while True:
         try:

@@ -24,6 +24,12 @@ Decisions:
 - An interrupted answer (Ctrl-C, or the caller closing the generator) stays in the
   history with what was produced so far: the user saw it, and a follow-up ("go on")
   refers to it. If nothing was produced yet, the whole exchange is dropped.
+- Images (`attach_image`, `/image PATH`, or a path typed in the message when the model can
+  read images; see `chat.attachments`) go with the next message and stay in it: every turn's
+  prompt re-renders them, expanded into their vision features, and dropping the turn drops
+  them. Counts of tokens are of the expanded prompt (an image takes hundreds). The cache
+  snapshot is keyed by the images' pixels as well as the text, and every image goes in as
+  its features: only text after the last image is ever left to the generation loop.
 """
 
 from __future__ import annotations
@@ -32,7 +38,16 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from qwen35.chat.attachments import (
+    ChatImage,
+    encode_image,
+    image_paths_in,
+    message_images,
+    prepare_with_images,
+    user_message,
+)
 from qwen35.chat.parser import OutputParser, ParsedDelta, parse_output, prompt_ends_in_reasoning
 from qwen35.engine.generate import generation_steps
 from qwen35.engine.sampler import InvalidSamplingError, SamplingParams
@@ -49,11 +64,16 @@ HELP = """Available commands:
                           presence_penalty, frequency_penalty, num_ctx
   /set hidethinking       hide the reasoning (/set showthinking shows it again)
   /show                   the current settings (/show system, /show parameters)
-  /clear                  forget the conversation
+  /image PATH             attach an image to your next message (a model that reads images);
+                          a path to an image file typed in a message attaches it as well
+  /clear                  forget the conversation (and images not yet sent)
   /bye                    exit (also /exit, or Ctrl + d)
   /?, /help               this help
 
-Use \"\"\" to begin and end a multi-line message. Ctrl + c stops an answer."""
+Use \"\"\" to begin and end a multi-line message. Ctrl + c stops an answer.
+In a message, a path to an existing image file (starting with /, ./, ../ or ~; quoted, or with
+"\\ " for spaces; ending .png .jpg .jpeg .webp .gif or .bmp) attaches the image and is taken out
+of the text, when the model reads images."""
 
 # /set NAME -> the sampling option it sets; spellings of Ollama, llama.cpp and the API.
 _SAMPLING_NAMES = {
@@ -90,6 +110,11 @@ class Notice:
     """Something the person should be told, apart from the answer itself."""
 
     text: str
+
+
+@dataclass
+class ImageAdded(Notice):
+    """An image found in a message and attached to it."""
 
 
 @dataclass
@@ -166,6 +191,10 @@ class LineAssembler:
         return "\n".join(lines).strip("\n")
 
 
+def _images(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"
+
+
 def _number(text: str, integer: bool) -> int | float:
     try:
         return int(text) if integer else float(text)
@@ -183,7 +212,8 @@ class ChatSession:
         self.settings = settings
         self.messages: list[dict] = []
         self.last_turn = TurnStats()
-        self._history_cache = None  # (the token ids it holds, a one-row cache nobody feeds)
+        self._history_cache = None  # (the cache key of what it holds, a one-row cache nobody feeds)
+        self.pending_images: list[ChatImage] = []  # attached, for the next message
         self.max_context = model.config.max_position_embeddings
         settings.context_size = self._checked_context(settings.context_size)
         self.sampling_params()  # refuse bad flags before the first message
@@ -222,12 +252,35 @@ class ChatSession:
         if name == "/clear":
             self.messages.clear()
             self._history_cache = None  # no prompt will start with it now; free its memory
-            return CommandResult("Cleared session context.")
+            unsent, self.pending_images = len(self.pending_images), []
+            return CommandResult("Cleared session context" + (f" and {_images(unsent)} not yet sent." if unsent else "."))
+        if name == "/image":
+            return CommandResult(self._attach(rest))
         if name == "/set":
             return CommandResult(self._set(rest))
         if name == "/show":
             return CommandResult(self._show(rest.lower()))
         return CommandResult(f"Unknown command '{name}'. Type /? for help")
+
+    def attach_image(self, source, name: str | None = None) -> ChatImage:
+        """Encode an image (a path, bytes, ...) for the next message; a bad one raises a one-line Qwen35Error."""
+        image = encode_image(self.model, source, name)
+        self.pending_images.append(image)
+        return image
+
+    def _attach(self, rest: str) -> str:
+        if not rest:
+            waiting = f" ({_images(len(self.pending_images))} attached for the next message)" \
+                if self.pending_images else ""
+            return f"Usage: /image PATH{waiting}"
+        typed = rest[1:-1] if len(rest) > 1 and rest[0] == rest[-1] and rest[0] in "'\"" else rest
+        try:
+            image = self.attach_image(Path(typed).expanduser(), name=typed)
+        except Qwen35Error as error:
+            return f"Couldn't add image: {error}"
+        waiting = len(self.pending_images)
+        return (f"Added image '{typed}' ({image.num_tokens} tokens); it goes with your next message"
+                + (f", with {waiting - 1} other{'s' if waiting > 2 else ''}." if waiting > 1 else "."))
 
     def _set(self, rest: str) -> str:
         key, _, value = rest.partition(" ")
@@ -299,7 +352,11 @@ class ChatSession:
             lines.append(f"template options {json.dumps(self.settings.template_kwargs)}")
         lines.append(f"system message: {system!r}" if system else "no system message")
         turns = sum(message["role"] == "user" for message in self.messages)
-        lines.append(f"{turns} turn{'' if turns == 1 else 's'} in the history")
+        images = len(message_images(self.messages))
+        lines.append(f"{turns} turn{'' if turns == 1 else 's'} in the history"
+                     + (f", with {_images(images)}" if images else ""))
+        if self.pending_images:
+            lines.append(f"{_images(len(self.pending_images))} attached for the next message")
         return "\n".join(lines)
 
     # -- answering --------------------------------------------------------------------
@@ -310,31 +367,42 @@ class ChatSession:
                                     **self.template_kwargs())
 
     def answer(self, text: str) -> Iterator[ParsedDelta | Notice]:
-        """Add `text` as the user's message and stream the reply; the reply joins the history
-        when the generator ends, however it ends (see the module docstring)."""
-        self.messages.append({"role": "user", "content": text})
+        """Add `text` as the user's message, with the attached images and those it names, and stream
+        the reply; the reply joins the history when the generator ends, however it ends (see the
+        module docstring)."""
+        images, found = list(self.pending_images), []
+        if self.model.vision is not None:
+            text, paths = image_paths_in(text)
+            found = [encode_image(self.model, path, name=typed) for typed, path in paths]
+        self.messages.append(user_message(text, images + found))
         self.last_turn = turn = TurnStats()
         try:
             prompt, prompt_ids, kept = self._fit_prompt(self.messages)
+            prepared = self._prepare(prompt_ids, kept)
         except BaseException:
             self.messages.pop()
             raise
+        self.pending_images.clear()
         dropped = sum(m["role"] == "user" for m in self.messages) - sum(m["role"] == "user" for m in kept)
         self.messages[:] = kept
-        room = self.settings.context_size - len(prompt_ids)
+        length = len(prepared) if prepared is not None else len(prompt_ids)
+        room = self.settings.context_size - length
         limit = min(room, self.settings.max_new_tokens or room)
         thinking = prompt_ends_in_reasoning(prompt)
         parser = OutputParser(thinking=thinking)
         produced: list[str] = []
-        turn.prompt_tokens = len(prompt_ids)
+        turn.prompt_tokens = length
         try:
+            for image in found:
+                yield ImageAdded(f"Added image '{image.name}'.")
             if dropped:
                 yield Notice(f"The conversation outgrew the context of {self.settings.context_size} tokens: "
                              f"dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}.")
             started = time.perf_counter()
-            cache, turn.cached_tokens = self._cache_for(prompt_ids, kept)
+            cache, turn.cached_tokens = self._cache_for(prompt_ids, prepared, kept)
             history_seconds = time.perf_counter() - started
-            turn.prompt_tokens = len(prompt_ids) - turn.cached_tokens
+            turn.prompt_tokens = length - turn.cached_tokens
+            prompt_ids = prepared.token_ids if prepared is not None else prompt_ids
             steps = generation_steps(self.model, prompt_ids, self.sampling_params(limit), tokenizer=self.tokenizer,
                                      cache=cache)
             for step in steps:
@@ -359,37 +427,63 @@ class ChatSession:
                 turn.finish_reason = "interrupted"
             self._keep_reply("".join(produced), thinking)
 
-    def _cache_for(self, prompt_ids: list[int], messages: list[dict]):
-        """A cache holding the start of `prompt_ids` (None: read it all) and how many of those tokens came
+    def _prepare(self, prompt_ids: list[int], messages: list[dict]):
+        """The prompt with its images' placeholders expanded into their features; None without images."""
+        images = message_images(messages)
+        return prepare_with_images(self.model, prompt_ids, images) if images else None
+
+    def _cache_for(self, prompt_ids: list[int], prepared, messages: list[dict]):
+        """A cache holding the start of the prompt (None: read it all) and how many of its tokens came
         from the previous turn's snapshot; that snapshot is restored where the prompt starts with it, fed
-        up to the end of this history, and kept as the next turn's snapshot."""
+        up to the end of this history, and kept as the next turn's snapshot.
+
+        `prompt_ids` are as rendered (one placeholder per image), `prepared` their expansion (or None);
+        snapshots are keyed by `prepared.cache_key`, in which an image's tokens name its pixels. Every
+        image goes in here as its features: only text is left for the generation loop to read."""
         import torch
 
-        cache, cached_ids = None, ()
+        ids = prepared.token_ids if prepared is not None else prompt_ids
+        key = tuple(prepared.cache_key) if prepared is not None else tuple(prompt_ids)
+        cache, cached = None, 0
         if self._history_cache is not None:
-            ids, snapshot = self._history_cache
-            if len(ids) < len(prompt_ids) and tuple(prompt_ids[:len(ids)]) == ids:
+            snapshot_key, snapshot = self._history_cache
+            if len(snapshot_key) < len(key) and key[:len(snapshot_key)] == snapshot_key:
                 with torch.inference_mode():
-                    cache = snapshot.select([0], capacity=len(prompt_ids))
-                cached_ids = ids
+                    cache = snapshot.select([0], capacity=len(ids))
+                cached = len(snapshot_key)
+        fed = cached
         # The history as the next turn renders it: this turn's messages, without the answer's opening.
-        history_ids = tuple(self.tokenizer.encode(self.render(messages, add_generation_prompt=False)))
-        reusable = tuple(prompt_ids[:len(history_ids)]) == history_ids
-        if not (reusable and len(cached_ids) < len(history_ids) < len(prompt_ids)):
-            return cache, len(cached_ids)
-        if cache is None:
-            cache = self.model.make_cache(1)
-        self._prefill(history_ids[len(cached_ids):], cache)
-        with torch.inference_mode():
-            self._history_cache = (history_ids, cache.select([0]))
-        return cache, len(cached_ids)
+        history_ids = self.tokenizer.encode(self.render(messages, add_generation_prompt=False))
+        history = self._expanded_length(history_ids, messages)
+        if prompt_ids[:len(history_ids)] == history_ids and cached < history < len(ids):
+            cache = cache if cache is not None else self.model.make_cache(1)
+            self._prefill(ids, prepared, fed, history, cache)
+            fed = history
+            with torch.inference_mode():
+                self._history_cache = (key[:history], cache.select([0]))
+        if prepared is not None and fed < len(ids) - 1:
+            cache = cache if cache is not None else self.model.make_cache(1)
+            self._prefill(ids, prepared, fed, len(ids) - 1, cache)
+        return cache, cached
 
-    def _prefill(self, token_ids, cache) -> None:
-        """Feed `token_ids` to `cache` in the model's prefill pieces (the output head runs once, at the end)."""
+    def _expanded_length(self, rendered_ids: list[int], messages: list[dict]) -> int:
+        """How long `rendered_ids` (a prefix of this prompt) are once their image placeholders are expanded."""
+        placeholders = rendered_ids.count(self.model.image_token_id) if self.model.image_token_id is not None else 0
+        images = message_images(messages)[:placeholders]
+        return len(rendered_ids) + sum(image.num_tokens - 1 for image in images)
+
+    def _prefill(self, ids: list[int], prepared, start: int, stop: int, cache) -> None:
+        """Feed tokens [start, stop) to `cache` in the model's prefill pieces (the output head runs once per
+        piece, at its end); a prepared prompt brings its images' features and M-RoPE positions."""
         import torch
 
-        if token_ids:
-            self.model.forward(torch.tensor([list(token_ids)], dtype=torch.long), cache, last_only=True)
+        if prepared is None:
+            self.model.forward(torch.tensor([ids[start:stop]], dtype=torch.long), cache, last_only=True)
+            return
+        with torch.inference_mode():
+            for piece in range(start, stop, self.model.prefill_chunk):
+                self.model.forward_prompt(prepared, cache, piece, min(piece + self.model.prefill_chunk, stop),
+                                          last_only=True)
 
     def _keep_reply(self, text: str, thinking: bool) -> None:
         if not text and self.last_turn.finish_reason == "interrupted":
@@ -405,13 +499,13 @@ class ChatSession:
 
     def _fit_prompt(self, messages: list[dict]) -> tuple[str, list[int], list[dict]]:
         """The rendered prompt, its token ids and the messages it holds: the latest ones, without as many of
-        the oldest turns as it takes to leave room for an answer."""
+        the oldest turns as it takes to leave room for an answer (measured with the images expanded)."""
         context = self.settings.context_size
         wanted_room = max(1, min(self.settings.max_new_tokens or context, context // 4))
         while True:
             prompt = self.render(messages)
             prompt_ids = self.tokenizer.encode(prompt)
-            length = len(prompt_ids)
+            length = self._expanded_length(prompt_ids, messages)
             turn_starts = [index for index, message in enumerate(messages) if message["role"] == "user"]
             if length + wanted_room <= context or len(turn_starts) < 2:
                 break

@@ -64,13 +64,9 @@ def check_vision(state, count: int, param: str) -> None:
 
 
 def _prepare(model, token_ids: list[int], images: list[bytes]):
-    from qwen35.chat.images import preprocess_image
-    from qwen35.model.multimodal import prepare_prompt
+    from qwen35.chat.attachments import encode_image, prepare_with_images
 
-    processed = [preprocess_image(image, model.image_settings) for image in images]
-    features, grids = model.encode_images(processed)
-    return prepare_prompt(token_ids, features, grids, model.image_token_id, model.vision.config.merge_size,
-                          image_digests=[image.digest() for image in processed])
+    return prepare_with_images(model, token_ids, [encode_image(model, image, name="") for image in images])
 
 
 async def attach_images(state, job) -> None:
