@@ -120,13 +120,14 @@ def _complete_set(group: list[str]) -> tuple[str, ...]:
                 raise SelectionError(f"{path} sits beside split shards of the same name: cannot tell which to use")
             return (path,)
         shards[int(match["index"])] = (int(match["count"]), path)
-    counts = {count for count, _ in shards.values()}
-    count = max(counts)
+    counts = sorted({count for count, _ in shards.values()})
+    stem = _split_stem(sorted(group)[0])
+    if len(counts) > 1:
+        raise SelectionError(f"split set {stem} is inconsistent: shard counts disagree "
+                             f"({', '.join(f'of-{c:05d}' for c in counts)})")
+    count = counts[0]
     missing = [i for i in range(1, count + 1) if i not in shards]
-    if len(counts) > 1 or missing:
-        first = sorted(group)[0]
-        raise SelectionError(
-            f"incomplete split set {_split_stem(first)}: {len(shards)} of {count} shards in the repo"
-            + (f" (missing {', '.join(f'{i:05d}' for i in missing)})" if missing else " (shard counts disagree)")
-        )
+    if missing:
+        raise SelectionError(f"incomplete split set {stem}: {len(shards)} of {count} shards in the repo "
+                             f"(missing {', '.join(f'{i:05d}' for i in missing)})")
     return tuple(shards[i][1] for i in range(1, count + 1))

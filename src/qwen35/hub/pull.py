@@ -232,9 +232,9 @@ def pull(model: str | ModelRef, *, quant: str | None = None, format: str | None 
     if is_offline():
         raise HubError(f"cannot pull {ref.text}: offline mode is on (HF_HUB_OFFLINE); unset it to download")
     if ref.pick:
-        size, _ = planner_pick()  # its quant is the planner's best for that size: default_quant finds it
-        ref = replace(ref, size=size, pick=False)
-        say(f"{given.text}: the planner's pick for this machine is {ref.name}")
+        size, quant_picked = planner_pick()  # that quant is the planner's best for the size: default_quant finds it
+        ref = replace(ref, text=f"qwen3.5:{size}", size=size, pick=False)
+        say(f"{given.text}: the planner's pick for this machine is {ref.text} at {quant_picked}")
     listing = list_repo(ref.hub_repo, endpoint=endpoint)
     selection = choose_files(ref, listing, mmproj=mmproj, announce=say)
     wanted = list(selection.files) + ([selection.mmproj] if selection.mmproj else [])
