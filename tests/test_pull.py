@@ -255,6 +255,8 @@ def test_a_missing_quant_lists_what_the_repo_has():
     assert "Q4_K_M, Q4_K_S, UD-Q4_K_M, UD-Q4_K_XL" in one_line(caught.value)
     with pytest.raises(SelectionError):
         select_gguf(UNSLOTH_LISTING, "XL")  # a suffix of a quant is not a quant
+    with pytest.raises(SelectionError, match="several Q4_K_M models"):
+        select_gguf(["Qwen3.5-27B-Q4_K_M.gguf", "Q4_K_M/Qwen3.5-27B-Q4_K_M-00001-of-00001.gguf"], "Q4_K_M")
 
 
 @pytest.mark.parametrize("projectors, expected", [
@@ -436,7 +438,7 @@ def test_hub_errors_are_one_line(hub, monkeypatch):
     assert "repository nobody/no-such-repo not found" in one_line(caught.value)
     with pytest.raises(SelectionError) as caught:
         pull(f"{MOE_REPO}:Q6_K")
-    assert "Q4_K_M, Q8_0, UD-Q4_K_XL" in one_line(caught.value)
+    assert f"no Q6_K GGUF in {MOE_REPO}; it has Q4_K_M, Q8_0, UD-Q4_K_XL" in one_line(caught.value)
     with pytest.raises(SelectionError) as caught:
         pull("qwen3.5:27b")  # no Q4_K_M there and the planner has nothing for this machine
     assert "Q3_K_M, Q8_0" in one_line(caught.value) and "qwen3.5:27b-q3_k_m" in str(caught.value)
@@ -466,12 +468,15 @@ def test_an_unreachable_hub_is_one_line(monkeypatch):
 def test_not_enough_disk_space_stops_before_downloading(hub, monkeypatch):
     import shutil
 
+    pull("qwen3.5:35b-a3b-q8_0", mmproj=False)
+    hub.requests.clear()
     usage = shutil.disk_usage("/")
     monkeypatch.setattr(pull_module.shutil, "disk_usage", lambda path: usage._replace(free=1_000_000))
     with pytest.raises(DiskSpaceError) as caught:
         pull("qwen3.5:35b-a3b-q4_k_m")
     assert "not enough disk space" in one_line(caught.value) and os.environ["HF_HUB_CACHE"] in str(caught.value)
     assert hub.downloads() == []
+    assert pull("qwen3.5:35b-a3b-q8_0", mmproj=False).quant == "Q8_0"  # counts only what is missing: nothing
 
 
 def test_explicit_endpoint_and_cache_dir(hub, tmp_path, monkeypatch, tiny):

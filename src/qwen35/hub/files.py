@@ -65,19 +65,19 @@ def repo_quants(paths) -> list[str]:
     return sorted({gguf_quant(p) for p in model_ggufs(paths)})
 
 
-def select_gguf(paths, quant: str, mmproj: bool = True) -> Selection:
+def select_gguf(paths, quant: str, mmproj: bool = True, repo: str = "this repo") -> Selection:
     """The files of `quant` (one file or a complete split set) and, with `mmproj`, the projector."""
     wanted = quant.upper()
     matching = [p for p in model_ggufs(paths) if gguf_quant(p) == wanted]
     if not matching:
-        raise SelectionError(f"no {wanted} GGUF in this repo; it has {', '.join(repo_quants(paths)) or 'none'}")
+        raise SelectionError(f"no {wanted} GGUF in {repo}; it has {', '.join(repo_quants(paths)) or 'none'}")
     groups: dict[str, list[str]] = {}
     for path in matching:
         directory = path.rsplit("/", 1)[0] if "/" in path else ""
         groups.setdefault(f"{directory}/{_split_stem(path)}", []).append(path)
     if len(groups) > 1:
         names = ", ".join(sorted(g[0] for g in groups.values()))
-        raise SelectionError(f"several {wanted} models in this repo ({names}): name one repo per model")
+        raise SelectionError(f"several {wanted} models in {repo} ({names}): cannot tell which one to pull")
     files = _complete_set(next(iter(groups.values())))
     return Selection("gguf", wanted, files, choose_mmproj(paths) if mmproj else None)
 

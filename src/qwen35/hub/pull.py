@@ -163,11 +163,11 @@ def choose_files(ref: ModelRef, listing: RepoListing, *, mmproj: bool = True,
         raise SelectionError(f"{listing.repo} has no GGUF files" +
                              (" (it is an HF checkpoint: pull it without a quant)" if ref.quant else ""))
     if ref.quant is not None:
-        return select_gguf(listing.sizes, ref.quant, mmproj)
+        return select_gguf(listing.sizes, ref.quant, mmproj, listing.repo)
     quant, why = default_quant(ref, listing)
     if announce is not None:
         announce(f"{ref.text}: no quant named, taking {quant} ({why})")
-    return select_gguf(listing.sizes, quant, mmproj)
+    return select_gguf(listing.sizes, quant, mmproj, listing.repo)
 
 
 def default_quant(ref: ModelRef, listing: RepoListing) -> tuple[str, str]:
