@@ -405,8 +405,13 @@ def test_safetensors_snapshot_from_a_repo_without_gguf_loads(hub, tiny):
     for source in (tiny / "dense-hf").iterdir():
         assert sha256(snapshot / source.name) == sha256(source)
     assert not (snapshot / "README.md").exists()
-    model = qwen35.load_model(snapshot)
-    assert model is not None
+    # The pulled checkpoint is the fixture's network: transformers' logits on it (fixtures/ref).
+    import numpy as np
+
+    model = qwen35.load_model(snapshot, precision="reference")
+    ids = json.loads((tiny.parent / "ref" / "dense.json").read_text())["sequences"]["chat_think"]["ids"]
+    expected = np.load(tiny.parent / "ref" / "dense.chat_think.transformers.logits.npy")
+    assert np.abs(model.logits(ids) - expected).max() <= 2e-3
     family = pull("qwen3.5:9b", format="safetensors")  # Qwen's own bf16 repo
     assert (family.name, family.repo, family.format) == ("Qwen/Qwen3.5-9B", "Qwen/Qwen3.5-9B", "safetensors")
     with pytest.raises(SelectionError, match="no GGUF files"):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -97,7 +97,7 @@ def hub_errors(endpoint: str, repo: str, filename: str | None = None):
         raise HubError(f"{endpoint} answered HTTP {status} for {repo}: try again later") from error
     except httpx2.TransportError as error:
         raise HubError(f"cannot reach {endpoint}: {_reason(error)} (set HF_ENDPOINT for a mirror)") from error
-    except OSError as error:  # a size check after the transfer, a full disk
+    except (OSError, hf.XetDownloadError) as error:  # a size check after the transfer, a full disk
         raise HubError(f"downloading {filename or repo} failed: {_reason(error)}") from error
 
 
