@@ -575,3 +575,18 @@ def test_rm_of_an_alias_removes_the_model_and_all_its_names(hub, monkeypatch):
     assert manifest.models == {} and manifest.aliases == {}
     assert not Path(entry.path).exists() and not Path(entry.path).is_symlink()
     assert main(["rm", "qwen3.5:35b-a3b"]) == 1
+
+
+def test_rm_of_a_checkpoint_removes_its_snapshot_and_a_broken_list_is_one_line(hub, capsys):
+    from qwen35.cli import main
+
+    entry = pull("someone/tiny-dense")
+    blobs = Path(entry.path).parent.parent / "blobs"
+    assert len(list(blobs.iterdir())) == 6
+    assert main(["rm", "someone/tiny-dense"]) == 0
+    assert not Path(entry.path).exists() and list(blobs.iterdir()) == []
+    manifest_path().write_text("{not json")
+    capsys.readouterr()
+    assert main(["list"]) == 1
+    error = capsys.readouterr().err
+    assert "cannot read the model list" in error and len(error.strip().splitlines()) == 1

@@ -92,11 +92,12 @@ def choose_mmproj(paths) -> str | None:
     return found[0] if found else None
 
 
-def select_snapshot(paths) -> Selection:
+def select_snapshot(paths, repo: str = "this repo") -> Selection:
     """An HF checkpoint's config, weights, tokenizer and templates."""
     files = sorted(p for p in paths if "/" not in p and any(fnmatch.fnmatchcase(p, pat) for pat in SNAPSHOT_PATTERNS))
     if "config.json" not in files or not any(p.endswith(".safetensors") for p in files):
-        raise SelectionError("this repo has neither GGUF files nor a safetensors checkpoint (config.json + *.safetensors)")
+        raise SelectionError(f"{repo} has neither GGUF files nor a safetensors checkpoint "
+                             "(config.json + *.safetensors)")
     return Selection("safetensors", None, tuple(files))
 
 

@@ -55,7 +55,8 @@ def hub_endpoint() -> str:
 def hub_cache_dir() -> Path:
     """huggingface_hub's own precedence: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG."""
     env = os.environ
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    xdg = env.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    home = env.get("HF_HOME") or os.path.join(xdg, "huggingface")
     cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
     return Path(os.path.expandvars(os.path.expanduser(cache)))
 
@@ -158,7 +159,7 @@ def choose_files(ref: ModelRef, listing: RepoListing, *, mmproj: bool = True,
                  announce: Callable[[str], None] | None = None) -> Selection:
     ggufs = model_ggufs(listing.sizes)
     if ref.format == "safetensors" or (not ggufs and ref.format is None and ref.quant is None):
-        return select_snapshot(listing.sizes)
+        return select_snapshot(listing.sizes, listing.repo)
     if not ggufs:
         raise SelectionError(f"{listing.repo} has no GGUF files" +
                              (" (it is an HF checkpoint: pull it without a quant)" if ref.quant else ""))
