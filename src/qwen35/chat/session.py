@@ -16,20 +16,19 @@ Decisions:
   (a quarter of the context, or -n if smaller). A message that does not fit even alone
   is refused with `ContextFullError` and is not kept. An answer that fills the context
   stops there, with a notice.
-- The cache carries over between turns: after each prompt's history (up to the end of the
-  new user message, the part the next turn's prompt repeats token for token), the session
-  keeps a snapshot of the cache, and the next turn restores it and reads only what follows.
-  A recurrent state cannot be rolled back, so a prompt that does not start with those exact
-  tokens (a changed system message or setting, dropped turns, /clear) is read in full.
+- The cache carries over between turns (`chat.turn_cache`): after each prompt's history (up
+  to the end of the new user message, the part the next turn's prompt repeats token for
+  token), the session keeps a snapshot of the cache, and the next turn restores it and reads
+  only what follows. A recurrent state cannot be rolled back, so a prompt that does not start
+  with those exact tokens (a changed system message or setting, dropped turns, /clear) is
+  read in full.
 - An interrupted answer (Ctrl-C, or the caller closing the generator) stays in the
   history with what was produced so far: the user saw it, and a follow-up ("go on")
   refers to it. If nothing was produced yet, the whole exchange is dropped.
 - Images (`attach_image`, `/image PATH`, or a path typed in the message when the model can
   read images; see `chat.attachments`) go with the next message and stay in it: every turn's
   prompt re-renders them, expanded into their vision features, and dropping the turn drops
-  them. Counts of tokens are of the expanded prompt (an image takes hundreds). The cache
-  snapshot is keyed by the images' pixels as well as the text, and every image goes in as
-  its features: only text after the last image is ever left to the generation loop.
+  them. Counts of tokens are of the expanded prompt (an image takes hundreds).
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ from qwen35.chat.attachments import (
     user_message,
 )
 from qwen35.chat.parser import OutputParser, ParsedDelta, parse_output, prompt_ends_in_reasoning
+from qwen35.chat.turn_cache import TurnCache
 from qwen35.engine.generate import generation_steps
 from qwen35.engine.sampler import InvalidSamplingError, SamplingParams
 from qwen35.errors import Qwen35Error
@@ -212,7 +212,7 @@ class ChatSession:
         self.settings = settings
         self.messages: list[dict] = []
         self.last_turn = TurnStats()
-        self._history_cache = None  # (the cache key of what it holds, a one-row cache nobody feeds)
+        self._turn_cache = TurnCache(model)
         self.pending_images: list[ChatImage] = []  # attached, for the next message
         self.max_context = model.config.max_position_embeddings
         settings.context_size = self._checked_context(settings.context_size)
@@ -251,7 +251,7 @@ class ChatSession:
             return CommandResult(HELP)
         if name == "/clear":
             self.messages.clear()
-            self._history_cache = None  # no prompt will start with it now; free its memory
+            self._turn_cache.clear()
             unsent, self.pending_images = len(self.pending_images), []
             return CommandResult("Cleared session context" + (f" and {_images(unsent)} not yet sent." if unsent else "."))
         if name == "/image":
@@ -370,12 +370,12 @@ class ChatSession:
         """Add `text` as the user's message, with the attached images and those it names, and stream
         the reply; the reply joins the history when the generator ends, however it ends (see the
         module docstring)."""
+        self.last_turn = turn = TurnStats()
         images, found = list(self.pending_images), []
         if self.model.vision is not None:
             text, paths = image_paths_in(text)
             found = [encode_image(self.model, path, name=typed) for typed, path in paths]
         self.messages.append(user_message(text, images + found))
-        self.last_turn = turn = TurnStats()
         try:
             prompt, prompt_ids, kept = self._fit_prompt(self.messages)
             prepared = self._prepare(prompt_ids, kept)
@@ -399,10 +399,12 @@ class ChatSession:
                 yield Notice(f"The conversation outgrew the context of {self.settings.context_size} tokens: "
                              f"dropped the {dropped} oldest turn{'s' if dropped > 1 else ''}.")
             started = time.perf_counter()
-            cache, turn.cached_tokens = self._cache_for(prompt_ids, prepared, kept)
+            history = self._history_length(prompt_ids, kept)
+            key = prompt_ids if prepared is None else prepared.cache_key
+            prompt_ids = prompt_ids if prepared is None else prepared.token_ids
+            cache, turn.cached_tokens = self._turn_cache.cache_for(prompt_ids, key, history, prepared)
             history_seconds = time.perf_counter() - started
             turn.prompt_tokens = length - turn.cached_tokens
-            prompt_ids = prepared.token_ids if prepared is not None else prompt_ids
             steps = generation_steps(self.model, prompt_ids, self.sampling_params(limit), tokenizer=self.tokenizer,
                                      cache=cache)
             for step in steps:
@@ -432,58 +434,19 @@ class ChatSession:
         images = message_images(messages)
         return prepare_with_images(self.model, prompt_ids, images) if images else None
 
-    def _cache_for(self, prompt_ids: list[int], prepared, messages: list[dict]):
-        """A cache holding the start of the prompt (None: read it all) and how many of its tokens came
-        from the previous turn's snapshot; that snapshot is restored where the prompt starts with it, fed
-        up to the end of this history, and kept as the next turn's snapshot.
-
-        `prompt_ids` are as rendered (one placeholder per image), `prepared` their expansion (or None);
-        snapshots are keyed by `prepared.cache_key`, in which an image's tokens name its pixels. Every
-        image goes in here as its features: only text is left for the generation loop to read."""
-        import torch
-
-        ids = prepared.token_ids if prepared is not None else prompt_ids
-        key = tuple(prepared.cache_key) if prepared is not None else tuple(prompt_ids)
-        cache, cached = None, 0
-        if self._history_cache is not None:
-            snapshot_key, snapshot = self._history_cache
-            if len(snapshot_key) < len(key) and key[:len(snapshot_key)] == snapshot_key:
-                with torch.inference_mode():
-                    cache = snapshot.select([0], capacity=len(ids))
-                cached = len(snapshot_key)
-        fed = cached
-        # The history as the next turn renders it: this turn's messages, without the answer's opening.
+    def _history_length(self, prompt_ids: list[int], messages: list[dict]) -> int | None:
+        """How many of the prompt's first tokens (images expanded) the next turn's prompt will repeat: the
+        history as it renders it, this turn's messages without the answer's opening (None: not a prefix)."""
         history_ids = self.tokenizer.encode(self.render(messages, add_generation_prompt=False))
-        history = self._expanded_length(history_ids, messages)
-        if prompt_ids[:len(history_ids)] == history_ids and cached < history < len(ids):
-            cache = cache if cache is not None else self.model.make_cache(1)
-            self._prefill(ids, prepared, fed, history, cache)
-            fed = history
-            with torch.inference_mode():
-                self._history_cache = (key[:history], cache.select([0]))
-        if prepared is not None and fed < len(ids) - 1:
-            cache = cache if cache is not None else self.model.make_cache(1)
-            self._prefill(ids, prepared, fed, len(ids) - 1, cache)
-        return cache, cached
+        if prompt_ids[:len(history_ids)] != history_ids:
+            return None
+        return self._expanded_length(history_ids, messages)
 
     def _expanded_length(self, rendered_ids: list[int], messages: list[dict]) -> int:
         """How long `rendered_ids` (a prefix of this prompt) are once their image placeholders are expanded."""
         placeholders = rendered_ids.count(self.model.image_token_id) if self.model.image_token_id is not None else 0
         images = message_images(messages)[:placeholders]
         return len(rendered_ids) + sum(image.num_tokens - 1 for image in images)
-
-    def _prefill(self, ids: list[int], prepared, start: int, stop: int, cache) -> None:
-        """Feed tokens [start, stop) to `cache` in the model's prefill pieces (the output head runs once per
-        piece, at its end); a prepared prompt brings its images' features and M-RoPE positions."""
-        import torch
-
-        if prepared is None:
-            self.model.forward(torch.tensor([ids[start:stop]], dtype=torch.long), cache, last_only=True)
-            return
-        with torch.inference_mode():
-            for piece in range(start, stop, self.model.prefill_chunk):
-                self.model.forward_prompt(prepared, cache, piece, min(piece + self.model.prefill_chunk, stop),
-                                          last_only=True)
 
     def _keep_reply(self, text: str, thinking: bool) -> None:
         if not text and self.last_turn.finish_reason == "interrupted":
