@@ -590,3 +590,21 @@ def test_rm_of_a_checkpoint_removes_its_snapshot_and_a_broken_list_is_one_line(h
     assert main(["list"]) == 1
     error = capsys.readouterr().err
     assert "cannot read the model list" in error and len(error.strip().splitlines()) == 1
+
+
+def test_concurrent_manifest_edits_keep_every_entry(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qwen35.hub.manifest import Entry
+
+    def add(i):
+        with Manifest.editing() as manifest:
+            manifest.add(Entry(f"owner/m{i}:Q4_K_M", f"owner/m{i}", "0" * 40, "gguf", "Q4_K_M", [f"/x/{i}.gguf"],
+                               f"/x/{i}.gguf", None, i, "2026-01-01T00:00:00+00:00"), (f"owner/m{i}",))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add, range(16)))
+    manifest = Manifest.load()
+    assert sorted(manifest.models) == sorted(f"owner/m{i}:Q4_K_M" for i in range(16))
+    assert manifest.get("owner/m7").size == 7
+    assert [p.name for p in manifest_path().parent.iterdir() if p.suffix == ".tmp"] == []

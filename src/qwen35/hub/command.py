@@ -88,16 +88,15 @@ def run_rm(args: argparse.Namespace) -> int:
     from qwen35.hub.manifest import Manifest, delete_cached_file
     from qwen35.hub.pull import lookup_name
 
-    manifest = Manifest.load()
-    name = args.name
-    if manifest.get(name) is None:
-        try:
-            name = lookup_name(args.name)
-        except Qwen35Error:
-            pass
-    entry, aliases = manifest.remove(name)
-    manifest.save()
-    in_use = manifest.files_in_use()
+    with Manifest.editing() as manifest:
+        name = args.name
+        if manifest.get(name) is None:
+            try:
+                name = lookup_name(args.name)
+            except Qwen35Error:
+                pass
+        entry, aliases = manifest.remove(name)
+        in_use = manifest.files_in_use()
     freed = sum(delete_cached_file(p) for p in entry.local_files if p not in in_use)
     kept = sum(p in in_use for p in entry.local_files)
     note = f"{human_size(freed)} freed" + (f", {kept} file(s) kept: another model uses them" if kept else "")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,22 @@ class Manifest:
         except (OSError, ValueError, TypeError, AttributeError) as error:
             raise Qwen35Error(f"cannot read the model list {path}: {error} (remove it to start afresh)") from error
         return cls(path, models, aliases)
+
+    @classmethod
+    @contextmanager
+    def editing(cls, path: Path | None = None) -> Iterator[Manifest]:
+        """Load, change, save under a lock, so two pulls at once do not lose each other's entry."""
+        from filelock import FileLock, Timeout
+
+        path = path or manifest_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(f"{path}.lock", timeout=60):
+                manifest = cls.load(path)
+                yield manifest
+                manifest.save()
+        except Timeout as error:
+            raise Qwen35Error(f"the model list {path} stayed locked for a minute: is another qwen35 stuck?") from error
 
     def save(self) -> None:
         """Atomically: another process reading the list sees the old one or the new one, never half."""

@@ -258,9 +258,8 @@ def pull(model: str | ModelRef, *, quant: str | None = None, format: str | None 
     # A tag without a quant names what it resolved to, as Ollama's short tags do.
     aliases = (given.name,) if given.name != entry.name and selection.format == "gguf" and given.quant is None \
         and quant is None else ()
-    manifest = Manifest.load()
-    manifest.add(entry, aliases)
-    manifest.save()
+    with Manifest.editing() as manifest:
+        manifest.add(entry, aliases)
     return entry
 
 
@@ -269,8 +268,11 @@ def lookup_name(text: str) -> str:
     return parse_model_ref(text).name
 
 
-def resolve_model(text: str, *, pull_if_missing: bool = True) -> ResolvedModel:
-    """A model for run/serve/bench: a path on disk, a pulled name, or a name to pull now (like `ollama run`)."""
+def resolve_model(text: str, *, pull_if_missing: bool = True,
+                  announce: Callable[[str], None] | None = None) -> ResolvedModel:
+    """A model for run/serve/bench: a path on disk, a pulled name, or a name to pull now (like `ollama run`).
+
+    `announce` hears that a pull starts and the choices it makes."""
     local = Path(text).expanduser()
     if local.exists():
         return ResolvedModel(local, None, str(local))
@@ -287,5 +289,7 @@ def resolve_model(text: str, *, pull_if_missing: bool = True) -> ResolvedModel:
                        f"run `qwen35 pull {text}` while online")
     if not pull_if_missing:
         raise Qwen35Error(f"{name} {state}: run `qwen35 pull {text}`")
-    entry = pull(text)
+    if announce is not None:
+        announce(f"{name} {state}: pulling it")
+    entry = pull(text, announce=announce)
     return ResolvedModel(Path(entry.path), Path(entry.mmproj) if entry.mmproj else None, entry.name)
