@@ -325,6 +325,11 @@ def test_image_command_attaches_to_the_next_message_only(vision, reference_model
     assert session.command("/clear").text == "Cleared session context and 1 image not yet sent."
     assert session.pending_images == [] and session.messages == []
     assert "/image PATH" in session.command("/?").text
+    spaced = tmp_path / "my photo.png"  # typed as drag and drop types it, or quoted
+    spaced.write_bytes(image.read_bytes())
+    escaped = str(spaced).replace(" ", "\\ ")
+    assert session.command(f"/image {escaped}").text.startswith(f"Added image '{spaced}' (70 tokens)")
+    assert session.command(f"/image '{spaced}'").text.startswith(f"Added image '{spaced}' (70 tokens)")
 
 
 def test_image_path_in_a_message_is_attached_and_taken_out(vision, reference_model, tokenizer):

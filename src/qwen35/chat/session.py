@@ -64,8 +64,7 @@ HELP = """Available commands:
                           presence_penalty, frequency_penalty, num_ctx
   /set hidethinking       hide the reasoning (/set showthinking shows it again)
   /show                   the current settings (/show system, /show parameters)
-  /image PATH             attach an image to your next message (a model that reads images);
-                          a path to an image file typed in a message attaches it as well
+  /image PATH             attach an image to your next message (a model that reads images)
   /clear                  forget the conversation (and images not yet sent)
   /bye                    exit (also /exit, or Ctrl + d)
   /?, /help               this help
@@ -274,6 +273,8 @@ class ChatSession:
                 if self.pending_images else ""
             return f"Usage: /image PATH{waiting}"
         typed = rest[1:-1] if len(rest) > 1 and rest[0] == rest[-1] and rest[0] in "'\"" else rest
+        if not Path(typed).expanduser().exists():
+            typed = typed.replace("\\ ", " ")  # a shell-escaped path, as drag and drop types it
         try:
             image = self.attach_image(Path(typed).expanduser(), name=typed)
         except Qwen35Error as error:
