@@ -184,7 +184,7 @@ BAD_REFS = {
     "/name": (ModelRefError, "not a hub repo id"),
     "owner/" + "x" * 97: (ModelRefError, "96"),
     "unsloth/X-GGUF:Q4 K": (ModelRefError, "not a quant name"),
-    "https://example.com/owner/name": (ModelRefError, "not a hub repo id"),
+    "https://example.com/owner/name": (ModelRefError, "not a Hugging Face address"),
 }
 
 

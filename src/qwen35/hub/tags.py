@@ -131,6 +131,9 @@ def parse_model_ref(text: str) -> ModelRef:
         return _parse_family(raw, lowered[len(FAMILY) + 1:])
     hub = _HUB_PREFIX.sub("", raw, count=1)
     from_url = hub != raw
+    if not from_url and "://" in raw:
+        raise ModelRefError(f"not a Hugging Face address: {raw!r}: use https://huggingface.co/owner/name "
+                            "(HF_ENDPOINT points at a mirror)")
     if from_url:
         hub = re.sub(r"/+$", "", hub)
     if "/" in hub:
