@@ -252,7 +252,8 @@ class ChatSession:
             self.messages.clear()
             self._turn_cache.clear()
             unsent, self.pending_images = len(self.pending_images), []
-            return CommandResult("Cleared session context" + (f" and {_images(unsent)} not yet sent." if unsent else "."))
+            unsent_note = f" and {_images(unsent)} not yet sent" if unsent else ""
+            return CommandResult(f"Cleared session context{unsent_note}.")
         if name == "/image":
             return CommandResult(self._attach(rest))
         if name == "/set":
