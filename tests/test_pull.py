@@ -305,6 +305,10 @@ def test_pull_family_tag_with_quant_downloads_that_file_and_its_mmproj(hub, tiny
     cache = Path(os.environ["HF_HUB_CACHE"])
     assert Path(entry.path) == cache / "models--unsloth--Qwen3.5-35B-A3B-GGUF" / "snapshots" / entry.revision / \
         "Qwen3.5-35B-A3B-Q8_0.gguf"
+    # ... and huggingface_hub's own offline lookup of the branch finds them (refs/main written)
+    from huggingface_hub import try_to_load_from_cache
+
+    assert try_to_load_from_cache(MOE_REPO, "Qwen3.5-35B-A3B-Q8_0.gguf", cache_dir=cache) == entry.path
     fetched = {r.path.rsplit("/", 1)[-1] for r in hub.downloads()}
     assert fetched == {"Qwen3.5-35B-A3B-Q8_0.gguf", "mmproj-F32.gguf"}  # not the other quants, not README
     assert all(f"/resolve/{entry.revision}/" in r.path for r in hub.downloads())  # one commit for all files

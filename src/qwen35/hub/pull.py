@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -216,6 +217,22 @@ def download(listing: RepoListing, paths, *, cache_dir: Path, endpoint: str) -> 
     return local
 
 
+def record_branch(listing: RepoListing, cache_dir: Path, branch: str = "main") -> None:
+    """Write the cache's `refs/{branch}` -> commit, as huggingface_hub does when it resolves a branch
+    itself: other tools reading the cache offline (transformers, huggingface-cli) then find the files
+    we fetched by commit."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    ref = cache_dir / repo_folder_name(repo_id=listing.repo, repo_type="model") / "refs" / branch
+    if ref.is_file() and ref.read_text() == listing.revision:
+        return
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{branch}.", dir=ref.parent)
+    with os.fdopen(fd, "w") as out:
+        out.write(listing.revision)
+    os.replace(tmp, ref)
+
+
 # --- pull and resolve ----------------------------------------------------------------------------
 
 
@@ -241,6 +258,7 @@ def pull(model: str | ModelRef, *, quant: str | None = None, format: str | None 
     wanted = list(selection.files) + ([selection.mmproj] if selection.mmproj else [])
     check_disk_space(missing_bytes(listing, wanted, cache), cache)
     local = download(listing, wanted, cache_dir=cache, endpoint=endpoint)
+    record_branch(listing, cache)
 
     if selection.format == "safetensors":
         chosen = replace(ref, quant=None, format="safetensors")
