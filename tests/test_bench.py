@@ -97,4 +97,4 @@ def test_bad_arguments_are_one_line_errors(fixtures, capsys, args, message):
 
 def test_missing_model_is_an_error(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "absent.gguf")]) == 1
-    assert "no such model" in capsys.readouterr().err
+    assert "no model at" in capsys.readouterr().err

@@ -500,7 +500,7 @@ def test_explicit_endpoint_and_cache_dir(hub, tmp_path, monkeypatch, tiny):
 
 def test_resolve_a_path_a_pulled_name_and_an_unpulled_one(hub, tiny, monkeypatch):
     path = tiny / "dense-Q8_0.gguf"
-    assert resolve_model(str(path)) == pull_module.ResolvedModel(path, None, str(path))
+    assert resolve_model(str(path)) == pull_module.ResolvedModel(path, None, "dense-Q8_0")
     assert hub.requests == []
 
     resolved = resolve_model("qwen3.5:35b-a3b-q4_k_m")  # not pulled yet: pulled now, like `ollama run`
@@ -518,8 +518,11 @@ def test_resolve_a_path_a_pulled_name_and_an_unpulled_one(hub, tiny, monkeypatch
     monkeypatch.delenv("HF_HUB_OFFLINE")
     with pytest.raises(Qwen35Error, match="is not pulled"):
         resolve_model("qwen3.5:35b-a3b-q8_0", pull_if_missing=False)
+    for mistyped in ("no-such-file.gguf", "models/no-such-file.gguf", "./qwen3.5:27b", "~/Qwen3.5-27B"):
+        with pytest.raises(Qwen35Error, match="no model at .*: no such file or directory"):
+            resolve_model(mistyped)  # a path, never a download
     with pytest.raises(ModelRefError, match="neither a file nor a model name"):
-        resolve_model("no-such-file.gguf")
+        resolve_model("no-such-thing")
     assert hub.requests == []
 
     blob = Path(resolved.path).resolve()
@@ -612,3 +615,69 @@ def test_concurrent_manifest_edits_keep_every_entry(tmp_path):
     assert sorted(manifest.models) == sorted(f"owner/m{i}:Q4_K_M" for i in range(16))
     assert manifest.get("owner/m7").size == 7
     assert [p.name for p in manifest_path().parent.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_run_serve_and_bench_take_a_tag_pull_it_once_and_bring_its_mmproj(hub, tmp_path, tiny, fixtures):
+    """`qwen35 run qwen3.5:35b-a3b-q4_k_m` pulls first, as `ollama run` does, and then answers exactly as
+    the same file given by path; the pulled mmproj comes along (an image needs no --mmproj), serve
+    names the model by its tag, and bench reuses the pull."""
+    import re
+
+    import httpx
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("HF_HUB_CACHE")
+    tag, question = "qwen3.5:35b-a3b-q4_k_m", ["--no-think", "--temp", "0", "-n", "6", "Hello there"]
+    by_tag = qwen35("run", tag, *question, env=env)
+    assert by_tag.returncode == 0, by_tag.stderr
+    assert f"{tag} is not pulled: pulling it" in by_tag.stderr and len(hub.downloads()) == 2  # model + mmproj
+    by_path = qwen35("run", str(tiny / "moe-Q4_K_M.gguf"), *question, env=env)
+    assert by_path.returncode == 0 and by_tag.stdout == by_path.stdout and by_tag.stdout.strip()
+
+    image = fixtures / "ref" / "moe.vision.image.png"
+    ids = json.loads((fixtures / "ref" / "moe.vision.json").read_text())["ids"]
+    seen = qwen35("run", tag, "--image", str(image), "--verbose", "-p", "What is in this picture?", "-n", "2",
+                  "--no-think", env=env)
+    assert seen.returncode == 0, seen.stderr
+    assert re.search(rf"prompt {len(ids)} tok", seen.stderr), seen.stderr  # the image's tokens, by transformers
+    blind = qwen35("run", tag, "--no-mmproj", "--image", str(image), "-p", "What is in this picture?", env=env)
+    assert blind.returncode == 1 and "no vision tower" in blind.stderr
+
+    benched = qwen35("bench", tag, "-p", "8", "-n", "2", "-r", "1", "--no-bandwidth", "--json", env=env)
+    assert benched.returncode == 0, benched.stderr
+    benched_file = Path(json.loads(benched.stdout)["model"])
+    assert benched_file.name == "Qwen3.5-35B-A3B-Q4_K_M.gguf" and sha256(benched_file) == sha256(tiny / "moe-Q4_K_M.gguf")
+    assert len(hub.downloads()) == 2  # every command after the first found the pull
+
+    server = subprocess.Popen([sys.executable, "-m", "qwen35.cli", "serve", tag, "--port", "0", "-c", "256",
+                               "-np", "1", "-t", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        line = server.stdout.readline()
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/v1", line)
+        assert url, (line, server.stderr.read() if server.poll() is not None else "")
+        assert [m["id"] for m in httpx.get(url[1] + "/v1/models").json()["data"]] == [tag]
+        shown = httpx.post(url[1] + "/api/show", json={"model": tag}).json()
+        assert "vision" in shown["capabilities"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("machine", [dict(gpu="4090"), dict(gpu="3090", ram_gb=64), dict(ram_gb=16),
+                                     dict(gpu="h100")])
+def test_plans_command_names_a_tag_that_pulls_the_planned_size_and_quant(machine):
+    """What `qwen35 plan` tells a person to run must be something pull (and serve) understands, naming
+    the planner's own size, quant and the repo the comment points at."""
+    from qwen35.plan.advisor import recommend
+    from qwen35.plan.estimator import Request
+
+    recommendation = recommend(build_hardware(detect=False, **machine), Request(ctx=32768))
+    candidates = [recommendation.pick, *recommendation.alternatives]
+    assert candidates[0] is not None
+    for candidate in candidates:
+        command, _, comment = candidate.command().partition("  # from hf.co/")
+        words = command.split()
+        assert words[:2] == ["qwen35", "serve"]
+        ref = parse_model_ref(words[2])
+        assert (ref.size, ref.quant, ref.hub_repo) == (candidate.spec.name, candidate.mix, comment)

@@ -103,6 +103,27 @@ def test_one_shot_with_template_file_and_kwargs_prints_transformers_greedy_answe
     assert speed and int(speed[1]) == len(sequence["ids"]) and int(speed[2]) == 12
 
 
+def test_prompt_words_may_follow_the_flags_as_with_ollama_run(dense_hf, reference, tokenizer, model,
+                                                              monkeypatch, capsys):
+    """`qwen35 run MODEL --no-think "question"`: words after the flags are the prompt (argparse alone
+    refuses them); the answer is transformers' greedy one for that question. An unknown flag still fails."""
+    from qwen35.cli import main
+
+    expected = _reference_text(tokenizer, reference["chat_nothink"]["transformers_greedy"][:12])
+    monkeypatch.setattr("qwen35.load_model", lambda path, **options: model)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+
+    status = main(["run", str(dense_hf), "Which Qwen 3.5 model", "--temp", "0", "-n", "12", "--no-think",
+                   "--hide-thinking", "fits a 24GB", "GPU?"])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert printed.out == expected + "\n"
+
+    with pytest.raises(SystemExit) as exited:
+        main(["run", str(dense_hf), "--no-think", "--bogus", "hi"])
+    assert exited.value.code == 2 and "unrecognized arguments: --bogus hi" in capsys.readouterr().err
+
+
 def test_missing_model_is_one_line_and_exit_1(tmp_path):
     result = qwen35("run", str(tmp_path / "nope.gguf"), "hi")
     assert result.returncode == 1

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
+from qwen35.hub import resolve_model_argument
 
 DEFAULT_REPETITIONS = 5
 BANDWIDTH_BUFFER_BYTES = 512 * 2**20  # well past any CPU's last-level cache
@@ -32,7 +33,8 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="a .gguf file (first shard of a split one) or an HF checkpoint folder")
+    parser.add_argument("model", help="a .gguf file (first shard of a split one), an HF checkpoint folder, "
+                                      "or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT)")
     parser.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (default 512; 0 skips)")
     parser.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (default 128; 0 skips)")
     parser.add_argument("-t", "--threads", type=int, default=None,
@@ -58,9 +60,7 @@ def run(args) -> int:
             raise Qwen35Error(f"{name} must be at least {low}, got {value}")
     if args.n_prompt == 0 and args.n_gen == 0:
         raise Qwen35Error("nothing to measure: -p and -n are both 0")
-    path = Path(args.model)
-    if not path.exists():
-        raise Qwen35Error(f"no such model file or directory: {path}")
+    path = resolve_model_argument(args.model, "qwen35 bench").path
 
     import torch
 

@@ -52,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    rest = getattr(getattr(args, "_module", None), "TRAILING_WORDS", None)
+    if extras and rest and not any(word.startswith("-") and len(word) > 1 for word in extras):
+        # `qwen35 run MODEL --no-think "hi"`: argparse closes the PROMPT list at the first flag;
+        # words after the flags belong to it, as with ollama run.
+        setattr(args, rest, [*getattr(args, rest), *extras])
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

@@ -3,7 +3,8 @@
   qwen35 run MODEL [PROMPT... | -p PROMPT] [--mmproj FILE] [--image FILE]... [-c CTX] [-n N] [--temp T]
              [--think | --no-think] [--hide-thinking]
 
-MODEL is a .gguf file (or the first shard of a split one) or an HF model directory. With a
+MODEL is a .gguf file (or the first shard of a split one), an HF model directory, or a name
+`qwen35 pull` takes (qwen3.5:35b-a3b, owner/name:Q4_K_M), pulled first if it is not yet. With a
 PROMPT (or text piped into stdin) it prints the answer and exits; otherwise it opens a chat
 at the ">>> " prompt: /? lists the commands, \"\"\" begins and ends a multi-line message,
 Ctrl+C stops an answer, /bye or Ctrl+D exits. The reasoning is shown dimmed (with NO_COLOR
@@ -26,8 +27,10 @@ from pathlib import Path
 
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
+from qwen35.hub import resolve_model_argument
 
 DEFAULT_CONTEXT = 8192
+TRAILING_WORDS = "prompt"  # cli.py: PROMPT words may also follow the flags
 PROMPT = ">>> "
 CONTINUATION_PROMPT = "... "
 EXIT_HINT = "Use Ctrl + d or /bye to exit."
@@ -35,14 +38,16 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
+    parser.add_argument("model", metavar="MODEL",
+                        help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT)")
     parser.add_argument("prompt", metavar="PROMPT", nargs="*",
                         help="answer this and exit (default: an interactive chat)")
     parser.add_argument("-p", "--prompt", default=None, dest="prompt_flag", metavar="TEXT",
                         help="the one-shot prompt, llama.cpp's spelling (instead of PROMPT; it may follow other flags)")
     parser.add_argument("--mmproj", default=None, metavar="FILE",
                         help="the model's vision projector GGUF, so that messages may carry images "
-                             "(an HF directory with a vision tower needs none)")
+                             "(an HF directory with a vision tower needs none; a pulled model brings its own)")
+    parser.add_argument("--no-mmproj", action="store_true", help="do not load a pulled model's vision projector")
     parser.add_argument("--image", action="append", default=[], dest="images", metavar="FILE",
                         help="an image for the PROMPT (interactive: for the first message); repeatable")
     parser.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_CONTEXT, dest="context", metavar="N",
@@ -78,13 +83,15 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     settings = _settings(args)
     template_source = _read_template(args.chat_template_file)
-    path = Path(args.model)
-    if not path.exists():
-        raise Qwen35Error(f"no model at {args.model}: give the path of a .gguf file or of an HF model directory")
-    _check_image_flags(args, path)
+    _check_image_files(args)
     if args.prompt_flag is not None and args.prompt:
         raise Qwen35Error("give the prompt once: as PROMPT or as -p TEXT")
     prompt = _one_shot_prompt([args.prompt_flag] if args.prompt_flag is not None else args.prompt)
+    resolved = resolve_model_argument(args.model, "qwen35 run")
+    path = resolved.path
+    mmproj = args.mmproj or (str(resolved.mmproj) if resolved.mmproj and not args.no_mmproj else None)
+    if args.images and mmproj is None and not path.is_dir():
+        raise Qwen35Error(f"--image: a GGUF file holds no vision tower; {NO_VISION_FIX}")
 
     from qwen35 import load_model, load_tokenizer
     from qwen35.chat.attachments import check_vision
@@ -96,7 +103,7 @@ def run(args) -> int:
     tokenizer = load_tokenizer(str(path))
     options = load_options(args, path, context=args.context, command="qwen35 run")
     with byte_progress(f"loading {path.name}") as progress:
-        model = load_model(str(path), mmproj=args.mmproj, progress=progress, **options)
+        model = load_model(str(path), mmproj=mmproj, progress=progress, **options)
     template = None
     if template_source is not None:
         template = ChatTemplate(template_source, special_tokens=tokenizer.template_tokens)
@@ -109,21 +116,19 @@ def run(args) -> int:
 
     if prompt is not None:
         return _one_shot(session, prompt, args.verbose)
-    return _interactive(session, path)
+    return _interactive(session, resolved.name)
 
 
 NO_VISION_FIX = "give --mmproj FILE (the model's vision projector GGUF), or use an HF checkpoint with a vision tower"
 
 
-def _check_image_flags(args, path: Path) -> None:
-    """Missing files, and images for a GGUF file without its projector, fail before the model loads."""
+def _check_image_files(args) -> None:
+    """Missing files fail before a pull or a load."""
     if args.mmproj is not None and not Path(args.mmproj).is_file():
         raise Qwen35Error(f"--mmproj {args.mmproj}: no such file")
     for image in args.images:
         if not Path(image).expanduser().is_file():
             raise Qwen35Error(f"--image {image}: no such file")
-    if args.images and args.mmproj is None and not path.is_dir():
-        raise Qwen35Error(f"--image: a GGUF file holds no vision tower; {NO_VISION_FIX}")
 
 
 # -- flags ---------------------------------------------------------------------------------
@@ -283,7 +288,7 @@ def _one_shot(session, text: str, verbose: bool) -> int:
     return 0
 
 
-def _interactive(session, path: Path) -> int:
+def _interactive(session, name: str) -> int:
     from qwen35.chat.session import LineAssembler
 
     try:
@@ -293,7 +298,6 @@ def _interactive(session, path: Path) -> int:
 
     out = sys.stdout
     colour = colour_enabled(out)
-    name = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
     hint = f"{name}: context {session.settings.context_size} tokens. Type /? for help, /bye or Ctrl + d to exit."
     lines = [hint] + [f"Added image '{image.name}' ({image.num_tokens} tokens); it goes with your first message."
                       for image in session.pending_images]

@@ -5,7 +5,8 @@ the commands that load a model (a path, a pulled name, or a name to pull first).
 """
 
 from qwen35.hub.manifest import Entry, Manifest, manifest_path
-from qwen35.hub.pull import ResolvedModel, resolve_model
+from qwen35.hub.pull import ResolvedModel, resolve_model, resolve_model_argument
 from qwen35.hub.tags import ModelRef, parse_model_ref
 
-__all__ = ["Entry", "Manifest", "ModelRef", "ResolvedModel", "manifest_path", "parse_model_ref", "resolve_model"]
+__all__ = ["Entry", "Manifest", "ModelRef", "ResolvedModel", "manifest_path", "parse_model_ref", "resolve_model",
+           "resolve_model_argument"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -286,6 +287,12 @@ def lookup_name(text: str) -> str:
     return parse_model_ref(text).name
 
 
+def looks_like_a_path(text: str) -> bool:
+    """A file name or a path as people type them, never a tag or a repo: ./x, ~/x, /x, x.gguf, a\\b."""
+    return (text.startswith(("/", "./", "../", "~")) or "\\" in text
+            or text.lower().endswith((".gguf", ".safetensors", ".json")))
+
+
 def resolve_model(text: str, *, pull_if_missing: bool = True,
                   announce: Callable[[str], None] | None = None) -> ResolvedModel:
     """A model for run/serve/bench: a path on disk, a pulled name, or a name to pull now (like `ollama run`).
@@ -293,7 +300,9 @@ def resolve_model(text: str, *, pull_if_missing: bool = True,
     `announce` hears that a pull starts and the choices it makes."""
     local = Path(text).expanduser()
     if local.exists():
-        return ResolvedModel(local, None, str(local))
+        return ResolvedModel(local, None, local.name.removesuffix(".gguf"))  # what clients and prompts call it
+    if looks_like_a_path(text):  # a mistyped path must not turn into a download
+        raise Qwen35Error(f"no model at {text}: no such file or directory")
     try:
         name = lookup_name(text)
     except ModelRefError as error:
@@ -311,3 +320,8 @@ def resolve_model(text: str, *, pull_if_missing: bool = True,
         announce(f"{name} {state}: pulling it")
     entry = pull(text, announce=announce)
     return ResolvedModel(Path(entry.path), Path(entry.mmproj) if entry.mmproj else None, entry.name)
+
+
+def resolve_model_argument(text: str, command: str) -> ResolvedModel:
+    """MODEL of run, serve and bench: resolve_model, with a pull's progress announced on stderr."""
+    return resolve_model(text, announce=lambda message: print(f"{command}: {message}", file=sys.stderr, flush=True))

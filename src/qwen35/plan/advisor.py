@@ -61,8 +61,8 @@ class Candidate:
         if self.model_path:
             source = str(self.model_path)
         elif self.mix and self.spec.name in TIER:
-            # The file name as the usual GGUF repos publish it; where to download it follows.
-            source = f"Qwen3.5-{size}-{self.mix}.gguf"
+            # The tag `qwen35 pull` takes (serve pulls it on first use); where it downloads from follows.
+            source = f"qwen3.5:{self.spec.name}-{self.mix.lower()}"
             where = f"  # from hf.co/{HF_REPOS.format(size=size)}"
         else:
             source = "MODEL.gguf"

@@ -2,8 +2,10 @@
 
   qwen35 serve MODEL [--mmproj FILE] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [-c CTX] [-np N] [-t THREADS]
 
-MODEL is a .gguf file (or the first shard of a split one) or an HF directory; --mmproj adds a GGUF
-vision projector so that requests may carry images (an HF directory with a vision tower has it). -np requests decode
+MODEL is a .gguf file (or the first shard of a split one), an HF directory, or a name `qwen35 pull`
+takes (qwen3.5:35b-a3b, owner/name:Q4_K_M), pulled first if it is not yet, and served under that name;
+--mmproj adds a GGUF vision projector so that requests may carry images (an HF directory with a vision
+tower has it, and a pulled model brings the repo's). -np requests decode
 together and share -c tokens of context evenly, as in llama.cpp (-c 32768 -np 4: 8192 tokens per
 request, prompt and reply together); further requests wait in a bounded queue (--queue) and past it
 get 429 with Retry-After.
@@ -20,12 +22,16 @@ from pathlib import Path
 
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
+from qwen35.hub import resolve_model_argument
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="a .gguf file or an HF model directory")
+    parser.add_argument("model", metavar="MODEL",
+                        help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT)")
     parser.add_argument("--mmproj", default=None, metavar="FILE",
-                        help="the model's vision projector GGUF: requests may then carry images")
+                        help="the model's vision projector GGUF: requests may then carry images "
+                             "(a pulled model brings its own)")
+    parser.add_argument("--no-mmproj", action="store_true", help="do not load a pulled model's vision projector")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     parser.add_argument("--api-key", default=os.environ.get("QWEN35_API_KEY"),
@@ -66,8 +72,6 @@ def _check(args) -> None:
         raise Qwen35Error(f"-t must be at least 1, got {args.threads}")
     if args.queue < 0 or args.prefix_cache_mb < 0:
         raise Qwen35Error("--queue and --prefix-cache-mb must not be negative")
-    if not Path(args.model).exists():
-        raise Qwen35Error(f"{args.model}: no such file or directory")
     if args.mmproj is not None and not Path(args.mmproj).is_file():
         raise Qwen35Error(f"--mmproj {args.mmproj}: no such file")
 
@@ -102,11 +106,13 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    path = Path(args.model)
+    resolved = resolve_model_argument(args.model, "qwen35 serve")
+    path = resolved.path
+    mmproj = args.mmproj or (str(resolved.mmproj) if resolved.mmproj and not args.no_mmproj else None)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context // args.parallel,
-                        prefix_cache_mb=args.prefix_cache_mb, name=args.name, api_key=args.api_key,
-                        mmproj=args.mmproj,
+                        prefix_cache_mb=args.prefix_cache_mb, name=args.name or resolved.name, api_key=args.api_key,
+                        mmproj=mmproj,
                         load_options=load_options(args, path, args.context // args.parallel, args.parallel,
                                                   "qwen35 serve"))
     try:
