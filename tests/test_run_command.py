@@ -17,7 +17,8 @@ import pytest
 
 from qwen35.chat.command import AnswerPrinter, colour_enabled
 from qwen35.chat.parser import THINK_END, THINK_START, TOOL_CALL_START, ParsedDelta
-from qwen35.chat.session import ChatSession, ChatSettings, ContextFullError, LineAssembler, Notice
+from qwen35.chat.session import ChatSession, ChatSettings, ContextFullError, Notice
+from qwen35.chat.slash_commands import LineAssembler
 
 SPEED_LINE = re.compile(r"prompt (\d+) tok(?: \(\+\d+ cached\))?, [\d.]+ tok/s · answer (\d+) tok, [\d.]+ tok/s")
 CACHED_SPEED_LINE = re.compile(r"prompt (\d+) tok \(\+(\d+) cached\), [\d.]+ tok/s · answer (\d+) tok")

@@ -289,7 +289,7 @@ def _one_shot(session, text: str, verbose: bool) -> int:
 
 
 def _interactive(session, name: str) -> int:
-    from qwen35.chat.session import LineAssembler
+    from qwen35.chat.slash_commands import LineAssembler
 
     try:
         import readline  # line editing and history for input()

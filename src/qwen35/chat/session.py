@@ -3,7 +3,7 @@
 `ChatSession.answer(text)` adds a user message, renders the whole conversation with the
 chat template, generates the reply and yields it as `ParsedDelta`s (reasoning, content,
 tool calls) and `Notice`s; `ChatSession.command(line)` runs one `/command` and says what
-to show. `LineAssembler` joins Ollama's `\"\"\"` multi-line messages. The terminal side
+to show (`chat.slash_commands`, which also joins Ollama's multi-line messages). The terminal side
 lives in `qwen35.chat.command`.
 
 Decisions:
@@ -33,11 +33,9 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from qwen35.chat.attachments import (
     ChatImage,
@@ -48,44 +46,13 @@ from qwen35.chat.attachments import (
     user_message,
 )
 from qwen35.chat.parser import OutputParser, ParsedDelta, parse_output, prompt_ends_in_reasoning
+from qwen35.chat.slash_commands import CommandResult, run_command
 from qwen35.chat.turn_cache import TurnCache
 from qwen35.engine.generate import generation_steps
-from qwen35.engine.sampler import InvalidSamplingError, SamplingParams
+from qwen35.engine.sampler import SamplingParams
 from qwen35.errors import Qwen35Error
 
 MIN_CONTEXT = 16
-MULTILINE_QUOTE = '"""'
-
-HELP = """Available commands:
-  /set think on|off       turn the model's reasoning on or off (also /set think, /set nothink)
-  /set system TEXT        set the system message (empty: none); /clear keeps it
-  /set temperature X      sampling temperature (0 = greedy); likewise top_k, top_p, min_p,
-                          seed (-1 = random), num_predict (-1 = no limit), repeat_penalty,
-                          presence_penalty, frequency_penalty, num_ctx
-  /set hidethinking       hide the reasoning (/set showthinking shows it again)
-  /show                   the current settings (/show system, /show parameters)
-  /image PATH             attach an image to your next message (a model that reads images)
-  /clear                  forget the conversation (and images not yet sent)
-  /bye                    exit (also /exit, or Ctrl + d)
-  /?, /help               this help
-
-Use \"\"\" to begin and end a multi-line message. Ctrl + c stops an answer.
-In a message, a path to an existing image file (starting with /, ./, ../ or ~; quoted, or with
-"\\ " for spaces; ending .png .jpg .jpeg .webp .gif or .bmp) attaches the image and is taken out
-of the text, when the model reads images."""
-
-# /set NAME -> the sampling option it sets; spellings of Ollama, llama.cpp and the API.
-_SAMPLING_NAMES = {
-    "temperature": "temperature", "temp": "temperature",
-    "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
-    "repeat_penalty": "repetition_penalty", "repetition_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-}
-_INTEGER_OPTIONS = {"top_k", "seed"}
-_MAX_TOKENS_NAMES = {"num_predict", "n_predict", "max_tokens", "max_new_tokens"}
-_CONTEXT_NAMES = {"num_ctx", "ctx_size", "context"}
-_ON, _OFF = {"on", "true", "yes", "1"}, {"off", "false", "no", "0"}
-
 
 class ContextFullError(Qwen35Error):
     """The message cannot fit the context even without the earlier turns."""
@@ -114,12 +81,6 @@ class Notice:
 @dataclass
 class ImageAdded(Notice):
     """An image found in a message and attached to it."""
-
-
-@dataclass
-class CommandResult:
-    text: str = ""
-    exit: bool = False
 
 
 @dataclass
@@ -154,53 +115,6 @@ class TurnStats:
         return " · ".join(parts)
 
 
-class LineAssembler:
-    """Joins the lines of a `\"\"\"` message: a line starting with `\"\"\"` opens one, a line
-    ending with `\"\"\"` closes it (text on those lines is kept); any other line is a message."""
-
-    def __init__(self):
-        self._lines: list[str] | None = None
-
-    @property
-    def pending(self) -> bool:
-        return self._lines is not None
-
-    def reset(self) -> None:
-        self._lines = None
-
-    def feed(self, line: str) -> str | None:
-        """The finished message, or None while a multi-line message is still open."""
-        if self._lines is None:
-            if not line.startswith(MULTILINE_QUOTE):
-                return line
-            line = line[len(MULTILINE_QUOTE):]
-            self._lines = []
-            if line.endswith(MULTILINE_QUOTE):
-                return self._close(line)
-            self._lines.append(line)
-            return None
-        if line.endswith(MULTILINE_QUOTE):
-            return self._close(line)
-        self._lines.append(line)
-        return None
-
-    def _close(self, last_line: str) -> str:
-        lines = [*self._lines, last_line[: -len(MULTILINE_QUOTE)]]
-        self._lines = None
-        return "\n".join(lines).strip("\n")
-
-
-def _images(count: int) -> str:
-    return f"{count} image{'' if count == 1 else 's'}"
-
-
-def _number(text: str, integer: bool) -> int | float:
-    try:
-        return int(text) if integer else float(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not {'a whole number' if integer else 'a number'}") from None
-
-
 class ChatSession:
     """One conversation with a loaded model; see the module docstring for its rules."""
 
@@ -214,7 +128,7 @@ class ChatSession:
         self._turn_cache = TurnCache(model)
         self.pending_images: list[ChatImage] = []  # attached, for the next message
         self.max_context = model.config.max_position_embeddings
-        settings.context_size = self._checked_context(settings.context_size)
+        settings.context_size = self.checked_context(settings.context_size)
         self.sampling_params()  # refuse bad flags before the first message
 
     # -- settings ---------------------------------------------------------------------
@@ -223,7 +137,7 @@ class ChatSession:
         return SamplingParams.from_options(self.model.generation_defaults, max_new_tokens=max_new_tokens,
                                            **self.settings.sampling)
 
-    def _checked_context(self, size: int) -> int:
+    def checked_context(self, size: int) -> int:
         if size == 0:
             return self.max_context
         if size < MIN_CONTEXT:
@@ -242,124 +156,20 @@ class ChatSession:
 
     def command(self, line: str) -> CommandResult:
         """Run one `/command` line."""
-        name, _, rest = line.strip().partition(" ")
-        name, rest = name.lower(), rest.strip()
-        if name in ("/bye", "/exit", "/quit"):
-            return CommandResult(exit=True)
-        if name in ("/?", "/help"):
-            return CommandResult(HELP)
-        if name == "/clear":
-            self.messages.clear()
-            self._turn_cache.clear()
-            unsent, self.pending_images = len(self.pending_images), []
-            unsent_note = f" and {_images(unsent)} not yet sent" if unsent else ""
-            return CommandResult(f"Cleared session context{unsent_note}.")
-        if name == "/image":
-            return CommandResult(self._attach(rest))
-        if name == "/set":
-            return CommandResult(self._set(rest))
-        if name == "/show":
-            return CommandResult(self._show(rest.lower()))
-        return CommandResult(f"Unknown command '{name}'. Type /? for help")
+        return run_command(self, line)
+
+    def clear(self) -> int:
+        """Forget the conversation and the images not yet sent (how many there were)."""
+        self.messages.clear()
+        self._turn_cache.clear()
+        unsent, self.pending_images = len(self.pending_images), []
+        return unsent
 
     def attach_image(self, source, name: str | None = None) -> ChatImage:
         """Encode an image (a path, bytes, ...) for the next message; a bad one raises a one-line Qwen35Error."""
         image = encode_image(self.model, source, name)
         self.pending_images.append(image)
         return image
-
-    def _attach(self, rest: str) -> str:
-        if not rest:
-            waiting = f" ({_images(len(self.pending_images))} attached for the next message)" \
-                if self.pending_images else ""
-            return f"Usage: /image PATH{waiting}"
-        typed = rest[1:-1] if len(rest) > 1 and rest[0] == rest[-1] and rest[0] in "'\"" else rest
-        if not Path(typed).expanduser().exists():
-            typed = typed.replace("\\ ", " ")  # a shell-escaped path, as drag and drop types it
-        try:
-            image = self.attach_image(Path(typed).expanduser(), name=typed)
-        except Qwen35Error as error:
-            return f"Couldn't add image: {error}"
-        waiting = len(self.pending_images)
-        return (f"Added image '{typed}' ({image.num_tokens} tokens); it goes with your next message"
-                + (f", with {waiting - 1} other{'s' if waiting > 2 else ''}." if waiting > 1 else "."))
-
-    def _set(self, rest: str) -> str:
-        key, _, value = rest.partition(" ")
-        key, value = key.lower().replace("-", "_"), value.strip()
-        if key == "parameter":  # Ollama's long form: /set parameter NAME VALUE
-            key, _, value = value.partition(" ")
-            key, value = key.lower().replace("-", "_"), value.strip()
-        if key == "system":
-            self.settings.system = value or None
-            return "Set system message." if value else "Cleared system message."
-        if key in ("think", "nothink"):
-            on = key == "think"
-            if value:
-                if value.lower() not in _ON | _OFF:
-                    return "Usage: /set think on|off"
-                on = on == (value.lower() in _ON)
-            self.settings.think = on
-            return f"Set thinking {'on' if on else 'off'}."
-        if key in ("hidethinking", "showthinking"):
-            self.settings.hide_thinking = key == "hidethinking"
-            return "Reasoning will be hidden." if self.settings.hide_thinking else "Reasoning will be shown."
-        if not key:
-            return "Usage: /set NAME VALUE (see /? for the names)"
-        if not value:
-            return f"Usage: /set {key} VALUE"
-        try:
-            return self._set_number(key, value)
-        except (ValueError, InvalidSamplingError, Qwen35Error) as error:
-            return f"Couldn't set '{key}': {error}"
-
-    def _set_number(self, key: str, value: str) -> str:
-        if key in _MAX_TOKENS_NAMES:
-            count = _number(value, integer=True)
-            if count == 0 or count < -1:
-                raise ValueError("use a number of tokens >= 1, or -1 for no limit")
-            self.settings.max_new_tokens = None if count == -1 else count
-        elif key in _CONTEXT_NAMES:
-            self.settings.context_size = self._checked_context(_number(value, integer=True))
-        elif key in _SAMPLING_NAMES:
-            option = _SAMPLING_NAMES[key]
-            number = _number(value, integer=option in _INTEGER_OPTIONS)
-            if option == "seed" and number == -1:
-                number = None  # llama.cpp's -1: a fresh random seed each answer
-            trial = {**self.settings.sampling, option: number}
-            SamplingParams.from_options(self.model.generation_defaults, **trial)  # validates
-            self.settings.sampling = trial
-        else:
-            return f"Unknown parameter '{key}'. Type /? for help"
-        return f"Set parameter '{key}' to '{value}'"
-
-    def _show(self, what: str) -> str:
-        system = self.settings.system
-        if what == "system":
-            return system if system else "No system message was specified."
-        params = self.sampling_params()
-        lines = [
-            f"context {self.settings.context_size} tokens"
-            f", answers up to {self.settings.max_new_tokens or 'the end of the context'}"
-            + (" tokens" if self.settings.max_new_tokens else ""),
-            f"temperature {params.temperature:g}, top_k {params.top_k}, top_p {params.top_p:g}, "
-            f"min_p {params.min_p:g}, repeat_penalty {params.repetition_penalty:g}, "
-            f"seed {'random' if params.seed is None else params.seed}",
-        ]
-        if what == "parameters":
-            return "\n".join(lines)
-        think = {None: "template default", True: "on", False: "off"}[self.settings.think]
-        lines.append(f"thinking {think}{', hidden' if self.settings.hide_thinking else ''}")
-        if self.settings.template_kwargs:
-            lines.append(f"template options {json.dumps(self.settings.template_kwargs)}")
-        lines.append(f"system message: {system!r}" if system else "no system message")
-        turns = sum(message["role"] == "user" for message in self.messages)
-        images = len(message_images(self.messages))
-        lines.append(f"{turns} turn{'' if turns == 1 else 's'} in the history"
-                     + (f", with {_images(images)}" if images else ""))
-        if self.pending_images:
-            lines.append(f"{_images(len(self.pending_images))} attached for the next message")
-        return "\n".join(lines)
 
     # -- answering --------------------------------------------------------------------
 
