@@ -160,9 +160,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
 
+    from qwen35.server.anthropic_routes import router as anthropic_router
     from qwen35.server.ollama_routes import router as ollama_router
     from qwen35.server.openai_routes import router as openai_router
+    from qwen35.server.responses_routes import router as responses_router
 
-    app.include_router(openai_router, dependencies=[Depends(check_api_key)])
-    app.include_router(ollama_router, dependencies=[Depends(check_api_key)])
+    for router in (openai_router, responses_router, anthropic_router, ollama_router):
+        app.include_router(router, dependencies=[Depends(check_api_key)])
     return app
