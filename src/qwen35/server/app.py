@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from qwen35 import __version__
 from qwen35.engine.service import EngineService
-from qwen35.server.errors import APIError, error_body, install_error_handlers
+from qwen35.server.errors import APIError, error_payload, install_error_handlers
 from qwen35.server.metrics import HTTPCounters, render_metrics
 
 MAX_BODY_BYTES = 32 << 20  # images arrive base64-encoded inside the JSON
@@ -77,7 +77,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(send)
+            return await self._refuse(scope, send)
         received = 0
 
         async def counted_receive():
@@ -92,10 +92,12 @@ class BodyLimit:
         try:
             await self.app(scope, counted_receive, send)
         except _BodyTooLarge:
-            await self._refuse(send)
+            await self._refuse(scope, send)
 
-    async def _refuse(self, send):
-        response = JSONResponse(error_body(413, f"The request body is over {self.limit >> 20} MiB."), 413)
+    async def _refuse(self, scope, send):
+        body, status = error_payload(scope.get("path", ""),
+                                     APIError(413, f"The request body is over {self.limit >> 20} MiB."))
+        response = JSONResponse(body, status)
         await response({"type": "http"}, None, send)
 
 

@@ -1,4 +1,5 @@
-"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with a fitting status.
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with a fitting status;
+Ollama's on its /api routes and Anthropic's on /v1/messages.
 
 Every failure a client can cause ends here, so a bad request never takes the server down and the
 client always gets one readable sentence saying what to change.
@@ -42,6 +43,18 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(BaseModel):
+    """Anthropic's error body (its /v1/messages routes)."""
+
+    type: str = "error"
+    error: AnthropicErrorDetail
+
+
 class OllamaErrorBody(BaseModel):
     """Ollama's error body (its /api routes)."""
 
@@ -78,13 +91,38 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "param": param, "code": code}}
 
 
+# Anthropic answers no 422 (a malformed field is a 400) and says "overloaded" with 529 where we say 503.
+# Anthropic answers no 422 (a malformed field is a 400) and says "overloaded" with 529 where we say 503.
+_ANTHROPIC_STATUS = {422: 400, 503: 529}
+_ANTHROPIC_TYPE_BY_STATUS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                             404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                             500: "api_error", 529: "overloaded_error"}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    return {"type": "error", "error": {"type": _ANTHROPIC_TYPE_BY_STATUS.get(status, "invalid_request_error"),
+                                       "message": message}}
+
+
+def error_payload(path: str, error: APIError) -> tuple[dict, int]:
+    """The body and status of `error` in the shape the clients of `path` read."""
+    if path.startswith("/api/"):
+        return {"error": error.message}, error.status
+    if is_anthropic_path(path):
+        status = _ANTHROPIC_STATUS.get(error.status, error.status)
+        return anthropic_error_body(status, error.message), status
+    return error_body(error.status, error.message, error.param, error.code), error.status
+
+
 def error_response(error: APIError, request: Request | None = None) -> JSONResponse:
-    """OpenAI's error body; Ollama's own (`{"error": "..."}`) on its /api routes, which its clients read."""
-    if request is not None and request.url.path.startswith("/api/"):
-        body = {"error": error.message}
-    else:
-        body = error_body(error.status, error.message, error.param, error.code)
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    """OpenAI's error body; Ollama's own (`{"error": "..."}`) on its /api routes and Anthropic's on
+    /v1/messages, which their clients read."""
+    body, status = error_payload(request.url.path if request is not None else "", error)
+    return JSONResponse(body, status_code=status, headers=error.headers)
 
 
 def _describe_validation(errors: list[dict]) -> tuple[int, str, str | None, str]:

@@ -80,5 +80,7 @@ async def attach_images(state, job) -> None:
     check_context(limit, len(prepared), job.max_tokens)
     request.prompt_ids = prepared.token_ids
     request.prepared = prepared
-    request.max_new_tokens = job.max_tokens if job.max_tokens is not None else limit - len(prepared)
+    # Without a max_tokens, up to the context (or the cap a route set, if lower).
+    request.max_new_tokens = job.max_tokens if job.max_tokens is not None else \
+        min(limit - len(prepared), request.max_new_tokens)
     request.snapshot_points = turn_boundaries(state.tokenizer, prepared.token_ids)

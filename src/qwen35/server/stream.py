@@ -46,6 +46,7 @@ class End:
     completion_tokens: int
     cached_tokens: int
     error: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended the reply, if one did
 
 
 class OutputParser(Protocol):
@@ -158,7 +159,7 @@ async def _run(handle, tokenizer, parser: OutputParser, stop_strings: list[str],
                 finish = step.finish
                 reason = "stop" if stopped_by_string else finish.reason
                 yield End(reason, finish.prompt_tokens, produced if stopped_by_string else finish.completion_tokens,
-                          finish.cached_tokens, finish.error)
+                          finish.cached_tokens, finish.error, matcher.matched)
                 return
     finally:
         if watcher is not None:
