@@ -98,3 +98,93 @@ def test_bad_arguments_are_one_line_errors(fixtures, capsys, args, message):
 def test_missing_model_is_an_error(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "absent.gguf")]) == 1
     assert "no model at" in capsys.readouterr().err
+
+
+# -- llama-bench's lists, ranges, -pg, -d and output formats -------------------------------------
+
+# Written from llama-bench's README: "512,1024", ranges first-last (+1), first-last+step, first-last*mult.
+@pytest.mark.parametrize("text,values", [
+    ("512", [512]), ("128,512", [128, 512]), ("128-1024*2", [128, 256, 512, 1024]),
+    ("0-8192+4096", [0, 4096, 8192]), ("1-3", [1, 2, 3]), ("0", [0]), ("16, 32", [16, 32]),
+])
+def test_counts_are_llama_bench_lists_and_ranges(text, values):
+    from qwen35.bench import parse_counts
+
+    assert parse_counts(text, "-p") == values
+
+
+@pytest.mark.parametrize("text", ["abc", "10-1", "0-8*2", "1-5*1", "0-100000+1", "-5", "1,,2"])
+def test_bad_counts_are_one_line_errors(text):
+    from qwen35.bench import parse_counts
+    from qwen35.errors import Qwen35Error
+
+    with pytest.raises(Qwen35Error) as caught:
+        parse_counts(text, "-d")
+    assert str(caught.value).startswith("-d ") and "\n" not in str(caught.value)
+
+
+def test_tests_run_in_llama_bench_order_and_names():
+    from qwen35.bench import plan_tests
+
+    tests = plan_tests([16, 0, 32], [4], [(16, 4)], [0, 64])
+    assert [t.name for t in tests] == ["pp16", "pp32", "tg4", "pp16+tg4",
+                                       "pp16 @ d64", "pp32 @ d64", "tg4 @ d64", "pp16+tg4 @ d64"]
+
+
+def test_depth_fills_the_cache_first_and_every_test_is_reported(fixtures, capsys, monkeypatch):
+    """-d 24: each repetition's cache first takes 24 tokens (untimed), then the test's own; -pg times both."""
+    from qwen35.model.api import Model
+
+    seen = []
+    forward = Model.forward
+
+    def spy(self, input_ids, cache, *args, **kwargs):
+        seen.append((int(cache.lengths.max()), input_ids.shape[1]))
+        return forward(self, input_ids, cache, *args, **kwargs)
+
+    monkeypatch.setattr(Model, "forward", spy)
+    report = _bench_json(capsys, fixtures / "tiny" / "dense-Q4_K_M.gguf", "-p", 8, "-n", 2, "-pg", "8,2",
+                         "-d", "0,24", "-r", 2, "-t", 1, "--no-warmup", "--no-bandwidth")
+    tests = report["tests"]
+    assert [t["test"] for t in tests] == ["pp8", "tg2", "pp8+tg2", "pp8 @ d24", "tg2 @ d24", "pp8+tg2 @ d24"]
+    assert [(t["n_prompt"], t["n_gen"], t["n_depth"]) for t in tests] == [
+        (8, 0, 0), (0, 2, 0), (8, 2, 0), (8, 0, 24), (0, 2, 24), (8, 2, 24)]
+    for test in tests:
+        assert len(test["samples"]) == 2 and test["tok_s"] == statistics.median(test["samples"])
+    one_rep = {  # (cache length before, tokens) of each forward call, per repetition
+        "pp8": [(0, 8)], "tg2": [(0, 1), (1, 1)], "pp8+tg2": [(0, 8), (8, 1), (9, 1)],
+        "pp8 @ d24": [(0, 24), (24, 8)], "tg2 @ d24": [(0, 24), (24, 1), (25, 1)],
+        "pp8+tg2 @ d24": [(0, 24), (24, 8), (32, 1), (33, 1)],
+    }
+    assert seen == [call for t in tests for call in one_rep[t["test"]] * 2]
+    # The first version's keys stay for scripts: the first pp and tg tests.
+    assert (report["n_prompt"], report["n_gen"]) == (8, 2)
+    assert report["pp_samples"] == tests[0]["samples"] and report["tg_samples"] == tests[1]["samples"]
+
+
+def test_jsonl_and_csv_give_a_record_per_test(fixtures, capsys):
+    import csv
+    import io
+
+    model = fixtures / "tiny" / "dense-Q4_K_M.gguf"
+    common = [str(model), "-p", "4,8", "-n", "0", "-r", "1", "-t", "1", "--no-bandwidth"]
+    assert main(["bench", *common, "-o", "jsonl"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["test"], r["n_prompt"], r["threads"], r["model"]) for r in lines] == [
+        ("pp4", 4, 1, str(model)), ("pp8", 8, 1, str(model))]
+    assert all(r["tok_s"] > 0 for r in lines)
+    assert main(["bench", *common, "-o", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["test"], r["n_prompt"], r["n_depth"]) for r in rows] == [("pp4", "4", "0"), ("pp8", "8", "0")]
+    assert all(float(r["tok_s"]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-pg", "512"], "-pg 512: give PP,TG"),
+    (["-p", "0", "-n", "0"], "nothing to measure"),
+    (["-d", "100000000"], "a test needs"),
+])
+def test_bad_test_lists_are_one_line_errors(fixtures, capsys, args, message):
+    assert main(["bench", str(fixtures / "tiny" / "dense-Q4_K_M.gguf"), "-r", "1", "--no-bandwidth", *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

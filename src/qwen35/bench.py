@@ -10,21 +10,25 @@ Each figure is the median over -r repetitions, after one warm-up repetition.
 Also reported: peak resident memory, the weight bytes one decoded token reads
 (routed experts counted at top-k of E), the machine's measured read bandwidth, and
 decode speed as a fraction of that roofline (bandwidth / bytes per token).
+
+As in llama-bench, -p, -n and -d take lists ("512,2048") and ranges ("128-1024*2",
+"0-8192+4096"), every combination is a test; -pg PP,TG times a prompt and its generation
+together; -d N first fills the cache with N tokens (not timed), so "tg128 @ d8192" is decode
+speed at a long context; -o md|json|jsonl|csv picks the output (bench_report.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
+from qwen35.bench_report import OUTPUT_FORMATS, BenchTest, format_report, make_result
 from qwen35.hub import resolve_model_argument
 
 DEFAULT_REPETITIONS = 5
@@ -35,8 +39,14 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.")
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="a .gguf file (first shard of a split one), an HF checkpoint folder, "
                                       "or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT)")
-    parser.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for pp (default 512; 0 skips)")
-    parser.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens for tg (default 128; 0 skips)")
+    parser.add_argument("-p", "--n-prompt", default="512", metavar="N[,N...]",
+                        help="prompt tokens for pp tests (default 512; 0 skips; lists and ranges as llama-bench)")
+    parser.add_argument("-n", "--n-gen", default="128", metavar="N[,N...]",
+                        help="generated tokens for tg tests (default 128; 0 skips)")
+    parser.add_argument("-pg", action="append", default=[], dest="prompt_gen", metavar="PP,TG",
+                        help="a prompt of PP tokens then TG generated, timed together (repeatable)")
+    parser.add_argument("-d", "--n-depth", default="0", metavar="N[,N...]",
+                        help="tokens already in the cache before each test (default 0)")
     parser.add_argument("-t", "--threads", type=int, default=None,
                         help="CPU threads (default: the CPUs this process may use)")
     parser.add_argument("-r", "--repetitions", type=int, default=DEFAULT_REPETITIONS,
@@ -48,18 +58,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up repetition")
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the memory bandwidth probe")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt tokens")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("-o", "--output", choices=OUTPUT_FORMATS, default="md",
+                        help="md (llama-bench's table, default), json (one object), jsonl (a line a test) or csv")
+    parser.add_argument("--json", action="store_const", const="json", dest="output", help="the same as -o json")
     add_device_arguments(parser)
 
 
 def run(args) -> int:
     threads = args.threads if args.threads is not None else len(os.sched_getaffinity(0))
-    for value, name, low in ((args.n_prompt, "-p", 0), (args.n_gen, "-n", 0), (threads, "-t", 1),
-                             (args.repetitions, "-r", 1)):
-        if value < low:
-            raise Qwen35Error(f"{name} must be at least {low}, got {value}")
-    if args.n_prompt == 0 and args.n_gen == 0:
-        raise Qwen35Error("nothing to measure: -p and -n are both 0")
+    for value, name in ((threads, "-t"), (args.repetitions, "-r")):
+        if value < 1:
+            raise Qwen35Error(f"{name} must be at least 1, got {value}")
+    tests = plan_tests(parse_counts(args.n_prompt, "-p"), parse_counts(args.n_gen, "-n"),
+                       [parse_pair(text) for text in args.prompt_gen], parse_counts(args.n_depth, "-d"))
     path = resolve_model_argument(args.model, "qwen35 bench").path
 
     import torch
@@ -67,34 +78,31 @@ def run(args) -> int:
     import qwen35
 
     torch.set_num_threads(threads)
-    progress = _Progress(enabled=not args.json and sys.stderr.isatty())
+    progress = _Progress(enabled=args.output == "md" and sys.stderr.isatty())
     progress.show(f"loading {path.name}")
-    options = load_options(args, path, context=args.n_prompt + args.n_gen, command="qwen35 bench")
+    longest = max(test.n_depth + test.n_prompt + test.n_gen for test in tests)
+    options = load_options(args, path, context=longest, command="qwen35 bench")
     model = qwen35.load_model(path, precision=args.precision, **options,
                               progress=lambda done, total: progress.show(f"loading {path.name}: "
                                                                          f"{done / 2**20:,.0f} of {total / 2**20:,.0f} MiB"))
-    if args.n_prompt + args.n_gen > model.config.context_length:
-        raise Qwen35Error(f"-p plus -n exceeds the model's context of {model.config.context_length} tokens")
+    if longest > model.config.context_length:
+        raise Qwen35Error(f"a test needs {longest} tokens of context (-d + -p + -n): more than the model's "
+                          f"{model.config.context_length}")
     generator = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, max(args.n_prompt, 1)), generator=generator).to(model.device)
-    gen_tokens = torch.randint(0, vocab, (1, max(args.n_gen, 1)), generator=generator)
+    longest_prompt = max([test.n_depth for test in tests] + [test.n_prompt for test in tests])
+    prompt_tokens = torch.randint(0, vocab, (1, max(longest_prompt, 1)), generator=generator).to(model.device)
+    gen_tokens = torch.randint(0, vocab, (1, max(max(test.n_gen for test in tests), 1)), generator=generator)
 
-    pp_samples, tg_samples = [], []
     total = args.repetitions + (0 if args.no_warmup else 1)
-    for rep in range(total):
-        warm_up = not args.no_warmup and rep == 0
-        label = "warm-up" if warm_up else f"rep {rep + (1 if args.no_warmup else 0)}/{args.repetitions}"
-        if args.n_prompt:
-            progress.show(f"pp{args.n_prompt} {label}")
-            seconds = time_prefill(model, prompt, args.all_logits)
+    for test in tests:
+        depth = prompt_tokens[:, :test.n_depth] if test.n_depth else None
+        for rep in range(total):
+            warm_up = not args.no_warmup and rep == 0
+            progress.show(f"{test.name} {'warm-up' if warm_up else f'rep {rep + args.no_warmup}/{args.repetitions}'}")
+            seconds = time_test(model, test, prompt_tokens, gen_tokens, depth, args.all_logits)
             if not warm_up:
-                pp_samples.append(args.n_prompt / seconds)
-        if args.n_gen:
-            progress.show(f"tg{args.n_gen} {label}")
-            seconds = time_decode(model, gen_tokens)
-            if not warm_up:
-                tg_samples.append(args.n_gen / seconds)
+                test.samples.append((test.n_prompt + test.n_gen) / seconds)
     peak_rss = peak_rss_bytes()  # before the probe's own buffer
     bandwidth = None
     if not args.no_bandwidth:
@@ -103,47 +111,108 @@ def run(args) -> int:
         bandwidth = measure_gpu_bandwidth(model.device) if on_gpu else measure_read_bandwidth(threads)
     progress.clear()
 
-    result = _result(args, path, model, threads, pp_samples, tg_samples, bandwidth, peak_rss)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_table(result))
+    result = make_result(args, path, model, threads, tests, bandwidth, peak_rss, decode_bytes_per_token(path))
+    print(format_report(result, args.output))
     return 0
+
+
+# ------------------------------------------------------------------ what to measure
+
+MAX_TESTS = 256
+_RANGE = re.compile(r"(\d+)-(\d+)(?:([+*])(\d+))?")
+
+
+def parse_counts(text: str, flag: str) -> list[int]:
+    """llama-bench's values: "512", "128,512", ranges "first-last" (step 1), "first-last+step", "first-last*factor"."""
+    values: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if part.isdigit():
+            values.append(int(part))
+            continue
+        match = _RANGE.fullmatch(part)
+        if match is None:
+            raise Qwen35Error(f"{flag} {text}: not a count, a list (512,1024) or a range (128-1024*2, 0-8192+4096)")
+        value, last, how, step = int(match[1]), int(match[2]), match[3] or "+", int(match[4] or 1)
+        if last < value or step < 1 or (how == "*" and (step < 2 or value < 1)):
+            raise Qwen35Error(f"{flag} {part}: an empty or endless range")
+        while value <= last:
+            values.append(value)
+            value = value + step if how == "+" else value * step
+            if len(values) > MAX_TESTS:
+                raise Qwen35Error(f"{flag} {text}: more than {MAX_TESTS} values")
+    return values
+
+
+def parse_pair(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts) or not any(int(p) for p in parts):
+        raise Qwen35Error(f"-pg {text}: give PP,TG token counts, e.g. -pg 512,128")
+    return int(parts[0]), int(parts[1])
+
+
+def plan_tests(prompts: list[int], gens: list[int], pairs: list[tuple[int, int]], depths: list[int]) -> list[BenchTest]:
+    """llama-bench's order: at each depth, the pp tests, then tg, then pp+tg; a count of 0 is no test."""
+    tests = []
+    for depth in depths:
+        tests += [BenchTest(n_prompt=n, n_gen=0, n_depth=depth) for n in prompts if n > 0]
+        tests += [BenchTest(n_prompt=0, n_gen=n, n_depth=depth) for n in gens if n > 0]
+        tests += [BenchTest(n_prompt=p, n_gen=g, n_depth=depth) for p, g in pairs]
+    if not tests:
+        raise Qwen35Error("nothing to measure: -p and -n are 0 and no -pg is given")
+    if len(tests) > MAX_TESTS:
+        raise Qwen35Error(f"{len(tests)} tests: at most {MAX_TESTS}")
+    return tests
 
 
 # ------------------------------------------------------------------ timing
 
 
-def time_prefill(model, prompt, all_logits: bool = False) -> float:
-    """Seconds to take the whole prompt into a fresh cache.
-
-    As llama-bench (and the server's prefill) does, the output head runs on the last
-    position only, in the model's prefill chunks; `all_logits` times logits for every position.
-    """
+def time_test(model, test: BenchTest, prompt_tokens, gen_tokens, depth=None, all_logits: bool = False) -> float:
+    """Seconds of one repetition of `test` on a fresh cache holding `depth` (not timed). In a pp+tg test the
+    prompt's time and the generation's are added; a GPU's graph capture between them is not counted."""
     cache = model.make_cache(1)
+    if depth is not None:
+        model.forward(depth, cache, last_only=True)
+    seconds = 0.0
+    if test.n_prompt:
+        seconds += _timed(model, lambda: prefill(model, prompt_tokens[:, :test.n_prompt], cache, all_logits))
+    if test.n_gen:
+        decoder = _graph_decoder(model, cache, test.n_gen)
+        seconds += _timed(model, lambda: decode(model, gen_tokens[:, :test.n_gen], cache, decoder))
+    return seconds
+
+
+def _timed(model, work) -> float:
     _synchronize(model)
     started = time.perf_counter()
-    model.forward(prompt, cache, last_only=not all_logits)
+    work()
     _synchronize(model)
     return time.perf_counter() - started
 
 
-def time_decode(model, tokens) -> float:
-    """Seconds of len(tokens) single-token forward calls on a fresh cache (on a GPU, replays of a captured
-    step, as llama.cpp's CUDA backend replays its graphs; the capture is not timed)."""
-    from qwen35.engine.cuda_graphs import GraphDecoder, graphs_supported
+def prefill(model, prompt, cache, all_logits: bool = False) -> None:
+    """As llama-bench (and the server's prefill) does, the output head runs on the last position only, in
+    the model's prefill chunks; `all_logits` times logits for every position."""
+    model.forward(prompt, cache, last_only=not all_logits)
 
-    cache = model.make_cache(1)
-    decoder = GraphDecoder(model, cache, tokens.shape[1] + 1) if graphs_supported(model) else None
-    _synchronize(model)
-    started = time.perf_counter()
+
+def decode(model, tokens, cache, decoder=None) -> None:
+    """Single-token forward calls (on a GPU, replays of a captured step, as llama.cpp's CUDA backend replays
+    its graphs; the capture, made before, is not timed)."""
     for i in range(tokens.shape[1]):
         if decoder is not None:
             decoder.step(tokens[:, i])
         else:
             model.forward(tokens[:, i:i + 1], cache)
-    _synchronize(model)
-    return time.perf_counter() - started
+
+
+def _graph_decoder(model, cache, n_gen: int):
+    from qwen35.engine.cuda_graphs import GraphDecoder, graphs_supported
+
+    if not graphs_supported(model):
+        return None
+    return GraphDecoder(model, cache, int(cache.lengths.max()) + n_gen + 1)
 
 
 def _synchronize(model) -> None:
@@ -222,102 +291,8 @@ def decode_bytes_per_token(path: Path) -> int | None:
         gguf.close()
 
 
-# ------------------------------------------------------------------ report
-
-
-def _median(samples: list[float]) -> float | None:
-    return statistics.median(samples) if samples else None
-
-
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _result(args, path, model, threads, pp_samples, tg_samples, bandwidth, peak_rss: int) -> dict:
-    import torch
-
-    tg = _median(tg_samples)
-    bytes_per_token = decode_bytes_per_token(path)
-    roofline = bandwidth / bytes_per_token if bandwidth and bytes_per_token else None
-    return {
-        "model": str(path),
-        "architecture": model.config.architecture,
-        "layers": model.config.num_layers,
-        "model_bytes": _model_bytes(path),
-        "precision": args.precision,
-        "n_prompt": args.n_prompt,
-        "n_gen": args.n_gen,
-        "threads": threads,
-        "repetitions": args.repetitions,
-        "pp_logits": "all" if args.all_logits else "last",
-        "pp_tok_s": _median(pp_samples),
-        "tg_tok_s": tg,
-        "pp_samples": pp_samples,
-        "tg_samples": tg_samples,
-        "peak_rss_bytes": peak_rss,
-        "bytes_per_token": bytes_per_token,
-        "bandwidth_bytes_s": bandwidth,
-        "tg_roofline_tok_s": roofline,
-        "tg_roofline_fraction": tg / roofline if tg and roofline else None,
-        "torch": torch.__version__,
-        "backend": _backend(model),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
-    }
-
-
-def _backend(model) -> str:
-    """The card, or the CPU's vector extensions, or both for a split model (-ngl / --n-cpu-moe)."""
-    import torch
-
-    devices = model.network.devices
-    gpus = sorted({torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"})
-    cpu = f"torch {torch.backends.cpu.get_cpu_capability()}"
-    if not gpus:
-        return cpu
-    return " + ".join([f"CUDA {name}" for name in gpus] + (["CPU"] if any(d.type == "cpu" for d in devices) else []))
-
-
-def _model_bytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    return path.stat().st_size
-
-
-def _human_bytes(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
-
-
-def _spread(samples: list[float]) -> str:
-    return f" ± {statistics.stdev(samples):.2f}" if len(samples) > 1 else ""
-
-
-def format_table(result: dict) -> str:
-    """llama-bench's markdown table, with the median and the spread of the repetitions."""
-    name = Path(result["model"]).name
-    size = _human_bytes(result["model_bytes"])
-    rows = []
-    if result["n_prompt"]:
-        rows.append((f"pp{result['n_prompt']}", f"{result['pp_tok_s']:.2f}{_spread(result['pp_samples'])}"))
-    if result["n_gen"]:
-        rows.append((f"tg{result['n_gen']}", f"{result['tg_tok_s']:.2f}{_spread(result['tg_samples'])}"))
-    header = ("model", "size", "backend", "threads", "test", "t/s (median)")
-    backend = result.get("backend") or f"torch {result['cpu_capability']}"
-    lines = [header] + [(name, size, backend, str(result["threads"]), test, speed) for test, speed in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths)) + " |" for line in lines]
-    out.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    out.append("")
-    out.append(f"peak RSS {_human_bytes(result['peak_rss_bytes'])}")
-    if result["bytes_per_token"]:
-        out.append(f"weights read per decoded token {result['bytes_per_token'] / 2**20:,.1f} MiB")
-    if result["bandwidth_bytes_s"]:
-        where = "GPU copy" if result.get("backend", "").startswith("CUDA") else f"{result['threads']} threads"
-        out.append(f"measured read bandwidth {result['bandwidth_bytes_s'] / 1e9:.1f} GB/s ({where})")
-    if result["tg_roofline_fraction"] is not None:
-        out.append(f"decode roofline {result['tg_roofline_tok_s']:.1f} tok/s; tg reaches "
-                   f"{100 * result['tg_roofline_fraction']:.0f}% of it")
-    return "\n".join(out)
 
 
 class _Progress:
