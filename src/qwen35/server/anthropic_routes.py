@@ -85,7 +85,7 @@ def _user_messages(blocks, images: list[bytes]) -> list[dict]:
 
     def flush():
         if parts:
-            messages.append({"role": "user", "content": _joined(parts)})
+            messages.append({"role": "user", "content": _joined(list(parts))})
             parts.clear()
 
     for where, block in blocks:
@@ -207,6 +207,9 @@ def render_request(state, body: PromptFields) -> RenderedRequest:
             raise APIError(400, "A final assistant message (a prefilled reply) cannot be combined with thinking; "
                                 "disable thinking or end the messages with a user turn.", param="messages")
         prefill = final["content"]
+        if not turns:
+            raise APIError(400, "The messages need a user turn before the final assistant message (a prefilled "
+                                "reply).", param="messages")
     for role, blocks in turns:
         if role == "user":
             messages.extend(_user_messages(blocks, images))
