@@ -87,6 +87,8 @@ def test_function_calls_and_their_outputs(client):
     one = client.responses.create(model="tiny", input="call Rome and Paris", tools=[WEATHER],
                                   parallel_tool_calls=False)
     assert _types(one.output) == ["reasoning", "function_call"] and one.parallel_tool_calls is False
+    capped = client.responses.create(model="tiny", input="call Rome and Paris", tools=[WEATHER], max_tool_calls=1)
+    assert _types(capped.output) == ["reasoning", "function_call"] and capped.max_tool_calls == 1
     # The client sends the calls' results back, with the whole conversation or by previous_response_id.
     results = [{"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}]
     whole = client.responses.create(model="tiny", tools=[WEATHER], input=[

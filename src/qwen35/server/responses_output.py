@@ -37,9 +37,11 @@ def _call_item(call: ParsedToolCall, item_id: str, status: str, arguments: str) 
 
 
 class OutputBuilder:
-    """Deltas -> output items, and the events (without sequence numbers) that stream them."""
+    """Deltas -> output items, and the events (without sequence numbers) that stream them; function calls
+    past `max_calls` (the request's max_tool_calls) are dropped."""
 
-    def __init__(self):
+    def __init__(self, max_calls: int | None = None):
+        self.max_calls = max_calls
         self.items: list[dict[str, Any]] = []
         self.content: list[str] = []
         self.reasoning: list[str] = []
@@ -55,6 +57,8 @@ class OutputBuilder:
             self.content.append(delta.content)
             events += self._text("message", delta.content)
         for call in delta.tool_calls:
+            if self.max_calls is not None and len(self.calls) >= self.max_calls:
+                continue
             self.calls.append(call)
             events += self.close("completed")
             events += self._call(call)

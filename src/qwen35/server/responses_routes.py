@@ -180,7 +180,7 @@ class _Reply:
     def __init__(self, state, body: ResponsesRequest, job, store: ResponseStore, history, new_items):
         self.state, self.body, self.job, self.store = state, body, job, store
         self.history, self.new_items = history, new_items
-        self.builder = OutputBuilder()
+        self.builder = OutputBuilder(body.max_tool_calls)
         self.id, self.created_at = new_id("resp"), int(time.time())
 
     def response(self, status: str, **fields) -> dict[str, Any]:
