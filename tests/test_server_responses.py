@@ -194,10 +194,10 @@ def test_previous_response_id_drops_the_instructions_as_openai_does(client, toke
     assert second.usage.input_tokens == len(tokenizer.encode(prompt))
 
 
-def test_truncation_auto_drops_the_oldest_turns(client):
-    long = "word " * 300  # ~300 tokens a turn; the server's context is 1024
+def test_truncation_auto_drops_the_fewest_oldest_turns_that_make_it_fit(client, tokenizer):
+    long = "word " * 200  # ~200 tokens a turn; the server's context is 1024
     history = []
-    for index in range(4):
+    for index in range(6):
         history += [{"role": "user", "content": f"{index} {long}"},
                     {"role": "assistant", "content": f"answer {index}"}]
     items = [{"role": "developer", "content": "Be brief."}, *history, {"role": "user", "content": "last one"}]
@@ -206,7 +206,12 @@ def test_truncation_auto_drops_the_oldest_turns(client):
     assert error.value.body["code"] == "context_length_exceeded" and error.value.body["param"] == "input"
     response = client.responses.create(model="tiny", input=items, truncation="auto", reasoning={"effort": "none"})
     assert response.output_text == "Answer: last one" and response.truncation == "auto"
-    assert 600 < response.usage.input_tokens < 1024
+    system = {"role": "system", "content": "Be brief."}
+    lengths = [len(tokenizer.encode(tokenizer.apply_chat_template([system, *history[2 * dropped:], items[-1]],
+                                                                  enable_thinking=False)))
+               for dropped in range(7)]
+    assert response.usage.input_tokens == next(length for length in lengths if length < 1024)
+    assert lengths[0] > 1024 and response.usage.input_tokens < lengths[0]
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, scripted):
@@ -419,3 +424,11 @@ def test_json_schema_output_validates(real_client):
     parsed = real_client.responses.parse(model="dense", input="Describe a pet as JSON.", max_output_tokens=200,
                                          reasoning={"effort": "none"}, text_format=Pet, **GREEDY)
     assert isinstance(parsed.output_parsed, Pet)
+
+
+def test_openapi_documents_the_routes(scripted):
+    paths = httpx.get(scripted[0] + "/openapi.json").json()["paths"]
+    assert {"post"} <= set(paths["/v1/responses"]) and {"get", "delete"} <= set(paths["/v1/responses/{response_id}"])
+    assert "/v1/responses/{response_id}/input_items" in paths
+    assert paths["/v1/responses"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]["$ref"] \
+        .endswith("/ErrorBody")

@@ -197,8 +197,9 @@ def check_images(items: list[dict[str, Any]]) -> None:
         for key in ("content", "output"):
             parts = item.get(key) if isinstance(item, dict) else None
             for part_index, part in enumerate(parts if isinstance(parts, list) else []):
-                if isinstance(part, dict) and part.get("type") == "input_image" and isinstance(part.get("image_url"), str):
-                    openai_image_bytes(part["image_url"], f"input.{index}.{key}.{part_index}.image_url")
+                url = part.get("image_url") if isinstance(part, dict) and part.get("type") == "input_image" else None
+                if isinstance(url, str):
+                    openai_image_bytes(url, f"input.{index}.{key}.{part_index}.image_url")
 
 
 def chat_messages(instructions: str | None, items: list[dict[str, Any]], history: int = 0) -> list[dict[str, Any]]:

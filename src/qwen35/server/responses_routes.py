@@ -110,38 +110,51 @@ def _in_responses_terms(error: APIError) -> APIError:
     return error
 
 
-def _without_first_turn(items: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The conversation less its oldest turn (up to its next user message); leading system and developer
-    messages stay. None when only one turn is left."""
+def _turn_cuts(items: list[dict[str, Any]]) -> tuple[int, list[int]]:
+    """Where the conversation may be cut: the leading system and developer messages (kept), and the
+    places where a later turn begins (a user message after the first item)."""
     def is_message(item, roles) -> bool:
-        return (item.get("type") in (None, "message")) and item.get("role") in roles
+        return item.get("type") in (None, "message") and item.get("role") in roles
 
-    start = 0
-    while start < len(items) and is_message(items[start], ("system", "developer")):
-        start += 1
-    for index in range(start + 1, len(items)):
-        if is_message(items[index], ("user",)):
-            return items[:start] + items[index:]
-    return None
+    keep = 0
+    while keep < len(items) and is_message(items[keep], ("system", "developer")):
+        keep += 1
+    return keep, [index for index in range(keep + 1, len(items)) if is_message(items[index], ("user",))]
+
+
+def _chat_job(state, body: ResponsesRequest, items: list[dict[str, Any]], history: int):
+    try:
+        return chat_job(state, ChatCompletionRequest.model_validate(chat_request(body, items, history)))
+    except ValidationError as error:
+        raise APIError(400, f"The input cannot be read as a conversation: {error.errors()[0]['msg']}.",
+                       param="input") from None
 
 
 def responses_job(state, body: ResponsesRequest, items: list[dict[str, Any]], history: int = 0):
     """The engine job for this request, its conversation being `items` (the first `history` of them from
-    earlier responses). With truncation "auto", the oldest turns are dropped until the prompt fits."""
-    while True:
+    earlier responses). With truncation "auto" an over-long conversation loses its oldest turns, as few
+    as make it fit (found by bisection: each try renders and tokenizes the whole prompt)."""
+    try:
+        return _chat_job(state, body, items, history)
+    except APIError as error:
+        if body.truncation != "auto" or error.code != "context_length_exceeded":
+            raise _in_responses_terms(error) from None
+        too_long = error
+    keep, cuts = _turn_cuts(items)
+    low, high, fitting = 0, len(cuts), None
+    while low < high:
+        middle = (low + high) // 2
+        shorter = items[:keep] + items[cuts[middle]:]
         try:
-            chat = ChatCompletionRequest.model_validate(chat_request(body, items, history))
-            return chat_job(state, chat)
-        except ValidationError as error:
-            first = error.errors()[0]
-            raise APIError(400, f"The input cannot be read as a conversation: {first['msg']}.", param="input") \
-                from None
+            fitting = _chat_job(state, body, shorter, max(0, history - (len(items) - len(shorter))))
+            high = middle
         except APIError as error:
-            shorter = _without_first_turn(items) if body.truncation == "auto" else None
-            if error.code != "context_length_exceeded" or shorter is None:
+            if error.code != "context_length_exceeded":
                 raise _in_responses_terms(error) from None
-            history = max(0, history - (len(items) - len(shorter)))
-            items = shorter
+            low = middle + 1
+    if fitting is None:
+        raise _in_responses_terms(too_long) from None
+    return fitting
 
 
 # --- POST /v1/responses ---------------------------------------------------------------------------
