@@ -171,6 +171,9 @@ def test_stored_responses(client, scripted):
     assert [item.role for item in items.data] == ["user"]
     assert [part.text for part in items.data[0].content] == ["keep ", "me"]
     client.responses.delete(response.id)
+    other = client.responses.create(model="tiny", input="hello")
+    deleted = httpx.delete(f"{scripted[0]}/v1/responses/{other.id}").json()
+    assert deleted == {"id": other.id, "object": "response.deleted", "deleted": True}  # as OpenAI's reference
     for call in (lambda: client.responses.retrieve(response.id),
                  lambda: client.responses.create(model="tiny", input="again", previous_response_id=response.id)):
         with pytest.raises(openai.NotFoundError, match=response.id):

@@ -159,6 +159,8 @@ def responses_job(state, body: ResponsesRequest, items: list[dict[str, Any]], hi
 
 # --- POST /v1/responses ---------------------------------------------------------------------------
 
+_ID_PREFIXES = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}  # else a message
+
 
 @router.post("/v1/responses", summary="Create a model response (OpenAI's Responses API; SSE events when "
                                       "stream is true)")
@@ -170,7 +172,8 @@ async def create_response(body: ResponsesRequest, request: Request):
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         history = _stored(request, body.previous_response_id, "previous_response_id").conversation
-    new_items = [{"id": new_id("msg"), **item} if "id" not in item else item for item in input_items(body)]
+    new_items = [item if "id" in item else {"id": new_id(_ID_PREFIXES.get(item.get("type"), "msg")), **item}
+                 for item in input_items(body)]
     check_images(new_items)
     job = responses_job(state, body, history + new_items, len(history))
     stream = await start_job(state, job, request)
@@ -259,7 +262,7 @@ async def get_response(response_id: str, request: Request):
 async def delete_response(response_id: str, request: Request):
     _stored(request, response_id)
     response_store(request).delete(response_id)
-    return {"id": response_id, "object": "response", "deleted": True}
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
 @router.get("/v1/responses/{response_id}/input_items", summary="The input items of a stored response")
