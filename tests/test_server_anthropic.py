@@ -19,6 +19,7 @@ from test_server_fakes import ScriptedModel, live_server, wait_for_prefix_jobs
 
 from qwen35.server.anthropic_routes import render_request
 from qwen35.server.anthropic_schemas import MessagesRequest
+from qwen35.server.errors import APIError, error_payload
 
 MODEL = "claude-sonnet-4-6"  # any name is served
 THINK = {"type": "enabled", "budget_tokens": 1024}
@@ -322,6 +323,29 @@ def test_api_key_as_x_api_key_or_bearer(tokenizer):
                     "hello").content[0].text == "Answer: hello"
         assert _ask(anthropic.Anthropic(base_url=url, auth_token="sesame", max_retries=0),
                     "hello").content[0].text == "Answer: hello"
+
+
+@pytest.mark.parametrize("status,error_class", [
+    (422, anthropic.BadRequestError), (429, anthropic.RateLimitError), (500, anthropic.InternalServerError),
+    (503, anthropic.OverloadedError)])
+def test_each_status_reads_as_the_sdks_typed_error(status, error_class):
+    import httpx2  # the anthropic SDK's own HTTP client
+
+    body, code = error_payload("/v1/messages", APIError(status, "what happened"))
+    transport = httpx2.MockTransport(lambda request: httpx2.Response(code, json=body))
+    client = anthropic.Anthropic(base_url="http://server", api_key="unused", max_retries=0,
+                                 http_client=httpx2.Client(transport=transport))
+    with pytest.raises(error_class, match="what happened") as raised:
+        _ask(client, "hello")
+    assert type(raised.value) is error_class
+
+
+def test_openapi_documents_the_routes_and_their_error_body(server):
+    document = httpx.get(server[0] + "/openapi.json").json()
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        responses = document["paths"][path]["post"]["responses"]
+        for status in ("400", "401", "413", "429", "500", "529"):
+            assert responses[status]["content"]["application/json"]["schema"]["$ref"].endswith("/AnthropicErrorBody")
 
 
 # --- the real tiny model ------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def check_api_key(request: Request) -> None:
     header = request.headers.get("authorization", "")
     given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
     if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
+        raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY' "
+                            "(or 'x-api-key: KEY').",
                        code="invalid_api_key")
 
 
