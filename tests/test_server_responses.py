@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from test_server_fakes import ScriptedModel, live_server, wait_for_prefix_jobs
 
 from qwen35.server.responses_input import ResponsesRequest, input_items
-from qwen35.server.responses_routes import responses_job
+from qwen35.server.responses_routes import ResponseStore, StoredResponse, responses_job
 
 GREEDY = {"temperature": 0.0}
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city",
@@ -170,6 +170,13 @@ def test_stored_responses(client, scripted):
     items = client.responses.input_items.list(response.id)
     assert [item.role for item in items.data] == ["user"]
     assert [part.text for part in items.data[0].content] == ["keep ", "me"]
+    three = client.responses.create(model="tiny", instructions="Be brief.", input=[
+        {"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}, {"role": "user", "content": "3"}])
+    listed = client.responses.input_items.list(three.id)  # newest first, as OpenAI's default order
+    assert [item.content[0].text if isinstance(item.content, list) else item.content for item in listed.data] == \
+        ["3", "two", "one"]
+    page = client.responses.input_items.list(three.id, order="asc", limit=1, after=listed.data[-1].id)
+    assert [item.id for item in page.data] == [listed.data[1].id] and page.has_more
     client.responses.delete(response.id)
     other = client.responses.create(model="tiny", input="hello")
     deleted = httpx.delete(f"{scripted[0]}/v1/responses/{other.id}").json()
@@ -183,6 +190,22 @@ def test_stored_responses(client, scripted):
         client.responses.retrieve(unstored.id)
     missing = httpx.delete(scripted[0] + "/v1/responses/resp_nope").json()["error"]
     assert set(missing) == {"message", "type", "param", "code"} and missing["type"] == "not_found_error"
+
+
+def test_the_store_forgets_the_least_recently_used_first():
+    def entry(size):
+        return StoredResponse({}, [], [], size)
+
+    store = ResponseStore(max_entries=2, max_bytes=100)
+    store.put("a", entry(10))
+    store.put("b", entry(10))
+    assert store.get("a") is not None  # now b is the least recently used
+    store.put("c", entry(10))
+    assert store.get("b") is None and store.get("a") is not None and store.get("c") is not None
+    store.put("d", entry(85))  # 105 bytes with a and c: the least recently used (a) goes
+    assert store.get("a") is None and store.get("c") is not None and store.nbytes == 95
+    store.put("e", entry(101))  # larger than the whole budget: not kept, nothing else lost
+    assert store.get("e") is None and store.get("d") is not None and store.nbytes == 95
 
 
 def test_previous_response_id_drops_the_instructions_as_openai_does(client, tokenizer):
