@@ -210,6 +210,26 @@ def test_tool_use_round_trip_with_thinking_reuses_the_cached_history(server, cli
     assert errored.content[-1].text == "The weather is Error: timeout"
 
 
+@pytest.mark.parametrize("thinking", [True, False])
+@pytest.mark.parametrize("stream", [False, True])
+def test_second_turn_echoing_the_blocks_finds_its_whole_history_cached(server, client, tokenizer, thinking, stream):
+    question = f"anthropic question with thinking {thinking} and stream {stream}"
+    options = {"thinking": THINK} if thinking else {}
+    first = _streamed(client, question, **options)[0] if stream else _ask(client, question, **options)
+    assert [block.type for block in first.content] == ["thinking", "text"] if thinking else ["text"]
+    assert first.content[-1].text == f"Answer: {question}"
+    messages = [{"role": "user", "content": question},
+                {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
+                {"role": "user", "content": "second question"}]
+    wait_for_prefix_jobs(server[1])
+    second = client.messages.create(model=MODEL, max_tokens=200, messages=messages, **options)
+    assert second.content[-1].text == "Answer: second question"
+    # The template writes the first reply back without its thinking; that history, up to the newline
+    # after its end token, was prefilled after the first reply and is all read from the cache.
+    history = f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\nAnswer: {question}<|im_end|>\n"
+    assert second.usage.cache_read_input_tokens == len(tokenizer.encode(history))
+
+
 def test_parallel_calls_and_tool_choice(client):
     both = _ask(client, "call Oslo and Rome", tools=[WEATHER])
     assert [block.input for block in both.content] == [{"city": "Oslo"}, {"city": "Rome"}]
@@ -427,6 +447,19 @@ def test_forced_tool_equals_the_chat_completions_route(real):
                                    tool_choice={"type": "tool", "name": "get_weather"})
     assert _anthropic_reply(reply) == expected and expected[2][0][0] == "get_weather"
     assert reply.stop_reason == "tool_use"
+
+
+def test_output_format_equals_the_chat_completions_json_schema(real):
+    _, _, client, openai_client = real
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "legs": {"type": "integer"}},
+              "required": ["name", "legs"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "Describe a pet as JSON."}]
+    expected = _openai_reply(openai_client, messages, False, max_tokens=60, response_format={
+        "type": "json_schema", "json_schema": {"name": "pet", "schema": schema}})
+    reply = client.messages.create(model="dense", max_tokens=60, extra_body=GREEDY, messages=messages,
+                                   output_config={"format": {"type": "json_schema", "schema": schema}})
+    # The same grammar-constrained tokens (the random model pads its JSON with whitespace past 60 tokens).
+    assert _anthropic_reply(reply) == expected and reply.content[0].text.startswith("{")
 
 
 def test_an_image_block_answers_as_the_chat_completions_route(real, fixtures):
