@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,8 @@ import anthropic
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from test_server_fakes import ScriptedModel, live_server, wait_for_prefix_jobs
 
 from qwen35.server.anthropic_routes import render_request
@@ -343,6 +346,46 @@ def test_api_key_as_x_api_key_or_bearer(tokenizer):
                     "hello").content[0].text == "Answer: hello"
         assert _ask(anthropic.Anthropic(base_url=url, auth_token="sesame", max_retries=0),
                     "hello").content[0].text == "Answer: hello"
+
+
+_text = st.text(max_size=16) | st.text(st.characters(categories=["Cs", "Ll"]), max_size=3)
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=False), _text)
+_json = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+                     max_leaves=6)
+_source = st.one_of(_json, st.fixed_dictionaries({"type": st.sampled_from(["base64", "url"]), "url": _text,
+                                                  "data": _text, "media_type": _text}))
+_block = st.one_of(_json, st.fixed_dictionaries({"type": st.just("text"), "text": _text}),
+                   st.fixed_dictionaries({"type": st.just("image"), "source": _source}),
+                   st.fixed_dictionaries({"type": st.just("tool_use"), "id": _text, "name": _text, "input": _json}),
+                   st.fixed_dictionaries({"type": st.just("tool_result"), "tool_use_id": _text},
+                                         optional={"content": _json, "is_error": _json}),
+                   st.fixed_dictionaries({"type": st.just("thinking"), "thinking": _text, "signature": _text}))
+_bodies = st.fixed_dictionaries(
+    {"model": _text, "messages": st.lists(st.fixed_dictionaries({
+        "role": st.sampled_from(["user", "assistant", "system"]),
+        "content": st.one_of(_text, st.lists(_block, max_size=3), _json)}), max_size=3)},
+    optional={"max_tokens": st.one_of(st.integers(-2, 40), _json), "system": st.one_of(_text, st.lists(_block)),
+              "stream": st.booleans(), "stop_sequences": st.one_of(st.lists(_text, max_size=2), _json),
+              "temperature": _leaf, "top_k": _leaf, "tools": st.lists(st.one_of(_json, st.fixed_dictionaries(
+                  {"name": st.sampled_from(["get_weather", ""])}, optional={"input_schema": _json, "type": _text})),
+                  max_size=2),
+              "tool_choice": st.one_of(_json, st.fixed_dictionaries({"type": st.sampled_from(
+                  ["auto", "any", "tool", "none", "x"])}, optional={"name": _text})),
+              "thinking": st.one_of(_json, st.fixed_dictionaries({"type": st.sampled_from(
+                  ["enabled", "disabled", "adaptive"])}, optional={"budget_tokens": _leaf})),
+              "output_config": _json})
+
+
+@settings(max_examples=int(os.environ.get("QWEN35_FUZZ_EXAMPLES", "25")), deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+@given(body=_bodies, path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]))
+def test_no_body_makes_the_server_fail(server, body, path):
+    # json.dumps writes NaN and Infinity as bare words: bodies that are not strict JSON are part of the test.
+    response = httpx.post(server[0] + path, content=json.dumps(body).encode(), timeout=30)
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert response.json()["type"] == "error" and response.json()["error"]["message"]
+    else:
+        assert "event: error" not in response.text
 
 
 @pytest.mark.parametrize("status,error_class", [
