@@ -376,7 +376,11 @@ _bodies = st.fixed_dictionaries(
               "output_config": _json})
 
 
-@settings(max_examples=int(os.environ.get("QWEN35_FUZZ_EXAMPLES", "25")), deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=int(os.environ.get("QWEN35_FUZZ_EXAMPLES", "25")), deadline=None,
+                phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+
+
+@FUZZ
 @given(body=_bodies, path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]))
 def test_no_body_makes_the_server_fail(server, body, path):
     # json.dumps writes NaN and Infinity as bare words: bodies that are not strict JSON are part of the test.
