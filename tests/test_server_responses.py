@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from typing import Literal
 
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 from test_server_fakes import ScriptedModel, live_server, wait_for_prefix_jobs
 
@@ -458,3 +461,54 @@ def test_openapi_documents_the_routes(scripted):
     assert "/v1/responses/{response_id}/input_items" in paths
     assert paths["/v1/responses"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]["$ref"] \
         .endswith("/ErrorBody")
+
+
+# --- no body makes the server fail ------------------------------------------------------------------
+
+_text = st.text(max_size=12) | st.text(st.characters(categories=["Cs", "Ll"]), max_size=3)
+_json = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-9, 10**6), st.floats(allow_nan=False), _text),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+                     max_leaves=6)
+_parts = st.lists(st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text", "refusal", "x"]), "text": _text}),
+    st.fixed_dictionaries({"type": st.just("input_image")},
+                          optional={"image_url": st.one_of(_text, st.just("data:image/png;base64,AAAA")),
+                                    "file_id": _text}),
+    _json), max_size=2)
+_items = st.lists(st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "developer", "x"]),
+                           "content": st.one_of(_text, _parts, _json)}, optional={"type": st.just("message")}),
+    st.fixed_dictionaries({"type": st.just("function_call"), "call_id": _text, "name": _text,
+                           "arguments": st.one_of(st.just('{"city": "Rome"}'), _text, _json)}),
+    st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": _text,
+                           "output": st.one_of(_text, _parts, _json)}),
+    st.fixed_dictionaries({"type": st.just("reasoning")}, optional={"summary": st.one_of(_parts, _json),
+                                                                     "content": st.one_of(_parts, _json)}),
+    _json), max_size=3)
+_bodies = st.fixed_dictionaries({"model": st.sampled_from(["tiny", "other"]), "input": st.one_of(_text, _items)},
+                                optional={
+    "instructions": st.one_of(_text, _json), "max_output_tokens": st.one_of(st.integers(-2, 3000), _json),
+    "tools": st.one_of(_json, st.lists(st.one_of(st.just(WEATHER), _json, st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "web_search"]), "name": _text}, optional={"parameters": _json})),
+        max_size=2)),
+    "tool_choice": st.one_of(st.sampled_from(["auto", "none", "required", "x"]), _json, st.fixed_dictionaries(
+        {"type": st.sampled_from(["function", "allowed_tools", "file_search"])},
+        optional={"name": _text, "mode": _text, "tools": _json})),
+    "text": st.one_of(_json, st.fixed_dictionaries({"format": st.one_of(_json, st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "json_object", "json_schema"])}, optional={"schema": _json}))})),
+    "reasoning": st.one_of(_json, st.fixed_dictionaries({"effort": st.sampled_from(["none", "high", "x"])})),
+    "previous_response_id": _text, "truncation": st.one_of(st.sampled_from(["auto", "disabled"]), _json),
+    "stream": st.booleans(), "store": _json, "metadata": _json, "include": _json, "parallel_tool_calls": _json,
+    "max_tool_calls": _json, "temperature": _json})
+
+
+@settings(max_examples=int(os.environ.get("QWEN35_FUZZ_EXAMPLES", "40")), deadline=None, phases=[Phase.generate],
+          suppress_health_check=list(HealthCheck))
+@given(body=_bodies)
+def test_no_body_makes_the_server_fail(scripted, body):
+    response = httpx.post(scripted[0] + "/v1/responses", content=json.dumps(body).encode(), timeout=30)
+    assert response.status_code < 500, (body, response.text)
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    elif body.get("stream"):
+        assert "event: response.completed" in response.text or "event: response.incomplete" in response.text

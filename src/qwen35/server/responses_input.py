@@ -171,8 +171,10 @@ def _reasoning_text(item: dict, where: str) -> str:
     """A reasoning item's text: its reasoning_text content, else its summaries."""
     if item.get("content"):
         return _plain_text(_content_parts(item["content"], f"{where}.content"), f"{where}.content")
-    summary = _content_parts(item.get("summary") or [], f"{where}.summary")
-    return "\n\n".join(part["text"] for part in summary if part["type"] == "text")
+    summary = item.get("summary") or []
+    if not isinstance(summary, list):
+        raise APIError(400, f"{where}: summary must be a list of summary_text parts.", param=f"{where}.summary")
+    return "\n\n".join(part["text"] for part in _content_parts(summary, f"{where}.summary") if part["type"] == "text")
 
 
 def _arguments(item: dict, where: str) -> str:
@@ -302,7 +304,11 @@ def chat_tool_choice(choice, tools: list[dict[str, Any]]) -> tuple[Any, list[dic
     if kind == "function":
         return {"type": "function", "function": {"name": _text_of(choice.get("name"), "tool_choice", "name")}}, tools
     if kind == "allowed_tools":
-        allowed = {entry.get("name") for entry in choice.get("tools") or [] if isinstance(entry, dict)}
+        listed = choice.get("tools")
+        if not isinstance(listed, list):
+            raise APIError(400, "tool_choice of type allowed_tools needs tools: a list of {type: 'function', name}.",
+                           param="tool_choice.tools")
+        allowed = {entry["name"] for entry in listed if isinstance(entry, dict) and isinstance(entry.get("name"), str)}
         mode = choice.get("mode", "auto")
         if mode not in ("auto", "required"):
             raise APIError(400, "tool_choice.mode must be 'auto' or 'required'.", param="tool_choice.mode")
