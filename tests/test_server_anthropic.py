@@ -219,7 +219,7 @@ def test_second_turn_echoing_the_blocks_finds_its_whole_history_cached(server, c
     question = f"anthropic question with thinking {thinking} and stream {stream}"
     options = {"thinking": THINK} if thinking else {}
     first = _streamed(client, question, **options)[0] if stream else _ask(client, question, **options)
-    assert [block.type for block in first.content] == ["thinking", "text"] if thinking else ["text"]
+    assert [block.type for block in first.content] == (["thinking", "text"] if thinking else ["text"])
     assert first.content[-1].text == f"Answer: {question}"
     messages = [{"role": "user", "content": question},
                 {"role": "assistant", "content": [block.model_dump(exclude_none=True) for block in first.content]},
