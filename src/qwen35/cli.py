@@ -14,12 +14,12 @@ from qwen35 import __version__
 from qwen35.errors import Qwen35Error
 
 # name -> (module, one-line help)
-SUBCOMMANDS = {
+SUBCOMMANDS = {  # in the order a person meets them
     "plan": ("qwen35.plan.command", "which model, quant and context fit this machine, and how fast"),
-    "bench": ("qwen35.bench", "prefill and decode speed, comparable with llama-bench"),
-    "run": ("qwen35.chat.command", "chat with a model: one-shot or interactive"),
-    "serve": ("qwen35.server.command", "serve a model over HTTP: OpenAI- and Ollama-compatible APIs"),
     "pull": ("qwen35.hub.pull_command", "download a model by tag (qwen3.5:35b-a3b) or hub repo"),
+    "run": ("qwen35.chat.command", "chat with a model: one-shot or interactive"),
+    "serve": ("qwen35.server.command", "serve a model over HTTP: OpenAI-, Anthropic- and Ollama-compatible APIs"),
+    "bench": ("qwen35.bench", "prefill and decode speed, comparable with llama-bench"),
     "list": ("qwen35.hub.list_command", "the models pulled so far"),
     "rm": ("qwen35.hub.rm_command", "remove a pulled model and its files"),
 }
