@@ -1,7 +1,7 @@
 """Chat with a model in the terminal: one answer to PROMPT, or an interactive session.
 
   qwen35 run MODEL [PROMPT... | -p PROMPT] [--mmproj FILE] [--image FILE]... [-c CTX] [-n N] [--temp T]
-             [--think | --no-think] [--hide-thinking]
+             [--think | --no-think] [--hide-thinking] [--reasoning-budget N]
 
 MODEL is a .gguf file (or the first shard of a split one), an HF model directory, or a name
 `qwen35 pull` takes (qwen3.5:35b-a3b, owner/name:Q4_K_M), pulled first if it is not yet. With a
@@ -70,6 +70,9 @@ def add_arguments(parser) -> None:
                           help="let the model reason before answering (the Qwen 3.5 default)")
     thinking.add_argument("--no-think", action="store_false", dest="think", help="answer without reasoning")
     parser.add_argument("--hide-thinking", action="store_true", help="do not show the reasoning")
+    parser.add_argument("--reasoning-budget", type=int, default=-1, metavar="N",
+                        help="most reasoning tokens per answer, then </think> is inserted "
+                             "(-1 = unlimited, the default; 0 = no thinking)")
     parser.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                         help="a JSON object of extra chat-template variables, "
                              "e.g. '{\"enable_thinking\": false}'")
@@ -136,6 +139,7 @@ def _check_image_files(args) -> None:
 
 def _settings(args):
     from qwen35.chat.session import MIN_CONTEXT, ChatSettings
+    from qwen35.engine.reasoning_budget import check_budget
     from qwen35.engine.sampler import SamplingParams
 
     if args.context != 0 and args.context < MIN_CONTEXT:
@@ -149,6 +153,7 @@ def _settings(args):
     }
     sampling = {key: value for key, value in sampling.items() if value is not None}
     SamplingParams.from_options({}, **sampling)  # a bad value fails before the model loads
+    check_budget(args.reasoning_budget, "--reasoning-budget")
     template_kwargs = {}
     if args.chat_template_kwargs is not None:
         try:
@@ -165,6 +170,7 @@ def _settings(args):
         max_new_tokens=args.n_predict if args.n_predict > 0 else None,
         sampling=sampling,
         template_kwargs=template_kwargs,
+        reasoning_budget=args.reasoning_budget,
     )
 
 

@@ -49,6 +49,7 @@ from qwen35.chat.parser import OutputParser, ParsedDelta, parse_output, prompt_e
 from qwen35.chat.slash_commands import CommandResult, run_command
 from qwen35.chat.turn_cache import TurnCache
 from qwen35.engine.generate import generation_steps
+from qwen35.engine.reasoning_budget import budget_constraint, check_budget
 from qwen35.engine.sampler import SamplingParams
 from qwen35.errors import Qwen35Error
 
@@ -69,6 +70,7 @@ class ChatSettings:
     max_new_tokens: int | None = None  # None: until the context is full
     sampling: dict = field(default_factory=dict)
     template_kwargs: dict = field(default_factory=dict)
+    reasoning_budget: int = -1  # reasoning tokens per answer: -1 unlimited, 0 no thinking (engine.reasoning_budget)
 
 
 @dataclass
@@ -129,6 +131,7 @@ class ChatSession:
         self.pending_images: list[ChatImage] = []  # attached, for the next message
         self.max_context = model.config.max_position_embeddings
         settings.context_size = self.checked_context(settings.context_size)
+        check_budget(settings.reasoning_budget, "--reasoning-budget")
         self.sampling_params()  # refuse bad flags before the first message
 
     # -- settings ---------------------------------------------------------------------
@@ -150,6 +153,8 @@ class ChatSession:
         kwargs = dict(self.settings.template_kwargs)
         if self.settings.think is not None:
             kwargs["enable_thinking"] = self.settings.think
+        if self.settings.reasoning_budget == 0:  # as llama.cpp's --reasoning-budget 0: no thinking at all
+            kwargs["enable_thinking"] = False
         return kwargs
 
     # -- commands ---------------------------------------------------------------------
@@ -217,8 +222,10 @@ class ChatSession:
             cache, turn.cached_tokens = self._turn_cache.cache_for(prompt_ids, key, history, prepared)
             history_seconds = time.perf_counter() - started
             turn.prompt_tokens = length - turn.cached_tokens
+            budget = self.settings.reasoning_budget if thinking else -1
+            constraint = budget_constraint(self.tokenizer, self.model.config.vocab_size, budget) if budget > 0 else None
             steps = generation_steps(self.model, prompt_ids, self.sampling_params(limit), tokenizer=self.tokenizer,
-                                     cache=cache)
+                                     cache=cache, constraint=constraint)
             for step in steps:
                 turn.generated_tokens = step.generated_tokens
                 turn.prefill_seconds = history_seconds + step.prefill_seconds

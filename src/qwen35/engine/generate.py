@@ -102,6 +102,7 @@ def generation_steps(
     prefill_chunk: int | None = None,
     images=None,
     cache=None,
+    constraint=None,
 ) -> Iterator[Generation]:
     """Run one request: prefill ``token_ids`` in chunks, then sample until a stop.
 
@@ -113,6 +114,10 @@ def generation_steps(
 
     ``cache``: a one-row cache that already holds the first tokens of ``token_ids`` (at least
     one token must be left to feed); only the rest is prefilled, and the cache is fed further.
+
+    ``constraint``: the engine's TokenConstraint protocol (``allowed()`` mask or None, ``advance``,
+    ``complete``), as the server's engine applies it: the mask before each sample, every sampled
+    token advanced into it, and a complete constraint ends the reply with finish_reason "stop".
     """
     prompt = _prompt_list(token_ids, model.config.vocab_size)
     cached = _cached_length(cache, len(prompt), images)
@@ -132,7 +137,7 @@ def generation_steps(
     text_stream = TextStream(tokenizer, params.stop) if tokenizer is not None else None
     sampler = Sampler(params, prompt)
     return _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared,
-                  cache, cached)
+                  cache, cached, constraint)
 
 
 def _cached_length(cache, prompt_length: int, images) -> int:
@@ -150,17 +155,17 @@ def _cached_length(cache, prompt_length: int, images) -> int:
 
 
 def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared,
-           cache=None, cached=0):
+           cache=None, cached=0, constraint=None):
     started = time.perf_counter()
     if cache is None:
         cache = model.make_cache(1)
-    token_id = _prefill_and_sample(model, cache, prompt, prefill_chunk, sampler, prepared, cached)
+    token_id = _prefill_and_sample(model, cache, prompt, prefill_chunk, sampler, prepared, cached, constraint)
     prefill_seconds = time.perf_counter() - started
     decode_started = time.perf_counter()
     decoder = _graph_decoder(model, cache, len(prompt), max_new_tokens)
     try:
         yield from _decode_steps(model, cache, decoder, token_id, sampler, prompt, max_new_tokens, stop_token_ids,
-                                 text_stream, prefill_seconds, decode_started, cached)
+                                 text_stream, prefill_seconds, decode_started, cached, constraint)
     finally:
         if decoder is not None:
             decoder.release()
@@ -178,7 +183,7 @@ def _graph_decoder(model, cache, prompt_length: int, max_new_tokens: int):
 
 
 def _decode_steps(model, cache, decoder, token_id, sampler, prompt, max_new_tokens, stop_token_ids, text_stream,
-                  prefill_seconds, decode_started, cached):
+                  prefill_seconds, decode_started, cached, constraint=None):
     generated = 0
     while True:
         generated += 1
@@ -193,6 +198,10 @@ def _decode_steps(model, cache, decoder, token_id, sampler, prompt, max_new_toke
                 text, stop_reason = text_stream.push(token_id)
             if stop_reason is not None:
                 finish_reason = "stop"
+            elif constraint is not None and constraint.complete:
+                finish_reason = "stop"
+                if text_stream is not None:
+                    text += text_stream.flush()
             elif generated >= max_new_tokens:
                 finish_reason = "length"
                 if text_stream is not None:
@@ -210,14 +219,14 @@ def _decode_steps(model, cache, decoder, token_id, sampler, prompt, max_new_toke
         )
         if finish_reason is not None:
             return
-        token_id = _decode_and_sample(model, cache, token_id, sampler, decoder)
+        token_id = _decode_and_sample(model, cache, token_id, sampler, decoder, constraint)
 
 
 # Inference mode is entered per model call, never across a yield: a suspended generator
 # must not leave the consumer's thread in inference mode.
 @torch.inference_mode()
 def _prefill_and_sample(model, cache, prompt: list[int], chunk: int, sampler: Sampler, prepared=None,
-                        cached: int = 0) -> int:
+                        cached: int = 0, constraint=None) -> int:
     """Feed the prompt in chunks of at most ``chunk`` tokens; sample after its last token.
 
     A prepared (image) prompt brings its own embeddings and positions; the cache then
@@ -231,16 +240,31 @@ def _prefill_and_sample(model, cache, prompt: list[int], chunk: int, sampler: Sa
         else:
             logits = model.forward(torch.tensor([prompt[start : start + chunk]], dtype=torch.long), cache,
                                    last_only=True)
-    return int(sample(logits[:, -1, :], [sampler])[0])
+    return _sample_one(logits[:, -1, :], sampler, constraint)
 
 
 @torch.inference_mode()
-def _decode_and_sample(model, cache, token_id: int, sampler: Sampler, decoder=None) -> int:
+def _decode_and_sample(model, cache, token_id: int, sampler: Sampler, decoder=None, constraint=None) -> int:
     if decoder is not None:
         logits = decoder.step([token_id])[:, -1, :]
     else:
         logits = model.forward(torch.tensor([[token_id]], dtype=torch.long), cache)[:, -1, :]
-    return int(sample(logits, [sampler])[0])
+    return _sample_one(logits, sampler, constraint)
+
+
+def _sample_one(logits: torch.Tensor, sampler: Sampler, constraint) -> int:
+    """Sample a [1, vocab] row, within the constraint's mask when it has one, and advance the constraint."""
+    allowed = constraint.allowed() if constraint is not None else None
+    if allowed is not None:
+        allowed = allowed.to(logits.device)
+        width = min(allowed.numel(), logits.shape[-1])
+        logits = logits.clone()
+        logits[0, :width].masked_fill_(~allowed[:width], float("-inf"))
+        logits[0, width:] = float("-inf")
+    token_id = int(sample(logits, [sampler])[0])
+    if constraint is not None:
+        constraint.advance(token_id)
+    return token_id
 
 
 def stream_generations(

@@ -7,7 +7,10 @@ reasoning_content and tool_use as tool_calls) and then the same engine job as /v
 Where Anthropic and Qwen differ:
 - any model name is served (Claude Code asks for claude-* names); the reply repeats the name asked for;
 - thinking is off unless the request enables it (`thinking: {type: enabled | adaptive}`), as Anthropic's
-  default; budget_tokens is accepted but not enforced (thinking counts against max_tokens);
+  default; budget_tokens caps the reasoning (then `</think>` is inserted and the model answers; see
+  engine/reasoning_budget.py), without Anthropic's limits (>= 1024, < max_tokens): a local model may
+  well want a smaller budget, and max_tokens still cuts the whole reply. Without budget_tokens the
+  server's --reasoning-budget applies; the thinking and its closing tag count against max_tokens;
 - max_tokens past the room the context leaves is capped there, and a reply that fills the context ends
   with stop_reason "model_context_window_exceeded", as Anthropic's newer models do;
 - usage.input_tokens counts the prompt tokens not found in the prefix cache, cache_read_input_tokens
@@ -253,7 +256,8 @@ async def _start(state: ServerState, body: MessagesRequest, request: Request):
         job = make_job(state, rendered.prompt_text, max_tokens=None, sampling=sampling, stop=body.stop_sequences,
                        parser=ChatText(tools=tools, thinking=thinking, calls_allowed=rendered.calls_allowed,
                                        max_calls=1 if disable_parallel else None),
-                       constraint=_constraint(state, body, rendered, thinking))
+                       constraint=_constraint(state, body, rendered, thinking),
+                       reasoning_budget=body.thinking.budget_tokens if body.thinking is not None else None)
         # Claude Code asks for more tokens than a local context holds: the reply may fill what is left.
         job.request.max_new_tokens = min(job.request.max_new_tokens, body.max_tokens)
         if rendered.prefill is None:

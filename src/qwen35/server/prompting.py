@@ -2,6 +2,13 @@
 
 Both APIs (OpenAI and Ollama) end here, so context checks, sampling defaults and the thinking
 toggle behave the same whichever a client speaks.
+
+The reasoning budget is applied here too, for every API: the request's own (chat completions'
+`thinking_budget`, Anthropic's `thinking.budget_tokens`) over the server's `--reasoning-budget`.
+It applies to chat replies that open inside `<think>`: a budget N > 0 wraps the job's constraint
+in an `engine.reasoning_budget.ReasoningBudget`; a budget of 0 closes the reasoning in the prompt
+itself ("<think>\n" + "\n</think>\n\n" is exactly what the template renders with
+`enable_thinking: false`), and tells the parser and a grammar that the reasoning is over.
 """
 
 from __future__ import annotations
@@ -11,14 +18,19 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from qwen35.chat.parser import THINK_END, prompt_ends_in_reasoning
+from qwen35.engine.reasoning_budget import budget_constraint
 from qwen35.engine.sampler import SamplingParams
 from qwen35.engine.service import GenerationRequest
 from qwen35.server.errors import APIError
-from qwen35.server.stream import OutputParser, PlainText, generate
+from qwen35.server.stream import ChatText, OutputParser, PlainText, generate
 
 # A prompt-length check happens before any work; a prompt longer than this many characters is
 # refused before tokenizing, so a huge body cannot keep the tokenizer busy.
 _CHARS_PER_TOKEN_BOUND = 16
+
+# Appended to a prompt that ends inside `<think>\n` to close the reasoning, as thinking off renders it.
+_CLOSED_REASONING = "\n" + THINK_END + "\n\n"
 
 
 @dataclass
@@ -176,8 +188,18 @@ def sampling_params(state, options: dict[str, Any]) -> SamplingParams:
 
 def make_job(state, prompt_text: str, *, max_tokens: int | None, sampling: SamplingParams, stop,
              parser: OutputParser | None = None, top_logprobs: int | None = None, constraint=None,
-             prompt_ids: list[int] | None = None) -> Job:
+             prompt_ids: list[int] | None = None, reasoning_budget: int | None = None) -> Job:
+    """`reasoning_budget`: the request's own (None: the server's; see the module docstring)."""
     limit = state.context_length
+    budget = reasoning_budget if reasoning_budget is not None else getattr(state, "reasoning_budget", -1)
+    thinking = prompt_ids is None and isinstance(parser, ChatText) and prompt_ends_in_reasoning(prompt_text)
+    if thinking and budget == 0:
+        prompt_text += _CLOSED_REASONING
+        parser.feed(THINK_END)  # the reply starts after the reasoning: all it writes is content
+        if constraint is not None:
+            constraint.advance(state.tokenizer.think_end_id)
+    elif thinking and budget > 0:
+        constraint = budget_constraint(state.tokenizer, state.vocab_size, budget, inner=constraint)
     if prompt_ids is None:
         if len(prompt_text) > limit * _CHARS_PER_TOKEN_BOUND:
             raise APIError(400, f"The prompt is {len(prompt_text)} characters long, far more than this server's "

@@ -145,6 +145,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None
+    # Qwen's (DashScope's) name: most reasoning tokens, then </think> is inserted (-1: unlimited, 0: no
+    # thinking; None: the server's --reasoning-budget). See engine/reasoning_budget.py.
+    thinking_budget: Annotated[int, Field(ge=-1)] | None = None
     response_format: ResponseFormat | None = None
 
 
