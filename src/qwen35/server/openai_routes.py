@@ -121,7 +121,8 @@ def chat_job(state: ServerState, body: ChatCompletionRequest):
                    sampling=sampling_params(state, _sampling_options(body)), stop=body.stop,
                    parser=ChatText(tools=tools, thinking=thinking, calls_allowed=body.tool_choice != "none",
                                    max_calls=1 if body.parallel_tool_calls is False else None),
-                   top_logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint)
+                   top_logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint,
+                   reasoning_budget=body.thinking_budget)
     job.conversation = Conversation(messages, tools, template_kwargs, has_images=bool(images))
     job.images = images or None
     return job
