@@ -31,6 +31,19 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
     http: HTTPCounters = field(default_factory=HTTPCounters)
     ready: bool = False
+    # Server-wide settings (`qwen35 serve` flags, llama-server's spellings); a request's own values win.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)  # --temp, --top-k, ...: over the model's
+    n_predict: int | None = None  # -n: the reply cap of requests that set none (None or < 1: up to the context)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # under each request's
+    chat_template: Any = None  # a `ChatTemplate` from --chat-template-file, instead of the model's
+    reasoning_format: str = "auto"  # "none": /v1/chat/completions keeps <think>...</think> in content
+    reasoning_budget: int = -1  # -1: unlimited; 0: thinking off unless a request turns it on
+
+    def __post_init__(self):
+        template_defaults = {**({"enable_thinking": False} if self.reasoning_budget == 0 else {}),
+                             **self.chat_template_kwargs}
+        if self.chat_template is not None or template_defaults:
+            self.tokenizer = ServedTokenizer(self.tokenizer, self.chat_template, template_defaults)
 
     @property
     def context_length(self) -> int:
@@ -38,7 +51,19 @@ class ServerState:
 
     @property
     def generation_defaults(self) -> dict:
-        return dict(self.model.generation_defaults or {})
+        """The model's generation defaults under the server's sampling flags: what a request that sets
+        no sampling option gets (`prompting.sampling_params` reads them here)."""
+        defaults = dict(self.model.generation_defaults or {})
+        if "temperature" in self.sampling_defaults:
+            defaults.pop("do_sample", None)  # generation_config's do_sample=false would mean greedy
+        return {**defaults, **self.sampling_defaults}
+
+    def limit_reply(self, job, requested: bool):
+        """-n: a request that set no reply limit (`requested` False) stops after n_predict tokens,
+        still within the context. The job, capped."""
+        if not requested and self.n_predict is not None and self.n_predict > 0:
+            job.request.max_new_tokens = min(job.request.max_new_tokens, self.n_predict)
+        return job
 
     @property
     def vocab_size(self) -> int:
@@ -48,6 +73,31 @@ class ServerState:
     def model_names(self) -> set[str]:
         # Ollama clients add ":latest" to a bare name.
         return {self.model_name, f"{self.model_name}:latest"}
+
+
+class ServedTokenizer:
+    """The model's tokenizer as the server renders conversations: with --chat-template-file's template
+    instead of the model's, and --chat-template-kwargs under each request's own variables. Everything
+    else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer, template=None, template_defaults: dict[str, Any] | None = None):
+        self.wrapped = tokenizer
+        self.template = template
+        self.template_defaults = dict(template_defaults or {})
+
+    def __getattr__(self, name):
+        return getattr(self.wrapped, name)
+
+    @property
+    def chat_template(self):
+        return self.template if self.template is not None else self.wrapped.chat_template
+
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=True, **template_kwargs) -> str:
+        variables = {**self.template_defaults, **template_kwargs}
+        if self.template is None:
+            return self.wrapped.apply_chat_template(messages, tools=tools,
+                                                    add_generation_prompt=add_generation_prompt, **variables)
+        return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt, **variables)
 
 
 def get_state(request: Request) -> ServerState:

@@ -9,11 +9,18 @@ tower has it, and a pulled model brings the repo's). -np requests decode
 together and share -c tokens of context evenly, as in llama.cpp (-c 32768 -np 4: 8192 tokens per
 request, prompt and reply together); further requests wait in a bounded queue (--queue) and past it
 get 429 with Retry-After.
+
+llama-server's spellings work too: -a/--alias, the sampling defaults (--temp, --top-k, --top-p, --min-p,
+--repeat-penalty, --presence-penalty, --frequency-penalty, --seed, -n) that requests which do not set
+their own get, --chat-template-file, --chat-template-kwargs, --reasoning-format, --reasoning-budget; and
+its tuning flags (-fa, -b, -ub, -cb, --mlock, --no-mmap, --metrics, --no-webui, --jinja) are accepted
+and have no effect here. --host also takes HOST:PORT, as OLLAMA_HOST does, and defaults to $QWEN35_HOST.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -32,8 +39,9 @@ def add_arguments(parser) -> None:
                         help="the model's vision projector GGUF: requests may then carry images "
                              "(a pulled model brings its own)")
     parser.add_argument("--no-mmproj", action="store_true", help="do not load a pulled model's vision projector")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    parser.add_argument("--host", default=os.environ.get("QWEN35_HOST") or "127.0.0.1",
+                        help="address to listen on, or HOST:PORT (default: $QWEN35_HOST, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
     parser.add_argument("--api-key", default=os.environ.get("QWEN35_API_KEY"),
                         help="require 'Authorization: Bearer KEY' (default: $QWEN35_API_KEY, else none)")
     parser.add_argument("-c", "--ctx-size", type=int, default=32768, dest="context",
@@ -43,13 +51,66 @@ def add_arguments(parser) -> None:
     parser.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
     parser.add_argument("--prefix-cache-mb", type=int, default=2048,
                         help="memory for prompt-state snapshots reused by later requests (default 2048, 0 = off)")
-    parser.add_argument("--name", default=None, help="the model name clients use (default: the file's name)")
+    parser.add_argument("--name", "-a", "--alias", default=None, dest="name",
+                        help="the model name clients use (default: the file's name)")
     parser.add_argument("-t", "--threads", type=int, default=None,
                         help="CPU threads for the model (default: torch's choice, one per core)")
+    _add_llama_server_arguments(parser)
     # Spellings `qwen35 plan` and llama.cpp users write; this build runs on the CPU with a 16-bit cache.
     add_device_arguments(parser)
     parser.add_argument("-ctk", "--cache-type-k", default="f16", help=argparse.SUPPRESS)
     parser.add_argument("-ctv", "--cache-type-v", default="f16", help=argparse.SUPPRESS)
+
+
+# flag -> (dest, SamplingParams option, type): server-wide defaults for requests that do not set them.
+SAMPLING_FLAGS = {
+    "--temp": ("temp", "temperature", float),
+    "--top-k": ("top_k", "top_k", int),
+    "--top-p": ("top_p", "top_p", float),
+    "--min-p": ("min_p", "min_p", float),
+    "--repeat-penalty": ("repeat_penalty", "repetition_penalty", float),
+    "--presence-penalty": ("presence_penalty", "presence_penalty", float),
+    "--frequency-penalty": ("frequency_penalty", "frequency_penalty", float),
+    "--seed": ("seed", "seed", int),
+}
+REASONING_FORMATS = ("auto", "deepseek", "none")
+FLASH_ATTENTION_VALUES = ("on", "off", "auto")
+
+
+def _add_llama_server_arguments(parser) -> None:
+    sampling = parser.add_argument_group(
+        "sampling defaults", "for requests that do not set their own (default: the model's generation_config)")
+    for flag, (dest, option, kind) in SAMPLING_FLAGS.items():
+        note = " (-1: random)" if flag == "--seed" else ""
+        sampling.add_argument(flag, dest=dest, type=kind, default=None, metavar="N", help=f"{option}{note}")
+    sampling.add_argument("-n", "--n-predict", "--predict", dest="n_predict", type=int, default=None, metavar="N",
+                          help="reply tokens of a request that sets no limit (default -1: up to the context)")
+    template = parser.add_argument_group("chat template")
+    template.add_argument("--chat-template-file", default=None, metavar="FILE",
+                          help="a Jinja chat template to use instead of the model's (run sandboxed)")
+    template.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                          help="template variables for every request, e.g. '{\"enable_thinking\": false}'; "
+                               "a request's chat_template_kwargs go over them")
+    template.add_argument("--jinja", action="store_true", help="accepted: templates are always Jinja here")
+    template.add_argument("--reasoning-format", default="auto", metavar="FORMAT",
+                          help="auto or deepseek (default): reasoning in reasoning_content; none: left in "
+                               "content with its <think> tags (/v1/chat/completions)")
+    template.add_argument("--reasoning-budget", type=int, default=-1, metavar="N",
+                          help="thinking tokens allowed: -1 unlimited (default), 0 thinking off unless a "
+                               "request turns it on")
+    accepted = parser.add_argument_group(
+        "llama-server tuning flags", "accepted so that llama-server command lines work; no effect here")
+    accepted.add_argument("-fa", "--flash-attn", nargs="?", const="on", default=None, metavar="on|off|auto",
+                          help="attention kernels are chosen by the model loader")
+    accepted.add_argument("-b", "--batch-size", type=int, default=None, metavar="N",
+                          help="prompts are prefilled in chunks the engine picks")
+    accepted.add_argument("-ub", "--ubatch-size", type=int, default=None, metavar="N", help="as -b")
+    accepted.add_argument("-cb", "--cont-batching", action="store_true",
+                          help="requests are always batched continuously")
+    accepted.add_argument("--metrics", action="store_true", help="/metrics is always on")
+    accepted.add_argument("--no-webui", action="store_true", help="there is no web UI")
+    accepted.add_argument("--mlock", action="store_true", help="weights are not locked in memory")
+    accepted.add_argument("--no-mmap", action="store_true", help="GGUF files are always memory-mapped")
 
 
 def _model_name(path: Path) -> str:
@@ -57,9 +118,35 @@ def _model_name(path: Path) -> str:
     return name[: -len(".gguf")] if name.endswith(".gguf") else name
 
 
+def listen_address(host: str, port: int | None) -> tuple[str, int]:
+    """--host and --port as a (host, port) pair. --host may carry the port (HOST:PORT, [IPv6]:PORT,
+    http://HOST:PORT), as OLLAMA_HOST does; an empty host is 127.0.0.1."""
+    text = host.strip()
+    if text.lower().startswith("https://"):
+        raise Qwen35Error(f"--host {host}: qwen35 serve speaks plain HTTP; put a TLS proxy in front of it")
+    text = text.removeprefix("http://").removeprefix("HTTP://").rstrip("/")
+    host_part, port_text = text, None
+    if text.startswith("["):  # [IPv6] or [IPv6]:PORT
+        end = text.find("]")
+        if end < 0 or (text[end + 1:] and not text[end + 1:].startswith(":")):
+            raise Qwen35Error(f"--host {host}: write an IPv6 address with a port as [ADDRESS]:PORT")
+        host_part, port_text = text[1:end], text[end + 2:] if text[end + 1:] else None
+    elif text.count(":") == 1:  # HOST:PORT (more colons: a bare IPv6 address)
+        host_part, port_text = text.split(":")
+    if port_text is not None:
+        if not port_text.isdigit():
+            raise Qwen35Error(f"--host {host}: the port after ':' must be a number")
+        if port is not None and port != int(port_text):
+            raise Qwen35Error(f"--host {host} names port {port_text} but --port says {port}; give the port once")
+        port = int(port_text)
+    port = 8080 if port is None else port
+    if not 0 <= port <= 65535:
+        raise Qwen35Error(f"--port must be between 0 and 65535, got {port}")
+    return host_part or "127.0.0.1", port
+
+
 def _check(args) -> None:
-    if not 0 <= args.port <= 65535:
-        raise Qwen35Error(f"--port must be between 0 and 65535, got {args.port}")
+    listen_address(args.host, args.port)
     if args.parallel < 1:
         raise Qwen35Error(f"-np must be at least 1, got {args.parallel}")
     if args.context // args.parallel < 16:
@@ -74,26 +161,93 @@ def _check(args) -> None:
         raise Qwen35Error("--queue and --prefix-cache-mb must not be negative")
     if args.mmproj is not None and not Path(args.mmproj).is_file():
         raise Qwen35Error(f"--mmproj {args.mmproj}: no such file")
+    _check_llama_server_flags(args)
+
+
+def _check_llama_server_flags(args) -> None:
+    server_settings(args)  # the sampling defaults and template variables
+    if args.n_predict is not None and (args.n_predict == 0 or args.n_predict < -2):
+        raise Qwen35Error(f"-n must be -1 (up to the context) or at least 1, got {args.n_predict}")
+    if args.reasoning_format not in REASONING_FORMATS:
+        raise Qwen35Error(f"--reasoning-format {args.reasoning_format}: use one of {', '.join(REASONING_FORMATS)}")
+    if args.reasoning_budget < -1:
+        raise Qwen35Error(f"--reasoning-budget must be -1 (unlimited), 0 (no thinking) or more, "
+                          f"got {args.reasoning_budget}")
+    if args.flash_attn is not None and args.flash_attn not in FLASH_ATTENTION_VALUES:
+        raise Qwen35Error(f"-fa {args.flash_attn}: use on, off or auto")
+    for flag, value in (("-b", args.batch_size), ("-ub", args.ubatch_size)):
+        if value is not None and value < 1:
+            raise Qwen35Error(f"{flag} must be at least 1, got {value}")
+    if args.chat_template_file is not None:
+        read_template_file(args.chat_template_file)
+
+
+def server_settings(args) -> dict:
+    """The ServerState fields the llama-server flags set (the chat template aside: it needs the tokenizer)."""
+    from qwen35.engine.sampler import InvalidSamplingError, SamplingParams
+
+    sampling = {}
+    for flag, (dest, option, _) in SAMPLING_FLAGS.items():
+        value = getattr(args, dest)
+        if value is None or (flag == "--seed" and value == -1):  # llama.cpp's -1: a random seed
+            continue
+        try:
+            SamplingParams.from_options(None, **{option: value})
+        except InvalidSamplingError as error:
+            raise Qwen35Error(f"{flag} {value}: {error}") from None
+        sampling[option] = value
+    kwargs = {}
+    if args.chat_template_kwargs is not None:
+        try:
+            kwargs = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as error:
+            raise Qwen35Error(f"--chat-template-kwargs is not valid JSON: {error.msg} "
+                              f"(at character {error.pos})") from None
+        if not isinstance(kwargs, dict):
+            raise Qwen35Error("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    if args.reasoning_budget == 0 and kwargs.get("enable_thinking") is True:
+        raise Qwen35Error("--reasoning-budget 0 turns thinking off, but --chat-template-kwargs turns it on")
+    return {"sampling_defaults": sampling, "n_predict": args.n_predict, "chat_template_kwargs": kwargs,
+            "reasoning_format": args.reasoning_format, "reasoning_budget": args.reasoning_budget}
+
+
+def read_template_file(file_name: str) -> str:
+    try:
+        return Path(file_name).read_text(encoding="utf-8")
+    except OSError as error:
+        raise Qwen35Error(f"--chat-template-file {file_name}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise Qwen35Error(f"--chat-template-file {file_name}: not UTF-8 text") from None
+
+
+def served_template(tokenizer, source: str):
+    """--chat-template-file's template, compiled and tried on a one-message chat before the model loads."""
+    from qwen35.chat.template import ChatTemplate
+
+    template = ChatTemplate(source, special_tokens=tokenizer.template_tokens)
+    template.render([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+    return template
 
 
 def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int = 8192, prefix_cache_mb: int = 2048,
                 name: str | None = None, api_key: str | None = None, mmproj: str | None = None,
-                load_options: dict | None = None):
+                load_options: dict | None = None, settings: dict | None = None, chat_template_source: str | None = None):
     """Load the model and tokenizer and start nothing yet: the server's state (also used by benchmarks).
-    `context` is per request."""
+    `context` is per request; `settings` are further ServerState fields (`server_settings`)."""
     from qwen35 import load_model, load_tokenizer
     from qwen35.engine.service import EngineService
     from qwen35.server.app import ServerState
 
     from qwen35.progress import byte_progress
 
+    tokenizer = load_tokenizer(str(path))
+    template = served_template(tokenizer, chat_template_source) if chat_template_source is not None else None
     with byte_progress(f"loading {path.name}") as progress:
         model = load_model(str(path), mmproj=mmproj, progress=progress, **(load_options or {}))
-    tokenizer = load_tokenizer(str(path))
     service = EngineService(model, max_running=parallel, max_waiting=queue, context_length=context,
                             prefix_cache_bytes=prefix_cache_mb << 20)
     return ServerState(model=model, tokenizer=tokenizer, service=service, model_name=name or _model_name(path),
-                       model_path=str(path), api_key=api_key)
+                       model_path=str(path), api_key=api_key, chat_template=template, **(settings or {}))
 
 
 def run(args) -> int:
@@ -110,15 +264,17 @@ def run(args) -> int:
     path = resolved.path
     mmproj = args.mmproj or (str(resolved.mmproj) if resolved.mmproj and not args.no_mmproj else None)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
+    host, port = listen_address(args.host, args.port)
+    template_source = read_template_file(args.chat_template_file) if args.chat_template_file else None
     state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context // args.parallel,
                         prefix_cache_mb=args.prefix_cache_mb, name=args.name or resolved.name, api_key=args.api_key,
-                        mmproj=mmproj,
+                        mmproj=mmproj, settings=server_settings(args), chat_template_source=template_source,
                         load_options=load_options(args, path, args.context // args.parallel, args.parallel,
                                                   "qwen35 serve"))
     try:
-        sock = socket.create_server((args.host, args.port))
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as error:
-        raise Qwen35Error(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+        raise Qwen35Error(f"cannot listen on {host}:{port}: {error.strerror}") from None
     host, port = sock.getsockname()[:2]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 

@@ -30,6 +30,7 @@ def _now() -> str:
 
 
 def _sampling(state, options: OllamaOptions | None):
+    """(sampling, max_tokens, stop, whether the request set num_predict: -1 there means no limit, not -n's)."""
     options = options or OllamaOptions()
     max_tokens = options.num_predict if options.num_predict is not None and options.num_predict > 0 else None
     sampling = sampling_params(state, {
@@ -37,7 +38,7 @@ def _sampling(state, options: OllamaOptions | None):
         "min_p": options.min_p, "presence_penalty": options.presence_penalty,
         "frequency_penalty": options.frequency_penalty, "repetition_penalty": options.repeat_penalty,
         "seed": options.seed})
-    return sampling, max_tokens, options.stop
+    return sampling, max_tokens, options.stop, options.num_predict is not None
 
 
 def _template_kwargs(think) -> dict:
@@ -110,17 +111,49 @@ def _respond(body, lines: AsyncIterator[str], text_key: str):
     return _folded(lines, text_key)
 
 
+def fit_conversation(messages: list[dict], make):
+    """The job of the newest part of the conversation that fits the context, as Ollama truncates a chat
+    (its server/prompt.go): the oldest messages go first, the system messages stay, and so does the last
+    user message with everything after it; a conversation that does not fit even then is refused as
+    before. `make(kept_indices)` builds the job of those messages or raises a context_length_exceeded
+    APIError. The kept part starts at a user message, so the template sees whole turns."""
+    everything = list(range(len(messages)))
+    try:
+        return make(everything)
+    except APIError as error:
+        if error.code != "context_length_exceeded":
+            raise
+        too_long = error
+    starts = [index for index, message in enumerate(messages)
+              if message.get("role") == "user" and any(m.get("role") != "system" for m in messages[:index])]
+    low, high, fitting = 0, len(starts), None  # bisection: fewer messages never need more tokens
+    while low < high:
+        middle = (low + high) // 2
+        start = starts[middle]
+        kept = [index for index in range(start) if messages[index].get("role") == "system"] + everything[start:]
+        try:
+            fitting = make(kept)
+            high = middle
+        except APIError as error:
+            if error.code != "context_length_exceeded":
+                raise
+            low = middle + 1
+    if fitting is None:
+        raise too_long
+    return fitting
+
+
 @router.post("/api/chat", summary="Ollama chat (NDJSON stream unless stream is false)")
 async def ollama_chat(body: OllamaChatRequest, request: Request):
     state = get_state(request)
     check_request(state, body)
     started = time.perf_counter()
-    messages, images = [], []
+    messages, images = [], []  # images[i]: the images of messages[i]
     for index, message in enumerate(body.messages):
         converted = {"role": message.role, "content": message.content or ""}
+        images.append([decode_base64_image(image, f"messages.{index}.images.{number}")
+                       for number, image in enumerate(message.images or [])])
         if message.images:  # the images first, then the text, as one message of parts
-            images.extend(decode_base64_image(image, f"messages.{index}.images.{number}")
-                          for number, image in enumerate(message.images))
             converted["content"] = [{"type": "image"} for _ in message.images] + \
                 [{"type": "text", "text": message.content or ""}]
         if message.thinking:
@@ -131,17 +164,25 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
     if not messages:  # Ollama answers an empty chat by loading the model
         return {"model": body.model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
                 "done": True, "done_reason": "load"}
-    check_vision(state, len(images), "messages")
+    check_vision(state, sum(map(len, images)), "messages")
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
-    conversation = Conversation(template_messages(messages), tools, _template_kwargs(body.think),
-                                has_images=bool(images))
-    prompt_text = render_chat(state, conversation.messages, tools, conversation.template_kwargs)
-    thinking = prompt_ends_in_reasoning(prompt_text)
-    sampling, max_tokens, stop = _sampling(state, body.options)
-    job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop,
-                   parser=ChatText(tools=tools, thinking=thinking),
-                   constraint=constraint_for_ollama(state.tokenizer, state.vocab_size, body.format, thinking))
-    job.images = images or None
+    messages = template_messages(messages)
+    sampling, max_tokens, stop, limited = _sampling(state, body.options)
+
+    def chat_job(kept: list[int]):
+        kept_images = [image for index in kept for image in images[index]]  # a dropped message's go with it
+        conversation = Conversation([messages[index] for index in kept], tools, _template_kwargs(body.think),
+                                    has_images=bool(kept_images))
+        prompt_text = render_chat(state, conversation.messages, tools, conversation.template_kwargs)
+        thinking = prompt_ends_in_reasoning(prompt_text)
+        job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop,
+                       parser=ChatText(tools=tools, thinking=thinking),
+                       constraint=constraint_for_ollama(state.tokenizer, state.vocab_size, body.format, thinking))
+        job.conversation, job.images = conversation, kept_images or None
+        return state.limit_reply(job, requested=limited)
+
+    job = fit_conversation(messages, chat_job)
+    conversation = job.conversation
     stream = await start_job(state, job, request)
 
     def shape(text, reasoning, calls):
@@ -182,10 +223,11 @@ async def ollama_generate(body: OllamaGenerateRequest, request: Request):
         prompt_text = render_chat(state, messages, None, _template_kwargs(body.think))
         thinking = prompt_ends_in_reasoning(prompt_text)
         parser = ChatText(thinking=thinking)
-    sampling, max_tokens, stop = _sampling(state, body.options)
+    sampling, max_tokens, stop, limited = _sampling(state, body.options)
     job = make_job(state, prompt_text, max_tokens=max_tokens, sampling=sampling, stop=stop, parser=parser,
                    constraint=constraint_for_ollama(state.tokenizer, state.vocab_size, body.format, thinking))
     job.images = images or None
+    state.limit_reply(job, requested=limited)
     stream = await start_job(state, job, request)
 
     def shape(text, reasoning, calls):

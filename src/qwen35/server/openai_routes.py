@@ -120,9 +120,11 @@ def chat_job(state: ServerState, body: ChatCompletionRequest):
     job = make_job(state, prompt_text, max_tokens=max_tokens,
                    sampling=sampling_params(state, _sampling_options(body)), stop=body.stop,
                    parser=ChatText(tools=tools, thinking=thinking, calls_allowed=body.tool_choice != "none",
-                                   max_calls=1 if body.parallel_tool_calls is False else None),
+                                   max_calls=1 if body.parallel_tool_calls is False else None,
+                                   reasoning_inline=state.reasoning_format == "none"),
                    top_logprobs=(body.top_logprobs or 0) if body.logprobs else None, constraint=constraint,
                    reasoning_budget=body.thinking_budget)
+    state.limit_reply(job, requested=max_tokens is not None)
     job.conversation = Conversation(messages, tools, template_kwargs, has_images=bool(images))
     job.images = images or None
     return job
@@ -234,9 +236,12 @@ async def completions(body: CompletionRequest, request: Request):
         prompt_text = prompt[0]
     else:
         prompt_text = prompt
-    job = make_job(state, prompt_text, max_tokens=body.max_tokens if body.max_tokens is not None else 16,
+    # OpenAI's default is 16 tokens; a server started with -n gives its own default instead, as llama-server does.
+    max_tokens = body.max_tokens if body.max_tokens is not None or state.n_predict is not None else 16
+    job = make_job(state, prompt_text, max_tokens=max_tokens,
                    sampling=sampling_params(state, _sampling_options(body)), stop=body.stop,
                    top_logprobs=body.logprobs, prompt_ids=prompt_ids)
+    state.limit_reply(job, requested=max_tokens is not None)
     stream = await start_job(state, job, request)
     reply_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     echo = prompt_text if body.echo else ""

@@ -72,12 +72,16 @@ class ChatText:
 
     With `calls_allowed` False (tool_choice "none") a call the model writes anyway stays text, in the
     template's XML, instead of becoming a tool call the client did not ask for; past `max_calls`
-    (parallel_tool_calls false: one) further calls are dropped."""
+    (parallel_tool_calls false: one) further calls are dropped. With `reasoning_inline`
+    (--reasoning-format none) the reasoning is not split off: the content is the reply as written,
+    `<think>` (which the prompt opened) and `</think>` included."""
 
-    def __init__(self, tools=None, thinking: bool = True, calls_allowed: bool = True, max_calls: int | None = None):
-        self._parser = ChatOutputParser(tools=tools, thinking=thinking)
+    def __init__(self, tools=None, thinking: bool = True, calls_allowed: bool = True, max_calls: int | None = None,
+                 reasoning_inline: bool = False):
+        self._parser = ChatOutputParser(tools=tools, thinking=thinking and not reasoning_inline)
         self._calls_allowed = calls_allowed
         self._calls_left = max_calls
+        self._opener = "<think>\n" if thinking and reasoning_inline else ""
 
     def feed(self, text: str) -> list[Delta]:
         return self._convert(self._parser.feed(text)) if text else []
@@ -98,6 +102,8 @@ class ChatText:
                                             json.dumps(call["arguments"], ensure_ascii=False)))
             else:
                 content += _call_as_text(call)
+        if content and self._opener:
+            content, self._opener = self._opener + content, ""
         delta = Delta(content=content, reasoning=parsed.reasoning_content, tool_calls=calls)
         return [delta] if delta else []
 
