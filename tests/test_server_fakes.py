@@ -164,12 +164,13 @@ def wait_for_prefix_jobs(state, timeout_s: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def live_server(model, tokenizer, *, name="tiny", api_key=None, max_running=4, max_waiting=16,
-                context_length=1024, prefix_cache_bytes=64 << 20, prefill_chunk=512):
-    """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields (base_url, state)."""
+                context_length=1024, prefix_cache_bytes=64 << 20, prefill_chunk=512, **settings):
+    """A real uvicorn server on 127.0.0.1 (a free port) in a thread; yields (base_url, state).
+    `settings`: further ServerState fields (what `qwen35 serve`'s flags set)."""
     service = EngineService(model, max_running=max_running, max_waiting=max_waiting, context_length=context_length,
                             prefix_cache_bytes=prefix_cache_bytes, prefill_chunk=prefill_chunk)
     state = ServerState(model=model, tokenizer=tokenizer, service=service, model_name=name,
-                        model_path="tiny.gguf", api_key=api_key)
+                        model_path="tiny.gguf", api_key=api_key, **settings)
     sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning"))

@@ -1,0 +1,95 @@
+"""Ollama's /api/chat truncates a conversation longer than the context as Ollama does (the oldest
+messages go, the system message and the newest turns stay) instead of failing; the prompt it used is
+transformers' render of that shorter conversation. /v1 keeps OpenAI's 400."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from test_server_fakes import ScriptedModel, live_server
+
+SYSTEM = {"role": "system", "content": "You are terse."}
+
+
+def _conversation(turns: int) -> list[dict]:
+    messages = [SYSTEM]
+    for index in range(turns):
+        messages += [{"role": "user", "content": f"Tell me fact number {index} about the sea, in a few words."},
+                     {"role": "assistant", "content": f"Fact {index}: the sea is wide, deep, salty and blue."}]
+    return messages + [{"role": "user", "content": "last question"}]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(fixtures):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(fixtures / "tiny" / "dense-hf")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(fixtures):
+    from qwen35 import load_tokenizer
+
+    return load_tokenizer(fixtures / "tiny" / "dense-Q4_K_M.gguf")
+
+
+def _reference_ids(hf_tokenizer, messages) -> list[int]:
+    text = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _recording_submits(state) -> list[list[int]]:
+    prompts, submit = [], state.service.submit
+
+    def recording(request):
+        prompts.append(list(request.prompt_ids))
+        return submit(request)
+
+    state.service.submit = recording
+    return prompts
+
+
+def test_ollama_chat_drops_the_oldest_turns_to_fit(tokenizer, hf_tokenizer):
+    messages = _conversation(8)
+    context = len(_reference_ids(hf_tokenizer, messages)) // 2
+    # Ollama's rule, with transformers' tokens: the system message and the newest turns that fit.
+    expected = next(kept for start in range(3, len(messages), 2)
+                    if len(_reference_ids(hf_tokenizer, kept := [SYSTEM, *messages[start:]])) < context)
+    assert 4 < len(expected) < len(messages) - 4  # some turns go, several stay
+    expected_ids = _reference_ids(hf_tokenizer, expected)
+    with live_server(ScriptedModel(tokenizer), tokenizer, context_length=context) as (url, state):
+        prompts = _recording_submits(state)
+        reply = httpx.post(url + "/api/chat", timeout=30,
+                           json={"model": "tiny", "messages": messages, "stream": False}).json()
+        assert reply["message"]["content"] == "Answer: last question", reply
+        assert prompts == [expected_ids]
+        assert reply["prompt_eval_count"] == len(expected_ids)
+        # Streamed, the final line counts the same prompt.
+        lines = httpx.post(url + "/api/chat", timeout=30, json={"model": "tiny", "messages": messages}).text
+        assert f'"prompt_eval_count": {len(expected_ids)}' in lines.strip().splitlines()[-1]
+        # OpenAI's API does not truncate: 400, as OpenAI and llama-server answer.
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        with pytest.raises(openai.BadRequestError, match="context"):
+            client.chat.completions.create(model="tiny", messages=messages)
+
+
+def test_ollama_chat_that_fits_is_not_truncated(tokenizer, hf_tokenizer):
+    messages = _conversation(2)
+    with live_server(ScriptedModel(tokenizer), tokenizer, context_length=512) as (url, state):
+        prompts = _recording_submits(state)
+        reply = httpx.post(url + "/api/chat", timeout=30,
+                           json={"model": "tiny", "messages": messages, "stream": False}).json()
+    assert prompts == [_reference_ids(hf_tokenizer, messages)]
+    assert reply["prompt_eval_count"] == len(prompts[0])
+
+
+def test_ollama_chat_whose_last_message_alone_is_too_long_is_refused(tokenizer):
+    messages = [SYSTEM, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "sea " * 400}]
+    with live_server(ScriptedModel(tokenizer), tokenizer, context_length=128) as (url, _):
+        response = httpx.post(url + "/api/chat", timeout=30,
+                              json={"model": "tiny", "messages": messages, "stream": False})
+        generate = httpx.post(url + "/api/generate", timeout=30,
+                              json={"model": "tiny", "prompt": "sea " * 400, "stream": False})
+    assert response.status_code == 400 and "context is 128 tokens" in response.json()["error"]
+    assert generate.status_code == 400 and "context is 128 tokens" in generate.json()["error"]
