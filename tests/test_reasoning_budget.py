@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import anthropic
+import ollama
 import openai
 import pytest
 import torch
@@ -149,11 +150,13 @@ def test_generation_loop_with_a_budget_equals_transformers(model, tokenizer, seq
     assert [step.token_id for step in steps if step.token_id is not None] == ids
 
 
-def _session_answer(model, tokenizer, budget, max_new_tokens):
+def _session_answer(model, tokenizer, budget, max_new_tokens, command=None):
     from qwen35.chat.session import ChatSession, ChatSettings
 
     session = ChatSession(model, tokenizer, ChatSettings(context_size=256, max_new_tokens=max_new_tokens,
                                                          sampling={"temperature": 0.0}, reasoning_budget=budget))
+    if command is not None:
+        assert session.command(command).text.startswith("Set parameter")
     reasoning, content = [], []
     for event in session.answer(QUESTION):
         reasoning.append(getattr(event, "reasoning_content", "") or "")
@@ -170,6 +173,18 @@ def test_session_budgets_zero_and_larger_than_the_reasoning(model, tokenizer, se
     # A budget the reasoning does not reach within the answer changes nothing.
     think = sequences["chat_think"]["transformers_greedy"][:12]
     assert _session_answer(model, tokenizer, 100, 12) == (tokenizer.decode(think).strip(), "")
+
+
+def test_set_reasoning_budget_in_the_chat(model, tokenizer, expected):
+    from qwen35.chat.session import ChatSession, ChatSettings
+
+    ids, _ = expected
+    command = f"/set reasoning_budget {BUDGET}"
+    assert _session_answer(model, tokenizer, -1, len(ids), command) == _parsed(tokenizer, ids)
+    session = ChatSession(model, tokenizer, ChatSettings(context_size=256))
+    assert session.command("/set reasoning_budget -4").text.startswith("Couldn't set 'reasoning_budget'")
+    session.command("/set reasoning_budget 7")
+    assert "at most 7 tokens" in session.command("/show").text
 
 
 def test_run_reasoning_budget_flag(dense_hf, tokenizer, expected):
@@ -249,6 +264,10 @@ def test_server_default_budget_and_the_request_over_it(server, client, tokenizer
     try:
         assert _chat(client) == _parsed(tokenizer, ids)
         assert _chat(client, thinking_budget=-1) == unbudgeted
+        # Ollama's API has no budget field: the server's applies.
+        reply = ollama.Client(host=server[0]).chat(model="dense", messages=MESSAGES, think=True,
+                                                    options={"temperature": 0.0, "num_predict": len(ids)})
+        assert (reply.message.thinking, reply.message.content) == _parsed(tokenizer, ids)
         state.reasoning_budget = 0
         assert _chat(client) == _chat(client, chat_template_kwargs={"enable_thinking": False})
     finally:

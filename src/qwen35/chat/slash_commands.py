@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qwen35.chat.attachments import message_images
+from qwen35.engine.reasoning_budget import check_budget
 from qwen35.engine.sampler import InvalidSamplingError, SamplingParams
 from qwen35.errors import Qwen35Error
 
@@ -20,6 +21,7 @@ HELP = """Available commands:
                           seed (-1 = random), num_predict (-1 = no limit), repeat_penalty,
                           presence_penalty, frequency_penalty, num_ctx
   /set hidethinking       hide the reasoning (/set showthinking shows it again)
+  /set reasoning_budget N at most N reasoning tokens, then </think> (-1 = unlimited, 0 = no thinking)
   /show                   the current settings (/show system, /show parameters)
   /image PATH             attach an image to your next message (a model that reads images)
   /clear                  forget the conversation (and images not yet sent)
@@ -168,6 +170,8 @@ def _set_number(session, key: str, value: str) -> str:
         if count == 0 or count < -1:
             raise ValueError("use a number of tokens >= 1, or -1 for no limit")
         session.settings.max_new_tokens = None if count == -1 else count
+    elif key in ("reasoning_budget", "thinking_budget"):
+        session.settings.reasoning_budget = check_budget(_number(value, integer=True), "reasoning budget")
     elif key in _CONTEXT_NAMES:
         session.settings.context_size = session.checked_context(_number(value, integer=True))
     elif key in _SAMPLING_NAMES:
@@ -198,7 +202,9 @@ def _show(session, what: str) -> str:
     if what == "parameters":
         return "\n".join(lines)
     think = {None: "template default", True: "on", False: "off"}[session.settings.think]
-    lines.append(f"thinking {think}{', hidden' if session.settings.hide_thinking else ''}")
+    budget = session.settings.reasoning_budget
+    budget_note = f", at most {budget} tokens" if budget > 0 else (", budget 0 (off)" if budget == 0 else "")
+    lines.append(f"thinking {think}{budget_note}{', hidden' if session.settings.hide_thinking else ''}")
     if session.settings.template_kwargs:
         lines.append(f"template options {json.dumps(session.settings.template_kwargs)}")
     lines.append(f"system message: {system!r}" if system else "no system message")
