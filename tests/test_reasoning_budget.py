@@ -257,6 +257,8 @@ def test_chat_budget_then_json_grammar(client, tokenizer, sequences):
 
 
 def test_server_default_budget_and_the_request_over_it(server, client, tokenizer, expected):
+    """The server's --reasoning-budget N caps every API's thinking replies; its 0 is a template default
+    (thinking off, ServerState's own business), which a request that turns thinking on overrides."""
     state = server[1]
     ids, _ = expected
     unbudgeted = _chat(client)
@@ -269,7 +271,7 @@ def test_server_default_budget_and_the_request_over_it(server, client, tokenizer
                                                     options={"temperature": 0.0, "num_predict": len(ids)})
         assert (reply.message.thinking, reply.message.content) == _parsed(tokenizer, ids)
         state.reasoning_budget = 0
-        assert _chat(client) == _chat(client, chat_template_kwargs={"enable_thinking": False})
+        assert _chat(client, chat_template_kwargs={"enable_thinking": True}) == unbudgeted
     finally:
         state.reasoning_budget = -1
 

@@ -6,9 +6,11 @@ toggle behave the same whichever a client speaks.
 The reasoning budget is applied here too, for every API: the request's own (chat completions'
 `thinking_budget`, Anthropic's `thinking.budget_tokens`) over the server's `--reasoning-budget`.
 It applies to chat replies that open inside `<think>`: a budget N > 0 wraps the job's constraint
-in an `engine.reasoning_budget.ReasoningBudget`; a budget of 0 closes the reasoning in the prompt
-itself ("<think>\n" + "\n</think>\n\n" is exactly what the template renders with
-`enable_thinking: false`), and tells the parser and a grammar that the reasoning is over.
+in an `engine.reasoning_budget.ReasoningBudget`; a request's budget of 0 closes the reasoning in the
+prompt itself ("<think>\n" + "\n</think>\n\n" is exactly what the template renders with
+`enable_thinking: false`), and tells the parser and a grammar that the reasoning is over. The
+server's 0 is not applied here: it is a template default (thinking off, `ServerState`), which a
+request may override, as llama-server's; a request that turns thinking on under it is not capped.
 """
 
 from __future__ import annotations
@@ -191,7 +193,10 @@ def make_job(state, prompt_text: str, *, max_tokens: int | None, sampling: Sampl
              prompt_ids: list[int] | None = None, reasoning_budget: int | None = None) -> Job:
     """`reasoning_budget`: the request's own (None: the server's; see the module docstring)."""
     limit = state.context_length
-    budget = reasoning_budget if reasoning_budget is not None else getattr(state, "reasoning_budget", -1)
+    budget = reasoning_budget
+    if budget is None:
+        budget = getattr(state, "reasoning_budget", -1)
+        budget = -1 if budget == 0 else budget
     thinking = prompt_ids is None and isinstance(parser, ChatText) and prompt_ends_in_reasoning(prompt_text)
     if thinking and budget == 0:
         prompt_text += _CLOSED_REASONING
