@@ -82,9 +82,11 @@ def test_llama_server_command_line_samples_with_its_flags(fixtures, hf_tokenizer
         process.wait(timeout=20)
 
 
-def test_a_bad_value_or_unknown_flag_is_one_line_before_the_model_loads(fixtures):
+def test_a_bad_value_or_unknown_flag_is_one_line_before_the_model_loads(fixtures, tmp_path):
     model = str(fixtures / "tiny" / "dense-hf")
+    (tmp_path / "broken.jinja").write_text("{% if messages %}", encoding="utf-8")
     for flags, code, words in ((["--temp", "-1"], 1, "--temp"), (["--reasoning-format", "raw"], 1, "none"),
+                               (["--chat-template-file", str(tmp_path / "broken.jinja")], 1, "not valid Jinja"),
                                (["--flash-attention-please"], 2, "unrecognized")):
         result = subprocess.run([sys.executable, "-m", "qwen35", "serve", model, *flags],
                                 capture_output=True, text=True, timeout=60)
@@ -176,7 +178,7 @@ def test_chat_template_file_renders_as_transformers(tmp_path, tokenizer, hf_toke
     args = _args("--chat-template-file", str(tmp_path / "template.jinja"),
                  "--chat-template-kwargs", '{"greeting": "Hello"}')
     _check(args)
-    state = _state(tokenizer, chat_template=served_template(tokenizer, source), **server_settings(args))
+    state = _state(tokenizer, chat_template=served_template(source, tokenizer.template_tokens), **server_settings(args))
     expected = hf_tokenizer.apply_chat_template(CONVERSATION, chat_template=source, tokenize=False,
                                                 add_generation_prompt=True, greeting="Hello")
     assert render_chat(state, CONVERSATION) == expected
@@ -186,9 +188,10 @@ def test_chat_template_file_renders_as_transformers(tmp_path, tokenizer, hf_toke
 
 @pytest.mark.parametrize("source, words", [("{% for m in messages %}", "not valid Jinja"),
                                            ("{{ messages.__class__.__mro__ }}", "stopped")])
-def test_a_broken_or_escaping_template_file_is_refused(tokenizer, source, words):
+def test_a_broken_or_escaping_template_file_is_refused(tmp_path, source, words):
+    (tmp_path / "template.jinja").write_text(source, encoding="utf-8")
     with pytest.raises(Qwen35Error, match=words):
-        served_template(tokenizer, source)
+        _check(_args("--chat-template-file", str(tmp_path / "template.jinja")))
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,7 @@ def _check_llama_server_flags(args) -> None:
         if value is not None and value < 1:
             raise Qwen35Error(f"{flag} must be at least 1, got {value}")
     if args.chat_template_file is not None:
-        read_template_file(args.chat_template_file)
+        served_template(read_template_file(args.chat_template_file))
 
 
 def server_settings(args) -> dict:
@@ -220,18 +220,20 @@ def read_template_file(file_name: str) -> str:
         raise Qwen35Error(f"--chat-template-file {file_name}: not UTF-8 text") from None
 
 
-def served_template(tokenizer, source: str):
-    """--chat-template-file's template, compiled and tried on a one-message chat before the model loads."""
+def served_template(source: str, special_tokens: dict[str, str] | None = None):
+    """--chat-template-file's template (`special_tokens`: the tokenizer's, as bos_token ... reach it),
+    compiled and tried on a one-message chat, so that a broken one fails before the model loads."""
     from qwen35.chat.template import ChatTemplate
 
-    template = ChatTemplate(source, special_tokens=tokenizer.template_tokens)
+    template = ChatTemplate(source, special_tokens=special_tokens)
     template.render([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
     return template
 
 
 def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int = 8192, prefix_cache_mb: int = 2048,
                 name: str | None = None, api_key: str | None = None, mmproj: str | None = None,
-                load_options: dict | None = None, settings: dict | None = None, chat_template_source: str | None = None):
+                load_options: dict | None = None, settings: dict | None = None,
+                chat_template_source: str | None = None):
     """Load the model and tokenizer and start nothing yet: the server's state (also used by benchmarks).
     `context` is per request; `settings` are further ServerState fields (`server_settings`)."""
     from qwen35 import load_model, load_tokenizer
@@ -241,7 +243,9 @@ def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int 
     from qwen35.progress import byte_progress
 
     tokenizer = load_tokenizer(str(path))
-    template = served_template(tokenizer, chat_template_source) if chat_template_source is not None else None
+    template = None
+    if chat_template_source is not None:
+        template = served_template(chat_template_source, tokenizer.template_tokens)
     with byte_progress(f"loading {path.name}") as progress:
         model = load_model(str(path), mmproj=mmproj, progress=progress, **(load_options or {}))
     service = EngineService(model, max_running=parallel, max_waiting=queue, context_length=context,
