@@ -4,6 +4,8 @@ transformers' render of that shorter conversation. /v1 keeps OpenAI's 400."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -93,3 +95,31 @@ def test_ollama_chat_whose_last_message_alone_is_too_long_is_refused(tokenizer):
                               json={"model": "tiny", "prompt": "sea " * 400, "stream": False})
     assert response.status_code == 400 and "context is 128 tokens" in response.json()["error"]
     assert generate.status_code == 400 and "context is 128 tokens" in generate.json()["error"]
+
+
+def test_images_count_when_truncating_and_go_with_their_messages(fixtures, hf_tokenizer):
+    """The text alone fits, the image's tokens (the processor's count, from the fixture) do not: the turn
+    that carries the image goes, and the image with it."""
+    import base64
+
+    from qwen35 import load_model, load_tokenizer
+
+    reference = json.loads((fixtures / "ref" / "dense.vision.json").read_text())
+    image = (fixtures / "ref" / reference["image"]).read_bytes()
+    later = [{"role": "assistant", "content": "A picture."}, {"role": "user", "content": "What colour is the sea?"},
+             {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "last question"}]
+    with_image = [SYSTEM, {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Look."}]}, *later]
+    expected_ids = _reference_ids(hf_tokenizer, [SYSTEM, *later[1:]])
+    expanded = len(_reference_ids(hf_tokenizer, with_image)) - 1 + reference["n_image_tokens"]
+    context = expanded - 8
+    text_only = expanded - reference["n_image_tokens"] + 1
+    assert text_only + 2 < context < expanded and len(expected_ids) + 2 < context  # 2: num_predict
+    path = fixtures / "tiny" / "dense-hf"
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    wire = [SYSTEM, {"role": "user", "content": "Look.", "images": [base64.b64encode(image).decode()]}, *later]
+    with live_server(model, tokenizer, context_length=context) as (url, state):
+        prompts = _recording_submits(state)
+        reply = httpx.post(url + "/api/chat", timeout=60, json={
+            "model": "tiny", "messages": wire, "stream": False, "options": {"num_predict": 2}}).json()
+    assert prompts == [expected_ids], reply
+    assert reply["prompt_eval_count"] == len(expected_ids)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_ollama
 from qwen35.server.errors import APIError, OllamaErrorBody, documented_errors
 from qwen35.server.images import check_vision, decode_base64_image
-from qwen35.server.prompting import (Conversation, check_model_name, check_request, make_job,
+from qwen35.server.prompting import (Conversation, check_context, check_model_name, check_request, make_job,
                                      prepare_next_turn, render_chat, sampling_params, start_job, template_messages)
 from qwen35.server.schemas import OllamaChatRequest, OllamaGenerateRequest, OllamaOptions, OllamaShowRequest
 from qwen35.server.stream import ChatText, End, PlainText
@@ -111,6 +112,21 @@ def _respond(body, lines: AsyncIterator[str], text_key: str):
     return _folded(lines, text_key)
 
 
+async def _image_tokens(state, images: list[list[bytes]]) -> list[int]:
+    """Per message, the prompt tokens its images add once each placeholder is expanded (the images are
+    resized, off the event loop, to count them; the vision tower runs later, on the kept ones only)."""
+    if not any(images):
+        return [0] * len(images)
+    from qwen35.chat.images import preprocess_image
+
+    def count() -> list[int]:
+        settings = state.model.image_settings
+        return [sum(preprocess_image(image, settings).num_tokens - 1 for image in message_images)
+                for message_images in images]
+
+    return await asyncio.to_thread(count)
+
+
 def fit_conversation(messages: list[dict], make):
     """The job of the newest part of the conversation that fits the context, as Ollama truncates a chat
     (its server/prompt.go): the oldest messages go first, the system messages stay, and so does the last
@@ -168,6 +184,7 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []] or None
     messages = template_messages(messages)
     sampling, max_tokens, stop, limited = _sampling(state, body.options)
+    image_tokens = await _image_tokens(state, images)
 
     def chat_job(kept: list[int]):
         kept_images = [image for index in kept for image in images[index]]  # a dropped message's go with it
@@ -179,6 +196,9 @@ async def ollama_chat(body: OllamaChatRequest, request: Request):
                        parser=ChatText(tools=tools, thinking=thinking),
                        constraint=constraint_for_ollama(state.tokenizer, state.vocab_size, body.format, thinking))
         job.conversation, job.images = conversation, kept_images or None
+        if kept_images:  # each image's one placeholder becomes its tokens: does the prompt still fit?
+            check_context(state.context_length, len(job.request.prompt_ids) + sum(image_tokens[i] for i in kept),
+                          max_tokens)
         return state.limit_reply(job, requested=limited)
 
     job = fit_conversation(messages, chat_job)
