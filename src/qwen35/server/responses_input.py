@@ -21,8 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qwen35.server.errors import APIError
 from qwen35.server.images import openai_image_bytes
-from qwen35.server.schemas import (Penalty, Probability, RepetitionPenalty, Seed, Temperature, TokenCount, TopK,
-                                   TopP)
+from qwen35.server.schemas import SamplingOptions, TokenCount
 
 _LENIENT = ConfigDict(extra="ignore", populate_by_name=True)
 
@@ -49,25 +48,16 @@ class ReasoningConfig(BaseModel):
     generate_summary: str | None = None  # the older spelling of summary
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(SamplingOptions):
     """POST /v1/responses. Like the chat route, unknown fields are ignored and the sampling
     extensions (top_k, min_p, penalties, seed) and chat_template_kwargs are accepted."""
 
     model_config = _LENIENT
-    model: str
     input: str | list[dict[str, Any]] = ""
     instructions: str | None = None
     previous_response_id: str | None = None
     max_output_tokens: TokenCount | None = None
     max_tool_calls: Annotated[int, Field(ge=1)] | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    min_p: Probability | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    seed: Seed | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None

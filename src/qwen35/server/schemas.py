@@ -113,12 +113,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """Options shared by chat and text completions."""
+class SamplingOptions(BaseModel):
+    """The sampling options of every OpenAI-style request (top_k, min_p, the penalties and seed are
+    the usual local-server extensions)."""
 
     model_config = _LENIENT
     model: str
-    max_tokens: TokenCount | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: TopK | None = None
@@ -127,6 +127,12 @@ class SamplingFields(BaseModel):
     frequency_penalty: Penalty | None = None
     repetition_penalty: RepetitionPenalty | None = None
     seed: Seed | None = None
+
+
+class SamplingFields(SamplingOptions):
+    """Options shared by chat and text completions."""
+
+    max_tokens: TokenCount | None = None
     stop: Stop | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
