@@ -30,6 +30,19 @@ def fixtures() -> Path:
     return FIXTURES
 
 
+@pytest.fixture(scope="session")
+def dense_hf(fixtures) -> Path:
+    """The tiny dense HF checkpoint (with its vision tower) that transformers' references came from."""
+    return fixtures / "tiny" / "dense-hf"
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(dense_hf):
+    """transformers' own tokenizer of the tiny checkpoint: the reference for rendered prompts."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(dense_hf)
+
+
 def triton_devices() -> list[str]:
     """Where the Triton kernels' tests run: the GPU when there is one, else the interpreter on CPU."""
     return ["cuda"] if _HAS_CUDA else ["cpu"]

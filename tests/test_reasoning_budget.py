@@ -30,11 +30,6 @@ MESSAGES = [{"role": "user", "content": QUESTION}]
 
 
 @pytest.fixture(scope="module")
-def dense_hf(fixtures):
-    return fixtures / "tiny" / "dense-hf"
-
-
-@pytest.fixture(scope="module")
 def sequences(fixtures):
     return json.loads((fixtures / "ref" / "dense.json").read_text())["sequences"]
 

@@ -32,11 +32,6 @@ def qwen35(*args, env=None):
 
 
 @pytest.fixture(scope="module")
-def dense_hf(fixtures):
-    return fixtures / "tiny" / "dense-hf"
-
-
-@pytest.fixture(scope="module")
 def reference(fixtures):
     return json.loads((fixtures / "ref" / "dense.json").read_text())["sequences"]
 

@@ -31,11 +31,6 @@ def qwen35(*args):
 
 
 @pytest.fixture(scope="module")
-def dense_hf(fixtures):
-    return fixtures / "tiny" / "dense-hf"
-
-
-@pytest.fixture(scope="module")
 def vision(fixtures):
     """(the fixture's record, transformers' logits [tokens, vocab], the image's path)."""
     reference = json.loads((fixtures / "ref" / "dense.vision.json").read_text())

@@ -296,12 +296,6 @@ def real(fixtures):
         yield url, state
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(fixtures):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(fixtures / "tiny" / "dense-hf")
-
-
 def _image_url(fixtures) -> str:
     reference = json.loads((fixtures / "ref" / "dense.vision.json").read_text())
     image = (fixtures / "ref" / reference["image"]).read_bytes()

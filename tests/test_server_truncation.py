@@ -23,12 +23,6 @@ def _conversation(turns: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def hf_tokenizer(fixtures):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(fixtures / "tiny" / "dense-hf")
-
-
-@pytest.fixture(scope="module")
 def tokenizer(fixtures):
     from qwen35 import load_tokenizer
 

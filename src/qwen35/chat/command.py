@@ -25,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from qwen35.chat.template import read_template_file
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 from qwen35.hub import resolve_model_argument
@@ -85,7 +86,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     settings = _settings(args)
-    template_source = _read_template(args.chat_template_file)
+    template_source = read_template_file(args.chat_template_file) if args.chat_template_file else None
     _check_image_files(args)
     if args.prompt_flag is not None and args.prompt:
         raise Qwen35Error("give the prompt once: as PROMPT or as -p TEXT")
@@ -172,17 +173,6 @@ def _settings(args):
         template_kwargs=template_kwargs,
         reasoning_budget=args.reasoning_budget,
     )
-
-
-def _read_template(file_name):
-    if file_name is None:
-        return None
-    try:
-        return Path(file_name).read_text(encoding="utf-8")
-    except OSError as error:
-        raise Qwen35Error(f"cannot read the chat template {file_name}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise Qwen35Error(f"the chat template {file_name} is not UTF-8 text") from None
 
 
 def _one_shot_prompt(words: list[str]) -> str | None:

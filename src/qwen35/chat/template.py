@@ -166,6 +166,16 @@ def _prepare_messages(messages) -> list[dict]:
     return prepared
 
 
+def read_template_file(file_name: str) -> str:
+    """A chat template file's text (--chat-template-file of run and serve), or one readable error."""
+    try:
+        return Path(file_name).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ChatTemplateError(f"cannot read the chat template {file_name}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ChatTemplateError(f"the chat template {file_name} is not UTF-8 text") from None
+
+
 class ChatTemplate:
     """A compiled chat template. `source` is the template text, or named templates
     ({"default": ..., "tool_use": ...}) of which the `tool_use` one serves requests with tools."""

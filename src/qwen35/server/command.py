@@ -27,6 +27,7 @@ import socket
 import sys
 from pathlib import Path
 
+from qwen35.chat.template import read_template_file
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 from qwen35.hub import resolve_model_argument
@@ -209,15 +210,6 @@ def server_settings(args) -> dict:
         raise Qwen35Error("--reasoning-budget 0 turns thinking off, but --chat-template-kwargs turns it on")
     return {"sampling_defaults": sampling, "n_predict": args.n_predict, "chat_template_kwargs": kwargs,
             "reasoning_format": args.reasoning_format, "reasoning_budget": args.reasoning_budget}
-
-
-def read_template_file(file_name: str) -> str:
-    try:
-        return Path(file_name).read_text(encoding="utf-8")
-    except OSError as error:
-        raise Qwen35Error(f"--chat-template-file {file_name}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise Qwen35Error(f"--chat-template-file {file_name}: not UTF-8 text") from None
 
 
 def served_template(source: str, special_tokens: dict[str, str] | None = None):
