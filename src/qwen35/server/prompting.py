@@ -111,22 +111,25 @@ def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         calls = []
         for call in message.get("tool_calls") or []:
             function = dict(call.get("function") or {})
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments) if arguments.strip() else {}
-                except json.JSONDecodeError:
-                    raise APIError(400, f"messages[{index}]: tool call arguments are not valid JSON.",
-                                   param=f"messages.{index}.tool_calls") from None
-            if not isinstance(arguments, dict):
-                raise APIError(400, f"messages[{index}]: tool call arguments must be a JSON object.",
-                               param=f"messages.{index}.tool_calls")
-            function["arguments"] = arguments
+            function["arguments"] = tool_arguments(function.get("arguments"), f"messages[{index}]",
+                                                   f"messages.{index}.tool_calls")
             calls.append({**call, "function": function})
         if calls:
             message["tool_calls"] = calls
         rendered.append({key: value for key, value in message.items() if value is not None})
     return rendered
+
+
+def tool_arguments(arguments, where: str, param: str) -> dict:
+    """A tool call's arguments as the template takes them: a JSON object, sent as one or as its text."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            raise APIError(400, f"{where}: the tool call's arguments are not valid JSON.", param=param) from None
+    if not isinstance(arguments, dict):
+        raise APIError(400, f"{where}: the tool call's arguments must be a JSON object.", param=param)
+    return arguments
 
 
 def render_chat(state, messages, tools=None, template_kwargs=None) -> str:

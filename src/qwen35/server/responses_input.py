@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from qwen35.server.errors import APIError
 from qwen35.server.images import openai_image_bytes
+from qwen35.server.prompting import tool_arguments
 from qwen35.server.schemas import SamplingOptions, TokenCount
 
 _LENIENT = ConfigDict(extra="ignore", populate_by_name=True)
@@ -172,14 +173,7 @@ def _arguments(item: dict, where: str) -> str:
     if isinstance(arguments, dict):
         return json.dumps(arguments, ensure_ascii=False)
     arguments = _text_of(arguments, where, "arguments")
-    try:
-        parsed = json.loads(arguments) if arguments.strip() else {}
-    except json.JSONDecodeError:
-        raise APIError(400, f"{where}: the function call's arguments are not valid JSON.",
-                       param=f"{where}.arguments") from None
-    if not isinstance(parsed, dict):
-        raise APIError(400, f"{where}: the function call's arguments must be a JSON object.",
-                       param=f"{where}.arguments")
+    tool_arguments(arguments, where, f"{where}.arguments")  # checked here, to name the input item
     return arguments if arguments.strip() else "{}"
 
 
