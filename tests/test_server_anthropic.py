@@ -532,3 +532,19 @@ def test_an_image_block_answers_as_the_chat_completions_route(real, fixtures):
         with pytest.raises(anthropic.BadRequestError, match=words):
             client.messages.create(model="dense", max_tokens=2, messages=[{"role": "user", "content": [
                 {"type": "image", "source": source}, {"type": "text", "text": "what?"}]}])
+
+
+def test_both_clients_list_the_served_model(server, client):
+    """GET /v1/models answers OpenAI's and Anthropic's clients alike (each reads its own fields)."""
+    import openai
+
+    url, state = server
+    listed = client.models.list()
+    assert [model.id for model in listed.data] == [state.model_name] and listed.has_more is False
+    assert listed.data[0].type == "model" and listed.data[0].display_name == state.model_name
+    assert client.models.retrieve(state.model_name).id == state.model_name
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("no-such-model")
+    openai_client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    assert [model.id for model in openai_client.models.list().data] == [state.model_name]
+    assert openai_client.models.retrieve(state.model_name).owned_by == "qwen35"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import datetime, timezone
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -67,18 +68,25 @@ async def embeddings():
                         "embedding model.", code="embeddings_unsupported")
 
 
-@router.get("/v1/models", summary="The served model")
+def _model_entry(state: ServerState) -> dict:
+    """The served model in OpenAI's and Anthropic's shapes at once: each client ignores the other's fields."""
+    created = datetime.fromtimestamp(state.started_at, timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"id": state.model_name, "object": "model", "created": int(state.started_at), "owned_by": "qwen35",
+            "type": "model", "display_name": state.model_name, "created_at": created}
+
+
+@router.get("/v1/models", summary="The served model (OpenAI's list, with Anthropic's fields)")
 async def list_models(request: Request):
     state = get_state(request)
-    return {"object": "list", "data": [{"id": state.model_name, "object": "model",
-                                        "created": int(state.started_at), "owned_by": "qwen35"}]}
+    return {"object": "list", "data": [_model_entry(state)], "has_more": False,
+            "first_id": state.model_name, "last_id": state.model_name}
 
 
 @router.get("/v1/models/{model_id:path}", summary="One model")
 async def get_model(model_id: str, request: Request):
     state = get_state(request)
     check_model_name(state, model_id)
-    return {"id": state.model_name, "object": "model", "created": int(state.started_at), "owned_by": "qwen35"}
+    return _model_entry(state)
 
 
 # --- chat ---------------------------------------------------------------------------------------
