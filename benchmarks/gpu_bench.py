@@ -308,6 +308,21 @@ def main(argv=None) -> int:
             print(f"decode graphs b{batch}, matrix-vector kernel only: "
                   f"{results[f'decode_b{batch}_gemv_tok/s']:.1f} tok/s", flush=True)
         save()
+    if graphs and torch.cuda.get_device_capability()[0] >= 9:  # kernels/triton_pdl: measured before it is the default
+        from qwen35.kernels import triton_pdl
+
+        triton_pdl.ENABLED = True
+        try:
+            for batch in args.batch:
+                results[f"decode_b{batch}_pdl_tok/s"] = decode_speed(model, batch, args.steps, args.context, generator)
+                print(f"decode graphs b{batch}, programmatic dependent launch: "
+                      f"{results[f'decode_b{batch}_pdl_tok/s']:.1f} tok/s", flush=True)
+                save()
+        except Exception as error:  # noqa: BLE001
+            results["pdl"] = f"{type(error).__name__}: {error}"
+            print(f"programmatic dependent launch failed: {results['pdl']}", flush=True)
+        finally:
+            triton_pdl.ENABLED = False
     # Diagnostics for tuning: a failure there is reported and the benchmark goes on.
     for wanted, key, run in ((args.profile, "profile", kernel_profile), (args.sweep_gemv and graphs, "gemv_sweep",
                                                                        sweep_gemv_shapes)):
@@ -331,6 +346,9 @@ def main(argv=None) -> int:
     print(f"| decode, batch 1, eager | {results['decode_eager_b1_tok/s']:.1f} tok/s |")
     for batch in args.batch:
         print(f"| decode, batch {batch}, {'CUDA graph' if graphs else 'eager'} | {results[f'decode_b{batch}_tok/s']:.1f} tok/s |")
+        if f"decode_b{batch}_pdl_tok/s" in results:
+            print(f"| decode, batch {batch}, CUDA graph + programmatic dependent launch | "
+                  f"{results[f'decode_b{batch}_pdl_tok/s']:.1f} tok/s |")
         if f"decode_b{batch}_gemv_tok/s" in results:
             print(f"| decode, batch {batch}, matrix-vector kernel only | {results[f'decode_b{batch}_gemv_tok/s']:.1f} tok/s |")
     if results.get("planner_decode_tok/s"):

@@ -132,10 +132,17 @@ from triton.compiler import ASTSource
 
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 results = {}
+variants = []
 for index, launch in enumerate(json.load(open(sys.argv[1]))):
+    variants.append((index, launch))
+    if launch["constants"].get("USE_PDL") is False:  # and as a Hopper launches it with PDL on
+        variants.append((index, {**launch, "constants": {**launch["constants"], "USE_PDL": True},
+                                 "options": {**launch["options"], "launch_pdl": True}}))
+for index, launch in variants:
     fn = getattr(importlib.import_module(launch["module"]), launch["name"])
     names = list(launch["signature"])
-    options = {k: v for k, v in launch["options"].items() if k in ("num_warps", "num_stages", "enable_fp_fusion")}
+    options = {k: v for k, v in launch["options"].items()
+               if k in ("num_warps", "num_stages", "enable_fp_fusion", "launch_pdl")}
     label = f"{index}: {launch['name']} {json.dumps(launch['constants'], sort_keys=True)} {options}"
     try:
         source = ASTSource(fn, launch["signature"],
@@ -147,6 +154,9 @@ for index, launch in enumerate(json.load(open(sys.argv[1]))):
             cubin.flush()
             usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True).stdout
         results[label] = {"stack": int(re.search(r"STACK:(\d+)", usage).group(1))}
+        waits = "griddepcontrol.wait" in kernel.asm["ptx"]
+        if waits != bool(launch["constants"].get("USE_PDL")) or waits != bool(kernel.metadata.launch_pdl):
+            results[label]["pdl"] = f"waits {waits}, launched with PDL {kernel.metadata.launch_pdl}"
     except Exception as error:
         results[label] = {"error": f"{type(error).__name__}: {str(error)[:400]}"}
 print(json.dumps(results))
@@ -154,7 +164,9 @@ print(json.dumps(results))
 
 
 def compile_launches(launches: dict) -> dict:
-    """Compile each recorded launch for an H100 (sm_90) in a separate process: label -> {"stack"} or {"error"}."""
+    """Compile each recorded launch for an H100 (sm_90) in a separate process: label -> {"stack"} or {"error"}
+    (and {"pdl"} where a kernel taking USE_PDL does not wait as launched). A launch with USE_PDL off is also
+    compiled with it on, as a Hopper runs it under triton_pdl.ENABLED."""
     import json
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as listing:

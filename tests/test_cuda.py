@@ -97,6 +97,24 @@ def test_decode_on_cuda_eager_and_graphed(fixtures, name, quant):
     assert ours <= 1.15 * llama, f"{name}-{quant} decode: ours {ours:.5f} vs exact, llama.cpp {llama:.5f}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper GPU or later")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_under_programmatic_dependent_launch_equals_plain_launches(fixtures, monkeypatch, rows):
+    """kernels/triton_pdl: the same kernels, each waiting on the GPU for the one before, decode exactly as
+    plain launches do, eagerly and replayed from a CUDA graph (where PDL's edges are captured)."""
+    from qwen35.kernels import triton_pdl
+
+    ids = _prompt(fixtures, "moe")
+    split = len(ids) - 24
+    model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", device="cuda")
+    plain = [_decode(model, ids, split, graphs=graphs, rows=rows) for graphs in (False, True)]
+    monkeypatch.setattr(triton_pdl, "ENABLED", True)
+    with_pdl = [_decode(model, ids, split, graphs=graphs, rows=rows) for graphs in (False, True)]
+    for ours, theirs in zip(with_pdl, plain):  # a read before its writer finished would be far off
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
 def test_graphed_batch_rows_of_different_lengths_decode_like_single_rows(fixtures):
     """Eight rows with their own prompt lengths decode together as each does alone."""
     from qwen35.engine.cuda_graphs import GraphDecoder

@@ -124,6 +124,7 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
     assert cache.layers[model.config.layer_types.index("full_attention")].page_pool[0].dtype == torch.bfloat16
     prefill = model.forward(torch.tensor([ids[:split]]), cache)[0].numpy()
     pinned = cache.select([0])
+    decode_launches = record_launches(monkeypatch)
     decoded = np.stack([model.forward(torch.tensor([[t]]), cache)[0, -1].numpy() for t in ids[split:]])
     # The same steps over a cache pinned as a CUDA graph pins it (fixed K/V span, states and counters
     # updated in place), run eagerly: what a capture records.
@@ -150,8 +151,13 @@ def test_the_gpu_path_of_the_model_is_close_to_exact(fixtures, gpu_paths_on_cpu,
                   if launch["name"] == "_gemv_kernel"}
     # Decoding, products take the residual add and next norm (and the MoE's combining) into their launch.
     assert (False, True) in fused_ends and (name == "dense" or (True, True) in fused_ends), fused_ends
+    # Every kernel of a one-token step can run under programmatic dependent launch (triton_pdl), so no gap
+    # is left between two of them; compile_launches compiles each of those also with PDL on, and checks it waits.
+    assert decode_launches and all("USE_PDL" in launch["constants"] for launch in decode_launches.values()), \
+        sorted({launch["name"] for launch in decode_launches.values() if "USE_PDL" not in launch["constants"]})
     compiled = compile_launches(launches)
-    assert len(compiled) == len(launches) >= 10
+    with_pdl = sum("USE_PDL" in launch["constants"] for launch in launches.values())
+    assert len(compiled) == len(launches) + with_pdl and len(launches) >= 10 and with_pdl >= 5
     assert {label: result for label, result in compiled.items() if result != {"stack": 0}} == {}
 
 

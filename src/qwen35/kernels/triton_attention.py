@@ -34,6 +34,7 @@ import triton.language as tl
 from qwen35.errors import Qwen35Error
 from qwen35.kernels.triton_arrivals import arrival_counters, last_to_arrive, reset_count
 from qwen35.kernels.triton_checks import INPUT_DTYPES, INTERPRETED, check_device, require
+from qwen35.kernels.triton_pdl import pdl_options, wait_for_previous_kernel
 
 # Set (by tests/conftest.py) where there is no GPU: the kernels then run on CPU tensors.
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -325,7 +326,9 @@ def _attend_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
     MERGE_G: tl.constexpr, MERGE_UNROLL: tl.constexpr, INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr,
     BF16_STORAGE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     unit, split = tl.program_id(0), tl.program_id(1)
     row, kv_head = unit // N_KV, unit % N_KV
     row64 = row.to(tl.int64)
@@ -473,6 +476,7 @@ def _launch(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n
         partial_acc, partial_max, partial_sum, counters,
         q_gate.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), starts.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), capacity, float(eps), float(scale) * _LOG2_E, **attend,
+        **pdl_options(q_gate.device),
     )
     return out
 

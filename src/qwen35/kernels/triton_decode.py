@@ -17,6 +17,7 @@ import triton.language as tl
 
 from qwen35.errors import Qwen35Error
 from qwen35.kernels.triton_arrivals import arrival_counters, last_to_arrive, reset_count
+from qwen35.kernels.triton_pdl import pdl_options, wait_for_previous_kernel
 
 
 def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -34,7 +35,8 @@ def _warps(block: int) -> int:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, sum_ptr, out_ptr, width, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offsets = tl.arange(0, BLOCK)
     mask = offsets < width
@@ -55,7 +57,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     block = triton.next_power_of_2(width)
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](rows, rows, weight, out, out, width, eps, HAS_RESIDUAL=False,
-                                           BLOCK=block, num_warps=_warps(block))
+                                           BLOCK=block, num_warps=_warps(block), **pdl_options(rows.device))
     return out.reshape(*x.shape[:-1], width)
 
 
@@ -70,7 +72,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     block = triton.next_power_of_2(width)
     if rows.shape[0]:
         _rms_norm_kernel[(rows.shape[0],)](rows, other, weight, total, out, width, eps, HAS_RESIDUAL=True,
-                                           BLOCK=block, num_warps=_warps(block))
+                                           BLOCK=block, num_warps=_warps(block), **pdl_options(rows.device))
     shape = (*x.shape[:-1], width)
     return total.reshape(shape), out.reshape(shape)
 
@@ -84,7 +86,9 @@ def add_rms_norm_reference(x, residual, weight, eps):
 
 
 @triton.jit
-def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, gate_stride, up_stride, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, width, gate_stride, up_stride, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < width
@@ -107,7 +111,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(width))
     if out.shape[0]:
         _silu_mul_kernel[(out.shape[0], triton.cdiv(width, block))](
-            gate_rows, up_rows, out, width, gate_rows.stride(0), up_rows.stride(0), BLOCK=block, num_warps=4)
+            gate_rows, up_rows, out, width, gate_rows.stride(0), up_rows.stride(0), BLOCK=block, num_warps=4,
+            **pdl_options(gate_rows.device))
     return out.reshape(gate.shape)
 
 
@@ -153,7 +158,8 @@ def _pick_experts(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, row,
 @triton.jit
 def _route_kernel(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, experts, width, shared_expert,
                   K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK: tl.constexpr, HAS_SHARED: tl.constexpr,
-                  WIDTH_BLOCK: tl.constexpr):
+                  WIDTH_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     _pick_experts(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, tl.program_id(0).to(tl.int64), experts,
                   width, shared_expert, K, K_BLOCK, BLOCK, HAS_SHARED, WIDTH_BLOCK)
 
@@ -162,8 +168,9 @@ def _route_kernel(logits_ptr, weights_ptr, ids_ptr, x_ptr, gate_weight_ptr, expe
 def _router_route_kernel(x_ptr, router_ptr, logits_ptr, counter_ptr, weights_ptr, ids_ptr, gate_weight_ptr,
                          experts, width, shared_expert, K: tl.constexpr, K_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
                          HAS_SHARED: tl.constexpr, WIDTH_BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
-                         BLOCK_H: tl.constexpr, H_STEPS: tl.constexpr):
+                         BLOCK_H: tl.constexpr, H_STEPS: tl.constexpr, USE_PDL: tl.constexpr):
     """Router logits of BLOCK_E experts for one row; the row's last program to finish then routes it."""
+    wait_for_previous_kernel(USE_PDL)
     block, row = tl.program_id(0), tl.program_id(1).to(tl.int64)
     expert = block * BLOCK_E + tl.arange(0, BLOCK_E)[:, None]
     acc = tl.zeros([BLOCK_E, BLOCK_H], dtype=tl.float32)
@@ -209,7 +216,8 @@ def moe_route(logits: torch.Tensor, top_k: int, x: torch.Tensor | None = None,
     if rows.shape[0]:
         _route_kernel[(rows.shape[0],)](rows, weights, ids, x_rows, gate_weight, rows.shape[1], gate_weight.numel(),
                                         shared_id, **shapes,
-                                        num_warps=_warps(max(shapes["BLOCK"], shapes["WIDTH_BLOCK"])))
+                                        num_warps=_warps(max(shapes["BLOCK"], shapes["WIDTH_BLOCK"])),
+                                        **pdl_options(rows.device))
     return weights, ids
 
 
@@ -231,7 +239,7 @@ def moe_router_route(x: torch.Tensor, router: torch.Tensor, top_k: int, shared_g
         _router_route_kernel[grid](x_rows, router, logits, arrival_counters(x.device, x.shape[0]), weights, ids,
                                    gate_weight, router.shape[0], x.shape[1], shared_id, **shapes,
                                    BLOCK_E=ROUTER_EXPERTS_PER_PROGRAM, BLOCK_H=256,
-                                   H_STEPS=triton.cdiv(x.shape[1], 256), num_warps=4)
+                                   H_STEPS=triton.cdiv(x.shape[1], 256), num_warps=4, **pdl_options(x_rows.device))
     return weights, ids
 
 
@@ -247,7 +255,8 @@ def moe_route_reference(logits, top_k, x=None, shared_gate=None, shared_expert=N
 
 @triton.jit
 def _combine_kernel(down_ptr, weights_ptr, shared_ptr, x_ptr, gate_weight_ptr, out_ptr, width,
-                    K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK: tl.constexpr):
+                    K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_previous_kernel(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offsets = tl.arange(0, BLOCK)
     mask = offsets < width
@@ -282,7 +291,7 @@ def moe_combine(down: torch.Tensor, weights: torch.Tensor, shared: torch.Tensor 
                    if has_shared else (down, down, down))
     if rows:
         _combine_kernel[(rows,)](down, weights, *shared_args, out, width, K=top_k, HAS_SHARED=has_shared,
-                                 BLOCK=block, num_warps=_warps(block))
+                                 BLOCK=block, num_warps=_warps(block), **pdl_options(down.device))
     return out
 
 

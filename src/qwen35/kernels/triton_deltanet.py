@@ -32,6 +32,7 @@ from qwen35.kernels.triton_arrivals import arrival_counters, last_to_arrive, res
 from qwen35.kernels.triton_checks import (
     check_delta_rule, check_device, check_dtype, require,
 )
+from qwen35.kernels.triton_pdl import pdl_options, wait_for_previous_kernel
 
 # Value columns per program of the recurrent kernel: a [d_k, 32] fp32 slice of the state in registers,
 # 64 values a thread (2 warps for d_k 128). Measured on an H200 against 8 to 128 columns and 1 to 8
@@ -67,7 +68,9 @@ def _recurrent_kernel(
     g_s0, g_s1, g_s2, beta_s0, beta_s1, beta_s2, state_s0, state_s1, state_s2, state_s3,
     heads,
     LENGTH: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     # Program (row * heads + head, column block): state[row, head, :, columns] stays in registers
     # through the tokens; the output is contiguous [B, H, T, d_v]. T is a compile-time constant: decode
     # feeds one token, or a few (speculative drafts), and each count is its own captured graph anyway.
@@ -115,6 +118,7 @@ def recurrent_delta_rule_(q, k, v, g, beta, state) -> torch.Tensor:
         *state.stride(), heads,
         LENGTH=length, D_K=key_dim, D_V=value_dim, BLOCK_K=block_k, BLOCK_V=block_v,
         num_warps=_warps(block_k * block_v, _RECURRENT_VALUES_PER_THREAD),
+        **pdl_options(q.device),
     )
     return out
 
@@ -161,7 +165,9 @@ def _decode_step_kernel(
     state_s0, state_s1, state_s2, state_s3, q_scale, l2_eps, rms_eps,
     N_K: tl.constexpr, N_V: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, KEPT: tl.constexpr,
     GROUPED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_KEPT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     # Program row * n_v + head: the conv of the head's q | k | v channels, the gates, one delta-rule step
     # over the head's whole state, then the head's output RMS-normed, times the norm weight and silu(z),
     # into y [B, 1, n_v * d_v].
@@ -282,5 +288,6 @@ def deltanet_decode_(
         z.stride(2), *conv_state.stride(), *conv_weight.stride(), *recurrent.stride(), d_k**-0.5, l2_eps, rms_eps,
         N_K=n_k, N_V=n_v, D_K=d_k, D_V=d_v, KEPT=kept, GROUPED=bool(grouped), BLOCK_K=block_k, BLOCK_V=block_v,
         BLOCK_KEPT=triton.next_power_of_2(kept), num_warps=_step_warps(block_k, block_v),
+        **pdl_options(projected.device),
     )
     return y

@@ -24,6 +24,7 @@ from qwen35.kernels.triton_gguf_blocks import (  # noqa: F401  (SUPPORTED_TYPES,
     load_step, part_elements, q6_k_quarter, random_blocks, supports, weights_of,
 )
 from qwen35.kernels.triton_gguf_gemv import launch_gemv
+from qwen35.kernels.triton_pdl import pdl_options, wait_for_previous_kernel
 
 MAX_GEMV_ROWS = 16  # the most rows of x one gemv call takes (decode-sized batches)
 
@@ -46,8 +47,9 @@ def _store_weights(out_ptr, row, row_ok, col, in_features, w):
 def _dequantize_kernel(
     w_ptr, out_ptr, n_rows, row_bytes, in_features, n_blocks,
     QTYPE: tl.constexpr, HAS_MIN: tl.constexpr, G: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     pid_n = tl.program_id(0)
     step = tl.program_id(1)
     row = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None, None]
@@ -109,6 +111,7 @@ def dequantize(
         aligned(blocks, type_id), out, n_rows, row_bytes, in_features, n_blocks,
         QTYPE=qtype, HAS_MIN=qtype in HAS_MIN_TYPES, G=groups, L=length, P=planes, BLOCK_N=block_n,
         num_warps=4, enable_fp_fusion=False,  # a * q + b rounded twice, as the reference does
+        **pdl_options(out.device),
     )
     return out
 

@@ -36,6 +36,7 @@ from qwen35.kernels.triton_arrivals import arrival_counters, last_to_arrive, res
 from qwen35.kernels.triton_gguf_blocks import (
     HAS_MIN_TYPES, STEP, STEP_ELEMENTS, aligned, check_blocks, fetch_q6_k, load_step, part_elements, q6_k_quarter,
 )
+from qwen35.kernels.triton_pdl import pdl_options, wait_for_previous_kernel
 
 # ---------------------------------------------------------------- kernel
 
@@ -263,10 +264,12 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, HAS_IDS: tl.constexpr, STEPS: tl.constexpr,
     SPLITS: tl.constexpr, SWIGLU: tl.constexpr,
     COMBINE: tl.constexpr, SLOTS_PER_TOKEN: tl.constexpr, ADD_NORM: tl.constexpr, WIDTH_STEPS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """out[m, n] = x[m] . W[n] (or, with ids, one slot per program), over SPLITS programs along K. With
     PAIR, a second weight of another block type (w2, n_out2 rows) on the same x: its rows are the
     programs after the first's, its outputs the columns after the first's (two products, one launch)."""
+    wait_for_previous_kernel(USE_PDL)
     pid_n = tl.program_id(0)
     tile = tl.program_id(2) * tl.num_programs(0) + pid_n
     first_programs = tl.cdiv(n_out, BLOCK_N)
@@ -380,6 +383,7 @@ def launch_gemv(blocks, type_id, x, in_features, n_out, slots, expert_ids, n_exp
         SWIGLU=swiglu, COMBINE=bool(tokens), SLOTS_PER_TOKEN=slot_weights.shape[1] if tokens else 1,
         ADD_NORM=add_norm is not None, WIDTH_STEPS=triton.cdiv(width, _ROW_BLOCK.value) if finished else 1,
         num_warps=num_warps,
+        **pdl_options(x.device),
     )
     if add_norm is not None:
         return total, normed

@@ -24,6 +24,7 @@ from qwen35.kernels.triton_attention import (
     _query_parts, _sm_count, _softmax_start, _split_range, split_count,
 )
 from qwen35.kernels.triton_checks import require
+from qwen35.kernels.triton_pdl import pdl_options, wait_for_previous_kernel
 
 
 @triton.jit
@@ -54,7 +55,9 @@ def _paged_attend_kernel(
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
     MERGE_G: tl.constexpr, MERGE_UNROLL: tl.constexpr, INTERPRETED_SPAN: tl.constexpr, DOT_MODE: tl.constexpr,
     BF16_STORAGE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(USE_PDL)
     # triton_attention._attend_kernel, but for the new token's page and each tile's page.
     unit, split = tl.program_id(0), tl.program_id(1)
     row, kv_head = unit // N_KV, unit % N_KV
@@ -146,6 +149,7 @@ def _launch_paged(q_gate, k, v, q_norm, k_norm, cos, sin, key_pool, value_pool, 
         q_gate.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0), starts.stride(0),
         key_pool.stride(0), key_pool.stride(1), key_pool.stride(2), page_table.stride(0),
         page_table.shape[1], key_pool.shape[0], float(eps), float(scale) * _LOG2_E, P=page_size, **attend,
+        **pdl_options(q_gate.device),
     )
     return out
 
