@@ -1,4 +1,4 @@
-"""Serve a model over HTTP with OpenAI- and Ollama-compatible APIs.
+"""Serve a model over HTTP with OpenAI- (chat, completions, responses), Anthropic- and Ollama-compatible APIs.
 
   qwen35 serve MODEL [--mmproj FILE] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [-c CTX] [-np N] [-t THREADS]
 
