@@ -44,7 +44,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("prompt", metavar="PROMPT", nargs="*",
                         help="answer this and exit (default: an interactive chat)")
     parser.add_argument("-p", "--prompt", default=None, dest="prompt_flag", metavar="TEXT",
-                        help="the one-shot prompt, llama.cpp's spelling (instead of PROMPT; it may follow other flags)")
+                        help="the one-shot prompt, llama.cpp's spelling (instead of the PROMPT words)")
     parser.add_argument("--mmproj", default=None, metavar="FILE",
                         help="the model's vision projector GGUF, so that messages may carry images "
                              "(an HF directory with a vision tower needs none; a pulled model brings its own)")
