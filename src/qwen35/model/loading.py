@@ -20,7 +20,8 @@ from qwen35.kernels.quant_linear import QuantExperts, QuantLinear, set_mode
 from qwen35.model.api import Model
 from qwen35.model.config import QWEN35_GENERATION_DEFAULTS, config_from_gguf, config_from_hf
 from qwen35.model.placement import Split
-from qwen35.model.qwen35 import Qwen35Network, WeightSpec, mtp_weight_specs, weight_specs
+from qwen35.model.qwen35 import Qwen35Network
+from qwen35.model.weight_specs import WeightSpec, mtp_weight_specs, weight_specs
 
 PRECISIONS = ("reference", "fast")
 GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")

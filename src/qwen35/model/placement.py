@@ -63,7 +63,7 @@ class Split:
         return {d.type for d in devices}
 
     def device_of(self, config, name: str) -> torch.device:
-        """The device of the weight with canonical name `name` (model/qwen35.py weight_specs)."""
+        """The device of the weight with canonical name `name` (model/weight_specs.py)."""
         layer = _LAYER_WEIGHT.fullmatch(name)
         if name.startswith("mtp.") or name in ("norm", "lm_head"):
             # The MTP block reads the final hidden state and the lm_head: it sits with them.

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwen35.errors import FormatError, Qwen35Error
-from qwen35.model.qwen35 import WeightSpec
+from qwen35.model.weight_specs import WeightSpec
 
 ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu": "none"}
 MLP_SLAB_ROWS = 4096
