@@ -681,3 +681,15 @@ def test_plans_command_names_a_tag_that_pulls_the_planned_size_and_quant(machine
         assert words[:2] == ["qwen35", "serve"]
         ref = parse_model_ref(words[2])
         assert (ref.size, ref.quant, ref.hub_repo) == (candidate.spec.name, candidate.mix, comment)
+
+
+@pytest.mark.parametrize("name", ["../../evil-Q4_K_M.gguf", "/abs/evil-Q4_K_M.gguf", "sub/../../evil-Q4_K_M.gguf"])
+def test_a_hub_listing_a_file_outside_the_repo_is_a_one_line_error(name, tmp_path):
+    """A hub (HF_ENDPOINT may be anyone's mirror) that lists a file name escaping the cache: refused in one
+    line, as huggingface_hub refuses it, and nothing is written outside the cache."""
+    with FakeHub() as evil:
+        evil.add_repo("someone/evil-GGUF", {name: b"GGUF" + bytes(64)})
+        with pytest.raises(HubError) as caught:
+            pull("someone/evil-GGUF:Q4_K_M", cache_dir=tmp_path / "cache", endpoint=evil.url)
+    assert "'..'" in one_line(caught.value) or "absolute" in str(caught.value)
+    assert not any(path.name == "evil-Q4_K_M.gguf" for path in tmp_path.parent.rglob("evil-Q4_K_M.gguf"))

@@ -102,6 +102,8 @@ def hub_errors(endpoint: str, repo: str, filename: str | None = None):
         raise HubError(f"cannot reach {endpoint}: {_reason(error)} (set HF_ENDPOINT for a mirror)") from error
     except (OSError, hf.XetDownloadError) as error:  # a size check after the transfer, a full disk
         raise HubError(f"downloading {filename or repo} failed: {_reason(error)}") from error
+    except ValueError as error:  # huggingface_hub refusing what a hub sent: a file name with '..' or absolute
+        raise HubError(f"{repo} on {endpoint}: {_reason(error)}") from error
 
 
 def _reason(error: BaseException) -> str:
@@ -257,7 +259,9 @@ def pull(model: str | ModelRef, *, quant: str | None = None, format: str | None 
     listing = list_repo(ref.hub_repo, endpoint=endpoint)
     selection = choose_files(ref, listing, mmproj=mmproj, announce=say)
     wanted = list(selection.files) + ([selection.mmproj] if selection.mmproj else [])
-    check_disk_space(missing_bytes(listing, wanted, cache), cache)
+    with hub_errors(endpoint, listing.repo):  # the cache lookup refuses a name escaping the cache
+        missing = missing_bytes(listing, wanted, cache)
+    check_disk_space(missing, cache)
     local = download(listing, wanted, cache_dir=cache, endpoint=endpoint)
     record_branch(listing, cache)
 
