@@ -543,9 +543,19 @@ def test_cli_pull_list_rm(hub, tmp_path, tiny):
     env.pop("HF_HUB_CACHE")
     pulled = qwen35("pull", f"hf.co/{MOE_REPO}:Q4_K_M", env=env)
     assert pulled.returncode == 0, pulled.stderr
-    summary = pulled.stdout.strip().splitlines()[-1]
+    summary, planned = pulled.stdout.strip().splitlines()[-2:]
     assert f"{MOE_REPO}:Q4_K_M" in summary and "qwen35 run unsloth/Qwen3.5-35B-A3B-GGUF:Q4_K_M" in summary
     assert "13.8 MB" in summary  # 12,570,880 + 1,207,296 bytes, in Ollama's decimal units
+    # What `qwen35 plan` says of it here, and plan takes the pulled name as it takes the file (headers only).
+    assert planned.startswith("on this machine (") and "tok/s decode" in planned
+    by_name = qwen35("plan", "--gguf", f"{MOE_REPO}:Q4_K_M", "--json", "--no-detect", env=env)
+    by_file = qwen35("plan", "--gguf", str(tiny / "moe-Q4_K_M.gguf"), "--json", "--no-detect", env=env)
+    assert by_name.returncode == 0 == by_file.returncode, by_name.stderr
+    keys = ("weights_bytes", "mtp_bytes", "kv_cache_bytes", "total_bytes", "params_total")
+    assert {k: json.loads(by_name.stdout)[k] for k in keys} == {k: json.loads(by_file.stdout)[k] for k in keys}
+    unpulled = qwen35("plan", "--gguf", "qwen3.5:9b-q8_0", env=env)
+    assert unpulled.returncode == 1 and "is not pulled" in unpulled.stderr
+    assert len(unpulled.stderr.strip().splitlines()) == 1
     blob_dir = tmp_path / "hf-home" / "hub" / "models--unsloth--Qwen3.5-35B-A3B-GGUF" / "blobs"
     assert {sha256(b) for b in blob_dir.iterdir()} == {sha256(tiny / "moe-Q4_K_M.gguf"),
                                                        sha256(tiny / "moe-mmproj-F32.gguf")}

@@ -37,7 +37,36 @@ def run_pull(args: argparse.Namespace) -> int:
     vision = " + mmproj" if entry.mmproj else ""
     print(f"pulled {entry.name} ({quant}{vision}, {human_size(entry.size)}) to {entry.path}; "
           f"run it with: qwen35 run {entry.name}")
+    line = plan_line(entry)
+    if line:
+        print(line)
     return 0
+
+
+def plan_line(entry) -> str | None:
+    """What `qwen35 plan` says of a pulled GGUF on this machine, in one line (None where it cannot tell)."""
+    from qwen35.errors import Qwen35Error
+    from qwen35.hub.pull import machine_hardware
+    from qwen35.plan import advisor
+    from qwen35.plan.estimator import GiB, Request
+    from qwen35.plan.sources import load_gguf
+
+    if entry.format != "gguf":
+        return None
+    try:
+        loaded = load_gguf([entry.path])
+        hardware = machine_hardware()
+        request = Request(backend=hardware.backend)
+        candidate = advisor.evaluate(loaded.spec, loaded.weights, loaded.mix, request, hardware)
+    except Qwen35Error:
+        return None
+    needed = f"{candidate.memory.total_bytes / GiB:.1f} GiB with {request.ctx // 1024}K tokens of context"
+    if not candidate.runs:
+        return f"on this machine ({hardware.description}): it needs {needed}, more than there is"
+    placement = candidate.placement
+    where = {"full": "all on the GPU", "unified": "in memory"}.get(placement.mode, f"split as {placement.flag}")
+    return (f"on this machine ({hardware.description}): {needed}, {where}, about {candidate.decode:.0f} tok/s "
+            f"decode (qwen35 plan --gguf {entry.name} for the details)")
 
 
 def add_list_arguments(parser: argparse.ArgumentParser) -> None:

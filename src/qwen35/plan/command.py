@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from dataclasses import replace
 
@@ -102,13 +103,14 @@ def run(args: argparse.Namespace) -> int:
         from qwen35.plan.sources import load_gguf, load_hf
         from qwen35.plan.weights import predict_weights
 
-        loaded = load_gguf(args.gguf) if args.gguf else load_hf(args.hf)
+        loaded = load_gguf([_local_model(t) for t in args.gguf]) if args.gguf else load_hf(_local_model(args.hf))
         weights, mix_name = loaded.weights, loaded.mix
         if args.hf and mix is not None:  # the GGUF that --quant would make from this checkpoint
             weights, mix_name = predict_weights(loaded.spec, mix), mix.name
         candidate = advisor.evaluate(loaded.spec, weights, mix_name, request, hardware)
         if loaded.origin == "gguf":
-            candidate.model_path = loaded.files[0]
+            given = args.gguf[0]
+            candidate.model_path = given if not os.path.exists(given) else loaded.files[0]  # a pulled name as given
         return _show_model(args, console, candidate, hardware, loaded.origin, loaded.files)
 
     if spec is not None:
@@ -127,6 +129,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         report.render_plan(console, rec, hardware, request)
     return 0 if rec.pick else 1
+
+
+def _local_model(text: str) -> str:
+    """--gguf / --hf take files, or names `qwen35 pull` has fetched; never a download (plan reads headers)."""
+    if os.path.exists(text):
+        return text
+    from qwen35.hub import resolve_model
+
+    return str(resolve_model(text, pull_if_missing=False).path)
 
 
 def _hardware(args):
