@@ -1,3 +1,4 @@
+import json
 import os
 from pathlib import Path
 
@@ -41,6 +42,20 @@ def hf_tokenizer(dense_hf):
     """transformers' own tokenizer of the tiny checkpoint: the reference for rendered prompts."""
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(dense_hf)
+
+
+@pytest.fixture(scope="session")
+def dense_sequences(fixtures) -> dict:
+    """The dense fixture's reference sequences (transformers' prompt ids and greedy tokens, ref/dense.json)."""
+    return json.loads((fixtures / "ref" / "dense.json").read_text())["sequences"]
+
+
+@pytest.fixture(scope="session")
+def dense_tokenizer(dense_hf):
+    """Our tokenizer of the tiny dense checkpoint."""
+    from qwen35 import load_tokenizer
+
+    return load_tokenizer(dense_hf)
 
 
 def triton_devices() -> list[str]:

@@ -3,7 +3,6 @@ chat driven through a pseudo-terminal as a person would, reading what the screen
 
 import fcntl
 import io
-import json
 import os
 import re
 import select
@@ -32,18 +31,6 @@ def qwen35(*args, env=None):
 
 
 @pytest.fixture(scope="module")
-def reference(fixtures):
-    return json.loads((fixtures / "ref" / "dense.json").read_text())["sequences"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(dense_hf):
-    from qwen35 import load_tokenizer
-
-    return load_tokenizer(dense_hf)
-
-
-@pytest.fixture(scope="module")
 def model(dense_hf):
     from qwen35 import load_model
 
@@ -62,11 +49,11 @@ def _reference_text(tokenizer, ids):
     return text.strip()
 
 
-def test_one_shot_thinking_prints_transformers_greedy_reasoning(dense_hf, reference, tokenizer):
-    sequence = reference["chat_think"]
+def test_one_shot_thinking_prints_transformers_greedy_reasoning(dense_hf, dense_sequences, dense_tokenizer):
+    sequence = dense_sequences["chat_think"]
     question = "Which Qwen 3.5 model fits a 24GB GPU?"
-    assert tokenizer.apply_chat_template([{"role": "user", "content": question}]) == sequence["text"]
-    expected = _reference_text(tokenizer, sequence["transformers_greedy"])
+    assert dense_tokenizer.apply_chat_template([{"role": "user", "content": question}]) == sequence["text"]
+    expected = _reference_text(dense_tokenizer, sequence["transformers_greedy"])
 
     result = qwen35("run", str(dense_hf), question, "--temp", "0", "-n", "24", "--think")
     assert result.returncode == 0, result.stderr
@@ -76,16 +63,16 @@ def test_one_shot_thinking_prints_transformers_greedy_reasoning(dense_hf, refere
 
 
 def test_one_shot_with_template_file_and_kwargs_prints_transformers_greedy_answer(
-    fixtures, dense_hf, reference, tokenizer, model, monkeypatch, capsys
+    fixtures, dense_hf, dense_sequences, dense_tokenizer, model, monkeypatch, capsys
 ):
     """The real Qwen 3.5 template from a file, thinking turned off through --chat-template-kwargs:
     the prompt is the reference's (its length shows in the speed line) and the answer its greedy tokens.
     In-process, with the module's copy of the model, to spare a second load."""
     from qwen35.cli import main
 
-    sequence = reference["chat_nothink"]
+    sequence = dense_sequences["chat_nothink"]
     question = "Which Qwen 3.5 model fits a 24GB GPU?"
-    expected = _reference_text(tokenizer, sequence["transformers_greedy"][:12])
+    expected = _reference_text(dense_tokenizer, sequence["transformers_greedy"][:12])
     monkeypatch.setattr("qwen35.load_model", lambda path, **options: model)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
 
@@ -99,13 +86,13 @@ def test_one_shot_with_template_file_and_kwargs_prints_transformers_greedy_answe
     assert speed and int(speed[1]) == len(sequence["ids"]) and int(speed[2]) == 12
 
 
-def test_prompt_words_may_follow_the_flags_as_with_ollama_run(dense_hf, reference, tokenizer, model,
+def test_prompt_words_may_follow_the_flags_as_with_ollama_run(dense_hf, dense_sequences, dense_tokenizer, model,
                                                               monkeypatch, capsys):
     """`qwen35 run MODEL --no-think "question"`: words after the flags are the prompt (argparse alone
     refuses them); the answer is transformers' greedy one for that question. An unknown flag still fails."""
     from qwen35.cli import main
 
-    expected = _reference_text(tokenizer, reference["chat_nothink"]["transformers_greedy"][:12])
+    expected = _reference_text(dense_tokenizer, dense_sequences["chat_nothink"]["transformers_greedy"][:12])
     monkeypatch.setattr("qwen35.load_model", lambda path, **options: model)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
 
@@ -238,7 +225,7 @@ def _terminal_env(**extra):
     return env
 
 
-def test_interactive_chat_as_a_person_uses_it(dense_hf, tokenizer):
+def test_interactive_chat_as_a_person_uses_it(dense_hf, dense_tokenizer):
     terminal = Terminal([sys.executable, "-m", "qwen35", "run", str(dense_hf), "-n", "6", "--seed", "7"],
                         _terminal_env())
     try:
@@ -287,11 +274,11 @@ def test_interactive_chat_as_a_person_uses_it(dense_hf, tokenizer):
         terminal.type('second line"""\r')
         turn = terminal.expect(SPEED_LINE.pattern)
         terminal.expect(r">>> ")
-        expected_prompt = tokenizer.apply_chat_template(
+        expected_prompt = dense_tokenizer.apply_chat_template(
             [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "first line\nsecond line"}],
             enable_thinking=False,
         )
-        assert int(turn[1]) == len(tokenizer.encode(expected_prompt))
+        assert int(turn[1]) == len(dense_tokenizer.encode(expected_prompt))
         assert "Thinking..." not in terminal.screen[terminal.screen.rfind("second line"):]
 
         # The next turn carries the history: its prompt holds the previous one and the answer.
@@ -299,7 +286,7 @@ def test_interactive_chat_as_a_person_uses_it(dense_hf, tokenizer):
         # It reads only what follows the history cached at the end of the previous user message.
         follow_up = terminal.expect(CACHED_SPEED_LINE.pattern)
         terminal.expect(r">>> ")
-        assert int(follow_up[1]) + int(follow_up[2]) > int(turn[1]) + len(tokenizer.encode("and more"))
+        assert int(follow_up[1]) + int(follow_up[2]) > int(turn[1]) + len(dense_tokenizer.encode("and more"))
         assert 0 < int(follow_up[2]) < int(turn[1])
 
         # Ctrl+C in the middle of a long answer stops it; the chat goes on.
@@ -329,7 +316,7 @@ def test_interactive_chat_as_a_person_uses_it(dense_hf, tokenizer):
             terminal.process.kill()
 
 
-def test_gguf_chat_without_colour_ends_with_ctrl_d(fixtures, reference):
+def test_gguf_chat_without_colour_ends_with_ctrl_d(fixtures, dense_sequences):
     """On the GGUF fixture, with NO_COLOR: the file's own template and tokenizer give the model
     the reference prompt (its length shows in the speed line), no colour codes reach the screen,
     and Ctrl+D at the prompt ends the chat."""
@@ -341,7 +328,7 @@ def test_gguf_chat_without_colour_ends_with_ctrl_d(fixtures, reference):
         terminal.expect(r">>> ")
         terminal.type("Which Qwen 3.5 model fits a 24GB GPU?\r")
         speed = terminal.expect(SPEED_LINE.pattern, timeout=60)
-        assert int(speed[1]) == len(reference["chat_think"]["ids"]) and int(speed[2]) == 1
+        assert int(speed[1]) == len(dense_sequences["chat_think"]["ids"]) and int(speed[2]) == 1
         terminal.expect(r">>> ")
         terminal.type("\x04")  # Ctrl+D
         assert terminal.close() == 0
@@ -372,8 +359,8 @@ def _answer(session, text):
     return events, session.last_turn
 
 
-def test_outgrown_context_drops_the_oldest_turns(model, tokenizer):
-    session = ChatSession(model, tokenizer, ChatSettings(context_size=40, max_new_tokens=2,
+def test_outgrown_context_drops_the_oldest_turns(model, dense_tokenizer):
+    session = ChatSession(model, dense_tokenizer, ChatSettings(context_size=40, max_new_tokens=2,
                                                          sampling={"temperature": 0.0}, think=False))
     notices = []
     for number in range(4):
@@ -401,15 +388,16 @@ def _said(events):
 
 
 @pytest.mark.parametrize("think", [False, None])
-def test_a_second_turn_reads_only_its_new_tokens_and_answers_as_a_fresh_session(reference_model, tokenizer, think):
+def test_a_second_turn_reads_only_its_new_tokens_and_answers_as_a_fresh_session(reference_model, dense_tokenizer,
+                                                                                 think):
     settings = dict(context_size=512, max_new_tokens=12, sampling={"temperature": 0.0}, think=think)
-    session = ChatSession(reference_model, tokenizer, ChatSettings(**settings))
+    session = ChatSession(reference_model, dense_tokenizer, ChatSettings(**settings))
     _, first = _answer(session, "What is the capital of France?")
     assert first.cached_tokens == 0
     history = [dict(message) for message in session.messages]
     events, second = _answer(session, "And of Italy?")
 
-    fresh = ChatSession(reference_model, tokenizer, ChatSettings(**settings))
+    fresh = ChatSession(reference_model, dense_tokenizer, ChatSettings(**settings))
     fresh.messages = history
     fresh_events, fresh_turn = _answer(fresh, "And of Italy?")
     assert fresh_turn.cached_tokens == 0
@@ -421,8 +409,8 @@ def test_a_second_turn_reads_only_its_new_tokens_and_answers_as_a_fresh_session(
     assert f"prompt {second.prompt_tokens} tok (+{second.cached_tokens} cached)" in second.speed_line()
 
 
-def test_a_message_too_long_for_the_context_is_refused_and_not_kept(model, tokenizer):
-    session = ChatSession(model, tokenizer, ChatSettings(context_size=32, max_new_tokens=2,
+def test_a_message_too_long_for_the_context_is_refused_and_not_kept(model, dense_tokenizer):
+    session = ChatSession(model, dense_tokenizer, ChatSettings(context_size=32, max_new_tokens=2,
                                                          sampling={"temperature": 0.0}))
     _answer(session, "hi")
     history = list(session.messages)
@@ -431,8 +419,8 @@ def test_a_message_too_long_for_the_context_is_refused_and_not_kept(model, token
     assert session.messages == history
 
 
-def test_commands_change_settings_and_refuse_bad_values(model, tokenizer):
-    session = ChatSession(model, tokenizer, ChatSettings(context_size=256))
+def test_commands_change_settings_and_refuse_bad_values(model, dense_tokenizer):
+    session = ChatSession(model, dense_tokenizer, ChatSettings(context_size=256))
     assert session.command("/set temperature 0.2").text == "Set parameter 'temperature' to '0.2'"
     assert session.sampling_params().temperature == 0.2
     assert "Couldn't set 'temperature'" in session.command("/set temperature -3").text
@@ -451,8 +439,8 @@ def test_commands_change_settings_and_refuse_bad_values(model, tokenizer):
     assert session.command("/nonsense").text == "Unknown command '/nonsense'. Type /? for help"
 
 
-def test_an_interrupted_answer_keeps_what_was_produced(model, tokenizer):
-    session = ChatSession(model, tokenizer, ChatSettings(context_size=256, max_new_tokens=50,
+def test_an_interrupted_answer_keeps_what_was_produced(model, dense_tokenizer):
+    session = ChatSession(model, dense_tokenizer, ChatSettings(context_size=256, max_new_tokens=50,
                                                          sampling={"temperature": 0.0}, think=False))
     events = session.answer("tell me")
     shown = ""
@@ -501,13 +489,13 @@ def test_printer_dims_or_hides_reasoning_and_shows_tool_calls_plainly():
     assert "\x1b[2mlet me see\x1b[0m" in coloured and "\x1b[2m" not in coloured[coloured.index("It is"):]
 
 
-def test_sampling_follows_the_models_generation_defaults_unless_overridden(model, tokenizer):
+def test_sampling_follows_the_models_generation_defaults_unless_overridden(model, dense_tokenizer):
     defaults = model.generation_defaults  # generation_config.json, or Qwen 3.5's published defaults
-    session = ChatSession(model, tokenizer, ChatSettings(context_size=256))
+    session = ChatSession(model, dense_tokenizer, ChatSettings(context_size=256))
     params = session.sampling_params()
     assert (params.temperature, params.top_k, params.top_p) == (
         defaults["temperature"], defaults["top_k"], defaults["top_p"])
-    session = ChatSession(model, tokenizer, ChatSettings(context_size=256, sampling={"top_k": 3}))
+    session = ChatSession(model, dense_tokenizer, ChatSettings(context_size=256, sampling={"top_k": 3}))
     params = session.sampling_params()
     assert (params.temperature, params.top_k, params.top_p) == (defaults["temperature"], 3, defaults["top_p"])
 
