@@ -49,6 +49,14 @@ class DeltaNetState:
     # may hold the tensors of a cache that goes on being fed; except where `in_place` is set (a
     # cache that a CUDA graph replays over owns its tensors, which must stay where they are).
     in_place: bool = False
+    # While a speculative verification runs (HybridCache.keep_steps): the (conv, recurrent) states
+    # before the first token fed and after each one, so that any prefix of the tokens can be kept.
+    steps: list | None = None
+
+    def keep_step(self) -> None:
+        if self.steps is not None:
+            pinned = self.in_place  # its tensors are written over: keep copies
+            self.steps.append((self.conv.clone(), self.recurrent.clone()) if pinned else (self.conv, self.recurrent))
 
     def store(self, conv: torch.Tensor | None = None, recurrent: torch.Tensor | None = None) -> None:
         """A step's new states: written into this cache's own tensors when it is pinned (`in_place`),
@@ -103,6 +111,9 @@ class AttentionKV:
 
     Storage is [reserved rows, capacity, n_kv, head_dim]; the first `rows` rows are the batch's.
     Slots past a row's own length hold whatever was there (finite values, masked out)."""
+
+    # Set while a speculative verification runs (HybridCache.keep_steps): queries attend one at a time.
+    token_by_token = False
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device, capacity: int = 0):
         shape = (batch_size, capacity, num_kv_heads, head_dim)
@@ -269,6 +280,36 @@ class HybridCache:
             return
         self.lengths = self.lengths + length
         self.next_positions = positions.amax(dim=(0, 2)) + 1
+
+    def keep_steps(self) -> None:
+        """For the next forward: each mixer takes its tokens one at a time (the products still read each
+        weight once for all of them) and each DeltaNet layer keeps its state after every token, so that
+        `rewind` can keep any first part of them. A speculative verification feeds its drafts so: what it
+        keeps is then computed exactly as one-token steps would have."""
+        for layer in self.layers:
+            if isinstance(layer, DeltaNetState):
+                layer.steps = []
+                layer.keep_step()
+            else:
+                layer.token_by_token = True
+
+    def rewind(self, fed: int, keep: int) -> None:
+        """After `keep_steps` and a forward of `fed` tokens: keep the first `keep` of them, as if only they
+        had been fed (each row the same). K/V slots past the new lengths are simply written over later."""
+        if not 0 <= keep <= fed:
+            raise Qwen35Error(f"cannot keep {keep} of {fed} tokens")
+        for layer in self.layers:
+            if isinstance(layer, DeltaNetState):
+                if layer.steps is None:
+                    raise Qwen35Error("rewinding a cache that kept no steps (call keep_steps before the forward)")
+                if keep < fed:
+                    layer.store(*layer.steps[keep])
+                layer.steps = None
+            else:
+                layer.token_by_token = False
+        if keep < fed:
+            self.lengths = self.lengths - (fed - keep)
+            self.next_positions = self.next_positions - (fed - keep)
 
     def _check_rows(self, rows: list[int]) -> None:
         for row in rows:

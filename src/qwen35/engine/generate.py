@@ -63,6 +63,8 @@ class Generation:
     prefill_seconds: float
     decode_seconds: float
     cached_tokens: int = 0  # how many of the prompt's tokens a given cache already held
+    draft_tokens: int = 0  # speculative decoding: guesses checked so far
+    accepted_tokens: int = 0  # ... and kept
 
 
 @dataclass(slots=True)
@@ -103,6 +105,7 @@ def generation_steps(
     images=None,
     cache=None,
     constraint=None,
+    speculation=None,
 ) -> Iterator[Generation]:
     """Run one request: prefill ``token_ids`` in chunks, then sample until a stop.
 
@@ -118,6 +121,9 @@ def generation_steps(
     ``constraint``: the engine's TokenConstraint protocol (``allowed()`` mask or None, ``advance``,
     ``complete``), as the server's engine applies it: the mask before each sample, every sampled
     token advanced into it, and a complete constraint ends the reply with finish_reason "stop".
+
+    ``speculation``: an ``engine.speculative.Speculation`` (the MTP layer or a draft model guesses tokens
+    that one step checks; the output is the same token for token). Prompts with images decode plainly.
     """
     prompt = _prompt_list(token_ids, model.config.vocab_size)
     cached = _cached_length(cache, len(prompt), images)
@@ -136,8 +142,12 @@ def generation_steps(
         stop_token_ids.update(model.config.eos_token_ids)
     text_stream = TextStream(tokenizer, params.stop) if tokenizer is not None else None
     sampler = Sampler(params, prompt)
+    if speculation is not None and prepared is None:
+        speculation.check(model)
+    else:
+        speculation = None
     return _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared,
-                  cache, cached, constraint)
+                  cache, cached, constraint, speculation)
 
 
 def _cached_length(cache, prompt_length: int, images) -> int:
@@ -155,17 +165,33 @@ def _cached_length(cache, prompt_length: int, images) -> int:
 
 
 def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared,
-           cache=None, cached=0, constraint=None):
+           cache=None, cached=0, constraint=None, speculation=None):
     started = time.perf_counter()
     if cache is None:
         cache = model.make_cache(1)
-    token_id = _prefill_and_sample(model, cache, prompt, prefill_chunk, sampler, prepared, cached, constraint)
+    speculative, decoder = None, None
+    if speculation is not None:
+        from qwen35.engine.speculative import SpeculativeDecoder
+
+        speculative = SpeculativeDecoder(model, cache, speculation, prompt[:cached], stop_token_ids)
+        logits = speculative.prefill(prompt, cached, prefill_chunk)
+        token_id = _sample_one(logits, sampler, constraint)
+    else:
+        token_id = _prefill_and_sample(model, cache, prompt, prefill_chunk, sampler, prepared, cached, constraint)
     prefill_seconds = time.perf_counter() - started
     decode_started = time.perf_counter()
-    decoder = _graph_decoder(model, cache, len(prompt), max_new_tokens)
+    if speculative is not None:
+        def advance(token, room):
+            return speculative.step(token, lambda logits: _sample_one(logits, sampler, constraint), room,
+                                    finished=(lambda: constraint.complete) if constraint is not None else None)
+    else:
+        decoder = _graph_decoder(model, cache, len(prompt), max_new_tokens)
+
+        def advance(token, room):
+            return [_decode_and_sample(model, cache, token, sampler, decoder, constraint)]
     try:
-        yield from _decode_steps(model, cache, decoder, token_id, sampler, prompt, max_new_tokens, stop_token_ids,
-                                 text_stream, prefill_seconds, decode_started, cached, constraint)
+        yield from _decode_steps(advance, token_id, prompt, max_new_tokens, stop_token_ids, text_stream,
+                                 prefill_seconds, decode_started, cached, constraint, speculative)
     finally:
         if decoder is not None:
             decoder.release()
@@ -182,10 +208,14 @@ def _graph_decoder(model, cache, prompt_length: int, max_new_tokens: int):
     return GraphDecoder(model, cache, -(-capacity // 256) * 256)
 
 
-def _decode_steps(model, cache, decoder, token_id, sampler, prompt, max_new_tokens, stop_token_ids, text_stream,
-                  prefill_seconds, decode_started, cached, constraint=None):
+def _decode_steps(advance, token_id, prompt, max_new_tokens, stop_token_ids, text_stream, prefill_seconds,
+                  decode_started, cached, constraint=None, speculative=None):
+    """Yield each sampled token; `advance(token, room)` feeds one and gives the next ones (one, or with
+    speculation up to the guesses kept + 1), at most `room`."""
     generated = 0
+    pending = [token_id]
     while True:
+        token_id = pending.pop(0)
         generated += 1
         text, finish_reason, stop_reason = "", None, None
         if token_id in stop_token_ids:
@@ -216,10 +246,13 @@ def _decode_steps(model, cache, decoder, token_id, sampler, prompt, max_new_toke
             prefill_seconds=prefill_seconds,
             decode_seconds=time.perf_counter() - decode_started,
             cached_tokens=cached,
+            draft_tokens=speculative.drafted if speculative is not None else 0,
+            accepted_tokens=speculative.accepted if speculative is not None else 0,
         )
         if finish_reason is not None:
             return
-        token_id = _decode_and_sample(model, cache, token_id, sampler, decoder, constraint)
+        if not pending:
+            pending = advance(token_id, max_new_tokens - generated)
 
 
 # Inference mode is entered per model call, never across a yield: a suspended generator
@@ -274,11 +307,13 @@ def stream_generations(
     tokenizer=None,
     prefill_chunk: int | None = None,
     images=None,
+    speculation=None,
     **sampling,
 ) -> Iterator[Generation]:
     """``generation_steps`` with options merged over ``model.generation_defaults``."""
     params = resolve_sampling(model, max_new_tokens, **sampling)
-    return generation_steps(model, token_ids, params, tokenizer=tokenizer, prefill_chunk=prefill_chunk, images=images)
+    return generation_steps(model, token_ids, params, tokenizer=tokenizer, prefill_chunk=prefill_chunk, images=images,
+                            speculation=speculation)
 
 
 def stream_generate(
@@ -288,10 +323,12 @@ def stream_generate(
     tokenizer=None,
     prefill_chunk: int | None = None,
     images=None,
+    speculation=None,
     **sampling,
 ) -> Iterator[int]:
     """Yield the output token ids one by one (stop tokens are not output)."""
-    steps = stream_generations(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, images, **sampling)
+    steps = stream_generations(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, images, speculation,
+                               **sampling)
     return (step.token_id for step in steps if step.token_id is not None)
 
 
@@ -302,10 +339,12 @@ def generate(
     tokenizer=None,
     prefill_chunk: int | None = None,
     images=None,
+    speculation=None,
     **sampling,
 ) -> list[int]:
     """The output token ids of one generation."""
-    return list(stream_generate(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, images, **sampling))
+    return list(stream_generate(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, images, speculation,
+                                **sampling))
 
 
 def generate_result(
@@ -315,12 +354,14 @@ def generate_result(
     tokenizer=None,
     prefill_chunk: int | None = None,
     images=None,
+    speculation=None,
     **sampling,
 ) -> GenerationResult:
     """One generation folded into a GenerationResult (ids, text, finish reason, timings)."""
     output_ids: list[int] = []
     pieces: list[str] = []
-    steps = stream_generations(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, images, **sampling)
+    steps = stream_generations(model, token_ids, max_new_tokens, tokenizer, prefill_chunk, images, speculation,
+                               **sampling)
     for step in steps:
         if step.token_id is not None:
             output_ids.append(step.token_id)

@@ -41,6 +41,8 @@ class PagedAttentionKV:
 
     Slots a row's pages hold past its own length hold whatever was there (finite values, masked out)."""
 
+    token_by_token = False  # as AttentionKV's
+
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
                  capacity: int = 0, page_size: int = PAGE_SIZE):
         if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):

@@ -125,16 +125,20 @@ class Model:
         ids = torch.as_tensor(list(token_ids), dtype=torch.long).reshape(1, -1)
         return self.forward(ids, self.make_cache(1))[0].cpu().numpy()
 
-    def generate(self, token_ids, max_new_tokens: int | None = None, images=None, **sampling) -> list[int]:
+    def generate(self, token_ids, max_new_tokens: int | None = None, images=None, speculation=None,
+                 **sampling) -> list[int]:
+        """`speculation`: an engine.speculative.Speculation (MTP or a draft model; same tokens, sooner)."""
         from qwen35.engine.generate import generate
 
-        return generate(self, token_ids, max_new_tokens=max_new_tokens, images=images, **sampling)
+        return generate(self, token_ids, max_new_tokens=max_new_tokens, images=images, speculation=speculation,
+                        **sampling)
 
-    def stream_generate(self, token_ids, max_new_tokens: int | None = None, images=None,
+    def stream_generate(self, token_ids, max_new_tokens: int | None = None, images=None, speculation=None,
                         **sampling) -> Iterator[int]:
         from qwen35.engine.generate import stream_generate
 
-        return stream_generate(self, token_ids, max_new_tokens=max_new_tokens, images=images, **sampling)
+        return stream_generate(self, token_ids, max_new_tokens=max_new_tokens, images=images, speculation=speculation,
+                               **sampling)
 
     def nbytes(self) -> int:
         """Bytes held by the weights (block-format weights count their blocks)."""

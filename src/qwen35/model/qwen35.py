@@ -116,9 +116,19 @@ class Attention:
 
     def mix(self, x, kv: AttentionKV, starts, rope, mask):
         """The gated attention output, before the output projection."""
+        q_gate, k, v = self.qkv_proj(x)
+        if kv.token_by_token and x.shape[1] > 1:  # a speculative verification: as one-token steps would
+            cos, sin = rope
+            return torch.cat([
+                self._attend(x[:, t : t + 1], q_gate[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], kv, starts + t,
+                             (cos[:, t : t + 1], sin[:, t : t + 1]), mask[:, t : t + 1])
+                for t in range(x.shape[1])
+            ], dim=1)
+        return self._attend(x, q_gate, k, v, kv, starts, rope, mask)
+
+    def _attend(self, x, q_gate, k, v, kv: AttentionKV, starts, rope, mask):
         c = self.c
         batch, length, _ = x.shape
-        q_gate, k, v = self.qkv_proj(x)
         steps = fused_steps(x) if length == 1 else None
         if steps is not None:
             kv.make_room(starts, 1)
@@ -254,6 +264,16 @@ class GatedDeltaNet:
     def mix(self, x, state: DeltaNetState):
         """The gated, normed delta-rule output, before the output projection."""
         projected, a, b, z = self.in_proj(x)
+        if state.steps is None:
+            return self._mix(x, projected, a, b, z, state)
+        outputs = []  # a speculative verification: one-token steps, each state kept
+        for t in range(x.shape[1]):
+            one = slice(t, t + 1)
+            outputs.append(self._mix(x[:, one], projected[:, one], a[:, one], b[:, one], z[:, one], state))
+            state.keep_step()
+        return torch.cat(outputs, dim=1)
+
+    def _mix(self, x, projected, a, b, z, state: DeltaNetState):
         steps = fused_steps(x)
         if steps is not None:
             run = steps.deltanet_decode if x.shape[1] == 1 else steps.deltanet_prefill
@@ -454,6 +474,18 @@ class Qwen35Network(nn.Module):
         zeros = torch.zeros(batch_size, dtype=torch.long, device=self.input_device)
         return HybridCache(layers, zeros, zeros.clone())
 
+    def attention_inputs(self, cache: HybridCache, positions: torch.Tensor):
+        """(starts, rope, mask) for T tokens at `positions` [3, B, T] appended to each row of `cache`."""
+        length = positions.shape[-1]
+        starts = cache.lengths
+        rope = self.rotary.cos_sin(positions)
+        # Row b's query t sees keys 0 .. starts[b] + t of its own row.
+        span = cache.static_length if cache.static_length is not None else int(starts.max()) + length
+        key_index = torch.arange(span, device=starts.device)
+        query_end = starts[:, None] + torch.arange(length, device=starts.device)  # [B, T]
+        mask = key_index[None, None, :] <= query_end[:, :, None]  # [B, T, S]
+        return starts, rope, mask
+
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,
                       embeddings: torch.Tensor | None = None):
         """input_ids [B, T] appended to each row of `cache`; returns the final-normed hidden states.
@@ -464,14 +496,7 @@ class Qwen35Network(nn.Module):
         batch, length = input_ids.shape
         if positions is None:
             positions = cache.default_positions(length)
-        starts = cache.lengths
-        rope = self.rotary.cos_sin(positions)
-        # Row b's query t sees keys 0 .. starts[b] + t of its own row.
-        span = cache.static_length if cache.static_length is not None else int(starts.max()) + length
-        key_index = torch.arange(span, device=input_ids.device)
-        query_end = starts[:, None] + torch.arange(length, device=input_ids.device)  # [B, T]
-        mask = key_index[None, None, :] <= query_end[:, :, None]  # [B, T, S]
-
+        starts, rope, mask = self.attention_inputs(cache, positions)
         x = self.embed_tokens.rows(input_ids) if embeddings is None else embeddings.float()
         h = layer_rms_norm(x, self.layers[0].input_norm, self.config.rms_norm_eps)
         context = {x.device: (starts, rope, mask)}  # what each layer reads, on each device used

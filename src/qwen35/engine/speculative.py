@@ -1,0 +1,234 @@
+"""Speculative decoding: a cheap drafter guesses the next few tokens, one step of the model checks them.
+
+Each step feeds the last sampled token and up to `draft_max` guesses [x, d1 .. dk] to the model at once
+(its products read every weight once for all of them), then samples position by position with the
+request's own sampler: while the sampled token equals the next guess, the guess is kept and sampling
+goes on; the first token that differs, or the one after the last guess, ends the step. Every output
+token is thus sampled from the same logits, with the same random draws, as plain one-token decoding
+would sample it: the output is the same token for token (seeded sampling included), only sooner.
+
+The guesses the model did not keep must leave no trace: the cache keeps the DeltaNet state after each
+token of the step and is rewound to the last one kept (`HybridCache.keep_steps` / `rewind`), and the
+step feeds its tokens to each mixer one at a time, so what is kept was computed exactly as one-token
+steps compute it.
+
+Drafters:
+- `MtpDrafter`: the model's own MTP layer (model/mtp.py), chained for more than one guess
+  (llama.cpp's `--spec-type draft-mtp`, vLLM's `qwen3_next_mtp`).
+- `DraftModelDrafter`: a smaller model of the family with the same vocabulary (llama.cpp's `-md`).
+A guess is made only while the drafter's own probability for it is at least `p_min` (llama.cpp's
+`--draft-p-min`), and a step with fewer than `draft_min` guesses checks none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwen35.errors import Qwen35Error
+
+DEFAULT_DRAFT_MAX = 3  # llama.cpp's --spec-draft-n-max
+DEFAULT_P_MIN = 0.75  # llama.cpp's --draft-p-min
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """How to speculate: the model's MTP layer (`draft_model` None) or a draft model."""
+
+    draft_model: object | None = None  # a model.api.Model
+    draft_max: int = DEFAULT_DRAFT_MAX
+    draft_min: int = 0
+    p_min: float = DEFAULT_P_MIN
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.draft_max <= 64:
+            raise Qwen35Error(f"--draft-max must be between 1 and 64, got {self.draft_max}")
+        if not 0 <= self.draft_min <= self.draft_max:
+            raise Qwen35Error(f"--draft-min must be between 0 and --draft-max ({self.draft_max}), got {self.draft_min}")
+        if not 0.0 <= self.p_min <= 1.0:
+            raise Qwen35Error(f"--draft-p-min must be between 0 and 1, got {self.p_min}")
+
+    @property
+    def name(self) -> str:
+        return "draft-mtp" if self.draft_model is None else "draft"
+
+    def check(self, model) -> None:
+        """Fail now, with one line, where this speculation cannot run on `model`."""
+        if self.draft_model is None:
+            mtp_predictor(model)
+            return
+        if self.draft_model.config.vocab_size != model.config.vocab_size:
+            raise Qwen35Error(f"the draft model's vocabulary ({self.draft_model.config.vocab_size} tokens) is not the "
+                              f"model's ({model.config.vocab_size}): a draft must be of the same family "
+                              "(e.g. Qwen3.5-0.8B for Qwen3.5-27B)")
+
+    def drafter(self, model, cached_ids: list[int]):
+        """A drafter for one generation whose cache already holds `cached_ids`."""
+        if self.draft_model is None:
+            return MtpDrafter(mtp_predictor(model), self, len(cached_ids))
+        return DraftModelDrafter(self.draft_model, self, cached_ids)
+
+
+def mtp_predictor(model):
+    """The model's MTP layer, made once (model/mtp.py)."""
+    predictor = getattr(model, "_mtp_predictor", None)
+    if predictor is None:
+        from qwen35.model.mtp import MultiTokenPredictor
+
+        predictor = model._mtp_predictor = MultiTokenPredictor(model.network)
+    return predictor
+
+
+def _confident_guess(logits: torch.Tensor, p_min: float) -> tuple[int, bool]:
+    """The drafter's top token of logits [vocab], and whether its probability reaches p_min."""
+    token = int(logits.argmax())
+    if p_min <= 0.0:
+        return token, True
+    probability = float(torch.softmax(logits, dim=-1)[token])
+    return token, probability >= p_min
+
+
+class MtpDrafter:
+    """Guesses from the MTP layer. It reads pairs (the model's hidden state at i, the token at i+1), so it
+    runs one token behind the model: `feed` pairs what the model consumed, `propose` pairs the newest."""
+
+    def __init__(self, predictor, settings: Speculation, start_position: int):
+        self.predictor = predictor
+        self.settings = settings
+        self.cache = predictor.make_cache(start_position)
+        self.pending: torch.Tensor | None = None  # the hidden state of the last token fed, not yet paired
+
+    def feed(self, token_ids: list[int], hidden: torch.Tensor) -> None:
+        """The model consumed `token_ids` (kept), with final hidden states `hidden` [1, T, H]."""
+        if self.pending is not None:
+            hiddens, following = torch.cat([self.pending, hidden[:, :-1]], dim=1), token_ids
+        else:
+            hiddens, following = hidden[:, :-1], token_ids[1:]
+        if following:
+            ids = torch.tensor([following], dtype=torch.long)
+            self.predictor(hiddens, ids, self.cache, logits=False)
+        self.pending = hidden[:, -1:]
+
+    def propose(self, next_token: int, limit: int) -> list[int]:
+        """Up to `limit` guesses of the tokens after `next_token` (the model's last sampled token)."""
+        if self.pending is None or limit < 1:
+            return []
+        logits, out = self.predictor(self.pending, torch.tensor([[next_token]]), self.cache)
+        self.pending = None  # paired with next_token: that pair stays in the cache
+        guesses, chained = [], 0
+        while True:
+            token, confident = _confident_guess(logits[0, -1], self.settings.p_min)
+            if not confident:
+                break
+            guesses.append(token)
+            if len(guesses) >= limit:
+                break
+            logits, out = self.predictor(out, torch.tensor([[token]]), self.cache)
+            chained += 1
+        if chained:  # pairs of the layer's own guesses: the next step pairs the model's real hidden states
+            self.cache.rewind(chained, 0)
+        return guesses
+
+
+class DraftModelDrafter:
+    """Guesses from a draft model fed the same tokens as the model, greedily, one at a time."""
+
+    def __init__(self, draft_model, settings: Speculation, cached_ids: list[int]):
+        self.draft = draft_model
+        self.settings = settings
+        self.cache = draft_model.make_cache(1)
+        self.unfed: list[int] = list(cached_ids)  # tokens the model holds that the draft has not read yet
+        self.speculative: list[int] = []  # tokens the draft read while guessing: kept only if the model keeps them
+
+    def _read(self, token_ids: list[int], logits: bool = False):
+        network, chunk = self.draft.network, self.draft.prefill_chunk
+        device = network.input_device
+        hidden = None
+        for start in range(0, len(token_ids), chunk):
+            ids = torch.tensor([token_ids[start:start + chunk]], dtype=torch.long, device=device)
+            hidden = network.hidden_states(ids, self.cache)
+        return network.lm_head(hidden[:, -1:]).float()[0, -1] if logits else None
+
+    def feed(self, token_ids: list[int], hidden: torch.Tensor) -> None:
+        if self.speculative:
+            kept = 0
+            while kept < min(len(token_ids), len(self.speculative)) and token_ids[kept] == self.speculative[kept]:
+                kept += 1
+            self.cache.rewind(len(self.speculative), kept)
+            token_ids = token_ids[kept:]
+            self.speculative = []
+        self.unfed.extend(token_ids)
+
+    def propose(self, next_token: int, limit: int) -> list[int]:
+        if limit < 1:
+            return []
+        if self.unfed:
+            self._read(self.unfed)
+            self.unfed = []
+        self.cache.keep_steps()
+        guesses, token = [], next_token
+        while True:
+            self.speculative.append(token)
+            guess, confident = _confident_guess(self._read([token], logits=True), self.settings.p_min)
+            if not confident:
+                break
+            guesses.append(guess)
+            if len(guesses) >= limit:
+                break
+            token = guess
+        return guesses
+
+
+class SpeculativeDecoder:
+    """Prefill and decode steps of one sequence with speculation (see the module's note)."""
+
+    def __init__(self, model, cache, settings: Speculation, cached_ids: list[int], stop_token_ids: set[int]):
+        self.model = model
+        self.network = model.network
+        self.cache = cache
+        self.settings = settings
+        self.stop_token_ids = stop_token_ids
+        self.drafter = settings.drafter(model, cached_ids)
+        self.drafted = 0  # guesses checked
+        self.accepted = 0  # guesses kept
+
+    def _ids(self, token_ids: list[int]) -> torch.Tensor:
+        return torch.tensor([token_ids], dtype=torch.long, device=self.network.input_device)
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int], start: int, chunk: int) -> torch.Tensor:
+        """Feed prompt[start:] in pieces of `chunk` tokens; the logits [1, vocab] after its last token."""
+        for begin in range(start, len(prompt), chunk):
+            piece = prompt[begin:begin + chunk]
+            hidden = self.network.hidden_states(self._ids(piece), self.cache)
+            self.drafter.feed(piece, hidden)
+        return self.network.lm_head(hidden[:, -1:]).float()[:, -1]
+
+    @torch.inference_mode()
+    def step(self, token_id: int, sample_one, room: int, finished=None) -> list[int]:
+        """Feed `token_id` and the drafter's guesses; the tokens sampled (1 to guesses + 1), at most `room`.
+        `sample_one(logits [1, vocab])` samples one position (the request's sampler and constraint);
+        `finished()`, after a token, says that the reply ends there (a completed grammar)."""
+        guesses = self.drafter.propose(token_id, min(self.settings.draft_max, room - 1))
+        if len(guesses) < self.settings.draft_min:
+            guesses = []
+        fed = [token_id] + guesses
+        if guesses:
+            self.cache.keep_steps()
+        hidden = self.network.hidden_states(self._ids(fed), self.cache)
+        logits = self.network.lm_head(hidden).float()
+        sampled = []
+        for position in range(len(fed)):
+            token = sample_one(logits[:, position])
+            sampled.append(token)
+            if (position == len(guesses) or token != guesses[position] or token in self.stop_token_ids
+                    or (finished is not None and finished())):
+                break
+        kept = len(sampled)  # the token fed first and the guesses that were sampled
+        if guesses:
+            self.cache.rewind(len(fed), kept)
+        self.drafted += len(guesses)
+        self.accepted += kept - 1
+        self.drafter.feed(fed[:kept], hidden[:, :kept])
+        return sampled

@@ -1,0 +1,65 @@
+"""Qwen 3.5's multi-token prediction (MTP) layer: a guess at the token after next, for speculative decoding.
+
+From the main model's final-normed hidden state at position i and the token at i+1:
+
+    x = fc(cat[RMSNorm_e(embed(token[i+1])), RMSNorm_h(hidden[i])])     (2H -> H)
+    x = one full-attention decoder layer (its own K/V cache, the main model's MLP or MoE form)
+    guess for token[i+2] = lm_head(RMSNorm(x))
+
+at position i, with the main model's embedding and output head. Chained, the normed output stands in
+for the hidden state of the next position (vLLM's qwen3_next_mtp does the same). GGUF names the weights
+`blk.L.nextn.{eh_proj, enorm, hnorm, shared_head_norm}` and the layer's own under `blk.L`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwen35.engine.cache import AttentionKV, HybridCache
+from qwen35.errors import Qwen35Error
+from qwen35.model.config import FULL_ATTENTION
+from qwen35.model.qwen35 import DecoderLayer, Qwen35Network, layer_rms_norm
+
+
+class MultiTokenPredictor:
+    def __init__(self, network: Qwen35Network):
+        c = network.config
+        weights = network.mtp_weights
+        if c.mtp_num_layers < 1 or "mtp.fc" not in weights:
+            raise Qwen35Error("this model file has no MTP layer (nextn_predict_layers is 0, or its weights were "
+                              "left out): use a GGUF converted with it, or a draft model (-md)")
+        self.network = network
+        self.eps = c.rms_norm_eps
+        self.fc = weights["mtp.fc"]
+        self.embedding_norm, self.hidden_norm = weights["mtp.pre_fc_norm_embedding"], weights["mtp.pre_fc_norm_hidden"]
+        self.layer = DecoderLayer(c, weights, "mtp.layers.0", FULL_ATTENTION)
+        self.final_norm = weights["mtp.norm"]
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.device
+
+    def make_cache(self, start_position: int = 0) -> HybridCache:
+        """An empty one-row cache for the layer's K/V whose first pair sits at `start_position` (pairs before
+        it, from a cache the main model restored, were never seen: they are left out of the attention)."""
+        c = self.network.config
+        kv = AttentionKV(1, c.num_key_value_heads, c.head_dim, torch.float32, self.device)
+        lengths = torch.zeros(1, dtype=torch.long, device=self.device)
+        return HybridCache([kv], lengths, torch.full((1,), start_position, dtype=torch.long, device=self.device))
+
+    def __call__(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: HybridCache, logits: bool = True):
+        """Pairs (hidden [1, T, H] of positions i, next_ids [1, T] the tokens at i+1) appended to `cache`:
+        (logits [1, T, vocab] guessing the tokens at i+2, the normed outputs [1, T, H] that chain).
+        Without `logits` (a prompt's pairs only fill the cache) the output head is skipped: None."""
+        network = self.network
+        embedded = network.embed_tokens.rows(next_ids.to(network.input_device)).to(self.device)
+        joined = torch.cat([layer_rms_norm(embedded, self.embedding_norm, self.eps),
+                            layer_rms_norm(hidden.to(self.device), self.hidden_norm, self.eps)], dim=-1)
+        x = self.fc(joined)
+        h = layer_rms_norm(x, self.layer.input_norm, self.eps)
+        positions = cache.default_positions(next_ids.shape[1])
+        starts, rope, mask = network.attention_inputs(cache, positions)
+        _, out = self.layer(x, h, cache.layers[0], starts, rope, mask, self.final_norm)
+        cache.advance(next_ids.shape[1], positions)
+        out = out.to(network.lm_head.blocks.device)
+        return (network.lm_head(out).float() if logits else None), out

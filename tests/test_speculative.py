@@ -1,0 +1,216 @@
+"""Speculative decoding (engine/speculative.py): the same tokens as plain decoding, whatever the guesses.
+
+References: transformers' greedy continuations of the HF checkpoint and llama.cpp's exact-arithmetic greedy
+continuations of the GGUF files (ref/*.json). A random network's MTP layer guesses badly, so the accept
+path is also driven by guessers that know the reference continuation (a draft model that is the model
+itself, and a scripted drafter with wrong guesses at chosen places): every kept guess, every rewind.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import qwen35
+from qwen35.engine.generate import generate_result, generation_steps, resolve_sampling
+from qwen35.engine.speculative import Speculation
+from qwen35.errors import Qwen35Error
+
+TOKENS = 24
+EVERY_GUESS = 0.0  # p_min: check every guess, however unsure the drafter is
+
+
+@pytest.fixture(scope="module")
+def models(fixtures):
+    loaded = {}
+
+    def load(name: str, precision: str = "fast"):
+        if (name, precision) not in loaded:
+            loaded[name, precision] = qwen35.load_model(fixtures / "tiny" / name, precision=precision)
+        return loaded[name, precision]
+
+    return load
+
+
+def _reference(fixtures, model_name: str) -> dict:
+    return json.loads((fixtures / "ref" / f"{model_name}.json").read_text())
+
+
+def _run(model, prompt, speculation=None, tokens=TOKENS, **options):
+    options.setdefault("temperature", 0)
+    steps = list(generation_steps(model, prompt, resolve_sampling(model, tokens, ignore_eos=True, **options),
+                                  prefill_chunk=64, speculation=speculation))
+    return [s.token_id for s in steps if s.token_id is not None], steps[-1]
+
+
+@dataclass(frozen=True)
+class Scripted(Speculation):
+    """Guesses the continuation `script` (token ids after the prompt), wrong where `wrong(index)` says."""
+
+    script: tuple = ()
+    prompt_length: int = 0
+    wrong: object = None
+
+    def drafter(self, model, cached_ids):
+        return _ScriptedDrafter(self, len(cached_ids), model.config.vocab_size)
+
+
+class _ScriptedDrafter:
+    def __init__(self, settings: Scripted, fed: int, vocab: int):
+        self.settings, self.fed, self.vocab = settings, fed, vocab
+
+    def feed(self, token_ids, hidden):
+        self.fed += len(token_ids)
+
+    def propose(self, next_token, limit):
+        index = self.fed - self.settings.prompt_length  # next_token is output token `index`
+        guesses = list(self.settings.script[index + 1 : index + 1 + limit])
+        return [(g + 1) % self.vocab if self.settings.wrong(index + 1 + i) else g for i, g in enumerate(guesses)]
+
+
+@pytest.mark.parametrize("prompt_name", ["text", "chat_think"])
+@pytest.mark.parametrize("precision", ["reference", "fast"])
+def test_mtp_speculation_of_the_hf_checkpoint_gives_transformers_greedy_tokens(fixtures, models, dense_sequences,
+                                                                               prompt_name, precision):
+    sequence = dense_sequences[prompt_name]
+    model = models("dense-hf", precision)
+    tokens, last = _run(model, sequence["ids"], Speculation(p_min=EVERY_GUESS))
+    assert tokens == sequence["transformers_greedy"][:TOKENS]
+    assert last.draft_tokens > 0  # guesses were checked (and, on a random MTP layer, mostly refused)
+
+
+@pytest.mark.parametrize("file_name", ["dense-Q8_0", "moe-Q4_K_M"])
+def test_mtp_speculation_of_gguf_files_gives_llama_cpp_exact_greedy_tokens(fixtures, models, file_name):
+    model_name, quant = file_name.split("-", 1)
+    reference = _reference(fixtures, model_name)
+    expected = reference["llama_cpp"][quant]["text"]["exact_greedy"][:TOKENS]
+    model = models(f"{file_name}.gguf", "reference")
+    tokens, _ = _run(model, reference["sequences"]["text"]["ids"], Speculation(p_min=EVERY_GUESS))
+    assert tokens == expected
+
+
+def test_a_draft_model_that_guesses_right_has_every_guess_kept(fixtures, models, dense_sequences):
+    """The model as its own draft model (loaded twice): every guess is the model's own choice."""
+    sequence = dense_sequences["text"]
+    model, draft = models("dense-hf", "fast"), qwen35.load_model(fixtures / "tiny" / "dense-hf")
+    tokens, last = _run(model, sequence["ids"], Speculation(draft_model=draft, draft_max=4, p_min=EVERY_GUESS))
+    assert tokens == sequence["transformers_greedy"][:TOKENS]
+    # Each step feeds one token and up to 4 guesses (no more than the length leaves room for), all kept.
+    left, guesses = TOKENS - 1, 0  # the first token comes from the prompt
+    while left:
+        step_guesses = min(4, left - 1)
+        guesses, left = guesses + step_guesses, left - step_guesses - 1
+    assert last.accepted_tokens == last.draft_tokens == guesses
+
+
+@pytest.mark.parametrize("draft_max", [1, 3])
+@pytest.mark.parametrize("precision", ["reference", "fast"])
+def test_wrong_guesses_are_rewound_without_a_trace(models, dense_sequences, draft_max, precision):
+    """Guesses from transformers' continuation, every third one wrong: each step keeps the guesses up to the
+    first wrong one and rewinds the rest, DeltaNet states and K/V alike; the tokens stay transformers'."""
+    sequence = dense_sequences["text"]
+    expected = sequence["transformers_greedy"][:TOKENS]
+    model = models("dense-hf", precision)
+    scripted = Scripted(draft_max=draft_max, script=tuple(expected), prompt_length=len(sequence["ids"]),
+                        wrong=lambda index: index % 3 == 2)
+    tokens, last = _run(model, sequence["ids"], scripted)
+    assert tokens == expected
+    assert 0 < last.accepted_tokens < last.draft_tokens
+
+
+@pytest.mark.parametrize("file_name", ["dense-Q8_0.gguf", "moe-Q4_K_M.gguf"])
+def test_fast_path_speculation_gives_the_tokens_of_plain_decoding_bit_for_bit(models, fixtures, file_name):
+    """The fast path's plain decoding is pinned to llama.cpp elsewhere (test_generate.py); speculation must
+    not move a single token of it, greedy or sampled (same seed: same random draws, position by position)."""
+    model = models(file_name)
+    reference = _reference(fixtures, file_name.split("-")[0])
+    prompt = reference["sequences"]["chat_think"]["ids"]
+    expected = reference["llama_cpp"]["Q8_0" if "Q8_0" in file_name else "Q4_K_M"]["chat_think"]["exact_greedy"]
+    script = tuple(expected)
+    scripted = Scripted(draft_max=3, script=script, prompt_length=len(prompt), wrong=lambda index: index % 4 == 3)
+    sampled = dict(temperature=0.9, top_p=0.95, top_k=40, seed=11, repetition_penalty=1.1, presence_penalty=0.3)
+    for options in (dict(temperature=0), sampled):
+        plain, _ = _run(model, prompt, **options)
+        for speculation in (Speculation(p_min=EVERY_GUESS), scripted):
+            assert _run(model, prompt, speculation, **options)[0] == plain
+
+
+def test_a_stop_token_or_the_length_inside_a_step_ends_the_reply_there(models, dense_sequences):
+    sequence = dense_sequences["text"]
+    expected = sequence["transformers_greedy"][:TOKENS]
+    model = models("dense-hf", "fast")
+    everything_right = Scripted(draft_max=4, script=tuple(expected), prompt_length=len(sequence["ids"]),
+                                wrong=lambda index: False)
+    stop = expected[7]
+    params = resolve_sampling(model, TOKENS, temperature=0, ignore_eos=True, stop_token_ids=[stop])
+    steps = list(generation_steps(model, sequence["ids"], params, speculation=everything_right))
+    assert [s.token_id for s in steps if s.token_id is not None] == expected[:7]
+    assert (steps[-1].finish_reason, steps[-1].stop_reason) == ("stop", stop)
+    for limit in (1, 2, 6, 9):  # at most `limit` tokens, whatever the step size
+        result = generate_result(model, sequence["ids"], limit, temperature=0, ignore_eos=True,
+                                 speculation=everything_right)
+        assert result.token_ids == expected[:limit] and result.finish_reason == "length"
+
+
+def test_unsure_guesses_are_not_checked(models, dense_sequences):
+    """p_min 1: no guess is ever sure enough; the reply is plain decoding's."""
+    sequence = dense_sequences["text"]
+    tokens, last = _run(models("dense-hf", "fast"), sequence["ids"], Speculation(p_min=1.0))
+    assert tokens == sequence["transformers_greedy"][:TOKENS]
+    assert last.draft_tokens == 0
+
+
+def test_speculation_continues_a_given_cache(models, dense_sequences):
+    """A chat's next turn restores a cache holding the start of its prompt; the MTP layer starts there."""
+    sequence = dense_sequences["text"]
+    model = models("dense-hf", "fast")
+    held = 100
+    cache = model.make_cache(1)
+    model.forward(torch.tensor([sequence["ids"][:held]]), cache)
+    params = resolve_sampling(model, TOKENS, temperature=0, ignore_eos=True)
+    steps = list(generation_steps(model, sequence["ids"], params, cache=cache, speculation=Speculation(p_min=0.0)))
+    assert [s.token_id for s in steps] == sequence["transformers_greedy"][:TOKENS]
+    assert steps[-1].cached_tokens == held
+
+
+@pytest.mark.parametrize("precision", ["reference", "fast"])
+def test_rewound_cache_equals_a_cache_fed_only_the_kept_tokens(models, dense_sequences, precision):
+    ids = dense_sequences["text"]["ids"][:40]
+    model = models("dense-hf", precision)
+    for keep in (1, 3, 5):
+        plain = model.make_cache(1)
+        model.forward(torch.tensor([ids[:30]]), plain)
+        for token in ids[30 : 30 + keep]:
+            model.forward(torch.tensor([[token]]), plain)
+        rewound = model.make_cache(1)
+        model.forward(torch.tensor([ids[:30]]), rewound)
+        with torch.inference_mode():
+            rewound.keep_steps()
+            model.forward(torch.tensor([ids[30:35]]), rewound)
+            rewound.rewind(5, keep)
+        assert rewound.lengths.tolist() == plain.lengths.tolist() == [30 + keep]
+        following = torch.tensor([ids[35:38]])
+        after_rewind, after_plain = model.forward(following, rewound), model.forward(following, plain)
+        if precision == "fast":  # its products give a row the same bits in a batch of any size
+            assert torch.equal(after_rewind, after_plain)
+        else:  # fp32 products of 5 rows and of 1 round differently
+            torch.testing.assert_close(after_rewind, after_plain, rtol=0, atol=1e-4)
+
+
+def test_bad_settings_and_bad_rewinds_are_clear_errors(models):
+    model = models("dense-hf", "fast")
+    for bad in (dict(draft_max=0), dict(draft_max=65), dict(draft_min=5, draft_max=3), dict(p_min=1.5)):
+        with pytest.raises(Qwen35Error):
+            Speculation(**bad)
+    other_vocabulary = SimpleNamespace(config=SimpleNamespace(vocab_size=151936))
+    with pytest.raises(Qwen35Error, match="vocabulary"):
+        Speculation(draft_model=other_vocabulary).check(model)
+    cache = model.make_cache(1)
+    with pytest.raises(Qwen35Error, match="kept no steps"):
+        cache.rewind(2, 1)
+    with pytest.raises(Qwen35Error, match="cannot keep"):
+        cache.rewind(2, 3)
