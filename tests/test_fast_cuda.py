@@ -226,3 +226,40 @@ def test_captured_decode_steps_replay_like_eager_ones(fixtures, monkeypatch, len
             else zip(got.view(longest), expected.view(longest))
         for got_state, expected_state in pairs:
             torch.testing.assert_close(got_state.float(), expected_state.float(), rtol=0, atol=1e-4, msg=f"layer {index}")
+
+
+def test_speculative_steps_on_the_gpu_path_give_the_tokens_of_plain_steps(fixtures, monkeypatch):
+    """A speculative step feeds its tokens to the GPU's one-token kernels one at a time (the DeltaNet step,
+    paged attention) with the products done once for all of them, and rewinds what it does not keep:
+    the tokens are plain decoding's, with the MTP layer's guesses and with scripted ones, right and wrong."""
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU, tests/test_cuda.py runs the model there")
+    import qwen35
+    from test_speculative import Scripted
+
+    from qwen35.engine.generate import generation_steps, resolve_sampling
+    from qwen35.engine.speculative import Speculation
+    from qwen35.model import fused
+
+    ids = json.loads((fixtures / "ref" / "moe.json").read_text())["sequences"]["text"]["ids"][:24]
+    model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", precision="reference")
+    head = model.network.lm_head  # its first 1024 rows: enough to compare, and the interpreter is slow
+    model.network.lm_head = QuantLinear(head.blocks[:1024], head.type_id, 1024, head.in_features)
+    with monkeypatch.context() as paged:  # the prompt prefilled on the CPU's path, K/V in pages as on a GPU
+        paged.setattr(fused, "GPU_DEVICE_TYPES", {"cuda", "cpu"})
+        prompt_cache = model.make_cache(1)
+    model.forward(torch.tensor([ids[:-1]]), prompt_cache)
+    take_gpu_paths_on_cpu(monkeypatch)
+    set_mode(model.network, "fast")
+    model.network.fuse_for_gpu()
+    params = resolve_sampling(model, 3, temperature=0, ignore_eos=True)
+
+    def tokens(speculation=None):
+        steps = generation_steps(model, ids, params, cache=prompt_cache.select([0]), speculation=speculation)
+        return [step.token_id for step in steps]
+
+    plain = tokens()
+    # One step: the first token and two guesses, the first right (kept), the second wrong (rewound).
+    scripted = Scripted(draft_max=2, script=tuple(plain), prompt_length=len(ids), wrong=lambda index: index == 2)
+    assert tokens(scripted) == plain
+    assert tokens(Speculation(draft_max=1, p_min=0.0)) == plain
