@@ -11,6 +11,8 @@ The weights come from the checkpoint's safetensors (HF) or from gguf-py's own re
 dequantizer (GGUF), never through our loaders.
 """
 
+import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -189,11 +191,16 @@ def test_start_position_offsets_the_positions(hf_model, hf_reference, hf_pairs):
     assert max_abs(keys_at_zero, expected_keys) > 100 * TOLERANCE
 
 
-def test_model_without_mtp_weights_is_a_clear_error(dense_hf):
-    model = qwen35.load_model(dense_hf, precision="reference")
-    model.network.mtp_weights = {}  # as a file converted without the MTP block loads
+@pytest.mark.parametrize("missing", ["weights", "layers"])
+def test_model_without_mtp_layer_is_a_clear_error(hf_model, missing):
+    network = copy.copy(hf_model.network)  # the shared model stays whole
+    if missing == "weights":  # as a file converted without the MTP block loads
+        network.mtp_weights = {}
+    else:  # a config that says there is none (nextn_predict_layers 0)
+        network.config = dataclasses.replace(network.config, mtp_num_layers=0)
     with pytest.raises(Qwen35Error, match="no MTP layer"):
-        MultiTokenPredictor(model.network)
+        MultiTokenPredictor(network)
+    assert MultiTokenPredictor(hf_model.network).final_norm is not None, "the original still has its MTP layer"
 
 
 # ---- GGUF files: the reference from gguf-py's reader and reference dequantizer -------------------
@@ -296,12 +303,20 @@ def test_dense_q8_0_gguf_matches_its_dequantized_reference_and_the_checkpoint(
     assert max_abs(logits, expected_logits) <= TOLERANCE
     assert max_abs(out, expected_out) <= TOLERANCE
 
-    # Against the bf16 checkpoint the gap is Q8_0's: no larger than the main model's own Q8_0 gap allows.
-    main_gap = max_abs(np.load(fixtures / "ref" / "dense.text.exact-Q8_0.logits.npy"),
-                       np.load(fixtures / "ref" / "dense.text.transformers.logits.npy"))
-    checkpoint_logits, *_ = ours(MultiTokenPredictor(hf_model.network), *hf_pairs)
+    # Against the bf16 checkpoint the gap is Q8_0's. The fixtures say how large that is for the main model
+    # (llama.cpp's exact Q8_0 arithmetic vs transformers): max |diff| about 0.52, top-1 agreement 0.94.
+    exact_q8 = np.load(fixtures / "ref" / "dense.text.exact-Q8_0.logits.npy").astype(np.float32)
+    truth = np.load(fixtures / "ref" / "dense.text.transformers.logits.npy")
+    main_gap, main_agreement = max_abs(exact_q8, truth), top1_agreement(exact_q8, truth)
+    checkpoint_predictor = MultiTokenPredictor(hf_model.network)
+    checkpoint_logits, *_ = ours(checkpoint_predictor, *hf_pairs)
+    # The whole chain (8 quantized layers, then the MTP layer and head): about the main model's gap.
     assert max_abs(logits, checkpoint_logits) <= 2 * main_gap
-    assert top1_agreement(logits, checkpoint_logits) >= 0.9
+    assert top1_agreement(logits, checkpoint_logits) >= main_agreement - 0.05
+    # The MTP layer and head alone, on the same (checkpoint) inputs: a few quantized products, not the whole
+    # model's chain of them, so well under its gap (observed 0.08 vs 0.52).
+    alone, *_ = ours(MultiTokenPredictor(dense_q8_model.network), *hf_pairs)
+    assert max_abs(alone, checkpoint_logits) <= main_gap / 2
 
 
 def test_moe_gguf_matches_transformers_moe_modules(fixtures):
