@@ -48,8 +48,8 @@ class TransformersMTP(nn.Module):
         text_config._attn_implementation = "eager"  # a plain softmax(QK^T + mask) V; the mask is ours
         text_config._experts_implementation = "eager"  # MoE: the plain loop over the chosen experts
         hidden, eps = text_config.hidden_size, text_config.rms_norm_eps
-        prefix = CLASS_PREFIX[modeling]
-        classes = {name: getattr(modeling, prefix + name) for name in ("RMSNorm", "DecoderLayer", "TextRotaryEmbedding")}
+        classes = {name: getattr(modeling, CLASS_PREFIX[modeling] + name)
+                   for name in ("RMSNorm", "DecoderLayer", "TextRotaryEmbedding")}
         self.pre_fc_norm_embedding = classes["RMSNorm"](hidden, eps=eps)
         self.pre_fc_norm_hidden = classes["RMSNorm"](hidden, eps=eps)
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
@@ -91,10 +91,11 @@ def ours(predictor: MultiTokenPredictor, hidden, next_ids, pieces=None, start_po
     logits, outs, start = [], [], 0
     with torch.inference_mode():
         for size in pieces:
-            piece_logits, piece_out = predictor(hidden[:, start : start + size], next_ids[:, start : start + size], cache)
+            stop = start + size
+            piece_logits, piece_out = predictor(hidden[:, start:stop], next_ids[:, start:stop], cache)
             logits.append(piece_logits)
             outs.append(piece_out)
-            start += size
+            start = stop
     assert start == next_ids.shape[1], "the pieces must cover every pair"
     return torch.cat(logits, dim=1), torch.cat(outs, dim=1), cache
 
