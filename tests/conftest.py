@@ -77,7 +77,8 @@ def random_delta_rule_inputs(batch, heads, length, d_k, d_v, generator, max_deca
     return q * d_k**-0.5, k, v, g, beta, state
 
 
-def serve_greedily(model, prompts, new_tokens, max_running: int, context_length: int = 512) -> list[list[int]]:
+def serve_greedily(model, prompts, new_tokens, max_running: int, context_length: int = 512,
+                   speculation=None) -> list[list[int]]:
     """Token ids EngineService gives each prompt (greedy, `new_tokens[i]` each, end-of-text ignored),
     all submitted at once to one service: rows join and leave its running batch as they finish."""
     import asyncio
@@ -86,7 +87,7 @@ def serve_greedily(model, prompts, new_tokens, max_running: int, context_length:
     from qwen35.engine.service import EngineService, GenerationRequest
 
     async def served():
-        service = EngineService(model, max_running=max_running, context_length=context_length)
+        service = EngineService(model, max_running=max_running, context_length=context_length, speculation=speculation)
         service.start(asyncio.get_running_loop())
 
         async def one(prompt, count):

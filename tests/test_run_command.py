@@ -107,6 +107,28 @@ def test_prompt_words_may_follow_the_flags_as_with_ollama_run(dense_hf, dense_se
     assert exited.value.code == 2 and "unrecognized arguments: --bogus hi" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("drafter", [["--spec-type", "draft-mtp"], ["-md", "DRAFT"]], ids=["mtp", "draft model"])
+def test_speculative_decoding_prints_the_same_greedy_answer_and_counts_guesses(
+        dense_hf, dense_sequences, dense_tokenizer, model, monkeypatch, capsys, drafter):
+    """llama.cpp's --spec-type draft-mtp / -md: the answer is transformers' greedy one, the speed line says how
+    many guesses were kept (the model drafting for itself keeps them all)."""
+    from qwen35.cli import main
+
+    expected = _reference_text(dense_tokenizer, dense_sequences["chat_nothink"]["transformers_greedy"][:12])
+    monkeypatch.setattr("qwen35.load_model", lambda path, **options: model)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    flags = [str(dense_hf) if flag == "DRAFT" else flag for flag in drafter]
+    status = main(["run", str(dense_hf), "Which Qwen 3.5 model fits a 24GB GPU?", "--temp", "0", "-n", "12",
+                   "--no-think", "--hide-thinking", "--verbose", "--draft-p-min", "0", *flags])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert printed.out == expected + "\n"
+    kept = re.search(r"(\d+)/(\d+) guesses kept", printed.err)
+    assert kept and int(kept[2]) > 0
+    if drafter[0] == "-md":
+        assert kept[1] == kept[2]
+
+
 def test_missing_model_is_one_line_and_exit_1(tmp_path):
     result = qwen35("run", str(tmp_path / "nope.gguf"), "hi")
     assert result.returncode == 1
@@ -142,6 +164,9 @@ def test_llama_cpp_spellings_reach_the_session(dense_hf):
     (["--top-p", "0"], "top_p"),
     (["-c", "5"], "-c must be at least"),
     (["-n", "0"], "-n must be"),
+    (["--draft-max", "0"], "--draft-max must be"),
+    (["--draft-p-min", "2"], "--draft-p-min must be"),
+    (["--mtp", "-md", "draft.gguf"], "give one drafter"),
 ])
 def test_bad_flags_are_one_line_errors_before_loading(tmp_path, flags, complaint):
     from qwen35.cli import build_parser

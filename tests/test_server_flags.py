@@ -102,7 +102,9 @@ def test_a_bad_value_or_unknown_flag_is_one_line_before_the_model_loads(fixtures
     (["--reasoning-budget", "0", "--chat-template-kwargs", '{"enable_thinking": true}'], "turns it on"),
     (["--host", "https://example.org"], "plain HTTP"), (["--host", "0.0.0.0:port"], "must be a number"),
     (["--host", "0.0.0.0:9000", "--port", "9001"], "give the port once"), (["--host", "[::1"], "IPv6"),
-    (["--host", "127.0.0.1:70000"], "--port"),
+    (["--host", "127.0.0.1:70000"], "--port"), (["--draft-max", "0"], "--draft-max"),
+    (["--draft-p-min", "1.5"], "--draft-p-min"), (["--draft-min", "4", "--draft-max", "3"], "--draft-min"),
+    (["--spec-type", "draft-mtp", "-md", "draft.gguf"], "one drafter"),
 ])
 def test_bad_values_are_one_line_errors(flags, words):
     with pytest.raises(Qwen35Error, match=None) as error:
@@ -120,6 +122,10 @@ def test_accepted_flags_and_aliases_check_out():
     assert settings["sampling_defaults"] == {}  # --seed -1: llama.cpp's random seed, no default seed
     assert settings["chat_template_kwargs"] == {"enable_thinking": False}
     assert _args("-a", "x").name == "x"
+    speculative = _args("--spec-type", "draft-mtp", "--spec-draft-n-max", "2", "--draft-p-min", "0.5")
+    _check(speculative)
+    assert (speculative.spec_type, speculative.draft_max, speculative.draft_p_min) == ("draft-mtp", 2, 0.5)
+    assert _args("--mtp").spec_type == "draft-mtp" and _args("-md", "d.gguf", "--draft", "5").draft_max == 5
 
 
 @pytest.mark.parametrize("host, port, expected", [

@@ -66,6 +66,9 @@ class _ScriptedDrafter:
     def feed(self, token_ids, hidden):
         self.fed += len(token_ids)
 
+    def skip(self, token_ids):
+        self.fed += len(token_ids)
+
     def propose(self, next_token, limit):
         index = self.fed - self.settings.prompt_length  # next_token is output token `index`
         guesses = list(self.settings.script[index + 1 : index + 1 + limit])

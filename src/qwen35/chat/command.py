@@ -29,6 +29,7 @@ from qwen35.chat.template import read_template_file
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 from qwen35.hub import resolve_model_argument
+from qwen35.speculation_options import add_speculation_arguments, check_speculation_arguments, speculation_from_arguments
 
 DEFAULT_CONTEXT = 8192
 TRAILING_WORDS = "prompt"  # cli.py: PROMPT words may also follow the flags
@@ -80,12 +81,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chat-template-file", default=None, metavar="FILE",
                         help="a Jinja chat template to use instead of the model's")
     add_device_arguments(parser)
+    add_speculation_arguments(parser)
     parser.add_argument("--verbose", action="store_true",
                         help="after a one-shot answer, print its speed line on stderr")
 
 
 def run(args) -> int:
     settings = _settings(args)
+    check_speculation_arguments(args)
     template_source = read_template_file(args.chat_template_file) if args.chat_template_file else None
     _check_image_files(args)
     if args.prompt_flag is not None and args.prompt:
@@ -108,6 +111,7 @@ def run(args) -> int:
     options = load_options(args, path, context=args.context, command="qwen35 run")
     with byte_progress(f"loading {path.name}") as progress:
         model = load_model(str(path), mmproj=mmproj, progress=progress, **options)
+    settings.speculation = speculation_from_arguments(args, model, options, command="qwen35 run")
     template = None
     if template_source is not None:
         template = ChatTemplate(template_source, special_tokens=tokenizer.template_tokens)

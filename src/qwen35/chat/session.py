@@ -71,6 +71,7 @@ class ChatSettings:
     sampling: dict = field(default_factory=dict)
     template_kwargs: dict = field(default_factory=dict)
     reasoning_budget: int = -1  # reasoning tokens per answer: -1 unlimited, 0 no thinking (engine.reasoning_budget)
+    speculation: object | None = None  # engine.speculative.Speculation: guesses checked a step at a time
 
 
 @dataclass
@@ -95,6 +96,8 @@ class TurnStats:
     prefill_seconds: float | None = None  # None until the prompt has been read
     decode_seconds: float = 0.0
     finish_reason: str | None = None  # "stop", "length", "context" (filled it), "interrupted"
+    draft_tokens: int = 0  # speculative decoding: guesses checked
+    accepted_tokens: int = 0  # ... and kept
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -112,6 +115,8 @@ class TurnStats:
             cached = f" (+{self.cached_tokens} cached)" if self.cached_tokens else ""
             parts.append(f"prompt {self.prompt_tokens} tok{cached}, {self.prompt_tokens_per_second:.1f} tok/s")
             parts.append(f"answer {self.generated_tokens} tok, {self.answer_tokens_per_second:.1f} tok/s")
+        if self.draft_tokens:
+            parts.append(f"{self.accepted_tokens}/{self.draft_tokens} guesses kept")
         if self.finish_reason == "interrupted":
             parts.append("stopped")
         return " · ".join(parts)
@@ -225,9 +230,10 @@ class ChatSession:
             budget = self.settings.reasoning_budget if thinking else -1
             constraint = budget_constraint(self.tokenizer, self.model.config.vocab_size, budget) if budget > 0 else None
             steps = generation_steps(self.model, prompt_ids, self.sampling_params(limit), tokenizer=self.tokenizer,
-                                     cache=cache, constraint=constraint)
+                                     cache=cache, constraint=constraint, speculation=self.settings.speculation)
             for step in steps:
                 turn.generated_tokens = step.generated_tokens
+                turn.draft_tokens, turn.accepted_tokens = step.draft_tokens, step.accepted_tokens
                 turn.prefill_seconds = history_seconds + step.prefill_seconds
                 turn.decode_seconds = step.decode_seconds
                 turn.finish_reason = step.finish_reason

@@ -28,8 +28,9 @@ def graph_batch_size(sequences: int, max_running: int) -> int:
 class RunningBatch:
     """`rows[i]` is the sequence whose state is row i of `cache` (None: an idle row of the graph)."""
 
-    def __init__(self, model, max_rows: int):
+    def __init__(self, model, max_rows: int, graphs: bool = True):
         self.model, self.max_rows = model, max_rows
+        self.graphs = graphs  # off where steps must stay eager (speculative decoding feeds several tokens)
         self.rows: list = []
         self.cache = None
         self.decoder = None  # on a GPU: a CUDA-graph decoder over `cache`
@@ -59,7 +60,7 @@ class RunningBatch:
             self._regroup(sequences)
             self._steady_steps += 1
             # A capture costs many steps' time: only a batch that has kept its rows for a while gets one.
-            if self._steady_steps > GRAPH_AFTER_STEADY_STEPS and graphs_supported(self.model):
+            if self._steady_steps > GRAPH_AFTER_STEADY_STEPS and self.graphs and graphs_supported(self.model):
                 self._capture_graph()
         ids = torch.tensor([[0 if member is None else member.output_ids[-1]] for member in self.rows],
                            dtype=torch.long)
@@ -70,6 +71,13 @@ class RunningBatch:
             logits = self.model.forward(ids, self.cache)[:, -1].float()
         row_of = {id(member): row for row, member in enumerate(self.rows) if member is not None}
         return [logits[row_of[id(sequence)]] for sequence in sequences]
+
+    def hold(self, sequences: list):
+        """The batch cache made to hold exactly `sequences` (eager steps), for a step the caller runs itself."""
+        if self.decoder is not None:
+            self._release_graph()
+        self._regroup(sequences)
+        return self.cache
 
     def _capture_graph(self) -> None:
         """A CUDA-graph decoder over the batch, with idle rows up to its size bucket for newcomers."""

@@ -53,6 +53,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     sampler_state: Any = None
     ready_logits: Any = None  # logits for the first token when the prefix store held the whole prompt
+    drafter: Any = None  # speculative decoding's guesser for this sequence (engine/speculative.py)
 
     @property
     def total_tokens(self) -> int:

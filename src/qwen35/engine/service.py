@@ -26,6 +26,7 @@ from qwen35.engine.cache import PrefixStore
 from qwen35.engine.running_batch import RunningBatch
 from qwen35.engine.sampler import Sampler, SamplingParams, sample
 from qwen35.engine.scheduler import QueueFullError, Scheduler, Sequence, SequenceStatus
+from qwen35.engine.speculative_steps import speculative_prefill_logits, speculative_step, start_drafter
 
 __all__ = ["EngineService", "GenerationRequest", "PrefixStore", "QueueFullError", "RequestHandle",
            "ServiceClosedError", "StepOutput", "TokenOutput", "Finish", "TokenConstraint"]
@@ -122,6 +123,8 @@ class EngineStats:
     prefix_hits: int = 0
     prefix_misses: int = 0
     prefix_jobs: dict[str, int] = field(default_factory=dict)  # by outcome: stored, cached, adopted, failed
+    draft_tokens: int = 0  # speculative decoding: guesses checked
+    accepted_tokens: int = 0  # ... and kept
     recent_tokens: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, count)
 
     def tokens_per_second(self, window_s: float = 10.0) -> float:
@@ -149,15 +152,18 @@ class EngineService:
     """Continuous batching over `model.forward` with a bounded queue and a prefix store."""
 
     def __init__(self, model, *, max_running: int = 4, max_waiting: int = 64, context_length: int = 4096,
-                 prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30):
+                 prefill_chunk: int = 512, prefix_cache_bytes: int = 1 << 30, speculation=None):
         self.model = model
+        # engine.speculative.Speculation: while one request decodes, its steps check guesses
+        # (engine/speculative_steps.py); with more, the batch decodes plainly.
+        self.speculation = speculation
         self.context_length = context_length
         self.prefill_chunk = prefill_chunk
         self.scheduler = Scheduler(max_running=max_running, max_waiting=max_waiting)
         self.prefix_store = PrefixStore(prefix_cache_bytes)
         self.stats = EngineStats()
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
-        self.batch = RunningBatch(model, max_rows=max_running)  # the decoding sequences' rows
+        self.batch = RunningBatch(model, max_rows=max_running, graphs=speculation is None)  # the decoding rows
         self._job_piece = min(16, prefill_chunk)  # tokens per prefix-job piece, adapted to the prefill speed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -250,7 +256,12 @@ class EngineService:
             budget -= used
             if logits is not None:
                 ready.append((sequence, logits))
-        if decoding:
+        if len(decoding) == 1 and decoding[0].drafter is not None:
+            speculative_step(self, decoding[0])
+        elif decoding:
+            for sequence in decoding:
+                if sequence.drafter is not None:
+                    sequence.drafter.skip(sequence.output_ids[-1:])
             ready.extend(zip(decoding, self.batch.step(decoding)))
         elif self.batch:
             self.batch.clear()
@@ -287,6 +298,7 @@ class EngineService:
             sequence.cache = hit.cache if hit.length == prompt_length else hit.restore(capacity=prompt_length)
             sequence.prefilled = sequence.cached_tokens = hit.length
             sequence.ready_logits = hit.last_logits
+        start_drafter(self, sequence)
 
     def _prefill_chunk(self, sequence: Sequence, budget: int) -> tuple[torch.Tensor | None, int]:
         """Advance one chunk of at most `budget` tokens, ending at a snapshot point when one is near.
@@ -304,6 +316,8 @@ class EngineService:
             end = points[0]
         if prepared is not None:  # image features and M-RoPE positions for this slice
             last_logits = self.model.forward_prompt(prepared, sequence.cache, start, end)[0, -1].float()
+        elif sequence.drafter is not None:  # the drafter reads the prompt's hidden states too
+            last_logits = speculative_prefill_logits(self, sequence, prompt[start:end])
         else:
             last_logits = self._last_logits(torch.tensor([prompt[start:end]], dtype=torch.long), sequence.cache)
         sequence.prefilled = end
@@ -359,10 +373,11 @@ class EngineService:
     def _count_job(self, outcome: str) -> None:
         self.stats.prefix_jobs[outcome] = self.stats.prefix_jobs.get(outcome, 0) + 1
 
-    def _sample_and_deliver(self, ready: list[tuple[Sequence, torch.Tensor]]) -> None:
-        raw = torch.stack([logits for _, logits in ready])
+    @staticmethod
+    def masked(raw: torch.Tensor, sequences: list[Sequence]) -> torch.Tensor:
+        """Logits [rows, vocab] with what each sequence's constraint forbids at -inf."""
         masked = raw.clone()
-        for row, (sequence, _) in enumerate(ready):
+        for row, sequence in enumerate(sequences):
             constraint = sequence.request.constraint
             allowed = constraint.allowed() if constraint is not None else None
             if allowed is not None:
@@ -370,6 +385,11 @@ class EngineService:
                 width = min(allowed.numel(), masked.shape[1])
                 masked[row, :width].masked_fill_(~allowed[:width], float("-inf"))
                 masked[row, width:] = float("-inf")
+        return masked
+
+    def _sample_and_deliver(self, ready: list[tuple[Sequence, torch.Tensor]]) -> None:
+        raw = torch.stack([logits for _, logits in ready])
+        masked = self.masked(raw, [sequence for sequence, _ in ready])
         tokens = sample(masked, [sequence.sampler_state for sequence, _ in ready]).tolist()
         want_logprobs = any(sequence.request.top_logprobs is not None for sequence, _ in ready)
         logprobs = torch.log_softmax(raw, dim=-1) if want_logprobs else None
@@ -378,11 +398,11 @@ class EngineService:
             self._accept(sequence, token_id, logprobs[row] if logprobs is not None else None, raw[row])
 
     def _accept(self, sequence: Sequence, token_id: int, logprobs: torch.Tensor | None,
-                logits: torch.Tensor) -> None:
+                logits: torch.Tensor, constraint_advanced: bool = False) -> None:
         request = sequence.request
         sequence.output_ids.append(token_id)
         self.stats.generated_tokens += 1
-        if request.constraint is not None:
+        if request.constraint is not None and not constraint_advanced:
             request.constraint.advance(token_id)
         if (token_id in self.eos_token_ids and not request.ignore_eos) or token_id in request.stop_token_ids:
             self._remember_turn(sequence, logits)
@@ -421,7 +441,7 @@ class EngineService:
     def _deliver_finish(self, sequence: Sequence, reason: str, last: list[TokenOutput] | None = None,
                         error: str | None = None) -> None:
         sequence.status = SequenceStatus.FINISHED
-        sequence.cache = None  # frees the slot's memory now, not when the client goes away
+        sequence.cache = sequence.drafter = None  # frees the slot's memory now, not when the client goes away
         stats = self.stats
         stats.requests_by_reason[reason] = stats.requests_by_reason.get(reason, 0) + 1
         stats.prompt_tokens += len(sequence.prompt_ids)

@@ -110,6 +110,13 @@ class MtpDrafter:
             self.predictor(hiddens, ids, self.cache, logits=False)
         self.pending = hidden[:, -1:]
 
+    def skip(self, token_ids: list[int]) -> None:
+        """The model consumed `token_ids` without handing over their hidden states (a batched step of a
+        server): their pairs are left out of the layer's attention, whose positions go on past them."""
+        skipped = len(token_ids) + (1 if self.pending is not None else 0)
+        self.cache.next_positions = self.cache.next_positions + skipped
+        self.pending = None
+
     def propose(self, next_token: int, limit: int) -> list[int]:
         """Up to `limit` guesses of the tokens after `next_token` (the model's last sampled token)."""
         if self.pending is None or limit < 1:
@@ -159,6 +166,9 @@ class DraftModelDrafter:
             token_ids = token_ids[kept:]
             self.speculative = []
         self.unfed.extend(token_ids)
+
+    def skip(self, token_ids: list[int]) -> None:
+        self.feed(token_ids, None)  # the draft reads them itself, at its next guess
 
     def propose(self, next_token: int, limit: int) -> list[int]:
         if limit < 1:

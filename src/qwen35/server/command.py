@@ -31,6 +31,7 @@ from qwen35.chat.template import read_template_file
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 from qwen35.hub import resolve_model_argument
+from qwen35.speculation_options import add_speculation_arguments, check_speculation_arguments, speculation_from_arguments
 
 
 def add_arguments(parser) -> None:
@@ -59,6 +60,7 @@ def add_arguments(parser) -> None:
     _add_llama_server_arguments(parser)
     # Spellings `qwen35 plan` and llama.cpp users write; this build runs on the CPU with a 16-bit cache.
     add_device_arguments(parser)
+    add_speculation_arguments(parser)
     parser.add_argument("-ctk", "--cache-type-k", default="f16", help=argparse.SUPPRESS)
     parser.add_argument("-ctv", "--cache-type-v", default="f16", help=argparse.SUPPRESS)
 
@@ -163,6 +165,7 @@ def _check(args) -> None:
     if args.mmproj is not None and not Path(args.mmproj).is_file():
         raise Qwen35Error(f"--mmproj {args.mmproj}: no such file")
     _check_llama_server_flags(args)
+    check_speculation_arguments(args)
 
 
 def _check_llama_server_flags(args) -> None:
@@ -225,9 +228,10 @@ def served_template(source: str, special_tokens: dict[str, str] | None = None):
 def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int = 8192, prefix_cache_mb: int = 2048,
                 name: str | None = None, api_key: str | None = None, mmproj: str | None = None,
                 load_options: dict | None = None, settings: dict | None = None,
-                chat_template_source: str | None = None):
+                chat_template_source: str | None = None, speculation_flags=None):
     """Load the model and tokenizer and start nothing yet: the server's state (also used by benchmarks).
-    `context` is per request; `settings` are further ServerState fields (`server_settings`)."""
+    `context` is per request; `settings` are further ServerState fields (`server_settings`);
+    `speculation_flags`: parsed --spec-type/-md/--draft-* flags (speculation_options)."""
     from qwen35 import load_model, load_tokenizer
     from qwen35.engine.service import EngineService
     from qwen35.server.app import ServerState
@@ -240,8 +244,11 @@ def build_state(path: Path, *, parallel: int = 4, queue: int = 64, context: int 
         template = served_template(chat_template_source, tokenizer.template_tokens)
     with byte_progress(f"loading {path.name}") as progress:
         model = load_model(str(path), mmproj=mmproj, progress=progress, **(load_options or {}))
+    speculation = None
+    if speculation_flags is not None:
+        speculation = speculation_from_arguments(speculation_flags, model, load_options or {}, "qwen35 serve")
     service = EngineService(model, max_running=parallel, max_waiting=queue, context_length=context,
-                            prefix_cache_bytes=prefix_cache_mb << 20)
+                            prefix_cache_bytes=prefix_cache_mb << 20, speculation=speculation)
     return ServerState(model=model, tokenizer=tokenizer, service=service, model_name=name or _model_name(path),
                        model_path=str(path), api_key=api_key, chat_template=template, **(settings or {}))
 
@@ -265,6 +272,7 @@ def run(args) -> int:
     state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context // args.parallel,
                         prefix_cache_mb=args.prefix_cache_mb, name=args.name or resolved.name, api_key=args.api_key,
                         mmproj=mmproj, settings=server_settings(args), chat_template_source=template_source,
+                        speculation_flags=args,
                         load_options=load_options(args, path, args.context // args.parallel, args.parallel,
                                                   "qwen35 serve"))
     try:

@@ -45,6 +45,9 @@ def render_metrics(state) -> str:
     metric("cached_prompt_tokens_total", "counter", "Prompt tokens restored from the prefix cache.",
            [("", stats.cached_tokens)])
     metric("generated_tokens_total", "counter", "Tokens generated.", [("", stats.generated_tokens)])
+    metric("draft_tokens_total", "counter", "Speculative decoding: guesses checked.", [("", stats.draft_tokens)])
+    metric("draft_tokens_accepted_total", "counter", "Speculative decoding: guesses kept.",
+           [("", stats.accepted_tokens)])
     metric("generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
            [("", float(stats.tokens_per_second()))])
     metric("queue_depth", "gauge", "Requests waiting for a slot.", [("", service.queue_depth)])

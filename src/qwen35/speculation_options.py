@@ -1,0 +1,67 @@
+"""The speculative-decoding flags that `run`, `serve` and `bench` share, with llama.cpp's spellings.
+
+--spec-type draft-mtp (or --mtp) guesses with the model's own MTP layer; -md FILE with a draft model of
+the family (a pulled name works too); --draft-max, --draft-min and --draft-p-min bound the guesses.
+The output is the same token for token; only the speed changes (engine/speculative.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from qwen35.errors import Qwen35Error
+
+SPEC_TYPES = ("none", "draft-mtp", "mtp")
+
+
+def add_speculation_arguments(parser) -> None:
+    from qwen35.engine.speculative import DEFAULT_DRAFT_MAX, DEFAULT_P_MIN
+
+    parser.add_argument("--spec-type", choices=SPEC_TYPES, default=None, dest="spec_type",
+                        help="speculative decoding: draft-mtp (or mtp) guesses with the model's own MTP layer "
+                             "(default: none, or draft with -md)")
+    parser.add_argument("--mtp", action="store_const", const="draft-mtp", dest="spec_type",
+                        help="the same as --spec-type draft-mtp")
+    parser.add_argument("-md", "--model-draft", "--spec-draft-model", default=None, dest="draft_model",
+                        metavar="MODEL", help="a draft model of the same family that guesses the next tokens")
+    parser.add_argument("--draft-max", "--draft", "--spec-draft-n-max", type=int, default=DEFAULT_DRAFT_MAX,
+                        dest="draft_max", metavar="N", help=f"at most N guesses a step (default {DEFAULT_DRAFT_MAX})")
+    parser.add_argument("--draft-min", "--spec-draft-n-min", type=int, default=0, dest="draft_min", metavar="N",
+                        help="check guesses only when there are at least N (default 0)")
+    parser.add_argument("--draft-p-min", type=float, default=DEFAULT_P_MIN, dest="draft_p_min", metavar="P",
+                        help=f"guess only while the drafter's probability is at least P (default {DEFAULT_P_MIN})")
+
+
+def check_speculation_arguments(args) -> None:
+    """Bad values fail before any model loads."""
+    from qwen35.engine.speculative import Speculation
+
+    if args.spec_type in ("draft-mtp", "mtp") and args.draft_model is not None:
+        raise Qwen35Error("give one drafter: --spec-type draft-mtp (the model's MTP layer) or -md MODEL")
+    Speculation(draft_max=args.draft_max, draft_min=args.draft_min, p_min=args.draft_p_min)
+
+
+def speculation_from_arguments(args, model, load_options: dict, command: str = "qwen35"):
+    """The Speculation these flags ask for on `model` (None: plain decoding); a draft model is loaded with
+    the same device options. Fails with one line where it cannot run (no MTP layer, another vocabulary)."""
+    from qwen35.engine.speculative import Speculation
+
+    check_speculation_arguments(args)
+    draft = None
+    if args.draft_model is not None:
+        from qwen35 import load_model
+        from qwen35.hub import resolve_model_argument
+        from qwen35.progress import byte_progress
+
+        resolved = resolve_model_argument(args.draft_model, command)
+        with byte_progress(f"loading draft {resolved.path.name}") as progress:
+            draft = load_model(str(resolved.path), progress=progress, **load_options)
+    elif args.spec_type not in ("draft-mtp", "mtp"):
+        return None
+    speculation = Speculation(draft_model=draft, draft_max=args.draft_max, draft_min=args.draft_min,
+                              p_min=args.draft_p_min)
+    speculation.check(model)
+    if draft is None:
+        print(f"{command}: speculative decoding with the model's MTP layer (up to {args.draft_max} guesses a step)",
+              file=sys.stderr, flush=True)
+    return speculation

@@ -1,0 +1,77 @@
+"""Speculative decoding in the server's engine (engine/speculative_steps.py): the same tokens as transformers'
+greedy continuations, whether a request decodes alone (guesses checked) or beside others (plain steps,
+the drafter told what went by), and a reply that stops inside a step leaves exactly its own tokens in the
+prefix store (a follow-up request starting with them continues transformers' way)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import qwen35
+from conftest import serve_greedily
+from qwen35.engine.generate import resolve_sampling
+from qwen35.engine.service import EngineService, GenerationRequest
+from qwen35.engine.speculative import Speculation
+from test_speculative import Scripted
+
+TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def model(dense_hf):
+    return qwen35.load_model(dense_hf)
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "scripted"])
+def test_one_request_alone_gets_transformers_greedy_tokens(model, dense_sequences, drafter):
+    sequence = dense_sequences["text"]
+    expected = sequence["transformers_greedy"][:TOKENS]
+    speculation = (Speculation(p_min=0.0) if drafter == "mtp" else
+                   Scripted(draft_max=3, script=tuple(expected), prompt_length=len(sequence["ids"]),
+                            wrong=lambda index: index % 3 == 2))
+    assert serve_greedily(model, [sequence["ids"]], [TOKENS], max_running=2, speculation=speculation) == [expected]
+
+
+def test_requests_decoding_together_and_then_alone_get_transformers_greedy_tokens(model, dense_sequences):
+    """Three prompts at once (plain batched steps, the MTP drafters skipping), then the longest reply goes on
+    alone (speculative steps)."""
+    names = ["text", "chat_think", "chat_nothink"]
+    counts = [TOKENS, 6, 9]
+    prompts = [dense_sequences[name]["ids"] for name in names]
+    expected = [dense_sequences[name]["transformers_greedy"][:count] for name, count in zip(names, counts)]
+    assert serve_greedily(model, prompts, counts, max_running=4, speculation=Speculation(p_min=0.0)) == expected
+
+
+def test_a_reply_stopped_inside_a_step_is_remembered_with_its_own_tokens(model, dense_sequences):
+    sequence = dense_sequences["text"]
+    prompt, expected = sequence["ids"], sequence["transformers_greedy"]
+    stop = expected[7]
+    everything_right = Scripted(draft_max=4, script=tuple(expected), prompt_length=len(prompt),
+                                wrong=lambda index: False)
+
+    async def served():
+        service = EngineService(model, max_running=2, context_length=512, speculation=everything_right)
+        service.start(asyncio.get_running_loop())
+
+        async def one(prompt_ids, count, stop_ids=()):
+            params = resolve_sampling(model, count, temperature=0)
+            handle = service.submit(GenerationRequest(prompt_ids, params, count, ignore_eos=True,
+                                                      stop_token_ids=frozenset(stop_ids)))
+            outputs = [output async for output in handle]
+            return [t.token_id for output in outputs for t in output.tokens], outputs[-1].finish
+
+        try:
+            first = await one(prompt, TOKENS, [stop])
+            # The client sends the reply back with its stop token, as a chat template writes it.
+            follow_up = await one(prompt + expected[:8], 6)
+            return first, follow_up, service.stats
+        finally:
+            service.close()
+
+    (tokens, finish), (continued, follow_finish), stats = asyncio.run(served())
+    assert tokens == expected[:7] and finish.reason == "stop"
+    assert stats.draft_tokens > 0 and stats.accepted_tokens > 0
+    assert follow_finish.cached_tokens == len(prompt) + 7  # the remembered reply, up to its stop token
+    assert continued == expected[8:14]
