@@ -217,3 +217,33 @@ def test_bad_settings_and_bad_rewinds_are_clear_errors(models):
         cache.rewind(2, 1)
     with pytest.raises(Qwen35Error, match="cannot keep"):
         cache.rewind(2, 3)
+
+
+@pytest.mark.parametrize("precision", ["reference", "fast"])
+def test_a_cut_output_head_gives_the_first_columns_of_the_whole_heads_logits(models, dense_sequences, precision):
+    from qwen35.model.mtp import first_rows
+
+    model = models("dense-Q8_0.gguf", precision)
+    head = model.network.lm_head
+    hidden = model.network.hidden_states(torch.tensor([dense_sequences["text"]["ids"][:20]]), model.make_cache(1))
+    cut = first_rows(head, 1024)
+    assert cut.out_features == 1024 and first_rows(head, 0) is head and first_rows(head, 10**6) is head
+    whole = head(hidden)
+    # The same rows' dot products: equal, to the fp32 rounding of a product cut into other tiles.
+    torch.testing.assert_close(cut(hidden), whole[..., :1024], rtol=0, atol=1e-5)
+
+
+def test_guessing_among_the_first_tokens_only_keeps_the_reply(models, fixtures, dense_sequences):
+    """--draft-vocab: the guesser's head reads 1024 of the 4160 rows; the model still samples from all."""
+    sequence = dense_sequences["text"]
+    model = models("dense-hf", "fast")
+    tokens, last = _run(model, sequence["ids"], Speculation(p_min=EVERY_GUESS, vocabulary=1024))
+    assert tokens == sequence["transformers_greedy"][:TOKENS] and last.draft_tokens > 0
+    draft = qwen35.load_model(fixtures / "tiny" / "dense-hf")
+    tokens, last = _run(model, sequence["ids"], Speculation(draft_model=draft, p_min=EVERY_GUESS, vocabulary=1024))
+    assert tokens == sequence["transformers_greedy"][:TOKENS]
+    # The model drafting for itself guesses right wherever its choice lies in the first 1024 tokens.
+    expected_right = sum(token < 1024 for token in sequence["transformers_greedy"][1:TOKENS])
+    assert 0 < last.accepted_tokens <= expected_right
+    with pytest.raises(Qwen35Error, match="--draft-vocab"):
+        Speculation(vocabulary=-1)

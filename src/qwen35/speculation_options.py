@@ -1,7 +1,8 @@
 """The speculative-decoding flags that `run`, `serve` and `bench` share, with llama.cpp's spellings.
 
 --spec-type draft-mtp (or --mtp) guesses with the model's own MTP layer; -md FILE with a draft model of
-the family (a pulled name works too); --draft-max, --draft-min and --draft-p-min bound the guesses.
+the family (a pulled name works too); --draft-max, --draft-min and --draft-p-min bound the guesses, and
+--draft-vocab N makes each guess cheaper by reading only the first N rows of the guesser's output head.
 The output is the same token for token; only the speed changes (engine/speculative.py).
 """
 
@@ -30,6 +31,8 @@ def add_speculation_arguments(parser) -> None:
                         help="check guesses only when there are at least N (default 0)")
     parser.add_argument("--draft-p-min", type=float, default=DEFAULT_P_MIN, dest="draft_p_min", metavar="P",
                         help=f"guess only while the drafter's probability is at least P (default {DEFAULT_P_MIN})")
+    parser.add_argument("--draft-vocab", type=int, default=0, dest="draft_vocab", metavar="N",
+                        help="guess among the first N tokens only: a cheaper guess (default 0: all tokens)")
 
 
 def check_speculation_arguments(args) -> None:
@@ -38,7 +41,7 @@ def check_speculation_arguments(args) -> None:
 
     if args.spec_type in ("draft-mtp", "mtp") and args.draft_model is not None:
         raise Qwen35Error("give one drafter: --spec-type draft-mtp (the model's MTP layer) or -md MODEL")
-    Speculation(draft_max=args.draft_max, draft_min=args.draft_min, p_min=args.draft_p_min)
+    Speculation(draft_max=args.draft_max, draft_min=args.draft_min, p_min=args.draft_p_min, vocabulary=args.draft_vocab)
 
 
 def speculation_from_arguments(args, model, load_options: dict, command: str = "qwen35"):
@@ -59,7 +62,7 @@ def speculation_from_arguments(args, model, load_options: dict, command: str = "
     elif args.spec_type not in ("draft-mtp", "mtp"):
         return None
     speculation = Speculation(draft_model=draft, draft_max=args.draft_max, draft_min=args.draft_min,
-                              p_min=args.draft_p_min)
+                              p_min=args.draft_p_min, vocabulary=args.draft_vocab)
     speculation.check(model)
     if draft is None:
         print(f"{command}: speculative decoding with the model's MTP layer (up to {args.draft_max} guesses a step)",

@@ -17,7 +17,9 @@ Drafters:
   (llama.cpp's `--spec-type draft-mtp`, vLLM's `qwen3_next_mtp`).
 - `DraftModelDrafter`: a smaller model of the family with the same vocabulary (llama.cpp's `-md`).
 A guess is made only while the drafter's own probability for it is at least `p_min` (llama.cpp's
-`--draft-p-min`), and a step with fewer than `draft_min` guesses checks none.
+`--draft-p-min`), and a step with fewer than `draft_min` guesses checks none. With `vocabulary` N the
+drafter's output head reads only the first N token rows (model/mtp.py `first_rows`): its guesses cost
+less, and a guess of a rarer token is never made (the model itself still samples from all of them).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Speculation:
     draft_max: int = DEFAULT_DRAFT_MAX
     draft_min: int = 0
     p_min: float = DEFAULT_P_MIN
+    vocabulary: int = 0  # guesses among the first N tokens only (0: all): a cheaper output head for the guesser
 
     def __post_init__(self) -> None:
         if not 1 <= self.draft_max <= 64:
@@ -48,6 +51,8 @@ class Speculation:
             raise Qwen35Error(f"--draft-min must be between 0 and --draft-max ({self.draft_max}), got {self.draft_min}")
         if not 0.0 <= self.p_min <= 1.0:
             raise Qwen35Error(f"--draft-p-min must be between 0 and 1, got {self.p_min}")
+        if self.vocabulary < 0:
+            raise Qwen35Error(f"--draft-vocab must be 0 (all tokens) or a number of tokens, got {self.vocabulary}")
 
     @property
     def name(self) -> str:
@@ -56,7 +61,7 @@ class Speculation:
     def check(self, model) -> None:
         """Fail now, with one line, where this speculation cannot run on `model`."""
         if self.draft_model is None:
-            mtp_predictor(model)
+            mtp_predictor(model, self.vocabulary)
             return
         if self.draft_model.config.vocab_size != model.config.vocab_size:
             raise Qwen35Error(f"the draft model's vocabulary ({self.draft_model.config.vocab_size} tokens) is not the "
@@ -66,18 +71,18 @@ class Speculation:
     def drafter(self, model, cached_ids: list[int]):
         """A drafter for one generation whose cache already holds `cached_ids`."""
         if self.draft_model is None:
-            return MtpDrafter(mtp_predictor(model), self, len(cached_ids))
+            return MtpDrafter(mtp_predictor(model, self.vocabulary), self, len(cached_ids))
         return DraftModelDrafter(self.draft_model, self, cached_ids)
 
 
-def mtp_predictor(model):
-    """The model's MTP layer, made once (model/mtp.py)."""
-    predictor = getattr(model, "_mtp_predictor", None)
-    if predictor is None:
+def mtp_predictor(model, vocabulary: int = 0):
+    """The model's MTP layer with its output head cut to `vocabulary` tokens (0: all), made once (model/mtp.py)."""
+    predictors = model.__dict__.setdefault("_mtp_predictors", {})
+    if vocabulary not in predictors:
         from qwen35.model.mtp import MultiTokenPredictor
 
-        predictor = model._mtp_predictor = MultiTokenPredictor(model.network)
-    return predictor
+        predictors[vocabulary] = MultiTokenPredictor(model.network, vocabulary)
+    return predictors[vocabulary]
 
 
 def _confident_guess(logits: torch.Tensor, p_min: float) -> tuple[int, bool]:
@@ -142,8 +147,14 @@ class DraftModelDrafter:
     """Guesses from a draft model fed the same tokens as the model, greedily, one at a time."""
 
     def __init__(self, draft_model, settings: Speculation, cached_ids: list[int]):
+        from qwen35.model.mtp import first_rows
+
         self.draft = draft_model
         self.settings = settings
+        heads = draft_model.__dict__.setdefault("_draft_heads", {})
+        if settings.vocabulary not in heads:
+            heads[settings.vocabulary] = first_rows(draft_model.network.lm_head, settings.vocabulary)
+        self.head = heads[settings.vocabulary]
         self.cache = draft_model.make_cache(1)
         self.unfed: list[int] = list(cached_ids)  # tokens the model holds that the draft has not read yet
         self.speculative: list[int] = []  # tokens the draft read while guessing: kept only if the model keeps them
@@ -155,7 +166,7 @@ class DraftModelDrafter:
         for start in range(0, len(token_ids), chunk):
             ids = torch.tensor([token_ids[start:start + chunk]], dtype=torch.long, device=device)
             hidden = network.hidden_states(ids, self.cache)
-        return network.lm_head(hidden[:, -1:]).float()[0, -1] if logits else None
+        return self.head(hidden[:, -1:]).float()[0, -1] if logits else None
 
     def feed(self, token_ids: list[int], hidden: torch.Tensor) -> None:
         if self.speculative:
