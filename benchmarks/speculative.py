@@ -93,8 +93,8 @@ def _step_seconds(model, prompt, fed: int, repetitions: int) -> float:
 
 
 @torch.inference_mode()
-def _mtp_guess_seconds(model, prompt, repetitions: int) -> float:
-    predictor = mtp_predictor(model)
+def _mtp_guess_seconds(model, prompt, repetitions: int, vocabulary: int = 0) -> float:
+    predictor = mtp_predictor(model, vocabulary)
     cache = predictor.make_cache()
     hidden = model.network.hidden_states(torch.tensor([prompt]), model.make_cache(1))
     predictor(hidden[:, :-1], torch.tensor([prompt[1:]]), cache, logits=False)
@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens (random ids)")
     parser.add_argument("--draft-max", default="1,2,3,4", help="guesses a step to price (comma-separated)")
     parser.add_argument("-r", "--repetitions", type=int, default=5)
+    parser.add_argument("--draft-vocab", type=int, default=0, help="the MTP guess reads the first N head rows (0: all)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,11 +130,12 @@ def main(argv=None) -> int:
     script = tuple(step.token_id for step in generation_steps(model, prompt, params))
     plain_step = _step_seconds(model, prompt, 1, args.repetitions)
     has_mtp = model.config.mtp_num_layers > 0
-    guess = _mtp_guess_seconds(model, prompt, args.repetitions) if has_mtp else None
+    guess = _mtp_guess_seconds(model, prompt, args.repetitions, args.draft_vocab) if has_mtp else None
 
     print(f"{args.model.name}, {torch.get_num_threads()} threads: plain decode {plain_speed:.1f} tok/s, "
           f"a one-token step {plain_step * 1e3:.1f} ms"
-          + (f", an MTP guess {guess * 1e3:.1f} ms ({guess / plain_step:.2f} steps)" if guess else ""))
+          + (f", an MTP guess {guess * 1e3:.1f} ms ({guess / plain_step:.2f} steps"
+             + (f", head cut to {args.draft_vocab} rows" if args.draft_vocab else "") + ")" if guess else ""))
     rates = " | ".join(f"MTP at a={a}" for a in ACCEPTANCE_RATES)
     print(f"\n| guesses k | check k (x a step) | all right tok/s | {rates} |")
     print("|---|---|---|" + "---|" * len(ACCEPTANCE_RATES))
