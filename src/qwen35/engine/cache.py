@@ -181,8 +181,9 @@ class AttentionKV:
 
     def select(self, rows: list[int], length: int, capacity: int = 0) -> AttentionKV:
         """Copies of `rows`, with room for `capacity` tokens (at least `length`)."""
-        shape = (len(rows), max(length, capacity), *self._keys.shape[2:])
-        picked = AttentionKV._wrap(self._keys.new_zeros(shape), self._values.new_zeros(shape))
+        leading = (len(rows), max(length, capacity))  # K and V may differ past these (engine/quantized_kv.py)
+        picked = type(self)._wrap(self._keys.new_zeros((*leading, *self._keys.shape[2:])),
+                                  self._values.new_zeros((*leading, *self._values.shape[2:])))
         for index, row in enumerate(rows):
             picked._keys[index, :length] = self._keys[row, :length]
             picked._values[index, :length] = self._values[row, :length]
@@ -196,7 +197,7 @@ class AttentionKV:
             out[:, :count] = buffer[:, :count]
             return out
 
-        return AttentionKV._wrap(torch.cat([padded(p.keys) for p in parts]),
+        return type(parts[0])._wrap(torch.cat([padded(p.keys) for p in parts]),
                                  torch.cat([padded(p.values) for p in parts]))
 
     def append(self, other: AttentionKV, row: int, length: int) -> None:
@@ -228,8 +229,9 @@ class AttentionKV:
         self.rows = last
         rows, tokens = max(self.rows, 1), max(longest, 16)
         if self._keys.shape[0] >= 4 * rows or self.capacity >= 8 * tokens:
-            shape = (2 * rows, 2 * tokens, *self._keys.shape[2:])
-            keys, values = self._keys.new_zeros(shape), self._values.new_zeros(shape)
+            leading = (2 * rows, 2 * tokens)
+            keys = self._keys.new_zeros((*leading, *self._keys.shape[2:]))
+            values = self._values.new_zeros((*leading, *self._values.shape[2:]))
             keys[:self.rows, :longest] = self._keys[:self.rows, :longest]
             values[:self.rows, :longest] = self._values[:self.rows, :longest]
             self._keys, self._values = keys, values
@@ -237,12 +239,13 @@ class AttentionKV:
     @staticmethod
     def empty_like(kv: AttentionKV, reserve_rows: int = 1) -> AttentionKV:
         """No rows, storage for `reserve_rows` rows of no slots, shaped like `kv`'s."""
-        shape = (max(reserve_rows, 1), 0, *kv._keys.shape[2:])
-        return AttentionKV._wrap(kv._keys.new_zeros(shape), kv._values.new_zeros(shape), rows=0)
+        leading = (max(reserve_rows, 1), 0)
+        return type(kv)._wrap(kv._keys.new_zeros((*leading, *kv._keys.shape[2:])),
+                              kv._values.new_zeros((*leading, *kv._values.shape[2:])), rows=0)
 
     def shared(self, length: int) -> AttentionKV:
         """The first row's first `length` slots, not copied: valid while its owner only appends."""
-        return AttentionKV._wrap(self._keys[:1, :length], self._values[:1, :length])
+        return type(self)._wrap(self._keys[:1, :length], self._values[:1, :length])
 
     def nbytes(self) -> int:
         return _storage_bytes(self._keys, self._values)
