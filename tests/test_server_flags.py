@@ -105,6 +105,10 @@ def test_a_bad_value_or_unknown_flag_is_one_line_before_the_model_loads(fixtures
     (["--host", "127.0.0.1:70000"], "--port"), (["--draft-max", "0"], "--draft-max"),
     (["--draft-p-min", "1.5"], "--draft-p-min"), (["--draft-min", "4", "--draft-max", "3"], "--draft-min"),
     (["--spec-type", "draft-mtp", "-md", "draft.gguf"], "one drafter"),
+    (["--speculative-config", "{method: mtp}"], "not valid JSON"),
+    (["--speculative-config", '{"method": "eagle3", "model": "x"}'], "not supported"),
+    (["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 0}'], "--draft-max"),
+    (["--speculative-config", '{"method": "mtp"}', "--mtp"], "not both"),
 ])
 def test_bad_values_are_one_line_errors(flags, words):
     with pytest.raises(Qwen35Error, match=None) as error:
@@ -126,6 +130,12 @@ def test_accepted_flags_and_aliases_check_out():
     _check(speculative)
     assert (speculative.spec_type, speculative.draft_max, speculative.draft_p_min) == ("draft-mtp", 2, 0.5)
     assert _args("--mtp").spec_type == "draft-mtp" and _args("-md", "d.gguf", "--draft", "5").draft_max == 5
+    vllm = _args("--speculative-config", '{"method": "qwen3_next_mtp", "num_speculative_tokens": 2}')
+    _check(vllm)
+    assert (vllm.spec_type, vllm.draft_max, vllm.draft_p_min) == ("draft-mtp", 2, 0.0)
+    vllm_draft = _args("--speculative-config", '{"model": "Qwen3.5-0.8B-Q8_0.gguf", "num_speculative_tokens": 4}')
+    _check(vllm_draft)
+    assert (vllm_draft.draft_model, vllm_draft.draft_max) == ("Qwen3.5-0.8B-Q8_0.gguf", 4)
 
 
 @pytest.mark.parametrize("host, port, expected", [

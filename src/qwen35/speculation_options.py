@@ -8,6 +8,7 @@ The output is the same token for token; only the speed changes (engine/speculati
 
 from __future__ import annotations
 
+import json
 import sys
 
 from qwen35.errors import Qwen35Error
@@ -33,12 +34,47 @@ def add_speculation_arguments(parser) -> None:
                         help=f"guess only while the drafter's probability is at least P (default {DEFAULT_P_MIN})")
     parser.add_argument("--draft-vocab", type=int, default=0, dest="draft_vocab", metavar="N",
                         help="guess among the first N tokens only: a cheaper guess (default 0: all tokens)")
+    parser.add_argument("--speculative-config", default=None, dest="speculative_config", metavar="JSON",
+                        help="vLLM's spelling: '{\"method\": \"mtp\", \"num_speculative_tokens\": 2}'")
+
+
+# vLLM's method names for Qwen 3.5's MTP layer (`--speculative-config`).
+VLLM_MTP_METHODS = ("mtp", "qwen3_next_mtp", "qwen3_5_mtp", "qwen3_5_moe_mtp")
+
+
+def _apply_vllm_config(args) -> None:
+    """vLLM's --speculative-config as the llama.cpp flags: the MTP method, or a draft `model`;
+    num_speculative_tokens guesses a step, each checked whatever its probability (vLLM has no p-min)."""
+    try:
+        config = json.loads(args.speculative_config)
+    except json.JSONDecodeError as error:
+        raise Qwen35Error(f"--speculative-config is not valid JSON: {error.msg}") from None
+    if not isinstance(config, dict):
+        raise Qwen35Error("--speculative-config must be a JSON object, like '{\"method\": \"mtp\", "
+                          "\"num_speculative_tokens\": 2}'")
+    method, model = config.get("method"), config.get("model")
+    if method in VLLM_MTP_METHODS and model is None:
+        args.spec_type = "draft-mtp"
+    elif isinstance(model, str) and method in (None, "draft_model"):
+        args.draft_model = model
+    else:
+        raise Qwen35Error(f"--speculative-config: method {method!r} is not supported here "
+                          f"(use {', '.join(VLLM_MTP_METHODS)}, or a draft \"model\")")
+    count = config.get("num_speculative_tokens", args.draft_max)
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise Qwen35Error(f"--speculative-config: num_speculative_tokens must be a whole number, got {count!r}")
+    args.draft_max, args.draft_p_min = count, 0.0
+    args.speculative_config = None  # applied
 
 
 def check_speculation_arguments(args) -> None:
     """Bad values fail before any model loads."""
     from qwen35.engine.speculative import Speculation
 
+    if args.speculative_config is not None:
+        if args.spec_type is not None or args.draft_model is not None:
+            raise Qwen35Error("give --speculative-config or the --spec-type/-md flags, not both")
+        _apply_vllm_config(args)
     if args.spec_type in ("draft-mtp", "mtp") and args.draft_model is not None:
         raise Qwen35Error("give one drafter: --spec-type draft-mtp (the model's MTP layer) or -md MODEL")
     Speculation(draft_max=args.draft_max, draft_min=args.draft_min, p_min=args.draft_p_min, vocabulary=args.draft_vocab)
