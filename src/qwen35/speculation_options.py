@@ -103,4 +103,7 @@ def speculation_from_arguments(args, model, load_options: dict, command: str = "
     if draft is None:
         print(f"{command}: speculative decoding with the model's MTP layer (up to {args.draft_max} guesses a step)",
               file=sys.stderr, flush=True)
+    if model.device.type == "cuda":
+        print(f"{command}: note: on a GPU, speculative steps run without CUDA graphs and have not been timed "
+              "there yet; plain decoding (graphed) may be faster", file=sys.stderr, flush=True)
     return speculation
