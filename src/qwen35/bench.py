@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from qwen35.cache_options import add_cache_arguments, cache_options
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 from qwen35.bench_report import OUTPUT_FORMATS, BenchTest, format_report, make_result
@@ -62,6 +63,7 @@ def add_arguments(parser) -> None:
                         help="md (llama-bench's table, default), json (one object), jsonl (a line a test) or csv")
     parser.add_argument("--json", action="store_const", const="json", dest="output", help="the same as -o json")
     add_device_arguments(parser)
+    add_cache_arguments(parser)
 
 
 def run(args) -> int:
@@ -71,6 +73,7 @@ def run(args) -> int:
             raise Qwen35Error(f"{name} must be at least 1, got {value}")
     tests = plan_tests(parse_counts(args.n_prompt, "-p"), parse_counts(args.n_gen, "-n"),
                        [parse_pair(text) for text in args.prompt_gen], parse_counts(args.n_depth, "-d"))
+    cache_options(args)  # a bad -ctk/-ctv fails before a pull or a load
     path = resolve_model_argument(args.model, "qwen35 bench").path
 
     import torch
@@ -82,6 +85,7 @@ def run(args) -> int:
     progress.show(f"loading {path.name}")
     longest = max(test.n_depth + test.n_prompt + test.n_gen for test in tests)
     options = load_options(args, path, context=longest, command="qwen35 bench")
+    options.update(cache_options(args, options["device"]))
     model = qwen35.load_model(path, precision=args.precision, **options,
                               progress=lambda done, total: progress.show(f"loading {path.name}: "
                                                                          f"{done / 2**20:,.0f} of {total / 2**20:,.0f} MiB"))
@@ -112,8 +116,25 @@ def run(args) -> int:
     progress.clear()
 
     result = make_result(args, path, model, threads, tests, bandwidth, peak_rss, decode_bytes_per_token(path))
-    print(format_report(result, args.output))
+    result.update(kv_cache_fields(model))
+    report = format_report(result, args.output)
+    if args.output == "md":
+        report += (f"\nK/V cache -ctk {result['type_k']} -ctv {result['type_v']}: "
+                   f"{result['kv_bytes_per_token'] / 1024:,.2f} KiB per token of context")
+    print(report)
     return 0
+
+
+def kv_cache_fields(model) -> dict:
+    """The types the full-attention layers keep K and V in and the bytes they allocate per token (measured
+    on a fresh cache: `qwen35 plan --cache-type` prices the same)."""
+    from qwen35.engine.cache import DeltaNetState
+    from qwen35.engine.quantized_kv import allocated_kv_bytes_per_token, stored_cache_types
+
+    cache = model.make_cache(1)
+    store = next((layer for layer in cache.layers if not isinstance(layer, DeltaNetState)), None)
+    type_k, type_v = stored_cache_types(store) if store is not None else (None, None)
+    return {"type_k": type_k, "type_v": type_v, "kv_bytes_per_token": allocated_kv_bytes_per_token(cache)}
 
 
 # ------------------------------------------------------------------ what to measure

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from qwen35.chat.template import read_template_file
+from qwen35.cache_options import add_cache_arguments, cache_options
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 from qwen35.hub import resolve_model_argument
@@ -81,6 +82,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chat-template-file", default=None, metavar="FILE",
                         help="a Jinja chat template to use instead of the model's")
     add_device_arguments(parser)
+    add_cache_arguments(parser)
     add_speculation_arguments(parser)
     parser.add_argument("--verbose", action="store_true",
                         help="after a one-shot answer, print its speed line on stderr")
@@ -89,6 +91,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     settings = _settings(args)
     check_speculation_arguments(args)
+    cache_options(args)  # a bad -ctk/-ctv fails before a pull or a load
     template_source = read_template_file(args.chat_template_file) if args.chat_template_file else None
     _check_image_files(args)
     if args.prompt_flag is not None and args.prompt:
@@ -109,6 +112,7 @@ def run(args) -> int:
 
     tokenizer = load_tokenizer(str(path))
     options = load_options(args, path, context=args.context, command="qwen35 run")
+    options.update(cache_options(args, options["device"]))
     with byte_progress(f"loading {path.name}") as progress:
         model = load_model(str(path), mmproj=mmproj, progress=progress, **options)
     settings.speculation = speculation_from_arguments(args, model, options, command="qwen35 run")

@@ -21,7 +21,9 @@ from functools import lru_cache
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from qwen35.engine.cache import AttentionKV
+from qwen35.cache_options import check_cache_type
+from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
+from qwen35.engine.paged_kv import PagedAttentionKV
 from qwen35.errors import Qwen35Error
 from qwen35.kernels.dequant import dequantize
 
@@ -29,16 +31,7 @@ FLOAT_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat1
 BLOCK_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0,
                "q4_1": GGMLQuantizationType.Q4_1, "q5_0": GGMLQuantizationType.Q5_0,
                "q5_1": GGMLQuantizationType.Q5_1}
-CACHE_TYPES = (*FLOAT_TYPES, *BLOCK_TYPES)
 BLOCK = 32  # values per block, for every block type here
-
-
-def check_cache_type(name: str, flag: str = "--cache-type") -> str:
-    """`name` lower-cased, if it is a cache type; else a one-line error naming the flag."""
-    lowered = str(name).lower()
-    if lowered not in CACHE_TYPES:
-        raise Qwen35Error(f"{flag} {name}: not a K/V cache type (use one of {', '.join(CACHE_TYPES)})")
-    return lowered
 
 
 def row_nbytes(cache_type: str, width: int) -> int:
@@ -225,8 +218,7 @@ def _describe(kv) -> str:
 @lru_cache(maxsize=None)
 def attention_kv_class(type_k: str, type_v: str) -> type[TypedAttentionKV]:
     """The TypedAttentionKV class storing K as `type_k` and V as `type_v` (one class per pair)."""
-    for cache_type in (type_k, type_v):
-        check_cache_type(cache_type)
+    type_k, type_v = check_cache_type(type_k, "-ctk"), check_cache_type(type_v, "-ctv")
     name = f"AttentionKV_{type_k}_{type_v}"
     return type(name, (TypedAttentionKV,), {"type_k": type_k, "type_v": type_v})
 
@@ -238,3 +230,26 @@ def make_attention_kv(batch_size: int, num_kv_heads: int, head_dim: int, device,
     if type_k == type_v == "f32":
         return AttentionKV(batch_size, num_kv_heads, head_dim, torch.float32, device)
     return attention_kv_class(type_k, type_v)(batch_size, num_kv_heads, head_dim, device)
+
+
+# ------------------------------------------------------------------ what a cache holds
+
+
+def stored_cache_types(kv) -> tuple[str, str]:
+    """The types one full-attention layer's store keeps K and V in (a GPU's pages: their float dtype)."""
+    if isinstance(kv, TypedAttentionKV):
+        return kv.type_k, kv.type_v
+    keys, values = kv.page_pool if isinstance(kv, PagedAttentionKV) else kv.storage
+    names = {dtype: name for name, dtype in FLOAT_TYPES.items()}
+    return names.get(keys.dtype, str(keys.dtype)), names.get(values.dtype, str(values.dtype))
+
+
+@torch.inference_mode()
+def allocated_kv_bytes_per_token(cache: HybridCache, tokens: int = 256) -> int:
+    """Bytes a one-row `cache`'s full-attention layers allocate per token of context, measured: what
+    growing every layer's store by `tokens` slots adds (a GPU's page tables and spare page aside)."""
+    stores = [layer for layer in cache.layers if not isinstance(layer, DeltaNetState)]
+    cache.reserve(tokens=tokens)
+    before = sum(store.nbytes() for store in stores)
+    cache.reserve(tokens=2 * tokens)
+    return (sum(store.nbytes() for store in stores) - before) // tokens

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from qwen35.cache_options import cpu_cache_types, gpu_pages_are_float32
 from qwen35.engine.cache import HybridCache
 from qwen35.errors import Qwen35Error
 from qwen35.model.config import ModelConfig
@@ -25,6 +26,10 @@ class Model:
     vision = None  # model.vision.VisionTower
     image_settings = None  # chat.images.ImageSettings
     image_token_id: int | None = None  # <|image_pad|>
+    # -ctk/-ctv (cache_options.py): how the full-attention layers keep K and V; None: as they always have
+    # (float32 on the CPU, the precision's pages on a GPU).
+    cache_type_k: str | None = None
+    cache_type_v: str | None = None
 
     def __init__(self, network: Qwen35Network, config: ModelConfig, generation_defaults: dict,
                  precision: str, source=None):
@@ -44,7 +49,11 @@ class Model:
         if batch_size < 1:
             raise Qwen35Error(f"batch size must be at least 1, got {batch_size}")
         # Fast precision keeps a GPU layer's K/V in bf16, as llama.cpp keeps f16 (half the memory).
-        return self.network.make_cache(batch_size, gpu_kv_dtype=torch.bfloat16 if self.precision == "fast" else None)
+        asked = (self.cache_type_k, self.cache_type_v)
+        gpu_float32 = gpu_pages_are_float32(*asked, fast=self.precision == "fast")
+        cpu_k, cpu_v = cpu_cache_types(*asked)
+        return self.network.make_cache(batch_size, gpu_kv_dtype=torch.float32 if gpu_float32 else torch.bfloat16,
+                                       cache_type_k=cpu_k, cache_type_v=cpu_v)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,

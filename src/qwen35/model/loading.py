@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from qwen35.cache_options import check_cache_types
 from qwen35.errors import FormatError
 from qwen35.formats import weights_gguf, weights_hf, weights_mmproj
 from qwen35.kernels.dequant import check_supported, dequantize
@@ -30,7 +31,8 @@ IMAGE_PAD = "<|image_pad|>"
 
 
 def load_model(path, device="cpu", precision: str = "fast", mmproj=None, progress=None,
-               gpu_layers: int | None = None, cpu_moe_layers: int = 0) -> Model:
+               gpu_layers: int | None = None, cpu_moe_layers: int = 0, cache_type_k: str | None = None,
+               cache_type_v: str | None = None) -> Model:
     """`mmproj`: a vision projector GGUF that gives the model image input (an HF
     checkpoint with a vision tower has it already). `progress(done, total)` is called
     with weight bytes as the layers are made ready (the fast kernels' packing is the
@@ -39,11 +41,15 @@ def load_model(path, device="cpu", precision: str = "fast", mmproj=None, progres
     On a GPU `device`, the model splits as llama.cpp's flags split it (model/placement.py):
     `gpu_layers` (-ngl) keeps only the last N layers on the GPU (N > layers: the output head
     too), `cpu_moe_layers` (--n-cpu-moe) keeps the routed experts of the first N layers in
-    system RAM. By default everything goes to `device`."""
+    system RAM. By default everything goes to `device`.
+
+    `cache_type_k`/`cache_type_v` (-ctk/-ctv, cache_options.py): how the full-attention layers keep
+    K and V (f32, f16, bf16, q8_0, q4_0, ...); None keeps them as before (float32 on the CPU)."""
     if precision not in PRECISIONS:
         raise FormatError(f"unknown precision {precision!r} (choose reference or fast)")
     path = Path(path)
     device = torch.device(device)
+    cache_types = check_cache_types(cache_type_k, cache_type_v, device)
     split = Split(device, gpu_layers, cpu_moe_layers)
     if path.is_dir():
         model = _load_hf(path, precision, split, vision=mmproj is None, progress=progress)
@@ -54,6 +60,7 @@ def load_model(path, device="cpu", precision: str = "fast", mmproj=None, progres
     if mmproj is not None:
         tower, settings, source = weights_mmproj.load_vision_gguf(mmproj, model.device)
         _attach_vision(model, tower, settings, precision, source)
+    model.cache_type_k, model.cache_type_v = cache_types
     return model
 
 

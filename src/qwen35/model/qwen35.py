@@ -20,6 +20,7 @@ from torch import nn
 
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
 from qwen35.engine.paged_kv import PagedAttentionKV
+from qwen35.engine.quantized_kv import TypedAttentionKV, make_attention_kv
 from qwen35.kernels.delta_rule import gated_delta_rule
 from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup
 from qwen35.model import fused
@@ -129,7 +130,9 @@ class Attention:
     def _attend(self, x, q_gate, k, v, kv: AttentionKV, starts, rope, mask):
         c = self.c
         batch, length, _ = x.shape
-        steps = fused_steps(x) if length == 1 else None
+        # A store in another form than the fused step writes (GGUF blocks) takes the plain lines below.
+        fusable = not isinstance(kv, TypedAttentionKV) or kv.fused_decode()
+        steps = fused_steps(x) if length == 1 and fusable else None
         if steps is not None:
             kv.make_room(starts, 1)
             out = steps.attention_decode(
@@ -452,9 +455,12 @@ class Qwen35Network(nn.Module):
         return list(self._dense)
 
     def make_cache(self, batch_size: int = 1, dtype: torch.dtype = torch.float32,
-                   gpu_kv_dtype: torch.dtype | None = None) -> HybridCache:
+                   gpu_kv_dtype: torch.dtype | None = None, cache_type_k: str = "f32",
+                   cache_type_v: str = "f32") -> HybridCache:
         """Each layer's state on that layer's device; the lengths where the token ids go in.
-        `gpu_kv_dtype`: the K/V storage of layers on a GPU (paged there), if not `dtype`."""
+        `gpu_kv_dtype`: the K/V storage of layers on a GPU (paged there), if not `dtype`.
+        `cache_type_k`/`cache_type_v`: how a CPU layer keeps K and V when `dtype` is float32
+        (engine/quantized_kv.py: f32, f16, bf16 or a GGUF block type such as q8_0)."""
         c = self.config
         layers = []
         for layer_type, layer in zip(c.layer_types, self.layers):
@@ -463,6 +469,9 @@ class Qwen35Network(nn.Module):
                 if device.type in fused.GPU_DEVICE_TYPES:  # pages: rows grow without moving K/V
                     layers.append(PagedAttentionKV(batch_size, c.num_key_value_heads, c.head_dim,
                                                    gpu_kv_dtype or dtype, device))
+                elif dtype == torch.float32:
+                    layers.append(make_attention_kv(batch_size, c.num_key_value_heads, c.head_dim, device,
+                                                    cache_type_k, cache_type_v))
                 else:
                     layers.append(AttentionKV(batch_size, c.num_key_value_heads, c.head_dim, dtype, device))
             else:

@@ -19,7 +19,6 @@ and have no effect here. --host also takes HOST:PORT, as OLLAMA_HOST does, and d
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ import sys
 from pathlib import Path
 
 from qwen35.chat.template import read_template_file
+from qwen35.cache_options import add_cache_arguments, cache_options
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 from qwen35.hub import resolve_model_argument
@@ -58,11 +58,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("-t", "--threads", type=int, default=None,
                         help="CPU threads for the model (default: torch's choice, one per core)")
     _add_llama_server_arguments(parser)
-    # Spellings `qwen35 plan` and llama.cpp users write; this build runs on the CPU with a 16-bit cache.
     add_device_arguments(parser)
+    add_cache_arguments(parser)
     add_speculation_arguments(parser)
-    parser.add_argument("-ctk", "--cache-type-k", default="f16", help=argparse.SUPPRESS)
-    parser.add_argument("-ctv", "--cache-type-v", default="f16", help=argparse.SUPPRESS)
 
 
 # flag -> (dest, SamplingParams option, type): server-wide defaults for requests that do not set them.
@@ -155,9 +153,7 @@ def _check(args) -> None:
     if args.context // args.parallel < 16:
         raise Qwen35Error(f"-c {args.context} leaves {args.context // args.parallel} tokens to each of the "
                           f"{args.parallel} slots; give at least 16 per slot")
-    for flag, value in (("-ctk", args.cache_type_k), ("-ctv", args.cache_type_v)):
-        if value not in ("f16", "bf16"):
-            raise Qwen35Error(f"{flag} {value}: a quantized K/V cache is not supported yet (f16 only)")
+    cache_options(args)
     if args.threads is not None and args.threads < 1:
         raise Qwen35Error(f"-t must be at least 1, got {args.threads}")
     if args.queue < 0 or args.prefix_cache_mb < 0:
@@ -269,12 +265,12 @@ def run(args) -> int:
     print(f"loading {path} ...", file=sys.stderr, flush=True)
     host, port = listen_address(args.host, args.port)
     template_source = read_template_file(args.chat_template_file) if args.chat_template_file else None
+    options = load_options(args, path, args.context // args.parallel, args.parallel, "qwen35 serve")
+    options.update(cache_options(args, options["device"]))
     state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context // args.parallel,
                         prefix_cache_mb=args.prefix_cache_mb, name=args.name or resolved.name, api_key=args.api_key,
                         mmproj=mmproj, settings=server_settings(args), chat_template_source=template_source,
-                        speculation_flags=args,
-                        load_options=load_options(args, path, args.context // args.parallel, args.parallel,
-                                                  "qwen35 serve"))
+                        speculation_flags=args, load_options=options)
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as error:
