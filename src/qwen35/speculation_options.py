@@ -17,7 +17,7 @@ SPEC_TYPES = ("none", "draft-mtp", "mtp")
 
 
 def add_speculation_arguments(parser) -> None:
-    from qwen35.engine.speculative import DEFAULT_DRAFT_MAX, DEFAULT_P_MIN
+    from qwen35.engine.speculative import DRAFT_MODEL_DEFAULTS, MTP_DEFAULTS
 
     parser.add_argument("--spec-type", choices=SPEC_TYPES, default=None, dest="spec_type",
                         help="speculative decoding: draft-mtp (or mtp) guesses with the model's own MTP layer "
@@ -26,12 +26,14 @@ def add_speculation_arguments(parser) -> None:
                         help="the same as --spec-type draft-mtp")
     parser.add_argument("-md", "--model-draft", "--spec-draft-model", default=None, dest="draft_model",
                         metavar="MODEL", help="a draft model of the same family that guesses the next tokens")
-    parser.add_argument("--draft-max", "--draft", "--spec-draft-n-max", type=int, default=DEFAULT_DRAFT_MAX,
-                        dest="draft_max", metavar="N", help=f"at most N guesses a step (default {DEFAULT_DRAFT_MAX})")
+    parser.add_argument("--draft-max", "--draft", "--spec-draft-n-max", type=int, default=None, dest="draft_max",
+                        metavar="N", help=f"at most N guesses a step (default {MTP_DEFAULTS[0]} with the MTP layer, "
+                                          f"{DRAFT_MODEL_DEFAULTS[0]} with a draft model)")
     parser.add_argument("--draft-min", "--spec-draft-n-min", type=int, default=0, dest="draft_min", metavar="N",
                         help="check guesses only when there are at least N (default 0)")
-    parser.add_argument("--draft-p-min", type=float, default=DEFAULT_P_MIN, dest="draft_p_min", metavar="P",
-                        help=f"guess only while the drafter's probability is at least P (default {DEFAULT_P_MIN})")
+    parser.add_argument("--draft-p-min", type=float, default=None, dest="draft_p_min", metavar="P",
+                        help="guess only while the drafter's probability is at least P (default "
+                             f"{MTP_DEFAULTS[1]} with the MTP layer, {DRAFT_MODEL_DEFAULTS[1]} with a draft model)")
     parser.add_argument("--draft-vocab", type=int, default=0, dest="draft_vocab", metavar="N",
                         help="guess among the first N tokens only: a cheaper guess (default 0: all tokens)")
     parser.add_argument("--speculative-config", default=None, dest="speculative_config", metavar="JSON",
@@ -45,6 +47,8 @@ VLLM_MTP_METHODS = ("mtp", "qwen3_next_mtp", "qwen3_5_mtp", "qwen3_5_moe_mtp")
 def _apply_vllm_config(args) -> None:
     """vLLM's --speculative-config as the llama.cpp flags: the MTP method, or a draft `model`;
     num_speculative_tokens guesses a step, each checked whatever its probability (vLLM has no p-min)."""
+    from qwen35.engine.speculative import MTP_DEFAULTS
+
     try:
         config = json.loads(args.speculative_config)
     except json.JSONDecodeError as error:
@@ -60,7 +64,7 @@ def _apply_vllm_config(args) -> None:
     else:
         raise Qwen35Error(f"--speculative-config: method {method!r} is not supported here "
                           f"(use {', '.join(VLLM_MTP_METHODS)}, or a draft \"model\")")
-    count = config.get("num_speculative_tokens", args.draft_max)
+    count = config.get("num_speculative_tokens", args.draft_max if args.draft_max is not None else MTP_DEFAULTS[0])
     if not isinstance(count, int) or isinstance(count, bool):
         raise Qwen35Error(f"--speculative-config: num_speculative_tokens must be a whole number, got {count!r}")
     args.draft_max, args.draft_p_min = count, 0.0
@@ -77,7 +81,8 @@ def check_speculation_arguments(args) -> None:
         _apply_vllm_config(args)
     if args.spec_type in ("draft-mtp", "mtp") and args.draft_model is not None:
         raise Qwen35Error("give one drafter: --spec-type draft-mtp (the model's MTP layer) or -md MODEL")
-    Speculation(draft_max=args.draft_max, draft_min=args.draft_min, p_min=args.draft_p_min, vocabulary=args.draft_vocab)
+    Speculation(draft_model=args.draft_model, draft_max=args.draft_max, draft_min=args.draft_min, p_min=args.draft_p_min,
+                vocabulary=args.draft_vocab)
 
 
 def speculation_from_arguments(args, model, load_options: dict, command: str = "qwen35"):
@@ -101,7 +106,7 @@ def speculation_from_arguments(args, model, load_options: dict, command: str = "
                               p_min=args.draft_p_min, vocabulary=args.draft_vocab)
     speculation.check(model)
     if draft is None:
-        print(f"{command}: speculative decoding with the model's MTP layer (up to {args.draft_max} guesses a step)",
+        print(f"{command}: speculative decoding with the model's MTP layer (up to {speculation.draft_max} guesses a step)",
               file=sys.stderr, flush=True)
     if model.device.type == "cuda":
         print(f"{command}: note: on a GPU, speculative steps run without CUDA graphs and have not been timed "

@@ -30,8 +30,10 @@ import torch
 
 from qwen35.errors import Qwen35Error
 
-DEFAULT_DRAFT_MAX = 3  # llama.cpp's --spec-draft-n-max
-DEFAULT_P_MIN = 0.75  # llama.cpp's --draft-p-min
+# llama.cpp's defaults (--spec-draft-n-max, --draft-p-min): the MTP layer guesses 3 tokens a step whatever
+# their probability; a draft model up to 16 while its own probability stays at 0.75 or more.
+MTP_DEFAULTS = (3, 0.0)
+DRAFT_MODEL_DEFAULTS = (16, 0.75)
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,17 @@ class Speculation:
     """How to speculate: the model's MTP layer (`draft_model` None) or a draft model."""
 
     draft_model: object | None = None  # a model.api.Model
-    draft_max: int = DEFAULT_DRAFT_MAX
+    draft_max: int | None = None  # None: llama.cpp's default for the drafter (MTP_DEFAULTS, DRAFT_MODEL_DEFAULTS)
     draft_min: int = 0
-    p_min: float = DEFAULT_P_MIN
+    p_min: float | None = None
     vocabulary: int = 0  # guesses among the first N tokens only (0: all): a cheaper output head for the guesser
 
     def __post_init__(self) -> None:
+        defaults = MTP_DEFAULTS if self.draft_model is None else DRAFT_MODEL_DEFAULTS
+        if self.draft_max is None:
+            object.__setattr__(self, "draft_max", defaults[0])
+        if self.p_min is None:
+            object.__setattr__(self, "p_min", defaults[1])
         if not 1 <= self.draft_max <= 64:
             raise Qwen35Error(f"--draft-max must be between 1 and 64, got {self.draft_max}")
         if not 0 <= self.draft_min <= self.draft_max:
