@@ -463,6 +463,7 @@ class Snapshot:
     cache: HybridCache
     last_logits: torch.Tensor
     nbytes: int
+    drafter_state: object = None  # speculative decoding: the drafter's snapshot at the same point
 
     def restore(self, capacity: int = 0) -> HybridCache:
         """A copy to feed further, with K/V room for `capacity` tokens."""
@@ -499,9 +500,11 @@ class PrefixStore:
             self._entries.move_to_end(best_key)
             return self._entries[best_key]
 
-    def store(self, token_ids: list[int], cache, last_logits: torch.Tensor, select_row: int | None = 0) -> None:
+    def store(self, token_ids: list[int], cache, last_logits: torch.Tensor, select_row: int | None = 0,
+              drafter_state=None, drafter_bytes: int = 0) -> None:
         """Keep a copy of row `select_row` of `cache`, or with None `cache` itself: a one-row cache
-        nobody writes into any more, or a `shared` view of one that is only fed further."""
+        nobody writes into any more, or a `shared` view of one that is only fed further. `drafter_state`
+        (`drafter_bytes` of it) goes with it: a speculating request's drafter where the cache is."""
         if self.budget_bytes <= 0 or not token_ids:
             return
         key = tuple(token_ids)
@@ -510,14 +513,14 @@ class PrefixStore:
                 self._entries.move_to_end(key)
                 return
         snapshot_cache = cache if select_row is None else cache.select([select_row])
-        nbytes = snapshot_cache.nbytes() + last_logits.numel() * 4
+        nbytes = snapshot_cache.nbytes() + last_logits.numel() * 4 + drafter_bytes
         if nbytes > self.budget_bytes:
             return
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return
-            self._entries[key] = Snapshot(len(key), snapshot_cache, last_logits.clone(), nbytes)
+            self._entries[key] = Snapshot(len(key), snapshot_cache, last_logits.clone(), nbytes, drafter_state)
             self.nbytes += nbytes
             while self.nbytes > self.budget_bytes or len(self._entries) > self.max_entries:
                 _, dropped = self._entries.popitem(last=False)
