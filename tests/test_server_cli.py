@@ -57,7 +57,7 @@ def test_serve_refuses_bad_flags_with_one_line(fixtures, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "no such file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    for flags, word in ((["-np", "0"], "-np"), (["-c", "64", "-np", "8"], "slots"), (["-ctk", "q4_0"], "-ctk")):
+    for flags, word in ((["-np", "0"], "-np"), (["-c", "64", "-np", "8"], "slots"), (["-ctk", "q3_k"], "-ctk")):
         result = subprocess.run([sys.executable, "-m", "qwen35", "serve", str(fixtures / "tiny" / "dense-hf"),
                                  *flags], capture_output=True, text=True, timeout=60)
         assert result.returncode == 1 and word in result.stderr, result.stderr
