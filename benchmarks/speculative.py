@@ -42,7 +42,7 @@ class KnowsTheAnswer(Speculation):
     script: tuple = ()
     prompt_length: int = 0
 
-    def drafter(self, model, cached_ids):
+    def drafter(self, model, cached_ids, state=None):
         return _Knowing(self, len(cached_ids))
 
 

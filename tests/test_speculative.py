@@ -55,7 +55,7 @@ class Scripted(Speculation):
     prompt_length: int = 0
     wrong: object = None
 
-    def drafter(self, model, cached_ids):
+    def drafter(self, model, cached_ids, state=None):
         return _ScriptedDrafter(self, len(cached_ids), model.config.vocab_size)
 
 
@@ -68,6 +68,13 @@ class _ScriptedDrafter:
 
     def skip(self, token_ids):
         self.fed += len(token_ids)
+
+    def snapshot(self, copy=True):
+        return self.fed  # all it knows: how far it has read
+
+    @staticmethod
+    def snapshot_bytes(state):
+        return 0
 
     def propose(self, next_token, limit):
         index = self.fed - self.settings.prompt_length  # next_token is output token `index`
@@ -247,3 +254,38 @@ def test_guessing_among_the_first_tokens_only_keeps_the_reply(models, fixtures, 
     assert 0 < last.accepted_tokens <= expected_right
     with pytest.raises(Qwen35Error, match="--draft-vocab"):
         Speculation(vocabulary=-1)
+
+
+@pytest.mark.parametrize("kind", ["mtp", "draft model"])
+def test_a_drafter_restored_from_its_snapshot_guesses_as_one_that_read_everything(models, fixtures, dense_sequences,
+                                                                                   kind):
+    """A restored prefix brings its drafter's snapshot: from there the drafter goes on exactly as one that read
+    the whole prompt (same K/V, same guesses), instead of starting without the prompt's context."""
+    ids = dense_sequences["text"]["ids"][:60]
+    model = models("dense-hf", "fast")
+    draft = None if kind == "mtp" else qwen35.load_model(fixtures / "tiny" / "dense-hf", precision="reference")
+    speculation = Speculation(draft_model=draft, draft_max=3, p_min=0.0)
+    with torch.inference_mode():
+        hidden = model.network.hidden_states(torch.tensor([ids]), model.make_cache(1))
+        for copy in (True, False):
+            whole = speculation.drafter(model, [])
+            whole.feed(ids, hidden)
+            whole.snapshot()  # a draft model reads what it was fed now, not at its first guess
+            first = speculation.drafter(model, [])
+            first.feed(ids[:40], hidden[:, :40])
+            restored = speculation.drafter(model, ids[:40], state=first.snapshot(copy=copy))
+            restored.feed(ids[40:], hidden[:, 40:])
+            restored.snapshot()
+            fresh = speculation.drafter(model, ids[:40])  # no snapshot: the MTP layer starts at token 40, blind
+            fresh.feed(ids[40:], hidden[:, 40:])
+            length = int(whole.cache.lengths[0])
+            if kind == "mtp":
+                assert int(fresh.cache.lengths[0]) < length
+            else:  # a fresh draft model must read the whole prompt itself
+                assert fresh.unfed == ids
+            assert int(restored.cache.lengths[0]) == length
+            for got, expected in zip(restored.cache.layers[-1].view(length), whole.cache.layers[-1].view(length)):
+                # The MTP layer's K/V are the same bits; the draft model read 60 tokens at once or 40 + 20,
+                # products of other row counts: fp32 rounding apart.
+                torch.testing.assert_close(got, expected, rtol=0, atol=0 if kind == "mtp" else 1e-4)
+            assert restored.propose(ids[0], 3) == whole.propose(ids[0], 3) != []

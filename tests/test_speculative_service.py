@@ -75,3 +75,41 @@ def test_a_reply_stopped_inside_a_step_is_remembered_with_its_own_tokens(model, 
     assert stats.draft_tokens > 0 and stats.accepted_tokens > 0
     assert follow_finish.cached_tokens == len(prompt) + 7  # the remembered reply, up to its stop token
     assert continued == expected[8:14]
+
+
+def test_prefix_snapshots_carry_the_mtp_layers_state(model, dense_sequences):
+    """The prompt's and the reply's snapshots hold the MTP layer's K/V of every pair before them, so that a
+    later request restoring them guesses with the whole history in view."""
+    sequence = dense_sequences["text"]
+    prompt = sequence["ids"]
+
+    async def served():
+        service = EngineService(model, max_running=2, context_length=512, speculation=Speculation(p_min=0.0))
+        service.start(asyncio.get_running_loop())
+        try:
+            params = resolve_sampling(model, 8, temperature=0)
+            handle = service.submit(GenerationRequest(prompt, params, 8, stop_token_ids=frozenset(
+                [sequence["transformers_greedy"][5]])))
+            outputs = [output async for output in handle]
+            tokens = [t.token_id for output in outputs for t in output.tokens]
+            # The next turn prepared in idle time (engine/service.py's prefix jobs): its drafter reads it too.
+            service.prepare_prefix(prompt + tokens + next_turn)
+            for _ in range(500):
+                if service.prefix_jobs_pending == 0 and service.prefix_store.lookup(prompt + tokens + next_turn) \
+                        and len(service.prefix_store.lookup(prompt + tokens + next_turn).cache.lengths):
+                    break
+                await asyncio.sleep(0.01)
+            return service.prefix_store, tokens
+        finally:
+            service.close()
+
+    next_turn = dense_sequences["chat_nothink"]["ids"][:30]
+    store, tokens = asyncio.run(served())
+    assert tokens == sequence["transformers_greedy"][:5]  # the stop token ends it, unsent
+    # The prompt, the reply as fed (up to its stop token), and the prepared next turn.
+    for key in (prompt, prompt + tokens, prompt + tokens + next_turn):
+        snapshot = store.lookup(key)
+        assert snapshot.length == len(key)
+        mtp_cache, pending = snapshot.drafter_state
+        # Pairs (hidden state at i, token i+1) for every token but the last, whose hidden state waits.
+        assert mtp_cache.lengths.tolist() == [len(key) - 1] and pending.shape[1] == 1

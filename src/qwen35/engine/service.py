@@ -26,7 +26,8 @@ from qwen35.engine.cache import PrefixStore
 from qwen35.engine.running_batch import RunningBatch
 from qwen35.engine.sampler import Sampler, SamplingParams, sample
 from qwen35.engine.scheduler import QueueFullError, Scheduler, Sequence, SequenceStatus
-from qwen35.engine.speculative_steps import speculative_prefill_logits, speculative_step, start_drafter
+from qwen35.engine.speculative_steps import (drafter_snapshot, speculative_prefill_logits, speculative_step,
+                                             start_drafter, start_job_drafter)
 
 __all__ = ["EngineService", "GenerationRequest", "PrefixStore", "QueueFullError", "RequestHandle",
            "ServiceClosedError", "StepOutput", "TokenOutput", "Finish", "TokenConstraint"]
@@ -140,6 +141,7 @@ class PrefixJob:
     token_ids: list[int]
     cache: Any = None
     done: int = 0
+    drafter: Any = None  # speculating: the guesser reading the same tokens (engine/speculative_steps.py)
 
     def is_prefix_of(self, token_ids: list[int]) -> bool:
         return len(self.token_ids) <= len(token_ids) and token_ids[:len(self.token_ids)] == self.token_ids
@@ -283,11 +285,13 @@ class EngineService:
             self._count_job("adopted")
         job = max(jobs, key=lambda job: job.done, default=None)
         prompt_length = len(sequence.prompt_ids)
+        state = None  # the restored point's drafter state, where speculating
         if job is not None and job.cache is not None and job.done > (hit.length if hit is not None else 0):
             self.stats.prefix_hits += 1
             sequence.cache = job.cache
             sequence.cache.reserve(tokens=prompt_length)
             sequence.prefilled = sequence.cached_tokens = job.done
+            state = job.drafter.snapshot(copy=False) if job.drafter is not None else None
         elif hit is None:
             self.stats.prefix_misses += 1
             sequence.cache = self.model.make_cache(1)
@@ -298,7 +302,8 @@ class EngineService:
             sequence.cache = hit.cache if hit.length == prompt_length else hit.restore(capacity=prompt_length)
             sequence.prefilled = sequence.cached_tokens = hit.length
             sequence.ready_logits = hit.last_logits
-        start_drafter(self, sequence)
+            state = hit.drafter_state
+        start_drafter(self, sequence, state)
 
     def _prefill_chunk(self, sequence: Sequence, budget: int) -> tuple[torch.Tensor | None, int]:
         """Advance one chunk of at most `budget` tokens, ending at a snapshot point when one is near.
@@ -323,7 +328,8 @@ class EngineService:
         sequence.prefilled = end
         if end in sequence.request.snapshot_points or end == len(prompt):
             # Shared, not copied: this cache is only fed further, then copied into the batch.
-            self.prefix_store.store(key[:end], sequence.cache.shared(), last_logits, select_row=None)
+            self.prefix_store.store(key[:end], sequence.cache.shared(), last_logits, select_row=None,
+                                    **drafter_snapshot(sequence.drafter))
         if end < len(prompt):
             return None, end - start
         sequence.status = SequenceStatus.DECODING
@@ -344,15 +350,19 @@ class EngineService:
                     job.cache = self.model.make_cache(1)
                     job.cache.reserve(tokens=len(ids))
                 job.done = hit.length if hit is not None else 0
+                start_job_drafter(self, job, hit)
             end = min(len(ids), job.done + self._job_piece)
             started = time.perf_counter()
-            logits = self._last_logits(torch.tensor([ids[job.done:end]], dtype=torch.long), job.cache)
+            if job.drafter is not None:  # its drafter reads the hidden states too, as a request's would
+                logits = speculative_prefill_logits(self, job, ids[job.done:end])
+            else:
+                logits = self._last_logits(torch.tensor([ids[job.done:end]], dtype=torch.long), job.cache)
             elapsed = time.perf_counter() - started
             rate = (end - job.done) / max(elapsed, 1e-6)
             self._job_piece = min(self.prefill_chunk, max(2, int(rate * JOB_PIECE_S)))
             job.done = end
             if end == len(ids):
-                self.prefix_store.store(ids, job.cache, logits.float(), select_row=None)
+                self.prefix_store.store(ids, job.cache, logits.float(), select_row=None, **drafter_snapshot(job.drafter))
                 self._end_job(job, "stored")
         except Exception:  # an out-of-memory or a bug: the job was only ever a bonus
             self._end_job(job, "failed")
@@ -367,7 +377,7 @@ class EngineService:
 
     def _end_job(self, job: PrefixJob, outcome: str) -> None:
         self.scheduler.take_background(lambda queued: queued is job)
-        job.cache = None
+        job.cache = job.drafter = None
         self._count_job(outcome)
 
     def _count_job(self, outcome: str) -> None:
@@ -431,7 +441,7 @@ class EngineService:
         row = self.batch.row_of(sequence)
         if row is not None:  # else it ended on its first token, before joining the batch: the prompt's snapshot covers it
             fed = sequence.request.prefix_key + sequence.output_ids[:-1]
-            self.prefix_store.store(fed, self.batch.cache, logits, select_row=row)
+            self.prefix_store.store(fed, self.batch.cache, logits, select_row=row, **drafter_snapshot(sequence.drafter))
 
     def _finish(self, sequence: Sequence, reason: str, last: list[TokenOutput] | None = None,
                 error: str | None = None) -> None:

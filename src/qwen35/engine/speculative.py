@@ -75,11 +75,12 @@ class Speculation:
                               f"model's ({model.config.vocab_size}): a draft must be of the same family "
                               "(e.g. Qwen3.5-0.8B for Qwen3.5-27B)")
 
-    def drafter(self, model, cached_ids: list[int]):
-        """A drafter for one generation whose cache already holds `cached_ids`."""
+    def drafter(self, model, cached_ids: list[int], state=None):
+        """A drafter for one generation whose cache already holds `cached_ids`; `state`: a drafter's
+        `snapshot()` taken when it had read exactly those tokens (a restored prefix brings its drafter's)."""
         if self.draft_model is None:
-            return MtpDrafter(mtp_predictor(model, self.vocabulary), self, len(cached_ids))
-        return DraftModelDrafter(self.draft_model, self, cached_ids)
+            return MtpDrafter(mtp_predictor(model, self.vocabulary), self, len(cached_ids), state)
+        return DraftModelDrafter(self.draft_model, self, cached_ids, state)
 
 
 def mtp_predictor(model, vocabulary: int = 0):
@@ -105,11 +106,24 @@ class MtpDrafter:
     """Guesses from the MTP layer. It reads pairs (the model's hidden state at i, the token at i+1), so it
     runs one token behind the model: `feed` pairs what the model consumed, `propose` pairs the newest."""
 
-    def __init__(self, predictor, settings: Speculation, start_position: int):
+    def __init__(self, predictor, settings: Speculation, start_position: int, state=None):
         self.predictor = predictor
         self.settings = settings
         self.cache = predictor.make_cache(start_position)
         self.pending: torch.Tensor | None = None  # the hidden state of the last token fed, not yet paired
+        if state is not None:
+            cache, self.pending = state
+            self.cache = cache.select([0])
+
+    def snapshot(self, copy: bool = True):
+        """This drafter's state, to restore with `Speculation.drafter(..., state=)`. Without `copy` a view
+        that stays valid while this drafter only goes on (its K/V grows past it)."""
+        cache = self.cache.select([0]) if copy else self.cache.shared()
+        return cache, self.pending
+
+    @staticmethod
+    def snapshot_bytes(state) -> int:
+        return state[0].nbytes() + (state[1].nbytes if state[1] is not None else 0)
 
     def feed(self, token_ids: list[int], hidden: torch.Tensor) -> None:
         """The model consumed `token_ids` (kept), with final hidden states `hidden` [1, T, H]."""
@@ -153,7 +167,7 @@ class MtpDrafter:
 class DraftModelDrafter:
     """Guesses from a draft model fed the same tokens as the model, greedily, one at a time."""
 
-    def __init__(self, draft_model, settings: Speculation, cached_ids: list[int]):
+    def __init__(self, draft_model, settings: Speculation, cached_ids: list[int], state=None):
         from qwen35.model.mtp import first_rows
 
         self.draft = draft_model
@@ -162,9 +176,21 @@ class DraftModelDrafter:
         if settings.vocabulary not in heads:
             heads[settings.vocabulary] = first_rows(draft_model.network.lm_head, settings.vocabulary)
         self.head = heads[settings.vocabulary]
-        self.cache = draft_model.make_cache(1)
-        self.unfed: list[int] = list(cached_ids)  # tokens the model holds that the draft has not read yet
+        self.cache = draft_model.make_cache(1) if state is None else state.select([0])
+        read = int(self.cache.lengths[0])
+        self.unfed: list[int] = list(cached_ids[read:])  # tokens the model holds that the draft has not read yet
         self.speculative: list[int] = []  # tokens the draft read while guessing: kept only if the model keeps them
+
+    def snapshot(self, copy: bool = True):
+        """The draft's cache after every token fed so far (read now if need be); see MtpDrafter.snapshot."""
+        if self.unfed:
+            self._read(self.unfed)
+            self.unfed = []
+        return self.cache.select([0]) if copy else self.cache.shared()
+
+    @staticmethod
+    def snapshot_bytes(state) -> int:
+        return state.nbytes()
 
     def _read(self, token_ids: list[int], logits: bool = False):
         network, chunk = self.draft.network, self.draft.prefill_chunk

@@ -19,14 +19,34 @@ from qwen35.engine.sampler import sample
 from qwen35.engine.scheduler import SequenceStatus
 
 
-def start_drafter(service, sequence) -> None:
+def start_drafter(service, sequence, state=None) -> None:
+    """A drafter for a request whose cache holds its first `prefilled` prompt tokens; `state`: the drafter
+    snapshot stored with the restored point (else the drafter starts there, without what came before)."""
     if service.speculation is None or sequence.request.prepared is not None:
         return
-    sequence.drafter = service.speculation.drafter(service.model, sequence.prompt_ids[:sequence.prefilled])
+    sequence.drafter = service.speculation.drafter(service.model, sequence.prompt_ids[:sequence.prefilled], state)
+
+
+def start_job_drafter(service, job, hit) -> None:
+    """A prefix job's drafter (its snapshot goes into the store with the job's), from the hit it starts at."""
+    if service.speculation is None:
+        return
+    state = hit.drafter_state if hit is not None else None
+    job.drafter = service.speculation.drafter(service.model, job.token_ids[:job.done], state)
+
+
+def drafter_snapshot(drafter) -> dict:
+    """PrefixStore.store's keywords for a drafter's state beside a snapshot of its cache (shared, not copied:
+    the drafter only goes on from there)."""
+    if drafter is None:
+        return {}
+    state = drafter.snapshot(copy=False)
+    return {"drafter_state": state, "drafter_bytes": drafter.snapshot_bytes(state)}
 
 
 def speculative_prefill_logits(service, sequence, piece: list[int]) -> torch.Tensor:
-    """The logits [vocab] after a piece of the prompt, whose hidden states the drafter reads."""
+    """The logits [vocab] after a piece of the prompt (of a request or a prefix job), whose hidden states
+    its drafter reads."""
     network = service.model.network
     hidden = network.hidden_states(torch.tensor([piece], device=network.input_device), sequence.cache)
     sequence.drafter.feed(piece, hidden)
