@@ -434,6 +434,32 @@ def test_a_second_turn_reads_only_its_new_tokens_and_answers_as_a_fresh_session(
     assert f"prompt {second.prompt_tokens} tok (+{second.cached_tokens} cached)" in second.speed_line()
 
 
+@pytest.mark.parametrize("drafter", ["mtp", "draft model"])
+def test_speculating_turns_answer_as_plain_ones_and_keep_the_drafter_with_the_history(model, dense_tokenizer,
+                                                                                      dense_hf, drafter):
+    """With speculation, a chat answers as without it, turn after turn; the turn cache keeps the drafter's state
+    beside the history's, so the next turn's drafter has read the whole history (not only the new part)."""
+    from qwen35 import load_model
+    from qwen35.engine.speculative import Speculation
+
+    draft = load_model(dense_hf) if drafter == "draft model" else None
+    settings = dict(context_size=512, max_new_tokens=10, sampling={"temperature": 0.0}, think=False)
+    plain = ChatSession(model, dense_tokenizer, ChatSettings(**settings))
+    speculating = ChatSession(model, dense_tokenizer, ChatSettings(
+        **settings, speculation=Speculation(draft_model=draft, draft_max=2, p_min=0.0)))
+    for message in ("What is the capital of France?", "And of Italy?", "And of Spain?"):
+        plain_events, _ = _answer(plain, message)
+        events, turn = _answer(speculating, message)
+        assert _said(events) == _said(plain_events)
+        assert turn.draft_tokens > 0
+        history_key, _, drafter_state = speculating._turn_cache._snapshot
+        # The drafter's state at the history's end: an MTP layer paired every token but the last; a draft
+        # model read them all.
+        read = drafter_state[0].lengths[0] + 1 if drafter == "mtp" else drafter_state.lengths[0]
+        assert int(read) == len(history_key)
+    assert plain.messages == speculating.messages
+
+
 def test_a_message_too_long_for_the_context_is_refused_and_not_kept(model, dense_tokenizer):
     session = ChatSession(model, dense_tokenizer, ChatSettings(context_size=32, max_new_tokens=2,
                                                          sampling={"temperature": 0.0}))

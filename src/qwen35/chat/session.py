@@ -224,13 +224,15 @@ class ChatSession:
             history = self._history_length(prompt_ids, kept)
             key = prompt_ids if prepared is None else prepared.cache_key
             prompt_ids = prompt_ids if prepared is None else prepared.token_ids
-            cache, turn.cached_tokens = self._turn_cache.cache_for(prompt_ids, key, history, prepared)
+            cache, turn.cached_tokens, drafter = self._turn_cache.cache_for(prompt_ids, key, history, prepared,
+                                                                             self.settings.speculation)
             history_seconds = time.perf_counter() - started
             turn.prompt_tokens = length - turn.cached_tokens
             budget = self.settings.reasoning_budget if thinking else -1
             constraint = budget_constraint(self.tokenizer, self.model.config.vocab_size, budget) if budget > 0 else None
             steps = generation_steps(self.model, prompt_ids, self.sampling_params(limit), tokenizer=self.tokenizer,
-                                     cache=cache, constraint=constraint, speculation=self.settings.speculation)
+                                     cache=cache, constraint=constraint, speculation=self.settings.speculation,
+                                     drafter=drafter)
             for step in steps:
                 turn.generated_tokens = step.generated_tokens
                 turn.draft_tokens, turn.accepted_tokens = step.draft_tokens, step.accepted_tokens

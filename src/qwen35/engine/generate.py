@@ -106,6 +106,7 @@ def generation_steps(
     cache=None,
     constraint=None,
     speculation=None,
+    drafter=None,
 ) -> Iterator[Generation]:
     """Run one request: prefill ``token_ids`` in chunks, then sample until a stop.
 
@@ -124,6 +125,7 @@ def generation_steps(
 
     ``speculation``: an ``engine.speculative.Speculation`` (the MTP layer or a draft model guesses tokens
     that one step checks; the output is the same token for token). Prompts with images decode plainly.
+    ``drafter``: its drafter, when the given cache came with one that has read what the cache holds.
     """
     prompt = _prompt_list(token_ids, model.config.vocab_size)
     cached = _cached_length(cache, len(prompt), images)
@@ -147,7 +149,7 @@ def generation_steps(
     else:
         speculation = None
     return _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared,
-                  cache, cached, constraint, speculation)
+                  cache, cached, constraint, speculation, drafter)
 
 
 def _cached_length(cache, prompt_length: int, images) -> int:
@@ -165,7 +167,7 @@ def _cached_length(cache, prompt_length: int, images) -> int:
 
 
 def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids, text_stream, prepared,
-           cache=None, cached=0, constraint=None, speculation=None):
+           cache=None, cached=0, constraint=None, speculation=None, drafter=None):
     started = time.perf_counter()
     if cache is None:
         cache = model.make_cache(1)
@@ -173,7 +175,7 @@ def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids
     if speculation is not None:
         from qwen35.engine.speculative import SpeculativeDecoder
 
-        speculative = SpeculativeDecoder(model, cache, speculation, prompt[:cached], stop_token_ids)
+        speculative = SpeculativeDecoder(model, cache, speculation, prompt[:cached], stop_token_ids, drafter)
         logits = speculative.prefill(prompt, cached, prefill_chunk)
         token_id = _sample_one(logits, sampler, constraint)
     else:

@@ -237,13 +237,14 @@ class DraftModelDrafter:
 class SpeculativeDecoder:
     """Prefill and decode steps of one sequence with speculation (see the module's note)."""
 
-    def __init__(self, model, cache, settings: Speculation, cached_ids: list[int], stop_token_ids: set[int]):
+    def __init__(self, model, cache, settings: Speculation, cached_ids: list[int], stop_token_ids: set[int],
+                 drafter=None):
         self.model = model
         self.network = model.network
         self.cache = cache
         self.settings = settings
         self.stop_token_ids = stop_token_ids
-        self.drafter = settings.drafter(model, cached_ids)
+        self.drafter = drafter if drafter is not None else settings.drafter(model, cached_ids)
         self.drafted = 0  # guesses checked
         self.accepted = 0  # guesses kept
 
