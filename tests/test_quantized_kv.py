@@ -170,6 +170,20 @@ def test_default_cache_is_float32_as_before(models, prompt, fixtures):
     assert np.abs(model.logits(prompt[:PREFILL]) - expected).max() <= 2e-3
 
 
+@pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
+def test_greedy_tokens_stay_transformers_with_a_16_or_8_bit_cache(models, dense_sequences, cache_type):
+    """The commands' default (f16) and q8_0 in fast precision (theirs) keep transformers' greedy continuation
+    of every fixture prompt (q4_0 does not: two blocks per head of this tiny model lose too much)."""
+    model = models["fast"]
+    model.cache_type_k = model.cache_type_v = cache_type
+    try:
+        for name, sequence in dense_sequences.items():
+            expected = sequence["transformers_greedy"]
+            assert model.generate(sequence["ids"], max_new_tokens=len(expected), temperature=0) == expected, name
+    finally:
+        model.cache_type_k = model.cache_type_v = None
+
+
 # ------------------------------------------------------------------ row operations keep the blocks
 
 
@@ -267,8 +281,8 @@ def test_speculative_rewind_keeps_the_accepted_tokens(q8_model, prompt):
 def test_flags_parse_for_every_command(command):
     args = build_parser().parse_args([command, "model.gguf", "-ctk", "q8_0", "--cache-type-v", "Q4_0"])
     assert cache_options(args) == {"cache_type_k": "q8_0", "cache_type_v": "q4_0"}
-    args = build_parser().parse_args([command, "model.gguf"])
-    assert cache_options(args) == {"cache_type_k": None, "cache_type_v": None}
+    args = build_parser().parse_args([command, "model.gguf"])  # llama.cpp's default
+    assert cache_options(args) == {"cache_type_k": "f16", "cache_type_v": "f16"}
 
 
 @pytest.mark.parametrize("command", ["run", "bench"])

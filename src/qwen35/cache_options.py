@@ -4,10 +4,11 @@
 Types: f32, f16, bf16, and the GGUF block types q8_0, q4_0, q4_1, q5_0, q5_1 (engine/quantized_kv.py).
 Only the full-attention layers (one in four) keep K/V; the DeltaNet states are float32 whatever these say.
 
-Not given, a layer keeps K/V as it always has here: float32 on the CPU (exact, the fixtures' numbers),
-bf16 pages on a GPU in fast precision (float32 in reference precision). Given, the CPU keeps exactly the
-type asked. A GPU keeps its K/V in pages of one float dtype: f16 and bf16 there are bf16 pages, f32 is
-float32 pages, and the block types are refused (they run on the CPU only so far).
+The commands default to f16, as llama.cpp does: half the memory of float32, and on the fixtures no
+greedy token moved. `load_model` without these keywords keeps K/V as it always has (float32 on the CPU,
+the numbers every logits test compares; bf16 pages on a GPU in fast precision, float32 in reference).
+The CPU keeps exactly the type asked. A GPU keeps its K/V in pages of one float dtype: f16 and bf16 there
+are bf16 pages, f32 is float32 pages, and the block types are refused (they run on the CPU only so far).
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from qwen35.errors import Qwen35Error
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 FLOAT_TYPES = ("f32", "f16", "bf16")
 FLAGS = {"cache_type_k": "-ctk", "cache_type_v": "-ctv"}
+DEFAULT_CACHE_TYPE = "f16"  # llama.cpp's
 
 
 def add_cache_arguments(parser) -> None:
     types = ", ".join(CACHE_TYPES)
-    parser.add_argument("-ctk", "--cache-type-k", default=None, metavar="TYPE",
-                        help=f"how K of the full-attention layers is kept: {types} (default: f32 on the CPU, "
-                             "as before; bf16 pages on a GPU in fast precision); block types on the CPU only")
-    parser.add_argument("-ctv", "--cache-type-v", default=None, metavar="TYPE",
-                        help="how V is kept: as -ctk (default: the same as -ctk's default)")
+    parser.add_argument("-ctk", "--cache-type-k", default=DEFAULT_CACHE_TYPE, metavar="TYPE",
+                        help=f"how the full-attention layers keep K: {types} (default {DEFAULT_CACHE_TYPE}; "
+                             "f32 is exact; on a GPU f16/bf16 are bf16 pages and the q types are refused)")
+    parser.add_argument("-ctv", "--cache-type-v", default=DEFAULT_CACHE_TYPE, metavar="TYPE",
+                        help=f"how they keep V: as -ctk (default {DEFAULT_CACHE_TYPE})")
 
 
 def check_cache_type(value: str | None, flag: str) -> str | None:
