@@ -15,6 +15,8 @@ llama-server's spellings work too: -a/--alias, the sampling defaults (--temp, --
 their own get, --chat-template-file, --chat-template-kwargs, --reasoning-format, --reasoning-budget; and
 its tuning flags (-fa, -b, -ub, -cb, --mlock, --no-mmap, --metrics, --no-webui, --jinja) are accepted
 and have no effect here. --host also takes HOST:PORT, as OLLAMA_HOST does, and defaults to $QWEN35_HOST.
+-ctk/-ctv choose how the full-attention layers keep K and V (cache_options.py): f16 by default, as in
+llama.cpp; f32, bf16, and on the CPU q8_0, q4_0, q4_1, q5_0, q5_1.
 """
 
 from __future__ import annotations
