@@ -289,3 +289,17 @@ def test_a_drafter_restored_from_its_snapshot_guesses_as_one_that_read_everythin
                 # products of other row counts: fp32 rounding apart.
                 torch.testing.assert_close(got, expected, rtol=0, atol=0 if kind == "mtp" else 1e-4)
             assert restored.propose(ids[0], 3) == whole.propose(ids[0], 3) != []
+
+
+def test_the_mtp_layer_takes_memory_only_once_speculation_uses_it(fixtures):
+    """Loading leaves the MTP layer's weights as views of the file (the planner does not count them by
+    default either); the first MTP speculation gives them the fast kernels' form."""
+    from qwen35.engine.speculative import mtp_predictor
+    from qwen35.kernels.quant_linear import QuantExperts, QuantLinear
+
+    model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf")
+    modules = [m for m in model.network.mtp_weights.values() if isinstance(m, (QuantLinear, QuantExperts))]
+    assert modules and all(m.mode == "reference" and m.fast_weights is None for m in modules)
+    assert model.network.layers[0].mlp.gates.fast_weights is not None  # the main model's are packed
+    mtp_predictor(model)
+    assert all(m.mode == "fast" for m in modules) and any(m.fast_weights is not None for m in modules)

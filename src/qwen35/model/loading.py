@@ -79,7 +79,10 @@ def _set_mode_releasing_file_pages(network, mode: str, source, progress=None) ->
     from qwen35.kernels import fast_cpu
 
     release = getattr(source, "release_tensor_pages", None)
-    modules = [m for m in network.modules() if isinstance(m, (QuantLinear, QuantExperts))]
+    # The MTP layer's weights are made ready when speculative decoding first uses them (model/mtp.py):
+    # until then they are views of the file, and take no memory (the planner counts them apart, too).
+    mtp = {id(m) for m in network.mtp_weights.values()}
+    modules = [m for m in network.modules() if isinstance(m, (QuantLinear, QuantExperts)) and id(m) not in mtp]
     total, done = sum(m.blocks.nbytes for m in modules), 0
     packed = sum(fast_cpu.packed_nbytes(m.type_id, _shape(m)) for m in modules
                  if m.device_type == "cpu") if mode == "fast" else 0

@@ -17,7 +17,7 @@ import torch
 
 from qwen35.engine.cache import AttentionKV, HybridCache
 from qwen35.errors import Qwen35Error
-from qwen35.kernels.quant_linear import QuantLinear
+from qwen35.kernels.quant_linear import QuantExperts, QuantLinear
 from qwen35.model.config import FULL_ATTENTION
 from qwen35.model.qwen35 import DecoderLayer, Qwen35Network, layer_rms_norm
 
@@ -42,6 +42,11 @@ class MultiTokenPredictor:
                               "left out): use a GGUF converted with it, or a draft model (-md)")
         self.network = network
         self.eps = c.rms_norm_eps
+        # Loading leaves these weights as they are in the file: now they take the main model's kernels' form.
+        mode = network.lm_head.mode
+        for module in weights.values():
+            if isinstance(module, (QuantLinear, QuantExperts)) and module.mode != mode:
+                module.mode = mode
         self.fc = weights["mtp.fc"]
         self.embedding_norm, self.hidden_norm = weights["mtp.pre_fc_norm_embedding"], weights["mtp.pre_fc_norm_hidden"]
         self.layer = DecoderLayer(c, weights, "mtp.layers.0", FULL_ATTENTION)
