@@ -703,3 +703,21 @@ def test_a_hub_listing_a_file_outside_the_repo_is_a_one_line_error(name, tmp_pat
             pull("someone/evil-GGUF:Q4_K_M", cache_dir=tmp_path / "cache", endpoint=evil.url)
     assert "'..'" in one_line(caught.value) or "absolute" in str(caught.value)
     assert not any(path.name == "evil-Q4_K_M.gguf" for path in tmp_path.parent.rglob("evil-Q4_K_M.gguf"))
+
+
+@pytest.mark.parametrize("request_options", [dict(load_mtp=True), dict(cache_type="q8_0", parallel=2),
+                                             dict(load_mtp=True, cache_type="q4_0")])
+def test_plans_command_with_the_mtp_layer_or_a_cache_type_is_a_valid_serve_command_line(request_options):
+    """`plan --mtp` prices the MTP layer because it will guess tokens: its command turns speculation on; a
+    cache type becomes -ctk/-ctv. Every word parses as serve's own flags and passes serve's checks."""
+    from qwen35.cli import build_parser
+    from qwen35.plan.advisor import recommend
+    from qwen35.plan.estimator import Request
+    from qwen35.server.command import _check
+
+    recommendation = recommend(build_hardware(detect=False, ram_gb=64), Request(ctx=8192, **request_options))
+    command = recommendation.pick.command().partition("  #")[0]
+    args = build_parser().parse_args(command.split()[1:])
+    _check(args)
+    assert (args.spec_type == "draft-mtp") == request_options.get("load_mtp", False)
+    assert args.cache_type_k == args.cache_type_v == request_options.get("cache_type", "f16")

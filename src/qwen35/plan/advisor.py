@@ -73,6 +73,8 @@ class Candidate:
             parts.append(self.placement.flag)
         if self.memory.cache_type != "f16":
             parts.append(f"-ctk {self.memory.cache_type} -ctv {self.memory.cache_type}")
+        if self.memory.mtp_loaded:  # the MTP layer is loaded to guess tokens: speculative decoding with it
+            parts.append("--spec-type draft-mtp")
         return " ".join(parts) + where
 
     def as_dict(self) -> dict:
