@@ -32,8 +32,9 @@ ggml_packed.cpp (the packed GEMM, whose calls other kernels build through packed
 ggml_gemv.cpp (the row-major gemv), ggml_dequant.cpp, mlp_cpu.cpp (a dense MLP or an MoE
 block after its router in one call), the DeltaNet steps in delta_rule_cpu.cpp,
 delta_rule_chunked_cpu.cpp and deltanet_cpu.cpp, a whole DeltaNet decode step in
-deltanet_decode.cpp, an attention decode step in attention_decode.cpp, the layer norms in
-layer_ops.cpp; shared helpers in ggml_blocks.h, vector_math.h and delta_rule_step.h. They are
+deltanet_decode.cpp, an attention decode step in attention_decode.cpp (K/V as floats or as
+Q8_0/Q4_0 blocks, attention_kv_blocks.h), the layer norms in layer_ops.cpp; shared helpers in
+ggml_blocks.h, vector_math.h and delta_rule_step.h. They are
 built with OpenMP (at::parallel_for's threads),
 compiled by torch.utils.cpp_extension at first use (about 30 s) and cached
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions).
@@ -81,7 +82,7 @@ _SOURCES = [
 _HEADERS = [
     _CSRC / name
     for name in ("ggml_blocks.h", "delta_rule_inputs.h", "delta_rule_step.h", "vector_math.h", "packed_call.h",
-                 "packed_format.h")
+                 "packed_format.h", "attention_kv_blocks.h")
 ]
 _REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "gfni")
 _COMPILE_FLAGS = [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from qwen35.engine.quantized_kv import BLOCK_TYPES, TypedAttentionKV
 from qwen35.kernels import fast_cpu, fast_cuda
 from qwen35.kernels.delta_rule import fast_ops, gated_delta_rule
 
@@ -22,6 +23,8 @@ from qwen35.kernels.delta_rule import fast_ops, gated_delta_rule
 # interpreter on a machine without a GPU (tests/test_fast_cuda.py).
 GPU_DEVICE_TYPES = {"cuda"}
 L2_NORM_EPS = 1e-6
+# The GGUF block types CpuSteps.attention_decode reads and writes (K and V each one of them).
+CPU_BLOCK_KV_TYPES = frozenset({"q8_0", "q4_0"})
 
 
 def fused_steps(x: torch.Tensor):
@@ -47,8 +50,11 @@ class CpuSteps:
         return fast_ops().add_rms_norm(x.float(), residual.float(), scale, eps)
 
     def attention_decode(self, kv, q_gate, k, v, q_norm, k_norm, cos, sin, *rest):
-        return fast_ops().attention_decode(q_gate.float(), k.float(), v.float(), q_norm, k_norm, cos, sin,
-                                           *kv.storage, *rest)
+        inputs = (q_gate.float(), k.float(), v.float(), q_norm, k_norm, cos, sin, *kv.storage, *rest)
+        if isinstance(kv, TypedAttentionKV) and kv.type_k in BLOCK_TYPES:  # K/V as GGUF blocks
+            key_type, value_type = int(BLOCK_TYPES[kv.type_k]), int(BLOCK_TYPES[kv.type_v])
+            return fast_ops().attention_decode_blocks(*inputs, key_type, value_type)
+        return fast_ops().attention_decode(*inputs)
 
     def deltanet_decode(self, layer, projected, a, b, z, state):
         c = layer.c

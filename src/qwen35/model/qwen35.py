@@ -130,9 +130,12 @@ class Attention:
     def _attend(self, x, q_gate, k, v, kv: AttentionKV, starts, rope, mask):
         c = self.c
         batch, length, _ = x.shape
-        # A store in another form than the fused step writes (GGUF blocks) takes the plain lines below.
-        fusable = not isinstance(kv, TypedAttentionKV) or kv.fused_decode()
-        steps = fused_steps(x) if length == 1 and fusable else None
+        steps = fused_steps(x) if length == 1 else None
+        # A store in another form than the fused step writes takes the plain lines below: mixed float types,
+        # and GGUF blocks but for the CPU's (fused.CPU_BLOCK_KV_TYPES).
+        if isinstance(kv, TypedAttentionKV) and not kv.fused_decode() and not (
+                steps is fused.CPU_STEPS and {kv.type_k, kv.type_v} <= fused.CPU_BLOCK_KV_TYPES):
+            steps = None
         if steps is not None:
             kv.make_room(starts, 1)
             out = steps.attention_decode(

@@ -9,7 +9,9 @@
 // slots, each with its own softmax maximum and sum, merged at the end (the split-context form
 // of decode attention); a short context runs on the calling thread, a long one's ranges over
 // the threads. The cuts depend on the row's length alone: batch- and thread-invariant bits.
-// Everything is computed in fp32; K/V storage may be fp32, bf16 or fp16.
+// Everything is computed in fp32; K/V storage may be fp32, bf16 or fp16 (K and V alike), or
+// Q8_0 / Q4_0 blocks for each of them (attention_kv_blocks.h: read a block at a time, the new
+// token quantized as the cache's `write` quantizes it).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,6 +23,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "attention_kv_blocks.h"
+#include "ggml_blocks.h"
 #include "vector_math.h"
 
 namespace qwen35_ggml {
@@ -63,6 +67,25 @@ inline void store16(at::BFloat16* p, __m512 x, __mmask16 m) {
 }
 inline void store16(at::Half* p, __m512 x, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// A storage row (one slot's vector of one kv head) as every storage type is read and written:
+// values c .. c + 15 of the row, where its values start to prefetch, the whole row written.
+// The block types' overloads are in attention_kv_blocks.h.
+template <typename T>
+inline __m512 load_at(const T* row, int64_t c, __mmask16 m) {
+  return load16(row + c, m);
+}
+template <typename T>
+inline const char* address(const T* row, int64_t c) {
+  return reinterpret_cast<const char*>(row + c / Unit<T>::values);
+}
+template <typename T>
+inline void store_row(T* row, const float* x, int64_t dim) {
+  for (int64_t c = 0; c < dim; c += kLanes) {
+    const __mmask16 m = lanes_below(dim - c);
+    store16(row + c, _mm512_maskz_loadu_ps(m, x + c), m);
+  }
 }
 
 // One head: out = x * rsqrt(mean(x^2) + eps) * weight. The same sums in the same order as
@@ -135,12 +158,12 @@ inline __m512 score_block(const float* q, const T* k, int64_t stride, int64_t di
     if (prefetch != nullptr) {
 #pragma GCC unroll 16
       for (int s = 0; s < kSlots; ++s) {
-        _mm_prefetch(reinterpret_cast<const char*>(prefetch + s * stride + c), _MM_HINT_T0);
+        _mm_prefetch(address(prefetch + s * stride, c), _MM_HINT_T0);
       }
     }
 #pragma GCC unroll 16
     for (int s = 0; s < kSlots; ++s) {
-      const __m512 x = load16(k + s * stride + c, m);
+      const __m512 x = load_at(k + s * stride, c, m);
 #pragma GCC unroll 4
       for (int h = 0; h < kHeads; ++h) sums[h * kSlots + s] = _mm512_fmadd_ps(qc[h], x, sums[h * kSlots + s]);
     }
@@ -175,17 +198,17 @@ inline float dot(const float* q, const T* k, int64_t dim) {
   __m512 sum = _mm512_setzero_ps();
   for (int64_t c = 0; c < dim; c += kLanes) {
     const __mmask16 m = lanes_below(dim - c);
-    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + c), load16(k + c, m), sum);
+    sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + c), load_at(k, c, m), sum);
   }
   return _mm512_reduce_add_ps(sum);
 }
 
-// out[h][0 : 16 kChunks] += sum_s weights[h][s] * rows[s][0 : 16 kChunks] for kHeads query heads
-// at once (each V value loaded once for all of them), the sums held in registers across the
-// slots; `last` masks the final chunk of a head whose size is no multiple of 16.
+// out[h][0 : 16 kChunks] += sum_s weights[h][s] * rows[s][first : first + 16 kChunks] for kHeads
+// query heads at once (each V value loaded once for all of them), the sums held in registers
+// across the slots; `last` masks the final chunk of a head whose size is no multiple of 16.
 template <int kHeads, int kChunks, typename T>
-void accumulate_rows(const float* weights, int64_t weight_stride, const T* rows, int64_t stride, int64_t count,
-                     float* out, int64_t out_stride, __mmask16 last) {
+void accumulate_rows(const float* weights, int64_t weight_stride, const T* rows, int64_t first, int64_t stride,
+                     int64_t count, float* out, int64_t out_stride, __mmask16 last) {
   __m512 sums[kHeads][kChunks];
 #pragma GCC unroll 2
   for (int h = 0; h < kHeads; ++h) {
@@ -201,7 +224,7 @@ void accumulate_rows(const float* weights, int64_t weight_stride, const T* rows,
     const T* row = rows + s * stride;
 #pragma GCC unroll 8
     for (int c = 0; c < kChunks; ++c) {
-      const __m512 x = load16(row + c * kLanes, c + 1 == kChunks ? last : 0xFFFF);
+      const __m512 x = load_at(row, first + c * kLanes, c + 1 == kChunks ? last : 0xFFFF);
 #pragma GCC unroll 2
       for (int h = 0; h < kHeads; ++h) sums[h][c] = _mm512_fmadd_ps(w[h], x, sums[h][c]);
     }
@@ -223,17 +246,17 @@ void accumulate_heads(const float* weights, int64_t weight_stride, const T* rows
   for (int64_t c0 = 0; c0 < chunks; c0 += 8) {
     const int64_t block = std::min<int64_t>(8, chunks - c0);
     const __mmask16 last = c0 + block == chunks ? tail : static_cast<__mmask16>(0xFFFF);
-    const T* r = rows + c0 * kLanes;
-    float* o = out + c0 * kLanes;
+    const int64_t first = c0 * kLanes;
+    float* o = out + first;
     switch (block) {
-      case 1: accumulate_rows<kHeads, 1>(weights, weight_stride, r, stride, count, o, dim, last); break;
-      case 2: accumulate_rows<kHeads, 2>(weights, weight_stride, r, stride, count, o, dim, last); break;
-      case 3: accumulate_rows<kHeads, 3>(weights, weight_stride, r, stride, count, o, dim, last); break;
-      case 4: accumulate_rows<kHeads, 4>(weights, weight_stride, r, stride, count, o, dim, last); break;
-      case 5: accumulate_rows<kHeads, 5>(weights, weight_stride, r, stride, count, o, dim, last); break;
-      case 6: accumulate_rows<kHeads, 6>(weights, weight_stride, r, stride, count, o, dim, last); break;
-      case 7: accumulate_rows<kHeads, 7>(weights, weight_stride, r, stride, count, o, dim, last); break;
-      default: accumulate_rows<kHeads, 8>(weights, weight_stride, r, stride, count, o, dim, last); break;
+      case 1: accumulate_rows<kHeads, 1>(weights, weight_stride, rows, first, stride, count, o, dim, last); break;
+      case 2: accumulate_rows<kHeads, 2>(weights, weight_stride, rows, first, stride, count, o, dim, last); break;
+      case 3: accumulate_rows<kHeads, 3>(weights, weight_stride, rows, first, stride, count, o, dim, last); break;
+      case 4: accumulate_rows<kHeads, 4>(weights, weight_stride, rows, first, stride, count, o, dim, last); break;
+      case 5: accumulate_rows<kHeads, 5>(weights, weight_stride, rows, first, stride, count, o, dim, last); break;
+      case 6: accumulate_rows<kHeads, 6>(weights, weight_stride, rows, first, stride, count, o, dim, last); break;
+      case 7: accumulate_rows<kHeads, 7>(weights, weight_stride, rows, first, stride, count, o, dim, last); break;
+      default: accumulate_rows<kHeads, 8>(weights, weight_stride, rows, first, stride, count, o, dim, last); break;
     }
   }
 }
@@ -244,19 +267,27 @@ struct Range {
   int64_t row, kv_head, begin, end;
 };
 
+// A K or V storage's strides, in its units (elements, or blocks of a block storage).
+struct Strides {
+  int64_t row, slot, head;
+  int64_t at(int64_t row_index, int64_t slot_index, int64_t head_index) const {
+    return row_index * row + slot_index * slot + head_index * head;
+  }
+};
+
 struct Shapes {
   int64_t query_heads, group, dim;
-  int64_t slot_stride, row_stride, head_stride;  // K/V storage strides, in elements
+  Strides k, v;
   float scale;
 };
 
-template <typename T>
-void attend_range(const Range& range, const Shapes& sh, const float* queries, const T* keys, const T* values,
+template <typename TK, typename TV>
+void attend_range(const Range& range, const Shapes& sh, const float* queries, const TK* keys, const TV* values,
                   float* partial) {
-  const int64_t dim = sh.dim, group = sh.group, count = range.end - range.begin, stride = sh.slot_stride;
+  const int64_t dim = sh.dim, group = sh.group, count = range.end - range.begin, stride = sh.k.slot;
   const float* q = queries + (range.row * sh.query_heads + range.kv_head * group) * dim;
-  const int64_t first = range.row * sh.row_stride + range.begin * stride + range.kv_head * sh.head_stride;
-  const T *k = keys + first, *v = values + first;
+  const TK* k = keys + sh.k.at(range.row, range.begin, range.kv_head);
+  const TV* v = values + sh.v.at(range.row, range.begin, range.kv_head);
   float *maxima = partial, *sums = partial + group, *out = partial + 2 * group;
   std::vector<float> scores(group * count);
   if (count < kLanes) {
@@ -291,13 +322,13 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
   std::fill_n(out, group * dim, 0.0f);
   for (int64_t t = 0; t < count; t += kTileSlots) {  // a tile of V rows (in L1) serves every query head
     const int64_t tile = std::min(kTileSlots, count - t);
-    const T* rows = v + t * stride;
+    const TV* rows = v + t * sh.v.slot;
     const float* weights = scores.data() + t;
     int64_t g = 0;
     for (; g + 2 <= group; g += 2) {
-      accumulate_heads<2>(weights + g * count, count, rows, stride, tile, out + g * dim, dim);
+      accumulate_heads<2>(weights + g * count, count, rows, sh.v.slot, tile, out + g * dim, dim);
     }
-    if (g < group) accumulate_heads<1>(weights + g * count, count, rows, stride, tile, out + g * dim, dim);
+    if (g < group) accumulate_heads<1>(weights + g * count, count, rows, sh.v.slot, tile, out + g * dim, dim);
   }
 }
 
@@ -305,9 +336,27 @@ struct Checked {
   int64_t batch, rotary_dim;
 };
 
+// Storage types: kFloatStorage (keys and values of one float dtype) or a ggml block type id each.
+constexpr int64_t kFloatStorage = -1;
+
+void check_block_storage(const at::Tensor& store, int64_t type, int64_t batch, int64_t n_kv, int64_t dim,
+                         const char* name) {
+  TORCH_CHECK(type == TYPE_Q8_0 || type == TYPE_Q4_0, "attention_decode_blocks: ", name,
+              " must be Q8_0 or Q4_0 blocks (ggml types 8 and 2), not type ", type);
+  TORCH_CHECK(dim % 32 == 0, "attention_decode_blocks: head_dim must be a multiple of 32 for block storage");
+  const int64_t block_bytes = geometry(type).type_size;
+  TORCH_CHECK(store.scalar_type() == at::kByte && store.dim() == 4 && store.size(0) >= batch && store.size(2) == n_kv &&
+                  store.size(3) == dim / 32 * block_bytes && store.stride(3) == 1 &&
+                  store.stride(0) % block_bytes == 0 && store.stride(1) % block_bytes == 0 &&
+                  store.stride(2) % block_bytes == 0,
+              "attention_decode_blocks: ", name, " must be uint8 [rows >= B, capacity, num_kv_heads, ",
+              dim / 32 * block_bytes, "] whole blocks");
+}
+
 Checked check_inputs(const at::Tensor& q_gate, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_norm,
                      const at::Tensor& k_norm, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& keys,
-                     const at::Tensor& values, const at::Tensor& starts, int64_t n_q, int64_t n_kv, int64_t dim) {
+                     const at::Tensor& values, const at::Tensor& starts, int64_t n_q, int64_t n_kv, int64_t dim,
+                     int64_t key_type, int64_t value_type) {
   TORCH_CHECK(n_kv >= 1 && n_q >= 1 && n_q % n_kv == 0 && dim >= 1,
               "attention_decode: num_heads must be a positive multiple of num_kv_heads, head_dim positive");
   for (const at::Tensor* t : {&q_gate, &k, &v, &q_norm, &k_norm, &cos, &sin, &keys, &values, &starts}) {
@@ -331,13 +380,20 @@ Checked check_inputs(const at::Tensor& q_gate, const at::Tensor& k, const at::Te
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == dim && t->is_contiguous(),
                 "attention_decode: q_norm and k_norm must be contiguous fp32 [head_dim]");
   }
-  const auto type = keys.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf,
-              "attention_decode: K/V storage must be fp32, bf16 or fp16");
-  TORCH_CHECK(values.scalar_type() == type && keys.dim() == 4 && keys.sizes() == values.sizes() &&
-                  keys.strides() == values.strides() && keys.size(0) >= batch && keys.size(2) == n_kv &&
-                  keys.size(3) == dim && keys.stride(3) == 1,
-              "attention_decode: keys and values must be alike [rows >= B, capacity, num_kv_heads, head_dim] storage");
+  if (key_type == kFloatStorage) {
+    const auto type = keys.scalar_type();
+    TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kHalf,
+                "attention_decode: K/V storage must be fp32, bf16 or fp16");
+    TORCH_CHECK(values.scalar_type() == type && keys.dim() == 4 && keys.sizes() == values.sizes() &&
+                    keys.strides() == values.strides() && keys.size(0) >= batch && keys.size(2) == n_kv &&
+                    keys.size(3) == dim && keys.stride(3) == 1,
+                "attention_decode: keys and values must be alike [rows >= B, capacity, num_kv_heads, head_dim] ",
+                "storage");
+  } else {
+    check_block_storage(keys, key_type, batch, n_kv, dim, "keys");
+    check_block_storage(values, value_type, batch, n_kv, dim, "values");
+    TORCH_CHECK(keys.size(1) == values.size(1), "attention_decode_blocks: keys and values must have one capacity");
+  }
   TORCH_CHECK(starts.scalar_type() == at::kLong && starts.dim() == 1 && starts.size(0) == batch,
               "attention_decode: starts must be int64 [B]");
   const int64_t* slot = starts.data_ptr<int64_t>();
@@ -349,14 +405,30 @@ Checked check_inputs(const at::Tensor& q_gate, const at::Tensor& k, const at::Te
   return {batch, rotary_dim};
 }
 
+// A storage tensor as units of T (a block storage is uint8), and its strides in those units.
 template <typename T>
+T* units_of(at::Tensor& store) {
+  if constexpr (Unit<T>::values == 1) {
+    return store.data_ptr<T>();
+  } else {
+    return reinterpret_cast<T*>(store.data_ptr<uint8_t>());
+  }
+}
+template <typename T>
+Strides strides_of(const at::Tensor& store) {
+  const int64_t unit_bytes = Unit<T>::values == 1 ? 1 : static_cast<int64_t>(sizeof(T));
+  return {store.stride(0) / unit_bytes, store.stride(1) / unit_bytes, store.stride(2) / unit_bytes};
+}
+
+template <typename TK, typename TV>
 at::Tensor attention_decode_typed(const at::Tensor& q_gate, const at::Tensor& k_new, const at::Tensor& v_new,
                                   const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& cos,
                                   const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
                                   const at::Tensor& starts, int64_t n_q, int64_t n_kv, int64_t dim, float eps,
                                   float scale, int64_t batch, int64_t rotary_dim) {
-  const Shapes sh{n_q, n_q / n_kv, dim, keys.stride(1), keys.stride(0), keys.stride(2), scale};
-  T *key_store = keys.data_ptr<T>(), *value_store = values.data_ptr<T>();
+  const Shapes sh{n_q, n_q / n_kv, dim, strides_of<TK>(keys), strides_of<TV>(values), scale};
+  TK* key_store = units_of<TK>(keys);
+  TV* value_store = units_of<TV>(values);
   const int64_t* slot = starts.data_ptr<int64_t>();
   const float *qn = q_norm.data_ptr<float>(), *kn = k_norm.data_ptr<float>();
   std::vector<float> queries(batch * n_q * dim), key(dim), scratch(rotary_dim);
@@ -374,16 +446,12 @@ at::Tensor attention_decode_typed(const at::Tensor& q_gate, const at::Tensor& k_
     }
     const float* kr = k_new.data_ptr<float>() + b * k_new.stride(0);
     const float* vr = v_new.data_ptr<float>() + b * v_new.stride(0);
-    const int64_t at_slot = b * sh.row_stride + slot[b * starts.stride(0)] * sh.slot_stride;
+    const int64_t at_slot = slot[b * starts.stride(0)];
     for (int64_t h = 0; h < n_kv; ++h) {
       norm_head(kr + h * dim, kn, key.data(), dim, eps);
       rotate_half(key.data(), c, s, rotary_dim, scratch.data());
-      T *kd = key_store + at_slot + h * sh.head_stride, *vd = value_store + at_slot + h * sh.head_stride;
-      for (int64_t i = 0; i < chunks; ++i) {
-        const __mmask16 m = lanes_below(dim - i * kLanes);
-        store16(kd + i * kLanes, _mm512_maskz_loadu_ps(m, key.data() + i * kLanes), m);
-        store16(vd + i * kLanes, _mm512_maskz_loadu_ps(m, vr + h * dim + i * kLanes), m);
-      }
+      store_row(key_store + sh.k.at(b, at_slot, h), key.data(), dim);
+      store_row(value_store + sh.v.at(b, at_slot, h), vr + h * dim, dim);
     }
   }
 
@@ -461,19 +529,39 @@ at::Tensor attention_decode(const at::Tensor& q_gate, const at::Tensor& k, const
                             const at::Tensor& sin, at::Tensor& keys, at::Tensor& values, const at::Tensor& starts,
                             int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale) {
   const Checked c = check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, num_heads,
-                                 num_kv_heads, head_dim);
-  const float e = static_cast<float>(eps), s = static_cast<float>(scale);
+                                 num_kv_heads, head_dim, kFloatStorage, kFloatStorage);
+  const auto run = [&](auto unit) {
+    using T = decltype(unit);
+    return attention_decode_typed<T, T>(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, num_heads,
+                                        num_kv_heads, head_dim, static_cast<float>(eps), static_cast<float>(scale),
+                                        c.batch, c.rotary_dim);
+  };
   switch (keys.scalar_type()) {
-    case at::kBFloat16:
-      return attention_decode_typed<at::BFloat16>(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts,
-                                                  num_heads, num_kv_heads, head_dim, e, s, c.batch, c.rotary_dim);
-    case at::kHalf:
-      return attention_decode_typed<at::Half>(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts,
-                                              num_heads, num_kv_heads, head_dim, e, s, c.batch, c.rotary_dim);
-    default:
-      return attention_decode_typed<float>(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, num_heads,
-                                           num_kv_heads, head_dim, e, s, c.batch, c.rotary_dim);
+    case at::kBFloat16: return run(at::BFloat16());
+    case at::kHalf: return run(at::Half());
+    default: return run(0.0f);
   }
+}
+
+// attention_decode over K and V kept as GGUF blocks: keys and values uint8 [rows >= B, capacity,
+// num_kv_heads, head_dim / 32 * block bytes], of ggml types key_type and value_type (Q8_0 = 8,
+// Q4_0 = 2, either for each). The new token's K and V are quantized into their slots.
+at::Tensor attention_decode_blocks(const at::Tensor& q_gate, const at::Tensor& k, const at::Tensor& v,
+                                   const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& cos,
+                                   const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
+                                   const at::Tensor& starts, int64_t num_heads, int64_t num_kv_heads,
+                                   int64_t head_dim, double eps, double scale, int64_t key_type, int64_t value_type) {
+  const Checked c = check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, num_heads,
+                                 num_kv_heads, head_dim, key_type, value_type);
+  const auto run = [&](auto key_unit, auto value_unit) {
+    return attention_decode_typed<decltype(key_unit), decltype(value_unit)>(
+        q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, num_heads, num_kv_heads, head_dim,
+        static_cast<float>(eps), static_cast<float>(scale), c.batch, c.rotary_dim);
+  };
+  if (key_type == TYPE_Q8_0) {
+    return value_type == TYPE_Q8_0 ? run(BlockQ8_0(), BlockQ8_0()) : run(BlockQ8_0(), BlockQ4_0());
+  }
+  return value_type == TYPE_Q8_0 ? run(BlockQ4_0(), BlockQ8_0()) : run(BlockQ4_0(), BlockQ4_0());
 }
 
 }  // namespace
@@ -485,4 +573,9 @@ TORCH_LIBRARY_FRAGMENT(qwen35_ggml, m) {
       "Tensor(a!) keys, Tensor(b!) values, Tensor starts, int num_heads, int num_kv_heads, int head_dim, float eps, "
       "float scale) -> Tensor",
       &qwen35_ggml::attention_decode);
+  m.def(
+      "attention_decode_blocks(Tensor q_gate, Tensor k, Tensor v, Tensor q_norm, Tensor k_norm, Tensor cos, "
+      "Tensor sin, Tensor(a!) keys, Tensor(b!) values, Tensor starts, int num_heads, int num_kv_heads, int head_dim, "
+      "float eps, float scale, int key_type, int value_type) -> Tensor",
+      &qwen35_ggml::attention_decode_blocks);
 }

@@ -1,0 +1,227 @@
+"""The fused decode step over K/V kept as GGUF blocks (-ctk/-ctv q8_0, q4_0: csrc/attention_decode.cpp with
+attention_kv_blocks.h) against the model's plain path on the same TypedAttentionKV store (Attention._attend
+without fused steps: norms, RoPE, `write` quantizing, `view` dequantizing the cache, _single_query_attention),
+and the new token's blocks against gguf-py's quantizer."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from gguf.quants import quantize
+
+import qwen35
+from qwen35.engine.quantized_kv import BLOCK_TYPES, TypedAttentionKV, attention_kv_class
+from qwen35.model import fused
+from qwen35.model import qwen35 as network_module
+
+EPS = 1e-6
+TYPE_PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0")]
+
+
+def fast_ops_or_skip():
+    from qwen35.kernels import fast_cpu
+
+    if not fast_cpu.available():
+        pytest.skip("fast CPU kernels unavailable here")
+    return torch.ops.qwen35_ggml
+
+
+@pytest.fixture
+def two_threads_at_least():
+    """Long contexts split over the threads only where there are several: make sure there are."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
+def attention_layer(n_q, n_kv, dim, generator):
+    """The model's Attention with only what its step between the matmuls reads (config, the two norms)."""
+    layer = network_module.Attention.__new__(network_module.Attention)
+    layer.c = SimpleNamespace(num_attention_heads=n_q, num_key_value_heads=n_kv, head_dim=dim, rms_norm_eps=EPS)
+    layer.q_norm = 1 + 0.2 * torch.randn(dim, generator=generator)
+    layer.k_norm = 1 + 0.2 * torch.randn(dim, generator=generator)
+    return layer
+
+
+def filled_store(type_k, type_v, batch, n_kv, dim, lengths, generator) -> TypedAttentionKV:
+    """A store with a spare row and spare slots, every slot holding an earlier token's quantized K/V."""
+    capacity = max(lengths) + 5
+    kv = attention_kv_class(type_k, type_v)(batch, n_kv, dim, "cpu")
+    kv.reserve(rows=batch + 1, tokens=capacity)
+    earlier = [torch.randn(batch, capacity, n_kv, dim, generator=generator) * 2 for _ in range(2)]
+    kv.write(torch.zeros(batch, dtype=torch.long), *earlier)
+    return kv
+
+
+def copy_store(kv: TypedAttentionKV) -> TypedAttentionKV:
+    return type(kv)._wrap(*(store.clone() for store in kv.storage), rows=kv.rows)
+
+
+def step_inputs(batch, n_q, n_kv, dim, rotary_dim, lengths, generator):
+    """q_gate, k, v as column slices of one projection output (strided rows, as LinearGroup gives them)."""
+    widths = [2 * n_q * dim, n_kv * dim, n_kv * dim, 3]
+    projected = torch.randn(batch, 1, sum(widths), generator=generator) * 2
+    q_gate, k, v, _ = projected.split(widths, dim=-1)
+    half_angles = torch.randn(batch, 1, rotary_dim // 2, generator=generator) * 10
+    angles = torch.cat([half_angles, half_angles], dim=-1)
+    starts = torch.tensor(lengths) - 1
+    mask = torch.arange(max(lengths))[None, None, :] <= starts[:, None, None]
+    return q_gate, k, v, (angles.cos(), angles.sin()), starts, mask
+
+
+def run_both(type_k, type_v, batch, n_q, n_kv, dim, rotary_dim, lengths, seed=0):
+    """The same step through Attention._attend twice: the fused C++ step, and the plain lines (the CPU's
+    block types taken away from the fused steps). -> (fused output, plain output, fused store, plain store)."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = attention_layer(n_q, n_kv, dim, generator)
+    ours = filled_store(type_k, type_v, batch, n_kv, dim, lengths, generator)
+    plain = copy_store(ours)
+    q_gate, k, v, rope, starts, mask = step_inputs(batch, n_q, n_kv, dim, rotary_dim, lengths, generator)
+    x = torch.zeros(batch, 1, 8)  # _attend reads its shape and device only
+    calls = []
+    original = fused.CPU_STEPS.attention_decode
+
+    def counted(kv, *args):
+        calls.append(type(kv))
+        return original(kv, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused.CPU_STEPS, "attention_decode", counted)
+        fused_out = layer._attend(x, q_gate, k, v, ours, starts, rope, mask)
+        assert calls == [type(ours)], "the block store did not take the fused step"
+        patch.setattr(fused, "CPU_BLOCK_KV_TYPES", frozenset())
+        plain_out = layer._attend(x, q_gate, k, v, plain, starts, rope, mask)
+        assert len(calls) == 1, "the plain path took the fused step"
+    return fused_out, plain_out, ours, plain
+
+
+def assert_output_close(ours, expected):
+    """fp32 over the same dequantized values in other summation orders."""
+    error = (ours - expected).abs().max() / expected.abs().max()
+    assert error < 1e-5, f"largest error {error:.2e} of the largest output"
+
+
+@pytest.mark.parametrize("type_k,type_v", TYPE_PAIRS)
+@pytest.mark.parametrize(
+    "batch,n_q,n_kv,dim,rotary_dim,lengths",
+    [
+        (1, 8, 2, 256, 64, [1]),
+        (3, 8, 2, 256, 64, [37, 1, 20]),
+        (3, 4, 4, 64, 16, [37, 5, 1]),
+        (2, 16, 2, 256, 64, [1300, 700]),  # longer than one range of 512 slots: merged from pieces
+        (2, 4, 1, 64, 16, [3000, 17]),
+    ],
+)
+def test_matches_the_plain_path_on_the_same_store(two_threads_at_least, type_k, type_v, batch, n_q, n_kv, dim,
+                                                  rotary_dim, lengths):
+    fast_ops_or_skip()
+    fused_out, plain_out, ours, plain = run_both(type_k, type_v, batch, n_q, n_kv, dim, rotary_dim, lengths,
+                                                 seed=sum(lengths) + dim)
+    assert_output_close(fused_out, plain_out)
+    # The same blocks written: every slot, the new tokens' included, bit for bit.
+    for our_store, plain_store in zip(ours.storage, plain.storage):
+        assert our_store.dtype == torch.uint8 and torch.equal(our_store, plain_store)
+
+
+@pytest.mark.parametrize("cache_type", ["q8_0", "q4_0"])
+def test_new_values_are_quantized_as_gguf_py_quantizes(cache_type):
+    """V enters the cache as given: its blocks are gguf-py's `quantize` of it, for rows made to hit the
+    quantizers' edges (rounding ties, zeros, one value, a spike, huge and tiny scales)."""
+    fast = fast_ops_or_skip()
+    rng = np.random.default_rng(7)
+    ties = rng.integers(-120, 120, 256) + 0.5
+    ties[::32] = 127  # Q8_0's scale is then exactly 1 and every other value a tie
+    rows = np.stack([
+        ties, (rng.integers(-16, 17, 256) * 0.5), np.zeros(256), np.full(256, -0.37),
+        np.where(np.arange(256) == 77, 1e3, 1e-3), rng.standard_normal(256) * 3e4, rng.standard_normal(256) * 3e37,
+        rng.standard_normal(256) * 1e-30, rng.standard_normal(256) * 1e-4, rng.standard_normal(256),
+    ]).astype(np.float32)
+    n_kv, dim, n_q, batch = 2, 256, 2, rows.shape[0] // 2
+    values = torch.from_numpy(rows).reshape(batch, 1, n_kv * dim)
+    kv = attention_kv_class(cache_type, cache_type)(batch, n_kv, dim, "cpu")
+    kv.reserve(tokens=4)
+    generator = torch.Generator().manual_seed(1)
+    q_gate = torch.randn(batch, 1, 2 * n_q * dim, generator=generator)
+    k = torch.randn(batch, 1, n_kv * dim, generator=generator)
+    cos, sin = torch.ones(batch, 1, 32), torch.zeros(batch, 1, 32)
+    starts = torch.tensor([2, 0, 3, 1, 2])
+    fast.attention_decode_blocks(q_gate, k, values, torch.ones(dim), torch.ones(dim), cos, sin, *kv.storage, starts,
+                                 n_q, n_kv, dim, EPS, dim**-0.5, int(BLOCK_TYPES[cache_type]),
+                                 int(BLOCK_TYPES[cache_type]))
+    written = kv.storage[1][torch.arange(batch), starts].reshape(rows.shape[0], -1).numpy()
+    with np.errstate(over="ignore"):
+        expected = quantize(rows, BLOCK_TYPES[cache_type])
+    assert np.array_equal(written, expected)
+
+
+def test_a_rows_result_is_the_same_bits_in_any_batch_and_thread_count():
+    fast = fast_ops_or_skip()
+    generator = torch.Generator().manual_seed(3)
+    n_q, n_kv, dim, lengths = 8, 2, 64, [2000, 300]
+    kv = filled_store("q8_0", "q4_0", 2, n_kv, dim, lengths, generator)
+    q_gate, k, v, (cos, sin), starts, _ = step_inputs(2, n_q, n_kv, dim, 16, lengths, generator)
+    norm = torch.ones(dim)
+
+    def run(rows, threads):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            keys, values = (store[rows].clone() for store in kv.storage)
+            return fast.attention_decode_blocks(q_gate[rows], k[rows], v[rows], norm, norm, cos[rows], sin[rows], keys,
+                                                values, starts[rows], n_q, n_kv, dim, EPS, dim**-0.5, 8, 2)
+        finally:
+            torch.set_num_threads(previous)
+
+    together = run([0, 1], 2)
+    for threads in (1, 2):
+        assert torch.equal(run([0], threads)[0], together[0]) and torch.equal(run([1], threads)[0], together[1])
+
+
+def test_bad_inputs_give_a_clear_error():
+    fast = fast_ops_or_skip()
+    generator = torch.Generator().manual_seed(0)
+    kv = filled_store("q8_0", "q8_0", 2, 2, 64, [5, 3], generator)
+    q_gate, k, v, (cos, sin), starts, _ = step_inputs(2, 4, 2, 64, 16, [5, 3], generator)
+    keys, values = kv.storage
+
+    def call(keys=keys, values=values, key_type=8, value_type=8):
+        return fast.attention_decode_blocks(q_gate, k, v, torch.ones(64), torch.ones(64), cos, sin, keys, values,
+                                            starts, 4, 2, 64, EPS, 0.125, key_type, value_type)
+
+    with pytest.raises(RuntimeError, match="must be Q8_0 or Q4_0 blocks"):
+        call(key_type=3)
+    with pytest.raises(RuntimeError, match="whole blocks"):
+        call(value_type=2)  # Q8_0 bytes read as Q4_0's
+    with pytest.raises(RuntimeError, match="whole blocks"):
+        call(keys=keys[..., :34])
+    with pytest.raises(RuntimeError, match="one capacity"):
+        call(values=values[:, :-1])
+
+
+def test_the_models_decode_takes_the_fused_step(dense_hf, monkeypatch):
+    """`-ctk q8_0 -ctv q8_0` in fast precision: every decode step of every attention layer goes through the
+    block op, and the logits are the plain path's."""
+    fast_ops_or_skip()
+    model = qwen35.load_model(dense_hf, precision="fast", cache_type_k="q8_0", cache_type_v="q8_0")
+    prompt, more = list(range(100, 130)), [7, 300, 41, 5]
+    calls = []
+    original = fused.CPU_STEPS.attention_decode
+    monkeypatch.setattr(fused.CPU_STEPS, "attention_decode",
+                        lambda kv, *args: calls.append(type(kv)) or original(kv, *args))
+
+    def logits():
+        cache = model.make_cache(1)
+        model.forward(torch.tensor([prompt]), cache)
+        return torch.stack([model.forward(torch.tensor([[token]]), cache)[0, -1] for token in more])
+
+    ours = logits()
+    layers = model.config.layer_types.count(network_module.FULL_ATTENTION)
+    assert len(calls) == layers * len(more) and all(issubclass(kind, TypedAttentionKV) for kind in calls)
+    monkeypatch.setattr(fused, "CPU_BLOCK_KV_TYPES", frozenset())
+    plain = logits()
+    assert len(calls) == layers * len(more)
+    assert (ours - plain).abs().max() <= 1e-4
