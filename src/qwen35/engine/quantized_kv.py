@@ -10,8 +10,10 @@ quants. Writing quantizes the way gguf-py's reference quantizer does, bit for bi
 (select, merge, append, remove, install_row, shared, reserve) copy the stored bytes
 untouched, so a row's K/V are quantized once, when written. `view` gives float32.
 Where K and V share one float type, the CPU's fused decode step (csrc/attention_decode.cpp)
-writes the storage itself; block types take the model's plain path, which writes through
-`write` and reads through `view`.
+writes the storage itself; where each is q8_0 or q4_0, its block form (`attention_decode_blocks`)
+quantizes the new token as `quantize_rows` does and reads the blocks in its dot products. Other
+block types and mixes of a block type with a float type take the model's plain path, which writes
+through `write` and reads through `view` (the whole cache dequantized each step).
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ class TypedAttentionKV(AttentionKV):
 
     @classmethod
     def fused_decode(cls) -> bool:
-        """Whether the fused decode steps can write this storage (one float dtype for K and V)."""
+        """Whether the float fused decode step can write this storage (one float dtype for K and V); the
+        block types' own fused step is chosen by model/fused.py's CPU_BLOCK_KV_TYPES."""
         return cls.type_k == cls.type_v and cls.type_k in FLOAT_TYPES
 
     def _encode(self, cache_type: str, x: torch.Tensor) -> torch.Tensor:
