@@ -58,6 +58,24 @@ def dense_tokenizer(dense_hf):
     return load_tokenizer(dense_hf)
 
 
+def fast_ops_or_skip():
+    """torch.ops.qwen35_ggml, the C++ kernels (kernels/csrc), or a skip where they cannot be built."""
+    from qwen35.kernels import fast_cpu
+
+    if not fast_cpu.available():
+        pytest.skip("fast CPU kernels unavailable here")
+    return torch.ops.qwen35_ggml
+
+
+@pytest.fixture
+def two_threads_at_least():
+    """Long contexts split over the threads only where there are several: make sure there are."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
 def triton_devices() -> list[str]:
     """Where the Triton kernels' tests run: the GPU when there is one, else the interpreter on CPU."""
     return ["cuda"] if _HAS_CUDA else ["cpu"]

@@ -11,27 +11,11 @@ import torch
 from qwen35.engine.cache import AttentionKV, HybridCache
 from qwen35.model import qwen35 as network_module
 from qwen35.model.qwen35 import _single_query_attention, apply_rotary, rms_norm
+from conftest import fast_ops_or_skip
 
 EPS = 1e-6
 # The new K: the same norm and RoPE, torch's norm summing in another order.
 KEY_TOLERANCE = {"rtol": 1e-6, "atol": 1e-6}
-
-
-def fast_ops_or_skip():
-    from qwen35.kernels import fast_cpu
-
-    if not fast_cpu.available():
-        pytest.skip("fast CPU kernels unavailable here")
-    return torch.ops.qwen35_ggml
-
-
-@pytest.fixture
-def two_threads_at_least():
-    """Long contexts split over the threads only where there are several: make sure there are."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(2, before))
-    yield
-    torch.set_num_threads(before)
 
 
 def reference_step(q_gate, k, v, q_norm, k_norm, cos, sin, kv: AttentionKV, starts, n_q, n_kv, dim):

@@ -16,26 +16,10 @@ import qwen35
 from qwen35.engine.quantized_kv import BLOCK_TYPES, TypedAttentionKV, attention_kv_class
 from qwen35.model import fused
 from qwen35.model import qwen35 as network_module
+from conftest import fast_ops_or_skip
 
 EPS = 1e-6
 TYPE_PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "q4_0")]
-
-
-def fast_ops_or_skip():
-    from qwen35.kernels import fast_cpu
-
-    if not fast_cpu.available():
-        pytest.skip("fast CPU kernels unavailable here")
-    return torch.ops.qwen35_ggml
-
-
-@pytest.fixture
-def two_threads_at_least():
-    """Long contexts split over the threads only where there are several: make sure there are."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(2, before))
-    yield
-    torch.set_num_threads(before)
 
 
 def attention_layer(n_q, n_kv, dim, generator):
