@@ -188,3 +188,30 @@ def test_bad_test_lists_are_one_line_errors(fixtures, capsys, args, message):
     assert main(["bench", str(fixtures / "tiny" / "dense-Q4_K_M.gguf"), "-r", "1", "--no-bandwidth", *args]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("drafter", ["mtp", "draft model"])
+def test_speculative_decoding_is_timed_on_the_models_own_answer(fixtures, capsys, hf_tokenizer, drafter):
+    """--spec-type draft-mtp / -md: the model answers a chat prompt (rendered as transformers renders it),
+    plainly and with speculation; the tokens are the same, the guesses counted (the model drafting for itself
+    keeps every one)."""
+    from qwen35.bench_speculative import DEFAULT_PROMPT
+
+    model = fixtures / "tiny" / "dense-Q4_K_M.gguf"
+    flags = ["--spec-type", "draft-mtp"] if drafter == "mtp" else ["-md", model]
+    report = _bench_json(capsys, model, "-p", 0, "-n", 6, "-r", 1, "-t", 1, "--no-bandwidth", "--draft-p-min", 0,
+                         "--draft-max", 2, *flags)
+    (test,) = report["speculative"]
+    rendered = hf_tokenizer.apply_chat_template([{"role": "user", "content": DEFAULT_PROMPT}], tokenize=False,
+                                                add_generation_prompt=True, enable_thinking=False)
+    expected_prompt = hf_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert test["prompt_tokens"] == len(expected_prompt)
+    assert test["same_tokens"] is True and test["n_gen"] == 6 and test["draft_max"] == 2
+    assert test["tok_s"] > 0 and test["plain_tok_s"] > 0 and test["draft_tokens"] > 0
+    if drafter == "draft model":
+        assert test["accepted_tokens"] == test["draft_tokens"]
+    assert main(["bench", str(model), "-p", "0", "-n", "3", "-r", "1", "-t", "1", "--no-bandwidth", *map(str, flags),
+                 "--no-warmup"]) == 0
+    assert "tg3 draft" in capsys.readouterr().out
+    assert main(["bench", str(model), "-n", "3", "--spec-type", "draft-mtp", "--spec-prompt", "/no/such.txt"]) == 1
+    assert "--spec-prompt /no/such.txt" in capsys.readouterr().err

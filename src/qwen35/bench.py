@@ -30,7 +30,9 @@ from qwen35.cache_options import add_cache_arguments, cache_options
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 from qwen35.bench_report import OUTPUT_FORMATS, BenchTest, format_report, make_result
+from qwen35 import bench_speculative
 from qwen35.hub import resolve_model_argument
+from qwen35.speculation_options import add_speculation_arguments, check_speculation_arguments, speculation_from_arguments
 
 DEFAULT_REPETITIONS = 5
 BANDWIDTH_BUFFER_BYTES = 512 * 2**20  # well past any CPU's last-level cache
@@ -64,6 +66,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_const", const="json", dest="output", help="the same as -o json")
     add_device_arguments(parser)
     add_cache_arguments(parser)
+    add_speculation_arguments(parser)
+    bench_speculative.add_arguments(parser)
 
 
 def run(args) -> int:
@@ -74,6 +78,7 @@ def run(args) -> int:
     tests = plan_tests(parse_counts(args.n_prompt, "-p"), parse_counts(args.n_gen, "-n"),
                        [parse_pair(text) for text in args.prompt_gen], parse_counts(args.n_depth, "-d"))
     cache_options(args)  # a bad -ctk/-ctv fails before a pull or a load
+    check_speculation_arguments(args)
     path = resolve_model_argument(args.model, "qwen35 bench").path
 
     import torch
@@ -107,6 +112,13 @@ def run(args) -> int:
             seconds = time_test(model, test, prompt_tokens, gen_tokens, depth, args.all_logits)
             if not warm_up:
                 test.samples.append((test.n_prompt + test.n_gen) / seconds)
+    speculation = speculation_from_arguments(args, model, options, "qwen35 bench")
+    speculative_tests = []
+    if speculation is not None:
+        prompt = bench_speculative.speculative_prompt(args, path)
+        for n_gen in sorted({test.n_gen for test in tests if test.n_gen and not test.n_prompt and not test.n_depth}):
+            speculative_tests.append(bench_speculative.speculative_test(
+                model, prompt, n_gen, speculation, args.repetitions, not args.no_warmup, progress))
     peak_rss = peak_rss_bytes()  # before the probe's own buffer
     bandwidth = None
     if not args.no_bandwidth:
@@ -117,10 +129,14 @@ def run(args) -> int:
 
     result = make_result(args, path, model, threads, tests, bandwidth, peak_rss, decode_bytes_per_token(path))
     result.update(kv_cache_fields(model))
+    if speculation is not None:
+        result["speculative"] = speculative_tests
     report = format_report(result, args.output)
     if args.output == "md":
         report += (f"\nK/V cache -ctk {result['type_k']} -ctv {result['type_v']}: "
                    f"{result['kv_bytes_per_token'] / 1024:,.2f} KiB per token of context")
+        for test in speculative_tests:
+            report += "\n" + bench_speculative.markdown_line(test)
     print(report)
     return 0
 
