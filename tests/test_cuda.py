@@ -147,6 +147,24 @@ def test_greedy_generation_on_cuda_is_the_same_with_and_without_graphs(fixtures,
     assert len(graphed) > 1 and graphed == eager
 
 
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_speculative_decoding_on_cuda_gives_the_tokens_of_plain_decoding(fixtures, name):
+    """MTP guesses (random: mostly wrong) and a scripted guesser (right, then wrong) checked by eager steps on
+    the GPU, rewound in place: the tokens of plain (graphed) decoding, greedy and seeded."""
+    from test_speculative import Scripted
+
+    from qwen35.engine.speculative import Speculation
+
+    model = qwen35.load_model(fixtures / "tiny" / f"{name}-Q4_K_M.gguf", device="cuda")
+    prompt = _prompt(fixtures, name, "chat_think")
+    for options in (dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=5)):
+        plain = model.generate(prompt, max_new_tokens=16, ignore_eos=True, **options)
+        scripted = Scripted(draft_max=3, script=tuple(plain), prompt_length=len(prompt), wrong=lambda i: i % 3 == 2)
+        for speculation in (Speculation(draft_max=2, p_min=0.0), scripted):
+            assert model.generate(prompt, max_new_tokens=16, ignore_eos=True, speculation=speculation,
+                                  **options) == plain
+
+
 SPLITS = [("dense", {"gpu_layers": 3}), ("dense", {"gpu_layers": 8}), ("moe", {"cpu_moe_layers": 2}),
           ("moe", {"gpu_layers": 2})]
 
