@@ -239,6 +239,18 @@ class Terminal:
                 self.process.kill()
             os.close(self.master)
 
+    def bye(self) -> None:
+        """/bye at the prompt: the program ends with status 0."""
+        self.type("/bye\r")
+        assert self.close() == 0
+
+    def __enter__(self) -> "Terminal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process.poll() is None:  # a failed test leaves no program behind
+            self.process.kill()
+
 
 def _take_controlling_terminal():
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -251,9 +263,8 @@ def _terminal_env(**extra):
 
 
 def test_interactive_chat_as_a_person_uses_it(dense_hf, dense_tokenizer):
-    terminal = Terminal([sys.executable, "-m", "qwen35", "run", str(dense_hf), "-n", "6", "--seed", "7"],
-                        _terminal_env())
-    try:
+    with Terminal([sys.executable, "-m", "qwen35", "run", str(dense_hf), "-n", "6", "--seed", "7"],
+                  _terminal_env()) as terminal:
         terminal.expect(r">>> ", timeout=120)
         terminal.type("/?\r")
         terminal.expect(r"/set think on\|off")
@@ -334,11 +345,7 @@ def test_interactive_chat_as_a_person_uses_it(dense_hf, dense_tokenizer):
         assert int(after[2]) <= 3
         terminal.expect(r">>> ")
 
-        terminal.type("/bye\r")
-        assert terminal.close() == 0
-    finally:
-        if terminal.process.poll() is None:
-            terminal.process.kill()
+        terminal.bye()
 
 
 def test_gguf_chat_without_colour_ends_with_ctrl_d(fixtures, dense_sequences):
@@ -346,9 +353,8 @@ def test_gguf_chat_without_colour_ends_with_ctrl_d(fixtures, dense_sequences):
     the reference prompt (its length shows in the speed line), no colour codes reach the screen,
     and Ctrl+D at the prompt ends the chat."""
     model_path = fixtures / "tiny" / "dense-Q4_K_M.gguf"
-    terminal = Terminal([sys.executable, "-m", "qwen35", "run", str(model_path), "-n", "1", "--temp", "0"],
-                        _terminal_env(NO_COLOR="1"))
-    try:
+    with Terminal([sys.executable, "-m", "qwen35", "run", str(model_path), "-n", "1", "--temp", "0"],
+                  _terminal_env(NO_COLOR="1")) as terminal:
         terminal.expect(r"Type /\? for help", timeout=120)
         terminal.expect(r">>> ")
         terminal.type("Which Qwen 3.5 model fits a 24GB GPU?\r")
@@ -358,9 +364,6 @@ def test_gguf_chat_without_colour_ends_with_ctrl_d(fixtures, dense_sequences):
         terminal.type("\x04")  # Ctrl+D
         assert terminal.close() == 0
         assert "\x1b[2m" not in terminal.raw and "\x1b[0m" not in terminal.raw
-    finally:
-        if terminal.process.poll() is None:
-            terminal.process.kill()
 
 
 # -- the session without a terminal -----------------------------------------------------------------

@@ -383,9 +383,8 @@ def test_interactive_images_as_a_person_uses_them(vision, dense_hf, tokenizer, t
     not_image = tmp_path / "notes.png"
     not_image.write_text("not a picture")
     expected = _reference_text(tokenizer, reference["transformers_greedy"][:4])
-    terminal = Terminal([sys.executable, "-m", "qwen35", "run", str(dense_hf), "--image", str(image),
-                         "--no-think", "--temp", "0", "-n", "4"], _terminal_env(NO_COLOR="1"))
-    try:
+    with Terminal([sys.executable, "-m", "qwen35", "run", str(dense_hf), "--image", str(image),
+                   "--no-think", "--temp", "0", "-n", "4"], _terminal_env(NO_COLOR="1")) as terminal:
         terminal.expect(rf"Added image '{re.escape(str(image))}' \(70 tokens\); it goes with your first message\.",
                         timeout=120)
         terminal.expect(r">>> ")
@@ -422,8 +421,4 @@ def test_interactive_images_as_a_person_uses_them(vision, dense_hf, tokenizer, t
         follow_up = terminal.expect(CACHED_SPEED_LINE.pattern)
         assert int(follow_up[2]) > reference["n_image_tokens"]
         terminal.expect(r">>> ")
-        terminal.type("/bye\r")
-        assert terminal.close() == 0
-    finally:
-        if terminal.process.poll() is None:
-            terminal.process.kill()
+        terminal.bye()
