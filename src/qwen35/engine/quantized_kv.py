@@ -9,11 +9,11 @@ quants. Writing quantizes the way gguf-py's reference quantizer does, bit for bi
 `TypedAttentionKV` keeps AttentionKV's interface (engine/cache.py): the row operations
 (select, merge, append, remove, install_row, shared, reserve) copy the stored bytes
 untouched, so a row's K/V are quantized once, when written. `view` gives float32.
-Where K and V share one float type, the CPU's fused decode step (csrc/attention_decode.cpp)
-writes the storage itself; where each is q8_0 or q4_0, its block form (`attention_decode_blocks`)
-quantizes the new token as `quantize_rows` does and reads the blocks in its dot products. Other
-block types and mixes of a block type with a float type take the model's plain path, which writes
-through `write` and reads through `view` (the whole cache dequantized each step).
+On the CPU a decode step takes one fused C++ call for every pair of types, K and V each any of
+the eight (csrc/attention_decode.cpp, `attention_decode_blocks`): it rounds or quantizes the new
+token into its slot as `write` does (blocks bit for bit as `quantize_rows`) and reads floats and
+blocks inside its dot products, never the whole cache dequantized. A prompt's tokens take the
+model's plain path, which writes through `write` and reads through `view`.
 """
 
 from __future__ import annotations

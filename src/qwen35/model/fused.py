@@ -14,6 +14,7 @@ fixed addresses), into copies unless the cache is pinned (`DeltaNetState.in_plac
 from __future__ import annotations
 
 import torch
+from gguf import GGMLQuantizationType
 
 from qwen35.engine.quantized_kv import BLOCK_TYPES, TypedAttentionKV
 from qwen35.kernels import fast_cpu, fast_cuda
@@ -23,8 +24,12 @@ from qwen35.kernels.delta_rule import fast_ops, gated_delta_rule
 # interpreter on a machine without a GPU (tests/test_fast_cuda.py).
 GPU_DEVICE_TYPES = {"cuda"}
 L2_NORM_EPS = 1e-6
-# The GGUF block types CpuSteps.attention_decode reads and writes (K and V each one of them).
-CPU_BLOCK_KV_TYPES = frozenset({"q8_0", "q4_0"})
+# The ggml type ids of llama.cpp's K/V cache types, as the CPU's attention_decode_blocks takes them.
+_GGML_KV_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
+                  "bf16": GGMLQuantizationType.BF16, **BLOCK_TYPES}
+# The cache types CpuSteps.attention_decode reads and writes (K and V each any one of them): all of
+# TypedAttentionKV's, so that no CPU store takes the plain path, which dequantizes the whole cache.
+CPU_BLOCK_KV_TYPES = frozenset(_GGML_KV_TYPES)
 
 
 def fused_steps(x: torch.Tensor):
@@ -51,8 +56,8 @@ class CpuSteps:
 
     def attention_decode(self, kv, q_gate, k, v, q_norm, k_norm, cos, sin, *rest):
         inputs = (q_gate.float(), k.float(), v.float(), q_norm, k_norm, cos, sin, *kv.storage, *rest)
-        if isinstance(kv, TypedAttentionKV) and kv.type_k in BLOCK_TYPES:  # K/V as GGUF blocks
-            key_type, value_type = int(BLOCK_TYPES[kv.type_k]), int(BLOCK_TYPES[kv.type_v])
+        if isinstance(kv, TypedAttentionKV):  # K and V each of its own cache type
+            key_type, value_type = int(_GGML_KV_TYPES[kv.type_k]), int(_GGML_KV_TYPES[kv.type_v])
             return fast_ops().attention_decode_blocks(*inputs, key_type, value_type)
         return fast_ops().attention_decode(*inputs)
 

@@ -131,10 +131,11 @@ class Attention:
         c = self.c
         batch, length, _ = x.shape
         steps = fused_steps(x) if length == 1 else None
-        # A store in another form than the fused step writes takes the plain lines below: mixed float types,
-        # and GGUF blocks but for the CPU's (fused.CPU_BLOCK_KV_TYPES).
-        if isinstance(kv, TypedAttentionKV) and not kv.fused_decode() and not (
-                steps is fused.CPU_STEPS and {kv.type_k, kv.type_v} <= fused.CPU_BLOCK_KV_TYPES):
+        # A store in another form than the fused step writes takes the plain lines below: on the CPU, types
+        # outside fused.CPU_BLOCK_KV_TYPES (every cache type is in it); elsewhere, all but one float type.
+        if isinstance(kv, TypedAttentionKV) and not (
+                {kv.type_k, kv.type_v} <= fused.CPU_BLOCK_KV_TYPES if steps is fused.CPU_STEPS
+                else kv.fused_decode()):
             steps = None
         if steps is not None:
             kv.make_room(starts, 1)

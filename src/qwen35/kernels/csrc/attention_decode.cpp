@@ -9,9 +9,9 @@
 // slots, each with its own softmax maximum and sum, merged at the end (the split-context form
 // of decode attention); a short context runs on the calling thread, a long one's ranges over
 // the threads. The cuts depend on the row's length alone: batch- and thread-invariant bits.
-// Everything is computed in fp32; K/V storage may be fp32, bf16 or fp16 (K and V alike), or
-// Q8_0 / Q4_0 blocks for each of them (attention_kv_blocks.h: read a block at a time, the new
-// token quantized as the cache's `write` quantizes it).
+// Everything is computed in fp32. K and V storage is each of its own type, llama.cpp's cache
+// types: fp32, fp16, bf16, or Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 blocks (attention_kv_blocks.h: read
+// a block at a time, the new token quantized as the cache's `write` quantizes it).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "attention_kv_blocks.h"
@@ -171,19 +173,50 @@ inline __m512 score_block(const float* q, const T* k, int64_t stride, int64_t di
   return lane_sums16(sums);
 }
 
+// Rows of blocks that several passes read (the group's query heads a few at a time) are decoded
+// once into fp32 rows first: decoding 16 values takes several instructions, more than the
+// products they feed. Measured at 8K slots on one thread: K decoded once for two passes or
+// more, 1.1-1.3x for the 4-bit and 5-bit types; V for three or more (two gained nothing). The
+// same fp32 values either way, so the same sums.
+template <typename T>
+constexpr bool kBlockRows = Unit<T>::values > 1;
+
+// rows[0 : count] (each dim values, dim a multiple of 32) as fp32 rows of out, fetching the rows
+// at `prefetch` meanwhile unless it is nullptr.
+template <typename T>
+void decode_rows(const T* rows, int64_t stride, int64_t count, int64_t dim, float* out, const T* prefetch) {
+  const int64_t row_bytes = dim / Unit<T>::values * static_cast<int64_t>(sizeof(T));
+  for (int64_t s = 0; s < count; ++s, out += dim) {
+    if (prefetch != nullptr) {
+      const char* ahead = reinterpret_cast<const char*>(prefetch + s * stride);
+      for (int64_t byte = 0; byte < row_bytes; byte += 64) _mm_prefetch(ahead + byte, _MM_HINT_T0);
+      _mm_prefetch(ahead + row_bytes - 1, _MM_HINT_T0);
+    }
+    const T* row = rows + s * stride;
+    for (int64_t c = 0; c < dim; c += 2 * kLanes) {  // a block's two halves, its scale read once
+      const __m512 low = load_at(row, c, 0xFFFF), high = load_at(row, c + kLanes, 0xFFFF);
+      _mm512_storeu_ps(out + c, low);
+      _mm512_storeu_ps(out + c + kLanes, high);
+    }
+  }
+}
+
 // scores[g][s] = scale q_g . k_s for the group's heads over count >= 16 rows, in blocks of
 // kHeads x kSlots; the last block of rows ends at the last row, overlapping the one before
-// (only its new rows are kept).
+// (only its new rows are kept). `decoded`: room for kSlots fp32 rows.
 template <int kHeads, int kSlots, typename T>
 void score_rows(const float* q, const T* k, int64_t stride, int64_t count, int64_t dim, int64_t group, float scale,
-                float* scores) {
+                float* scores, float* decoded) {
+  const bool decode = kBlockRows<T> && group > kHeads;
   for (int64_t s = 0; s < count; s += kSlots) {
     const int64_t first = std::min(s, count - kSlots), fresh = s - first;
     const T* ahead = first + kPrefetchSlots + kSlots <= count ? k + (first + kPrefetchSlots) * stride : nullptr;
+    if (decode) decode_rows(k + first * stride, stride, kSlots, dim, decoded, ahead);
     for (int64_t g = 0; g < group; g += kHeads) {
       alignas(64) float dots[kLanes];
-      const __m512 block = score_block<kHeads, kSlots>(q + g * dim, k + first * stride, stride, dim,
-                                                       g == 0 ? ahead : nullptr);
+      const __m512 block = decode ? score_block<kHeads, kSlots, float>(q + g * dim, decoded, dim, dim, nullptr)
+                                  : score_block<kHeads, kSlots>(q + g * dim, k + first * stride, stride, dim,
+                                                                g == 0 ? ahead : nullptr);
       _mm512_store_ps(dots, _mm512_mul_ps(block, _mm512_set1_ps(scale)));
       for (int h = 0; h < kHeads; ++h) {
         for (int64_t j = fresh; j < kSlots; ++j) scores[(g + h) * count + first + j] = dots[h * kSlots + j];
@@ -261,6 +294,17 @@ void accumulate_heads(const float* weights, int64_t weight_stride, const T* rows
   }
 }
 
+// accumulate_heads for every query head of the group, two at a time.
+template <typename T>
+void accumulate_group(const float* weights, int64_t weight_stride, const T* rows, int64_t stride, int64_t count,
+                      float* out, int64_t dim, int64_t group) {
+  int64_t g = 0;
+  for (; g + 2 <= group; g += 2) {
+    accumulate_heads<2>(weights + g * weight_stride, weight_stride, rows, stride, count, out + g * dim, dim);
+  }
+  if (g < group) accumulate_heads<1>(weights + g * weight_stride, weight_stride, rows, stride, count, out + g * dim, dim);
+}
+
 // One kv head of one row over slots [begin, end): its query heads' softmax maximum, sum of
 // exp(score - maximum) and the V rows weighted by those exps (not yet divided by the sum).
 struct Range {
@@ -290,16 +334,18 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
   const TV* v = values + sh.v.at(range.row, range.begin, range.kv_head);
   float *maxima = partial, *sums = partial + group, *out = partial + 2 * group;
   std::vector<float> scores(group * count);
+  // fp32 rows of K's blocks (score_rows), then of a tile of V's; left uninitialized.
+  const std::unique_ptr<float[]> decoded(kBlockRows<TK> || kBlockRows<TV> ? new float[kTileSlots * dim] : nullptr);
   if (count < kLanes) {
     for (int64_t g = 0; g < group; ++g) {
       for (int64_t s = 0; s < count; ++s) scores[g * count + s] = dot(q + g * dim, k + s * stride, dim) * sh.scale;
     }
   } else if (group % 4 == 0) {  // each K load serves 4 heads, each q load 4 rows
-    score_rows<4, 4>(q, k, stride, count, dim, group, sh.scale, scores.data());
+    score_rows<4, 4>(q, k, stride, count, dim, group, sh.scale, scores.data(), decoded.get());
   } else if (group % 2 == 0) {
-    score_rows<2, 8>(q, k, stride, count, dim, group, sh.scale, scores.data());
+    score_rows<2, 8>(q, k, stride, count, dim, group, sh.scale, scores.data(), decoded.get());
   } else {
-    score_rows<1, 16>(q, k, stride, count, dim, group, sh.scale, scores.data());
+    score_rows<1, 16>(q, k, stride, count, dim, group, sh.scale, scores.data(), decoded.get());
   }
   for (int64_t g = 0; g < group; ++g) {
     float* p = scores.data() + g * count;
@@ -322,13 +368,13 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
   std::fill_n(out, group * dim, 0.0f);
   for (int64_t t = 0; t < count; t += kTileSlots) {  // a tile of V rows (in L1) serves every query head
     const int64_t tile = std::min(kTileSlots, count - t);
-    const TV* rows = v + t * sh.v.slot;
     const float* weights = scores.data() + t;
-    int64_t g = 0;
-    for (; g + 2 <= group; g += 2) {
-      accumulate_heads<2>(weights + g * count, count, rows, sh.v.slot, tile, out + g * dim, dim);
+    if (kBlockRows<TV> && group > 4) {
+      decode_rows<TV>(v + t * sh.v.slot, sh.v.slot, tile, dim, decoded.get(), nullptr);
+      accumulate_group(weights, count, decoded.get(), dim, tile, out, dim, group);
+    } else {
+      accumulate_group(weights, count, v + t * sh.v.slot, sh.v.slot, tile, out, dim, group);
     }
-    if (g < group) accumulate_heads<1>(weights + g * count, count, rows, sh.v.slot, tile, out + g * dim, dim);
   }
 }
 
@@ -336,17 +382,49 @@ struct Checked {
   int64_t batch, rotary_dim;
 };
 
-// Storage types: kFloatStorage (keys and values of one float dtype) or a ggml block type id each.
+// Storage types: kFloatStorage (keys and values of one float dtype, `attention_decode`) or a ggml
+// type id each (`attention_decode_blocks`), a float type counted as blocks of one value, as ggml does.
 constexpr int64_t kFloatStorage = -1;
 
-void check_block_storage(const at::Tensor& store, int64_t type, int64_t batch, int64_t n_kv, int64_t dim,
+// The storage unit of a ggml type id passed to f (as a value of that type); f(nullptr) for others.
+template <typename F>
+auto with_unit(int64_t type, F&& f) {
+  switch (type) {
+    case TYPE_F32: return f(0.0f);
+    case TYPE_F16: return f(at::Half());
+    case TYPE_BF16: return f(at::BFloat16());
+    case TYPE_Q8_0: return f(BlockQ8_0());
+    case TYPE_Q4_0: return f(BlockQ4_0());
+    case TYPE_Q4_1: return f(BlockQ4_1());
+    case TYPE_Q5_0: return f(BlockQ5_0());
+    case TYPE_Q5_1: return f(BlockQ5_1());
+    default: return f(nullptr);
+  }
+}
+
+template <typename T>
+constexpr bool is_unit() {
+  return !std::is_same_v<T, std::nullptr_t>;
+}
+
+void check_typed_storage(const at::Tensor& store, int64_t type, int64_t batch, int64_t n_kv, int64_t dim,
                          const char* name) {
-  TORCH_CHECK(type == TYPE_Q8_0 || type == TYPE_Q4_0, "attention_decode_blocks: ", name,
-              " must be Q8_0 or Q4_0 blocks (ggml types 8 and 2), not type ", type);
+  const bool known = with_unit(type, [](auto unit) { return is_unit<decltype(unit)>(); });
+  TORCH_CHECK(known, "attention_decode_blocks: ", name,
+              " must be f32, f16, bf16, q8_0, q4_0, q4_1, q5_0 or q5_1 (ggml types 0, 1, 30, 8, 2, 3, 6, 7), ",
+              "not type ", type);
+  TORCH_CHECK(store.dim() == 4 && store.size(0) >= batch && store.size(2) == n_kv && store.stride(3) == 1,
+              "attention_decode_blocks: ", name, " must be [rows >= B, capacity, num_kv_heads, row] with its last ",
+              "dim contiguous");
+  if (type == TYPE_F32 || type == TYPE_F16 || type == TYPE_BF16) {
+    const auto dtype = type == TYPE_F32 ? at::kFloat : type == TYPE_F16 ? at::kHalf : at::kBFloat16;
+    TORCH_CHECK(store.scalar_type() == dtype && store.size(3) == dim, "attention_decode_blocks: ", name, " of type ",
+                type, " must be ", dtype, " [rows >= B, capacity, num_kv_heads, ", dim, "]");
+    return;
+  }
   TORCH_CHECK(dim % 32 == 0, "attention_decode_blocks: head_dim must be a multiple of 32 for block storage");
   const int64_t block_bytes = geometry(type).type_size;
-  TORCH_CHECK(store.scalar_type() == at::kByte && store.dim() == 4 && store.size(0) >= batch && store.size(2) == n_kv &&
-                  store.size(3) == dim / 32 * block_bytes && store.stride(3) == 1 &&
+  TORCH_CHECK(store.scalar_type() == at::kByte && store.size(3) == dim / 32 * block_bytes &&
                   store.stride(0) % block_bytes == 0 && store.stride(1) % block_bytes == 0 &&
                   store.stride(2) % block_bytes == 0,
               "attention_decode_blocks: ", name, " must be uint8 [rows >= B, capacity, num_kv_heads, ",
@@ -390,8 +468,8 @@ Checked check_inputs(const at::Tensor& q_gate, const at::Tensor& k, const at::Te
                 "attention_decode: keys and values must be alike [rows >= B, capacity, num_kv_heads, head_dim] ",
                 "storage");
   } else {
-    check_block_storage(keys, key_type, batch, n_kv, dim, "keys");
-    check_block_storage(values, value_type, batch, n_kv, dim, "values");
+    check_typed_storage(keys, key_type, batch, n_kv, dim, "keys");
+    check_typed_storage(values, value_type, batch, n_kv, dim, "values");
     TORCH_CHECK(keys.size(1) == values.size(1), "attention_decode_blocks: keys and values must have one capacity");
   }
   TORCH_CHECK(starts.scalar_type() == at::kLong && starts.dim() == 1 && starts.size(0) == batch,
@@ -543,9 +621,11 @@ at::Tensor attention_decode(const at::Tensor& q_gate, const at::Tensor& k, const
   }
 }
 
-// attention_decode over K and V kept as GGUF blocks: keys and values uint8 [rows >= B, capacity,
-// num_kv_heads, head_dim / 32 * block bytes], of ggml types key_type and value_type (Q8_0 = 8,
-// Q4_0 = 2, either for each). The new token's K and V are quantized into their slots.
+// attention_decode over K and V each stored as one of llama.cpp's cache types, given as ggml type
+// ids key_type and value_type: F32 0, F16 1 and BF16 30 (storage of that dtype [rows >= B,
+// capacity, num_kv_heads, head_dim]), Q8_0 8, Q4_0 2, Q4_1 3, Q5_0 6 and Q5_1 7 (uint8 [rows >= B,
+// capacity, num_kv_heads, head_dim / 32 * block bytes]). The new token's K and V are rounded or
+// quantized into their slots.
 at::Tensor attention_decode_blocks(const at::Tensor& q_gate, const at::Tensor& k, const at::Tensor& v,
                                    const at::Tensor& q_norm, const at::Tensor& k_norm, const at::Tensor& cos,
                                    const at::Tensor& sin, at::Tensor& keys, at::Tensor& values,
@@ -553,15 +633,19 @@ at::Tensor attention_decode_blocks(const at::Tensor& q_gate, const at::Tensor& k
                                    int64_t head_dim, double eps, double scale, int64_t key_type, int64_t value_type) {
   const Checked c = check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, num_heads,
                                  num_kv_heads, head_dim, key_type, value_type);
-  const auto run = [&](auto key_unit, auto value_unit) {
-    return attention_decode_typed<decltype(key_unit), decltype(value_unit)>(
-        q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, num_heads, num_kv_heads, head_dim,
-        static_cast<float>(eps), static_cast<float>(scale), c.batch, c.rotary_dim);
-  };
-  if (key_type == TYPE_Q8_0) {
-    return value_type == TYPE_Q8_0 ? run(BlockQ8_0(), BlockQ8_0()) : run(BlockQ8_0(), BlockQ4_0());
-  }
-  return value_type == TYPE_Q8_0 ? run(BlockQ4_0(), BlockQ8_0()) : run(BlockQ4_0(), BlockQ4_0());
+  return with_unit(key_type, [&](auto key_unit) {
+    return with_unit(value_type, [&](auto value_unit) {
+      using TK = decltype(key_unit);
+      using TV = decltype(value_unit);
+      if constexpr (is_unit<TK>() && is_unit<TV>()) {
+        return attention_decode_typed<TK, TV>(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts,
+                                              num_heads, num_kv_heads, head_dim, static_cast<float>(eps),
+                                              static_cast<float>(scale), c.batch, c.rotary_dim);
+      } else {
+        return at::Tensor();  // not reached: check_inputs refused the type
+      }
+    });
+  });
 }
 
 }  // namespace
