@@ -27,7 +27,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${TEST_PROCESSES:-6}")
 cuda_tests="tests/test_cuda.py tests/test_triton_gguf.py tests/test_triton_gguf_dot.py tests/test_triton_deltanet.py
     tests/test_triton_moe.py tests/test_triton_chunked.py tests/test_triton_attention.py tests/test_triton_decode.py
-    tests/test_fast_cuda.py tests/test_paged_kv.py tests/test_triton_arrivals.py"
+    tests/test_fast_cuda.py tests/test_paged_kv.py tests/test_paged_kv_blocks.py tests/test_triton_arrivals.py"
 # GPU_CHECK_TESTS: other test files (tests/test_gpu_check.py runs this script on a CPU with one).
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -rfEs $parallel \
     ${GPU_CHECK_TESTS:-$cuda_tests} 2>&1 | tee "$out/tests.log"

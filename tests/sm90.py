@@ -26,7 +26,9 @@ def compile_report(fn, constants: dict, pointer_types: dict, aligned: set) -> di
     from triton.compiler import ASTSource
 
     constants = dict(constants)
-    num_warps = constants.pop("num_warps")
+    options = {"num_warps": constants.pop("num_warps")}
+    if "enable_fp_fusion" in constants:
+        options["enable_fp_fusion"] = constants.pop("enable_fp_fusion")
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constants:
@@ -39,7 +41,7 @@ def compile_report(fn, constants: dict, pointer_types: dict, aligned: set) -> di
             attrs[(index,)] = [["tt.divisibility", 16]]
     constexprs = {(fn.arg_names.index(name),): value for name, value in constants.items()}
     kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                            target=GPUTarget("cuda", 90, 32), options=options)
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])

@@ -165,6 +165,23 @@ def test_speculative_decoding_on_cuda_gives_the_tokens_of_plain_decoding(fixture
                                   **options) == plain
 
 
+@pytest.mark.parametrize("type_k, type_v", [("q8_0", "q8_0"), ("q4_0", "f16")])
+def test_block_kv_pages_on_cuda_decode_like_the_cpus_blocks(fixtures, type_k, type_v):
+    """-ctk/-ctv block types on the GPU (pages of GGUF blocks, the paged kernel quantizing each new token as
+    gguf-py does), reference precision: eager and graphed decode as the CPU's typed store decodes, within the
+    reference bound (a K a rounding apart may land one quant over), the same greedy tokens."""
+    ids = _prompt(fixtures, "dense")
+    split = len(ids) - 24
+    path = fixtures / "tiny" / "dense-Q8_0.gguf"
+    options = dict(precision="reference", cache_type_k=type_k, cache_type_v=type_v)
+    on_cpu = _decode(qwen35.load_model(path, **options), ids, split, graphs=False)[0]
+    model = qwen35.load_model(path, device="cuda", **options)
+    for graphs in (False, True):
+        on_gpu = _decode(model, ids, split, graphs=graphs)[0]
+        assert np.abs(on_gpu - on_cpu).max() <= 1e-2
+        assert (on_gpu.argmax(-1) == on_cpu.argmax(-1)).mean() >= 0.98
+
+
 SPLITS = [("dense", {"gpu_layers": 3}), ("dense", {"gpu_layers": 8}), ("moe", {"cpu_moe_layers": 2}),
           ("moe", {"gpu_layers": 2})]
 

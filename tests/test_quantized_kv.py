@@ -302,19 +302,17 @@ def test_serve_takes_quantized_types_and_refuses_unknown_ones():
         _check(build_parser().parse_args(["serve", "model.gguf", "-ctk", "q4_2"]))
 
 
-def test_a_gpu_refuses_block_types_in_one_line(dense_hf):
-    with pytest.raises(Qwen35Error) as refused:
-        check_cache_types("q8_0", None, torch.device("cuda"))
-    assert str(refused.value) == "-ctk q8_0: a quantized K/V cache runs on the CPU only so far"
-    with pytest.raises(Qwen35Error, match="^-ctv q4_0: a quantized K/V cache runs on the CPU only so far$"):
-        cache_options(build_parser().parse_args(["bench", "m", "-ctv", "q4_0"]), "cuda:1")
-    with pytest.raises(Qwen35Error, match="CPU only"):  # before anything is loaded or moved
-        qwen35.load_model(dense_hf, device="cuda", cache_type_k="q4_0")
-    assert check_cache_types("F16", "bf16", "cuda") == ("f16", "bf16")
-    # A GPU's pages: f16/bf16 are bf16 pages; float32 where both ask f32; not given, as the precision keeps them.
+def test_types_are_checked_alike_for_every_device_and_a_gpu_picks_its_float_pages():
+    assert check_cache_types("F16", "Q8_0") == ("f16", "q8_0")
+    with pytest.raises(Qwen35Error, match="^-ctv q4_2: not a K/V cache type"):
+        cache_options(build_parser().parse_args(["bench", "m", "-ctv", "q4_2"]))
+    # A GPU's float pages: f16/bf16 are bf16 pages; float32 where the float types given are f32; not given, or
+    # only block types given (their prompts read them as the float pages' dtype), as the precision keeps them.
     assert not gpu_pages_are_float32("f16", "bf16", fast=False) and not gpu_pages_are_float32("f32", "f16", True)
     assert gpu_pages_are_float32("f32", "f32", fast=True) and gpu_pages_are_float32(None, None, fast=False)
     assert not gpu_pages_are_float32(None, None, fast=True)
+    assert gpu_pages_are_float32("q8_0", "q4_0", fast=False) and not gpu_pages_are_float32("q8_0", "q4_0", True)
+    assert gpu_pages_are_float32("q8_0", "f32", fast=True) and not gpu_pages_are_float32("q8_0", "f16", False)
     assert cpu_cache_types(None, "q8_0") == ("f32", "q8_0")
 
 

@@ -90,7 +90,7 @@ def run(args) -> int:
     progress.show(f"loading {path.name}")
     longest = max(test.n_depth + test.n_prompt + test.n_gen for test in tests)
     options = load_options(args, path, context=longest, command="qwen35 bench")
-    options.update(cache_options(args, options["device"]))
+    options.update(cache_options(args))
     model = qwen35.load_model(path, precision=args.precision, **options,
                               progress=lambda done, total: progress.show(f"loading {path.name}: "
                                                                          f"{done / 2**20:,.0f} of {total / 2**20:,.0f} MiB"))

@@ -7,8 +7,9 @@ Only the full-attention layers (one in four) keep K/V; the DeltaNet states are f
 The commands default to f16, as llama.cpp does: half the memory of float32, and on the fixtures no
 greedy token moved. `load_model` without these keywords keeps K/V as it always has (float32 on the CPU,
 the numbers every logits test compares; bf16 pages on a GPU in fast precision, float32 in reference).
-The CPU keeps exactly the type asked. A GPU keeps its K/V in pages of one float dtype: f16 and bf16 there
-are bf16 pages, f32 is float32 pages, and the block types are refused (they run on the CPU only so far).
+The CPU keeps exactly the type asked. A GPU keeps its K/V in pages (engine/paged_kv.py): f16 and bf16 there
+are bf16 pages, f32 is float32 pages (a float type for one of K and V and not the other: both as these say,
+f32 only where both ask it), and the block types are pages of GGUF blocks as on the CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from qwen35.errors import Qwen35Error
 # engine/quantized_kv.py's CACHE_TYPES, named here too so that parsing the flags imports no torch.
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 FLOAT_TYPES = ("f32", "f16", "bf16")
+BLOCK_TYPES = tuple(cache_type for cache_type in CACHE_TYPES if cache_type not in FLOAT_TYPES)
 FLAGS = {"cache_type_k": "-ctk", "cache_type_v": "-ctv"}
 DEFAULT_CACHE_TYPE = "f16"  # llama.cpp's
 
@@ -26,7 +28,7 @@ def add_cache_arguments(parser) -> None:
     types = ", ".join(CACHE_TYPES)
     parser.add_argument("-ctk", "--cache-type-k", default=DEFAULT_CACHE_TYPE, metavar="TYPE",
                         help=f"how the full-attention layers keep K: {types} (default {DEFAULT_CACHE_TYPE}; "
-                             "f32 is exact; on a GPU f16/bf16 are bf16 pages and the q types are refused)")
+                             "f32 is exact; on a GPU f16/bf16 are bf16 pages)")
     parser.add_argument("-ctv", "--cache-type-v", default=DEFAULT_CACHE_TYPE, metavar="TYPE",
                         help=f"how they keep V: as -ctk (default {DEFAULT_CACHE_TYPE})")
 
@@ -41,20 +43,14 @@ def check_cache_type(value: str | None, flag: str) -> str | None:
     return lowered
 
 
-def check_cache_types(cache_type_k: str | None, cache_type_v: str | None, device=None) -> tuple:
-    """The two types checked (lower-cased; None: not given), and refused where `device` is a GPU and a type
-    is a block type: a GPU's paged K/V holds one float dtype."""
-    checked = (check_cache_type(cache_type_k, "-ctk"), check_cache_type(cache_type_v, "-ctv"))
-    if device is not None and str(device).startswith("cuda"):
-        for flag, value in zip(FLAGS.values(), checked):
-            if value is not None and value not in FLOAT_TYPES:
-                raise Qwen35Error(f"{flag} {value}: a quantized K/V cache runs on the CPU only so far")
-    return checked
+def check_cache_types(cache_type_k: str | None, cache_type_v: str | None) -> tuple:
+    """The two types checked (lower-cased; None: not given)."""
+    return check_cache_type(cache_type_k, "-ctk"), check_cache_type(cache_type_v, "-ctv")
 
 
-def cache_options(args, device=None) -> dict:
-    """load_model's K/V keywords for these flags (checked against `device`, before any model loads)."""
-    cache_type_k, cache_type_v = check_cache_types(args.cache_type_k, args.cache_type_v, device)
+def cache_options(args) -> dict:
+    """load_model's K/V keywords for these flags (checked before any model loads)."""
+    cache_type_k, cache_type_v = check_cache_types(args.cache_type_k, args.cache_type_v)
     return {"cache_type_k": cache_type_k, "cache_type_v": cache_type_v}
 
 
@@ -64,8 +60,10 @@ def cpu_cache_types(cache_type_k: str | None, cache_type_v: str | None) -> tuple
 
 
 def gpu_pages_are_float32(cache_type_k: str | None, cache_type_v: str | None, fast: bool) -> bool:
-    """Whether a GPU layer's pages hold float32 (else bf16): not given, as the precision keeps them
-    (bf16 in fast, float32 in reference); given, float32 only where both ask f32."""
-    if cache_type_k is None and cache_type_v is None:
+    """Whether a GPU layer's float pages hold float32 (else bf16). Not given, or only block types given
+    (whose float dtype is what prompts read them as), as the precision keeps them (bf16 in fast, float32 in
+    reference); else float32 only where the float types given (one not given counting as f32) are f32."""
+    floats = [cache_type or "f32" for cache_type in (cache_type_k, cache_type_v) if cache_type not in BLOCK_TYPES]
+    if (cache_type_k is None and cache_type_v is None) or not floats:
         return not fast
-    return (cache_type_k or "f32") == (cache_type_v or "f32") == "f32"
+    return all(cache_type == "f32" for cache_type in floats)

@@ -112,7 +112,7 @@ def run(args) -> int:
 
     tokenizer = load_tokenizer(str(path))
     options = load_options(args, path, context=args.context, command="qwen35 run")
-    options.update(cache_options(args, options["device"]))
+    options.update(cache_options(args))
     with byte_progress(f"loading {path.name}") as progress:
         model = load_model(str(path), mmproj=mmproj, progress=progress, **options)
     settings.speculation = speculation_from_arguments(args, model, options, command="qwen35 run")

@@ -9,6 +9,11 @@ on the host as rows grow and go back to it when a row is removed, so:
   batch's capacity), and reserved rows take none until they are filled;
 - `remove` moves no K/V: the last row's page list takes the freed row's place in the table.
 
+K and V may each be kept as GGUF blocks (-ctk/-ctv q8_0, q4_0, q4_1, q5_0, q5_1): that pool is uint8
+[n_pages, page_size, n_kv, head_dim / 32 * block bytes], quantized as engine/quantized_kv.py quantizes (gguf-py's
+quantizer, bit for bit), written by `write` or by the decode kernel (kernels/triton_kv_blocks.py). Pages move
+as bytes, so a row's K/V are quantized once; `view` reads blocks back as the float pools' dtype.
+
 Page 0 is never handed out: it stands for every page a row lacks (table entries default to it), so
 `view` pads short rows with it and a stray write lands there, never in another row's pages.
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from qwen35.engine.cache import _storage_bytes, capturing
+from qwen35.engine.quantized_kv import BLOCK, dequantize_rows, quantize_rows, row_nbytes
 from qwen35.errors import Qwen35Error
 
 PAGE_SIZE = 64
@@ -42,17 +48,24 @@ class PagedAttentionKV:
     Slots a row's pages hold past its own length hold whatever was there (finite values, masked out)."""
 
     token_by_token = False  # as AttentionKV's
+    # A pool of GGUF blocks (-ctk/-ctv q8_0 ...; engine/quantized_kv.py): its type, else None (a float pool).
+    type_k: str | None = None
+    type_v: str | None = None
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device,
-                 capacity: int = 0, page_size: int = PAGE_SIZE):
+                 capacity: int = 0, page_size: int = PAGE_SIZE, type_k: str | None = None,
+                 type_v: str | None = None):
+        """`dtype`: the float pools' dtype, and what `view` gives; `type_k`/`type_v`: a GGUF block type
+        whose blocks that pool holds instead (uint8 [n_pages, P, n_kv, row bytes])."""
         if page_size < MIN_PAGE_SIZE or page_size & (page_size - 1):
             raise Qwen35Error(f"a K/V page must hold a power of two slots, at least {MIN_PAGE_SIZE}, not {page_size}")
-        self.page_size = page_size
+        self.page_size, self.head_dim, self._read_dtype = page_size, head_dim, dtype
+        self.type_k, self.type_v = type_k, type_v
         per_row = pages_for(capacity, page_size)
-        shape = (1 + batch_size * per_row, page_size, num_kv_heads, head_dim)
-        self._key_pool = torch.zeros(shape, dtype=dtype, device=device)
-        self._value_pool = torch.zeros(shape, dtype=dtype, device=device)
-        self._free = list(range(shape[0] - 1, 0, -1))  # a stack: the lowest pages are handed out first
+        pages = 1 + batch_size * per_row
+        self._key_pool = _pool(pages, page_size, num_kv_heads, head_dim, dtype, type_k, device)
+        self._value_pool = _pool(pages, page_size, num_kv_heads, head_dim, dtype, type_v, device)
+        self._free = list(range(pages - 1, 0, -1))  # a stack: the lowest pages are handed out first
         self._row_pages: list[list[int]] = [self._take_pages(per_row) for _ in range(batch_size)]
         self._page_table = torch.zeros((max(batch_size, 1), max(per_row, 1)), dtype=torch.int32, device=device)
         self._shares_pool = False  # a `shared` snapshot reads its owner's pool
@@ -66,10 +79,12 @@ class PagedAttentionKV:
         (a store and its page ids), then fresh pages up to `room[i]` pages."""
         kv = cls.__new__(cls)
         kv.page_size, kv._shares_pool, kv.rows = like.page_size, False, len(sources)
+        kv.type_k, kv.type_v, kv.head_dim, kv._read_dtype = like.type_k, like.type_v, like.head_dim, like._read_dtype
         copied = sum(len(ids) for _, ids in sources)
         extra = [max(0, want - len(ids)) for (_, ids), want in zip(sources, room)]
-        shape = (1 + copied + sum(extra), *like._key_pool.shape[1:])
-        kv._key_pool, kv._value_pool = like._key_pool.new_zeros(shape), like._value_pool.new_zeros(shape)
+        pages = 1 + copied + sum(extra)
+        kv._key_pool = like._key_pool.new_zeros((pages, *like._key_pool.shape[1:]))
+        kv._value_pool = like._value_pool.new_zeros((pages, *like._value_pool.shape[1:]))
         if copied:
             def gathered(pool_of):
                 return torch.cat([pool_of(store)[torch.tensor(ids, device=like._key_pool.device)]
@@ -104,6 +119,12 @@ class PagedAttentionKV:
         return self._page_table.shape[1] * self.page_size
 
     @property
+    def layout(self) -> tuple:
+        """What two stores must share for rows to move between them: page size, pools' shapes and types."""
+        return (self.page_size, self._key_pool.shape[1:], self._key_pool.dtype, self._value_pool.shape[1:],
+                self._value_pool.dtype, self.type_k, self.type_v)
+
+    @property
     def page_pool(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K and V pools, [n_pages, page_size, n_kv, d]; page 0 is padding."""
         return self._key_pool, self._value_pool
@@ -120,16 +141,20 @@ class PagedAttentionKV:
 
     def view(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the first `length` slots of every row, [rows, length, n_kv, d] (past a
-        row's own tokens: padding)."""
+        row's own tokens: padding); blocks dequantized, as the float pools' dtype."""
         count = pages_for(length, self.page_size)
         table = self._page_table[:self.rows, :count].long()
         if count > table.shape[1]:
             table = torch.nn.functional.pad(table, (0, count - table.shape[1]), value=_PADDING_PAGE)
 
-        def gathered(pool):
-            return pool[table].flatten(1, 2)[:, :length]
+        def gathered(pool, cache_type):
+            slots = pool[table].flatten(1, 2)[:, :length]
+            if cache_type is None:
+                return slots
+            return dequantize_rows(slots, cache_type, self.head_dim).to(self._read_dtype)
 
-        return gathered(self._key_pool), gathered(self._value_pool)
+        return gathered(self._key_pool, self.type_k), gathered(self._value_pool, self.type_v)
+
 
     # --- growing ---------------------------------------------------------------------------
 
@@ -159,8 +184,8 @@ class PagedAttentionKV:
         slots = starts[:, None] + torch.arange(length, device=keys.device)
         pages = self._page_table[torch.arange(batch, device=keys.device)[:, None], slots // self.page_size].long()
         offsets = slots % self.page_size
-        self._key_pool[pages, offsets] = keys.to(self._key_pool.dtype)
-        self._value_pool[pages, offsets] = values.to(self._value_pool.dtype)
+        self._key_pool[pages, offsets] = _encoded(keys, self.type_k, self._key_pool.dtype)
+        self._value_pool[pages, offsets] = _encoded(values, self.type_v, self._value_pool.dtype)
 
     def reserve(self, rows: int = 0, tokens: int = 0) -> None:
         """Pages for `tokens` slots in every row, and table rows and free pages enough for `rows` rows of
@@ -239,11 +264,8 @@ class PagedAttentionKV:
         """One store of all rows of `parts` in order, each with copies of its pages within `length` slots."""
         first = parts[0]
 
-        def layout(part):
-            return part.page_size, part._key_pool.shape[1:], part._key_pool.dtype
-
         for part in parts:
-            if not isinstance(part, PagedAttentionKV) or layout(part) != layout(first):
+            if not isinstance(part, PagedAttentionKV) or part.layout != first.layout:
                 raise Qwen35Error("only paged K/V stores of one page size, shape and type can be merged")
         count = pages_for(length, first.page_size)
         sources = [(part, pages[:count]) for part in parts for pages in part._row_pages[:part.rows]]
@@ -252,8 +274,8 @@ class PagedAttentionKV:
     def append(self, other: PagedAttentionKV, row: int, length: int) -> None:
         """Row `row` of `other` (its pages within the first `length` slots) becomes this batch's last row,
         in free pages: no other row's K/V moves (unless the pool must grow)."""
-        if not isinstance(other, PagedAttentionKV) or other.page_size != self.page_size:
-            raise Qwen35Error("only a row of a paged K/V store of the same page size can be appended")
+        if not isinstance(other, PagedAttentionKV) or other.layout != self.layout:
+            raise Qwen35Error("only a row of a paged K/V store of the same page size, shape and type can be appended")
         self._own_pool()
         source = other._row_pages[row][:pages_for(length, self.page_size)]
         source_keys, source_values = other._key_pool, other._value_pool  # before this pool may grow
@@ -269,8 +291,8 @@ class PagedAttentionKV:
     def install_row(self, row: int, other: PagedAttentionKV, other_row: int, length: int) -> bool:
         """Row `row` takes copies of the pages of `other`'s row `other_row` within its first `length` slots,
         into its own pages (more if it has too few): whether the pool and the table stayed where they were."""
-        if not isinstance(other, PagedAttentionKV) or other.page_size != self.page_size:
-            raise Qwen35Error("only a row of a paged K/V store of the same page size can be installed")
+        if not isinstance(other, PagedAttentionKV) or other.layout != self.layout:
+            raise Qwen35Error("only a row of a paged K/V store of the same page size, shape and type can be installed")
         self._own_pool()
         addresses = self._key_pool.data_ptr(), self._page_table.data_ptr()
         source = other._row_pages[other_row][:pages_for(length, self.page_size)]
@@ -329,6 +351,7 @@ class PagedAttentionKV:
         (new tokens go past them). Writing into the snapshot copies its pages first."""
         kv = PagedAttentionKV.__new__(PagedAttentionKV)
         kv.page_size, kv.rows, kv._shares_pool = self.page_size, 1, True
+        kv.type_k, kv.type_v, kv.head_dim, kv._read_dtype = self.type_k, self.type_v, self.head_dim, self._read_dtype
         kv._key_pool, kv._value_pool = self._key_pool, self._value_pool
         kv._row_pages, kv._free = [self._row_pages[0][:pages_for(length, self.page_size)]], []
         kv._page_table = self._page_table.new_zeros((1, max(len(kv._row_pages[0]), 1)))
@@ -338,3 +361,18 @@ class PagedAttentionKV:
     def nbytes(self) -> int:
         """Memory kept alive: the whole pools (a snapshot keeps its owner's) and the table."""
         return _storage_bytes(self._key_pool, self._value_pool, self._page_table)
+
+
+def _pool(pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, cache_type: str | None,
+          device) -> torch.Tensor:
+    if cache_type is None:
+        return torch.zeros((pages, page_size, num_kv_heads, head_dim), dtype=dtype, device=device)
+    if head_dim % BLOCK:
+        raise Qwen35Error(f"a {cache_type} K/V cache needs head_dim a multiple of {BLOCK}, not {head_dim}")
+    # All-zero blocks are scale 0: padding slots read as zeros.
+    return torch.zeros((pages, page_size, num_kv_heads, row_nbytes(cache_type, head_dim)), dtype=torch.uint8,
+                       device=device)
+
+
+def _encoded(x: torch.Tensor, cache_type: str | None, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype) if cache_type is None else quantize_rows(x, cache_type)

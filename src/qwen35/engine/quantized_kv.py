@@ -25,7 +25,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qwen35.cache_options import check_cache_type
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
-from qwen35.engine.paged_kv import PagedAttentionKV
 from qwen35.errors import Qwen35Error
 from qwen35.kernels.dequant import dequantize
 
@@ -34,6 +33,11 @@ BLOCK_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q
                "q4_1": GGMLQuantizationType.Q4_1, "q5_0": GGMLQuantizationType.Q5_0,
                "q5_1": GGMLQuantizationType.Q5_1}
 BLOCK = 32  # values per block, for every block type here
+
+
+def block_type(cache_type: str | None) -> str | None:
+    """`cache_type` where it is a GGUF block type, else None."""
+    return cache_type if cache_type in BLOCK_TYPES else None
 
 
 def row_nbytes(cache_type: str, width: int) -> int:
@@ -239,12 +243,15 @@ def make_attention_kv(batch_size: int, num_kv_heads: int, head_dim: int, device,
 
 
 def stored_cache_types(kv) -> tuple[str, str]:
-    """The types one full-attention layer's store keeps K and V in (a GPU's pages: their float dtype)."""
+    """The types one full-attention layer's store keeps K and V in (a GPU's pages: their block type or
+    float dtype)."""
     if isinstance(kv, TypedAttentionKV):
         return kv.type_k, kv.type_v
-    keys, values = kv.page_pool if isinstance(kv, PagedAttentionKV) else kv.storage
+    paged = hasattr(kv, "page_pool")  # engine/paged_kv.py, which imports this module
+    keys, values = kv.page_pool if paged else kv.storage
     names = {dtype: name for name, dtype in FLOAT_TYPES.items()}
-    return names.get(keys.dtype, str(keys.dtype)), names.get(values.dtype, str(values.dtype))
+    return (getattr(kv, "type_k", None) or names.get(keys.dtype, str(keys.dtype)),
+            getattr(kv, "type_v", None) or names.get(values.dtype, str(values.dtype)))
 
 
 @torch.inference_mode()

@@ -34,6 +34,7 @@ import triton.language as tl
 from qwen35.errors import Qwen35Error
 from qwen35.kernels.triton_arrivals import arrival_counters, last_to_arrive, reset_count
 from qwen35.kernels.triton_checks import INPUT_DTYPES, INTERPRETED, check_device, require
+from qwen35.kernels.triton_kv_blocks import FLOAT, load_tile
 from qwen35.kernels.triton_pdl import pdl_options, wait_for_previous_kernel
 
 # Set (by tests/conftest.py) where there is no GPU: the kernels then run on CPU tensors.
@@ -127,16 +128,25 @@ def _dot(a_high, a_mid, a_low, b, DOT_MODE: tl.constexpr, INTERPRETED: tl.conste
 
 
 @triton.jit
-def _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at, slot_stride, first, end, slots,
-                 cols, col_mask, DOT_MODE: tl.constexpr, INTERPRETED: tl.constexpr):
+def _load_tile(at, positions, slot_stride, cols, tile_mask, TYPE: tl.constexpr):
+    # A tile [slots, cols] of K or V: as stored (a float pool), or GGUF blocks as float32 (triton_kv_blocks).
+    if TYPE == FLOAT:
+        return tl.load(at + positions.to(tl.int64)[:, None] * slot_stride + cols[None, :], mask=tile_mask, other=0.0)
+    else:
+        return load_tile(at, positions * slot_stride, cols, tile_mask, TYPE)  # within one page: int32
+
+
+@triton.jit
+def _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at, key_stride, value_stride, first, end,
+                 slots, cols, col_mask, DOT_MODE: tl.constexpr, INTERPRETED: tl.constexpr, KEY_TYPE: tl.constexpr,
+                 VALUE_TYPE: tl.constexpr):
     # One tile of slots first .. first + BLOCK_N - 1 (those below `end`) into the online softmax, in
     # base 2 (q carries scale * log2(e)). A tile may hold no slot at all (the interpreter's loop runs
     # past `end`): then it changes nothing, and no -inf - -inf is ever taken.
     positions = first + slots
     slot_mask = positions < end
     tile_mask = slot_mask[:, None] & col_mask[None, :]
-    offsets = positions.to(tl.int64)[:, None] * slot_stride + cols[None, :]
-    k = tl.load(keys_at + offsets, mask=tile_mask, other=0.0)
+    k = _load_tile(keys_at, positions, key_stride, cols, tile_mask, KEY_TYPE)
     scores = _dot(q_high, q_mid, q_low, tl.trans(k), DOT_MODE, INTERPRETED)  # [BLOCK_G, BLOCK_N]
     scores = tl.where(slot_mask[None, :], scores, float("-inf"))
     new_maximum = tl.maximum(maximum, tl.max(scores, axis=1))
@@ -147,17 +157,17 @@ def _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at, 
         w_high, w_mid, w_low = _split_bf16(weights)
     else:
         w_high, w_mid, w_low = weights, weights, weights
-    v = tl.load(values_at + offsets, mask=tile_mask, other=0.0)
+    v = _load_tile(values_at, positions, value_stride, cols, tile_mask, VALUE_TYPE)
     acc = acc * rescale[:, None] + _dot(w_high, w_mid, w_low, v, DOT_MODE, INTERPRETED)
     return new_maximum, total * rescale + tl.sum(weights, axis=1), acc
 
 
 @triton.jit
-def _new_token(q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, q_gate_s0, k_s0, v_s0,
-               cos_s0, sin_s0, row64, kv_head, eps, qk_scale, GROUP: tl.constexpr, D: tl.constexpr,
-               ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BF16_STORAGE: tl.constexpr):
+def _new_token_values(q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, q_gate_s0, k_s0, v_s0,
+                      cos_s0, sin_s0, row64, kv_head, eps, qk_scale, GROUP: tl.constexpr, D: tl.constexpr,
+                      ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
     """The group's query heads [BLOCK_G, BLOCK_D] (normed, rotated, scaled; padding rows zeros) and the
-    new token's K and V as the cache stores them."""
+    new token's K [1, BLOCK_D] (normed, rotated) and V [BLOCK_D], float32."""
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
     half: tl.constexpr = ROTARY // 2
@@ -176,6 +186,17 @@ def _new_token(q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_pt
     k_at = k_ptr + row64 * k_s0 + kv_head * D + one_row
     k_new = _norm_rotate(k_at, one_row < 1, k_norm_ptr, cols, partner, col_mask, cos, sign_sin, D, eps)
     v_new = tl.load(v_ptr + row64 * v_s0 + kv_head * D + cols, mask=col_mask, other=0.0).to(tl.float32)
+    return cols, col_mask, group_mask, heads, q, k_new, v_new
+
+
+@triton.jit
+def _new_token(q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, keys_ptr, q_gate_s0, k_s0, v_s0,
+               cos_s0, sin_s0, row64, kv_head, eps, qk_scale, GROUP: tl.constexpr, D: tl.constexpr,
+               ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BF16_STORAGE: tl.constexpr):
+    """`_new_token_values`, K and V as a float storage keeps them."""
+    cols, col_mask, group_mask, heads, q, k_new, v_new = _new_token_values(
+        q_gate_ptr, k_ptr, v_ptr, q_norm_ptr, k_norm_ptr, cos_ptr, sin_ptr, q_gate_s0, k_s0, v_s0, cos_s0, sin_s0,
+        row64, kv_head, eps, qk_scale, GROUP, D, ROTARY, BLOCK_G, BLOCK_D)
     storage_type: tl.constexpr = keys_ptr.dtype.element_ty
     k_stored = _to_storage(k_new, storage_type, BF16_STORAGE)  # [1, BLOCK_D]
     v_stored = _to_storage(v_new, storage_type, BF16_STORAGE)
@@ -352,11 +373,13 @@ def _attend_kernel(
     if INTERPRETED_SPAN == 0:
         for first in tl.range(begin, end, BLOCK_N):
             maximum, total, acc = _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at,
-                                               cache_s1, first, end, slots, cols, col_mask, DOT_MODE, False)
+                                               cache_s1, cache_s1, first, end, slots, cols, col_mask, DOT_MODE, False,
+                                               FLOAT, FLOAT)
     else:  # the interpreter's range() takes no loaded bound: the largest share, tiles past `end` masked
         for offset in range(0, INTERPRETED_SPAN, BLOCK_N):
             maximum, total, acc = _attend_tile(q_high, q_mid, q_low, maximum, total, acc, keys_at, values_at,
-                                               cache_s1, begin + offset, end, slots, cols, col_mask, DOT_MODE, True)
+                                               cache_s1, cache_s1, begin + offset, end, slots, cols, col_mask,
+                                               DOT_MODE, True, FLOAT, FLOAT)
 
     _finish(q_gate_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counter_ptr, q_gate_s0, row64,
             unit, split, heads, group_mask, cols, col_mask, maximum, total, acc, N_KV, GROUP, D, SPLITS, BLOCK_D,
@@ -378,9 +401,9 @@ def split_count(n_kv: int, capacity: int, sm_count: int) -> int:
     return max(1, min(wanted, math.ceil(capacity / _MIN_SPLIT_SLOTS), _MAX_SPLITS))
 
 
-def _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim):
-    """Shapes, dtypes and devices (never the values: that would wait on the GPU); returns the device."""
-    name = "attention_decode_"
+def check_token_inputs(name, q_gate, k, v, q_norm, k_norm, cos, sin, starts, n_q, n_kv, head_dim) -> int:
+    """The new token's inputs' shapes and dtypes (never the values: that would wait on the GPU); returns
+    the batch."""
     require(
         n_q >= 1 and n_kv >= 1 and n_q % n_kv == 0 and head_dim >= 1,
         f"{name}: n_q ({n_q}) must be a positive multiple of n_kv ({n_kv}), and head_dim ({head_dim}) positive",
@@ -409,6 +432,17 @@ def _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, 
         require(tensor.dtype in INPUT_DTYPES,
                  f"{name}: {tensor_name} must be float32, bfloat16 or float16, got {tensor.dtype}")
     require(
+        starts.shape == (batch,) and starts.dtype == torch.int64,
+        f"{name}: starts must be int64 [{batch}], got {starts.dtype} {tuple(starts.shape)}",
+    )
+    return batch
+
+
+def _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, n_q, n_kv, head_dim):
+    """Shapes, dtypes and devices (never the values: that would wait on the GPU); returns the device."""
+    name = "attention_decode_"
+    batch = check_token_inputs(name, q_gate, k, v, q_norm, k_norm, cos, sin, starts, n_q, n_kv, head_dim)
+    require(
         keys.dtype in _STORAGE_DTYPES and values.dtype == keys.dtype,
         f"{name}: the K/V storage must be float32, bfloat16 or float16, both alike (got {keys.dtype}, {values.dtype})",
     )
@@ -418,10 +452,6 @@ def _check_inputs(q_gate, k, v, q_norm, k_norm, cos, sin, keys, values, starts, 
         and keys.stride(3) == 1,
         f"{name}: keys and values must be alike [rows >= {batch}, capacity >= 1, {n_kv}, {head_dim}] storage "
         f"with a contiguous last dimension, got {tuple(keys.shape)} and {tuple(values.shape)}",
-    )
-    require(
-        starts.shape == (batch,) and starts.dtype == torch.int64,
-        f"{name}: starts must be int64 [{batch}], got {starts.dtype} {tuple(starts.shape)}",
     )
     return check_device(name, {"keys": keys, "values": values, "q_gate": q_gate, "k": k, "v": v, "q_norm": q_norm,
                                 "k_norm": k_norm, "cos": cos, "sin": sin, "starts": starts})

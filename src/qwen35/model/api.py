@@ -48,12 +48,17 @@ class Model:
     def make_cache(self, batch_size: int = 1) -> HybridCache:
         if batch_size < 1:
             raise Qwen35Error(f"batch size must be at least 1, got {batch_size}")
-        # Fast precision keeps a GPU layer's K/V in bf16, as llama.cpp keeps f16 (half the memory).
+        return self.network.make_cache(batch_size, **self.kv_settings())
+
+    def kv_settings(self) -> dict:
+        """How full-attention layers keep K/V (Qwen35Network.attention_store's keywords), from -ctk/-ctv and
+        the precision: fast precision keeps a GPU layer's float K/V in bf16, as llama.cpp keeps f16 (half
+        the memory)."""
         asked = (self.cache_type_k, self.cache_type_v)
         gpu_float32 = gpu_pages_are_float32(*asked, fast=self.precision == "fast")
         cpu_k, cpu_v = cpu_cache_types(*asked)
-        return self.network.make_cache(batch_size, gpu_kv_dtype=torch.float32 if gpu_float32 else torch.bfloat16,
-                                       cache_type_k=cpu_k, cache_type_v=cpu_v)
+        return dict(gpu_kv_dtype=torch.float32 if gpu_float32 else torch.bfloat16, cache_type_k=cpu_k,
+                    cache_type_v=cpu_v)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: HybridCache, positions: torch.Tensor | None = None,

@@ -121,7 +121,7 @@ class GpuSteps:
             from qwen35.kernels.triton_paged_attention import paged_attention_decode_
 
             return paged_attention_decode_(q_gate, k, v, q_norm, k_norm, cos, sin, *kv.page_pool, kv.page_table,
-                                           *rest)
+                                           *rest, key_type=kv.type_k, value_type=kv.type_v)
         from qwen35.kernels.triton_attention import attention_decode_
 
         return attention_decode_(q_gate, k, v, q_norm, k_norm, cos, sin, *kv.storage, *rest)

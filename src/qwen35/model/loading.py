@@ -49,7 +49,7 @@ def load_model(path, device="cpu", precision: str = "fast", mmproj=None, progres
         raise FormatError(f"unknown precision {precision!r} (choose reference or fast)")
     path = Path(path)
     device = torch.device(device)
-    cache_types = check_cache_types(cache_type_k, cache_type_v, device)
+    cache_types = check_cache_types(cache_type_k, cache_type_v)
     split = Split(device, gpu_layers, cpu_moe_layers)
     if path.is_dir():
         model = _load_hf(path, precision, split, vision=mmproj is None, progress=progress)

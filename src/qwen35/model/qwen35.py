@@ -20,7 +20,7 @@ from torch import nn
 
 from qwen35.engine.cache import AttentionKV, DeltaNetState, HybridCache
 from qwen35.engine.paged_kv import PagedAttentionKV
-from qwen35.engine.quantized_kv import TypedAttentionKV, make_attention_kv
+from qwen35.engine.quantized_kv import TypedAttentionKV, block_type, make_attention_kv
 from qwen35.kernels.delta_rule import gated_delta_rule
 from qwen35.kernels.quant_linear import ExpertGroup, LinearGroup
 from qwen35.model import fused
@@ -462,22 +462,13 @@ class Qwen35Network(nn.Module):
                    gpu_kv_dtype: torch.dtype | None = None, cache_type_k: str = "f32",
                    cache_type_v: str = "f32") -> HybridCache:
         """Each layer's state on that layer's device; the lengths where the token ids go in.
-        `gpu_kv_dtype`: the K/V storage of layers on a GPU (paged there), if not `dtype`.
-        `cache_type_k`/`cache_type_v`: how a CPU layer keeps K and V when `dtype` is float32
-        (engine/quantized_kv.py: f32, f16, bf16 or a GGUF block type such as q8_0)."""
+        The keywords: `attention_store`'s."""
         c = self.config
         layers = []
         for layer_type, layer in zip(c.layer_types, self.layers):
             device = layer.device
             if layer_type == FULL_ATTENTION:
-                if device.type in fused.GPU_DEVICE_TYPES:  # pages: rows grow without moving K/V
-                    layers.append(PagedAttentionKV(batch_size, c.num_key_value_heads, c.head_dim,
-                                                   gpu_kv_dtype or dtype, device))
-                elif dtype == torch.float32:
-                    layers.append(make_attention_kv(batch_size, c.num_key_value_heads, c.head_dim, device,
-                                                    cache_type_k, cache_type_v))
-                else:
-                    layers.append(AttentionKV(batch_size, c.num_key_value_heads, c.head_dim, dtype, device))
+                layers.append(self.attention_store(device, batch_size, dtype, gpu_kv_dtype, cache_type_k, cache_type_v))
             else:
                 layers.append(DeltaNetState(
                     torch.zeros(batch_size, c.linear_conv_dim, c.linear_conv_kernel - 1, dtype=dtype, device=device),
@@ -486,6 +477,22 @@ class Qwen35Network(nn.Module):
                 ))
         zeros = torch.zeros(batch_size, dtype=torch.long, device=self.input_device)
         return HybridCache(layers, zeros, zeros.clone())
+
+    def attention_store(self, device: torch.device, batch_size: int = 1, dtype: torch.dtype = torch.float32,
+                        gpu_kv_dtype: torch.dtype | None = None, cache_type_k: str = "f32",
+                        cache_type_v: str = "f32"):
+        """The K/V store of a full-attention layer on `device` (the MTP layer's too).
+        `gpu_kv_dtype`: the K/V storage of layers on a GPU (paged there), if not `dtype`.
+        `cache_type_k`/`cache_type_v`: how a CPU layer keeps K and V when `dtype` is float32
+        (engine/quantized_kv.py: f32, f16, bf16 or a GGUF block type such as q8_0); a GPU layer's pages
+        keep a block type too (float types there: `gpu_kv_dtype`)."""
+        c = self.config
+        if device.type in fused.GPU_DEVICE_TYPES:  # pages: rows grow without moving K/V
+            return PagedAttentionKV(batch_size, c.num_key_value_heads, c.head_dim, gpu_kv_dtype or dtype, device,
+                                    type_k=block_type(cache_type_k), type_v=block_type(cache_type_v))
+        if dtype == torch.float32:
+            return make_attention_kv(batch_size, c.num_key_value_heads, c.head_dim, device, cache_type_k, cache_type_v)
+        return AttentionKV(batch_size, c.num_key_value_heads, c.head_dim, dtype, device)
 
     def attention_inputs(self, cache: HybridCache, positions: torch.Tensor):
         """(starts, rope, mask) for T tokens at `positions` [3, B, T] appended to each row of `cache`."""

@@ -268,7 +268,7 @@ def run(args) -> int:
     host, port = listen_address(args.host, args.port)
     template_source = read_template_file(args.chat_template_file) if args.chat_template_file else None
     options = load_options(args, path, args.context // args.parallel, args.parallel, "qwen35 serve")
-    options.update(cache_options(args, options["device"]))
+    options.update(cache_options(args))
     state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context // args.parallel,
                         prefix_cache_mb=args.prefix_cache_mb, name=args.name or resolved.name, api_key=args.api_key,
                         mmproj=mmproj, settings=server_settings(args), chat_template_source=template_source,
