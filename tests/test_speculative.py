@@ -303,3 +303,17 @@ def test_the_mtp_layer_takes_memory_only_once_speculation_uses_it(fixtures):
     assert model.network.layers[0].mlp.gates.fast_weights is not None  # the main model's are packed
     mtp_predictor(model)
     assert all(m.mode == "fast" for m in modules) and any(m.fast_weights is not None for m in modules)
+
+
+def test_the_mtp_layer_keeps_its_kv_as_the_model_does(fixtures):
+    """-ctk/-ctv reach the MTP layer's K/V too (as llama.cpp's MTP context takes the main context's types, and
+    as the planner prices it), and speculation over such caches keeps plain decoding's tokens."""
+    from qwen35.engine.quantized_kv import stored_cache_types
+    from qwen35.engine.speculative import mtp_predictor
+
+    model = qwen35.load_model(fixtures / "tiny" / "dense-Q8_0.gguf", cache_type_k="q8_0", cache_type_v="q4_0")
+    assert stored_cache_types(mtp_predictor(model).make_cache().layers[0]) == ("q8_0", "q4_0")
+    prompt = _reference(fixtures, "dense")["sequences"]["chat_think"]["ids"]
+    plain, _ = _run(model, prompt)
+    speculative, last = _run(model, prompt, Speculation(p_min=EVERY_GUESS))
+    assert speculative == plain and last.draft_tokens > 0

@@ -89,7 +89,7 @@ def mtp_predictor(model, vocabulary: int = 0):
     if vocabulary not in predictors:
         from qwen35.model.mtp import MultiTokenPredictor
 
-        predictors[vocabulary] = MultiTokenPredictor(model.network, vocabulary)
+        predictors[vocabulary] = MultiTokenPredictor(model.network, vocabulary, model.kv_settings())
     return predictors[vocabulary]
 
 

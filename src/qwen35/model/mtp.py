@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen35.engine.cache import AttentionKV, HybridCache
+from qwen35.engine.cache import HybridCache
 from qwen35.errors import Qwen35Error
 from qwen35.kernels.quant_linear import QuantExperts, QuantLinear
 from qwen35.model.config import FULL_ATTENTION
@@ -34,7 +34,9 @@ def first_rows(head: QuantLinear, rows: int) -> QuantLinear:
 
 
 class MultiTokenPredictor:
-    def __init__(self, network: Qwen35Network, vocabulary: int = 0):
+    def __init__(self, network: Qwen35Network, vocabulary: int = 0, kv_settings: dict | None = None):
+        """`kv_settings`: how the layer keeps K/V (Model.kv_settings: the main model's -ctk/-ctv, as llama.cpp's
+        MTP context takes them); None: float32."""
         c = network.config
         weights = network.mtp_weights
         if c.mtp_num_layers < 1 or "mtp.fc" not in weights:
@@ -52,6 +54,7 @@ class MultiTokenPredictor:
         self.layer = DecoderLayer(c, weights, "mtp.layers.0", FULL_ATTENTION)
         self.final_norm = weights["mtp.norm"]
         self.head = first_rows(network.lm_head, vocabulary)  # guesses only: it may leave rare tokens out
+        self.kv_settings = dict(kv_settings or {})
 
     @property
     def device(self) -> torch.device:
@@ -60,8 +63,7 @@ class MultiTokenPredictor:
     def make_cache(self, start_position: int = 0) -> HybridCache:
         """An empty one-row cache for the layer's K/V whose first pair sits at `start_position` (pairs before
         it, from a cache the main model restored, were never seen: they are left out of the attention)."""
-        c = self.network.config
-        kv = AttentionKV(1, c.num_key_value_heads, c.head_dim, torch.float32, self.device)
+        kv = self.network.attention_store(self.device, 1, **self.kv_settings)
         lengths = torch.zeros(1, dtype=torch.long, device=self.device)
         return HybridCache([kv], lengths, torch.full((1,), start_position, dtype=torch.long, device=self.device))
 

@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     use = parser.add_argument_group("how it is run")
     use.add_argument("--ctx", type=parse_tokens, help="context per sequence in tokens (default 32k; --table vram 4k, picks 8k)")
     use.add_argument("--parallel", type=int, default=1, help="parallel sequences (llama.cpp -np), default 1")
-    use.add_argument("--cache-type", default="f16", help="KV cache type: f16 (default), bf16, q8_0, q4_0")
+    use.add_argument("--cache-type", default="f16",
+                     help="KV cache type: f16 (default), bf16, f32, q8_0, q4_0, q4_1, q5_0, q5_1 (-ctk/-ctv)")
     use.add_argument("--mtp", action="store_true", help="load the MTP layer (speculative decoding)")
     use.add_argument("--vision", action="store_true", help="load the vision projector")
     use.add_argument("--ubatch", type=int, default=512, help="micro-batch size for the compute buffers (default 512)")

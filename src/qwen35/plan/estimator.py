@@ -20,7 +20,8 @@ from qwen35.plan.weights import Weights
 GiB = 1024**3
 MiB = 1024**2
 
-CACHE_TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "f32": "F32"}
+CACHE_TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0",
+               "q5_1": "Q5_1", "f32": "F32"}
 KV_PAD = 256  # llama.cpp rounds the KV cache size up to this many cells
 MAX_CONTEXT = 1 << 20  # YaRN stretches the native 262,144 to about 1M; beyond is not a context
 MAX_PARALLEL = 4096
