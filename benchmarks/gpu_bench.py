@@ -263,6 +263,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-gemv", action="store_true",
                         help="first try each GEMV launch shape in GEMV_SWEEP at batch 1, then keep the fastest")
     parser.add_argument("--profile", action="store_true", help="GPU time per kernel of an eager decode step")
+    parser.add_argument("--kv-types", nargs="+", default=[], metavar="TYPE",
+                        help="also decode at batch 1 after --kv-depth tokens with K and V kept as each -ctk/-ctv type")
+    parser.add_argument("--kv-depth", type=int, default=32768, help="context before the --kv-types decodes")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -307,6 +310,19 @@ def main(argv=None) -> int:
             results[f"decode_b{batch}_gemv_tok/s"] = gemv_only_decode_speed(model, batch, args, generator)
             print(f"decode graphs b{batch}, matrix-vector kernel only: "
                   f"{results[f'decode_b{batch}_gemv_tok/s']:.1f} tok/s", flush=True)
+        save()
+    for cache_type in args.kv_types:  # -ctk/-ctv: decode at a long context, where K/V are a step's bytes too
+        key = f"decode_b1_d{args.kv_depth}_{cache_type}_tok/s"
+        model.cache_type_k = model.cache_type_v = cache_type
+        try:
+            results[key] = decode_speed(model, 1, args.steps, args.kv_depth, generator, graphs)
+            print(f"decode graphs b1 after {args.kv_depth} tokens, -ctk/-ctv {cache_type}: {results[key]:.1f} tok/s",
+                  flush=True)
+        except Exception as error:  # noqa: BLE001
+            results[key] = f"{type(error).__name__}: {error}"
+            print(f"{key} failed: {results[key]}", flush=True)
+        finally:
+            model.cache_type_k = model.cache_type_v = None
         save()
     # Diagnostics for tuning: a failure there is reported and the benchmark goes on.
     for wanted, key, run in ((args.profile, "profile", kernel_profile), (args.sweep_gemv and graphs, "gemv_sweep",
