@@ -202,6 +202,7 @@ def create_app(state: ServerState) -> FastAPI:
         return PlainTextResponse("qwen35 is running")
 
     @app.get("/health", summary="Liveness and readiness")
+    @app.get("/v1/health", summary="Liveness and readiness (llama-server's alias of /health)")
     async def health():
         if not state.ready:
             raise APIError(503, "The model is still loading.", code="loading", headers={"Retry-After": "2"})
@@ -214,10 +215,11 @@ def create_app(state: ServerState) -> FastAPI:
         return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
 
     from qwen35.server.anthropic_routes import router as anthropic_router
+    from qwen35.server.llamacpp_routes import router as llamacpp_router
     from qwen35.server.ollama_routes import router as ollama_router
     from qwen35.server.openai_routes import router as openai_router
     from qwen35.server.responses_routes import router as responses_router
 
-    for router in (openai_router, responses_router, anthropic_router, ollama_router):
+    for router in (openai_router, responses_router, anthropic_router, ollama_router, llamacpp_router):
         app.include_router(router, dependencies=[Depends(check_api_key)])
     return app
