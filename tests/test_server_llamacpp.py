@@ -252,13 +252,14 @@ def _conversations(question: str) -> list[dict]:
 
 def test_apply_template_is_the_prompt_chat_feeds_the_model(server, monkeypatch):  # noqa: F811
     url, state = server
+    submitted = _recording(monkeypatch, state)
     for body in _conversations("What fits a 24GB GPU?"):
         prompt = _ok(url, "/apply-template", body)["prompt"]
-        submitted = _recording(monkeypatch, state)
+        before = len(submitted)
         reply = _ok(url, "/v1/chat/completions", {**body, "model": "tiny"})
         # What the engine was handed for this chat request: exactly the tokens of the template's text.
-        assert len(submitted) == 1
-        fed = submitted[0].prompt_ids
+        assert len(submitted) == before + 1
+        fed = submitted[-1].prompt_ids
         assert fed == _ok(url, "/tokenize", {"content": prompt})["tokens"], body
         assert reply["usage"]["prompt_tokens"] == len(fed)
         assert _ok(url, "/detokenize", {"tokens": fed})["content"] == prompt
@@ -301,8 +302,8 @@ def test_apply_template_follows_the_servers_template_settings(configured, refere
     assert _ok(url, "/apply-template", {"messages": messages})["prompt"] == no_think["text"]
     on = {"messages": messages, "chat_template_kwargs": {"enable_thinking": True}}
     assert _ok(url, "/apply-template", on)["prompt"] == think["text"]
+    submitted = _recording(monkeypatch, state)
     for body in ({"messages": messages}, on):
-        submitted = _recording(monkeypatch, state)
         _ok(url, "/v1/chat/completions", {**body, "model": "tiny", "max_tokens": 2})
         prompt = _ok(url, "/apply-template", body)["prompt"]
         assert submitted[-1].prompt_ids == _ok(url, "/tokenize", {"content": prompt})["tokens"]
@@ -314,9 +315,9 @@ def test_apply_template_follows_the_servers_template_settings(configured, refere
 def test_props_states_the_servers_settings(configured, fixtures, monkeypatch):
     url, state, flags = configured
     props = httpx.get(url + "/props").json()
-    settings_ = props["default_generation_settings"]
-    assert settings_["n_ctx"] == 512 and props["total_slots"] == 3
-    params = settings_["params"]
+    generation = props["default_generation_settings"]
+    assert generation["n_ctx"] == 512 and props["total_slots"] == 3
+    params = generation["params"]
     assert params["n_predict"] == 48
     for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "frequency_penalty", "seed"):
         assert params[name] == pytest.approx(flags[name]), name
