@@ -173,13 +173,15 @@ inline __m512 score_block(const float* q, const T* k, int64_t stride, int64_t di
   return lane_sums16(sums);
 }
 
-// Rows of blocks that several passes read (the group's query heads a few at a time) are decoded
-// once into fp32 rows first: decoding 16 values takes several instructions, more than the
-// products they feed. Measured at 8K slots on one thread: K decoded once for two passes or
-// more, 1.1-1.3x for the 4-bit and 5-bit types; V for three or more (two gained nothing). The
-// same fp32 values either way, so the same sums.
+// Rows of 4- and 5-bit blocks that several passes read (the group's query heads a few at a time)
+// are decoded once into fp32 rows first: unpacking 16 values takes several instructions, more
+// than the products they feed. The same fp32 values either way, so the same sums. Measured at
+// 8K slots (16 query heads over 2 kv heads): K decoded once for two passes or more and V for
+// three or more, 1.3-1.6x on one thread (q4_0 1.08x on two); V for two passes gained nothing.
+// Q8_0's rows (a widening and a product per 16 values) are read in place: decoded once they
+// gained 1.1x on one thread but lost 1.1x on two.
 template <typename T>
-constexpr bool kBlockRows = Unit<T>::values > 1;
+constexpr bool kDecodedOnce = Unit<T>::values > 1 && !std::is_same_v<T, BlockQ8_0>;
 
 // rows[0 : count] (each dim values, dim a multiple of 32) as fp32 rows of out, fetching the rows
 // at `prefetch` meanwhile unless it is nullptr.
@@ -207,7 +209,7 @@ void decode_rows(const T* rows, int64_t stride, int64_t count, int64_t dim, floa
 template <int kHeads, int kSlots, typename T>
 void score_rows(const float* q, const T* k, int64_t stride, int64_t count, int64_t dim, int64_t group, float scale,
                 float* scores, float* decoded) {
-  const bool decode = kBlockRows<T> && group > kHeads;
+  const bool decode = kDecodedOnce<T> && group > kHeads;
   for (int64_t s = 0; s < count; s += kSlots) {
     const int64_t first = std::min(s, count - kSlots), fresh = s - first;
     const T* ahead = first + kPrefetchSlots + kSlots <= count ? k + (first + kPrefetchSlots) * stride : nullptr;
@@ -335,7 +337,7 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
   float *maxima = partial, *sums = partial + group, *out = partial + 2 * group;
   std::vector<float> scores(group * count);
   // fp32 rows of K's blocks (score_rows), then of a tile of V's; left uninitialized.
-  const std::unique_ptr<float[]> decoded(kBlockRows<TK> || kBlockRows<TV> ? new float[kTileSlots * dim] : nullptr);
+  const std::unique_ptr<float[]> decoded(kDecodedOnce<TK> || kDecodedOnce<TV> ? new float[kTileSlots * dim] : nullptr);
   if (count < kLanes) {
     for (int64_t g = 0; g < group; ++g) {
       for (int64_t s = 0; s < count; ++s) scores[g * count + s] = dot(q + g * dim, k + s * stride, dim) * sh.scale;
@@ -369,7 +371,7 @@ void attend_range(const Range& range, const Shapes& sh, const float* queries, co
   for (int64_t t = 0; t < count; t += kTileSlots) {  // a tile of V rows (in L1) serves every query head
     const int64_t tile = std::min(kTileSlots, count - t);
     const float* weights = scores.data() + t;
-    if (kBlockRows<TV> && group > 4) {
+    if (kDecodedOnce<TV> && group > 4) {
       decode_rows<TV>(v + t * sh.v.slot, sh.v.slot, tile, dim, decoded.get(), nullptr);
       accumulate_group(weights, count, decoded.get(), dim, tile, out, dim, group);
     } else {
