@@ -228,21 +228,27 @@ def test_captured_decode_steps_replay_like_eager_ones(fixtures, monkeypatch, len
             torch.testing.assert_close(got_state.float(), expected_state.float(), rtol=0, atol=1e-4, msg=f"layer {index}")
 
 
-def test_speculative_steps_on_the_gpu_path_give_the_tokens_of_plain_steps(fixtures, monkeypatch):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_speculative_steps_on_the_gpu_path_give_the_tokens_of_plain_steps(fixtures, monkeypatch, graphs):
     """A speculative step feeds its tokens to the GPU's one-token kernels one at a time (the DeltaNet step,
     paged attention) with the products done once for all of them, and rewinds what it does not keep:
-    the tokens are plain decoding's, with the MTP layer's guesses and with scripted ones, right and wrong."""
+    the tokens are plain decoding's, with the MTP layer's guesses and with scripted ones, right and wrong.
+    With graphs (tests/graph_replay.py's stand-ins), the step is engine/cuda_graphs.VerificationGraph's
+    replay: captured without a host read, padded where fewer guesses come, rewound in place."""
     if DEVICE != "cpu":
         pytest.skip("on a GPU, tests/test_cuda.py runs the model there")
     import qwen35
+    from graph_replay import emulated_cuda_graphs
     from test_speculative import Scripted
 
+    from qwen35.engine import cuda_graphs
     from qwen35.engine.generate import generation_steps, resolve_sampling
     from qwen35.engine.speculative import Speculation
     from qwen35.model import fused
 
-    ids = json.loads((fixtures / "ref" / "moe.json").read_text())["sequences"]["text"]["ids"][:24]
-    model = qwen35.load_model(fixtures / "tiny" / "moe-Q4_K_M.gguf", precision="reference")
+    name = "dense" if graphs else "moe"  # (the interpreter's time: the MoE's path is checked eagerly)
+    ids = json.loads((fixtures / "ref" / f"{name}.json").read_text())["sequences"]["text"]["ids"][:24]
+    model = qwen35.load_model(fixtures / "tiny" / f"{name}-Q4_K_M.gguf", precision="reference")
     head = model.network.lm_head  # its first 1024 rows: enough to compare, and the interpreter is slow
     model.network.lm_head = QuantLinear(head.blocks[:1024], head.type_id, 1024, head.in_features)
     with monkeypatch.context() as paged:  # the prompt prefilled on the CPU's path, K/V in pages as on a GPU
@@ -254,12 +260,41 @@ def test_speculative_steps_on_the_gpu_path_give_the_tokens_of_plain_steps(fixtur
     model.network.fuse_for_gpu()
     params = resolve_sampling(model, 3, temperature=0, ignore_eos=True)
 
+    caches = []
+
     def tokens(speculation=None):
-        steps = generation_steps(model, ids, params, cache=prompt_cache.select([0]), speculation=speculation)
+        caches.append(prompt_cache.select([0]))
+        steps = generation_steps(model, ids, params, cache=caches[-1], speculation=speculation)
         return [step.token_id for step in steps]
 
+    def assert_cache_as_plain(cache):
+        """What a speculative generation leaves in its cache: what plain steps left (the kept tokens' states)."""
+        assert cache.lengths.tolist() == caches[0].lengths.tolist() and cache.static_length is None
+        for got, expected in zip(cache.layers, caches[0].layers):
+            if hasattr(got, "recurrent"):
+                assert not got.in_place and got.steps is None
+                torch.testing.assert_close(got.recurrent, expected.recurrent, rtol=0, atol=1e-5)
+                torch.testing.assert_close(got.conv, expected.conv, rtol=0, atol=1e-5)
+
     plain = tokens()
-    # One step: the first token and two guesses, the first right (kept), the second wrong (rewound).
+    # One step: the first token and two guesses, the first right (kept), the second wrong (rewound); then a
+    # step with room for no guess (with graphs: the token alone, padded).
     scripted = Scripted(draft_max=2, script=tuple(plain), prompt_length=len(ids), wrong=lambda index: index == 2)
-    assert tokens(scripted) == plain
-    assert tokens(Speculation(draft_max=1, p_min=0.0)) == plain
+    if not graphs:
+        assert tokens(scripted) == plain
+        assert_cache_as_plain(caches[-1])
+        assert tokens(Speculation(draft_max=1, p_min=0.0)) == plain
+        assert_cache_as_plain(caches[-1])
+        return
+    monkeypatch.setattr(cuda_graphs, "_warm_up", lambda *args, **kwargs: None)  # nothing to compile in the interpreter
+    captured = []
+    monkeypatch.setattr(cuda_graphs.VerificationGraph, "_capture", lambda graph, capacity, _capture=cuda_graphs.
+                        VerificationGraph._capture: captured.append(capacity) or _capture(graph, capacity))
+    released = []
+    monkeypatch.setattr(cuda_graphs.VerificationGraph, "release", lambda graph, _release=cuda_graphs.
+                        VerificationGraph.release: released.append(graph) or _release(graph))
+    with emulated_cuda_graphs(monkeypatch, allowed_host_reads={"rows"}):
+        assert tokens(scripted) == plain
+    assert_cache_as_plain(caches[-1])
+    assert len(captured) == 1 and len(released) == 1  # captured once, the cache handed back after it
+    assert min(captured) >= len(ids) + 3  # K/V room for the prompt and a step's three tokens

@@ -109,6 +109,6 @@ def speculation_from_arguments(args, model, load_options: dict, command: str = "
         print(f"{command}: speculative decoding with the model's MTP layer (up to {speculation.draft_max} guesses a step)",
               file=sys.stderr, flush=True)
     if model.device.type == "cuda":
-        print(f"{command}: note: on a GPU, speculative steps run without CUDA graphs and have not been timed "
-              "there yet; plain decoding (graphed) may be faster", file=sys.stderr, flush=True)
+        print(f"{command}: note: speculative decoding has not been timed on a GPU yet (guesses are made eagerly; "
+              "`qwen35 bench --spec-type ...` compares it with plain decoding)", file=sys.stderr, flush=True)
     return speculation

@@ -17,6 +17,12 @@ A server's batch changes as clients come and go. Its graph keeps its rows: a row
 sequence ended is left idle (`vacate`: emptied, fed a token that nobody reads, its length
 put back to 0 before each step), and a newcomer is copied into an idle row in place
 (`install`). The graph is captured again only when K/V needs more room.
+
+Speculative decoding checks a token and its guesses in one step, each mixer taking them one at a time
+and each DeltaNet layer keeping its state after every one (HybridCache.keep_steps): eagerly that is
+several times a one-token step's launches. `VerificationGraph` captures such a step of a fixed number of
+tokens over a pinned one-row cache (fewer guesses are padded: what follows the last guess is never kept),
+and `rewind` keeps the first tokens by copying the kept states in place.
 """
 
 from __future__ import annotations
@@ -142,21 +148,106 @@ def _page_slots(cache: HybridCache) -> int:
                 if hasattr(layer, "page_table")), default=0)
 
 
-def _warm_up(model, cache: HybridCache, capacity: int) -> None:
+class VerificationGraph:
+    """Captured speculative verification steps over a one-row `cache`: `tokens` tokens fed at a time, the
+    states after each kept (see the module's note). K/V room starts at `capacity` tokens and doubles, with a
+    new capture, when a step would pass it."""
+
+    def __init__(self, model, cache: HybridCache, tokens: int, capacity: int):
+        if not graphs_supported(model):
+            raise Qwen35Error("CUDA graphs need the model on a CUDA device in fast precision")
+        if cache.batch_size != 1:
+            raise Qwen35Error(f"a verification graph decodes one sequence, not {cache.batch_size}")
+        self.model, self.cache, self.tokens = model, cache, tokens
+        self.host_length = int(cache.lengths[0])
+        self.token_ids = torch.zeros(1, tokens, dtype=torch.long, device=model.device)
+        self._capture(max(int(capacity), self.host_length + tokens))
+
+    def _capture(self, capacity: int) -> None:
+        cache, network = self.cache, self.model.network
+        self.capacity = capacity
+        with torch.inference_mode():
+            _pin(cache, capacity)
+            cache.lengths, cache.next_positions = cache.lengths.clone(), cache.next_positions.clone()
+        _warm_up(self.model, cache, capacity, tokens=self.tokens)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            cache.keep_steps()
+            self.hidden = network.hidden_states(self.token_ids, cache)
+            self.logits = network.lm_head(self.hidden).float()
+        # Each replay writes every DeltaNet layer's states after each token here (the capture's tensors).
+        self.kept_states = [layer.steps for layer in cache.layers if isinstance(layer, DeltaNetState)]
+        _end_keeping_steps(cache)
+
+    def step(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed `token_ids` (1 to `tokens` of them; the rest padded); (hidden [1, tokens, H], logits
+        [1, tokens, vocab] float32), valid until the next step. Then `rewind` says how many are kept."""
+        if not 1 <= len(token_ids) <= self.tokens:
+            raise Qwen35Error(f"a verification step feeds 1 to {self.tokens} tokens, not {len(token_ids)}")
+        if self.host_length + self.tokens > self.capacity:
+            capacity = self.capacity
+            while self.host_length + self.tokens > capacity:
+                capacity *= 2
+            self._capture(capacity)
+        padded = list(token_ids) + [token_ids[-1]] * (self.tokens - len(token_ids))
+        self.token_ids.copy_(torch.tensor([padded], dtype=torch.long))
+        self.graph.replay()
+        self.host_length += self.tokens
+        return self.hidden, self.logits
+
+    def rewind(self, keep: int) -> None:
+        """Keep the first `keep` tokens the last step fed, as if only they had been fed."""
+        if not 1 <= keep <= self.tokens:
+            raise Qwen35Error(f"cannot keep {keep} of {self.tokens} tokens")
+        dropped = self.tokens - keep
+        if dropped:
+            layers = [layer for layer in self.cache.layers if isinstance(layer, DeltaNetState)]
+            for layer, states in zip(layers, self.kept_states):
+                layer.store(*states[keep])  # in place: the graph reads these tensors
+            self.cache.lengths.sub_(dropped)
+            self.cache.next_positions.sub_(dropped)
+        self.host_length -= dropped
+
+    def release(self) -> HybridCache:
+        """The cache as an ordinary one again (see GraphDecoder.release)."""
+        cache = self.cache
+        cache.static_length = None
+        for layer in cache.layers:
+            if isinstance(layer, DeltaNetState):
+                layer.in_place = False
+        self.graph, self.kept_states = None, []
+        return cache
+
+
+def _end_keeping_steps(cache: HybridCache) -> None:
+    """What `keep_steps` set, unset without rewinding (a capture fed nothing)."""
+    for layer in cache.layers:
+        if isinstance(layer, DeltaNetState):
+            layer.steps = None
+        else:
+            layer.token_by_token = False
+
+
+def _warm_up(model, cache: HybridCache, capacity: int, tokens: int = 0) -> None:
     """Run the step eagerly on a scratch cache pinned like `cache`: Triton compiles its kernels for these
     shapes and cuBLAS makes its handles there; neither may happen inside a capture. Before every capture,
     not once per shape: the kernels' launch settings (fast_cuda's row thresholds, the matrix-vector
-    launch shapes) can change between captures, and two eager steps cost little next to a capture."""
+    launch shapes) can change between captures, and two eager steps cost little next to a capture.
+    `tokens`: a verification step of that many tokens (VerificationGraph) in place of a one-token step."""
     batch_size, span = cache.batch_size, max(capacity, _page_slots(cache))
     with torch.inference_mode():
         scratch = model.make_cache(batch_size)
         _pin(scratch, capacity)
         scratch.reserve(rows=batch_size, tokens=span)  # as wide a page table as the real one's
-        tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+        ids = torch.zeros(batch_size, max(tokens, 1), dtype=torch.long, device=model.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                model.network(tokens, scratch)
+                if tokens:
+                    scratch.keep_steps()
+                model.network(ids, scratch)
+                if tokens:
+                    scratch.rewind(tokens, 1)
         torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()

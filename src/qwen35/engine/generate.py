@@ -197,6 +197,8 @@ def _steps(model, prompt, sampler, prefill_chunk, max_new_tokens, stop_token_ids
     finally:
         if decoder is not None:
             decoder.release()
+        if speculative is not None:
+            speculative.release()
 
 
 def _graph_decoder(model, cache, prompt_length: int, max_new_tokens: int):

@@ -247,6 +247,7 @@ class SpeculativeDecoder:
         self.drafter = drafter if drafter is not None else settings.drafter(model, cached_ids)
         self.drafted = 0  # guesses checked
         self.accepted = 0  # guesses kept
+        self.graph = None  # on a GPU: the captured verification step (engine/cuda_graphs.py), from the first step
 
     def _ids(self, token_ids: list[int]) -> torch.Tensor:
         return torch.tensor([token_ids], dtype=torch.long, device=self.network.input_device)
@@ -269,10 +270,14 @@ class SpeculativeDecoder:
         if len(guesses) < self.settings.draft_min:
             guesses = []
         fed = [token_id] + guesses
-        if guesses:
-            self.cache.keep_steps()
-        hidden = self.network.hidden_states(self._ids(fed), self.cache)
-        logits = self.network.lm_head(hidden).float()
+        graph = self._graph()
+        if graph is not None:
+            hidden, logits = graph.step(fed)
+        else:
+            if guesses:
+                self.cache.keep_steps()
+            hidden = self.network.hidden_states(self._ids(fed), self.cache)
+            logits = self.network.lm_head(hidden).float()
         sampled = []
         for position in range(len(fed)):
             token = sample_one(logits[:, position])
@@ -281,9 +286,31 @@ class SpeculativeDecoder:
                     or (finished is not None and finished())):
                 break
         kept = len(sampled)  # the token fed first and the guesses that were sampled
-        if guesses:
+        if graph is not None:
+            graph.rewind(kept)
+            hidden = hidden[:, :kept].clone()  # the graph's output is written over by its next step
+        elif guesses:
             self.cache.rewind(len(fed), kept)
         self.drafted += len(guesses)
         self.accepted += kept - 1
         self.drafter.feed(fed[:kept], hidden[:, :kept])
         return sampled
+
+    def _graph(self):
+        """The verification graph where the model's device captures steps (made at the first step, its K/V
+        room for the next stretch of the answer; it doubles as the answer goes on), else None."""
+        if self.graph is None:
+            from qwen35.engine.cuda_graphs import VerificationGraph, graphs_supported
+
+            if not graphs_supported(self.model):
+                return None
+            length = int(self.cache.lengths[0])
+            self.graph = VerificationGraph(self.model, self.cache, 1 + self.settings.draft_max,
+                                           -(-(length + 256) // 256) * 256)
+        return self.graph
+
+    def release(self) -> None:
+        """Hand the cache back as an ordinary one (after the last step, where a graph pinned it)."""
+        if self.graph is not None:
+            self.graph.release()
+            self.graph = None
