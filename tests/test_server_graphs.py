@@ -96,3 +96,28 @@ def test_the_server_batch_keeps_its_graph_as_sequences_come_and_go(fixtures, pla
     assert installs  # newcomers took idle rows of a captured graph
     assert captures and max(captures) == 4
     assert captures.count(4) == 1, captures  # the full batch's graph was captured once, however its rows changed
+
+
+def test_speculation_keeps_the_batch_graph_and_a_sequence_alone_checks_guesses_in_a_captured_step(
+        fixtures, plain_path_model, monkeypatch):
+    """With speculation on, several sequences decode in the batch's graph (the drafters told what went by),
+    and a sequence left alone checks its MTP layer's guesses in a captured verification step, replayed and
+    rewound in place: every sequence gets the tokens it gets alone without speculation."""
+    from qwen35.engine import cuda_graphs, running_batch
+    from qwen35.engine.speculative import Speculation
+
+    model, ids = plain_path_model, _prompt_ids(fixtures)
+    prompts, new_tokens = [ids[:12], ids[:17]], [14, 3]  # the second leaves early: the first goes on alone
+    solo = [model.generate(p, max_new_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(prompts, new_tokens)]
+
+    monkeypatch.setattr(running_batch, "GRAPH_AFTER_STEADY_STEPS", 1)
+    captured = {"batch": 0, "verification": 0}
+    for name, kind in (("batch", cuda_graphs.GraphDecoder), ("verification", cuda_graphs.VerificationGraph)):
+        monkeypatch.setattr(kind, "_capture", lambda self, capacity, _name=name, _original=kind._capture: (
+            captured.__setitem__(_name, captured[_name] + 1), _original(self, capacity))[1])
+    with emulated_cuda_graphs(monkeypatch):
+        served = serve_greedily(model, prompts, new_tokens, max_running=2,
+                                speculation=Speculation(draft_max=2, p_min=0.0))
+    assert served == solo
+    assert captured["verification"] == 1, captured  # captured once the first sequence was alone, kept after
+    assert captured["batch"] >= 1, captured  # the two decoded together in the batch's graph

@@ -3,7 +3,9 @@
 Sequences join (their prefilled row copied in) and leave (the last row moved into theirs) one row at
 a time, so nobody else's K/V is copied. On a GPU the step is a CUDA graph (engine/cuda_graphs.py) of
 a power-of-two number of rows: a leaver's row goes idle and a newcomer is copied into an idle row, so
-clients coming and going cause no new capture.
+clients coming and going cause no new capture. A sequence decoding alone with speculation checks its
+guesses in steps of its own (engine/speculative_steps.py): on a GPU, once it has been alone a while, in a
+captured verification step (`verifier_for`), released when others join.
 """
 
 from __future__ import annotations
@@ -30,16 +32,18 @@ class RunningBatch:
 
     def __init__(self, model, max_rows: int, graphs: bool = True):
         self.model, self.max_rows = model, max_rows
-        self.graphs = graphs  # off where steps must stay eager (speculative decoding feeds several tokens)
+        self.graphs = graphs  # off: every step eager
         self.rows: list = []
         self.cache = None
         self.decoder = None  # on a GPU: a CUDA-graph decoder over `cache`
+        self.verifier = None  # on a GPU: a speculative verification graph over `cache`'s one row
         self._steady_steps = 0  # steps since the rows last changed
         self._small_steps = 0  # steps the graph's rows have been half idle or more
+        self._alone_steps = 0  # speculative steps of the same sequence alone, in a row
 
     def clear(self) -> None:
-        self.rows, self.cache, self.decoder = [], None, None
-        self._small_steps = 0
+        self.rows, self.cache, self.decoder, self.verifier = [], None, None, None
+        self._small_steps = self._alone_steps = 0
 
     def __bool__(self) -> bool:
         return bool(self.rows)
@@ -52,6 +56,8 @@ class RunningBatch:
         one replay of a captured step: a newcomer takes an idle row of the graph, a leaver leaves one)."""
         from qwen35.engine.cuda_graphs import graphs_supported
 
+        self._release_verifier()
+        self._alone_steps = 0
         if self.decoder is not None and not self._fit_rows_into_graph(sequences):
             self._release_graph()
         if self.decoder is None:
@@ -74,11 +80,32 @@ class RunningBatch:
 
     def hold(self, sequences: list):
         """The batch cache made to hold exactly `sequences` (eager steps), for a step the caller runs itself."""
+        self._release_verifier()
         if self.decoder is not None:
             self._release_graph()
         self._regroup(sequences)
         return self.cache
 
+    def verifier_for(self, sequence, tokens: int):
+        """A captured verification step of `tokens` tokens over `sequence`'s row alone (engine/cuda_graphs.py),
+        where the model's device captures and the sequence has been alone for a while; else None (the caller
+        then `hold`s the cache and runs its step eagerly)."""
+        from qwen35.engine.cuda_graphs import VerificationGraph, graphs_supported
+
+        alone = len(self.rows) == 1 and self.rows[0] is sequence and self.decoder is None
+        if alone and self.verifier is not None and self.verifier.tokens == tokens:
+            return self.verifier
+        cache = self.hold([sequence])
+        self._alone_steps = self._alone_steps + 1 if alone else 1
+        # As for the batch's graph: a capture costs many steps' time, so only a sequence that stays alone gets one.
+        if self._alone_steps > GRAPH_AFTER_STEADY_STEPS and self.graphs and graphs_supported(self.model):
+            self.verifier = VerificationGraph(self.model, cache, tokens, -(-(int(cache.lengths[0]) + 256) // 256) * 256)
+        return self.verifier
+
+    def _release_verifier(self) -> None:
+        if self.verifier is not None:
+            self.verifier.release()
+            self.verifier = None
     def _capture_graph(self) -> None:
         """A CUDA-graph decoder over the batch, with idle rows up to its size bucket for newcomers."""
         from qwen35.engine.cuda_graphs import GraphDecoder

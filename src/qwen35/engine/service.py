@@ -165,7 +165,7 @@ class EngineService:
         self.prefix_store = PrefixStore(prefix_cache_bytes)
         self.stats = EngineStats()
         self.eos_token_ids = frozenset(model.config.eos_token_ids)
-        self.batch = RunningBatch(model, max_rows=max_running, graphs=speculation is None)  # the decoding rows
+        self.batch = RunningBatch(model, max_rows=max_running)  # the decoding rows
         self._job_piece = min(16, prefill_chunk)  # tokens per prefix-job piece, adapted to the prefill speed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

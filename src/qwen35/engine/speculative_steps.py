@@ -3,8 +3,9 @@
 A request gets a drafter (engine/speculative.py) when the server speculates and its prompt has no
 images; its prompt's pieces then go through the network's hidden states, which the MTP layer reads.
 While it is the only request decoding, its steps feed the last token and the drafter's guesses and
-sample position by position, as `SpeculativeDecoder.step` does; with others decoding beside it, the
-batch decodes plainly and the drafter is told which tokens went by. Every token goes through the
+sample position by position, as `SpeculativeDecoder.step` does (on a GPU, once it has been alone a
+while, in a captured verification step: RunningBatch.verifier_for); with others decoding beside it, the
+batch decodes plainly (a CUDA graph on a GPU) and the drafter is told which tokens went by. Every token goes through the
 engine's own `_accept` (stops, logprobs, grammar, length), after the cache is rewound to the tokens
 kept: a reply that ends is remembered in the prefix store with exactly its own tokens.
 """
@@ -62,17 +63,22 @@ def _ends_reply(service, sequence, token_id: int) -> bool:
 def speculative_step(service, sequence) -> None:
     """One step of the only decoding sequence: its last token and the drafter's guesses, checked at once."""
     request, settings, network = sequence.request, service.speculation, service.model.network
-    cache = service.batch.hold([sequence])
+    verifier = service.batch.verifier_for(sequence, 1 + settings.draft_max)  # None: eager steps
+    cache = service.batch.cache
     token_id = sequence.output_ids[-1]
     room = min(request.max_new_tokens - len(sequence.output_ids), service.context_length - sequence.total_tokens)
     guesses = sequence.drafter.propose(token_id, min(settings.draft_max, room - 1))
     if len(guesses) < settings.draft_min:
         guesses = []
     fed = [token_id] + guesses
-    if guesses:
-        cache.keep_steps()
-    hidden = network.hidden_states(torch.tensor([fed], device=network.input_device), cache)
-    raw = network.lm_head(hidden).float()[0]  # [positions, vocab]
+    if verifier is not None:
+        hidden, raw = verifier.step(fed)
+        raw = raw[0]  # [positions, vocab]: the graph's buffer, read before its next step
+    else:
+        if guesses:
+            cache.keep_steps()
+        hidden = network.hidden_states(torch.tensor([fed], device=network.input_device), cache)
+        raw = network.lm_head(hidden).float()[0]  # [positions, vocab]
     sampled = []
     for position in range(len(fed)):
         token = int(sample(service.masked(raw[position : position + 1], [sequence]), [sequence.sampler_state])[0])
@@ -82,7 +88,10 @@ def speculative_step(service, sequence) -> None:
         if position == len(guesses) or token != guesses[position] or _ends_reply(service, sequence, token):
             break
     kept = len(sampled)  # the token fed first and the guesses sampled
-    if guesses:
+    if verifier is not None:
+        verifier.rewind(kept)
+        hidden, raw = hidden[:, :kept].clone(), raw[:kept].clone()
+    elif guesses:
         cache.rewind(len(fed), kept)
     sequence.drafter.feed(fed[:kept], hidden[:, :kept])
     service.stats.draft_tokens += len(guesses)
