@@ -114,7 +114,7 @@ def assert_same_storage(ours: TypedAttentionKV, plain: TypedAttentionKV):
         (3, 4, 4, 64, 16, [37, 5, 1]),
         (2, 16, 2, 256, 64, [1300, 700]),  # longer than one range of 512 slots: merged from pieces
         (2, 4, 1, 64, 16, [3000, 17]),
-        # Groups of 6 and 3 query heads: K's blocks decoded once for 3 passes of 2 heads, of 1 (and V's for 6).
+        # Groups of 6 and 3 query heads: 4- and 5-bit K blocks decoded once for 3 passes (of 2 heads, of 1), V for 6.
         (1, 12, 2, 64, 16, [700]),
         (1, 6, 2, 64, 16, [600]),
     ],

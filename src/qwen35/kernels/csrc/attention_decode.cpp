@@ -304,7 +304,9 @@ void accumulate_group(const float* weights, int64_t weight_stride, const T* rows
   for (; g + 2 <= group; g += 2) {
     accumulate_heads<2>(weights + g * weight_stride, weight_stride, rows, stride, count, out + g * dim, dim);
   }
-  if (g < group) accumulate_heads<1>(weights + g * weight_stride, weight_stride, rows, stride, count, out + g * dim, dim);
+  if (g < group) {
+    accumulate_heads<1>(weights + g * weight_stride, weight_stride, rows, stride, count, out + g * dim, dim);
+  }
 }
 
 // One kv head of one row over slots [begin, end): its query heads' softmax maximum, sum of

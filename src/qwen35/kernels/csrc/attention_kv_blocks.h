@@ -143,7 +143,8 @@ inline float symmetric_quants(const float* x, int levels, uint8_t* quants) {
   const float inverse = d == 0.0f ? 0.0f : 1.0f / d;
   const float offset = static_cast<float>(levels) + 0.5f;
   for (int i = 0; i < 32; ++i) {
-    quants[i] = static_cast<uint8_t>(std::clamp(static_cast<int>(std::trunc(x[i] * inverse + offset)), 0, 2 * levels - 1));
+    const int quant = static_cast<int>(std::trunc(x[i] * inverse + offset));
+    quants[i] = static_cast<uint8_t>(std::clamp(quant, 0, 2 * levels - 1));
   }
   return d;
 }
