@@ -168,8 +168,8 @@ class TypedAttentionKV(AttentionKV):
 
     @classmethod
     def fused_decode(cls) -> bool:
-        """Whether the float fused decode step can write this storage (one float dtype for K and V); the
-        block types' own fused step is chosen by model/fused.py's CPU_BLOCK_KV_TYPES."""
+        """Whether a fused step for one float storage (kernels/triton_attention.py's) can write this store: one
+        float dtype for K and V. The CPU's fused step reads every type (model/fused.py's CPU_BLOCK_KV_TYPES)."""
         return cls.type_k == cls.type_v and cls.type_k in FLOAT_TYPES
 
     def _encode(self, cache_type: str, x: torch.Tensor) -> torch.Tensor:
