@@ -121,3 +121,44 @@ def test_speculation_keeps_the_batch_graph_and_a_sequence_alone_checks_guesses_i
     assert served == solo
     assert captured["verification"] == 1, captured  # captured once the first sequence was alone, kept after
     assert captured["batch"] >= 1, captured  # the two decoded together in the batch's graph
+
+
+def test_verification_steps_replay_as_eager_ones_across_a_new_capture(fixtures, plain_path_model, monkeypatch):
+    """engine/cuda_graphs.VerificationGraph against the eager verification (keep_steps, a forward of the
+    tokens, rewind) on a twin cache: the same logits at every fed position and the same states after each
+    rewind, for steps that keep all, some or one of their tokens, that feed fewer tokens than the graph's
+    (padded), and that outgrow the K/V room (a second capture)."""
+    from qwen35.engine import cuda_graphs
+
+    model, ids = plain_path_model, _prompt_ids(fixtures)
+    # float32 pages: a graph attends over its whole K/V room, eager steps over what is filled, and bf16 pages
+    # can turn those sums' last-bit differences into a K a rounding step apart (and logits 0.1 apart).
+    model.cache_type_k = model.cache_type_v = "f32"
+    prompt = ids[:10]
+    twins = [model.make_cache(1) for _ in range(2)]
+    for cache in twins:
+        model.forward(torch.tensor([prompt]), cache)
+    eager, pinned = twins
+    steps = [(ids[10:13], 3), (ids[12:15], 1), (ids[13:14], 1), (ids[14:17], 2), (ids[16:19], 3)]
+    captures = []
+    monkeypatch.setattr(cuda_graphs.VerificationGraph, "_capture", lambda graph, capacity, _original=cuda_graphs.
+                        VerificationGraph._capture: (captures.append(capacity), _original(graph, capacity))[1])
+    with emulated_cuda_graphs(monkeypatch), torch.inference_mode():
+        graph = cuda_graphs.VerificationGraph(model, pinned, tokens=3, capacity=16)
+        for fed, keep in steps:
+            eager.keep_steps()
+            expected = model.forward(torch.tensor([fed]), eager)[0]
+            eager.rewind(len(fed), keep)
+            _, logits = graph.step(fed)
+            torch.testing.assert_close(logits[0, :len(fed)], expected, rtol=0, atol=1e-4, msg=lambda m: f"{fed}: {m}")
+            graph.rewind(keep)
+            assert pinned.lengths.tolist() == eager.lengths.tolist() == [graph.host_length]
+        released = graph.release()
+    assert captures == [16, 32]  # 10 + 4 + 1 + 1 + 2 tokens kept, and a step of 3 more, passed 16
+    for got, expected in zip(released.layers, eager.layers):
+        if hasattr(got, "recurrent"):
+            assert not got.in_place
+            torch.testing.assert_close(got.recurrent, expected.recurrent, rtol=0, atol=1e-5)
+        else:
+            for ours, theirs in zip(got.view(int(eager.lengths[0])), expected.view(int(eager.lengths[0]))):
+                torch.testing.assert_close(ours.float(), theirs.float(), rtol=0, atol=1e-5)
