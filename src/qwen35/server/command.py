@@ -17,6 +17,11 @@ its tuning flags (-fa, -b, -ub, -cb, --mlock, --no-mmap, --metrics, --no-webui, 
 and have no effect here. --host also takes HOST:PORT, as OLLAMA_HOST does, and defaults to $QWEN35_HOST.
 -ctk/-ctv choose how the full-attention layers keep K and V (cache_options.py): f16 by default, as in
 llama.cpp; f32, bf16, and on the CPU q8_0, q4_0, q4_1, q5_0, q5_1.
+
+Every flag (MODEL too) may also come from the environment, as Docker and systemd deployments of llama-server
+and Ollama set it (env_settings.py): QWEN35_<LONG FLAG>, else llama-server's LLAMA_ARG_* name, else Ollama's
+OLLAMA_* (OLLAMA_HOST, OLLAMA_CONTEXT_LENGTH per request, OLLAMA_NUM_PARALLEL, OLLAMA_MAX_QUEUE,
+OLLAMA_KV_CACHE_TYPE); the command line wins.
 """
 
 from __future__ import annotations
@@ -33,21 +38,25 @@ from qwen35.cache_options import add_cache_arguments, cache_options
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.errors import Qwen35Error
 from qwen35.hub import resolve_model_argument
+from qwen35.server.env_settings import (DESCRIPTION, OLLAMA_PORT, add_environment_defaults, apply_environment,
+                                        blame, epilog, summary)
 from qwen35.speculation_options import add_speculation_arguments, check_speculation_arguments, speculation_from_arguments
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", metavar="MODEL",
-                        help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT)")
+    parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                        help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT); "
+                             "default: $QWEN35_MODEL, else $LLAMA_ARG_MODEL")
     parser.add_argument("--mmproj", default=None, metavar="FILE",
                         help="the model's vision projector GGUF: requests may then carry images "
                              "(a pulled model brings its own)")
     parser.add_argument("--no-mmproj", action="store_true", help="do not load a pulled model's vision projector")
-    parser.add_argument("--host", default=os.environ.get("QWEN35_HOST") or "127.0.0.1",
-                        help="address to listen on, or HOST:PORT (default: $QWEN35_HOST, else 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on, or HOST:PORT (default: $QWEN35_HOST, $LLAMA_ARG_HOST, "
+                             "$OLLAMA_HOST, else 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
-    parser.add_argument("--api-key", default=os.environ.get("QWEN35_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $QWEN35_API_KEY, else none)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' (default: $QWEN35_API_KEY, $LLAMA_API_KEY, else none)")
     parser.add_argument("-c", "--ctx-size", type=int, default=32768, dest="context",
                         help="context in tokens shared evenly by the -np slots (default 32768)")
     parser.add_argument("-np", "--parallel", type=int, default=4,
@@ -63,6 +72,9 @@ def add_arguments(parser) -> None:
     add_device_arguments(parser)
     add_cache_arguments(parser)
     add_speculation_arguments(parser)
+    parser.description = f"{parser.description or ''}\n\n{DESCRIPTION}".strip()
+    parser.epilog = epilog()
+    add_environment_defaults(parser, os.environ)
 
 
 # flag -> (dest, SamplingParams option, type): server-wide defaults for requests that do not set them.
@@ -121,40 +133,86 @@ def _model_name(path: Path) -> str:
     return name[: -len(".gguf")] if name.endswith(".gguf") else name
 
 
-def listen_address(host: str, port: int | None) -> tuple[str, int]:
-    """--host and --port as a (host, port) pair. --host may carry the port (HOST:PORT, [IPv6]:PORT,
-    http://HOST:PORT), as OLLAMA_HOST does; an empty host is 127.0.0.1."""
-    text = host.strip()
+def split_host(text: str) -> tuple[str, int | None]:
+    """--host's address and the port it carries, if any (HOST:PORT, [IPv6]:PORT, http://HOST:PORT), as
+    OLLAMA_HOST takes them; an empty host is 127.0.0.1. ValueError with the reason for a bad one."""
+    text = text.strip()
     if text.lower().startswith("https://"):
-        raise Qwen35Error(f"--host {host}: qwen35 serve speaks plain HTTP; put a TLS proxy in front of it")
+        raise ValueError("qwen35 serve speaks plain HTTP; put a TLS proxy in front of it")
     text = text.removeprefix("http://").removeprefix("HTTP://").rstrip("/")
     host_part, port_text = text, None
     if text.startswith("["):  # [IPv6] or [IPv6]:PORT
         end = text.find("]")
         if end < 0 or (text[end + 1:] and not text[end + 1:].startswith(":")):
-            raise Qwen35Error(f"--host {host}: write an IPv6 address with a port as [ADDRESS]:PORT")
+            raise ValueError("write an IPv6 address with a port as [ADDRESS]:PORT")
         host_part, port_text = text[1:end], text[end + 2:] if text[end + 1:] else None
     elif text.count(":") == 1:  # HOST:PORT (more colons: a bare IPv6 address)
         host_part, port_text = text.split(":")
-    if port_text is not None:
-        if not port_text.isdigit():
-            raise Qwen35Error(f"--host {host}: the port after ':' must be a number")
-        if port is not None and port != int(port_text):
-            raise Qwen35Error(f"--host {host} names port {port_text} but --port says {port}; give the port once")
-        port = int(port_text)
-    port = 8080 if port is None else port
+    if port_text is not None and not port_text.isdigit():
+        raise ValueError("the port after ':' must be a number")
+    return host_part or "127.0.0.1", None if port_text is None else int(port_text)
+
+
+def _checked_port(port: int) -> int:
     if not 0 <= port <= 65535:
         raise Qwen35Error(f"--port must be between 0 and 65535, got {port}")
-    return host_part or "127.0.0.1", port
+    return port
+
+
+def _split(host: str) -> tuple[str, int | None]:
+    try:
+        return split_host(host)
+    except ValueError as error:
+        raise Qwen35Error(f"--host {host}: {error}") from None
+
+
+def listen_address(host: str, port: int | None) -> tuple[str, int]:
+    """--host and --port as a (host, port) pair. --host may carry the port (HOST:PORT, [IPv6]:PORT,
+    http://HOST:PORT), as OLLAMA_HOST does; an empty host is 127.0.0.1."""
+    address, host_port = _split(host)
+    if host_port is not None:
+        if port is not None and port != host_port:
+            raise Qwen35Error(f"--host {host} names port {host_port} but --port says {port}; give the port once")
+        port = host_port
+    return address, _checked_port(8080 if port is None else port)
+
+
+def serve_address(args) -> tuple[str, int]:
+    """listen_address for serve's settings, wherever they came from: a port given closer to the command line
+    (command line, QWEN35_*, LLAMA_ARG_*, OLLAMA_*) wins over one inside --host given further from it;
+    OLLAMA_HOST without a port listens on Ollama's 11434."""
+    sources = apply_environment(args)
+    host_source, port_source = sources.get("host"), sources.get("port")
+    address, host_port = _split(args.host)
+    host_rank = host_source.rank if host_source else 0
+    port_rank = port_source.rank if port_source else 0
+    if host_port is not None and (args.port is None or host_rank < port_rank):
+        return address, _checked_port(host_port)
+    if host_port is not None and host_rank == port_rank:
+        return listen_address(args.host, args.port)
+    if args.port is not None:
+        return address, _checked_port(args.port)
+    return address, OLLAMA_PORT if host_source and host_source.variable == "OLLAMA_HOST" else 8080
 
 
 def _check(args) -> None:
-    listen_address(args.host, args.port)
+    """Every flag (and variable) checked before any model loads."""
+    sources = apply_environment(args)
+    if not args.model:
+        raise Qwen35Error("give the MODEL to serve (or set QWEN35_MODEL or LLAMA_ARG_MODEL)")
+    try:
+        _check_flags(args)
+    except Qwen35Error as error:
+        raise Qwen35Error(blame(str(error), sources)) from None
+
+
+def _check_flags(args) -> None:
+    serve_address(args)
     if args.parallel < 1:
         raise Qwen35Error(f"-np must be at least 1, got {args.parallel}")
     if args.context // args.parallel < 16:
         raise Qwen35Error(f"-c {args.context} leaves {args.context // args.parallel} tokens to each of the "
-                          f"{args.parallel} slots; give at least 16 per slot")
+                          f"-np {args.parallel} slots; give at least 16 per slot")
     cache_options(args)
     if args.threads is not None and args.threads < 1:
         raise Qwen35Error(f"-t must be at least 1, got {args.threads}")
@@ -261,13 +319,19 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    sources = apply_environment(args)
+    if summary(sources):  # before the model loads: a setting one did not expect shows at once
+        print(f"qwen35 serve: {summary(sources)}", file=sys.stderr, flush=True)
     resolved = resolve_model_argument(args.model, "qwen35 serve")
     path = resolved.path
     mmproj = args.mmproj or (str(resolved.mmproj) if resolved.mmproj and not args.no_mmproj else None)
     print(f"loading {path} ...", file=sys.stderr, flush=True)
-    host, port = listen_address(args.host, args.port)
+    host, port = serve_address(args)
     template_source = read_template_file(args.chat_template_file) if args.chat_template_file else None
-    options = load_options(args, path, args.context // args.parallel, args.parallel, "qwen35 serve")
+    try:
+        options = load_options(args, path, args.context // args.parallel, args.parallel, "qwen35 serve")
+    except Qwen35Error as error:  # --device, -ngl: checked here, with the GPU in view
+        raise Qwen35Error(blame(str(error), sources)) from None
     options.update(cache_options(args))
     state = build_state(path, parallel=args.parallel, queue=args.queue, context=args.context // args.parallel,
                         prefix_cache_mb=args.prefix_cache_mb, name=args.name or resolved.name, api_key=args.api_key,
@@ -276,7 +340,9 @@ def run(args) -> int:
     try:
         sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as error:
-        raise Qwen35Error(f"cannot listen on {host}:{port}: {error.strerror}") from None
+        origin = ", ".join(str(source) for dest, source in sources.items() if dest in ("host", "port"))
+        raise Qwen35Error(f"cannot listen on {host}:{port}{f' (from {origin})' if origin else ''}: "
+                          f"{error.strerror}") from None
     host, port = sock.getsockname()[:2]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 
