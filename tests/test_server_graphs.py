@@ -162,3 +162,44 @@ def test_verification_steps_replay_as_eager_ones_across_a_new_capture(fixtures, 
         else:
             for ours, theirs in zip(got.view(int(eager.lengths[0])), expected.view(int(eager.lengths[0]))):
                 torch.testing.assert_close(ours.float(), theirs.float(), rtol=0, atol=1e-5)
+
+
+def test_the_mtp_layers_guesses_from_a_captured_chain_are_its_eager_guesses(fixtures, plain_path_model, monkeypatch):
+    """engine/cuda_graphs.GuessGraph: an MTP drafter whose chain of guesses is captured (after one eager
+    chain here) guesses what an eager drafter fed the same pairs guesses, step after step, its cache holding
+    the same pairs; and a generation speculating through it (and through VerificationGraph) gives plain
+    decoding's tokens."""
+    from qwen35.engine import cuda_graphs, speculative
+    from qwen35.engine.speculative import Speculation
+
+    model, ids = plain_path_model, _prompt_ids(fixtures)
+    monkeypatch.setattr(speculative, "GUESS_GRAPH_AFTER", 1)
+    captures = []
+    monkeypatch.setattr(cuda_graphs.GuessGraph, "_chain", lambda graph, cache, _original=cuda_graphs.GuessGraph.
+                        _chain: (captures.append(cache is graph.cache), _original(graph, cache))[1])
+    settings = Speculation(draft_max=3, p_min=0.0)
+    with torch.inference_mode():
+        cache = model.make_cache(1)
+        hidden = model.network.hidden_states(torch.tensor([ids[:12]]), cache)
+        eager = speculative.MtpDrafter(speculative.mtp_predictor(model), settings, 0)
+        eager.feed(ids[:12], hidden)
+    with emulated_cuda_graphs(monkeypatch), torch.inference_mode():
+        graphed = speculative.MtpDrafter(speculative.mtp_predictor(model), settings, 0, graphs=True)
+        graphed.feed(ids[:12], hidden)
+        for step, (token, kept) in enumerate([(ids[12], 2), (ids[14], 1), (ids[15], 3), (ids[18], 1)]):
+            # as a verification step hands them over: the token and kept tokens' hidden states
+            expected = eager.propose(token, limit=3 if step != 1 else 2)
+            assert graphed.propose(token, limit=3 if step != 1 else 2) == expected, step
+            assert graphed.cache.lengths.tolist() == eager.cache.lengths.tolist()
+            fed = ids[12 + step: 12 + step + kept]
+            states = torch.randn(1, kept, model.config.hidden_size, generator=torch.Generator().manual_seed(step))
+            for drafter in (eager, graphed):
+                drafter.feed(fed, states)
+        assert graphed.graph is not None and captures.count(True) == 1  # captured once, replayed after
+        length = int(eager.cache.lengths[0])
+        for ours, theirs in zip(graphed.cache.layers[0].view(length), eager.cache.layers[0].view(length)):
+            torch.testing.assert_close(ours.float(), theirs.float(), rtol=0, atol=1e-2)
+
+        plain = model.generate(ids[:12], max_new_tokens=12, temperature=0, ignore_eos=True)
+        assert model.generate(ids[:12], max_new_tokens=12, temperature=0, ignore_eos=True,
+                              speculation=Speculation(draft_max=2, p_min=0.0)) == plain

@@ -22,7 +22,9 @@ Speculative decoding checks a token and its guesses in one step, each mixer taki
 and each DeltaNet layer keeping its state after every one (HybridCache.keep_steps): eagerly that is
 several times a one-token step's launches. `VerificationGraph` captures such a step of a fixed number of
 tokens over a pinned one-row cache (fewer guesses are padded: what follows the last guess is never kept),
-and `rewind` keeps the first tokens by copying the kept states in place.
+and `rewind` keeps the first tokens by copying the kept states in place. The MTP layer's guesses are a chain
+of one-token forwards, each fed the last one's top token: `GuessGraph` captures the whole chain, the tokens
+never leaving the device until the host reads them all at once.
 """
 
 from __future__ import annotations
@@ -190,8 +192,9 @@ class VerificationGraph:
                 capacity *= 2
             self._capture(capacity)
         padded = list(token_ids) + [token_ids[-1]] * (self.tokens - len(token_ids))
-        self.token_ids.copy_(torch.tensor([padded], dtype=torch.long))
-        self.graph.replay()
+        with torch.inference_mode():
+            self.token_ids.copy_(torch.tensor([padded], dtype=torch.long))
+            self.graph.replay()
         self.host_length += self.tokens
         return self.hidden, self.logits
 
@@ -202,10 +205,11 @@ class VerificationGraph:
         dropped = self.tokens - keep
         if dropped:
             layers = [layer for layer in self.cache.layers if isinstance(layer, DeltaNetState)]
-            for layer, states in zip(layers, self.kept_states):
-                layer.store(*states[keep])  # in place: the graph reads these tensors
-            self.cache.lengths.sub_(dropped)
-            self.cache.next_positions.sub_(dropped)
+            with torch.inference_mode():
+                for layer, states in zip(layers, self.kept_states):
+                    layer.store(*states[keep])  # in place: the graph reads these tensors
+                self.cache.lengths.sub_(dropped)
+                self.cache.next_positions.sub_(dropped)
         self.host_length -= dropped
 
     def release(self) -> HybridCache:
@@ -217,6 +221,67 @@ class VerificationGraph:
                 layer.in_place = False
         self.graph, self.kept_states = None, []
         return cache
+
+
+class GuessGraph:
+    """The MTP layer's chain of `guesses` guesses (engine/speculative.py MtpDrafter.propose), captured over
+    its pinned one-row `cache`: the pair (the model's last hidden state, the last sampled token) stays in
+    the cache, the chained pairs of the layer's own guesses are rewound. K/V room for `capacity` tokens:
+    `fits` says whether the next chain still fits (else capture a new one)."""
+
+    def __init__(self, predictor, cache: HybridCache, guesses: int, capacity: int):
+        self.predictor, self.cache, self.guesses = predictor, cache, guesses
+        device = predictor.device
+        self.hidden = torch.zeros(1, 1, predictor.network.config.hidden_size, device=device)
+        self.token_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.capacity = max(int(capacity), int(cache.lengths[0]) + guesses)
+        with torch.inference_mode():
+            _pin(cache, self.capacity)
+            cache.lengths, cache.next_positions = cache.lengths.clone(), cache.next_positions.clone()
+            scratch = predictor.make_cache()  # compiles the kernels and makes cuBLAS handles outside the capture
+            _pin(scratch, self.capacity)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._chain(scratch)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.tokens, self.probabilities = self._chain(cache)
+
+    def _chain(self, cache: HybridCache) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, probabilities = [], []
+        logits, out = self.predictor(self.hidden, self.token_ids, cache)
+        for index in range(self.guesses):
+            last = logits[0, -1]
+            token = last.argmax()
+            tokens.append(token)
+            probabilities.append(1 / torch.exp(last - last[token]).sum())  # softmax at the top token
+            if index + 1 < self.guesses:
+                logits, out = self.predictor(out, token.view(1, 1), cache)
+        return torch.stack(tokens), torch.stack(probabilities)
+
+    def fits(self, length: int) -> bool:
+        return length + self.guesses <= self.capacity
+
+    def propose(self, hidden: torch.Tensor, next_token: int) -> tuple[list[int], list[float]]:
+        """The chain's guesses and their probabilities under the layer, from the pair (hidden [1, 1, H],
+        next_token); the cache keeps that pair only."""
+        with torch.inference_mode():
+            self.hidden.copy_(hidden)
+            self.token_ids.fill_(next_token)
+            self.graph.replay()
+            if self.guesses > 1:
+                self.cache.lengths.sub_(self.guesses - 1)
+                self.cache.next_positions.sub_(self.guesses - 1)
+        return self.tokens.tolist(), self.probabilities.tolist()
+
+    def release(self) -> HybridCache:
+        self.cache.static_length = None
+        self.graph = None
+        return self.cache
 
 
 def _end_keeping_steps(cache: HybridCache) -> None:

@@ -34,6 +34,8 @@ from qwen35.errors import Qwen35Error
 # their probability; a draft model up to 16 while its own probability stays at 0.75 or more.
 MTP_DEFAULTS = (3, 0.0)
 DRAFT_MODEL_DEFAULTS = (16, 0.75)
+# Guesses an MTP drafter makes eagerly before its chain is captured (where the device captures graphs).
+GUESS_GRAPH_AFTER = 8
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,10 @@ class Speculation:
         """A drafter for one generation whose cache already holds `cached_ids`; `state`: a drafter's
         `snapshot()` taken when it had read exactly those tokens (a restored prefix brings its drafter's)."""
         if self.draft_model is None:
-            return MtpDrafter(mtp_predictor(model, self.vocabulary), self, len(cached_ids), state)
+            from qwen35.engine.cuda_graphs import graphs_supported
+
+            return MtpDrafter(mtp_predictor(model, self.vocabulary), self, len(cached_ids), state,
+                              graphs=graphs_supported(model))
         return DraftModelDrafter(self.draft_model, self, cached_ids, state)
 
 
@@ -104,9 +109,11 @@ def _confident_guess(logits: torch.Tensor, p_min: float) -> tuple[int, bool]:
 
 class MtpDrafter:
     """Guesses from the MTP layer. It reads pairs (the model's hidden state at i, the token at i+1), so it
-    runs one token behind the model: `feed` pairs what the model consumed, `propose` pairs the newest."""
+    runs one token behind the model: `feed` pairs what the model consumed, `propose` pairs the newest.
+    Where the model's device captures steps, a drafter that keeps guessing gets its chain of guesses as a
+    CUDA graph (engine/cuda_graphs.py GuessGraph), after GUESS_GRAPH_AFTER eager ones."""
 
-    def __init__(self, predictor, settings: Speculation, start_position: int, state=None):
+    def __init__(self, predictor, settings: Speculation, start_position: int, state=None, graphs: bool = False):
         self.predictor = predictor
         self.settings = settings
         self.cache = predictor.make_cache(start_position)
@@ -114,6 +121,9 @@ class MtpDrafter:
         if state is not None:
             cache, self.pending = state
             self.cache = cache.select([0])
+        self.graphs = graphs
+        self.graph = None
+        self._proposals = 0
 
     def snapshot(self, copy: bool = True):
         """This drafter's state, to restore with `Speculation.drafter(..., state=)`. Without `copy` a view
@@ -132,21 +142,38 @@ class MtpDrafter:
         else:
             hiddens, following = hidden[:, :-1], token_ids[1:]
         if following:
+            if self.graph is not None and not self.graph.fits(int(self.cache.lengths[0]) + len(following)):
+                self.release()  # (a next turn's prompt) its K/V outgrows the graph's room: eager until a new one
             ids = torch.tensor([following], dtype=torch.long)
             self.predictor(hiddens, ids, self.cache, logits=False)
-        self.pending = hidden[:, -1:]
+        self.pending = hidden[:, -1:].clone()  # (the model's hidden states may be a graph's buffer)
 
     def skip(self, token_ids: list[int]) -> None:
         """The model consumed `token_ids` without handing over their hidden states (a batched step of a
         server): their pairs are left out of the layer's attention, whose positions go on past them."""
         skipped = len(token_ids) + (1 if self.pending is not None else 0)
-        self.cache.next_positions = self.cache.next_positions + skipped
+        if self.graph is not None:  # in place: the graph reads it
+            with torch.inference_mode():
+                self.cache.next_positions.add_(skipped)
+        else:
+            self.cache.next_positions = self.cache.next_positions + skipped
         self.pending = None
 
     def propose(self, next_token: int, limit: int) -> list[int]:
         """Up to `limit` guesses of the tokens after `next_token` (the model's last sampled token)."""
         if self.pending is None or limit < 1:
             return []
+        self._proposals += 1
+        graph = self._graph()
+        if graph is not None:
+            tokens, probabilities = graph.propose(self.pending, next_token)
+            self.pending = None
+            guesses = []
+            for token, probability in zip(tokens[:limit], probabilities):
+                if probability < self.settings.p_min:
+                    break
+                guesses.append(token)
+            return guesses
         logits, out = self.predictor(self.pending, torch.tensor([[next_token]]), self.cache)
         self.pending = None  # paired with next_token: that pair stays in the cache
         guesses, chained = [], 0
@@ -162,6 +189,25 @@ class MtpDrafter:
         if chained:  # pairs of the layer's own guesses: the next step pairs the model's real hidden states
             self.cache.rewind(chained, 0)
         return guesses
+
+    def _graph(self):
+        """The captured chain, once this drafter has guessed GUESS_GRAPH_AFTER times eagerly (a capture
+        costs as much as a few dozen chains) and where the model's device captures; else None."""
+        if self.graph is not None and not self.graph.fits(int(self.cache.lengths[0])):
+            self.release()
+        if self.graph is None and self.graphs and self._proposals > GUESS_GRAPH_AFTER:
+            from qwen35.engine.cuda_graphs import GuessGraph
+
+            length = int(self.cache.lengths[0])
+            self.graph = GuessGraph(self.predictor, self.cache, self.settings.draft_max,
+                                    -(-(length + 256) // 256) * 256)
+        return self.graph
+
+    def release(self) -> None:
+        """The layer's cache as an ordinary one again (no graph pins it)."""
+        if self.graph is not None:
+            self.graph.release()
+            self.graph = None
 
 
 class DraftModelDrafter:
