@@ -46,17 +46,16 @@ from qwen35.speculation_options import add_speculation_arguments, check_speculat
 def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
                         help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT); "
-                             "default: $QWEN35_MODEL, else $LLAMA_ARG_MODEL")
+                             "may come from the environment (below)")
     parser.add_argument("--mmproj", default=None, metavar="FILE",
                         help="the model's vision projector GGUF: requests may then carry images "
                              "(a pulled model brings its own)")
     parser.add_argument("--no-mmproj", action="store_true", help="do not load a pulled model's vision projector")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on, or HOST:PORT (default: $QWEN35_HOST, $LLAMA_ARG_HOST, "
-                             "$OLLAMA_HOST, else 127.0.0.1)")
+                        help="address to listen on, or HOST:PORT (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8080; 0 picks a free one)")
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' (default: $QWEN35_API_KEY, $LLAMA_API_KEY, else none)")
+                        help="require 'Authorization: Bearer KEY' (default: none)")
     parser.add_argument("-c", "--ctx-size", type=int, default=32768, dest="context",
                         help="context in tokens shared evenly by the -np slots (default 32768)")
     parser.add_argument("-np", "--parallel", type=int, default=4,

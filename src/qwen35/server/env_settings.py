@@ -350,6 +350,7 @@ def blame(message: str, sources: dict) -> str:
     """`message` (about flags) with the variables that set the flags it names, so that it names them."""
     words = set(FLAG_WORD.findall(message))
     named = [str(source) for dest, source in sources.items() if words & set(FLAGS_BY_DEST[dest].spellings)]
+    named = list(dict.fromkeys(named))  # OLLAMA_KV_CACHE_TYPE sets -ctk and -ctv: named once
     return f"{message} (from {', '.join(named)})" if named else message
 
 
