@@ -143,6 +143,28 @@ def decode_speed(model, batch: int, steps: int, context: int, generator, graphs:
     return batch * steps / seconds
 
 
+def speculative_speeds(model, args, generator) -> dict:
+    """Batch-1 decode of the greedy answer to a random `--context`-token prompt (`--steps` tokens): plain,
+    with the MTP layer's 3 guesses a step, and with a guesser that knows the answer (benchmarks/speculative.py)."""
+    from speculative import KnowsTheAnswer, decode_speed
+
+    from qwen35.engine.generate import generation_steps, resolve_sampling
+    from qwen35.engine.speculative import Speculation
+
+    prompt = torch.randint(0, model.config.vocab_size, (args.context,), generator=generator,
+                           device=generator.device).tolist()
+    params = resolve_sampling(model, args.steps, temperature=0, ignore_eos=True)
+    answer = [step.token_id for step in generation_steps(model, prompt, params)]
+    knowing = KnowsTheAnswer(draft_max=3, script=tuple(answer), prompt_length=len(prompt))
+    speeds = {}
+    for key, speculation in (("decode_b1_plain_tok/s", None), ("decode_b1_mtp3_tok/s", Speculation(draft_max=3, p_min=0.0)),
+                             ("decode_b1_all_right3_tok/s", knowing)):
+        decode_speed(model, prompt, args.steps, speculation)  # captures, compiles
+        speeds[key] = decode_speed(model, prompt, args.steps, speculation)
+        print(f"{key}: {speeds[key]:.1f}", flush=True)
+    return speeds
+
+
 # GEMV launch shapes tried by --sweep-gemv, each over the whole batch-1 decode step (what matters is
 # the step, not one kernel): (name, {type: (rows per program, warps, stages)}, programs per processor).
 GEMV_SWEEP = [
@@ -266,6 +288,9 @@ def main(argv=None) -> int:
     parser.add_argument("--kv-types", nargs="+", default=[], metavar="TYPE",
                         help="also decode at batch 1 after --kv-depth tokens with K and V kept as each -ctk/-ctv type")
     parser.add_argument("--kv-depth", type=int, default=32768, help="context before the --kv-types decodes")
+    parser.add_argument("--speculative", action="store_true",
+                        help="also batch-1 decode speculating: with the MTP layer (3 guesses a step; on random weights "
+                             "all wrong: the cost) and with a guesser that knows the answer (every guess right)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -323,6 +348,13 @@ def main(argv=None) -> int:
             print(f"{key} failed: {results[key]}", flush=True)
         finally:
             model.cache_type_k = model.cache_type_v = None
+        save()
+    if args.speculative:
+        try:
+            results.update(speculative_speeds(model, args, generator))
+        except Exception as error:  # noqa: BLE001
+            results["speculative"] = f"{type(error).__name__}: {error}"
+            print(f"speculative failed: {results['speculative']}", flush=True)
         save()
     # Diagnostics for tuning: a failure there is reported and the benchmark goes on.
     for wanted, key, run in ((args.profile, "profile", kernel_profile), (args.sweep_gemv and graphs, "gemv_sweep",

@@ -9,7 +9,7 @@
 # kernel) and first times the GEMV launch shapes of gpu_bench.GEMV_SWEEP over the whole batch-1
 # step, keeping the fastest (SWEEP_GEMV=0 skips that); WITH_KERNELS=1 adds gpu_kernels.py --quick,
 # WITH_PLACEMENTS=1 the split placements (gpu_placements.py); KV_TYPES="f16 q8_0 q4_0" times batch-1 decode
-# after KV_DEPTH (32768) tokens with K/V kept as each type.
+# after KV_DEPTH (32768) tokens with K/V kept as each type; SPECULATIVE=1 times batch-1 speculative decoding.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/qwen35-gpu-check}"
@@ -37,6 +37,7 @@ tests=${PIPESTATUS[0]}
 timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/gpu_bench.py --size 35b-a3b --type Q4_K_M --batch 1 8 \
     --profile $([ "${SWEEP_GEMV:-1}" = 1 ] && echo --sweep-gemv) \
     $([ -n "${KV_TYPES:-}" ] && echo --kv-types ${KV_TYPES} --kv-depth "${KV_DEPTH:-32768}") \
+    $([ -n "${SPECULATIVE:-}" ] && echo --speculative) \
     --json "$out/bench.json" "$@" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 if [ -n "${WITH_KERNELS:-}" ]; then  # each kernel's own timings, for tuning launch shapes (about a minute)

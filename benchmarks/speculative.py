@@ -69,7 +69,8 @@ def _median_seconds(work, repetitions: int) -> float:
     return statistics.median(times)
 
 
-def _decode_speed(model, prompt, tokens: int, speculation=None) -> float:
+def decode_speed(model, prompt, tokens: int, speculation=None) -> float:
+    """Decode tok/s of the model's greedy answer to `prompt` (`tokens` of it), plainly or speculating."""
     params = resolve_sampling(model, tokens, temperature=0, ignore_eos=True)
     last = list(generation_steps(model, prompt, params, speculation=speculation))[-1]
     return (last.generated_tokens - 1) / last.decode_seconds
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     prompt = torch.randint(100, 100_000, (args.prompt,), generator=generator).tolist()
     draft_counts = [int(k) for k in args.draft_max.split(",")]
 
-    plain_speed = _decode_speed(model, prompt, args.n_gen)
+    plain_speed = decode_speed(model, prompt, args.n_gen)
     params = resolve_sampling(model, args.n_gen + max(draft_counts) + 1, temperature=0, ignore_eos=True)
     script = tuple(step.token_id for step in generation_steps(model, prompt, params))
     plain_step = _step_seconds(model, prompt, 1, args.repetitions)
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     for k in draft_counts:
         check = _step_seconds(model, prompt, k + 1, args.repetitions)
         knowing = KnowsTheAnswer(draft_max=k, p_min=0.0, script=script, prompt_length=len(prompt))
-        all_right = _decode_speed(model, prompt, args.n_gen, knowing)
+        all_right = decode_speed(model, prompt, args.n_gen, knowing)
         projected = []
         for a in ACCEPTANCE_RATES:
             if guess is None:

@@ -24,7 +24,7 @@ def test_the_gpu_check_script_runs_its_steps_and_writes_its_results(fixtures, tm
     (bin_dir / "python3").chmod(0o755)
     out = tmp_path / "out"
     environment = {**os.environ, "OUT": str(out), "QWEN35_FIXTURES": str(fixtures), "SWEEP_GEMV": "1",
-                   "KV_TYPES": "f16 q8_0", "KV_DEPTH": "40",
+                   "KV_TYPES": "f16 q8_0", "KV_DEPTH": "40", "SPECULATIVE": "1",
                    "GPU_CHECK_TESTS": "tests/test_triton_arrivals.py", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--device", "cpu", "--layers", "1", "--experts", "16", "--vocab", "1024",
@@ -39,3 +39,5 @@ def test_the_gpu_check_script_runs_its_steps_and_writes_its_results(fixtures, tm
         assert results[key] > 0, key
     assert results["profile"][-1]["kernel"] == "total"  # the per-kernel profile ran (CPU time here)
     assert results["decode_b1_d40_f16_tok/s"] > 0 and results["decode_b1_d40_q8_0_tok/s"] > 0
+    for key in ("decode_b1_plain_tok/s", "decode_b1_mtp3_tok/s", "decode_b1_all_right3_tok/s"):
+        assert results[key] > 0, key
