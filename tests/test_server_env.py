@@ -226,6 +226,8 @@ def test_qwen35_host_and_api_key_work_as_before(monkeypatch):
     assert serve_address(args) == ("0.0.0.0", 11434) and args.api_key == " key with spaces "  # taken as it is
     args = _args("--host", "localhost", "--api-key", "other")
     assert (serve_address(args), args.api_key) == (("localhost", 8080), "other")
+    monkeypatch.setenv("QWEN35_API_KEY", "a,b")  # one key with a comma, as before (LLAMA_API_KEY's is a list)
+    assert _args().api_key == "a,b"
     monkeypatch.setenv("QWEN35_API_KEY", "")  # empty: no key, as before
     monkeypatch.setenv("QWEN35_HOST", "")
     assert (_args().api_key or None, _args().host) == (None, "127.0.0.1")
@@ -263,6 +265,8 @@ def test_without_a_model_anywhere_serve_says_where_one_comes_from(capsys):
     ({"LLAMA_ARG_TEMPERATURE": "warm"}, [], "LLAMA_ARG_TEMPERATURE=warm: not a number"),
     ({"LLAMA_ARG_SPEC_TYPE": "ngram-mod"}, [], "LLAMA_ARG_SPEC_TYPE=ngram-mod: not a speculation type here"),
     ({"OLLAMA_HOST": "https://example.org"}, [], "OLLAMA_HOST=https://example.org: qwen35 serve speaks plain HTTP"),
+    ({"QWEN35_DEVICE": "tpu"}, [], "QWEN35_DEVICE=tpu: not a device (auto, cpu, cuda or cuda:N)"),
+    ({"QWEN35_API_KEY": "   "}, [], "QWEN35_API_KEY: only blanks"),
     # Values of the right kind that serve's own checks refuse: the check's line, and the variable.
     ({"LLAMA_ARG_N_PARALLEL": "0"}, [], "-np must be at least 1, got 0 (from LLAMA_ARG_N_PARALLEL=0)"),
     ({"QWEN35_CTX_SIZE": "64", "OLLAMA_NUM_PARALLEL": "8"}, [], "(from QWEN35_CTX_SIZE=64, OLLAMA_NUM_PARALLEL=8)"),

@@ -35,7 +35,7 @@ def text(value: str) -> str:
 
 def count(noun: str) -> Reader:
     def read(value: str) -> int:
-        if not value.isdigit():
+        if not re.fullmatch(r"[0-9]+", value):
             raise ValueError(f"not {noun}")
         return int(value)
     return read
@@ -43,7 +43,7 @@ def count(noun: str) -> Reader:
 
 def whole(noun: str) -> Reader:
     def read(value: str) -> int:
-        if not re.fullmatch(r"[+-]?\d+", value):
+        if not re.fullmatch(r"[+-]?[0-9]+", value):
             raise ValueError(f"not {noun}")
         return int(value)
     return read
@@ -114,8 +114,21 @@ def host(value: str) -> str:
 
 
 def api_key(value: str) -> str:
-    if "," in value:
+    if not value.strip():  # a key no client can send (they strip it): refused rather than left open
+        raise ValueError("only blanks; give a key, or leave the variable empty for none")
+    return value
+
+
+def llama_api_key(value: str) -> str:
+    if "," in value:  # llama-server's list of keys
         raise ValueError("several comma-separated keys are not supported here; give one key")
+    return api_key(value)
+
+
+def device(value: str) -> str:
+    """--device's spellings, checked without importing torch (device_options.resolve_device says the rest)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+        raise ValueError("not a device (auto, cpu, cuda or cuda:N)")
     return value
 
 
@@ -170,7 +183,7 @@ FLAGS = [Flag(*row) for row in (
     ("no_webui", ("--no-webui",), boolean),
     ("mlock", ("--mlock",), boolean),
     ("no_mmap", ("--no-mmap",), boolean),
-    ("device", ("--device",), text),
+    ("device", ("--device",), device),
     ("gpu_layers", ("-ngl", "--n-gpu-layers"), LAYERS),
     ("cpu_moe_layers", ("--n-cpu-moe",), LAYERS),
     ("cache_type_k", ("-ctk", "--cache-type-k"), text),
@@ -196,7 +209,7 @@ LLAMA_SERVER_VARIABLES = {
     "LLAMA_ARG_MMPROJ_AUTO": ("no_mmproj", negated),
     "LLAMA_ARG_HOST": ("host", None),
     "LLAMA_ARG_PORT": ("port", None),
-    "LLAMA_API_KEY": ("api_key", None),
+    "LLAMA_API_KEY": ("api_key", llama_api_key),
     "LLAMA_ARG_CTX_SIZE": ("context", default_when(("0",), TOKENS)),  # 0: the model's, here the default
     "LLAMA_ARG_N_PARALLEL": ("parallel", default_when(("-1",), count("a number of requests"))),  # -1: auto
     "LLAMA_ARG_ALIAS": ("name", None),
@@ -297,9 +310,10 @@ def read_environment(environ) -> Environment:
     for flag in FLAGS:
         for variable, read in variables_for(flag.dest):
             raw = environ.get(variable)
-            if raw is None or not raw.strip():
+            is_key = variable.endswith("API_KEY")  # taken as it is, as before; only an empty one is unset
+            if raw is None or not (raw if is_key else raw.strip()):
                 continue
-            value_text = raw if variable.endswith("API_KEY") else raw.strip()
+            value_text = raw if is_key else raw.strip()
             if variable.startswith("OLLAMA_"):  # Ollama's envconfig drops quotes around a value
                 value_text = value_text.strip("\"'")
             try:
