@@ -122,13 +122,15 @@ QWEN35_SPELLINGS = [
     ("QWEN35_MIN_P", "0.1", ["--min-p", "0.1"]), ("QWEN35_REPEAT_PENALTY", "1.1", ["--repeat-penalty", "1.1"]),
     ("QWEN35_PRESENCE_PENALTY", "1", ["--presence-penalty", "1"]),
     ("QWEN35_FREQUENCY_PENALTY", "0.2", ["--frequency-penalty", "0.2"]), ("QWEN35_SEED", "7", ["--seed", "7"]),
-    ("QWEN35_N_PREDICT", "64", ["-n", "64"]), ("QWEN35_CHAT_TEMPLATE_FILE", "t.jinja", ["--chat-template-file", "t.jinja"]),
+    ("QWEN35_N_PREDICT", "64", ["-n", "64"]),
+    ("QWEN35_CHAT_TEMPLATE_FILE", "t.jinja", ["--chat-template-file", "t.jinja"]),
     ("QWEN35_CHAT_TEMPLATE_KWARGS", "{}", ["--chat-template-kwargs", "{}"]), ("QWEN35_JINJA", "on", ["--jinja"]),
     ("QWEN35_REASONING_FORMAT", "none", ["--reasoning-format", "none"]),
     ("QWEN35_REASONING_BUDGET", "0", ["--reasoning-budget", "0"]), ("QWEN35_FLASH_ATTN", "auto", ["-fa", "auto"]),
     ("QWEN35_BATCH_SIZE", "512", ["-b", "512"]), ("QWEN35_UBATCH_SIZE", "128", ["-ub", "128"]),
     ("QWEN35_CONT_BATCHING", "1", ["-cb"]), ("QWEN35_METRICS", "1", ["--metrics"]),
-    ("QWEN35_NO_WEBUI", "1", ["--no-webui"]), ("QWEN35_MLOCK", "1", ["--mlock"]), ("QWEN35_NO_MMAP", "1", ["--no-mmap"]),
+    ("QWEN35_NO_WEBUI", "1", ["--no-webui"]), ("QWEN35_MLOCK", "1", ["--mlock"]),
+    ("QWEN35_NO_MMAP", "1", ["--no-mmap"]),
     ("QWEN35_DEVICE", "cpu", ["--device", "cpu"]), ("QWEN35_N_GPU_LAYERS", "10", ["-ngl", "10"]),
     ("QWEN35_N_CPU_MOE", "2", ["--n-cpu-moe", "2"]), ("QWEN35_CACHE_TYPE_K", "bf16", ["-ctk", "bf16"]),
     ("QWEN35_CACHE_TYPE_V", "q8_0", ["-ctv", "q8_0"]), ("QWEN35_SPEC_TYPE", "mtp", ["--spec-type", "mtp"]),
@@ -181,6 +183,9 @@ def test_ollama_context_length_is_per_request_and_minus_c_is_shared_by_the_slots
     assert (settings["context"], settings["parallel"]) == (16384, 2)
     assert _settings("model.gguf", "-np", "4")["context"] == 32768  # each request still gets 8192
     assert _settings("model.gguf", "-c", "4096")["context"] == 4096
+    args = _args("-c", "8192")  # the command line's -c, the same number: all the slots', not from Ollama
+    _check(args)
+    assert args.context == 8192 and "context" not in apply_environment(args)
     monkeypatch.setenv("LLAMA_ARG_CTX_SIZE", "6000")  # llama-server's -c: already all the slots'
     assert _settings("model.gguf")["context"] == 6000
     monkeypatch.delenv("LLAMA_ARG_CTX_SIZE")
@@ -252,7 +257,8 @@ def _one_error_line(capsys, *words) -> str:
 
 
 def test_without_a_model_anywhere_serve_says_where_one_comes_from(capsys):
-    assert _one_error_line(capsys) == "qwen35 serve: error: give the MODEL to serve (or set QWEN35_MODEL or LLAMA_ARG_MODEL)"
+    expected = "qwen35 serve: error: give the MODEL to serve (or set QWEN35_MODEL or LLAMA_ARG_MODEL)"
+    assert _one_error_line(capsys) == expected
 
 
 @pytest.mark.parametrize("environ, flags, expected", [
@@ -274,7 +280,8 @@ def test_without_a_model_anywhere_serve_says_where_one_comes_from(capsys):
     ({"OLLAMA_KV_CACHE_TYPE": "q3_k"}, [], "-ctk q3_k: not a K/V cache type (use one of f32, f16, bf16, q8_0, "
                                            "q4_0, q4_1, q5_0, q5_1) (from OLLAMA_KV_CACHE_TYPE=q3_k)"),
     ({"LLAMA_ARG_TEMPERATURE": "-1"}, [], "(from LLAMA_ARG_TEMPERATURE=-1)"),
-    ({"LLAMA_ARG_THINK": "raw"}, [], "--reasoning-format raw: use one of auto, deepseek, none (from LLAMA_ARG_THINK=raw)"),
+    ({"LLAMA_ARG_THINK": "raw"}, [],
+     "--reasoning-format raw: use one of auto, deepseek, none (from LLAMA_ARG_THINK=raw)"),
     ({"LLAMA_ARG_SPEC_DRAFT_N_MAX": "0"}, [], "(from LLAMA_ARG_SPEC_DRAFT_N_MAX=0)"),
     ({"LLAMA_ARG_CHAT_TEMPLATE_KWARGS": "{\n bad"}, [], "(from LLAMA_ARG_CHAT_TEMPLATE_KWARGS={\\n bad)"),
 ])

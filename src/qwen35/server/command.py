@@ -45,8 +45,8 @@ from qwen35.speculation_options import add_speculation_arguments, check_speculat
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                        help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT); "
-                             "may come from the environment (below)")
+                        help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, "
+                             "owner/name:QUANT); may come from the environment (below)")
     parser.add_argument("--mmproj", default=None, metavar="FILE",
                         help="the model's vision projector GGUF: requests may then carry images "
                              "(a pulled model brings its own)")

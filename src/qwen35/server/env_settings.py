@@ -106,6 +106,10 @@ def llama_spec_type(value: str):
     return UNSET if value == "draft-simple" else spec_type(value)
 
 
+class ContextPerRequest(int):
+    """-c from OLLAMA_CONTEXT_LENGTH: tokens for one request, multiplied by -np once that is known."""
+
+
 def host(value: str) -> str:
     from qwen35.server.command import split_host
 
@@ -252,11 +256,17 @@ LLAMA_SERVER_VARIABLES = {
     "LLAMA_ARG_DRAFT_P_MIN": ("draft_p_min", None),
 }
 
+def context_per_request(value: str):
+    """OLLAMA_CONTEXT_LENGTH, Ollama's num_ctx (0: Ollama picks one; here the default)."""
+    tokens = default_when(("0",), TOKENS)(value)
+    return tokens if tokens is UNSET else ContextPerRequest(tokens)
+
+
 # Ollama's server variables that map (ollama/ollama envconfig/config.go). OLLAMA_CONTEXT_LENGTH is Ollama's
 # num_ctx, the context of one request: -c here is shared by the -np slots, so it becomes that times -np.
 OLLAMA_VARIABLES = [
     ("OLLAMA_HOST", "host", None),  # without a port, Ollama's 11434
-    ("OLLAMA_CONTEXT_LENGTH", "context", default_when(("0",), TOKENS)),  # 0: Ollama picks; here the default
+    ("OLLAMA_CONTEXT_LENGTH", "context", context_per_request),
     ("OLLAMA_NUM_PARALLEL", "parallel", default_when(("0",), count("a number of requests"))),
     ("OLLAMA_MAX_QUEUE", "queue", None),
     ("OLLAMA_KV_CACHE_TYPE", "cache_type_k", None),  # K and V both
@@ -274,10 +284,6 @@ def variables_for(dest: str) -> list[tuple[str, Reader]]:
 
 
 # --- resolution ------------------------------------------------------------------------------------
-
-
-class ContextPerRequest(int):
-    """-c from OLLAMA_CONTEXT_LENGTH: tokens for one request, multiplied by -np once that is known."""
 
 
 @dataclass(frozen=True)
@@ -331,10 +337,8 @@ def read_environment(environ) -> Environment:
 def add_environment_defaults(parser, environ) -> None:
     """The variables' values as `parser`'s defaults (checked later, by apply_environment)."""
     environment = read_environment(environ)
-    defaults = {dest: source.value for dest, source in environment.sources.items()}
-    if environment.sources.get("context") and environment.sources["context"].variable == "OLLAMA_CONTEXT_LENGTH":
-        defaults["context"] = ContextPerRequest(defaults["context"])
-    parser.set_defaults(**defaults, _environment=environment)
+    parser.set_defaults(**{dest: source.value for dest, source in environment.sources.items()},
+                        _environment=environment)
 
 
 def apply_environment(args) -> dict:
@@ -348,10 +352,11 @@ def apply_environment(args) -> dict:
     in_effect = {}
     for dest, source in environment.sources.items():
         value = getattr(args, dest)
-        if dest == "context" and isinstance(value, ContextPerRequest):
-            args.context = int(value) * args.parallel
-            in_effect[dest] = source
-        elif type(value) is not ContextPerRequest and value == source.value:  # else the command line set it
+        if isinstance(source.value, ContextPerRequest):
+            if isinstance(value, ContextPerRequest):  # else -c was on the command line
+                args.context = int(value) * args.parallel
+                in_effect[dest] = source
+        elif value == source.value:  # else the command line set it
             in_effect[dest] = source
     args._environment_sources = in_effect
     return in_effect
