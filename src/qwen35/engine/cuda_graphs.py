@@ -35,6 +35,15 @@ from qwen35.engine.cache import DeltaNetState, HybridCache
 from qwen35.errors import Qwen35Error
 
 
+# K/V room a graph is captured with: the tokens already held and the next stretch, in whole steps of this.
+ROOM_STEP = 256
+
+
+def room_for(tokens: int) -> int:
+    """K/V room for a graph over a cache holding `tokens` tokens (a capture doubles it when it fills)."""
+    return -(-(tokens + ROOM_STEP) // ROOM_STEP) * ROOM_STEP
+
+
 def graphs_supported(model) -> bool:
     """Whether decode on this model's device can be captured (CUDA, fast kernels)."""
     from qwen35.kernels import fast_cuda

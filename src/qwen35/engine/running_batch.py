@@ -90,7 +90,7 @@ class RunningBatch:
         """A captured verification step of `tokens` tokens over `sequence`'s row alone (engine/cuda_graphs.py),
         where the model's device captures and the sequence has been alone for a while; else None (the caller
         then `hold`s the cache and runs its step eagerly)."""
-        from qwen35.engine.cuda_graphs import VerificationGraph, graphs_supported
+        from qwen35.engine.cuda_graphs import VerificationGraph, graphs_supported, room_for
 
         alone = len(self.rows) == 1 and self.rows[0] is sequence and self.decoder is None
         if alone and self.verifier is not None and self.verifier.tokens == tokens:
@@ -99,7 +99,7 @@ class RunningBatch:
         self._alone_steps = self._alone_steps + 1 if alone else 1
         # As for the batch's graph: a capture costs many steps' time, so only a sequence that stays alone gets one.
         if self._alone_steps > GRAPH_AFTER_STEADY_STEPS and self.graphs and graphs_supported(self.model):
-            self.verifier = VerificationGraph(self.model, cache, tokens, -(-(int(cache.lengths[0]) + 256) // 256) * 256)
+            self.verifier = VerificationGraph(self.model, cache, tokens, room_for(int(cache.lengths[0])))
         return self.verifier
 
     def _release_verifier(self) -> None:
@@ -108,7 +108,7 @@ class RunningBatch:
             self.verifier = None
     def _capture_graph(self) -> None:
         """A CUDA-graph decoder over the batch, with idle rows up to its size bucket for newcomers."""
-        from qwen35.engine.cuda_graphs import GraphDecoder
+        from qwen35.engine.cuda_graphs import GraphDecoder, room_for
 
         size = graph_batch_size(len(self.rows), self.max_rows)
         idle = list(range(len(self.rows), size))
@@ -116,7 +116,7 @@ class RunningBatch:
             self.cache.append(self.model.make_cache(1))
             self.rows.append(None)
         longest = int(self.cache.lengths.max())
-        self.decoder = GraphDecoder(self.model, self.cache, -(-(longest + 256) // 256) * 256, idle_rows=idle)
+        self.decoder = GraphDecoder(self.model, self.cache, room_for(longest), idle_rows=idle)
 
     def _fit_rows_into_graph(self, sequences: list) -> bool:
         """The graph's rows made to hold `sequences`, in place: a leaver's row goes idle, a newcomer is

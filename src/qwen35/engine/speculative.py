@@ -196,11 +196,10 @@ class MtpDrafter:
         if self.graph is not None and not self.graph.fits(int(self.cache.lengths[0])):
             self.release()
         if self.graph is None and self.graphs and self._proposals > GUESS_GRAPH_AFTER:
-            from qwen35.engine.cuda_graphs import GuessGraph
+            from qwen35.engine.cuda_graphs import GuessGraph, room_for
 
-            length = int(self.cache.lengths[0])
             self.graph = GuessGraph(self.predictor, self.cache, self.settings.draft_max,
-                                    -(-(length + 256) // 256) * 256)
+                                    room_for(int(self.cache.lengths[0])))
         return self.graph
 
     def release(self) -> None:
@@ -346,13 +345,12 @@ class SpeculativeDecoder:
         """The verification graph where the model's device captures steps (made at the first step, its K/V
         room for the next stretch of the answer; it doubles as the answer goes on), else None."""
         if self.graph is None:
-            from qwen35.engine.cuda_graphs import VerificationGraph, graphs_supported
+            from qwen35.engine.cuda_graphs import VerificationGraph, graphs_supported, room_for
 
             if not graphs_supported(self.model):
                 return None
-            length = int(self.cache.lengths[0])
             self.graph = VerificationGraph(self.model, self.cache, 1 + self.settings.draft_max,
-                                           -(-(length + 256) // 256) * 256)
+                                           room_for(int(self.cache.lengths[0])))
         return self.graph
 
     def release(self) -> None:
