@@ -203,3 +203,46 @@ def test_the_mtp_layers_guesses_from_a_captured_chain_are_its_eager_guesses(fixt
         plain = model.generate(ids[:12], max_new_tokens=12, temperature=0, ignore_eos=True)
         assert model.generate(ids[:12], max_new_tokens=12, temperature=0, ignore_eos=True,
                               speculation=Speculation(draft_max=2, p_min=0.0)) == plain
+
+
+def test_a_draft_models_graphed_guesses_are_its_eager_guesses(fixtures, plain_path_model, monkeypatch):
+    """A draft model (here a second copy of the model) whose one-token steps come from a CUDA graph after its
+    first proposals guesses what an eager one guesses, keeps the states of the guesses the model keeps (put
+    back in place), and speculative generation through it gives plain decoding's tokens."""
+    import qwen35
+    from qwen35.engine import cuda_graphs, speculative
+    from qwen35.engine.speculative import Speculation
+
+    model, ids = plain_path_model, _prompt_ids(fixtures)
+    draft = qwen35.load_model(fixtures / "tiny" / "dense-Q4_K_M.gguf", precision="fast")
+    monkeypatch.setattr(speculative, "GUESS_GRAPH_AFTER", 1)
+    captures = []
+    monkeypatch.setattr(cuda_graphs.GraphDecoder, "_capture", lambda decoder, capacity, _original=cuda_graphs.
+                        GraphDecoder._capture: (captures.append(decoder.cache), _original(decoder, capacity))[1])
+    settings = Speculation(draft_model=draft, draft_max=3, p_min=0.0)
+    prompt = ids[:12]
+    with torch.inference_mode():
+        eager = speculative.DraftModelDrafter(draft, settings, prompt)
+        with emulated_cuda_graphs(monkeypatch):
+            graphed = speculative.DraftModelDrafter(draft, settings, prompt, graphs=True)
+            # the model's tokens after each step: the first guess kept, none, all three, one of two
+            for step, (token, kept) in enumerate([(ids[12], 1), (ids[14], 0), (ids[15], 3), (ids[19], 1)]):
+                expected = eager.propose(token, limit=3 if step != 3 else 2)
+                assert graphed.propose(token, limit=3 if step != 3 else 2) == expected, step
+                taken = [token] + expected[:kept] + ([ids[30]] if kept < len(expected) else [])
+                for drafter in (eager, graphed):
+                    drafter.feed(taken, None)
+            assert graphed.decoder is not None and captures and captures[0] is graphed.cache
+            graphed._read(graphed.unfed)
+            eager._read(eager.unfed)
+            graphed.unfed = eager.unfed = []
+            assert graphed.cache.lengths.tolist() == eager.cache.lengths.tolist()
+            for got, expected in zip(graphed.cache.layers, eager.cache.layers):
+                if hasattr(got, "recurrent"):
+                    torch.testing.assert_close(got.recurrent, expected.recurrent, rtol=0, atol=1e-4)
+            graphed.release()
+            assert not any(getattr(layer, "in_place", False) for layer in graphed.cache.layers)
+
+            plain = model.generate(prompt, max_new_tokens=12, temperature=0, ignore_eos=True)
+            assert model.generate(prompt, max_new_tokens=12, temperature=0, ignore_eos=True,
+                                  speculation=Speculation(draft_model=draft, draft_max=3, p_min=0.0)) == plain

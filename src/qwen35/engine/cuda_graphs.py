@@ -128,6 +128,16 @@ class GraphDecoder:
         self.host_lengths = [0 if row in self.idle else n + 1 for row, n in enumerate(self.host_lengths)]
         return self.logits
 
+    def drop(self, tokens: int) -> None:
+        """A one-row decoder's last `tokens` tokens taken back (a draft model's guesses the model did not
+        keep): lengths and positions lowered in place; the caller puts back the DeltaNet states."""
+        if self.batch_size != 1 or not 0 <= tokens <= self.host_lengths[0]:
+            raise Qwen35Error(f"cannot take {tokens} tokens back from a decoder of {self.host_lengths} tokens")
+        with torch.inference_mode():
+            self.cache.lengths.sub_(tokens)
+            self.cache.next_positions.sub_(tokens)
+        self.host_lengths[0] -= tokens
+
     def release(self) -> HybridCache:
         """The cache as an ordinary one again (states replaced per step, K/V grown on demand). Idle rows
         stay in it, empty: the caller removes them (`self.idle`)."""

@@ -34,8 +34,10 @@ from qwen35.errors import Qwen35Error
 # their probability; a draft model up to 16 while its own probability stays at 0.75 or more.
 MTP_DEFAULTS = (3, 0.0)
 DRAFT_MODEL_DEFAULTS = (16, 0.75)
-# Guesses an MTP drafter makes eagerly before its chain is captured (where the device captures graphs).
+# Guesses a drafter makes eagerly before its guessing is captured (where the device captures graphs).
 GUESS_GRAPH_AFTER = 8
+# Tokens a draft model reads one graphed step at a time (more: eagerly, in pieces, the graph released).
+GRAPHED_READ_MAX = 4
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,12 @@ class Speculation:
     def drafter(self, model, cached_ids: list[int], state=None):
         """A drafter for one generation whose cache already holds `cached_ids`; `state`: a drafter's
         `snapshot()` taken when it had read exactly those tokens (a restored prefix brings its drafter's)."""
-        if self.draft_model is None:
-            from qwen35.engine.cuda_graphs import graphs_supported
+        from qwen35.engine.cuda_graphs import graphs_supported
 
+        if self.draft_model is None:
             return MtpDrafter(mtp_predictor(model, self.vocabulary), self, len(cached_ids), state,
                               graphs=graphs_supported(model))
-        return DraftModelDrafter(self.draft_model, self, cached_ids, state)
+        return DraftModelDrafter(self.draft_model, self, cached_ids, state, graphs=graphs_supported(self.draft_model))
 
 
 def mtp_predictor(model, vocabulary: int = 0):
@@ -210,9 +212,12 @@ class MtpDrafter:
 
 
 class DraftModelDrafter:
-    """Guesses from a draft model fed the same tokens as the model, greedily, one at a time."""
+    """Guesses from a draft model fed the same tokens as the model, greedily, one at a time. Where the
+    device captures steps, a drafter that keeps guessing reads its one-token steps from a CUDA graph
+    (engine/cuda_graphs.py GraphDecoder), after GUESS_GRAPH_AFTER eager proposals: it keeps the DeltaNet
+    states after each guess itself, to put back those of the tokens the model keeps."""
 
-    def __init__(self, draft_model, settings: Speculation, cached_ids: list[int], state=None):
+    def __init__(self, draft_model, settings: Speculation, cached_ids: list[int], state=None, graphs: bool = False):
         from qwen35.model.mtp import first_rows
 
         self.draft = draft_model
@@ -225,6 +230,10 @@ class DraftModelDrafter:
         read = int(self.cache.lengths[0])
         self.unfed: list[int] = list(cached_ids[read:])  # tokens the model holds that the draft has not read yet
         self.speculative: list[int] = []  # tokens the draft read while guessing: kept only if the model keeps them
+        self.graphs = graphs
+        self.decoder = None  # the draft's graphed one-token step
+        self._states: list = []  # with a decoder: the DeltaNet states before each token read while guessing
+        self._proposals = 0
 
     def snapshot(self, copy: bool = True):
         """The draft's cache after every token fed so far (read now if need be); see MtpDrafter.snapshot."""
@@ -238,6 +247,13 @@ class DraftModelDrafter:
         return state.nbytes()
 
     def _read(self, token_ids: list[int], logits: bool = False):
+        if self.decoder is not None and len(token_ids) > GRAPHED_READ_MAX:
+            self.release()  # (a next turn's prompt) read eagerly, in pieces
+        if self.decoder is not None:  # (it captures again, with twice the room, when a row fills it)
+            for token in token_ids:
+                out = self.decoder.step([token])[0, -1]
+            vocabulary = self.settings.vocabulary  # its graph's head has every row: the guess reads the first
+            return (out[:vocabulary] if vocabulary else out).float() if logits else None
         network, chunk = self.draft.network, self.draft.prefill_chunk
         device = network.input_device
         hidden = None
@@ -251,7 +267,10 @@ class DraftModelDrafter:
             kept = 0
             while kept < min(len(token_ids), len(self.speculative)) and token_ids[kept] == self.speculative[kept]:
                 kept += 1
-            self.cache.rewind(len(self.speculative), kept)
+            if self.decoder is not None:
+                self._put_back(kept)
+            else:
+                self.cache.rewind(len(self.speculative), kept)
             token_ids = token_ids[kept:]
             self.speculative = []
         self.unfed.extend(token_ids)
@@ -262,13 +281,24 @@ class DraftModelDrafter:
     def propose(self, next_token: int, limit: int) -> list[int]:
         if limit < 1:
             return []
+        self._proposals += 1
+        if self.decoder is None and self.graphs and self._proposals > GUESS_GRAPH_AFTER:
+            from qwen35.engine.cuda_graphs import GraphDecoder, room_for
+
+            if self.unfed:  # read eagerly before the capture: the graph starts after them
+                self._read(self.unfed)
+                self.unfed = []
+            self.decoder = GraphDecoder(self.draft, self.cache, room_for(int(self.cache.lengths[0])))
         if self.unfed:
             self._read(self.unfed)
             self.unfed = []
-        self.cache.keep_steps()
+        if self.decoder is None:
+            self.cache.keep_steps()
         guesses, token = [], next_token
         while True:
             self.speculative.append(token)
+            if self.decoder is not None:
+                self._states.append(self._deltanet_states())
             guess, confident = _confident_guess(self._read([token], logits=True), self.settings.p_min)
             if not confident:
                 break
@@ -277,6 +307,27 @@ class DraftModelDrafter:
                 break
             token = guess
         return guesses
+
+    def _deltanet_states(self) -> list:
+        return [(layer.conv.clone(), layer.recurrent.clone()) for layer in self.cache.layers if hasattr(layer, "recurrent")]
+
+    def _put_back(self, kept: int) -> None:
+        """Keep the first `kept` tokens read while guessing (the decoder's cache is written in place)."""
+        dropped = len(self.speculative) - kept
+        if dropped:
+            layers = [layer for layer in self.cache.layers if hasattr(layer, "recurrent")]
+            with torch.inference_mode():
+                for layer, (conv, recurrent) in zip(layers, self._states[kept]):
+                    layer.store(conv, recurrent)
+            self.decoder.drop(dropped)
+        self._states = []
+
+    def release(self) -> None:
+        """The draft's cache as an ordinary one again (no graph pins it). Called between steps only, when
+        no guess waits to be checked (`feed` has settled them)."""
+        if self.decoder is not None:
+            self.decoder.release()
+            self.decoder = None
 
 
 class SpeculativeDecoder:
