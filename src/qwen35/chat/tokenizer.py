@@ -10,7 +10,9 @@ Token types follow llama.cpp: CONTROL tokens (`<|im_start|>`, `<|im_end|>`, ...)
 "special": matched in text only when `special=True`, skipped by
 `decode(..., skip_special_tokens=True)`. USER_DEFINED tokens (`<think>`,
 `<tool_call>`, ...) are always matched and always decoded, exactly as llama.cpp's
-`tokenize(parse_special=False)` and transformers treat them.
+`tokenize(parse_special=False)` and transformers treat them. UNUSED tokens (the converter's
+`[PAD...]` fillers up to the embedding's size) stand for no text, as llama.cpp's
+`token_to_piece` gives them none.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Tokenizer:
         template_tokens: dict[str, str] | None = None,
         vocab_size: int | None = None,
         source: str = "",
+        unused_ids=(),
     ):
         if not isinstance(hf.decoder, decoders.ByteLevel):
             raise FormatError(f"{source or 'the tokenizer'} is not a byte-level BPE tokenizer as Qwen 3.5's is")
@@ -87,7 +90,8 @@ class Tokenizer:
         self.template_tokens = dict(template_tokens or {})
         self._added = hf.get_added_tokens_decoder()
         self._plain_hf: HFTokenizer | None = None
-        self._token_bytes: dict[int, bytes] = {}
+        self._token_bytes: dict[int, bytes] = {int(token_id): b"" for token_id in unused_ids}
+        self._unused_ids = frozenset(int(token_id) for token_id in unused_ids)
         self._template = None
         self._template_source = chat_template
         # The markup the chat layer looks for (None where the vocabulary lacks it).
@@ -119,8 +123,11 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD. Ids past the
-        vocabulary (an embedding padded beyond it) decode to nothing."""
-        return self.hf.decode(_token_ids(ids), skip_special_tokens=skip_special_tokens)
+        vocabulary (an embedding padded beyond it) and UNUSED tokens decode to nothing."""
+        ids = _token_ids(ids)
+        if self._unused_ids:
+            ids = [token_id for token_id in ids if token_id not in self._unused_ids]
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
@@ -343,6 +350,7 @@ def tokenizer_from_gguf_metadata(metadata: dict, source: str = "GGUF") -> Tokeni
         template_tokens=template_tokens,
         vocab_size=len(tokens),
         source=source,
+        unused_ids=np.nonzero(token_types == TOKEN_UNUSED)[0].tolist(),
     )
 
 
