@@ -1,11 +1,12 @@
 """Speculative decoding in the server's engine (engine/speculative_steps.py): the same tokens as transformers'
-greedy continuations, whether a request decodes alone (guesses checked) or beside others (plain steps,
-the drafter told what went by), and a reply that stops inside a step leaves exactly its own tokens in the
-prefix store (a follow-up request starting with them continues transformers' way)."""
+greedy continuations, whether a request decodes alone or beside others (every row's guesses checked in one
+forward, each row rewound to its own tokens kept), and a reply that stops inside a step leaves exactly its
+own tokens in the prefix store (a follow-up request starting with them continues transformers' way)."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pytest
 
@@ -35,8 +36,8 @@ def test_one_request_alone_gets_transformers_greedy_tokens(model, dense_sequence
 
 
 def test_requests_decoding_together_and_then_alone_get_transformers_greedy_tokens(model, dense_sequences):
-    """Three prompts at once (plain batched steps, the MTP drafters skipping), then the longest reply goes on
-    alone (speculative steps)."""
+    """Three prompts at once (batched speculative steps with the MTP layer's guesses), then the longest reply
+    goes on alone."""
     names = ["text", "chat_think", "chat_nothink"]
     counts = [TOKENS, 6, 9]
     prompts = [dense_sequences[name]["ids"] for name in names]
@@ -113,3 +114,58 @@ def test_prefix_snapshots_carry_the_mtp_layers_state(model, dense_sequences):
         mtp_cache, pending = snapshot.drafter_state
         # Pairs (hidden state at i, token i+1) for every token but the last, whose hidden state waits.
         assert mtp_cache.lengths.tolist() == [len(key) - 1] and pending.shape[1] == 1
+
+
+@dataclass(frozen=True)
+class ScriptedPerPrompt(Speculation):
+    """Guesses each prompt's known continuation, wrong at every `every`-th guess of that prompt's reply."""
+
+    scripts: tuple = ()  # (prompt ids, continuation, every)
+
+    def drafter(self, model, cached_ids, state=None):
+        return _PerPromptDrafter(self, list(cached_ids), model.config.vocab_size)
+
+
+class _PerPromptDrafter:
+    def __init__(self, settings, seen, vocab):
+        self.settings, self.seen, self.vocab = settings, seen, vocab
+
+    def feed(self, token_ids, hidden):
+        self.seen += list(token_ids)
+
+    skip = feed
+
+    def snapshot(self, copy=True):
+        return list(self.seen)
+
+    @staticmethod
+    def snapshot_bytes(state):
+        return 0
+
+    def propose(self, next_token, limit):
+        for prompt, continuation, every in self.settings.scripts:
+            if self.seen[:len(prompt)] == list(prompt):
+                index = len(self.seen) - len(prompt)  # next_token is continuation[index]
+                guesses = continuation[index + 1 : index + 1 + limit]
+                return [(g + 1) % self.vocab if (index + 1 + i) % every == every - 1 else g
+                        for i, g in enumerate(guesses)]
+        return []
+
+
+def test_requests_decoding_together_check_their_own_guesses_in_one_step(model, dense_sequences, monkeypatch):
+    """Three replies decoding together, each guessed by its own script wrong at its own rhythm: one forward
+    checks every row's guesses (rows with fewer padded), each row keeps its own number of tokens
+    (HybridCache.rewind_rows), and every reply is transformers' greedy one."""
+    from qwen35.engine import service as service_module
+
+    names, counts, rhythms = ["text", "chat_think", "chat_nothink"], [TOKENS, 12, 16], [3, 2, 5]
+    prompts = [dense_sequences[name]["ids"] for name in names]
+    expected = [dense_sequences[name]["transformers_greedy"][:count] for name, count in zip(names, counts)]
+    speculation = ScriptedPerPrompt(draft_max=3, p_min=0.0, scripts=tuple(
+        (tuple(prompt), tuple(reply), every) for prompt, reply, every in zip(prompts, expected, rhythms)))
+    batched = []
+    original = service_module.speculative_batch_step
+    monkeypatch.setattr(service_module, "speculative_batch_step",
+                        lambda service, sequences: (batched.append(len(sequences)), original(service, sequences))[1])
+    assert serve_greedily(model, prompts, counts, max_running=4, speculation=speculation) == expected
+    assert batched and max(batched) == 3  # all three checked their guesses in one forward

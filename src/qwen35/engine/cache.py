@@ -314,6 +314,26 @@ class HybridCache:
             self.lengths = self.lengths - (fed - keep)
             self.next_positions = self.next_positions - (fed - keep)
 
+    def rewind_rows(self, fed: int, keeps: list[int]) -> None:
+        """`rewind` with each row keeping its own first `keeps[row]` of the `fed` tokens."""
+        if len(keeps) != self.batch_size or not all(0 <= keep <= fed for keep in keeps):
+            raise Qwen35Error(f"cannot keep {keeps} of {fed} tokens in a cache of {self.batch_size} sequences")
+        rows = torch.arange(self.batch_size)
+        index = torch.tensor(keeps)
+        for layer in self.layers:
+            if isinstance(layer, DeltaNetState):
+                if layer.steps is None:
+                    raise Qwen35Error("rewinding a cache that kept no steps (call keep_steps before the forward)")
+                kept = [torch.stack(states)[index.to(states[0].device), rows.to(states[0].device)]
+                        for states in zip(*layer.steps)]  # (conv, recurrent), each row at its own step
+                layer.store(*kept)
+                layer.steps = None
+            else:
+                layer.token_by_token = False
+        dropped = torch.tensor([fed - keep for keep in keeps], device=self.lengths.device)
+        self.lengths = self.lengths - dropped
+        self.next_positions = self.next_positions - dropped
+
     def _check_rows(self, rows: list[int]) -> None:
         for row in rows:
             if not 0 <= row < self.batch_size:

@@ -26,8 +26,8 @@ from qwen35.engine.cache import PrefixStore
 from qwen35.engine.running_batch import RunningBatch
 from qwen35.engine.sampler import Sampler, SamplingParams, sample
 from qwen35.engine.scheduler import QueueFullError, Scheduler, Sequence, SequenceStatus
-from qwen35.engine.speculative_steps import (drafter_snapshot, speculative_prefill_logits, speculative_step,
-                                             start_drafter, start_job_drafter)
+from qwen35.engine.speculative_steps import (drafter_snapshot, speculative_batch_step, speculative_prefill_logits,
+                                             speculative_step, start_drafter, start_job_drafter)
 
 __all__ = ["EngineService", "GenerationRequest", "PrefixStore", "QueueFullError", "RequestHandle",
            "ServiceClosedError", "StepOutput", "TokenOutput", "Finish", "TokenConstraint"]
@@ -260,6 +260,8 @@ class EngineService:
                 ready.append((sequence, logits))
         if len(decoding) == 1 and decoding[0].drafter is not None:
             speculative_step(self, decoding[0])
+        elif len(decoding) > 1 and any(seq.drafter is not None for seq in decoding) and not self._graphs():
+            speculative_batch_step(self, decoding)
         elif decoding:
             for sequence in decoding:
                 if sequence.drafter is not None:
@@ -271,6 +273,12 @@ class EngineService:
             self._sample_and_deliver(ready)
         if step.background is not None:  # offered only when no request runs or waits
             self._advance_job(step.background)
+
+    def _graphs(self) -> bool:
+        """Whether the model's device captures decode steps (then a batch decodes plainly, in its graph)."""
+        from qwen35.engine import cuda_graphs
+
+        return cuda_graphs.graphs_supported(self.model)
 
     def _admit(self, sequence: Sequence) -> None:
         request = sequence.request
