@@ -102,9 +102,7 @@ class GraphDecoder:
     def _capture(self, capacity: int) -> None:
         cache = self.cache
         self.capacity = capacity
-        with torch.inference_mode():
-            _pin(cache, capacity)
-            cache.lengths, cache.next_positions = cache.lengths.clone(), cache.next_positions.clone()
+        _pin_own(cache, capacity)
         _warm_up(self.model, cache, capacity)
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
@@ -145,10 +143,7 @@ class GraphDecoder:
         if self.idle:
             cache.lengths.masked_fill_(self._idle_mask, 0)
             cache.next_positions.masked_fill_(self._idle_mask, 0)
-        cache.static_length = None
-        for layer in cache.layers:
-            if isinstance(layer, DeltaNetState):
-                layer.in_place = False
+        _unpin(cache)
         self.graph = None
         return cache
 
@@ -187,9 +182,7 @@ class VerificationGraph:
     def _capture(self, capacity: int) -> None:
         cache, network = self.cache, self.model.network
         self.capacity = capacity
-        with torch.inference_mode():
-            _pin(cache, capacity)
-            cache.lengths, cache.next_positions = cache.lengths.clone(), cache.next_positions.clone()
+        _pin_own(cache, capacity)
         _warm_up(self.model, cache, capacity, tokens=self.tokens)
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
@@ -233,13 +226,9 @@ class VerificationGraph:
 
     def release(self) -> HybridCache:
         """The cache as an ordinary one again (see GraphDecoder.release)."""
-        cache = self.cache
-        cache.static_length = None
-        for layer in cache.layers:
-            if isinstance(layer, DeltaNetState):
-                layer.in_place = False
+        _unpin(self.cache)
         self.graph, self.kept_states = None, []
-        return cache
+        return self.cache
 
 
 class GuessGraph:
@@ -254,18 +243,10 @@ class GuessGraph:
         self.hidden = torch.zeros(1, 1, predictor.network.config.hidden_size, device=device)
         self.token_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.capacity = max(int(capacity), int(cache.lengths[0]) + guesses)
+        _pin_own(cache, self.capacity)
         with torch.inference_mode():
-            _pin(cache, self.capacity)
-            cache.lengths, cache.next_positions = cache.lengths.clone(), cache.next_positions.clone()
-            scratch = predictor.make_cache()  # compiles the kernels and makes cuBLAS handles outside the capture
-            _pin(scratch, self.capacity)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._chain(scratch)
-            torch.cuda.current_stream().wait_stream(side)
-            torch.cuda.synchronize()
+            scratch = _scratch_like(lambda rows: predictor.make_cache(), cache, self.capacity)
+            _run_aside(lambda: self._chain(scratch))
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.tokens, self.probabilities = self._chain(cache)
@@ -298,7 +279,7 @@ class GuessGraph:
         return self.tokens.tolist(), self.probabilities.tolist()
 
     def release(self) -> HybridCache:
-        self.cache.static_length = None
+        _unpin(self.cache)
         self.graph = None
         return self.cache
 
@@ -318,20 +299,51 @@ def _warm_up(model, cache: HybridCache, capacity: int, tokens: int = 0) -> None:
     not once per shape: the kernels' launch settings (fast_cuda's row thresholds, the matrix-vector
     launch shapes) can change between captures, and two eager steps cost little next to a capture.
     `tokens`: a verification step of that many tokens (VerificationGraph) in place of a one-token step."""
-    batch_size, span = cache.batch_size, max(capacity, _page_slots(cache))
     with torch.inference_mode():
-        scratch = model.make_cache(batch_size)
-        _pin(scratch, capacity)
-        scratch.reserve(rows=batch_size, tokens=span)  # as wide a page table as the real one's
-        ids = torch.zeros(batch_size, max(tokens, 1), dtype=torch.long, device=model.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                if tokens:
-                    scratch.keep_steps()
-                model.network(ids, scratch)
-                if tokens:
-                    scratch.rewind(tokens, 1)
-        torch.cuda.current_stream().wait_stream(side)
+        scratch = _scratch_like(model.make_cache, cache, capacity)
+        ids = torch.zeros(cache.batch_size, max(tokens, 1), dtype=torch.long, device=model.device)
+
+        def step():
+            if tokens:
+                scratch.keep_steps()
+            model.network(ids, scratch)
+            if tokens:
+                scratch.rewind(tokens, 1)
+
+        _run_aside(step)
+
+
+def _pin_own(cache: HybridCache, capacity: int) -> None:
+    """`_pin`, and lengths and positions of the cache's own (a snapshot may share the old ones)."""
+    with torch.inference_mode():
+        _pin(cache, capacity)
+        cache.lengths, cache.next_positions = cache.lengths.clone(), cache.next_positions.clone()
+
+
+def _unpin(cache: HybridCache) -> None:
+    """A pinned cache an ordinary one again: attention over what it holds, DeltaNet states replaced per step."""
+    cache.static_length = None
+    for layer in cache.layers:
+        if isinstance(layer, DeltaNetState):
+            layer.in_place = False
+
+
+def _scratch_like(make_cache, cache: HybridCache, capacity: int) -> HybridCache:
+    """A new cache (`make_cache(rows)`) pinned as `cache` is, its page table as wide: the attention kernel's
+    split count follows the width, and the warm-up must compile what the capture will launch."""
+    batch_size, span = cache.batch_size, max(capacity, _page_slots(cache))
+    scratch = make_cache(batch_size)
+    _pin(scratch, capacity)
+    scratch.reserve(rows=batch_size, tokens=span)
+    return scratch
+
+
+def _run_aside(work, times: int = 2) -> None:
+    """`work` run eagerly on a side stream, then waited for (a capture's warm-up)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            work()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
