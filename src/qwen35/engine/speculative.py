@@ -100,6 +100,12 @@ def mtp_predictor(model, vocabulary: int = 0):
     return predictors[vocabulary]
 
 
+def _released(graph) -> None:
+    """None, after handing back the cache a graph (engine/cuda_graphs.py) pinned, if there is one."""
+    if graph is not None:
+        graph.release()
+
+
 def _confident_guess(logits: torch.Tensor, p_min: float) -> tuple[int, bool]:
     """The drafter's top token of logits [vocab], and whether its probability reaches p_min."""
     token = int(logits.argmax())
@@ -206,9 +212,7 @@ class MtpDrafter:
 
     def release(self) -> None:
         """The layer's cache as an ordinary one again (no graph pins it)."""
-        if self.graph is not None:
-            self.graph.release()
-            self.graph = None
+        self.graph = _released(self.graph)
 
 
 class DraftModelDrafter:
@@ -325,9 +329,7 @@ class DraftModelDrafter:
     def release(self) -> None:
         """The draft's cache as an ordinary one again (no graph pins it). Called between steps only, when
         no guess waits to be checked (`feed` has settled them)."""
-        if self.decoder is not None:
-            self.decoder.release()
-            self.decoder = None
+        self.decoder = _released(self.decoder)
 
 
 class SpeculativeDecoder:
@@ -406,6 +408,4 @@ class SpeculativeDecoder:
 
     def release(self) -> None:
         """Hand the cache back as an ordinary one (after the last step, where a graph pinned it)."""
-        if self.graph is not None:
-            self.graph.release()
-            self.graph = None
+        self.graph = _released(self.graph)
