@@ -33,20 +33,19 @@ def text(value: str) -> str:
     return value
 
 
-def count(noun: str) -> Reader:
+def count(noun: str, signed: bool = False) -> Reader:
+    """An integer written in digits (a sign too, where `signed`): `noun` names it in the error."""
+    pattern = r"[+-]?[0-9]+" if signed else r"[0-9]+"
+
     def read(value: str) -> int:
-        if not re.fullmatch(r"[0-9]+", value):
+        if not re.fullmatch(pattern, value):
             raise ValueError(f"not {noun}")
         return int(value)
     return read
 
 
 def whole(noun: str) -> Reader:
-    def read(value: str) -> int:
-        if not re.fullmatch(r"[+-]?[0-9]+", value):
-            raise ValueError(f"not {noun}")
-        return int(value)
-    return read
+    return count(noun, signed=True)
 
 
 def decimal(value: str) -> float:
