@@ -53,12 +53,12 @@ def _attend_page_tile(q_high, q_mid, q_low, maximum, total, acc, keys_ptr, value
 @triton.jit
 def _store_new(x, pool_ptr, at, cols, col_mask, writes, BLOCK_D: tl.constexpr, D: tl.constexpr, TYPE: tl.constexpr,
                BF16_STORAGE: tl.constexpr):
-    # The new token's K or V [BLOCK_D] written at pool_ptr + at (where `writes`), as the pool keeps it;
-    # returns the values as they will be read back.
+    # The new token's V [BLOCK_D] written at pool_ptr + at (where `writes`), as the pool keeps it; returns the
+    # values as they will be read back (in the pool's dtype, or float32 from blocks).
     if TYPE == FLOAT:
         stored = _to_storage(x, pool_ptr.dtype.element_ty, BF16_STORAGE)
         tl.store(pool_ptr + at + cols, stored, mask=col_mask & writes)
-        return stored.to(tl.float32)
+        return stored
     else:
         return quantize_store(x, pool_ptr + at, writes, BLOCK_D, D, TYPE)
 
@@ -96,12 +96,16 @@ def _paged_attend_kernel(
     writes = start_in_range & (page >= 0) & (page < n_pages) & owns_new_token
     page64 = tl.where(writes, page, 0).to(tl.int64)
     key_head_at, value_head_at = kv_head * pool_s2, kv_head * value_pool_s2
-    k_kept = _store_new(tl.reshape(k_new, (BLOCK_D,)), keys_ptr, page64 * pool_s0 + (start % P) * pool_s1 + key_head_at,
-                        cols, col_mask, writes, BLOCK_D, D, KEY_TYPE, BF16_STORAGE)
+    key_at = page64 * pool_s0 + (start % P) * pool_s1 + key_head_at
+    if KEY_TYPE == FLOAT:  # K stays [1, BLOCK_D], as _norm_rotate gives it (no layout change on the float path)
+        k_kept = _to_storage(k_new, keys_ptr.dtype.element_ty, BF16_STORAGE)
+        tl.store(keys_ptr + key_at + cols[None, :], k_kept, mask=(col_mask & writes)[None, :])
+    else:
+        k_kept = quantize_store(tl.reshape(k_new, (BLOCK_D,)), keys_ptr + key_at, writes, BLOCK_D, D, KEY_TYPE)[None, :]
     v_kept = _store_new(v_new, values_ptr, page64 * value_pool_s0 + (start % P) * value_pool_s1 + value_head_at,
                         cols, col_mask, writes, BLOCK_D, D, VALUE_TYPE, BF16_STORAGE)
 
-    maximum, total, acc = _softmax_start(q, k_kept[None, :], v_kept, owns_new_token, BLOCK_G, BLOCK_D)
+    maximum, total, acc = _softmax_start(q, k_kept, v_kept, owns_new_token, BLOCK_G, BLOCK_D)
 
     begin, end, slots = _split_range(cached, split, SPLITS, BLOCK_N)
     q_high, q_mid, q_low = _query_parts(q, DOT_MODE)
