@@ -77,12 +77,17 @@ def decode_speed(model, prompt, tokens: int, speculation=None) -> float:
 
 
 @torch.inference_mode()
-def _step_seconds(model, prompt, fed: int, repetitions: int) -> float:
-    """One step feeding `fed` tokens (the last one and fed-1 guesses), with its logits."""
+def _step_seconds(model, prompt, fed: int, repetitions: int, rows: int = 1) -> float:
+    """One step feeding `fed` tokens (the last one and fed-1 guesses) to each of `rows` copies of the
+    prompt's cache (a server's batch), with its logits."""
+    from qwen35.engine.cache import HybridCache
+
     network = model.network
     cache = model.make_cache(1)
     network.hidden_states(torch.tensor([prompt]), cache)
-    ids = torch.tensor([prompt[:fed]])
+    if rows > 1:
+        cache = HybridCache.merge([cache.select([0]) for _ in range(rows)])
+    ids = torch.tensor([prompt[:fed]] * rows)
 
     def step():  # rewound to before its first token: every repetition sees the same context
         cache.keep_steps()
@@ -118,6 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--draft-max", default="1,2,3,4", help="guesses a step to price (comma-separated)")
     parser.add_argument("-r", "--repetitions", type=int, default=5)
     parser.add_argument("--draft-vocab", type=int, default=0, help="the MTP guess reads the first N head rows (0: all)")
+    parser.add_argument("--rows", type=int, default=1,
+                        help="also price a server's batch of this many requests checking their guesses together")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,7 +160,28 @@ def main(argv=None) -> int:
             projected.append(f"{tokens / (check + k * guess):.1f} ({tokens / (check + k * guess) / plain_speed:.2f}x)")
         print(f"| {k} | {check / plain_step:.2f} | {all_right:.1f} ({all_right / plain_speed:.2f}x) | "
               + " | ".join(projected) + " |")
+    if args.rows > 1:
+        _batch_table(model, prompt, args, draft_counts, guess)
     return 0
+
+
+def _batch_table(model, prompt, args, draft_counts, guess) -> None:
+    """`--rows` requests decoding together (engine/speculative_steps.py speculative_batch_step): a batch step
+    of one token a row against one of k + 1 a row, and the batch's tok/s at acceptance a (each row's k MTP
+    guesses made one row after the other), from the measured prices."""
+    rows = args.rows
+    plain = _step_seconds(model, prompt, 1, args.repetitions, rows)
+    print(f"\n{rows} rows: a plain batch step {plain * 1e3:.1f} ms ({rows / plain:.1f} tok/s)")
+    rates = " | ".join(f"MTP at a={a}" for a in ACCEPTANCE_RATES)
+    print(f"\n| guesses k | check k, {rows} rows (x a batch step) | all right tok/s | {rates} |")
+    print("|---|---|---|" + "---|" * len(ACCEPTANCE_RATES))
+    for k in draft_counts:
+        check = _step_seconds(model, prompt, k + 1, args.repetitions, rows)
+        drafting = rows * k * guess if guess is not None else 0.0
+        speeds = [rows * (1 - a ** (k + 1)) / (1 - a) / (check + drafting) for a in ACCEPTANCE_RATES]
+        all_right = rows * (k + 1) / check
+        print(f"| {k} | {check / plain:.2f} | {all_right:.1f} ({all_right * plain / rows:.2f}x) | "
+              + " | ".join(f"{v:.1f} ({v * plain / rows:.2f}x)" if guess is not None else "-" for v in speeds) + " |")
 
 
 if __name__ == "__main__":
