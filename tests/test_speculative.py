@@ -317,3 +317,49 @@ def test_the_mtp_layer_keeps_its_kv_as_the_model_does(fixtures):
     plain, _ = _run(model, prompt)
     speculative, last = _run(model, prompt, Speculation(p_min=EVERY_GUESS))
     assert speculative == plain and last.draft_tokens > 0
+
+
+@pytest.mark.parametrize("p_min", [0.0, 0.04])
+def test_mtp_drafters_guessing_together_guess_as_each_alone(fixtures, models, p_min):
+    """propose_together (a server's batch): each row's MTP layer pass on its own cache, one head pass for all
+    rows a round; the guesses and each layer's cache are those of each drafter proposing alone, round after
+    round, for rows of different limits (one of them guessing nothing)."""
+    from qwen35.engine.speculative import MtpDrafter, mtp_predictor, propose_together
+
+    model = models("dense-Q8_0.gguf")
+    reference = _reference(fixtures, "dense")
+    prompts = [reference["sequences"][name]["ids"][:n] for name, n in
+               (("text", 20), ("chat_think", 25), ("chat_nothink", 14))]
+    settings = Speculation(draft_max=3, p_min=p_min)
+
+    def drafters():
+        made = []
+        for prompt in prompts:
+            drafter = MtpDrafter(mtp_predictor(model), settings, 0)
+            cache = model.make_cache(1)
+            with torch.inference_mode():
+                drafter.feed(prompt, model.network.hidden_states(torch.tensor([prompt]), cache))
+            made.append(drafter)
+        return made
+
+    alone, together = drafters(), drafters()
+    generator = torch.Generator().manual_seed(3)
+    made, cut_short = 0, 0
+    for step, limits in enumerate(([3, 2, 3], [1, 3, 0], [3, 3, 3])):
+        tokens = [prompt[step] for prompt in prompts]
+        with torch.inference_mode():
+            expected = [drafter.propose(token, limit) for drafter, token, limit in zip(alone, tokens, limits)]
+            got = propose_together(together, tokens, limits)
+        assert got == expected, step
+        assert [d.cache.lengths.tolist() for d in together] == [d.cache.lengths.tolist() for d in alone]
+        made += sum(len(guesses) for guesses in expected)
+        cut_short += sum(len(guesses) < limit for guesses, limit in zip(expected, limits))
+        for pair in zip(alone, together):  # the model kept the token and one guess
+            hidden = torch.randn(1, 2, model.config.hidden_size, generator=generator)
+            for drafter in pair:
+                drafter.feed([1, 2], hidden)
+    assert made > 0 and (cut_short > 0) == (p_min > 0)  # guesses made; with p_min, some stopped by it
+    for ours, theirs in zip(together, alone):
+        length = int(theirs.cache.lengths[0])
+        for got_kv, expected_kv in zip(ours.cache.layers[0].view(length), theirs.cache.layers[0].view(length)):
+            assert torch.equal(got_kv, expected_kv)

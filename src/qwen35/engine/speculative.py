@@ -215,6 +215,40 @@ class MtpDrafter:
         self.graph = _released(self.graph)
 
 
+def propose_together(drafters: list, next_tokens: list[int], limits: list[int]) -> list[list[int]]:
+    """`drafters[i].propose(next_tokens[i], limits[i])` for every drafter (None: no guesses), with the MTP
+    drafters of one layer guessing in rounds: each row's pass of the MTP layer over its own cache, then one
+    pass of the output head for all of them. The head is most of a guess's price and reads its weights
+    once for every row, so a batch's guesses cost about one row's (a server's batch: speculative_steps.py).
+    The same guesses as alone: the head's products are the same for a row in any batch."""
+    results: list[list[int]] = [[] for _ in drafters]
+    rounds: dict[int, list] = {}  # id(predictor) -> [row, drafter, out, chained] still guessing
+    for row, (drafter, token, limit) in enumerate(zip(drafters, next_tokens, limits)):
+        if not isinstance(drafter, MtpDrafter) or drafter.graphs:  # (a GPU's MTP chain is a graph of its own)
+            results[row] = drafter.propose(token, limit) if drafter is not None else []
+        elif drafter.pending is not None and limit >= 1:
+            drafter._proposals += 1
+            _, out = drafter.predictor(drafter.pending, torch.tensor([[token]]), drafter.cache, logits=False)
+            drafter.pending = None  # paired with the token: that pair stays in the cache
+            rounds.setdefault(id(drafter.predictor), []).append([row, drafter, out, 0])
+    for guessing in rounds.values():
+        head = guessing[0][1].predictor.head
+        while guessing:
+            logits = head(torch.cat([out for _, _, out, _ in guessing])).float()  # [rows, 1, vocab]
+            going_on = []
+            for (row, drafter, out, chained), row_logits in zip(guessing, logits):
+                token, confident = _confident_guess(row_logits[-1], drafter.settings.p_min)
+                if confident:
+                    results[row].append(token)
+                if confident and len(results[row]) < limits[row]:
+                    _, out = drafter.predictor(out, torch.tensor([[token]]), drafter.cache, logits=False)
+                    going_on.append([row, drafter, out, chained + 1])
+                elif chained:  # the layer's own guesses' pairs: the next step pairs the model's real states
+                    drafter.cache.rewind(chained, 0)
+            guessing = going_on
+    return results
+
+
 class DraftModelDrafter:
     """Guesses from a draft model fed the same tokens as the model, greedily, one at a time. Where the
     device captures steps, a drafter that keeps guessing reads its one-token steps from a CUDA graph

@@ -19,6 +19,7 @@ import time
 import torch
 
 from qwen35.engine.sampler import sample
+from qwen35.engine.speculative import propose_together
 from qwen35.engine.scheduler import SequenceStatus
 
 
@@ -62,14 +63,18 @@ def _ends_reply(service, sequence, token_id: int) -> bool:
             or (request.constraint is not None and request.constraint.complete))
 
 
-def _guesses(service, sequence) -> list[int]:
-    """The drafter's guesses after the sequence's last token (none without a drafter, or under draft_min)."""
-    if sequence.drafter is None:
-        return []
-    request, settings = sequence.request, service.speculation
-    room = min(request.max_new_tokens - len(sequence.output_ids), service.context_length - sequence.total_tokens)
-    guesses = sequence.drafter.propose(sequence.output_ids[-1], min(settings.draft_max, room - 1))
-    return guesses if len(guesses) >= settings.draft_min else []
+def _guesses(service, sequences: list) -> list[list[int]]:
+    """Each sequence's drafter's guesses after its last token (none without a drafter, or under draft_min),
+    the MTP layer's made together (engine/speculative.py propose_together)."""
+    settings = service.speculation
+    limits = []
+    for sequence in sequences:
+        request = sequence.request
+        room = min(request.max_new_tokens - len(sequence.output_ids), service.context_length - sequence.total_tokens)
+        limits.append(min(settings.draft_max, room - 1))
+    proposed = propose_together([sequence.drafter for sequence in sequences],
+                                [sequence.output_ids[-1] for sequence in sequences], limits)
+    return [guesses if len(guesses) >= settings.draft_min else [] for guesses in proposed]
 
 
 def _sample_positions(service, sequence, raw: torch.Tensor, guesses: list[int]) -> list[int]:
@@ -111,7 +116,7 @@ def speculative_step(service, sequence) -> None:
     settings, network = service.speculation, service.model.network
     verifier = service.batch.verifier_for(sequence, 1 + settings.draft_max)  # None: eager steps
     cache = service.batch.cache
-    guesses = _guesses(service, sequence)
+    guesses = _guesses(service, [sequence])[0]
     fed = [sequence.output_ids[-1]] + guesses
     if verifier is not None:
         hidden, raw = verifier.step(fed)
@@ -138,7 +143,7 @@ def speculative_batch_step(service, sequences: list) -> None:
     network = service.model.network
     cache = service.batch.hold(sequences)
     rows = [service.batch.row_of(sequence) for sequence in sequences]
-    guesses = [_guesses(service, sequence) for sequence in sequences]
+    guesses = _guesses(service, sequences)
     width = 1 + max(len(g) for g in guesses)
     fed = [[sequence.output_ids[-1]] + g for sequence, g in zip(sequences, guesses)]
     ids = [[0] * width for _ in range(cache.batch_size)]
