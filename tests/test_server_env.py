@@ -17,48 +17,45 @@ import httpx
 import pytest
 from test_server_flags import _args
 
+from qwen35.chat.command import RUN_VARIABLES
 from qwen35.cli import build_parser, main
+from qwen35.env_settings import apply_environment, summary
 from qwen35.errors import Qwen35Error
 from qwen35.server.command import _check, serve_address, server_settings
-from qwen35.server.env_settings import FLAGS, apply_environment, summary, variables_for
+from qwen35.server.env_settings import SERVE_VARIABLES
 
-EVERY_VARIABLE = sorted({name for flag in FLAGS for name, _ in variables_for(flag.dest)})
+EVERY_VARIABLE = sorted(SERVE_VARIABLES.names() | RUN_VARIABLES.names())
 
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
-    """None of the variables serve reads, whatever the shell running the tests has set."""
+    """None of the variables serve or run reads, whatever the shell running the tests has set."""
     for name in EVERY_VARIABLE:
         monkeypatch.delenv(name, raising=False)
 
 
-def _settings(*words) -> dict:
-    """serve's resolved settings for a command line, in the environment the test has set."""
-    args = build_parser().parse_args(["serve", *words])
+def _settings(*words, command="serve") -> dict:
+    """The command's resolved settings for a command line, in the environment the test has set."""
+    args = build_parser().parse_args([command, *words])
     apply_environment(args)
     return {key: value for key, value in vars(args).items() if not key.startswith("_")}
 
 
-def _with(monkeypatch, environ: dict, *words) -> dict:
+def _with(monkeypatch, environ: dict, *words, command="serve") -> dict:
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     try:
-        return _settings(*words)
+        return _settings(*words, command=command)
     finally:
         for name in environ:
             monkeypatch.delenv(name)
 
 
-# llama-server's documented variable for each flag serve has (llama.cpp tools/server/README.md; the older
-# names, from before a flag was renamed, from common/arg.cpp of that time): variable, value, the same setting
-# on llama-server's command line.
-LLAMA_SERVER_DOCUMENTED = [
+# llama.cpp's documented variable for each flag that serve and run both have: llama-server's and llama-cli's
+# (tools/server/README.md, tools/cli/README.md; the older names, from before a flag was renamed, from
+# common/arg.cpp of that time): variable, value, the same setting on llama.cpp's command line.
+LLAMA_SHARED_DOCUMENTED = [
     ("LLAMA_ARG_CTX_SIZE", "4096", ["-c", "4096"]),
-    ("LLAMA_ARG_N_PARALLEL", "2", ["-np", "2"]),
-    ("LLAMA_ARG_HOST", "0.0.0.0", ["--host", "0.0.0.0"]),
-    ("LLAMA_ARG_PORT", "9090", ["--port", "9090"]),
-    ("LLAMA_API_KEY", "secret", ["--api-key", "secret"]),
-    ("LLAMA_ARG_ALIAS", "qwen", ["-a", "qwen"]),
     ("LLAMA_ARG_THREADS", "3", ["-t", "3"]),
     ("LLAMA_ARG_N_GPU_LAYERS", "20", ["-ngl", "20"]),
     ("LLAMA_ARG_N_CPU_MOE", "4", ["--n-cpu-moe", "4"]),
@@ -77,20 +74,7 @@ LLAMA_SERVER_DOCUMENTED = [
     ("LLAMA_ARG_CHAT_TEMPLATE_FILE", "t.jinja", ["--chat-template-file", "t.jinja"]),
     ("LLAMA_ARG_CHAT_TEMPLATE_KWARGS", '{"enable_thinking": false}',
      ["--chat-template-kwargs", '{"enable_thinking": false}']),
-    ("LLAMA_ARG_JINJA", "1", ["--jinja"]),
-    ("LLAMA_ARG_THINK", "none", ["--reasoning-format", "none"]),
     ("LLAMA_ARG_THINK_BUDGET", "0", ["--reasoning-budget", "0"]),
-    ("LLAMA_ARG_FLASH_ATTN", "off", ["-fa", "off"]),
-    ("LLAMA_ARG_FLASH_ATTN", "true", ["-fa", "on"]),  # older llama.cpp: -fa was a boolean
-    ("LLAMA_ARG_BATCH", "1024", ["-b", "1024"]),
-    ("LLAMA_ARG_UBATCH", "256", ["-ub", "256"]),
-    ("LLAMA_ARG_CONT_BATCHING", "enabled", ["-cb"]),
-    ("LLAMA_ARG_ENDPOINT_METRICS", "1", ["--metrics"]),
-    ("LLAMA_ARG_UI", "off", ["--no-webui"]),
-    ("LLAMA_ARG_NO_WEBUI", "1", ["--no-webui"]),
-    ("LLAMA_ARG_MLOCK", "true", ["--mlock"]),
-    ("LLAMA_ARG_MMAP", "false", ["--no-mmap"]),
-    ("LLAMA_ARG_NO_MMAP", "1", ["--no-mmap"]),
     ("LLAMA_ARG_SPEC_TYPE", "draft-mtp", ["--spec-type", "draft-mtp"]),
     ("LLAMA_ARG_SPEC_DRAFT_MODEL", "draft.gguf", ["--spec-draft-model", "draft.gguf"]),
     ("LLAMA_ARG_MODEL_DRAFT", "draft.gguf", ["-md", "draft.gguf"]),
@@ -102,21 +86,45 @@ LLAMA_SERVER_DOCUMENTED = [
     ("LLAMA_ARG_DRAFT_P_MIN", "0.5", ["--draft-p-min", "0.5"]),
 ]
 
+# ... and llama-server's for the flags only serve has.
+LLAMA_SERVER_DOCUMENTED = LLAMA_SHARED_DOCUMENTED + [
+    ("LLAMA_ARG_N_PARALLEL", "2", ["-np", "2"]),
+    ("LLAMA_ARG_HOST", "0.0.0.0", ["--host", "0.0.0.0"]),
+    ("LLAMA_ARG_PORT", "9090", ["--port", "9090"]),
+    ("LLAMA_API_KEY", "secret", ["--api-key", "secret"]),
+    ("LLAMA_ARG_ALIAS", "qwen", ["-a", "qwen"]),
+    ("LLAMA_ARG_JINJA", "1", ["--jinja"]),
+    ("LLAMA_ARG_THINK", "none", ["--reasoning-format", "none"]),
+    ("LLAMA_ARG_FLASH_ATTN", "off", ["-fa", "off"]),
+    ("LLAMA_ARG_FLASH_ATTN", "true", ["-fa", "on"]),  # older llama.cpp: -fa was a boolean
+    ("LLAMA_ARG_BATCH", "1024", ["-b", "1024"]),
+    ("LLAMA_ARG_UBATCH", "256", ["-ub", "256"]),
+    ("LLAMA_ARG_CONT_BATCHING", "enabled", ["-cb"]),
+    ("LLAMA_ARG_ENDPOINT_METRICS", "1", ["--metrics"]),
+    ("LLAMA_ARG_UI", "off", ["--no-webui"]),
+    ("LLAMA_ARG_NO_WEBUI", "1", ["--no-webui"]),
+    ("LLAMA_ARG_MLOCK", "true", ["--mlock"]),
+    ("LLAMA_ARG_MMAP", "false", ["--no-mmap"]),
+    ("LLAMA_ARG_NO_MMAP", "1", ["--no-mmap"]),
+]
+
+
+def check_variable_sets_what_flags_do(monkeypatch, variable, value, flags, command="serve"):
+    """The variable alone gives the settings the flags give on the command line (and those differ from none)."""
+    on_the_command_line = _settings("model.gguf", *flags, command=command)
+    assert on_the_command_line != _settings("model.gguf", command=command)  # the flag changes something
+    assert _with(monkeypatch, {variable: value}, "model.gguf", command=command) == on_the_command_line
+
 
 @pytest.mark.parametrize("variable, value, flags", LLAMA_SERVER_DOCUMENTED)
 def test_each_llama_server_variable_sets_what_its_flag_does(monkeypatch, variable, value, flags):
-    on_the_command_line = _settings("model.gguf", *flags)
-    assert on_the_command_line != _settings("model.gguf")  # the flag changes something
-    assert _with(monkeypatch, {variable: value}, "model.gguf") == on_the_command_line
+    check_variable_sets_what_flags_do(monkeypatch, variable, value, flags)
 
 
-# Our own spelling: QWEN35_ and the long flag, for every flag serve has.
-QWEN35_SPELLINGS = [
+# Our own spelling: QWEN35_ and the long flag, for every flag serve and run both have ...
+QWEN35_SHARED_SPELLINGS = [
     ("QWEN35_MMPROJ", "p.gguf", ["--mmproj", "p.gguf"]), ("QWEN35_NO_MMPROJ", "1", ["--no-mmproj"]),
-    ("QWEN35_HOST", "0.0.0.0", ["--host", "0.0.0.0"]), ("QWEN35_PORT", "9000", ["--port", "9000"]),
-    ("QWEN35_API_KEY", "k", ["--api-key", "k"]), ("QWEN35_CTX_SIZE", "8192", ["-c", "8192"]),
-    ("QWEN35_PARALLEL", "2", ["-np", "2"]), ("QWEN35_QUEUE", "8", ["--queue", "8"]),
-    ("QWEN35_PREFIX_CACHE_MB", "0", ["--prefix-cache-mb", "0"]), ("QWEN35_NAME", "qwen", ["--name", "qwen"]),
+    ("QWEN35_CTX_SIZE", "4096", ["-c", "4096"]),
     ("QWEN35_THREADS", "2", ["-t", "2"]), ("QWEN35_TEMP", "0.6", ["--temp", "0.6"]),
     ("QWEN35_TOP_K", "20", ["--top-k", "20"]), ("QWEN35_TOP_P", "0.95", ["--top-p", "0.95"]),
     ("QWEN35_MIN_P", "0.1", ["--min-p", "0.1"]), ("QWEN35_REPEAT_PENALTY", "1.1", ["--repeat-penalty", "1.1"]),
@@ -124,13 +132,8 @@ QWEN35_SPELLINGS = [
     ("QWEN35_FREQUENCY_PENALTY", "0.2", ["--frequency-penalty", "0.2"]), ("QWEN35_SEED", "7", ["--seed", "7"]),
     ("QWEN35_N_PREDICT", "64", ["-n", "64"]),
     ("QWEN35_CHAT_TEMPLATE_FILE", "t.jinja", ["--chat-template-file", "t.jinja"]),
-    ("QWEN35_CHAT_TEMPLATE_KWARGS", "{}", ["--chat-template-kwargs", "{}"]), ("QWEN35_JINJA", "on", ["--jinja"]),
-    ("QWEN35_REASONING_FORMAT", "none", ["--reasoning-format", "none"]),
-    ("QWEN35_REASONING_BUDGET", "0", ["--reasoning-budget", "0"]), ("QWEN35_FLASH_ATTN", "auto", ["-fa", "auto"]),
-    ("QWEN35_BATCH_SIZE", "512", ["-b", "512"]), ("QWEN35_UBATCH_SIZE", "128", ["-ub", "128"]),
-    ("QWEN35_CONT_BATCHING", "1", ["-cb"]), ("QWEN35_METRICS", "1", ["--metrics"]),
-    ("QWEN35_NO_WEBUI", "1", ["--no-webui"]), ("QWEN35_MLOCK", "1", ["--mlock"]),
-    ("QWEN35_NO_MMAP", "1", ["--no-mmap"]),
+    ("QWEN35_CHAT_TEMPLATE_KWARGS", "{}", ["--chat-template-kwargs", "{}"]),
+    ("QWEN35_REASONING_BUDGET", "0", ["--reasoning-budget", "0"]),
     ("QWEN35_DEVICE", "cpu", ["--device", "cpu"]), ("QWEN35_N_GPU_LAYERS", "10", ["-ngl", "10"]),
     ("QWEN35_N_CPU_MOE", "2", ["--n-cpu-moe", "2"]), ("QWEN35_CACHE_TYPE_K", "bf16", ["-ctk", "bf16"]),
     ("QWEN35_CACHE_TYPE_V", "q8_0", ["-ctv", "q8_0"]), ("QWEN35_SPEC_TYPE", "mtp", ["--spec-type", "mtp"]),
@@ -140,20 +143,37 @@ QWEN35_SPELLINGS = [
     ("QWEN35_SPECULATIVE_CONFIG", '{"method": "mtp"}', ["--speculative-config", '{"method": "mtp"}']),
 ]
 
+# ... and for the flags only serve has.
+QWEN35_SPELLINGS = QWEN35_SHARED_SPELLINGS + [
+    ("QWEN35_HOST", "0.0.0.0", ["--host", "0.0.0.0"]), ("QWEN35_PORT", "9000", ["--port", "9000"]),
+    ("QWEN35_API_KEY", "k", ["--api-key", "k"]),
+    ("QWEN35_PARALLEL", "2", ["-np", "2"]), ("QWEN35_QUEUE", "8", ["--queue", "8"]),
+    ("QWEN35_PREFIX_CACHE_MB", "0", ["--prefix-cache-mb", "0"]), ("QWEN35_NAME", "qwen", ["--name", "qwen"]),
+    ("QWEN35_JINJA", "on", ["--jinja"]), ("QWEN35_REASONING_FORMAT", "none", ["--reasoning-format", "none"]),
+    ("QWEN35_FLASH_ATTN", "auto", ["-fa", "auto"]),
+    ("QWEN35_BATCH_SIZE", "512", ["-b", "512"]), ("QWEN35_UBATCH_SIZE", "128", ["-ub", "128"]),
+    ("QWEN35_CONT_BATCHING", "1", ["-cb"]), ("QWEN35_METRICS", "1", ["--metrics"]),
+    ("QWEN35_NO_WEBUI", "1", ["--no-webui"]), ("QWEN35_MLOCK", "1", ["--mlock"]),
+    ("QWEN35_NO_MMAP", "1", ["--no-mmap"]),
+]
+
 
 @pytest.mark.parametrize("variable, value, flags", QWEN35_SPELLINGS)
 def test_each_qwen35_variable_sets_what_its_flag_does(monkeypatch, variable, value, flags):
-    on_the_command_line = _settings("model.gguf", *flags)
-    assert on_the_command_line != _settings("model.gguf")
-    assert _with(monkeypatch, {variable: value}, "model.gguf") == on_the_command_line
+    check_variable_sets_what_flags_do(monkeypatch, variable, value, flags)
+
+
+def check_every_flag_has_a_qwen35_variable(command, table, spellings, left_out=()):
+    """Every option of the command's parser is in its table (but `left_out`), and `spellings` tries them all."""
+    parser = build_parser()._subparsers._group_actions[0].choices[command]  # argparse keeps them private
+    options = {spelling for action in parser._actions for spelling in action.option_strings}
+    options -= {"-h", "--help", "--mtp", *left_out}  # --mtp is --spec-type draft-mtp: QWEN35_SPEC_TYPE
+    assert options == {spelling for flag in table.flags for spelling in flag.spellings} - {"MODEL"}
+    assert {name for name, _, _ in spellings} | {"QWEN35_MODEL"} == {flag.variable for flag in table.flags}
 
 
 def test_every_serve_flag_has_a_qwen35_variable():
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # argparse keeps them private
-    options = {spelling for action in serve._actions for spelling in action.option_strings}
-    options -= {"-h", "--help", "--mtp"}  # --mtp is --spec-type draft-mtp: QWEN35_SPEC_TYPE
-    assert options == {spelling for flag in FLAGS for spelling in flag.spellings} - {"MODEL"}
-    assert {name for name, _, _ in QWEN35_SPELLINGS} | {"QWEN35_MODEL"} == {flag.variable for flag in FLAGS}
+    check_every_flag_has_a_qwen35_variable("serve", SERVE_VARIABLES, QWEN35_SPELLINGS)
 
 
 def test_the_command_line_wins_then_qwen35_then_llama_server_then_ollama(monkeypatch):
@@ -248,8 +268,8 @@ def test_the_model_may_come_from_the_environment(monkeypatch):
     assert _settings("given.gguf")["model"] == "given.gguf"
 
 
-def _one_error_line(capsys, *words) -> str:
-    assert main(["serve", *words]) == 1
+def _one_error_line(capsys, *words, command="serve") -> str:
+    assert main([command, *words]) == 1
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "loading" not in captured.err, captured.err
@@ -298,13 +318,16 @@ def test_a_bad_key_is_named_and_not_shown(monkeypatch, capsys, tmp_path):
     assert "LLAMA_API_KEY" in line and "comma-separated" in line and "secret" not in line
 
 
-def test_a_bad_server_variable_leaves_other_commands_alone(monkeypatch):
+def test_server_variables_reach_other_commands_only_as_llama_cpp_shares_them(monkeypatch):
+    """A bad variable never stops the parser; `run` reads the LLAMA_ARG_* names llama-cli shares (and not
+    Ollama's server variables), `bench` none, as llama-bench reads none (tests/test_run_env.py: run's own)."""
     monkeypatch.setenv("LLAMA_ARG_CTX_SIZE", "abc")
     monkeypatch.setenv("LLAMA_ARG_CACHE_TYPE_K", "q8_0")
     monkeypatch.setenv("OLLAMA_KV_CACHE_TYPE", "q4_0")
-    for command in ("run", "bench"):  # llama-bench reads no variables; `run` takes only its command line
+    expected = {"run": ("q8_0", "f16"), "bench": ("f16", "f16")}
+    for command, cache_types in expected.items():
         args = build_parser().parse_args([command, "model.gguf"])
-        assert (args.cache_type_k, args.cache_type_v) == ("f16", "f16")
+        assert (args.cache_type_k, args.cache_type_v) == cache_types
 
 
 @pytest.mark.parametrize("variable, value, flags", [

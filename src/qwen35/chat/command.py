@@ -15,6 +15,10 @@ Images, for a model that reads them (an HF directory with a vision tower, or a G
 --mmproj, its vision projector): --image FILE goes with the one-shot PROMPT (or the chat's first
 message), /image FILE with the next message, and a path to an image file typed in a message is
 attached and taken out of the text, as `ollama run` does (chat/attachments.py says which words count).
+
+Every flag but the prompt and --image may also come from the environment (qwen35/env_settings.py), as llama-cli
+reads it: QWEN35_<LONG FLAG>, else llama.cpp's LLAMA_ARG_* name; the command line wins. Ollama's OLLAMA_*
+variables configure its server, which `ollama run` talks to; there is none here, and run reads none of them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 from qwen35.chat.template import read_template_file
 from qwen35.cache_options import add_cache_arguments, cache_options
 from qwen35.device_options import add_device_arguments, load_options
+from qwen35.env_settings import (SHARED_FLAGS, TOKENS, CommandVariables, add_environment_defaults, apply_environment,
+                                 blaming, boolean, decimal, epilog, flags, summary, text)
 from qwen35.errors import Qwen35Error
 from qwen35.hub import resolve_model_argument
 from qwen35.speculation_options import add_speculation_arguments, check_speculation_arguments, speculation_from_arguments
@@ -41,8 +47,9 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", metavar="MODEL",
-                        help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT)")
+    parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                        help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT); "
+                             "may come from the environment (below; then give the prompt as -p TEXT)")
     parser.add_argument("prompt", metavar="PROMPT", nargs="*",
                         help="answer this and exit (default: an interactive chat)")
     parser.add_argument("-p", "--prompt", default=None, dest="prompt_flag", metavar="TEXT",
@@ -56,7 +63,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_CONTEXT, dest="context", metavar="N",
                         help=f"context in tokens, prompt and answers together (default {DEFAULT_CONTEXT}; "
                              "0 = the model's own)")
-    parser.add_argument("-n", "--n-predict", type=int, default=-1, dest="n_predict", metavar="N",
+    parser.add_argument("-n", "--n-predict", "--predict", type=int, default=-1, dest="n_predict", metavar="N",
                         help="most tokens per answer (default -1: until the model stops or the context is full)")
     parser.add_argument("--temp", type=float, default=None, dest="temperature", metavar="T",
                         help="temperature (0 = greedy; default: the model's own)")
@@ -81,19 +88,50 @@ def add_arguments(parser) -> None:
                              "e.g. '{\"enable_thinking\": false}'")
     parser.add_argument("--chat-template-file", default=None, metavar="FILE",
                         help="a Jinja chat template to use instead of the model's")
+    parser.add_argument("-t", "--threads", type=int, default=None,
+                        help="CPU threads for the model (default: torch's choice, one per core)")
     add_device_arguments(parser)
     add_cache_arguments(parser)
     add_speculation_arguments(parser)
     parser.add_argument("--verbose", action="store_true",
                         help="after a one-shot answer, print its speed line on stderr")
+    parser.description = f"{parser.description or ''}\n\n{ENVIRONMENT}".strip()
+    parser.epilog = epilog(RUN_VARIABLES, {"LLAMA_ARG_REASONING": "=on|off|auto"})
+    add_environment_defaults(parser, os.environ, RUN_VARIABLES)
+
+
+# Every flag but the prompt (PROMPT, -p) and --image: a variable set for a one-shot prompt would turn every chat
+# into one answer. llama.cpp's names are llama-cli's (tools/cli/README.md), the ones llama-server shares.
+RUN_VARIABLES = CommandVariables(flags(
+    ("model", ("MODEL",), text),
+    ("context", ("-c", "--ctx-size"), TOKENS),  # 0: the model's own, as LLAMA_ARG_CTX_SIZE=0 means
+    ("temperature", ("--temp",), decimal),
+    ("system", ("-sys", "--system-prompt"), text),
+    ("think", ("--think", "--no-think"), boolean),
+    ("hide_thinking", ("--hide-thinking",), boolean),
+    ("verbose", ("--verbose",), boolean),
+) + sum(SHARED_FLAGS.values(), ()))
+
+ENVIRONMENT = """\
+Every flag but the prompt and --image may also come from the environment: QWEN35_<LONG FLAG> (QWEN35_CTX_SIZE,
+QWEN35_TEMP, QWEN35_THINK, QWEN35_MODEL ...), else llama-cli's LLAMA_ARG_* name (listed below); no OLLAMA_*.
+The command line wins; an empty variable counts as unset; a bad value stops run with one line."""
 
 
 def run(args) -> int:
-    settings = _settings(args)
-    check_speculation_arguments(args)
-    cache_options(args)  # a bad -ctk/-ctv fails before a pull or a load
-    template_source = read_template_file(args.chat_template_file) if args.chat_template_file else None
-    _check_image_files(args)
+    sources = apply_environment(args)  # a bad variable: one line, before anything else
+    if not args.model:
+        raise Qwen35Error("give the MODEL to run (or set QWEN35_MODEL or LLAMA_ARG_MODEL)")
+    with blaming(sources):
+        settings = _settings(args)
+        if args.threads is not None and args.threads < 1:
+            raise Qwen35Error(f"-t must be at least 1, got {args.threads}")
+        check_speculation_arguments(args)
+        cache_options(args)  # a bad -ctk/-ctv fails before a pull or a load
+        template_source = read_template_file(args.chat_template_file) if args.chat_template_file else None
+        _check_image_files(args)
+    if summary(sources):  # before the model loads: a setting one did not expect shows at once
+        print(f"qwen35 run: {summary(sources)}", file=sys.stderr, flush=True)
     if args.prompt_flag is not None and args.prompt:
         raise Qwen35Error("give the prompt once: as PROMPT or as -p TEXT")
     prompt = _one_shot_prompt([args.prompt_flag] if args.prompt_flag is not None else args.prompt)
@@ -110,8 +148,13 @@ def run(args) -> int:
 
     from qwen35.progress import byte_progress
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(str(path))
-    options = load_options(args, path, context=args.context, command="qwen35 run")
+    with blaming(sources):  # --device, -ngl: checked here, with the GPU in view
+        options = load_options(args, path, context=args.context, command="qwen35 run")
     options.update(cache_options(args))
     with byte_progress(f"loading {path.name}") as progress:
         model = load_model(str(path), mmproj=mmproj, progress=progress, **options)
@@ -146,10 +189,15 @@ def _check_image_files(args) -> None:
 # -- flags ---------------------------------------------------------------------------------
 
 
+SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+                  "repetition_penalty": "--repeat-penalty", "presence_penalty": "--presence-penalty",
+                  "frequency_penalty": "--frequency-penalty", "seed": "--seed"}
+
+
 def _settings(args):
     from qwen35.chat.session import MIN_CONTEXT, ChatSettings
     from qwen35.engine.reasoning_budget import check_budget
-    from qwen35.engine.sampler import SamplingParams
+    from qwen35.engine.sampler import InvalidSamplingError, SamplingParams
 
     if args.context != 0 and args.context < MIN_CONTEXT:
         raise Qwen35Error(f"-c must be at least {MIN_CONTEXT} tokens (or 0 for the model's own), got {args.context}")
@@ -161,7 +209,11 @@ def _settings(args):
         "frequency_penalty": args.frequency_penalty, "seed": None if args.seed == -1 else args.seed,
     }
     sampling = {key: value for key, value in sampling.items() if value is not None}
-    SamplingParams.from_options({}, **sampling)  # a bad value fails before the model loads
+    for option, value in sampling.items():  # a bad value fails before the model loads, naming its flag
+        try:
+            SamplingParams.from_options({}, **{option: value})
+        except InvalidSamplingError as error:
+            raise Qwen35Error(f"{SAMPLING_FLAGS[option]} {value}: {error}") from None
     check_budget(args.reasoning_budget, "--reasoning-budget")
     template_kwargs = {}
     if args.chat_template_kwargs is not None:

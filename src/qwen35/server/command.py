@@ -36,10 +36,10 @@ from pathlib import Path
 from qwen35.chat.template import read_template_file
 from qwen35.cache_options import add_cache_arguments, cache_options
 from qwen35.device_options import add_device_arguments, load_options
+from qwen35.env_settings import add_environment_defaults, apply_environment, blame, epilog, summary
 from qwen35.errors import Qwen35Error
 from qwen35.hub import resolve_model_argument
-from qwen35.server.env_settings import (DESCRIPTION, OLLAMA_PORT, add_environment_defaults, apply_environment,
-                                        blame, epilog, summary)
+from qwen35.server.env_settings import DESCRIPTION, EPILOG_NOTES, OLLAMA_PORT, SERVE_VARIABLES
 from qwen35.speculation_options import add_speculation_arguments, check_speculation_arguments, speculation_from_arguments
 
 
@@ -72,8 +72,8 @@ def add_arguments(parser) -> None:
     add_cache_arguments(parser)
     add_speculation_arguments(parser)
     parser.description = f"{parser.description or ''}\n\n{DESCRIPTION}".strip()
-    parser.epilog = epilog()
-    add_environment_defaults(parser, os.environ)
+    parser.epilog = epilog(SERVE_VARIABLES, EPILOG_NOTES)
+    add_environment_defaults(parser, os.environ, SERVE_VARIABLES)
 
 
 # flag -> (dest, SamplingParams option, type): server-wide defaults for requests that do not set them.
