@@ -132,42 +132,49 @@ def _one_error_line(capsys, *words) -> str:
     return serve_env._one_error_line(capsys, *words, command="run")
 
 
-@pytest.mark.parametrize("environ, flags, expected", [
-    ({"LLAMA_ARG_THREADS": "abc"}, [], "LLAMA_ARG_THREADS=abc: not a number of threads"),
-    ({"LLAMA_ARG_THREADS": "abc"}, ["-t", "2"], "LLAMA_ARG_THREADS=abc: not a number of threads"),  # as llama.cpp
-    ({"LLAMA_ARG_CTX_SIZE": "8k"}, [], "LLAMA_ARG_CTX_SIZE=8k: not a number of tokens"),
-    ({"LLAMA_ARG_REASONING": "maybe"}, [], "LLAMA_ARG_REASONING=maybe: not on, off or auto"),
-    ({"LLAMA_ARG_N_GPU_LAYERS": "most"}, [], "LLAMA_ARG_N_GPU_LAYERS=most: not a number of layers, auto or all"),
-    ({"QWEN35_TEMP": "warm"}, [], "QWEN35_TEMP=warm: not a number"),
-    ({"QWEN35_DEVICE": "tpu"}, [], "QWEN35_DEVICE=tpu: not a device (auto, cpu, cuda or cuda:N)"),
-    ({"QWEN35_HIDE_THINKING": "maybe"}, [], "QWEN35_HIDE_THINKING=maybe: not a boolean"),
-    ({"LLAMA_ARG_SPEC_TYPE": "ngram-mod"}, [], "LLAMA_ARG_SPEC_TYPE=ngram-mod: not a speculation type here"),
-    # Values of the right kind that run's own checks refuse: the check's line, and the variable.
-    ({"QWEN35_THREADS": "0"}, [], "-t must be at least 1, got 0 (from QWEN35_THREADS=0)"),
-    ({"LLAMA_ARG_CTX_SIZE": "5"}, [], "-c must be at least 16 tokens (or 0 for the model's own), got 5 "
-                                      "(from LLAMA_ARG_CTX_SIZE=5)"),
-    ({"LLAMA_ARG_N_PREDICT": "0"}, [], "(from LLAMA_ARG_N_PREDICT=0)"),
-    ({"LLAMA_ARG_TEMPERATURE": "-1"}, [], "--temp -1.0: temperature must be 0 (greedy) or more, got -1.0 "
-                                          "(from LLAMA_ARG_TEMPERATURE=-1)"),
-    ({"LLAMA_ARG_TOP_P": "0"}, [], "(from LLAMA_ARG_TOP_P=0)"),
-    ({"LLAMA_ARG_CACHE_TYPE_K": "q3_k"}, [], "-ctk q3_k: not a K/V cache type"),
-    ({"LLAMA_ARG_THINK_BUDGET": "-5"}, [], "(from LLAMA_ARG_THINK_BUDGET=-5)"),
-    ({"LLAMA_ARG_CHAT_TEMPLATE_KWARGS": "[1]"}, [], "must be a JSON object, like '{\"enable_thinking\": false}' "
-                                                    "(from LLAMA_ARG_CHAT_TEMPLATE_KWARGS=[1])"),
-    ({"LLAMA_ARG_SPEC_DRAFT_N_MAX": "0"}, [], "(from LLAMA_ARG_SPEC_DRAFT_N_MAX=0)"),
-    ({"LLAMA_ARG_MMPROJ": "/nonexistent/mmproj.gguf"}, [], "(from LLAMA_ARG_MMPROJ=/nonexistent/mmproj.gguf)"),
-])
+# VARIABLE=value, and what the line says of it: the reader's complaint ("not ..."), or the line of run's own check
+# of the flag, which then names the variable after it.
+BAD_VALUES = [
+    ("LLAMA_ARG_THREADS=abc", "not a number of threads"),
+    ("LLAMA_ARG_CTX_SIZE=8k", "not a number of tokens"),
+    ("LLAMA_ARG_REASONING=maybe", "not on, off or auto"),
+    ("LLAMA_ARG_N_GPU_LAYERS=most", "not a number of layers, auto or all"),
+    ("QWEN35_TEMP=warm", "not a number"),
+    ("QWEN35_DEVICE=tpu", "not a device (auto, cpu, cuda or cuda:N)"),
+    ("QWEN35_HIDE_THINKING=maybe", "not a boolean (use one of 1, true, on, enabled, 0, false, off, disabled)"),
+    ("LLAMA_ARG_SPEC_TYPE=ngram-mod", "not a speculation type here (use one of none, draft-mtp, mtp)"),
+    ("QWEN35_THREADS=0", "-t must be at least 1, got 0"),
+    ("LLAMA_ARG_CTX_SIZE=5", "-c must be at least 16 tokens (or 0 for the model's own), got 5"),
+    ("LLAMA_ARG_N_PREDICT=0", "-n must be a number of tokens >= 1, or -1 for no limit, got 0"),
+    ("LLAMA_ARG_TEMPERATURE=-1", "--temp -1.0: temperature must be 0 (greedy) or more, got -1.0"),
+    ("LLAMA_ARG_TOP_P=0", "--top-p 0.0: top_p must be in (0, 1], got 0.0"),
+    ("QWEN35_CACHE_TYPE_K=x", "-ctk x: not a K/V cache type (use one of f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1)"),
+    ("LLAMA_ARG_CHAT_TEMPLATE_KWARGS=[1]",
+     "--chat-template-kwargs must be a JSON object, like '{\"enable_thinking\": false}'"),
+    ("LLAMA_ARG_SPEC_DRAFT_N_MAX=0", "--draft-max must be between 1 and 64, got 0"),
+    ("LLAMA_ARG_MMPROJ=/nonexistent/mmproj.gguf", "--mmproj /nonexistent/mmproj.gguf: no such file"),
+]
+
+
+@pytest.mark.parametrize("setting, complaint", BAD_VALUES)
 def test_a_bad_value_is_one_line_naming_the_variable_before_any_model_loads(
-        monkeypatch, capsys, tmp_path, environ, flags, expected):
+        monkeypatch, capsys, tmp_path, setting, complaint):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the variables were checked")
 
     monkeypatch.setattr("qwen35.load_model", no_loading)
     monkeypatch.setattr("qwen35.load_tokenizer", no_loading)
-    for name, value in environ.items():
-        monkeypatch.setenv(name, value)
-    line = _one_error_line(capsys, str(tmp_path / "absent.gguf"), "hi", *flags)  # before the model is looked at
-    assert line.startswith("qwen35 run: error: ") and expected in line, line
+    monkeypatch.setenv(*setting.split("=", 1))
+    line = _one_error_line(capsys, str(tmp_path / "absent.gguf"), "hi")  # before the model is looked at
+    said = f"{setting}: {complaint}" if complaint.startswith("not ") else f"{complaint} (from {setting})"
+    assert line == f"qwen35 run: error: {said}"
+
+
+def test_a_bad_variable_stops_run_even_under_its_flag_as_in_llama_cpp(monkeypatch, capsys, tmp_path):
+    """llama.cpp parses every variable that is set, whatever the command line says."""
+    monkeypatch.setenv("LLAMA_ARG_THREADS", "abc")
+    line = _one_error_line(capsys, str(tmp_path / "absent.gguf"), "hi", "-t", "2")
+    assert line == "qwen35 run: error: LLAMA_ARG_THREADS=abc: not a number of threads"
 
 
 def test_without_a_model_anywhere_run_says_where_one_comes_from(capsys):

@@ -48,8 +48,8 @@ DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                        help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, owner/name:QUANT); "
-                             "may come from the environment (below; then give the prompt as -p TEXT)")
+                        help="a .gguf file, an HF model directory, or a name to pull (qwen3.5:35b-a3b, "
+                             "owner/name:QUANT); may come from the environment (then give the prompt as -p TEXT)")
     parser.add_argument("prompt", metavar="PROMPT", nargs="*",
                         help="answer this and exit (default: an interactive chat)")
     parser.add_argument("-p", "--prompt", default=None, dest="prompt_flag", metavar="TEXT",
