@@ -177,6 +177,24 @@ def test_a_bad_variable_stops_run_even_under_its_flag_as_in_llama_cpp(monkeypatc
     assert line == "qwen35 run: error: LLAMA_ARG_THREADS=abc: not a number of threads"
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_question_taken_for_the_model_says_how_to_run_the_environments_model(monkeypatch, capsys):
+    """`qwen35 run "a question"` with LLAMA_ARG_MODEL set: argparse takes the question for MODEL, which goes over
+    the variable as any command line does; the error says so, and how to run the variable's model."""
+    monkeypatch.setattr(sys, "stdin", _Terminal(""))  # typed at a terminal: the chat would open
+    monkeypatch.setenv("LLAMA_ARG_MODEL", "qwen3.5:0.8b")
+    line = _one_error_line(capsys, "hello")
+    assert line.startswith("qwen35 run: error: 'hello' is neither a file nor a model name")
+    assert line.endswith("(MODEL on the command line goes over LLAMA_ARG_MODEL=qwen3.5:0.8b; "
+                         "to run that model, give the prompt as -p TEXT)")
+    monkeypatch.delenv("LLAMA_ARG_MODEL")  # without the variable, the same error has no such note
+    assert "LLAMA_ARG_MODEL" not in _one_error_line(capsys, "hello")
+
+
 def test_without_a_model_anywhere_run_says_where_one_comes_from(capsys):
     expected = "qwen35 run: error: give the MODEL to run (or set QWEN35_MODEL or LLAMA_ARG_MODEL)"
     assert _one_error_line(capsys, "-p", "hi") == expected

@@ -350,6 +350,13 @@ def apply_environment(args) -> dict:
     return in_effect
 
 
+def overridden(args, dest: str) -> Source | None:
+    """The Source of the variable that the command line went over for `dest`, if one did."""
+    environment = getattr(args, "_environment", None)
+    source = environment.sources.get(dest) if environment else None
+    return None if source is None or dest in apply_environment(args) else source
+
+
 FLAG_WORD = re.compile(r"(?<![\w-])(-{1,2}[a-z][a-z-]*)")
 
 

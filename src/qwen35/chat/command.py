@@ -33,7 +33,7 @@ from qwen35.chat.template import read_template_file
 from qwen35.cache_options import add_cache_arguments, cache_options
 from qwen35.device_options import add_device_arguments, load_options
 from qwen35.env_settings import (SHARED_FLAGS, TOKENS, CommandVariables, add_environment_defaults, apply_environment,
-                                 blaming, boolean, decimal, epilog, flags, summary, text)
+                                 blaming, boolean, decimal, epilog, flags, overridden, summary, text)
 from qwen35.errors import Qwen35Error
 from qwen35.hub import resolve_model_argument
 from qwen35.speculation_options import add_speculation_arguments, check_speculation_arguments, speculation_from_arguments
@@ -135,7 +135,14 @@ def run(args) -> int:
     if args.prompt_flag is not None and args.prompt:
         raise Qwen35Error("give the prompt once: as PROMPT or as -p TEXT")
     prompt = _one_shot_prompt([args.prompt_flag] if args.prompt_flag is not None else args.prompt)
-    resolved = resolve_model_argument(args.model, "qwen35 run")
+    try:
+        resolved = resolve_model_argument(args.model, "qwen35 run")
+    except Qwen35Error as error:
+        if (source := overridden(args, "model")) is None:
+            raise
+        # `qwen35 run "a question"` with the model in the environment: the question is taken for MODEL.
+        raise Qwen35Error(f"{error} (MODEL on the command line goes over {source}; to run that model, give the "
+                          "prompt as -p TEXT)") from None
     path = resolved.path
     mmproj = args.mmproj or (str(resolved.mmproj) if resolved.mmproj and not args.no_mmproj else None)
     if args.images and mmproj is None and not path.is_dir():
