@@ -21,6 +21,7 @@ SUBCOMMANDS = {  # in the order a person meets them
     "serve": ("qwen35.server.command", "serve a model over HTTP: OpenAI-, Anthropic- and Ollama-compatible APIs"),
     "bench": ("qwen35.bench", "prefill and decode speed, comparable with llama-bench"),
     "list": ("qwen35.hub.list_command", "the models pulled so far"),
+    "show": ("qwen35.hub.show_command", "what a model is: architecture, parameters, quantization, capabilities, defaults"),
     "rm": ("qwen35.hub.rm_command", "remove a pulled model and its files"),
 }
 

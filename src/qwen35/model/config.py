@@ -11,9 +11,18 @@ FULL_ATTENTION = "full_attention"
 DEFAULT_MROPE_SECTION = (11, 11, 10)
 # Qwen's own generation_config for the released checkpoints (GGUF files carry none).
 QWEN35_GENERATION_DEFAULTS = {"temperature": 0.6, "top_k": 20, "top_p": 0.95}
+# The sampling settings a checkpoint's generation_config.json may set over them.
+GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
 # Every decoder layer has at least this many tensors: a layer count the file could not
 # hold is forged, and is refused before any per-layer table is built.
 MIN_TENSORS_PER_LAYER = 8
+
+
+def generation_defaults(generation_config: dict | None = None) -> dict:
+    """The sampling settings a model runs with unless flags or a request say otherwise: Qwen's own,
+    under what an HF checkpoint's generation_config.json sets (a GGUF file gives none)."""
+    return {**QWEN35_GENERATION_DEFAULTS,
+            **{key: value for key, value in (generation_config or {}).items() if key in GENERATION_KEYS}}
 
 
 def check_layer_count(num_layers: int, tensor_count: int, where: str) -> None:

@@ -19,13 +19,12 @@ from qwen35.formats import weights_gguf, weights_hf, weights_mmproj
 from qwen35.kernels.dequant import check_supported, dequantize
 from qwen35.kernels.quant_linear import QuantExperts, QuantLinear, set_mode
 from qwen35.model.api import Model
-from qwen35.model.config import QWEN35_GENERATION_DEFAULTS, config_from_gguf, config_from_hf
+from qwen35.model.config import config_from_gguf, config_from_hf, generation_defaults
 from qwen35.model.placement import Split
 from qwen35.model.qwen35 import Qwen35Network
 from qwen35.model.weight_specs import WeightSpec, mtp_weight_specs, weight_specs
 
 PRECISIONS = ("reference", "fast")
-GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
 MAX_EXPERTS = 1 << 16
 IMAGE_PAD = "<|image_pad|>"
 
@@ -156,7 +155,7 @@ def _load_gguf(path: Path, precision: str, split: Split, progress=None) -> Model
     except BaseException:
         gguf.close()
         raise
-    model = _build(config, weights, mtp, precision, split, QWEN35_GENERATION_DEFAULTS, gguf, progress)
+    model = _build(config, weights, mtp, precision, split, generation_defaults(), gguf, progress)
     tokens = gguf.metadata.get("tokenizer.ggml.tokens")
     if isinstance(tokens, list) and IMAGE_PAD in tokens:
         model.image_token_id = tokens.index(IMAGE_PAD)
@@ -222,8 +221,7 @@ def _load_hf(path: Path, precision: str, split: Split, vision: bool = True, prog
     mtp_specs = mtp_weight_specs(config)
     mtp_present = any(name.startswith("mtp.") for name in checkpoint.names())
     mtp = _hf_weights(checkpoint, config, mtp_specs, matrix_dtype) if mtp_present and mtp_specs else {}
-    defaults = dict(QWEN35_GENERATION_DEFAULTS)
-    defaults.update({k: v for k, v in checkpoint.generation_config.items() if k in GENERATION_KEYS})
+    defaults = generation_defaults(checkpoint.generation_config)
     model = _build(config, weights, mtp, precision, split, defaults, checkpoint, progress)
     image_token_id = checkpoint.config.get("image_token_id")
     if isinstance(image_token_id, int) and 0 <= image_token_id < config.vocab_size:

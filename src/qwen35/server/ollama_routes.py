@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from qwen35 import __version__
 from qwen35.chat.parser import prompt_ends_in_reasoning
+from qwen35.hub.details import served_model_details, show_response
 from qwen35.server.app import ServerState, get_state
 from qwen35.server.constraints import constraint_for_ollama
 from qwen35.server.errors import APIError, OllamaErrorBody, documented_errors
@@ -47,10 +48,7 @@ def _template_kwargs(think) -> dict:
 
 
 def _details(state: ServerState) -> dict:
-    config = state.model.config
-    return {"parent_model": "", "format": "gguf" if state.model_path.endswith(".gguf") else "safetensors",
-            "family": config.architecture, "families": [config.architecture],
-            "parameter_size": "", "quantization_level": ""}
+    return served_model_details(state.model_path, state.model, state.started_at).summary()
 
 
 async def _ndjson(stream, started: float, shape, on_end=None) -> AsyncIterator[str]:
@@ -280,16 +278,9 @@ async def ollama_ps(request: Request):
 async def ollama_show(body: OllamaShowRequest, request: Request):
     state = get_state(request)
     check_model_name(state, body.model or body.name or "")
-    config = state.model.config
-    info = {"general.architecture": config.architecture,
-            f"{config.architecture}.context_length": config.max_position_embeddings,
-            f"{config.architecture}.embedding_length": config.hidden_size,
-            f"{config.architecture}.block_count": config.num_layers}
-    parameters = "\n".join(f"{key} {value}" for key, value in state.generation_defaults.items())
-    return {"modelfile": f"FROM {state.model_path}\n", "parameters": parameters, "template": "",
-            "details": _details(state), "model_info": info,
-            "capabilities": ["completion", "tools", "thinking"] + (["vision"] if getattr(state.model, "vision", None) else []),
-            "modified_at": datetime.fromtimestamp(state.started_at, timezone.utc).isoformat()}
+    details = await asyncio.to_thread(served_model_details, state.model_path, state.model, state.started_at)
+    return show_response(details, parameters=state.generation_defaults, verbose=bool(body.verbose),
+                         name=state.model_name)
 
 
 @router.post("/api/embed", summary="Ollama: not supported (a chat model makes no embeddings)")
