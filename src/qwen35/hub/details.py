@@ -152,12 +152,15 @@ def gguf_file_type(number, tensors: tuple[TensorRow, ...]) -> str:
     """llama.cpp's name for general.file_type (LlamaFileType.MOSTLY_Q4_K_M -> Q4_K_M); a file that
     gives none is named after the type holding most of its weights, as llama.cpp guesses it."""
     try:
-        return LlamaFileType(int(number)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        file_type = LlamaFileType(int(number))
     except (TypeError, ValueError):
-        weights = Counter()
-        for row in tensors:
-            weights[row.type_name] += math.prod(row.shape)
-        return weights.most_common(1)[0][0] if weights else "unknown"
+        file_type = LlamaFileType.GUESSED
+    if file_type != LlamaFileType.GUESSED:
+        return file_type.name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    weights = Counter()
+    for row in tensors:
+        weights[row.type_name] += math.prod(row.shape)
+    return weights.most_common(1)[0][0] if weights else "unknown"
 
 
 def _gguf_license(metadata: dict) -> str | None:
