@@ -15,6 +15,13 @@ except ImportError:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import triton_memcheck
+
+    try:  # every interpreted load and store must stay inside the launch's tensors, as on a GPU
+        triton_memcheck.install()
+    except ImportError:  # no triton: the kernels' tests skip
+        pass
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("QWEN35_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
