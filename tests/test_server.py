@@ -164,14 +164,11 @@ def test_what_an_openai_or_ollama_client_may_send_or_ask(server, client):
     with pytest.raises(openai.BadRequestError, match="one choice per request") as refused:
         _chat(client, "hello", n=2)
     assert refused.value.body["param"] == "n"
-    with pytest.raises(openai.BadRequestError, match="not supported"):
-        client.embeddings.create(model="tiny", input="hello")
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with pytest.raises(openai.BadRequestError, match="--mmproj"):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": [image]}])
     ollama_client = ollama.Client(host=server[0])
-    for call, status in ((lambda: ollama_client.embed(model="tiny", input="hello"), 400),
-                         (lambda: ollama_client.pull("tiny"), 501), (lambda: ollama_client.delete("tiny"), 501)):
+    for call, status in ((lambda: ollama_client.pull("tiny"), 501), (lambda: ollama_client.delete("tiny"), 501)):
         with pytest.raises(ollama.ResponseError) as refused:
             call()
         assert refused.value.status_code == status and "not supported" in refused.value.error

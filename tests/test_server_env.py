@@ -103,6 +103,8 @@ LLAMA_SERVER_DOCUMENTED = LLAMA_SHARED_DOCUMENTED + [
     ("LLAMA_ARG_ENDPOINT_METRICS", "1", ["--metrics"]),
     ("LLAMA_ARG_UI", "off", ["--no-webui"]),
     ("LLAMA_ARG_NO_WEBUI", "1", ["--no-webui"]),
+    ("LLAMA_ARG_POOLING", "mean", ["--pooling", "mean"]),
+    ("LLAMA_ARG_EMBEDDINGS", "1", ["--embeddings"]),
     ("LLAMA_ARG_MLOCK", "true", ["--mlock"]),
     ("LLAMA_ARG_MMAP", "false", ["--no-mmap"]),
     ("LLAMA_ARG_NO_MMAP", "1", ["--no-mmap"]),
@@ -155,6 +157,7 @@ QWEN35_SPELLINGS = QWEN35_SHARED_SPELLINGS + [
     ("QWEN35_CONT_BATCHING", "1", ["-cb"]), ("QWEN35_METRICS", "1", ["--metrics"]),
     ("QWEN35_NO_WEBUI", "1", ["--no-webui"]), ("QWEN35_MLOCK", "1", ["--mlock"]),
     ("QWEN35_NO_MMAP", "1", ["--no-mmap"]),
+    ("QWEN35_POOLING", "cls", ["--pooling", "cls"]), ("QWEN35_EMBEDDINGS", "1", ["--embeddings"]),
 ]
 
 

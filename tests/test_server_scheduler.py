@@ -102,3 +102,24 @@ def test_background_queue_drops_the_oldest_and_jobs_can_be_taken():
     step = scheduler.next_step(timeout=0)
     assert (step.admitted, step.running, step.background) == ([], [], None)
     assert scheduler.background_depth == 0
+
+
+def test_calls_run_at_the_next_step_even_while_requests_run():
+    scheduler = Scheduler(max_running=1, max_waiting=4)
+    running = _sequence(0)
+    scheduler.add(running)
+    assert scheduler.next_step(timeout=0).admitted == [running]
+    calls = [lambda: None, lambda: None]
+    for call in calls:
+        scheduler.add_call(call)
+    step = scheduler.next_step(timeout=0)
+    assert step.calls == calls and step.running == [running]
+    assert scheduler.next_step(timeout=0).calls == []  # each runs once
+    scheduler.finish(running)
+    scheduler.add_call(calls[0])  # an idle worker wakes for a call
+    assert scheduler.next_step(timeout=5).calls == [calls[0]]
+    scheduler.add_call(calls[1])
+    scheduler.close()
+    assert scheduler.drop_calls() == [calls[1]] and scheduler.next_step(timeout=0) is None
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.add_call(calls[0])

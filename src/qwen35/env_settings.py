@@ -228,6 +228,8 @@ LLAMA_VARIABLES = {
     "LLAMA_ARG_ENDPOINT_METRICS": ("--metrics", None),
     "LLAMA_ARG_UI": ("--no-webui", negated),
     "LLAMA_ARG_NO_WEBUI": ("--no-webui", None),
+    "LLAMA_ARG_POOLING": ("--pooling", None),
+    "LLAMA_ARG_EMBEDDINGS": ("--embeddings", None),
     "LLAMA_ARG_MLOCK": ("--mlock", None),
     "LLAMA_ARG_MMAP": ("--no-mmap", negated),
     "LLAMA_ARG_NO_MMAP": ("--no-mmap", None),

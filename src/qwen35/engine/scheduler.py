@@ -16,7 +16,7 @@ import itertools
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 class QueueFullError(Exception):
@@ -63,12 +63,14 @@ class Sequence:
 @dataclass
 class Step:
     """What the worker does next: drop the cancelled, start the admitted, advance the running, and
-    work on `background` (None while requests wait) with what is left."""
+    work on `background` (None while requests wait) with what is left. `calls` run first: work that needs the
+    model between two steps (an embedding's forward pass)."""
 
     dropped: list[Sequence]
     admitted: list[Sequence]
     running: list[Sequence]
     background: Any = None
+    calls: list[Callable[[], None]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -82,6 +84,7 @@ class Scheduler:
         self.max_background = max_background
         self.background_dropped = 0
         self._background: deque[Any] = deque()
+        self._calls: deque[Callable[[], None]] = deque()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._cancelled: list[Sequence] = []
@@ -124,6 +127,14 @@ class Scheduler:
                 self.background_dropped += 1
             self._changed.notify_all()
 
+    def add_call(self, call: Callable[[], None]) -> None:
+        """Run `call` on the worker before its next step."""
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("scheduler is closed")
+            self._calls.append(call)
+            self._changed.notify_all()
+
     def close(self) -> None:
         with self._changed:
             self._closed = True
@@ -134,7 +145,7 @@ class Scheduler:
     def next_step(self, timeout: float | None = None) -> Step | None:
         """The next step's work, waiting up to `timeout` for some; None when closed and idle."""
         with self._changed:
-            while not (self._waiting or self._running or self._cancelled or self._background):
+            while not (self._waiting or self._running or self._cancelled or self._background or self._calls):
                 if self._closed:
                     return None
                 if not self._changed.wait(timeout):
@@ -155,7 +166,10 @@ class Scheduler:
                 sequence.status = SequenceStatus.FINISHED
             idle = not self._waiting and not self._running
             background = self._background[0] if self._background and idle else None
-            return Step(dropped=dropped, admitted=admitted, running=list(self._running), background=background)
+            calls = list(self._calls)
+            self._calls.clear()
+            return Step(dropped=dropped, admitted=admitted, running=list(self._running), background=background,
+                        calls=calls)
 
     def finish(self, sequence: Sequence) -> None:
         with self._changed:
@@ -183,6 +197,13 @@ class Scheduler:
             for sequence in left:
                 sequence.status = SequenceStatus.FINISHED
             return left
+
+    def drop_calls(self) -> list[Callable[[], None]]:
+        """The calls not yet run, removed (shutdown)."""
+        with self._changed:
+            calls = list(self._calls)
+            self._calls.clear()
+            return calls
 
     @property
     def queue_depth(self) -> int:

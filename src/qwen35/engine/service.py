@@ -14,11 +14,12 @@ the next turn of a chat will send, as the template will render it) into a prefix
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -150,6 +151,19 @@ class PrefixJob:
 JOB_PIECE_S = 0.025  # a prefix job's piece of prefill takes about this long (at least one forward)
 
 
+class _WorkerCall:
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn = fn
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def __call__(self) -> None:
+        if self.future.set_running_or_notify_cancel():  # False: its caller gave up waiting
+            try:
+                self.future.set_result(self.fn())
+            except Exception as error:  # the caller's to report; the worker goes on
+                self.future.set_exception(error)
+
+
 class EngineService:
     """Continuous batching over `model.forward` with a bounded queue and a prefix store."""
 
@@ -183,6 +197,8 @@ class EngineService:
         self.scheduler.close()
         for sequence in self.scheduler.drain():
             self._deliver_finish(sequence, "cancelled")
+        for call in self.scheduler.drop_calls():
+            call.future.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -196,6 +212,15 @@ class EngineService:
         sequence.sink = handle
         self.scheduler.add(sequence)
         return handle
+
+    def call(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """fn() on the worker thread before its next step, awaited on the event loop: work that needs the
+        model between two steps (an embedding's forward pass), since the model is the worker's alone."""
+        if self._closing or self._loop is None:
+            raise ServiceClosedError("The server is shutting down; retry on another instance or later.")
+        call = _WorkerCall(fn)
+        self.scheduler.add_call(call)
+        return asyncio.wrap_future(call.future, loop=self._loop)
 
     def prepare_prefix(self, token_ids: list[int]) -> None:
         """Have the worker prefill `token_ids` into a prefix-store snapshot when it has time to spare, so
@@ -234,6 +259,8 @@ class EngineService:
                             self._finish(sequence, "error", error=f"{type(error).__name__}: {error}")
 
     def _run_step(self, step) -> None:
+        for call in step.calls:
+            call()
         for sequence in step.dropped:
             self._deliver_finish(sequence, "cancelled")
         for sequence in step.admitted:

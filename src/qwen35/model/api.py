@@ -18,6 +18,7 @@ from qwen35.model.qwen35 import Qwen35Network
 PREFILL_CHUNK = 512
 # A GPU runs a longer piece at once at full speed (its attention kernels hold no [T, S] matrix).
 GPU_PREFILL_CHUNK = 4096
+POOLINGS = ("last", "mean", "cls")  # how `embed` makes one vector of a text's hidden states (llama.cpp's names)
 
 
 class Model:
@@ -72,13 +73,7 @@ class Model:
         (the 248K-row output head then runs once, not T times: for a 4K piece of prompt on a GPU
         that is 4 GB of logits not made).
         """
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
-        if input_ids.dim() != 2:
-            raise Qwen35Error(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
-        if input_ids.shape[0] != cache.batch_size:
-            raise Qwen35Error(f"{input_ids.shape[0]} rows of tokens for a cache of {cache.batch_size} sequences")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise Qwen35Error(f"token ids must lie in 0..{self.config.vocab_size - 1}")
+        input_ids = self._token_rows(input_ids, cache.batch_size)
         pieces = []
         chunk = self.prefill_chunk
         for start in range(0, input_ids.shape[1], chunk):
@@ -94,6 +89,17 @@ class Model:
         if not pieces:
             return torch.zeros(cache.batch_size, 0, self.config.vocab_size)
         return torch.cat(pieces, dim=1)
+
+    def _token_rows(self, input_ids, batch_size: int) -> torch.Tensor:
+        """input_ids as a long tensor [batch_size, tokens] on the model's device, every id in the vocabulary."""
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        if input_ids.dim() != 2:
+            raise Qwen35Error(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+        if input_ids.shape[0] != batch_size:
+            raise Qwen35Error(f"{input_ids.shape[0]} rows of tokens for a cache of {batch_size} sequences")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise Qwen35Error(f"token ids must lie in 0..{self.config.vocab_size - 1}")
+        return input_ids
 
     def encode_images(self, images) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
         """Features [tokens, hidden] and patch grids (t, h, w) of each image.
@@ -133,6 +139,33 @@ class Model:
             raise Qwen35Error(f"a prepared prompt fills one sequence, not a cache of {cache.batch_size}")
         input_ids, positions, embeddings = prompt.chunk(self.network.embed_tokens, start, stop, self.device)
         return self.forward(input_ids, cache, positions, embeddings, last_only=last_only)
+
+    @torch.inference_mode()
+    def embed(self, token_ids, pooling: str = "last", normalize: bool = True) -> torch.Tensor:
+        """One prefill of `token_ids` on a fresh cache, its final-normed hidden states pooled as llama.cpp's
+        `--pooling` pools them: "last" (the last token's, the only one a causal model shows the whole input;
+        what Qwen3-Embedding uses), "mean" or "cls" (the first token's). float32 [hidden] on the CPU, scaled to
+        unit length where `normalize` (llama.cpp's and OpenAI's default)."""
+        if pooling not in POOLINGS:
+            raise Qwen35Error(f"pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
+        ids = self._token_rows([list(token_ids)], batch_size=1)
+        if ids.shape[1] == 0:
+            raise Qwen35Error("nothing to embed: the input has no tokens")
+        cache = self.make_cache(1)
+        pooled = None
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            hidden = self.network.hidden_states(ids[:, start:start + self.prefill_chunk], cache)[0].float()
+            if pooling == "mean":
+                pooled = hidden.sum(dim=0) if pooled is None else pooled + hidden.sum(dim=0)
+            elif pooling == "last":
+                pooled = hidden[-1]
+            elif pooled is None:  # cls
+                pooled = hidden[0]
+        if pooling == "mean":
+            pooled = pooled / ids.shape[1]
+        if normalize:
+            pooled = pooled / pooled.norm().clamp_min(1e-12)
+        return pooled.cpu()
 
     def logits(self, token_ids) -> np.ndarray:
         """One prefill of `token_ids` on a fresh cache: float32 [len, vocab_size]."""

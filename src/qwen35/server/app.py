@@ -38,6 +38,7 @@ class ServerState:
     chat_template: Any = None  # a `ChatTemplate` from --chat-template-file, instead of the model's
     reasoning_format: str = "auto"  # "none": /v1/chat/completions keeps <think>...</think> in content
     reasoning_budget: int = -1  # -1: unlimited; 0: thinking off unless a request turns it on
+    pooling: str = "last"  # --pooling: how the embedding routes make one vector of a text's hidden states
 
     def __post_init__(self):
         template_defaults = {**({"enable_thinking": False} if self.reasoning_budget == 0 else {}),
@@ -215,11 +216,13 @@ def create_app(state: ServerState) -> FastAPI:
         return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
 
     from qwen35.server.anthropic_routes import router as anthropic_router
+    from qwen35.server.embedding_routes import router as embedding_router
     from qwen35.server.llamacpp_routes import router as llamacpp_router
     from qwen35.server.ollama_routes import router as ollama_router
     from qwen35.server.openai_routes import router as openai_router
     from qwen35.server.responses_routes import router as responses_router
 
-    for router in (openai_router, responses_router, anthropic_router, ollama_router, llamacpp_router):
+    for router in (embedding_router, openai_router, responses_router, anthropic_router, ollama_router,
+                   llamacpp_router):
         app.include_router(router, dependencies=[Depends(check_api_key)])
     return app

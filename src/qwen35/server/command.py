@@ -12,8 +12,9 @@ get 429 with Retry-After.
 
 llama-server's spellings work too: -a/--alias, the sampling defaults (--temp, --top-k, --top-p, --min-p,
 --repeat-penalty, --presence-penalty, --frequency-penalty, --seed, -n) that requests which do not set
-their own get, --chat-template-file, --chat-template-kwargs, --reasoning-format, --reasoning-budget; and
-its tuning flags (-fa, -b, -ub, -cb, --mlock, --no-mmap, --metrics, --no-webui, --jinja) are accepted
+their own get, --chat-template-file, --chat-template-kwargs, --reasoning-format, --reasoning-budget,
+--pooling (how /v1/embeddings and /api/embed pool the hidden states: last, mean, cls); and
+its tuning flags (-fa, -b, -ub, -cb, --mlock, --no-mmap, --metrics, --no-webui, --jinja, --embeddings) are accepted
 and have no effect here. --host also takes HOST:PORT, as OLLAMA_HOST does, and defaults to $QWEN35_HOST.
 -ctk/-ctv choose how the full-attention layers keep K and V (cache_options.py): f16 by default, as in
 llama.cpp; f32, bf16, and on the CPU q8_0, q4_0, q4_1, q5_0, q5_1.
@@ -112,6 +113,14 @@ def _add_llama_server_arguments(parser) -> None:
     template.add_argument("--reasoning-budget", type=int, default=-1, metavar="N",
                           help="thinking tokens allowed: -1 unlimited (default), 0 thinking off unless a "
                                "request turns it on")
+    embeddings = parser.add_argument_group(
+        "embeddings", "/v1/embeddings and Ollama's /api/embed: the served model's final hidden states pooled")
+    embeddings.add_argument("--pooling", default="last", metavar="{last,mean,cls}",
+                            help="how a text's hidden states become one vector: the last token's (default), "
+                                 "their mean, or the first token's")
+    embeddings.add_argument("--embedding", "--embeddings", dest="embeddings", action="store_true",
+                            help="accepted: the embedding routes are always on, beside chat (llama-server "
+                                 "serves only embeddings with it)")
     accepted = parser.add_argument_group(
         "llama-server tuning flags", "accepted so that llama-server command lines work; no effect here")
     accepted.add_argument("-fa", "--flash-attn", nargs="?", const="on", default=None, metavar="on|off|auto",
@@ -229,6 +238,10 @@ def _check_llama_server_flags(args) -> None:
         raise Qwen35Error(f"-n must be -1 (up to the context) or at least 1, got {args.n_predict}")
     if args.reasoning_format not in REASONING_FORMATS:
         raise Qwen35Error(f"--reasoning-format {args.reasoning_format}: use one of {', '.join(REASONING_FORMATS)}")
+    from qwen35.model.api import POOLINGS
+
+    if args.pooling not in POOLINGS:
+        raise Qwen35Error(f"--pooling {args.pooling}: use one of {', '.join(POOLINGS)}")
     if args.reasoning_budget < -1:
         raise Qwen35Error(f"--reasoning-budget must be -1 (unlimited), 0 (no thinking) or more, "
                           f"got {args.reasoning_budget}")
@@ -267,7 +280,8 @@ def server_settings(args) -> dict:
     if args.reasoning_budget == 0 and kwargs.get("enable_thinking") is True:
         raise Qwen35Error("--reasoning-budget 0 turns thinking off, but --chat-template-kwargs turns it on")
     return {"sampling_defaults": sampling, "n_predict": args.n_predict, "chat_template_kwargs": kwargs,
-            "reasoning_format": args.reasoning_format, "reasoning_budget": args.reasoning_budget}
+            "reasoning_format": args.reasoning_format, "reasoning_budget": args.reasoning_budget,
+            "pooling": args.pooling}
 
 
 def served_template(source: str, special_tokens: dict[str, str] | None = None):

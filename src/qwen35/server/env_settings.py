@@ -60,6 +60,8 @@ FLAGS = flags(
     ("temp", ("--temp",), decimal),
     ("jinja", ("--jinja",), boolean),
     ("reasoning_format", ("--reasoning-format",), text),
+    ("pooling", ("--pooling",), text),
+    ("embeddings", ("--embeddings", "--embedding"), boolean),
     ("flash_attn", ("-fa", "--flash-attn"), flash_attention),
     ("batch_size", ("-b", "--batch-size"), TOKENS),
     ("ubatch_size", ("-ub", "--ubatch-size"), TOKENS),

@@ -1,5 +1,6 @@
 """Ollama's native API: /api/chat and /api/generate (NDJSON streams), /api/tags, /api/show, /api/ps,
-/api/version. Requests become the same engine jobs as OpenAI's; only the wire format differs."""
+/api/version (/api/embed and /api/embeddings: embedding_routes.py). Requests become the same engine jobs as
+OpenAI's; only the wire format differs."""
 
 from __future__ import annotations
 
@@ -281,13 +282,6 @@ async def ollama_show(body: OllamaShowRequest, request: Request):
     details = await asyncio.to_thread(served_model_details, state.model_path, state.model, state.started_at)
     return show_response(details, parameters=state.generation_defaults, verbose=bool(body.verbose),
                          name=state.model_name)
-
-
-@router.post("/api/embed", summary="Ollama: not supported (a chat model makes no embeddings)")
-@router.post("/api/embeddings", include_in_schema=False)
-async def ollama_embed():
-    raise APIError(400, "Embeddings are not supported: this server runs a Qwen 3.5 chat model, not an "
-                        "embedding model.")
 
 
 @router.api_route("/api/{action}", methods=["POST", "DELETE"], include_in_schema=False)

@@ -61,13 +61,6 @@ def _finish_reason(end: End, saw_tool_calls: bool) -> str:
     return "length" if end.finish_reason == "length" else "stop"
 
 
-@router.post("/v1/embeddings", summary="Not supported: Qwen 3.5 chat models make no embeddings")
-async def embeddings():
-    # 400, not 501: the model cannot, and OpenAI's clients retry a 5xx twice before giving up.
-    raise APIError(400, "Embeddings are not supported: this server runs a Qwen 3.5 chat model, not an "
-                        "embedding model.", code="embeddings_unsupported")
-
-
 def _model_entry(state: ServerState) -> dict:
     """The served model in OpenAI's and Anthropic's shapes at once: each client ignores the other's fields."""
     created = datetime.fromtimestamp(state.started_at, timezone.utc).isoformat().replace("+00:00", "Z")
