@@ -14,11 +14,13 @@ import sys
 from qwen35.errors import Qwen35Error
 
 SPEC_TYPES = ("none", "draft-mtp", "mtp")
+# llama.cpp's defaults (--spec-draft-n-max, --draft-p-min): the MTP layer guesses 3 tokens a step whatever
+# their probability; a draft model up to 16 while its own probability stays at 0.75 or more.
+MTP_DEFAULTS = (3, 0.0)
+DRAFT_MODEL_DEFAULTS = (16, 0.75)
 
 
 def add_speculation_arguments(parser) -> None:
-    from qwen35.engine.speculative import DRAFT_MODEL_DEFAULTS, MTP_DEFAULTS
-
     parser.add_argument("--spec-type", choices=SPEC_TYPES, default=None, dest="spec_type",
                         help="speculative decoding: draft-mtp (or mtp) guesses with the model's own MTP layer "
                              "(default: none, or draft with -md)")
@@ -47,8 +49,6 @@ VLLM_MTP_METHODS = ("mtp", "qwen3_next_mtp", "qwen3_5_mtp", "qwen3_5_moe_mtp")
 def _apply_vllm_config(args) -> None:
     """vLLM's --speculative-config as the llama.cpp flags: the MTP method, or a draft `model`;
     num_speculative_tokens guesses a step, each checked whatever its probability (vLLM has no p-min)."""
-    from qwen35.engine.speculative import MTP_DEFAULTS
-
     try:
         config = json.loads(args.speculative_config)
     except json.JSONDecodeError as error:

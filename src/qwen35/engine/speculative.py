@@ -29,11 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from qwen35.errors import Qwen35Error
+from qwen35.speculation_options import DRAFT_MODEL_DEFAULTS, MTP_DEFAULTS
 
-# llama.cpp's defaults (--spec-draft-n-max, --draft-p-min): the MTP layer guesses 3 tokens a step whatever
-# their probability; a draft model up to 16 while its own probability stays at 0.75 or more.
-MTP_DEFAULTS = (3, 0.0)
-DRAFT_MODEL_DEFAULTS = (16, 0.75)
 # Guesses a drafter makes eagerly before its guessing is captured (where the device captures graphs).
 GUESS_GRAPH_AFTER = 8
 # Tokens a draft model reads one graphed step at a time (more: eagerly, in pieces, the graph released).
