@@ -36,3 +36,10 @@ def test_unknown_subcommand_is_one_line_and_nonzero():
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "invalid choice" in result.stderr
+
+
+def test_the_command_line_parser_imports_no_torch():
+    """`qwen35 --help`, `list` and `show` answer at once: only the commands that run a model import torch."""
+    script = "import sys; from qwen35.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
