@@ -166,3 +166,35 @@ def test_embeddings_run_between_the_steps_of_a_chat_without_changing_it(served, 
     for vector in vectors:
         np.testing.assert_allclose(vector, _pooled(hidden(hf_tokenizer.encode(TEXTS[1])), "last"), atol=TOLERANCE)
     assert len(vectors) == 3
+
+
+def _llama_cpp_scaled(vector: np.ndarray, norm: int) -> np.ndarray:
+    """llama.cpp's embd_normalize as its embedding README writes the formulas."""
+    if norm == -1:
+        return vector
+    if norm == 0:
+        return 32760 * vector / np.abs(vector).max()
+    if norm == 1:
+        return vector / np.abs(vector).sum()
+    return vector / (np.abs(vector) ** norm).sum() ** (1 / norm)
+
+
+@pytest.mark.parametrize("norm", [-1, 0, 1, 2, 3])
+def test_llama_server_embedding_route_and_embd_normalize(served, reference, norm):
+    url, _, _ = served
+    hidden, hf_tokenizer = reference
+    raw = [_pooled(hidden(hf_tokenizer.encode(text)), "last", normalize=False) for text in TEXTS[:2]]
+    reply = httpx.post(url + "/embedding", json={"content": TEXTS[:2], "embd_normalize": norm}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert [item["index"] for item in body] == [0, 1] and all(len(item["embedding"]) == 1 for item in body)
+    scale = 32760 if norm == 0 else 1
+    for item, vector in zip(body, raw):
+        np.testing.assert_allclose(item["embedding"][0], _llama_cpp_scaled(vector, norm),
+                                   atol=1e-4 * scale * (np.abs(vector).max() if norm == -1 else 1), rtol=1e-4)
+    openai_shaped = httpx.post(url + "/v1/embeddings", json={"model": "dense", "input": TEXTS[0], "embd_normalize": norm,
+                                                             "encoding_format": "float"}, timeout=60).json()
+    np.testing.assert_allclose(openai_shaped["data"][0]["embedding"], body[0]["embedding"][0], rtol=1e-6, atol=1e-6)
+    assert httpx.post(url + "/embeddings", json={"input": TEXTS[0]}, timeout=60).json()[0]["index"] == 0
+    missing = httpx.post(url + "/embedding", json={}, timeout=60)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "content"

@@ -1,10 +1,12 @@
-"""Embeddings: OpenAI's /v1/embeddings, Ollama's /api/embed and its older /api/embeddings.
+"""Embeddings: OpenAI's /v1/embeddings, Ollama's /api/embed and its older /api/embeddings, llama-server's
+/embedding (also /embeddings).
 
 Qwen 3.5 is a chat model, not an embedding model, yet llama-server (given `--pooling`) and Ollama make
 vectors of any model they serve, and tools call these routes on whatever model is there. A text's vector
 is its final-normed hidden states pooled as `serve --pooling` says (the last token's by default, the only
 one a causal model shows the whole text; Qwen3-Embedding pools the same way), scaled to unit length
-except on Ollama's older route, which never normalized. Each text is one forward pass on the engine's
+except on Ollama's older route, which never normalized, and where llama-server's `embd_normalize` asks
+for another scaling. Each text is one forward pass on the engine's
 thread between two decode steps (EngineService.call), so chats running meanwhile go on.
 """
 
@@ -30,15 +32,26 @@ _LENIENT = ConfigDict(extra="ignore")  # clients send fields newer than this ser
 MAX_INPUTS = 2048  # OpenAI's limit on the texts of one request
 
 
-class EmbeddingRequest(BaseModel):
-    """OpenAI's: a text, texts, token ids, or lists of token ids."""
+Inputs = str | list[str] | list[int] | list[list[int]]  # a text, texts, token ids, or lists of token ids
 
+
+class EmbeddingRequest(BaseModel):
     model_config = _LENIENT
     model: str
-    input: str | list[str] | list[int] | list[list[int]]
+    input: Inputs
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+    embd_normalize: int = Field(default=2, ge=-1)  # llama-server's: see scaled()
+
+
+class LlamaEmbeddingRequest(BaseModel):
+    """llama-server's /embedding: `content` (or `input`), no model name."""
+
+    model_config = _LENIENT
+    content: Inputs | None = None
+    input: Inputs | None = None
+    embd_normalize: int = Field(default=2, ge=-1)
 
 
 class OllamaEmbedRequest(BaseModel):
@@ -85,12 +98,41 @@ def _fit(state, ids: list[int], index: int, truncate: bool, param: str) -> list[
     return ids
 
 
-async def _embed(state, token_lists: list[list[int]], normalize: bool = True) -> list[np.ndarray]:
+def scaled(vector: np.ndarray, norm: int) -> np.ndarray:
+    """llama.cpp's `embd_normalize`: -1 as is, 0 to int16's range by the largest magnitude (32760 x / max|x|),
+    1 by the sum of magnitudes, 2 to unit length (the default), p > 2 by the p-norm."""
+    if norm == -1:
+        return vector
+    if norm == 0:
+        largest = np.abs(vector).max()
+        return vector * (32760.0 / largest) if largest > 0 else vector
+    total = np.abs(vector).sum() if norm == 1 else (np.abs(vector.astype(np.float64)) ** norm).sum() ** (1.0 / norm)
+    return (vector / total).astype(np.float32) if total > 0 else vector
+
+
+async def _embed(state, token_lists: list[list[int]], norm: int = 2) -> list[np.ndarray]:
     vectors = []
     for ids in token_lists:
-        vector = await state.service.call(partial(state.model.embed, ids, state.pooling, normalize))
-        vectors.append(vector.numpy())
+        vector = await state.service.call(partial(state.model.embed, ids, state.pooling, normalize=False))
+        vectors.append(scaled(vector.numpy(), norm))
     return vectors
+
+
+async def _inputs(state, items: Inputs, param: str) -> list[list[int]]:
+    """Each input's token ids, each fitting the context (a text, texts, token ids, or lists of them)."""
+    items = [items] if isinstance(items, str) else items
+    if not items:
+        raise APIError(400, f"'{param}' is empty: send a text, a list of texts or a list of token ids.", param=param)
+    if all(isinstance(item, int) for item in items):
+        token_lists = [list(items)]
+    elif all(isinstance(item, str) for item in items):
+        token_lists = await _token_lists(state, items, param)
+    else:
+        token_lists = [list(item) if isinstance(item, list) else (await _token_lists(state, [item], param))[0]
+                       for item in items]
+    if len(token_lists) > MAX_INPUTS:
+        raise APIError(400, f"'{param}' holds {len(token_lists)} texts; at most {MAX_INPUTS} a request.", param=param)
+    return [_fit(state, ids, index, False, param) for index, ids in enumerate(token_lists)]
 
 
 @router.post("/v1/embeddings", summary="Embeddings of texts or token ids (the model's pooled hidden states)")
@@ -98,19 +140,8 @@ async def embeddings(body: EmbeddingRequest, request: Request):
     state = get_state(request)
     check_model_name(state, body.model)
     _check_dimensions(state, body.dimensions)
-    items = [body.input] if isinstance(body.input, str) else body.input
-    if not items:
-        raise APIError(400, "'input' is empty: send a text, a list of texts or a list of token ids.", param="input")
-    if all(isinstance(item, int) for item in items):
-        token_lists = [list(items)]
-    elif all(isinstance(item, str) for item in items):
-        token_lists = await _token_lists(state, items, "input")
-    else:
-        token_lists = [list(item) for item in items]
-    if len(token_lists) > MAX_INPUTS:
-        raise APIError(400, f"'input' holds {len(token_lists)} texts; at most {MAX_INPUTS} a request.", param="input")
-    token_lists = [_fit(state, ids, index, False, "input") for index, ids in enumerate(token_lists)]
-    vectors = await _embed(state, token_lists)
+    token_lists = await _inputs(state, body.input, "input")
+    vectors = await _embed(state, token_lists, body.embd_normalize)
     tokens = sum(map(len, token_lists))
 
     def encoded(vector: np.ndarray):
@@ -147,5 +178,19 @@ async def ollama_embeddings(body: OllamaEmbeddingsRequest, request: Request):
         return {"embedding": []}
     token_lists = await _token_lists(state, [body.prompt], "prompt")
     ids = _fit(state, token_lists[0], 0, True, "prompt")
-    vector = (await _embed(state, [ids], normalize=False))[0]
+    vector = (await _embed(state, [ids], norm=-1))[0]
     return {"embedding": vector.tolist()}
+
+
+@router.post("/embedding", summary="llama-server's embeddings: [{index, embedding: [vector]}] a text")
+@router.post("/embeddings", include_in_schema=False)
+async def llama_embedding(body: LlamaEmbeddingRequest, request: Request):
+    state = get_state(request)
+    param = "content" if body.content is not None else "input"
+    items = body.content if body.content is not None else body.input
+    if items is None:
+        raise APIError(400, "Send the text to embed as 'content'.", param="content")
+    token_lists = await _inputs(state, items, param)
+    vectors = await _embed(state, token_lists, body.embd_normalize)
+    # pooled: one vector a text, in a list (llama-server lists a vector a token when it does not pool)
+    return [{"index": index, "embedding": [vector.tolist()]} for index, vector in enumerate(vectors)]
