@@ -5,6 +5,8 @@ a text's vector is transformers' final-normed hidden states (`last_hidden_state`
 from __future__ import annotations
 
 import base64
+import json
+import os
 import threading
 
 import httpx
@@ -13,6 +15,8 @@ import ollama
 import openai
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from test_server_fakes import live_server
 
 transformers = pytest.importorskip("transformers")
@@ -198,3 +202,26 @@ def test_llama_server_embedding_route_and_embd_normalize(served, reference, norm
     assert httpx.post(url + "/embeddings", json={"input": TEXTS[0]}, timeout=60).json()[0]["index"] == 0
     missing = httpx.post(url + "/embedding", json={}, timeout=60)
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "content"
+
+
+embedding_inputs = st.one_of(
+    st.text(max_size=24), st.lists(st.text(max_size=12), max_size=3), st.lists(st.integers(-5, 10**6), max_size=4),
+    st.lists(st.lists(st.integers(-2, 5000), max_size=3), max_size=2), st.none(), st.integers(), st.floats(),
+    st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+    st.text(st.characters(categories=["Cs", "Ll"]), max_size=4))
+embedding_bodies = st.fixed_dictionaries(
+    {"model": st.sampled_from(["dense", "dense:latest", "other"])},
+    optional={"input": embedding_inputs, "content": embedding_inputs, "prompt": embedding_inputs,
+              "encoding_format": st.sampled_from(["float", "base64", "x", ""]),
+              "dimensions": st.one_of(st.integers(-2, 300), st.floats(), st.text(max_size=3)),
+              "embd_normalize": st.one_of(st.integers(-3, 6), st.floats(), st.none()),
+              "truncate": st.one_of(st.booleans(), st.text(max_size=3)), "options": st.none() | st.just({"a": 1})})
+
+
+@settings(max_examples=int(os.environ.get("QWEN35_FUZZ_EXAMPLES", "30")), deadline=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+@given(body=embedding_bodies, path=st.sampled_from(["/v1/embeddings", "/api/embed", "/api/embeddings", "/embedding"]))
+def test_embedding_bodies_never_fail(served, body, path):
+    url, _, _ = served
+    reply = httpx.post(url + path, content=json.dumps(body).encode(), timeout=60,
+                       headers={"content-type": "application/json"})
+    assert reply.status_code < 500, (path, body, reply.text)

@@ -118,6 +118,12 @@ class ScriptedModel:
     def make_cache(self, batch_size: int = 1) -> FakeCache:
         return FakeCache([[] for _ in range(batch_size)])
 
+    def embed(self, token_ids, pooling: str = "last", normalize: bool = True) -> torch.Tensor:
+        """A vector of hidden_size that depends on the tokens (the embedding routes' plumbing, not the maths)."""
+        ids = list(token_ids)
+        vector = torch.tensor([sum(ids), ids[-1], ids[0], len(ids)] * (self.config.hidden_size // 4), dtype=torch.float32)
+        return vector / vector.norm() if normalize else vector
+
     def nbytes(self) -> int:
         return 1234
 

@@ -106,8 +106,13 @@ def scaled(vector: np.ndarray, norm: int) -> np.ndarray:
     if norm == 0:
         largest = np.abs(vector).max()
         return vector * (32760.0 / largest) if largest > 0 else vector
-    total = np.abs(vector).sum() if norm == 1 else (np.abs(vector.astype(np.float64)) ** norm).sum() ** (1.0 / norm)
-    return (vector / total).astype(np.float32) if total > 0 else vector
+    magnitudes = np.abs(vector.astype(np.float64))
+    largest = magnitudes.max()
+    if largest == 0:
+        return vector
+    # the p-norm of x is max|x| times that of x / max|x|, whose powers stay <= 1 for any p
+    total = magnitudes.sum() if norm == 1 else largest * ((magnitudes / largest) ** norm).sum() ** (1.0 / norm)
+    return (vector / total).astype(np.float32)
 
 
 async def _embed(state, token_lists: list[list[int]], norm: int = 2) -> list[np.ndarray]:
