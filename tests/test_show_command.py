@@ -99,6 +99,7 @@ def test_model_section_is_what_gguf_py_reads(fixtures, capsys, name):
         "context length": str(values[f"{arch}.context_length"]),
         "embedding length": str(values[f"{arch}.embedding_length"]), "quantization": file_type}
     assert list(section(text, "Capabilities")) == ["completion", "tools", "thinking"]  # no mmproj given
+    assert not [line for line in text.splitlines() if line != line.rstrip()]  # as `ollama show`: no trailing blanks
 
 
 @pytest.mark.parametrize("count,printed", [(999_885_952, "999.89M"), (116_829_156_672, "116.8B"),

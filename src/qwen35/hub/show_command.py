@@ -110,4 +110,7 @@ def _section(console, title: str, rows: list[tuple]) -> None:
     for row in rows:
         table.add_row(*(Text(str(cell)) for cell in row))  # Text: a value's [brackets] are not markup
     console.print(Text(" " * SECTION_INDENT + title))
-    console.print(Padding(table, (0, 0, 1, ROW_INDENT), expand=False))
+    with console.capture() as captured:
+        console.print(Padding(table, (0, 0, 1, ROW_INDENT), expand=False))
+    # rich pads each cell to its column's width; `ollama show`'s lines end at their last character
+    console.out("\n".join(line.rstrip() for line in captured.get().split("\n")), end="", highlight=False)
