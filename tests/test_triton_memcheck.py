@@ -156,3 +156,22 @@ def test_a_programs_threads_need_a_barrier_between_one_storing_and_another_loadi
     with pytest.raises(Exception, match=r"store: one thread loaded bytes that another then stores"):
         _roll_in_place[(1,)](torch.arange(32, dtype=torch.float32), BARRIER=True, BLOCK=32)
     _roll_in_place[(1,)](torch.arange(32, dtype=torch.float32), BARRIER=True, BLOCK=32, num_warps=1)
+
+
+@triton.jit
+def _count_then_read(counter_ptr, out_ptr, ORDERED: tl.constexpr):
+    """Every program counts itself in; the last in grid order reads the count with a plain load."""
+    if ORDERED:
+        tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    else:
+        tl.atomic_add(counter_ptr, 1, sem="relaxed")
+    if tl.program_id(0) == tl.num_programs(0) - 1:
+        tl.store(out_ptr, tl.load(counter_ptr, cache_modifier=".cg"))
+
+
+def test_a_plain_read_of_what_other_programs_atomics_updated_needs_ordering():
+    counter, out = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    _count_then_read[(3,)](counter, out, ORDERED=True)
+    assert out.item() == 3
+    with pytest.raises(Exception, match=r"load of argument 'counter_ptr'.*updated by an atomic by an earlier program"):
+        _count_then_read[(3,)](torch.zeros(1, dtype=torch.int32), out, ORDERED=False)

@@ -15,7 +15,9 @@ ordered as the GPU would order it: the first program did a release (an atomic wi
 semantics, as in triton_arrivals.last_to_arrive) after its access, and the second an acquire
 before its own. Reads of bytes another program wrote must also go through L2 (`cache_modifier=".cg"`)
 or be volatile, the rule triton_arrivals.py keeps: a plain load may be compiled to the read-only
-path or find a line its SM's L1 cached before. Atomics themselves never conflict. Inside a program,
+path or find a line its SM's L1 cached before. Atomics never conflict with atomics, but a plain load
+or store of bytes another program's atomic updated (or the reverse) needs the same ordering; an
+atomic with release semantics releases itself. Inside a program,
 the threads race too: bytes one thread stores and another then loads or stores (or one loads and
 another then stores) need a `tl.debug_barrier()` between.
 
@@ -56,6 +58,7 @@ class _Access:
     spans: list[tuple[int, np.ndarray]]  # (span, byte offsets inside it) of the lanes that are on
     time: int
     is_write: bool
+    is_atomic: bool = False
 
     def byte_addresses(self) -> np.ndarray:
         on = self.lanes[self.lanes != 0]
@@ -73,6 +76,7 @@ class _Launch:
     threads: int  # a program's: 32 a warp
     reads: dict[int, np.ndarray] = field(default_factory=dict)  # span -> 0/RELEASED/UNORDERED a byte
     writes: dict[int, np.ndarray] = field(default_factory=dict)
+    atomics: dict[int, np.ndarray] = field(default_factory=dict)  # bytes atomics updated
     program: tuple = ()
     time: int = 0
     acquired_at: int | None = None
@@ -84,8 +88,9 @@ class _Launch:
         """What the program that just ended did, as later programs must be ordered against it."""
         for access in self.accesses:
             done = RELEASED if self.released_at is not None and access.time < self.released_at else UNORDERED
+            shadows = self.atomics if access.is_atomic else self.writes if access.is_write else self.reads
             for span, bytes_at in access.spans:
-                shadow = self._shadow(self.writes if access.is_write else self.reads, span)
+                shadow = self._shadow(shadows, span)
                 shadow[bytes_at] = np.maximum(shadow[bytes_at], done)
         self.accesses, self.acquired_at, self.released_at = [], None, None
 
@@ -122,7 +127,8 @@ class _Launch:
     def failure(self, message: str) -> MemoryCheckFailed:
         return MemoryCheckFailed(f"{self.kernel} program {self.program}: {message}")
 
-    def access(self, operation: str, pointers, mask, itemsize: int, is_write: bool, bypasses_l1: bool = True):
+    def access(self, operation: str, pointers, mask, itemsize: int, is_write: bool, bypasses_l1: bool = True,
+               is_atomic: bool = False):
         lanes = _lanes(pointers, mask)
         addresses = lanes[lanes != 0]
         if addresses.size == 0:
@@ -130,13 +136,14 @@ class _Launch:
         self.time += 1
         holder = self.spans_of(operation, addresses, itemsize)
         within = np.arange(itemsize, dtype=np.uint64)
-        access = _Access(lanes, itemsize, [], self.time, is_write)
+        access = _Access(lanes, itemsize, [], self.time, is_write, is_atomic)
         for span in np.unique(holder):
             at = addresses[holder == span] - self.starts[span]
             bytes_at = (at[:, None] + within[None, :]).reshape(-1).astype(np.int64)
-            self._check_order(operation, int(span), bytes_at, is_write, bypasses_l1)
+            self._check_order(operation, int(span), bytes_at, access, bypasses_l1)
             access.spans.append((int(span), bytes_at))
-        self._check_threads(operation, access)
+        if not is_atomic:  # atomics order themselves
+            self._check_threads(operation, access)
         self.accesses.append(access)
 
     def _check_threads(self, operation: str, access: _Access) -> None:
@@ -148,7 +155,7 @@ class _Launch:
         for earlier in reversed(self.accesses):
             if earlier.time <= self.barrier_at:
                 break
-            if not (access.is_write or earlier.is_write):
+            if earlier.is_atomic or not (access.is_write or earlier.is_write):
                 continue
             lanes = access.lanes
             if (lanes.size >= self.threads and earlier.lanes.shape == lanes.shape
@@ -169,8 +176,14 @@ class _Launch:
         self.time += 1
         self.barrier_at = self.time
 
-    def _check_order(self, operation: str, span: int, bytes_at: np.ndarray, is_write: bool, bypasses_l1: bool):
-        earlier = [("written", self.writes.get(span))] + ([("read", self.reads.get(span))] if is_write else [])
+    def _check_order(self, operation: str, span: int, bytes_at: np.ndarray, access: _Access, bypasses_l1: bool):
+        """Against what earlier programs did to these bytes: atomics do not race with atomics, but with plain
+        accesses they do."""
+        earlier = [("written", self.writes.get(span))]
+        if not access.is_atomic:
+            earlier.append(("updated by an atomic", self.atomics.get(span)))
+        if access.is_write:
+            earlier.append(("read", self.reads.get(span)))
         acquired = self.acquired_at is not None
         for what, shadow in earlier:
             if shadow is None:
@@ -182,7 +195,7 @@ class _Launch:
                     f"{operation} of argument {self.names[span]!r} at byte {int(bytes_at[unordered][0])}, "
                     f"{what} by an earlier program with no release after it and acquire before this "
                     f"(on a GPU the programs run at once: a race)")
-            if what == "written" and not bypasses_l1 and (done == RELEASED).any():
+            if what != "read" and not bypasses_l1 and (done == RELEASED).any():
                 raise self.failure(
                     f"{operation} of argument {self.names[span]!r} reads another program's result through L1: "
                     f"load it with cache_modifier='.cg'")
@@ -246,13 +259,13 @@ def install() -> None:
 
     def checked_rmw(self, rmw_op, ptr, val, mask, sem, scope):
         launch = _current["launch"]
-        launch.spans_of("atomic", _on(ptr.data, mask.data), val.data.dtype.itemsize)
-        launch.synchronize(str(sem).rsplit(".", 1)[-1], mask.data)
+        launch.access("atomic", ptr.data, mask.data, val.data.dtype.itemsize, True, is_atomic=True)
+        launch.synchronize(str(sem).rsplit(".", 1)[-1], mask.data)  # after: an atomic releasing releases itself
         return rmw(self, rmw_op, ptr, val, mask, sem, scope)
 
     def checked_cas(self, ptr, cmp, val, sem, scope):
         launch = _current["launch"]
-        launch.spans_of("atomic_cas", _on(ptr.data, None), val.data.dtype.itemsize)
+        launch.access("atomic_cas", ptr.data, None, val.data.dtype.itemsize, True, is_atomic=True)
         launch.synchronize(str(sem).rsplit(".", 1)[-1], None)
         return cas(self, ptr, cmp, val, sem, scope)
 
@@ -293,8 +306,3 @@ def _lanes(pointers, mask) -> np.ndarray:
     if mask is not None:
         lanes[~np.broadcast_to(np.asarray(mask, dtype=bool), np.shape(pointers)).reshape(-1)] = 0
     return lanes
-
-
-def _on(pointers, mask) -> np.ndarray:
-    lanes = _lanes(pointers, mask)
-    return lanes[lanes != 0]
