@@ -101,15 +101,12 @@ def _fit(state, ids: list[int], index: int, truncate: bool, param: str) -> list[
 def scaled(vector: np.ndarray, norm: int) -> np.ndarray:
     """llama.cpp's `embd_normalize`: -1 as is, 0 to int16's range by the largest magnitude (32760 x / max|x|),
     1 by the sum of magnitudes, 2 to unit length (the default), p > 2 by the p-norm."""
-    if norm == -1:
-        return vector
-    if norm == 0:
-        largest = np.abs(vector).max()
-        return vector * (32760.0 / largest) if largest > 0 else vector
     magnitudes = np.abs(vector.astype(np.float64))
     largest = magnitudes.max()
-    if largest == 0:
+    if norm == -1 or largest == 0:
         return vector
+    if norm == 0:
+        return (vector * (32760.0 / largest)).astype(np.float32)
     # the p-norm of x is max|x| times that of x / max|x|, whose powers stay <= 1 for any p
     total = magnitudes.sum() if norm == 1 else largest * ((magnitudes / largest) ** norm).sum() ** (1.0 / norm)
     return (vector / total).astype(np.float32)
